@@ -1,0 +1,210 @@
+"""Process settings: defaults < config file < ``GUARD_*`` environment < flags.
+
+Every setting has an environment name ``GUARD_<NAME>`` (upper case of the field
+name) and the same lower-case key in the YAML config file. Secrets can come from
+``GUARD_<NAME>_FILE`` so that Kubernetes Secrets mount as files, never as
+ConfigMap values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["ConfigError", "CustomRoute", "AllowedRoute", "Settings", "load_settings", "parse_hostport"]
+
+
+class ConfigError(ValueError):
+    """A setting is missing, malformed or contradicts another one."""
+
+
+@dataclass(frozen=True)
+class CustomRoute:
+    """An inference route declared in config: the JSON pointer says where the input is."""
+
+    path: str
+    pointer: str
+    method: str = "POST"
+    model: str | None = None
+
+
+@dataclass(frozen=True)
+class AllowedRoute:
+    """A route passed through unscored although the default table would refuse it."""
+
+    path: str
+    method: str = "GET"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the process needs to start; immutable once loaded."""
+
+    listen: str = "0.0.0.0:8080"
+    admin_listen: str = "0.0.0.0:9090"
+    upstream: str = "http://127.0.0.1:8081"
+    policy: str | None = None
+    profile: str | None = None
+    session_header: str = "X-API-Key"
+    session_sources: tuple[str, ...] = ("header", "bearer", "address")
+    trusted_proxies: tuple[str, ...] = ()
+    hmac_key: str | None = None
+    admin_token: str | None = None
+    redis_url: str | None = None
+    canaries: str | None = None
+    canary_interval: float = 300.0
+    connect_timeout: float = 2.0
+    read_timeout: float = 30.0
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_header_bytes: int = 16 * 1024
+    max_json_depth: int = 32
+    max_batch_rows: int = 4096
+    client_read_timeout: float = 15.0
+    upstream_pool_size: int = 256
+    log_sample_allow: float = 1.0
+    log_level: str = "info"
+    session_max: int = 100_000
+    session_ttl: float = 3600.0
+    routes: tuple[CustomRoute, ...] = ()
+    allow_routes: tuple[AllowedRoute, ...] = ()
+    reload_interval: float = 1.0
+    shutdown_grace: float = 10.0
+
+    def redacted(self) -> dict[str, Any]:
+        """A loggable view: secrets replaced by whether they are set."""
+        out = dataclasses.asdict(self)
+        for secret in ("hmac_key", "admin_token"):
+            out[secret] = "<set>" if out[secret] else None
+        if out["redis_url"] and "@" in out["redis_url"]:
+            out["redis_url"] = "<set, with credentials>"
+        return out
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+_SECRETS = ("hmac_key", "admin_token", "redis_url")
+_TUPLE_OF_STR = ("session_sources", "trusted_proxies")
+
+
+def parse_hostport(value: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` to a pair; a clear error otherwise."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _coerce(name: str, raw: Any) -> Any:
+    f = _FIELDS[name]
+    typ = str(f.type)
+    try:
+        if name == "routes":
+            return tuple(CustomRoute(**dict(r)) for r in (raw or ()))
+        if name == "allow_routes":
+            return tuple(AllowedRoute(**dict(r)) for r in (raw or ()))
+        if name in _TUPLE_OF_STR:
+            if isinstance(raw, str):
+                raw = [p.strip() for p in raw.split(",") if p.strip()]
+            return tuple(str(p) for p in raw)
+        if raw is None:
+            return None
+        if typ.startswith("int"):
+            return int(raw)
+        if typ.startswith("float"):
+            return float(raw)
+        return str(raw)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"setting {name}: {exc}") from exc
+
+
+def _read_secret_file(name: str, path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"setting {name}: cannot read {path}: {exc.strerror}") from exc
+
+
+def _from_mapping(source: Mapping[str, Any], origin: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, raw in source.items():
+        if key.endswith("_file") and key[:-5] in _SECRETS:
+            out[key[:-5]] = _read_secret_file(key[:-5], str(raw))
+            continue
+        if key not in _FIELDS:
+            raise ConfigError(f"{origin}: unknown setting {key!r}")
+        out[key] = _coerce(key, raw)
+    return out
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    picked: dict[str, Any] = {}
+    for name in _FIELDS:
+        env_name = "GUARD_" + name.upper()
+        if name in _SECRETS and env.get(env_name + "_FILE"):
+            picked[name + "_file"] = env[env_name + "_FILE"]
+        if env_name in env and env[env_name] != "":
+            if name in ("routes", "allow_routes"):
+                picked[name] = yaml.safe_load(env[env_name])
+            else:
+                picked[name] = env[env_name]
+    return _from_mapping(picked, "environment")
+
+
+def load_settings(
+    config_file: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Merge the layers in precedence order and validate the result."""
+    merged: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            data = yaml.safe_load(Path(config_file).read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {config_file}: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config {config_file}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"config {config_file}: expected a mapping at the top level")
+        merged.update(_from_mapping(data, str(config_file)))
+    merged.update(_from_env(os.environ if env is None else env))
+    if flags:
+        merged.update(_from_mapping({k: v for k, v in flags.items() if v is not None}, "flags"))
+    settings = Settings(**merged)
+    _validate(settings)
+    return settings
+
+
+def _validate(s: Settings) -> None:
+    parse_hostport(s.listen)
+    parse_hostport(s.admin_listen)
+    if not s.upstream.startswith(("http://", "https://")):
+        raise ConfigError(f"upstream must be an http(s) URL, got {s.upstream!r}")
+    for cidr in s.trusted_proxies:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError as exc:
+            raise ConfigError(f"trusted_proxies: {exc}") from exc
+    unknown = set(s.session_sources) - {"header", "bearer", "address"}
+    if unknown or not s.session_sources:
+        raise ConfigError(f"session_sources: expected some of header, bearer, address; got {s.session_sources}")
+    if s.redis_url and not s.hmac_key:
+        raise ConfigError("hmac_key (GUARD_HMAC_KEY or GUARD_HMAC_KEY_FILE) is required with redis_url: "
+                          "replicas must derive the same session ids")
+    if not 0.0 <= s.log_sample_allow <= 1.0:
+        raise ConfigError("log_sample_allow must be within [0, 1]")
+    for positive in ("connect_timeout", "read_timeout", "max_body_bytes", "max_header_bytes",
+                     "max_json_depth", "max_batch_rows", "client_read_timeout", "session_max",
+                     "session_ttl", "canary_interval", "upstream_pool_size"):
+        if getattr(s, positive) <= 0:
+            raise ConfigError(f"{positive} must be positive")
+    for route in s.routes:
+        if not route.path.startswith("/") or not route.pointer.startswith("/"):
+            raise ConfigError(f"routes: path and pointer must start with '/': {route}")
+
