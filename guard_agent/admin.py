@@ -1,0 +1,136 @@
+"""The admin listener: probes and metrics without auth, ``/admin/*`` behind a bearer token.
+
+``/admin/*`` is disabled (404) when no token is configured, so a deployment
+that forgot the Secret does not expose an unauthenticated control plane.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from guard_agent.state import STATE, GuardState
+
+__all__ = ["make_admin_app", "reload_policy"]
+
+
+def _json(data: object, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(data), content_type="application/json")
+
+
+async def livez(request: web.Request) -> web.Response:
+    return _json({"status": "ok"})
+
+
+def readiness(state: GuardState) -> dict[str, bool]:
+    return {
+        "policy": state.policies.current is not None,
+        "profile": state.settings.profile is None or state.profile.revision is not None,
+        "upstream": state.upstream_ok,
+        "accepting": not state.shutting_down,
+    }
+
+
+async def readyz(request: web.Request) -> web.Response:
+    checks = readiness(request.app[STATE])
+    return _json({"ready": all(checks.values()), "checks": checks}, 200 if all(checks.values()) else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    state.metrics.active_sessions.set(state.sessions.size())
+    resp = web.Response(body=generate_latest(state.metrics.registry))
+    resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return resp
+
+
+def reload_policy(state: GuardState, trigger: str) -> tuple[bool, str | None]:
+    """Reload and log; used by the watcher, SIGHUP and the admin endpoint alike."""
+    result = state.policies.reload(available_scores=state.available_scores())
+    if result.ok:
+        if result.changed:
+            state.metrics.policy_info.clear()
+            state.metrics.policy_info.labels(result.revision).set(1)
+            state.events.log("info", "policy reloaded", guard={"policy_revision": result.revision,
+                                                              "trigger": trigger, "warnings": list(result.warnings)})
+        return True, None
+    state.events.log("error", "policy rejected, the last good policy stays active",
+                     ecs_event={"outcome": "failure"},
+                     guard={"policy_revision": result.revision, "trigger": trigger}, error={"message": result.error})
+    return False, result.error
+
+
+@web.middleware
+async def _require_token(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+    if not request.path.startswith("/admin/"):
+        return await handler(request)
+    token = request.app[STATE].settings.admin_token
+    if not token:
+        return _json({"error": {"code": "disabled", "message": "admin API disabled: no admin token configured"}}, 404)
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        return _json({"error": {"code": "unauthorized", "message": "a valid bearer token is required"}}, 401)
+    return await handler(request)
+
+
+async def admin_reload(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    ok, error = reload_policy(state, "admin")
+    if not ok:
+        return _json({"error": {"code": "invalid_policy", "message": error}}, 422)
+    policy = state.policies.current
+    return _json({"revision": policy.revision, "source": policy.source, "warnings": list(state.policies.warnings)})
+
+
+async def admin_policy(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    policy = state.policies.current
+    return _json({"revision": policy.revision, "source": policy.source, "mode": policy.default.mode,
+                  "rules": [r.id for r in policy.default.rules], "skipped_rules": list(policy.skipped_rules),
+                  "models": sorted(policy.models), "warnings": list(state.policies.warnings),
+                  "document": policy.document})
+
+
+async def admin_session_get(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    sid = request.match_info["session"]
+    peek = getattr(state.sessions, "peek", None)
+    record = peek(sid) if peek is not None else None
+    if record is None:
+        return _json({"error": {"code": "not_found", "message": "no such session"}}, 404)
+    return _json({"session": sid, "queries": record.queries, "first_seen": record.first_seen,
+                  "last_seen": record.last_seen, "blocked_rule": record.blocked_rule,
+                  "blocked_until": record.blocked_until, "scores": record.scores})
+
+
+async def admin_session_unblock(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    sid = request.match_info["session"]
+    done = await state.sessions.unblock(sid)
+    state.events.log("info", "session unblocked by operator", guard={"session": sid, "changed": done})
+    return _json({"session": sid, "unblocked": done}, 200 if done else 404)
+
+
+async def admin_session_reset(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    sid = request.match_info["session"]
+    done = await state.sessions.delete(sid)
+    state.events.log("info", "session reset by operator", guard={"session": sid, "changed": done})
+    return _json({"session": sid, "reset": done}, 200 if done else 404)
+
+
+def make_admin_app(state: GuardState) -> web.Application:
+    app = web.Application(middlewares=[_require_token])
+    app[STATE] = state
+    app.router.add_get("/livez", livez)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_post("/admin/reload", admin_reload)
+    app.router.add_get("/admin/policy", admin_policy)
+    app.router.add_get("/admin/sessions/{session}", admin_session_get)
+    app.router.add_post("/admin/sessions/{session}/unblock", admin_session_unblock)
+    app.router.add_delete("/admin/sessions/{session}", admin_session_reset)
+    return app

@@ -1,0 +1,176 @@
+"""App factories and lifecycles: the guard app, the admin app and what they share."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
+
+import aiohttp
+from aiohttp import web
+
+from guard_agent.admin import make_admin_app, reload_policy
+from guard_agent.events import EventLogger, EventSink, StreamSink
+from guard_agent.identity import IdentityResolver
+from guard_agent.metrics import Metrics
+from guard_agent.policy.model import BUILTIN_SCORES
+from guard_agent.policy.store import PolicyStore
+from guard_agent.proxy import error_response, handle
+from guard_agent.routes import RouteTable
+from guard_agent.sessions.memory import MemorySessionStore
+from guard_agent.settings import Settings
+from guard_agent.state import STATE, GuardState
+
+__all__ = ["build_state", "make_app", "make_admin_app"]
+
+
+def build_state(settings: Settings, *, sink: EventSink | None = None) -> GuardState:
+    """Everything that does not need a running loop; raises on a bad first policy or profile."""
+    metrics = Metrics()
+    events = EventLogger(sink or StreamSink(on_drop=metrics.events_dropped.inc),
+                         sample_allow=settings.log_sample_allow)
+    key = settings.hmac_key.encode() if settings.hmac_key else secrets.token_bytes(32)
+    if not settings.hmac_key:
+        events.log("warning", "no GUARD_HMAC_KEY set: using a random key, session ids change on restart "
+                              "and differ between replicas")
+    profile = _load_profile_source(settings, events, metrics)
+    trackers = _tracker_hook(settings, profile, key)
+    sessions = MemorySessionStore(max_sessions=settings.session_max, ttl=settings.session_ttl,
+                                  on_evict=lambda reason: metrics.session_evictions.labels(reason).inc())
+    available = BUILTIN_SCORES | profile.score_names | trackers.score_names
+    policies = PolicyStore(settings.policy, available_scores=available)
+    for warning in policies.warnings:
+        events.log("warning", f"policy: {warning}")
+    metrics.policy_info.labels(policies.current.revision).set(1)
+    state = GuardState(
+        settings=settings,
+        routes=RouteTable(custom=settings.routes, allowed=settings.allow_routes),
+        identity=IdentityResolver(key=key, header=settings.session_header, sources=settings.session_sources,
+                                  trusted_proxies=settings.trusted_proxies),
+        policies=policies,
+        sessions=sessions,
+        events=events,
+        metrics=metrics,
+        profile=profile,
+        trackers=trackers,
+    )
+    state.async_scorers = _async_scorers(state)
+    return state
+
+
+def _load_profile_source(settings: Settings, events: EventLogger, metrics: Metrics):  # type: ignore[no-untyped-def]
+    from guard_agent.state import ProfileSource
+
+    if not settings.profile:
+        return ProfileSource()
+    from guard_agent.profiles import ProfileStore
+
+    store = ProfileStore(settings.profile)
+    events.log("info", "profile loaded", guard={"profile_revision": store.revision,
+                                                "scores": sorted(store.score_names)})
+    metrics.profile_reloads.labels("ok").inc()
+    return store
+
+
+def _tracker_hook(settings: Settings, profile: object, key: bytes):  # type: ignore[no-untyped-def]
+    from guard_agent.state import TrackerHook
+
+    try:
+        from guard_agent.tracking import SessionTracking
+    except ImportError:
+        return TrackerHook()
+    return SessionTracking.from_profile(profile, salt=key)
+
+
+def _async_scorers(state: GuardState):  # type: ignore[no-untyped-def]
+    try:
+        from guard_agent.squeezing import SqueezeScorer
+    except ImportError:
+        return ()
+    return (SqueezeScorer(state),)
+
+
+@web.middleware
+async def _header_limit(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+    limit = request.app[STATE].settings.max_header_bytes
+    size = sum(len(k) + len(v) + 4 for k, v in request.raw_headers)
+    if size > limit:
+        return error_response(431, "headers_too_large", f"request headers exceed {limit} bytes",
+                              request.headers.get("X-Request-Id", "-"))
+    return await handler(request)
+
+
+async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    s = state.settings
+    connector = aiohttp.TCPConnector(limit=s.upstream_pool_size, keepalive_timeout=30, ttl_dns_cache=300)
+    timeout = aiohttp.ClientTimeout(total=None, connect=s.connect_timeout, sock_connect=s.connect_timeout,
+                                    sock_read=s.read_timeout)
+    state.client = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
+                                         cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=("User-Agent",))
+    yield
+    await state.client.close()
+
+
+async def _upstream_prober(app: web.Application) -> AsyncIterator[None]:
+    """Readiness needs a reachable model: a TCP connect every couple of seconds."""
+    state = app[STATE]
+    parts = urlsplit(state.settings.upstream)
+    host = parts.hostname or "127.0.0.1"
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+
+    async def probe_once() -> None:
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), state.settings.connect_timeout)
+        except (OSError, asyncio.TimeoutError):
+            state.upstream_ok = False
+            return
+        state.upstream_ok = True
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+    async def loop() -> None:
+        while True:
+            await probe_once()
+            await asyncio.sleep(0.5 if not state.upstream_ok else 2.0)
+
+    await probe_once()
+    task = asyncio.create_task(loop())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _policy_watcher(app: web.Application) -> AsyncIterator[None]:
+    """Poll the policy file's identity (survives ConfigMap ``..data`` symlink swaps)."""
+    state = app[STATE]
+
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(state.settings.reload_interval)
+            if state.policies.changed_on_disk():
+                reload_policy(state, "watch")
+            reload_profile = getattr(state.profile, "maybe_reload", None)
+            if reload_profile is not None:
+                reload_profile(state)
+
+    task = asyncio.create_task(loop())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def make_app(state: GuardState) -> web.Application:
+    """The guard listener: every path goes to the one handler, which applies the route table."""
+    app = web.Application(middlewares=[_header_limit], client_max_size=state.settings.max_body_bytes)
+    app[STATE] = state
+    app.cleanup_ctx.append(_upstream_client)
+    app.cleanup_ctx.append(_upstream_prober)
+    app.cleanup_ctx.append(_policy_watcher)
+    app.router.add_route("*", "/{tail:.*}", handle)
+    return app

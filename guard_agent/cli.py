@@ -1,0 +1,110 @@
+"""``guard-agent``: run, check, fit, demo.
+
+Settings precedence for ``run``: flags > ``GUARD_*`` environment > ``--config`` file > defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+from guard_agent import __version__
+
+__all__ = ["main"]
+
+
+def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("run", help="serve: the guard listener and the admin listener")
+    p.add_argument("--config", help="YAML config file (keys = setting names)")
+    p.add_argument("--listen", help="HOST:PORT for inference traffic (GUARD_LISTEN, default 0.0.0.0:8080)")
+    p.add_argument("--admin-listen", dest="admin_listen", help="HOST:PORT for probes, metrics, /admin")
+    p.add_argument("--upstream", help="model server URL (GUARD_UPSTREAM, default http://127.0.0.1:8081)")
+    p.add_argument("--policy", help="policy file or directory holding policy.yaml (GUARD_POLICY)")
+    p.add_argument("--profile", help="detector profile directory (GUARD_PROFILE)")
+    p.add_argument("--redis-url", dest="redis_url", help="shared session state (GUARD_REDIS_URL)")
+    p.add_argument("--log-sample-allow", dest="log_sample_allow", type=float,
+                   help="fraction of allow events to log (alerts are never sampled)")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from guard_agent.server import serve
+    from guard_agent.settings import ConfigError, load_settings
+
+    flags = {k: getattr(args, k) for k in ("listen", "admin_listen", "upstream", "policy", "profile", "redis_url",
+                                            "log_sample_allow")}
+    try:
+        settings = load_settings(args.config, flags=flags)
+        return asyncio.run(serve(settings))
+    except ConfigError as exc:
+        print(f"guard-agent: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # a bad first policy or profile: say what, not a traceback
+        from guard_agent.policy.loader import PolicyError
+
+        if isinstance(exc, PolicyError) or type(exc).__name__ == "ProfileError":
+            print(f"guard-agent: cannot start: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _check(args: argparse.Namespace) -> int:
+    from guard_agent.policy.loader import PolicyError, load_policy_file
+
+    status = 0
+    for path in args.policy:
+        try:
+            loaded = load_policy_file(path)
+        except PolicyError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            status = 1
+            continue
+        policy = loaded.policy
+        print(f"ok: {policy.source}: revision {policy.revision[:12]}, mode {policy.default.mode}, "
+              f"{len(policy.default.rules)} rules, {len(policy.models)} model overrides")
+    return status
+
+
+def _add_fit(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    try:
+        from guard_agent.fit_command import add_fit_arguments
+    except ImportError:
+        return
+    p = sub.add_parser("fit", help="fit a detector profile on reference data")
+    add_fit_arguments(p)
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from guard_agent.fit_command import run_fit
+
+    return run_fit(args)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from guard_agent.demo import run_demo
+
+    return asyncio.run(run_demo(verbose=args.verbose))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="guard-agent", description="inference-guard: a runtime guard for ML models")
+    parser.add_argument("--version", action="version", version=f"guard-agent {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_run(sub)
+    c = sub.add_parser("check", help="validate policy files; exit 1 with file, line and field on error")
+    c.add_argument("policy", nargs="+", help="policy file(s) or directories holding policy.yaml")
+    _add_fit(sub)
+    d = sub.add_parser("demo", help="run the guard in front of a built-in model, send traffic, print decisions")
+    d.add_argument("--verbose", action="store_true", help="also print every decision event")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"run": _run, "check": _check, "fit": _fit, "demo": _demo}
+    return handlers[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

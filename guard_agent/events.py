@@ -1,0 +1,229 @@
+"""Decision events: one ECS JSON object per line, for the SIEM and for policy replay.
+
+structlog renders (orjson); a sink writes. The request path only puts bytes on a
+bounded queue: a writer thread does the blocking write, so a slow stdout pipe
+never stalls a request. If the queue is full the event is dropped and counted
+(``inference_guard_events_dropped_total``) rather than blocking.
+
+structlog's own ``event`` key is renamed to ``message`` because ECS uses
+``event`` for the nested event object, which callers pass as ``ecs_event``.
+"""
+
+from __future__ import annotations
+
+import queue
+import random
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import IO, Any, Protocol
+
+import orjson
+import structlog
+
+__all__ = ["EventSink", "StreamSink", "EventLogger", "CallbackSink", "ALERT_ACTIONS", "build_decision_event"]
+
+ALERT_ACTIONS = frozenset({"flag", "harden", "throttle", "block", "integrity_violation"})
+
+
+class EventSink(Protocol):
+    def write(self, line: bytes) -> bool:
+        """Queue one rendered event (no trailing newline); False if it had to be dropped."""
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Flush what is queued, then stop."""
+
+
+class StreamSink:
+    """Writes lines to a binary stream (stdout by default) from a background thread."""
+
+    def __init__(self, stream: IO[bytes] | None = None, *, max_queue: int = 65536,
+                 on_drop: Callable[[], None] | None = None) -> None:
+        self._stream = stream if stream is not None else sys.stdout.buffer
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=max_queue)
+        self._on_drop = on_drop
+        self._thread = threading.Thread(target=self._run, name="guard-events", daemon=True)
+        self._thread.start()
+
+    def write(self, line: bytes) -> bool:
+        try:
+            self._queue.put_nowait(line)
+        except queue.Full:
+            if self._on_drop is not None:
+                self._on_drop()
+            return False
+        return True
+
+    def _run(self) -> None:
+        while True:
+            line = self._queue.get()
+            if line is None:
+                return
+            batch = [line]
+            while len(batch) < 512:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._emit(batch)
+                    return
+                batch.append(nxt)
+            self._emit(batch)
+
+    def _emit(self, batch: list[bytes]) -> None:
+        try:
+            self._stream.write(b"\n".join(batch) + b"\n")
+            self._stream.flush()
+        except (OSError, ValueError):
+            if self._on_drop is not None:
+                for _ in batch:
+                    self._on_drop()
+
+    def close(self, timeout: float = 5.0) -> None:
+        try:
+            self._queue.put(None, timeout=timeout)
+        except queue.Full:
+            return
+        self._thread.join(timeout)
+
+
+class CallbackSink:
+    """Hands each rendered line to a function (tests, the demo)."""
+
+    def __init__(self, callback: Callable[[bytes], None]) -> None:
+        self._callback = callback
+
+    def write(self, line: bytes) -> bool:
+        self._callback(line)
+        return True
+
+    def close(self, timeout: float = 5.0) -> None:
+        return None
+
+
+def _rename_keys(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    event_dict["message"] = event_dict.pop("event")
+    ecs_event = event_dict.pop("ecs_event", None)
+    if ecs_event is not None:
+        event_dict["event"] = ecs_event
+    return event_dict
+
+
+def _timestamp_and_level(_: Any, method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    now = datetime.now(UTC)
+    event_dict["@timestamp"] = now.isoformat(timespec="microseconds").replace("+00:00", "Z")
+    event_dict.setdefault("log", {})["level"] = method
+    return event_dict
+
+
+class _SinkLogger:
+    """The structlog 'wrapped logger': receives rendered bytes and hands them to the sink."""
+
+    def __init__(self, sink: EventSink) -> None:
+        self._sink = sink
+
+    def msg(self, message: bytes) -> None:
+        self._sink.write(message)
+
+    info = warning = error = debug = critical = msg
+
+
+class EventLogger:
+    """Renders and emits decision events and operational logs; alerts are never sampled."""
+
+    def __init__(self, sink: EventSink, *, sample_allow: float = 1.0, rng: random.Random | None = None) -> None:
+        self.sink = sink
+        self.sample_allow = sample_allow
+        self._rng = rng or random.Random()
+        self._log = structlog.wrap_logger(
+            _SinkLogger(sink),
+            processors=[
+                _rename_keys,
+                _timestamp_and_level,
+                structlog.processors.JSONRenderer(serializer=orjson.dumps),
+            ],
+        )
+
+    def decision(self, fields: Mapping[str, Any], message: str, *, level: str = "info") -> bool:
+        """Emit one decision event; returns False when an allow event was sampled out."""
+        action = fields.get("ecs_event", {}).get("action")
+        if action == "allow" and self.sample_allow < 1.0 and self._rng.random() >= self.sample_allow:
+            return False
+        getattr(self._log, level)(message, **fields)
+        return True
+
+    def log(self, level: str, message: str, **fields: Any) -> None:
+        """Operational events (reloads, start, errors) in the same stream, same shape."""
+        ecs = {"kind": "event", "category": ["configuration" if "policy" in message else "process"],
+               **fields.pop("ecs_event", {})}
+        getattr(self._log, level)(message, ecs_event=ecs, **fields)
+
+    def close(self) -> None:
+        self.sink.close()
+
+
+def build_decision_event(
+    *,
+    action: str,
+    outcome: str,
+    rule: str,
+    mode: str,
+    enforced: bool,
+    session: str | None,
+    model: str | None,
+    rows: int,
+    scores: Mapping[str, float],
+    policy_revision: str,
+    profile_revision: str | None,
+    request_id: str,
+    method: str,
+    status: int,
+    path: str,
+    source_ip: str | None,
+    technique: str | None,
+    started: float,
+    extra_guard: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The ECS fields of DESIGN.md for one request (never raw inputs or keys)."""
+    kind = "alert" if action in ALERT_ACTIONS else "event"
+    guard: dict[str, Any] = {
+        "mode": mode,
+        "enforced": enforced,
+        "session": session,
+        "model": model,
+        "rows": rows,
+        "scores": {k: round(float(v), 6) for k, v in scores.items()},
+        "policy_revision": policy_revision,
+        "profile_revision": profile_revision,
+    }
+    if extra_guard:
+        guard.update(extra_guard)
+    fields: dict[str, Any] = {
+        "ecs_event": {
+            "kind": kind,
+            "category": ["intrusion_detection"],
+            "type": ["denied"] if outcome == "failure" else ["allowed"],
+            "action": action,
+            "outcome": outcome,
+            "duration": int((time.perf_counter() - started) * 1e9),
+        },
+        "rule": {"name": rule},
+        "guard": guard,
+        "http": {"request": {"id": request_id, "method": method}, "response": {"status_code": status}},
+        "url": {"path": path},
+        "source": {"ip": source_ip},
+    }
+    if technique:
+        fields["threat"] = {"framework": "MITRE ATLAS", "technique": {"id": technique}}
+    return fields
+
+
+def parse_event_line(line: bytes) -> dict[str, Any]:
+    """Decode one event line (tests, replay)."""
+    value = orjson.loads(line)
+    if not isinstance(value, dict):
+        raise ValueError("an event line must be a JSON object")
+    return value

@@ -1,0 +1,113 @@
+"""``decide()``: the pure decision function (no I/O, no clock).
+
+Checks run in a fixed chain, as in an Envoy filter chain: the allow list
+short-circuits to allow; the deny list, an active block cool-down and a
+fail-closed scoring failure short-circuit to block. Otherwise every rule is
+evaluated, the rate limit adds a throttle candidate, and the most severe
+action wins (block > throttle > harden > flag > allow). ``rule`` names the
+winning rule, ``default`` when none matched.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from guard_agent.policy.model import SEVERITY, Action, Decision, EffectivePolicy
+
+__all__ = ["RequestFacts", "SessionFacts", "decide", "facts_for"]
+
+
+@dataclass(frozen=True)
+class RequestFacts:
+    """What the guard knows about the request itself."""
+
+    model: str | None
+    protocol: str
+    rows: int
+    body_bytes: int
+    features: int
+    source_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+
+
+@dataclass(frozen=True)
+class SessionFacts:
+    """What the guard knows about the session, as of before this request."""
+
+    id: str
+    source: str = "address"
+    queries: int = 0
+    age_seconds: float = 0.0
+    blocked_rule: str | None = None
+    rate_limited: bool = False
+    retry_after: float = 0.0
+
+
+def facts_for(request: RequestFacts, scores: Mapping[str, float], session: SessionFacts) -> dict[str, Any]:
+    """The flat namespace rules are evaluated against."""
+    facts: dict[str, Any] = dict(scores)
+    facts["request.rows"] = request.rows
+    facts["request.body_bytes"] = request.body_bytes
+    facts["request.model"] = request.model
+    facts["request.protocol"] = request.protocol
+    facts["request.features"] = request.features
+    facts["session.queries"] = session.queries
+    facts["session.age_seconds"] = session.age_seconds
+    facts["session.source"] = session.source
+    return facts
+
+
+def _in_networks(ip: Any, networks: tuple[Any, ...]) -> bool:
+    return ip is not None and any(ip.version == n.version and ip in n for n in networks)
+
+
+def decide(
+    request: RequestFacts,
+    scores: Mapping[str, float],
+    session: SessionFacts,
+    policy: EffectivePolicy,
+    *,
+    scoring_failure: Literal["error", "budget"] | None = None,
+) -> Decision:
+    """Map one request's facts to a decision under ``policy``."""
+    enforced = policy.mode == "enforce"
+    lists = policy.lists
+    if session.id in lists.allow_sessions or _in_networks(request.source_ip, lists.allow_networks):
+        return Decision("allow", "allow-list", enforced=enforced, reason="session or address on the allow list")
+    if session.id in lists.deny_sessions or _in_networks(request.source_ip, lists.deny_networks):
+        return Decision("block", "deny-list", enforced=enforced, reason="session or address on the deny list")
+    if session.blocked_rule is not None:
+        return Decision("block", session.blocked_rule, enforced=enforced,
+                        reason="session is blocked (cool-down after an earlier block)")
+    if scoring_failure is not None:
+        closed = (policy.failure.on_error if scoring_failure == "error" else policy.failure.on_budget) == "closed"
+        if closed:
+            return Decision("block", f"scoring-{scoring_failure}", enforced=enforced,
+                            reason=f"scoring failed ({scoring_failure}) and the policy fails closed")
+
+    facts = facts_for(request, scores, session)
+    best_action: Action = "allow"
+    best_rule = "default"
+    technique: str | None = None
+    matched: list[str] = []
+    for rule in policy.rules:
+        if rule.matches(facts):
+            matched.append(rule.id)
+            if SEVERITY[rule.action] > SEVERITY[best_action]:
+                best_action, best_rule, technique = rule.action, rule.id, rule.technique
+    if session.rate_limited and SEVERITY["throttle"] > SEVERITY[best_action]:
+        best_action, best_rule, technique = "throttle", "rate-limit", None
+        matched.append("rate-limit")
+    if best_action == "allow" and scoring_failure is not None:
+        best_rule = f"scoring-{scoring_failure}"
+    return Decision(
+        action=best_action,
+        rule=best_rule,
+        matched=tuple(matched),
+        technique=technique,
+        enforced=enforced,
+        hardening=policy.hardening if best_action == "harden" else None,
+        retry_after=max(1.0, session.retry_after) if best_action == "throttle" else None,
+    )

@@ -1,0 +1,356 @@
+"""The request path: route, parse, score, decide, forward, harden, log.
+
+One handler serves every path (a catch-all route): the guard's own route table
+decides what is an inference route, a read-only passthrough or refused, on the
+raw (undecoded) path, so aiohttp's router never normalises a path we would
+rather refuse. The upstream receives exactly the bytes that were scored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+import numpy as np
+import orjson
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from guard_agent.events import build_decision_event
+from guard_agent.policy.decide import RequestFacts, SessionFacts, decide
+from guard_agent.policy.model import Decision, Policy
+from guard_agent.protocols import (
+    Hardening as WireHardening,
+)
+from guard_agent.protocols import (
+    ParseLimits,
+    ProtocolError,
+    harden_response,
+    parse_request,
+    parse_response,
+)
+from guard_agent.ratelimit import take
+from guard_agent.routes import RouteMatch
+from guard_agent.scoring import InputSchemaError, ScoringContext, check_input, declared_schema_score, run_scorers
+from guard_agent.state import STATE, GuardState
+
+__all__ = ["handle", "error_response", "HOP_BY_HOP"]
+
+HOP_BY_HOP = frozenset(h.lower() for h in (
+    "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer", "Trailers",
+    "Transfer-Encoding", "Upgrade", "Host", "Content-Length", "Proxy-Connection",
+))
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_BLOCK_MESSAGE = "request refused by policy"
+
+
+def error_response(status: int, code: str, message: str, request_id: str,
+                   headers: Mapping[str, str] | None = None) -> web.Response:
+    """The JSON error body of DESIGN.md, with the request id echoed."""
+    body = orjson.dumps({"error": {"code": code, "message": message, "request_id": request_id}})
+    hdrs = {"X-Request-Id": request_id, **(headers or {})}
+    return web.Response(status=status, body=body, content_type="application/json", headers=hdrs)
+
+
+def _request_id(request: web.Request) -> str:
+    given = request.headers.get("X-Request-Id", "")
+    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+
+
+def _upstream_headers(headers: CIMultiDictProxy[str], peer: str | None, request_id: str) -> CIMultiDict[str]:
+    connection_tokens = {t.strip().lower() for t in headers.get("Connection", "").split(",") if t.strip()}
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lname = name.lower()
+        if lname in HOP_BY_HOP or lname in connection_tokens:
+            continue
+        out.add(name, value)
+    prior = headers.get("X-Forwarded-For")
+    if peer:
+        out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+    out["X-Request-Id"] = request_id
+    return out
+
+
+def _client_headers(headers: Mapping[str, str], request_id: str) -> CIMultiDict[str]:
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        if name.lower() not in HOP_BY_HOP:
+            out.add(name, value)
+    out["X-Request-Id"] = request_id
+    return out
+
+
+class _Outcome:
+    """Collects what one request did, for the single decision event at the end."""
+
+    __slots__ = ("action", "fields", "model", "outcome", "rows", "rule", "scores", "session", "source_ip",
+                 "status", "technique", "enforced")
+
+    def __init__(self) -> None:
+        self.action = "allow"
+        self.outcome = "success"
+        self.rule = "default"
+        self.status = 0
+        self.session: str | None = None
+        self.model: str | None = None
+        self.rows = 0
+        self.scores: dict[str, float] = {}
+        self.source_ip: str | None = None
+        self.technique: str | None = None
+        self.enforced = True
+        self.fields: dict[str, Any] = {}
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    started = time.perf_counter()
+    request_id = _request_id(request)
+    match = state.routes.match(request.method, request.raw_path)
+    out = _Outcome()
+    out.model = match.model
+    state.in_flight += 1
+    upstream_time = 0.0
+    try:
+        if match.kind == "invalid":
+            response: web.StreamResponse = _reject(state, out, 400, "invalid_path", match.reason, request_id)
+        elif match.kind == "denied":
+            out.rule = "route-not-allowed"
+            response = _reject(state, out, 403, "route_not_allowed", "route not allowed", request_id)
+        elif match.kind == "passthrough":
+            out.rule = "passthrough"
+            response, upstream_time = await _passthrough(request, state, out, request_id)
+        else:
+            response, upstream_time = await _inference(request, state, match, out, request_id, started)
+    except SlowClient:
+        response = _reject(state, out, 408, "request_timeout", "the request body was not received in time",
+                           request_id, {"Connection": "close"})
+    finally:
+        state.in_flight -= 1
+    out.status = response.status
+    policy = state.policies.current
+    _emit(state, request, policy, out, request_id, started)
+    state.metrics.requests.labels(match.route, out.action, str(out.status)).inc()
+    state.metrics.overhead.labels(match.route).observe(max(0.0, time.perf_counter() - started - upstream_time))
+    return response
+
+
+def _reject(state: GuardState, out: _Outcome, status: int, code: str, message: str,
+            request_id: str, headers: Mapping[str, str] | None = None) -> web.Response:
+    out.action, out.outcome = "reject", "failure"
+    if out.rule == "default":
+        out.rule = code
+    state.metrics.rejects.labels(code).inc()
+    return error_response(status, code, message, request_id, headers)
+
+
+def _emit(state: GuardState, request: web.Request, policy: Policy, out: _Outcome, request_id: str,
+          started: float) -> None:
+    eff = policy.for_model(out.model)
+    fields = build_decision_event(
+        action=out.action, outcome=out.outcome, rule=out.rule, mode=eff.mode,
+        enforced=out.enforced if eff.mode == "enforce" else False,
+        session=out.session, model=out.model, rows=out.rows, scores=out.scores,
+        policy_revision=policy.revision, profile_revision=state.profile.revision,
+        request_id=request_id, method=request.method, status=out.status, path=request.path,
+        source_ip=out.source_ip, technique=out.technique, started=started, extra_guard=out.fields,
+    )
+    level = "warning" if out.action in ("block", "throttle", "integrity_violation") else "info"
+    state.events.decision(fields, f"{out.action} {request.method} {request.path}", level=level)
+
+
+class SlowClient(Exception):
+    """The client did not send its body within the read timeout."""
+
+
+async def _read_body(request: web.Request, limit: int, timeout: float) -> bytes | None:
+    """The whole body, or None when it exceeds ``limit`` (checked before and while reading)."""
+    if request.content_length is not None and request.content_length > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.content.iter_chunked(65536):
+                size += len(chunk)
+                if size > limit:
+                    return None
+                chunks.append(chunk)
+    except TimeoutError as exc:
+        raise SlowClient from exc
+    return b"".join(chunks)
+
+
+async def _call_upstream(state: GuardState, request: web.Request, body: bytes | None,
+                         request_id: str) -> aiohttp.ClientResponse:
+    assert state.client is not None
+    url = state.settings.upstream.rstrip("/") + request.raw_path
+    return await state.client.request(
+        request.method, url, data=body, allow_redirects=False, auto_decompress=False,
+        headers=_upstream_headers(request.headers, request.remote, request_id),
+    )
+
+
+def _upstream_failure(state: GuardState, out: _Outcome, exc: BaseException, request_id: str) -> web.Response:
+    if isinstance(exc, asyncio.TimeoutError):
+        state.metrics.upstream_errors.labels("timeout").inc()
+        out.outcome = "failure"
+        return error_response(504, "upstream_timeout", "the model server did not answer in time", request_id)
+    state.metrics.upstream_errors.labels(type(exc).__name__).inc()
+    out.outcome = "failure"
+    return error_response(502, "upstream_unavailable", "the model server is unreachable or broken", request_id)
+
+
+async def _passthrough(request: web.Request, state: GuardState, out: _Outcome,
+                       request_id: str) -> tuple[web.StreamResponse, float]:
+    identity = state.identity.resolve(request.headers, request.remote)
+    out.session, out.source_ip = identity.session, identity.ip.compressed if identity.ip else None
+    if request.method not in ("GET", "HEAD") and (request.content_length or request.can_read_body):
+        body = await _read_body(request, state.settings.max_body_bytes, state.settings.client_read_timeout)
+        if body is None:
+            return _reject(state, out, 413, "body_too_large", "request body too large", request_id), 0.0
+    else:
+        body = None
+    t0 = time.perf_counter()
+    try:
+        upstream = await _call_upstream(state, request, body, request_id)
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        return _upstream_failure(state, out, exc, request_id), time.perf_counter() - t0
+    async with upstream:
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
+                                      headers=_client_headers(upstream.headers, request_id))
+        if upstream.headers.get("Content-Length") is not None:
+            response.content_length = int(upstream.headers["Content-Length"])
+        try:
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_chunked(65536):
+                await response.write(chunk)
+            await response.write_eof()
+        except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionResetError) as exc:
+            state.metrics.upstream_errors.labels(type(exc).__name__).inc()
+            out.outcome = "failure"
+            if request.transport is not None:  # the client must not take a truncated body for a whole one
+                request.transport.close()
+    state.metrics.upstream_latency.labels("passthrough").observe(time.perf_counter() - t0)
+    return response, time.perf_counter() - t0
+
+
+async def _inference(request: web.Request, state: GuardState, match: RouteMatch, out: _Outcome,
+                     request_id: str, started: float) -> tuple[web.StreamResponse, float]:
+    settings = state.settings
+    now = time.time()
+    identity = state.identity.resolve(request.headers, request.remote)
+    out.session, out.source_ip = identity.session, identity.ip.compressed if identity.ip else None
+    policy = state.policies.current
+    eff = policy.for_model(match.model)
+    out.enforced = eff.mode == "enforce"
+
+    body = await _read_body(request, settings.max_body_bytes, settings.client_read_timeout)
+    if body is None:
+        return _reject(state, out, 413, "body_too_large",
+                       f"request body exceeds {settings.max_body_bytes} bytes", request_id), 0.0
+    try:
+        header_len = request.headers.get("Inference-Header-Content-Length")
+        parsed = parse_request(
+            match.protocol or "v2", body, content_type=request.headers.get("Content-Type"),
+            content_encoding=request.headers.get("Content-Encoding"), pointer=match.pointer,
+            limits=ParseLimits(max_depth=settings.max_json_depth, max_rows=settings.max_batch_rows),
+            inference_header_length=int(header_len) if header_len is not None and header_len.isdigit() else
+            (-1 if header_len is not None else None),
+        )
+        out.rows = parsed.rows
+        check_input(parsed.features, eff.input, expected_features=state.profile.expected_features(match.model))
+    except (ProtocolError, InputSchemaError) as exc:
+        out.rule = "invalid-input"
+        return _reject(state, out, 400, "invalid_input", str(exc), request_id), 0.0
+
+    ctx = ScoringContext(features=parsed.features, row_shape=parsed.row_shape, model=match.model,
+                         protocol=parsed.protocol, body=body, policy=eff, extra={"request": request})
+    scores, failure = await run_scorers(ctx, (_declared_scorer, state.profile.score),
+                                        state.async_scorers if eff.squeeze.enabled else ())
+    if failure is not None:
+        state.metrics.scoring_failures.labels(failure).inc()
+
+    record = await state.sessions.get(identity.session, now)
+    scores.update(state.trackers.peek(identity.session, record, now))
+    rate_limited, retry_after = False, 0.0
+    if eff.rate_limit is not None:
+        record.bucket, allowed, retry_after = take(record.bucket, now, rate=eff.rate_limit.rate,
+                                                   burst=eff.rate_limit.burst)
+        rate_limited = not allowed
+    decision = decide(
+        RequestFacts(model=match.model, protocol=parsed.protocol, rows=parsed.rows, body_bytes=len(body),
+                     features=int(parsed.features.shape[1]), source_ip=identity.ip),
+        scores,
+        SessionFacts(id=identity.session, source=identity.source, queries=record.queries,
+                     age_seconds=now - record.first_seen, blocked_rule=record.blocked(now),
+                     rate_limited=rate_limited, retry_after=retry_after),
+        eff, scoring_failure=failure,
+    )
+    out.scores, out.action, out.rule, out.technique = scores, decision.action, decision.rule, decision.technique
+    if decision.matched:
+        out.fields["matched_rules"] = list(decision.matched)
+    out.fields["protocol"] = parsed.protocol
+    if decision.enforced and decision.action == "block" and eff.block_cooldown > 0 and record.blocked(now) is None:
+        record.blocked_until, record.blocked_rule = now + eff.block_cooldown, decision.rule
+    record.queries += parsed.rows
+    for name, value in scores.items():
+        state.metrics.scores.labels(name).observe(value)
+
+    if decision.refused:
+        out.outcome = "failure"
+        await state.sessions.put(identity.session, record, now)
+        if decision.action == "throttle":
+            retry = str(max(1, int(np.ceil(decision.retry_after or 1.0))))
+            return error_response(429, "throttled", "too many requests", request_id,
+                                  {"Retry-After": retry}), 0.0
+        return error_response(403, "blocked", _BLOCK_MESSAGE, request_id), 0.0
+
+    t0 = time.perf_counter()
+    try:
+        upstream = await _call_upstream(state, request, body, request_id)
+        async with upstream:
+            payload = await upstream.read()
+            status, reason, headers = upstream.status, upstream.reason, upstream.headers
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        await state.sessions.put(identity.session, record, now)
+        return _upstream_failure(state, out, exc, request_id), time.perf_counter() - t0
+    upstream_time = time.perf_counter() - t0
+    state.metrics.upstream_latency.labels(match.route).observe(upstream_time)
+
+    if 200 <= status < 300:
+        answered = parse_response(parsed.protocol, payload, parsed.rows)
+        tracker_scores = state.trackers.update(identity.session, record, parsed.features, answered, now)
+        if tracker_scores:
+            record.scores = dict(tracker_scores)
+        if decision.action == "harden" and decision.enforced and decision.hardening is not None:
+            hardened = _harden(parsed.protocol, payload, decision, out)
+            if hardened is None:  # never leak the full answer because it could not be degraded
+                await state.sessions.put(identity.session, record, now)
+                out.outcome = "failure"
+                return error_response(502, "hardening_failed", "the model's answer could not be hardened",
+                                      request_id), upstream_time
+            payload = hardened
+    await state.sessions.put(identity.session, record, now)
+    response = web.Response(status=status, reason=reason, body=payload,
+                            headers=_client_headers(headers, request_id))
+    return response, upstream_time
+
+
+def _declared_scorer(ctx: ScoringContext) -> Mapping[str, float]:
+    return {"input.schema": declared_schema_score(ctx.features, ctx.policy.input)}
+
+
+def _harden(protocol: str, payload: bytes, decision: Decision, out: _Outcome) -> bytes | None:
+    h = decision.hardening
+    assert h is not None
+    rewritten = harden_response(protocol, payload, WireHardening(round_digits=h.round_digits, top_k=h.top_k,
+                                                                 label_only=h.label_only))
+    out.fields["hardening"] = "failed" if rewritten is None else "applied"
+    return rewritten
+

@@ -1,0 +1,119 @@
+"""The scoring seam: named scores for one request, within a time budget.
+
+A scorer turns a parsed request into named scores on the policy's calibrated
+[0, 1] scale (higher = more anomalous; the maximum over the batch's rows).
+Cheap scorers are synchronous and run inline (numpy on one row costs
+microseconds; a thread hop would cost more). Scorers that call the model
+(feature squeezing) are async and run under the policy's budget; an overrun or
+an exception is reported to ``decide()``, which fails open or closed per policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+from guard_agent.policy.model import EffectivePolicy, InputSchema
+
+__all__ = ["ScoringContext", "SyncScorer", "AsyncScorer", "InputSchemaError", "check_input", "run_scorers",
+           "declared_schema_score"]
+
+
+class InputSchemaError(ValueError):
+    """The request breaks the policy's declared input schema: a 400, not a score."""
+
+
+@dataclass(frozen=True)
+class ScoringContext:
+    features: np.ndarray          # (rows, n_features) float64
+    row_shape: tuple[int, ...]
+    model: str | None
+    protocol: str
+    body: bytes
+    policy: EffectivePolicy
+    extra: Mapping[str, Any]
+
+
+class SyncScorer(Protocol):
+    provides: frozenset[str]
+
+    def __call__(self, ctx: ScoringContext) -> Mapping[str, float]: ...
+
+
+class AsyncScorer(Protocol):
+    provides: frozenset[str]
+
+    def __call__(self, ctx: ScoringContext) -> Awaitable[Mapping[str, float]]: ...
+
+
+def check_input(features: np.ndarray, schema: InputSchema, *, expected_features: int | None) -> None:
+    """Hard checks that make a request invalid (400) rather than suspicious."""
+    rows, n = features.shape
+    if schema.max_rows is not None and rows > schema.max_rows:
+        raise InputSchemaError(f"batch of {rows} rows exceeds the limit of {schema.max_rows}")
+    want = schema.features if schema.features is not None else expected_features
+    if want is not None and n != want:
+        raise InputSchemaError(f"expected {want} features per row, got {n}")
+    if not schema.allow_nonfinite and not np.isfinite(features).all():
+        raise InputSchemaError("input contains NaN or Infinity, which the policy does not allow")
+
+
+def declared_schema_score(features: np.ndarray, schema: InputSchema) -> float:
+    """1.0 when any value lies outside the declared min/max, else 0.0 (bounds are absolute)."""
+    if schema.minimum is None and schema.maximum is None:
+        return 0.0
+    with np.errstate(invalid="ignore"):
+        if schema.minimum is not None:
+            low = np.asarray(schema.minimum, dtype=np.float64)
+            if low.size not in (1, features.shape[1]) or (features < low).any():
+                return 1.0
+        if schema.maximum is not None:
+            high = np.asarray(schema.maximum, dtype=np.float64)
+            if high.size not in (1, features.shape[1]) or (features > high).any():
+                return 1.0
+    return 0.0
+
+
+async def run_scorers(
+    ctx: ScoringContext,
+    sync_scorers: tuple[Callable[[ScoringContext], Mapping[str, float]], ...],
+    async_scorers: tuple[Callable[[ScoringContext], Awaitable[Mapping[str, float]]], ...],
+) -> tuple[dict[str, float], Literal["error", "budget"] | None]:
+    """All scores for one request; merged by max, so a score two scorers provide keeps the worse."""
+    scores: dict[str, float] = {}
+    failure: Literal["error", "budget"] | None = None
+
+    def merge(new: Mapping[str, float]) -> None:
+        for name, value in new.items():
+            v = float(value)
+            if v != v:  # NaN from a broken scorer must not silently pass a threshold test
+                raise ValueError(f"scorer produced NaN for {name}")
+            prev = scores.get(name)
+            scores[name] = v if prev is None or v > prev else prev
+
+    for scorer in sync_scorers:
+        try:
+            merge(scorer(ctx))
+        except Exception:  # noqa: BLE001 - any scorer failure is a policy decision, not a crash
+            failure = "error"
+    if async_scorers:
+        budget = ctx.policy.failure.budget_ms / 1000.0
+        tasks = [asyncio.ensure_future(s(ctx)) for s in async_scorers]
+        done, pending = await asyncio.wait(tasks, timeout=budget)
+        for task in pending:
+            task.cancel()
+            failure = failure or "budget"
+        for task in done:
+            exc = task.exception()
+            if exc is not None:
+                failure = "error"
+                continue
+            try:
+                merge(task.result())
+            except ValueError:
+                failure = "error"
+    return scores, failure

@@ -1,0 +1,80 @@
+"""Shared state of one guard process, behind typed aiohttp AppKeys."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from guard_agent.events import EventLogger
+from guard_agent.identity import IdentityResolver
+from guard_agent.metrics import Metrics
+from guard_agent.policy.store import PolicyStore
+from guard_agent.routes import RouteTable
+from guard_agent.scoring import ScoringContext
+from guard_agent.sessions.base import SessionStore
+from guard_agent.settings import Settings
+
+__all__ = ["GuardState", "STATE", "ProfileSource", "TrackerHook"]
+
+
+class ProfileSource:
+    """What the guard needs from a profile store (real one in profiles.py; None = built-in checks only)."""
+
+    revision: str | None = None
+    score_names: frozenset[str] = frozenset()
+
+    def expected_features(self, model: str | None) -> int | None:
+        return None
+
+    def score(self, ctx: ScoringContext) -> Mapping[str, float]:
+        return {}
+
+
+class TrackerHook:
+    """The session-tracker seam: peek before deciding, update after the model answered."""
+
+    score_names: frozenset[str] = frozenset()
+
+    def peek(self, session: str, record: Any, now: float) -> Mapping[str, float]:
+        return {}
+
+    def update(self, session: str, record: Any, features: Any, response: Any, now: float) -> Mapping[str, float]:
+        return {}
+
+
+@dataclass
+class GuardState:
+    settings: Settings
+    routes: RouteTable
+    identity: IdentityResolver
+    policies: PolicyStore
+    sessions: SessionStore
+    events: EventLogger
+    metrics: Metrics
+    profile: ProfileSource = field(default_factory=ProfileSource)
+    trackers: TrackerHook = field(default_factory=TrackerHook)
+    async_scorers: tuple[Callable[[ScoringContext], Awaitable[Mapping[str, float]]], ...] = ()
+    client: aiohttp.ClientSession | None = None
+    upstream_ok: bool = False
+    shutting_down: bool = False
+    started: float = field(default_factory=time.time)
+    in_flight: int = 0
+
+    def available_scores(self) -> frozenset[str]:
+        from guard_agent.policy.model import BUILTIN_SCORES
+
+        return BUILTIN_SCORES | self.profile.score_names | self.trackers.score_names | self._async_score_names()
+
+    def _async_score_names(self) -> frozenset[str]:
+        names: set[str] = set()
+        for scorer in self.async_scorers:
+            names |= set(getattr(scorer, "provides", ()))
+        return frozenset(names)
+
+
+STATE = web.AppKey("guard_state", GuardState)
