@@ -1,0 +1,70 @@
+"""Input checks shared by every detector: the library must be safe even when the caller did not check."""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+FloatArray = npt.NDArray[np.float64]
+Float32Array = npt.NDArray[np.float32]
+
+
+def as_rows(X: npt.ArrayLike, *, n_features: int | None = None, name: str = "X") -> FloatArray:
+    """Return `X` as a finite 2-D float64 array or raise ValueError saying what is wrong.
+
+    A 1-D array is taken as a single row. Empty batches and non-numeric dtypes are refused.
+    """
+    arr = np.asarray(X)
+    if arr.dtype.kind not in "biuf":
+        raise ValueError(f"{name} must be numeric, got dtype {arr.dtype}")
+    if arr.ndim == 1:
+        arr = arr.reshape(1, -1)
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (rows x features), got {arr.ndim}-D with shape {arr.shape}")
+    if arr.shape[0] == 0:
+        raise ValueError(f"{name} has no rows")
+    if n_features is not None and arr.shape[1] != n_features:
+        raise ValueError(f"{name} has {arr.shape[1]} features, expected {n_features}")
+    if arr.shape[1] == 0:
+        raise ValueError(f"{name} has no features")
+    out = np.asarray(arr, dtype=np.float64)
+    if not np.isfinite(out).all():
+        bad = np.argwhere(~np.isfinite(out))[0]
+        raise ValueError(f"{name} contains NaN or infinity (first at row {bad[0]}, feature {bad[1]})")
+    return out
+
+
+def as_rows32(X: npt.ArrayLike, *, n_features: int, name: str = "X") -> Float32Array:
+    """Validated float32 C-contiguous rows: the dtype every detector scores in (fast, and what sklearn's
+    trees use).
+
+    Values beyond the float32 range become infinite on the cast and are refused too.
+    """
+    arr = np.asarray(X)
+    if arr.dtype == np.float32 and arr.ndim == 2 and arr.shape[1] == n_features and arr.shape[0] > 0:
+        out32 = np.ascontiguousarray(arr)
+    else:
+        rows = as_rows(arr, n_features=n_features, name=name)
+        with np.errstate(over="ignore"):  # out-of-range values become inf and are refused just below
+            out32 = np.ascontiguousarray(rows, dtype=np.float32)
+    if not np.isfinite(out32).all():
+        bad = np.argwhere(~np.isfinite(out32))[0]
+        raise ValueError(
+            f"{name} contains NaN, infinity or a value beyond the float32 range "
+            f"(first at row {bad[0]}, feature {bad[1]})"
+        )
+    return out32
+
+
+def safe_scale(values: FloatArray) -> FloatArray:
+    """Per-feature scale with zero (constant features) replaced: relative floor, then 1.0 if everything is
+    constant.
+
+    Keeps standardisation finite on constant features without letting a near-constant feature explode
+    distances.
+    """
+    values = np.abs(np.asarray(values, dtype=np.float64))
+    positive = values[values > 0]
+    floor = 1e-3 * float(np.sqrt(np.mean(positive**2))) if positive.size else 1.0
+    fill = max(floor, float(np.finfo(np.float32).tiny))
+    return np.asarray(np.where(values > floor, values, fill), dtype=np.float64)
