@@ -50,6 +50,7 @@ async def metrics(request: web.Request) -> web.Response:
 def reload_policy(state: GuardState, trigger: str) -> tuple[bool, str | None]:
     """Reload and log; used by the watcher, SIGHUP and the admin endpoint alike."""
     result = state.policies.reload(available_scores=state.available_scores())
+    state.metrics.policy_reloads.labels("ok" if result.ok else "failed").inc()
     if result.ok:
         if result.changed:
             state.metrics.policy_info.clear()

@@ -127,6 +127,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
             response, upstream_time = await _passthrough(request, state, out, request_id)
         else:
             response, upstream_time = await _inference(request, state, match, out, request_id, started)
+    except BadBody as exc:
+        out.rule = "invalid-input"
+        response = _reject(state, out, 400, "invalid_input", str(exc), request_id)
     except SlowClient:
         response = _reject(state, out, 408, "request_timeout", "the request body was not received in time",
                            request_id, {"Connection": "close"})
@@ -168,8 +171,16 @@ class SlowClient(Exception):
     """The client did not send its body within the read timeout."""
 
 
+class BadBody(Exception):
+    """The body cannot be read as sent (bad framing, or an encoding the guard will not decode)."""
+
+
 async def _read_body(request: web.Request, limit: int, timeout: float) -> bytes | None:
     """The whole body, or None when it exceeds ``limit`` (checked before and while reading)."""
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        # aiohttp would decompress it; the guard refuses instead of scoring bytes other than those forwarded
+        raise BadBody(f"unsupported Content-Encoding {encoding[:32]!r}: send an uncompressed body")
     if request.content_length is not None and request.content_length > limit:
         return None
     chunks: list[bytes] = []
@@ -183,17 +194,21 @@ async def _read_body(request: web.Request, limit: int, timeout: float) -> bytes 
                 chunks.append(chunk)
     except TimeoutError as exc:
         raise SlowClient from exc
+    except aiohttp.web_protocol.RequestPayloadError as exc:
+        raise BadBody("the request body could not be read (malformed framing)") from exc
     return b"".join(chunks)
 
 
 async def _call_upstream(state: GuardState, request: web.Request, body: bytes | None,
-                         request_id: str) -> aiohttp.ClientResponse:
+                         request_id: str, *, readable: bool = False) -> aiohttp.ClientResponse:
+    """Forward to the model; ``readable`` asks for an uncompressed answer the guard can parse and harden."""
     assert state.client is not None
     url = state.settings.upstream.rstrip("/") + request.raw_path
-    return await state.client.request(
-        request.method, url, data=body, allow_redirects=False, auto_decompress=False,
-        headers=_upstream_headers(request.headers, request.remote, request_id),
-    )
+    headers = _upstream_headers(request.headers, request.remote, request_id)
+    if readable:
+        headers["Accept-Encoding"] = "identity"
+    return await state.client.request(request.method, url, data=body, allow_redirects=False,
+                                      auto_decompress=False, headers=headers)
 
 
 def _upstream_failure(state: GuardState, out: _Outcome, exc: BaseException, request_id: str) -> web.Response:
@@ -313,7 +328,7 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
 
     t0 = time.perf_counter()
     try:
-        upstream = await _call_upstream(state, request, body, request_id)
+        upstream = await _call_upstream(state, request, body, request_id, readable=True)
         async with upstream:
             payload = await upstream.read()
             status, reason, headers = upstream.status, upstream.reason, upstream.headers
