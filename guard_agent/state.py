@@ -40,10 +40,13 @@ class TrackerHook:
 
     score_names: frozenset[str] = frozenset()
 
-    def peek(self, session: str, record: Any, now: float) -> Mapping[str, float]:
+    def peek(self, session: str, record: Any, features: Any, model: str | None, now: float) -> Mapping[str, float]:
+        """The session's scores before this request, plus scores of this request against all sessions."""
         return {}
 
-    def update(self, session: str, record: Any, features: Any, response: Any, now: float) -> Mapping[str, float]:
+    def update(self, session: str, record: Any, features: Any, model: str | None, response: Any, now: float,
+               scores: Mapping[str, float]) -> Mapping[str, float]:
+        """Learn from the request and the model's answer; returns the session's new scores."""
         return {}
 
 

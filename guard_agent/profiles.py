@@ -1,0 +1,131 @@
+"""The profile store: load detector profiles, score requests with them, hot-reload like the policy.
+
+``GUARD_PROFILE`` is one profile directory (``profile.json`` inside), or a
+directory of per-model profiles (``<model>/profile.json``). A changed profile is
+loaded and verified (schema, sha256 of every array) before it replaces the
+active one; a broken one is rejected, logged and counted, and the last good
+profile stays. Every decision event carries the active profile revision.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from detectors import Profile, ProfileError, load_profile
+from guard_agent.scoring import ScoringContext
+
+if TYPE_CHECKING:
+    from guard_agent.state import GuardState
+
+__all__ = ["ProfileStore"]
+
+_ANY_MODEL = ""
+
+
+def _identity(path: Path) -> tuple[int, int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class ProfileStore:
+    """Implements the ``ProfileSource`` seam of ``guard_agent.state``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+        self.profiles: dict[str, Profile] = {}
+        self._identities: dict[Path, tuple[int, int, int, int] | None] = {}
+        self._load()  # the first load must succeed
+
+    def _profile_files(self) -> dict[str, Path]:
+        single = self.path / "profile.json"
+        if single.exists():
+            return {_ANY_MODEL: self.path}
+        found = {d.name: d for d in sorted(self.path.iterdir()) if (d / "profile.json").exists()} \
+            if self.path.is_dir() else {}
+        if not found:
+            raise ProfileError(f"{self.path}: no profile.json here nor in any <model>/ subdirectory")
+        return found
+
+    def _watched(self) -> dict[Path, tuple[int, int, int, int] | None]:
+        files = [self.path / "profile.json"]
+        if self.path.is_dir():
+            files += [d / "profile.json" for d in self.path.iterdir() if d.is_dir()]
+        return {f: _identity(f) for f in files}
+
+    def _load(self) -> None:
+        identities = self._watched()
+        loaded = {model: load_profile(directory) for model, directory in self._profile_files().items()}
+        self.profiles = loaded
+        self._identities = identities
+
+    @property
+    def revision(self) -> str | None:
+        if not self.profiles:
+            return None
+        if set(self.profiles) == {_ANY_MODEL}:
+            return self.profiles[_ANY_MODEL].revision
+        joined = ";".join(f"{m}:{p.revision}" for m, p in sorted(self.profiles.items()))
+        return hashlib.sha256(joined.encode()).hexdigest()
+
+    @property
+    def score_names(self) -> frozenset[str]:
+        names: set[str] = set()
+        for profile in self.profiles.values():
+            names |= set(profile.score_names)
+        return frozenset(names)
+
+    def profile_for(self, model: str | None) -> Profile | None:
+        if _ANY_MODEL in self.profiles:
+            return self.profiles[_ANY_MODEL]
+        if model is not None and model in self.profiles:
+            return self.profiles[model]
+        if model is None and len(self.profiles) == 1:
+            return next(iter(self.profiles.values()))
+        return None
+
+    def expected_features(self, model: str | None) -> int | None:
+        profile = self.profile_for(model)
+        return None if profile is None else profile.n_features
+
+    def score(self, ctx: ScoringContext) -> Mapping[str, float]:
+        """Calibrated scores, the maximum over the batch's rows (the most anomalous row decides)."""
+        profile = self.profile_for(ctx.model)
+        if profile is None:
+            return {}
+        return {name: float(np.max(values)) for name, values in profile.score(ctx.features).items()}
+
+    def component(self, name: str, model: str | None = None) -> tuple[Mapping[str, Any], Mapping[str, Any]] | None:
+        profile = self.profile_for(model)
+        if profile is None:
+            return None
+        return profile.components.get(name)
+
+    def maybe_reload(self, state: GuardState) -> None:
+        """Called by the watcher: reload when any profile.json changed identity."""
+        if self._watched() == self._identities:
+            return
+        from guard_agent.admin import reload_policy
+
+        before = self.revision
+        try:
+            self._load()
+        except (ProfileError, OSError, ValueError) as exc:
+            self._identities = self._watched()  # do not retry until the files change again
+            state.metrics.profile_reloads.labels("failed").inc()
+            state.events.log("error", "profile rejected, the last good profile stays active",
+                             ecs_event={"outcome": "failure"}, guard={"profile_revision": before},
+                             error={"message": str(exc)})
+            return
+        state.metrics.profile_reloads.labels("ok").inc()
+        state.events.log("info", "profile reloaded", guard={"profile_revision": self.revision,
+                                                            "previous_revision": before})
+        reload_policy(state, "profile")  # the set of available scores may have changed

@@ -1,0 +1,81 @@
+"""Session tracking in the guard: runs the ``detectors.trackers`` engines on session records.
+
+The tracker configuration comes from the profile (component ``trackers``, fitted
+on the reference data by ``guard-agent fit``); without one, a default
+configuration per feature count is used (documented as weaker). The decision for
+query n sees the session as of query n-1 (``peek``) plus this query's match
+against the global fingerprint index (queries from every session); the session
+state learns query n after the model answered (``update``), when the predicted
+class and probabilities are known.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from detectors.trackers import GlobalFingerprintIndex, SessionTrackers, TrackerConfig
+from guard_agent.sessions.base import SessionRecord
+
+__all__ = ["SessionTracking"]
+
+GLOBAL = "session.global_fingerprint"
+
+
+class SessionTracking:
+    """Implements the ``TrackerHook`` seam of ``guard_agent.state``."""
+
+    def __init__(self, configs: Mapping[str, TrackerConfig], *, salt: bytes,
+                 global_index: GlobalFingerprintIndex | None = None) -> None:
+        self._salt = salt
+        self._engines: dict[str, SessionTrackers] = {k: SessionTrackers(c, salt=salt) for k, c in configs.items()}
+        self._defaults: dict[int, SessionTrackers] = {}
+        self.global_index = global_index or GlobalFingerprintIndex()
+        self.score_names = frozenset(SessionTrackers.score_names | {GLOBAL})
+
+    @classmethod
+    def from_profile(cls, profile: Any, *, salt: bytes) -> SessionTracking:
+        configs: dict[str, TrackerConfig] = {}
+        for model, p in (getattr(profile, "profiles", None) or {}).items():
+            part = p.components.get("trackers")
+            if part is not None:
+                configs[model] = TrackerConfig.from_parts(*part)
+        return cls(configs, salt=salt)
+
+    def engine(self, model: str | None, n_features: int) -> SessionTrackers:
+        """The engine for this model: its profile's config, else a default one for the feature count."""
+        engine = self._engines.get("") or self._engines.get(model or "")
+        if engine is not None and engine.config.n_features == n_features:
+            return engine
+        if n_features not in self._defaults:
+            self._defaults[n_features] = SessionTrackers(TrackerConfig.default(n_features), salt=self._salt)
+        return self._defaults[n_features]
+
+    def _state(self, record: SessionRecord, engine: SessionTrackers) -> Any:
+        held = record.tracker_state  # (layout id, state): a state of another config is never reused
+        if held is None or held[0] != engine.config.layout_id:
+            return engine.new_state()
+        return held[1]
+
+    def peek(self, session: str, record: SessionRecord, features: np.ndarray, model: str | None,
+             now: float) -> Mapping[str, float]:
+        engine = self.engine(model, features.shape[1])
+        scores = dict(engine.peek(self._state(record, engine), now))
+        scores[GLOBAL] = float(self.global_index.observe(session, engine.fingerprints(features), now))
+        return scores
+
+    def update(self, session: str, record: SessionRecord, features: np.ndarray, model: str | None,
+               response: Any, now: float, scores: Mapping[str, float]) -> Mapping[str, float]:
+        engine = self.engine(model, features.shape[1])
+        labels = getattr(response, "labels", None)
+        probabilities = getattr(response, "probabilities", None)
+        if labels is not None and len(labels) != features.shape[0]:
+            labels = None
+        if probabilities is not None and probabilities.shape[0] != features.shape[0]:
+            probabilities = None
+        state, new_scores = engine.update(self._state(record, engine), features, labels, probabilities, now,
+                                          global_fingerprint=scores.get(GLOBAL))
+        record.tracker_state = (engine.config.layout_id, state)
+        return new_scores
