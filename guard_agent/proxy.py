@@ -292,7 +292,7 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
         state.metrics.scoring_failures.labels(failure).inc()
 
     record = await state.sessions.get(identity.session, now)
-    scores.update(state.trackers.peek(identity.session, record, parsed.features, match.model, now))
+    scores.update(await state.trackers.peek(identity.session, record, parsed.features, match.model, now))
     rate_limited, retry_after = False, 0.0
     if eff.rate_limit is not None:
         record.bucket, allowed, retry_after = take(record.bucket, now, rate=eff.rate_limit.rate,
@@ -340,8 +340,8 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
 
     if 200 <= status < 300:
         answered = parse_response(parsed.protocol, payload, parsed.rows)
-        tracker_scores = state.trackers.update(identity.session, record, parsed.features, match.model, answered,
-                                               now, scores)
+        tracker_scores = await state.trackers.update(identity.session, record, parsed.features, match.model,
+                                                     answered, now, scores)
         if tracker_scores:
             record.scores = dict(tracker_scores)
         if decision.action == "harden" and decision.enforced and decision.hardening is not None:

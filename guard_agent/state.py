@@ -40,14 +40,23 @@ class TrackerHook:
 
     score_names: frozenset[str] = frozenset()
 
-    def peek(self, session: str, record: Any, features: Any, model: str | None, now: float) -> Mapping[str, float]:
+    async def peek(self, session: str, record: Any, features: Any, model: str | None,
+                   now: float) -> Mapping[str, float]:
         """The session's scores before this request, plus scores of this request against all sessions."""
         return {}
 
-    def update(self, session: str, record: Any, features: Any, model: str | None, response: Any, now: float,
-               scores: Mapping[str, float]) -> Mapping[str, float]:
+    async def update(self, session: str, record: Any, features: Any, model: str | None, response: Any, now: float,
+                     scores: Mapping[str, float]) -> Mapping[str, float]:
         """Learn from the request and the model's answer; returns the session's new scores."""
         return {}
+
+    def encode_state(self, held: Any) -> bytes | None:
+        """Tracker state to bytes for a shared store (None = nothing to store)."""
+        return None
+
+    def decode_state(self, data: bytes) -> Any:
+        """Bytes from a shared store back to tracker state; raises ValueError on garbage."""
+        raise ValueError("no session trackers configured")
 
 
 @dataclass

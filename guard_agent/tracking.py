@@ -59,14 +59,44 @@ class SessionTracking:
             return engine.new_state()
         return held[1]
 
-    def peek(self, session: str, record: SessionRecord, features: np.ndarray, model: str | None,
+    async def peek(self, session: str, record: SessionRecord, features: np.ndarray, model: str | None,
              now: float) -> Mapping[str, float]:
         engine = self.engine(model, features.shape[1])
         scores = dict(engine.peek(self._state(record, engine), now))
-        scores[GLOBAL] = float(self.global_index.observe(session, engine.fingerprints(features), now))
+        scores[GLOBAL] = await self.observe_global(session, engine.fingerprints(features), now)
         return scores
 
-    def update(self, session: str, record: SessionRecord, features: np.ndarray, model: str | None,
+    async def observe_global(self, session: str, fingerprints: np.ndarray, now: float) -> float:
+        """This query against earlier queries of every session (a shared store may override this)."""
+        return float(self.global_index.observe(session, fingerprints, now))
+
+    def _engine_by_layout(self, layout: int) -> SessionTrackers | None:
+        for engine in (*self._engines.values(), *self._defaults.values()):
+            if engine.config.layout_id == layout:
+                return engine
+        return None
+
+    def encode_state(self, held: Any) -> bytes | None:
+        """``(layout id, state)`` as 8 bytes of layout id + the engine's compact encoding."""
+        if held is None:
+            return None
+        layout, state = held
+        engine = self._engine_by_layout(layout)
+        if engine is None:
+            return None
+        return int(layout).to_bytes(8, "little") + engine.encode(state)
+
+    def decode_state(self, data: bytes) -> Any:
+        """Inverse of ``encode_state``; ValueError for garbage or a layout this process does not know."""
+        if len(data) < 8:
+            raise ValueError("tracker state too short")
+        layout = int.from_bytes(data[:8], "little")
+        engine = self._engine_by_layout(layout)
+        if engine is None:
+            raise ValueError("tracker state of an unknown layout")
+        return (layout, engine.decode(data[8:]))
+
+    async def update(self, session: str, record: SessionRecord, features: np.ndarray, model: str | None,
                response: Any, now: float, scores: Mapping[str, float]) -> Mapping[str, float]:
         engine = self.engine(model, features.shape[1])
         labels = getattr(response, "labels", None)
