@@ -10,7 +10,7 @@ from typing import Any, ClassVar, Self
 import numpy as np
 import numpy.typing as npt
 
-from ._validation import Float32Array, FloatArray, as_rows, as_rows32
+from ._validation import Float32Array, FloatArray, as_rows, as_rows32, finite_scores
 
 State = tuple[dict[str, Any], dict[str, np.ndarray]]
 
@@ -80,7 +80,9 @@ class BaseDetector:
     def score_samples(self, X: npt.ArrayLike) -> FloatArray:
         """Raw anomaly score per row; higher = more anomalous. Rejects NaN/Inf and a wrong feature count."""
         self._check_fitted()
-        return self._score(as_rows32(X, n_features=self.n_features_in_))
+        X32 = as_rows32(X, n_features=self.n_features_in_)
+        with np.errstate(over="ignore", invalid="ignore"):
+            return finite_scores(self._score(X32))
 
     def infer_threshold(self, X_val: npt.ArrayLike, fpr: float) -> float:
         """Keep held-out in-distribution scores for p-values and return the threshold at the target FPR."""

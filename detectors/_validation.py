@@ -7,6 +7,7 @@ import numpy.typing as npt
 
 FloatArray = npt.NDArray[np.float64]
 Float32Array = npt.NDArray[np.float32]
+_NEGLIGIBLE = 1e-30
 
 
 def as_rows(X: npt.ArrayLike, *, n_features: int | None = None, name: str = "X") -> FloatArray:
@@ -57,14 +58,19 @@ def as_rows32(X: npt.ArrayLike, *, n_features: int, name: str = "X") -> Float32A
 
 
 def safe_scale(values: FloatArray) -> FloatArray:
-    """Per-feature scale with zero (constant features) replaced: relative floor, then 1.0 if everything is
-    constant.
+    """Per-feature scale with zero (constant features) replaced: relative floor, then 1.0 if all constant.
 
-    Keeps standardisation finite on constant features without letting a near-constant feature explode
-    distances.
+    Scales below 1e-3 of the root-mean-square scale are raised to it, so a near-constant feature cannot
+    explode distances; scales below 1e-30 count as zero, so 1/scale always fits in float32.
     """
     values = np.abs(np.asarray(values, dtype=np.float64))
-    positive = values[values > 0]
+    positive = values[values > _NEGLIGIBLE]
     floor = 1e-3 * float(np.sqrt(np.mean(positive**2))) if positive.size else 1.0
-    fill = max(floor, float(np.finfo(np.float32).tiny))
-    return np.asarray(np.where(values > floor, values, fill), dtype=np.float64)
+    return np.asarray(np.where(values > floor, values, max(floor, _NEGLIGIBLE)), dtype=np.float64)
+
+
+def finite_scores(scores: FloatArray) -> FloatArray:
+    """Map overflowed scores (inf, or NaN from inf - inf) to the largest float: they are maximally
+    anomalous."""
+    big = float(np.finfo(np.float64).max)
+    return np.nan_to_num(scores, nan=big, posinf=big, neginf=0.0)

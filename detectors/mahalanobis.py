@@ -10,7 +10,7 @@ import numpy.typing as npt
 from sklearn.covariance import LedoitWolf
 
 from ._base import BaseDetector, require_array, require_param
-from ._validation import Float32Array, FloatArray
+from ._validation import Float32Array, FloatArray, safe_scale
 
 
 def n_components_for(eigvals_desc: FloatArray, n_components: int | float | None) -> int:
@@ -38,7 +38,8 @@ class Mahalanobis(BaseDetector):
 
     With labels the covariance is the pooled within-class one (Lee et al., NeurIPS 2018); the score is the
     minimum over classes. Ledoit-Wolf shrinkage keeps the covariance invertible for few rows or collinear
-    features; eigenvalues below 1e-9 of the largest are floored (all-constant data falls back to Euclidean).
+    features; features are standardised first and eigenvalues are floored at 1e-9 of the largest (and at 1e-9
+    absolute), so constant features and constant data stay finite: any deviation from a constant is far.
     `n_components` keeps only the leading principal directions (PCA whitening); None keeps all.
     """
 
@@ -49,6 +50,9 @@ class Mahalanobis(BaseDetector):
         self.use_labels = use_labels
 
     def _fit(self, X: FloatArray, y: npt.NDArray[Any] | None) -> None:
+        # standardising first leaves the distance unchanged (affine invariance) but conditions the covariance
+        scale = safe_scale(X.std(axis=0))
+        X = X / scale
         if y is not None and self.use_labels:
             classes, inverse = np.unique(y, return_inverse=True)
             means = np.stack([X[inverse == c].mean(axis=0) for c in range(classes.size)])
@@ -65,10 +69,10 @@ class Mahalanobis(BaseDetector):
         eigvals, eigvecs = np.clip(eigvals[order], 0.0, None), eigvecs[:, order]
         k = n_components_for(eigvals, self.n_components)
         top = float(eigvals[0])
-        floor = 1e-9 * top if top > 0 else 1.0
-        whiten = eigvecs[:, :k] / np.sqrt(np.maximum(eigvals[:k], floor))
+        floor = max(1e-9 * top, 1e-9)  # standardised units: a non-constant feature has variance 1
+        whiten = eigvecs[:, :k] / np.sqrt(np.maximum(eigvals[:k], floor)) / scale[:, None]
         self.whiten_ = whiten.astype(np.float32)
-        self.class_centers_ = (means @ whiten).astype(np.float32)
+        self.class_centers_ = (means @ (whiten * scale[:, None])).astype(np.float32)
         self.n_components_ = k
 
     def _score(self, X: Float32Array) -> FloatArray:
