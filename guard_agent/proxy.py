@@ -285,7 +285,8 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
         return _reject(state, out, 400, "invalid_input", str(exc), request_id), 0.0
 
     ctx = ScoringContext(features=parsed.features, row_shape=parsed.row_shape, model=match.model,
-                         protocol=parsed.protocol, body=body, policy=eff, extra={"request": request})
+                         protocol=parsed.protocol, body=body, policy=eff,
+                         extra={"request": request, "parsed": parsed})
     scores, failure = await run_scorers(ctx, (_declared_scorer, state.profile.score),
                                         state.async_scorers if eff.squeeze.enabled else ())
     if failure is not None:
