@@ -10,6 +10,7 @@ import hmac
 
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from guard_agent.state import STATE, GuardState
@@ -65,7 +66,7 @@ def reload_policy(state: GuardState, trigger: str) -> tuple[bool, str | None]:
 
 
 @web.middleware
-async def _require_token(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+async def _require_token(request: web.Request, handler: Handler) -> web.StreamResponse:
     if not request.path.startswith("/admin/"):
         return await handler(request)
     token = request.app[STATE].settings.admin_token

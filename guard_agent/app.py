@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from guard_agent.admin import make_admin_app, reload_policy
 from guard_agent.events import EventLogger, EventSink, StreamSink
@@ -23,7 +24,7 @@ from guard_agent.sessions.memory import MemorySessionStore
 from guard_agent.settings import Settings
 from guard_agent.state import STATE, GuardState
 
-__all__ = ["build_state", "make_app", "make_admin_app"]
+__all__ = ["build_state", "make_admin_app", "make_app"]
 
 
 def build_state(settings: Settings, *, sink: EventSink | None = None) -> GuardState:
@@ -93,7 +94,7 @@ def _async_scorers(state: GuardState):  # type: ignore[no-untyped-def]
 
 
 @web.middleware
-async def _header_limit(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+async def _header_limit(request: web.Request, handler: Handler) -> web.StreamResponse:
     limit = request.app[STATE].settings.max_header_bytes
     size = sum(len(k) + len(v) + 4 for k, v in request.raw_headers)
     if size > limit:
@@ -124,7 +125,7 @@ async def _upstream_prober(app: web.Application) -> AsyncIterator[None]:
     async def probe_once() -> None:
         try:
             _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), state.settings.connect_timeout)
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             state.upstream_ok = False
             return
         state.upstream_ok = True

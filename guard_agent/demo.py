@@ -29,7 +29,7 @@ from aiohttp import web
 from guard_agent.events import CallbackSink
 from guard_agent.settings import Settings
 
-__all__ = ["run_demo", "DigitsModel", "make_model_app", "free_port"]
+__all__ = ["DigitsModel", "free_port", "make_model_app", "run_demo"]
 
 MODEL = "digits"
 

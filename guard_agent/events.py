@@ -16,14 +16,14 @@ import random
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from datetime import UTC, datetime
 from typing import IO, Any, Protocol
 
 import orjson
 import structlog
 
-__all__ = ["EventSink", "StreamSink", "EventLogger", "CallbackSink", "ALERT_ACTIONS", "build_decision_event"]
+__all__ = ["ALERT_ACTIONS", "CallbackSink", "EventLogger", "EventSink", "StreamSink", "build_decision_event"]
 
 ALERT_ACTIONS = frozenset({"flag", "harden", "throttle", "block", "integrity_violation"})
 
@@ -104,7 +104,7 @@ class CallbackSink:
         return None
 
 
-def _rename_keys(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def _rename_keys(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     event_dict["message"] = event_dict.pop("event")
     ecs_event = event_dict.pop("ecs_event", None)
     if ecs_event is not None:
@@ -112,7 +112,7 @@ def _rename_keys(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
     return event_dict
 
 
-def _timestamp_and_level(_: Any, method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def _timestamp_and_level(_: Any, method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     now = datetime.now(UTC)
     event_dict["@timestamp"] = now.isoformat(timespec="microseconds").replace("+00:00", "Z")
     event_dict.setdefault("log", {})["level"] = method

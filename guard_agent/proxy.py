@@ -39,7 +39,7 @@ from guard_agent.routes import RouteMatch
 from guard_agent.scoring import InputSchemaError, ScoringContext, check_input, declared_schema_score, run_scorers
 from guard_agent.state import STATE, GuardState
 
-__all__ = ["handle", "error_response", "HOP_BY_HOP"]
+__all__ = ["HOP_BY_HOP", "error_response", "handle"]
 
 HOP_BY_HOP = frozenset(h.lower() for h in (
     "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer", "Trailers",
@@ -89,8 +89,20 @@ def _client_headers(headers: Mapping[str, str], request_id: str) -> CIMultiDict[
 class _Outcome:
     """Collects what one request did, for the single decision event at the end."""
 
-    __slots__ = ("action", "fields", "model", "outcome", "rows", "rule", "scores", "session", "source_ip",
-                 "status", "technique", "enforced")
+    __slots__ = (
+        "action",
+        "enforced",
+        "fields",
+        "model",
+        "outcome",
+        "rows",
+        "rule",
+        "scores",
+        "session",
+        "source_ip",
+        "status",
+        "technique",
+    )
 
     def __init__(self) -> None:
         self.action = "allow"
@@ -234,7 +246,7 @@ async def _passthrough(request: web.Request, state: GuardState, out: _Outcome,
     t0 = time.perf_counter()
     try:
         upstream = await _call_upstream(state, request, body, request_id)
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientError) as exc:
         return _upstream_failure(state, out, exc, request_id), time.perf_counter() - t0
     async with upstream:
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
@@ -246,7 +258,7 @@ async def _passthrough(request: web.Request, state: GuardState, out: _Outcome,
             async for chunk in upstream.content.iter_chunked(65536):
                 await response.write(chunk)
             await response.write_eof()
-        except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionResetError) as exc:
+        except (TimeoutError, aiohttp.ClientError, ConnectionResetError) as exc:
             state.metrics.upstream_errors.labels(type(exc).__name__).inc()
             out.outcome = "failure"
             if request.transport is not None:  # the client must not take a truncated body for a whole one
@@ -333,7 +345,7 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
         async with upstream:
             payload = await upstream.read()
             status, reason, headers = upstream.status, upstream.reason, upstream.headers
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientError) as exc:
         await state.sessions.put(identity.session, record, now)
         return _upstream_failure(state, out, exc, request_id), time.perf_counter() - t0
     upstream_time = time.perf_counter() - t0

@@ -16,10 +16,7 @@ class Bucket:
 def take(bucket: Bucket | None, now: float, *, rate: float, burst: float,
          cost: float = 1.0) -> tuple[Bucket, bool, float]:
     """Spend ``cost`` tokens; return (new bucket, allowed, seconds until allowed)."""
-    if bucket is None:
-        tokens = burst
-    else:
-        tokens = min(burst, bucket.tokens + max(0.0, now - bucket.updated) * rate)
+    tokens = burst if bucket is None else min(burst, bucket.tokens + max(0.0, now - bucket.updated) * rate)
     if tokens >= cost:
         return Bucket(tokens - cost, now), True, 0.0
     return Bucket(tokens, now), False, (cost - tokens) / rate

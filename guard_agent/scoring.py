@@ -19,8 +19,15 @@ import numpy as np
 
 from guard_agent.policy.model import EffectivePolicy, InputSchema
 
-__all__ = ["ScoringContext", "SyncScorer", "AsyncScorer", "InputSchemaError", "check_input", "run_scorers",
-           "declared_schema_score"]
+__all__ = [
+    "AsyncScorer",
+    "InputSchemaError",
+    "ScoringContext",
+    "SyncScorer",
+    "check_input",
+    "declared_schema_score",
+    "run_scorers",
+]
 
 
 class InputSchemaError(ValueError):
@@ -98,7 +105,7 @@ async def run_scorers(
     for scorer in sync_scorers:
         try:
             merge(scorer(ctx))
-        except Exception:  # noqa: BLE001 - any scorer failure is a policy decision, not a crash
+        except Exception:
             failure = "error"
     if async_scorers:
         budget = ctx.policy.failure.budget_ms / 1000.0

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["ConfigError", "CustomRoute", "AllowedRoute", "Settings", "load_settings", "parse_hostport"]
+__all__ = ["AllowedRoute", "ConfigError", "CustomRoute", "Settings", "load_settings", "parse_hostport"]
 
 
 class ConfigError(ValueError):

@@ -19,7 +19,7 @@ from guard_agent.scoring import ScoringContext
 from guard_agent.sessions.base import SessionStore
 from guard_agent.settings import Settings
 
-__all__ = ["GuardState", "STATE", "ProfileSource", "TrackerHook"]
+__all__ = ["STATE", "GuardState", "ProfileSource", "TrackerHook"]
 
 
 class ProfileSource:

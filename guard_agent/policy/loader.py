@@ -37,7 +37,7 @@ from guard_agent.policy.model import (
     SqueezeSettings,
 )
 
-__all__ = ["PolicyError", "LoadedPolicy", "load_policy_file", "parse_policy", "resolve_policy_path"]
+__all__ = ["LoadedPolicy", "PolicyError", "load_policy_file", "parse_policy", "resolve_policy_path"]
 
 Path_ = tuple[str | int, ...]
 

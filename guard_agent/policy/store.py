@@ -65,8 +65,7 @@ class PolicyStore:
             return parse_policy(self._text, source=DEFAULT_POLICY_SOURCE, available_scores=self.available_scores)
         target = resolve_policy_path(self.path)
         self._identity = _identity(target)
-        loaded = load_policy_file(target, available_scores=self.available_scores)
-        return loaded
+        return load_policy_file(target, available_scores=self.available_scores)
 
     def changed_on_disk(self) -> bool:
         """Cheap check for the watcher: has the file behind the path changed identity?"""

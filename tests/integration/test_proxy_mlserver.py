@@ -48,7 +48,6 @@ class TestPassthrough:
     async def test_exact_bytes_reach_the_model(self, start_guard, aiohttp_server) -> None:  # type: ignore[no-untyped-def]
         """The upstream receives exactly the bytes that were scored (odd spacing and key order kept)."""
         from aiohttp import web
-
         from multidict import CIMultiDict
 
         seen: list[tuple[bytes, CIMultiDict[str]]] = []
@@ -168,7 +167,8 @@ class TestUpstreamFaults:
         from tests.conftest import free_port
 
         guard = await start_guard(f"http://127.0.0.1:{free_port()}", wait_ready=False)
-        async with aiohttp.ClientSession() as http, http.post(guard.url + INFER, data=v2_body(np.ones(4)), headers=JSON) as resp:
+        async with aiohttp.ClientSession() as http, http.post(guard.url + INFER, data=v2_body(np.ones(4)),
+                                                              headers=JSON) as resp:
             assert resp.status == 502
             assert (await resp.json())["error"]["code"] == "upstream_unavailable"
 
@@ -188,7 +188,8 @@ class TestUpstreamFaults:
         server = await aiohttp_server(app)
         guard = await start_guard(f"http://127.0.0.1:{server.port}", read_timeout=0.3)
         t0 = time.monotonic()
-        async with aiohttp.ClientSession() as http, http.post(guard.url + INFER, data=v2_body(np.ones(4)), headers=JSON) as resp:
+        async with aiohttp.ClientSession() as http, http.post(guard.url + INFER, data=v2_body(np.ones(4)),
+                                                              headers=JSON) as resp:
             assert resp.status == 504
         assert time.monotonic() - t0 < 2.0
 
