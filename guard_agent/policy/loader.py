@@ -77,6 +77,7 @@ class _Doc:
         self.source = source
         self.lines: dict[Path_, int] = {}
         self._constructor = yaml.SafeLoader("")
+        self._seen: set[int] = set()
         try:
             node = yaml.compose(text, Loader=yaml.SafeLoader)
         except yaml.YAMLError as exc:
@@ -89,6 +90,9 @@ class _Doc:
 
     def _build(self, node: yaml.Node, path: Path_) -> Any:
         self.lines[path] = node.start_mark.line + 1
+        if id(node) in self._seen:  # an alias: refuse, so a small file cannot expand exponentially
+            raise self.error(path, "YAML anchors and aliases are not supported in policies")
+        self._seen.add(id(node))
         if isinstance(node, yaml.MappingNode):
             out: dict[str, Any] = {}
             for key_node, value_node in node.value:
@@ -131,6 +135,8 @@ class _Reader:
     def number(self, value: Any, path: Path_, *, minimum: float | None = None, integer: bool = False) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise self.doc.error(path, f"expected a number, got {value!r}")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise self.doc.error(path, f"expected a finite number, got {value!r}")
         if integer and not isinstance(value, int):
             raise self.doc.error(path, f"expected an integer, got {value!r}")
         if minimum is not None and value < minimum:
