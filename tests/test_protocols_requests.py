@@ -40,6 +40,10 @@ class TestJsonRules:
              "duplicate key"),
             (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1],'
              b' "parameters": {"a": {"b": 1, "\\u0062": 2}}}]}', "duplicate key"),
+            (b'{"inputs": [{"name": "a:b", "shape": [1], "datatype": "FP32", "data": [1], "name": "c"}]}',
+             "duplicate key"),
+            (b'{"id": {"k": ":::"}, "inputs": [], "id": "x"}', "duplicate key"),
+            (b'{"inputs": [], "inputs": [], "id": "\\u0061"}', "duplicate key"),
             (b"[1, 2]", "object at the top level"),
             (b'"x"', "object at the top level"),
             (b"1" * 5000, "number literal too long"),
