@@ -77,13 +77,18 @@ def _unknown_keys(obj: dict[str, Any], allowed: frozenset[str], where: str) -> N
         raise ProtocolError(f"{where}: unknown field (allowed: {', '.join(sorted(allowed))})")
 
 
-def _shape(value: Any, where: str) -> tuple[int, ...]:
+def _shape(value: Any, where: str, limits: ParseLimits) -> tuple[int, ...]:
     if type(value) is not list or not value:
         raise ProtocolError(f"{where}.shape must be a non-empty list of integers (the first is the batch)")
     if len(value) > _MAX_DIMS:
         raise ProtocolError(f"{where}.shape has more than {_MAX_DIMS} dimensions")
     if any(type(d) is not int or d < 0 for d in value):
         raise ProtocolError(f"{where}.shape must hold non-negative integers")
+    if value[0] > limits.max_rows:
+        raise ProtocolError(f"too many rows: {value[0]} > {limits.max_rows}")
+    # Bound every dimension, zero-sized ones included: numpy refuses shapes whose extent overflows.
+    if math.prod(max(d, 1) for d in value) > limits.max_rows * limits.max_features:
+        raise ProtocolError(f"{where}.shape is too large")
     return tuple(value)
 
 
@@ -141,10 +146,10 @@ def _split_binary(
 
 
 def _tensor(
-    inp: dict[str, Any], where: str, binary: memoryview | None, offset: int
+    inp: dict[str, Any], where: str, binary: memoryview | None, offset: int, limits: ParseLimits
 ) -> tuple[np.ndarray, int]:
     """Decode one input to an array shaped like its declared shape; returns the new binary offset."""
-    shape = _shape(inp.get("shape"), where)
+    shape = _shape(inp.get("shape"), where, limits)
     datatype = inp.get("datatype")
     if type(datatype) is not str:
         raise ProtocolError(f"{where}.datatype must be a string")
@@ -212,9 +217,7 @@ def parse_v2(
             raise ProtocolError(f"{where}.name must be a string")
         if name in names:
             raise ProtocolError(f"{where}: duplicate input name")
-        arr, offset = _tensor(inp, where, binary, offset)
-        if arr.shape[0] > limits.max_rows:
-            raise ProtocolError(f"too many rows: {arr.shape[0]} > {limits.max_rows}")
+        arr, offset = _tensor(inp, where, binary, offset, limits)
         names.append(name)
         parts.append(arr)
     if binary is not None and offset != len(binary):
