@@ -215,6 +215,8 @@ class TestV2:
             (v2(tensor([1], [1, 1]), outputs=[{"name": "p", "parameters": {"binary_data": True}}]),
              "binary output"),
             (v2(tensor([1], [1, 1]), parameters={"binary_data_output": True}), "binary output"),
+            (v2(tensor([1], [1, 1]), outputs=[{"name": "p", "parameters": {"classification": 3}}]),
+             "classification extension"),
             (v2(tensor([1], [1, 1]), outputs=[{"nom": "p"}]), "outputs\\[0\\].name"),
             (v2(tensor([1], [1, 1]), id=5), "id must be a string"),
             (v2({**tensor(None, [1, 4]), "data": None, "parameters": {"binary_data_size": 16}}),

@@ -20,7 +20,9 @@ Binary tensor extension (Triton): the ``Inference-Header-Content-Length: N`` hea
 bytes are the JSON header; each input with ``parameters.binary_data_size`` then takes that many raw
 little-endian bytes, in input order, from the rest of the body, which must be consumed exactly.
 Requests for *binary outputs* (``outputs[].parameters.binary_data`` or
-``parameters.binary_data_output``) are refused: the guard must be able to read and harden the answer.
+``parameters.binary_data_output``) and for Triton's classification extension
+(``outputs[].parameters.classification``, answered as strings) are refused: the guard must be able to
+read and harden the answer.
 
 Stricter than the spec on purpose: unknown fields at the top level or in an input, duplicate input
 names, and integer datatypes carrying non-integer or out-of-range values are refused.
@@ -127,6 +129,9 @@ def _requested_outputs(doc: dict[str, Any]) -> tuple[str, ...]:
         out_params = _object(out.get("parameters", {}), f"outputs[{i}].parameters")
         if out_params.get("binary_data") is True:
             raise ProtocolError("binary output tensors are not supported: request JSON outputs")
+        if "classification" in out_params:
+            # Triton answers with "score:index" strings, which hardening could not rewrite.
+            raise ProtocolError("the classification extension is not supported: request the raw output")
         names.append(out["name"])
     return tuple(names)
 
