@@ -35,24 +35,63 @@ def conformal_threshold(sorted_scores: FloatArray, fpr: float) -> float:
     return float(sorted_scores[max(k, 1) - 1])
 
 
-def conformal_p_values(sorted_cal: FloatArray, scores: npt.ArrayLike) -> FloatArray:
-    """p = (1 + #{calibration >= s}) / (n + 1): a valid p-value for an exchangeable new score, never 0."""
+P_FLOOR = 1e-15  # smallest p-value reported: keeps log(p) finite and calibrated scores below 1
+
+
+def tail_scale(sorted_cal: FloatArray) -> float | None:
+    """Scale of an exponential tail fitted to the top calibration scores (max(10, 10%) exceedances), or None.
+
+    Used only beyond the largest calibration score, where the empirical p-value is stuck at 1/(n + 1): there
+    p = exp(-(s - max) / scale) / (n + 1), so far-out rows get ever smaller p-values (which the combined score
+    and thresholds above 1 - 1/(n + 1) need). None (no tail) with fewer than 20 scores or a flat top.
+    """
+    n = sorted_cal.shape[0]
+    if n < 20:
+        return None
+    m = min(n - 1, max(10, math.ceil(0.1 * n)))
+    base = float(sorted_cal[n - m - 1])
+    scale = float(np.mean(sorted_cal[n - m :] - base))
+    return scale if math.isfinite(scale) and scale > 0 else None
+
+
+def conformal_p_values(sorted_cal: FloatArray, scores: npt.ArrayLike, tail: float | None = None) -> FloatArray:
+    """p = (1 + #{calibration >= s}) / (n + 1): a valid p-value for an exchangeable new score, never 0.
+
+    Beyond the largest calibration score the exponential `tail` (see `tail_scale`) continues the decay.
+    """
     s = np.asarray(scores, dtype=np.float64)
     n = sorted_cal.shape[0]
     n_ge = n - np.searchsorted(sorted_cal, s, side="left")
-    return np.asarray((1.0 + n_ge) / (n + 1.0), dtype=np.float64)
+    p = np.asarray((1.0 + n_ge) / (n + 1.0), dtype=np.float64)
+    if tail is None:
+        return p
+    top = float(sorted_cal[-1])
+    if s.size == 1 and not float(s.reshape(-1)[0]) > top:  # hot path: a single in-range row
+        return p
+    beyond = s > top
+    if beyond.any():
+        with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+            p_tail = np.exp(-(s - top) / tail) / (n + 1.0)
+        p = np.where(beyond, np.nan_to_num(p_tail, nan=0.0), p)
+        np.maximum(p, P_FLOOR, out=p)
+    return p
 
 
-def loo_p_values(sorted_cal: FloatArray, cal_scores: npt.ArrayLike) -> FloatArray:
+def loo_p_values(sorted_cal: FloatArray, cal_scores: npt.ArrayLike, tail: float | None = None) -> FloatArray:
     """Leave-one-out p-values of the calibration scores themselves: #{calibration >= s_i} / n.
 
     Each calibration row is compared with the other n - 1 under the same +1 rule, so the result has the same
-    distribution as a fresh row's p-value; used to calibrate the combined score without a second split.
+    distribution as a fresh row's p-value; used to calibrate the combined score without a second split. The
+    unique maximum is above all the others, so it gets the tail p-value relative to the second largest.
     """
     s = np.asarray(cal_scores, dtype=np.float64)
     n = sorted_cal.shape[0]
     n_ge = n - np.searchsorted(sorted_cal, s, side="left")
-    return np.asarray(n_ge / float(n), dtype=np.float64)
+    p = np.asarray(n_ge / float(n), dtype=np.float64)
+    if tail is not None and n >= 2 and sorted_cal[-1] > sorted_cal[-2]:
+        top = s == sorted_cal[-1]
+        p[top] = max(math.exp(-(float(sorted_cal[-1]) - float(sorted_cal[-2])) / tail) / n, P_FLOOR)
+    return p
 
 
 class BaseDetector:
@@ -62,10 +101,13 @@ class BaseDetector:
     """
 
     score_name: ClassVar[str] = ""
+    # extrapolate p-values beyond the calibration maximum (continuous scores only; see `tail_scale`)
+    extrapolate_tail: ClassVar[bool] = True
     n_features_in_: int
     calibration_scores_: FloatArray
     threshold_: float
     fpr_: float
+    tail_scale_: float | None
 
     def fit(self, X: npt.ArrayLike, y: npt.ArrayLike | None = None) -> Self:
         """Learn from reference rows `X` (labels `y` are used by detectors that can, ignored by others)."""
@@ -90,13 +132,14 @@ class BaseDetector:
         self.calibration_scores_ = np.sort(scores.astype(np.float64))
         self.fpr_ = float(fpr)
         self.threshold_ = conformal_threshold(self.calibration_scores_, fpr)
+        self.tail_scale_ = tail_scale(self.calibration_scores_) if self.extrapolate_tail else None
         return self.threshold_
 
     def p_values(self, scores: npt.ArrayLike) -> FloatArray:
         """Conformal p-values of raw scores against the stored calibration scores (small = anomalous)."""
         if not hasattr(self, "calibration_scores_"):
             raise NotFittedError(f"{type(self).__name__}: call infer_threshold before p_values")
-        return conformal_p_values(self.calibration_scores_, scores)
+        return conformal_p_values(self.calibration_scores_, scores, self.tail_scale_)
 
     # -- persistence -------------------------------------------------------------------------------------
     def get_state(self) -> State:
@@ -107,6 +150,7 @@ class BaseDetector:
         if hasattr(self, "calibration_scores_"):
             params["fpr"] = self.fpr_
             params["threshold"] = None if math.isinf(self.threshold_) else self.threshold_
+            params["tail_scale"] = self.tail_scale_
             arrays["calibration_scores"] = self.calibration_scores_
         return params, arrays
 
@@ -123,12 +167,11 @@ class BaseDetector:
         if "calibration_scores" in arrays:
             cal = np.asarray(arrays["calibration_scores"], dtype=np.float64)
             if cal.ndim != 1 or cal.size == 0 or not np.isfinite(cal).all() or np.any(np.diff(cal) < 0):
-                raise ValueError(
-                    f"{cls.__name__}: calibration_scores must be a sorted, finite, non-empty vector"
-                )
+                raise ValueError(f"{cls.__name__}: calibration_scores must be a sorted, finite, non-empty vector")
             fpr, threshold = params.get("fpr"), params.get("threshold")
             if not isinstance(fpr, float) or not 0.0 < fpr < 1.0:
                 raise ValueError(f"{cls.__name__}: fpr must be a float in (0, 1), got {fpr!r}")
+            obj.tail_scale_ = check_tail_scale(params.get("tail_scale"), cls.__name__)
             obj.calibration_scores_ = cal
             obj.fpr_ = fpr
             obj.threshold_ = math.inf if threshold is None else float(threshold)
@@ -156,9 +199,16 @@ class BaseDetector:
         raise NotImplementedError
 
 
-def require_array(
-    arrays: Mapping[str, np.ndarray], key: str, shape: tuple[int | None, ...], owner: str
-) -> np.ndarray:
+def check_tail_scale(value: Any, owner: str) -> float | None:
+    """A stored tail scale is null or a positive finite float."""
+    if value is None:
+        return None
+    if not isinstance(value, float) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{owner}: tail_scale must be null or a positive number, got {value!r}")
+    return value
+
+
+def require_array(arrays: Mapping[str, np.ndarray], key: str, shape: tuple[int | None, ...], owner: str) -> np.ndarray:
     """Fetch `arrays[key]` and check its shape (None = any length on that axis) and that it is finite."""
     if key not in arrays:
         raise ValueError(f"{owner}: array {key!r} is missing")

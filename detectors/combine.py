@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from ._base import conformal_p_values
+from ._base import conformal_p_values, tail_scale
 from ._validation import FloatArray
 
 METHODS = ("fisher", "min")
@@ -30,10 +30,16 @@ class PValueCombiner:
 
     `fit` takes the leave-one-out p-values of the calibration rows (one column per detector) and stores the
     sorted combined statistics; `p_values` turns a new row's statistic into a conformal p-value against them.
-    Default "fisher" pools moderate evidence from several detectors; "min" reacts to one strong detector.
+    Default "min" (Bonferroni-style: the smallest p-value, re-calibrated rather than multiplied by the number
+    of detectors) fires whenever one detector is sure; "fisher" pools moderate evidence from several. On the
+    detection benchmark "min" caught as much or more at the same FPR (e.g. FGSM eps=1 on digits: 0.82 vs 0.56
+    TPR at 1% FPR): weak detectors dilute Fisher's sum, they cannot dilute a minimum.
     """
 
-    def __init__(self, *, method: str = "fisher") -> None:
+    calibration_scores_: FloatArray
+    tail_scale_: float | None
+
+    def __init__(self, *, method: str = "min") -> None:
         if method not in METHODS:
             raise ValueError(f"unknown combine method {method!r}; expected one of {METHODS}")
         self.method = method
@@ -41,8 +47,10 @@ class PValueCombiner:
     def fit(self, cal_p_matrix: npt.ArrayLike) -> PValueCombiner:
         """Store the calibration distribution of the combined statistic."""
         self.calibration_scores_ = np.sort(combine_statistic(cal_p_matrix, self.method))
+        self.tail_scale_ = tail_scale(self.calibration_scores_)
         return self
 
     def p_values(self, p_matrix: npt.ArrayLike) -> FloatArray:
         """Conformal p-value of each row's combined statistic."""
-        return conformal_p_values(self.calibration_scores_, combine_statistic(p_matrix, self.method))
+        stat = combine_statistic(p_matrix, self.method)
+        return conformal_p_values(self.calibration_scores_, stat, self.tail_scale_)

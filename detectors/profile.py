@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ._base import BaseDetector, loo_p_values
+from ._base import BaseDetector, check_tail_scale, loo_p_values
 from ._errors import ProfileError
 from ._npz import npz_bytes, read_npz
 from ._reference import load_reference
@@ -116,8 +116,9 @@ class Profile:
         """Per-row calibrated scores in [0, 1], higher = more anomalous: 1 - conformal p-value.
 
         A threshold t fires on about (1 - t) of in-distribution rows for every detector and for `ood.combined`
-        (Fisher's statistic over the detectors' p-values, re-calibrated on the calibration split), whatever
-        the model. The smallest reachable p-value is 1/(n_calibration + 1), so the largest score is below 1.
+        (the smallest detector p-value, re-calibrated on the calibration split; see `PValueCombiner`), whatever
+        the model. Rows beyond every calibration score get an exponential-tail p-value below 1/(n_cal + 1)
+        (floored at 1e-15), so thresholds above 1 - 1/(n_cal + 1) rely on that tail model.
         Raises ValueError on NaN/Inf, a wrong feature count or a non-numeric input.
         """
         S = 1.0 - self._p_matrix(X)
@@ -149,9 +150,7 @@ def _resolve_detectors(detectors: Sequence[str] | None) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _split(
-    n: int, labels: npt.NDArray[Any] | None, seed: int
-) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
+def _split(n: int, labels: npt.NDArray[Any] | None, seed: int) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
     """Random fit/calibration split (stratified by label when labels are given); both parts non-empty."""
     rng = np.random.default_rng(seed)
     groups = [np.arange(n)] if labels is None else [np.flatnonzero(labels == c) for c in np.unique(labels)]
@@ -175,7 +174,7 @@ def fit_profile(
     detectors: Sequence[str] | None = None,
     feature_names: Sequence[str] | None = None,
     extra_components: Mapping[str, tuple[Mapping[str, Any], Mapping[str, np.ndarray]]] | None = None,
-    combine: str = "fisher",
+    combine: str = "min",
     clock: Callable[[], float] | None = None,
 ) -> Profile:
     """Split off a calibration part (25%, stratified by label), fit each detector, calibrate, return a
@@ -205,11 +204,7 @@ def fit_profile(
     y = None if labels is None else np.asarray(labels)
     if y is not None and (y.ndim != 1 or y.shape[0] != n):
         raise ProfileError(f"labels must be a vector with one label per row ({n}), got shape {y.shape}")
-    if (
-        y is not None
-        and y.dtype.kind not in "biuUS"
-        and not (y.dtype.kind == "f" and np.all(y == np.round(y)))
-    ):
+    if y is not None and y.dtype.kind not in "biuUS" and not (y.dtype.kind == "f" and np.all(y == np.round(y))):
         raise ProfileError(f"labels must be integers or strings (class ids), got dtype {y.dtype}")
     fit_idx, cal_idx = _split(n, y, seed)
     X_fit, X_cal = X64[fit_idx], X64[cal_idx]
@@ -226,7 +221,8 @@ def fit_profile(
         fitted[name] = det
     combiner = PValueCombiner(method=combine)
     cal_p = np.stack(
-        [loo_p_values(det.calibration_scores_, det.score_samples(X_cal)) for det in fitted.values()], axis=1
+        [loo_p_values(det.calibration_scores_, det.score_samples(X_cal), det.tail_scale_) for det in fitted.values()],
+        axis=1,
     )
     combiner.fit(cal_p)
     label_info = None
@@ -297,7 +293,7 @@ def _assemble(
     from ._base import conformal_threshold  # local: keeps the public import list short
 
     comb_threshold = conformal_threshold(combiner.calibration_scores_, fpr)
-    comb_params = {"method": combiner.method}
+    comb_params = {"method": combiner.method, "tail_scale": combiner.tail_scale_}
     add(COMBINED, comb_params, {"calibration_scores": combiner.calibration_scores_}, f"{COMBINED}.npz")
     extras_doc: dict[str, Any] = {}
     for name, (extra_params, extra_arrays) in extras.items():
@@ -453,9 +449,7 @@ def load_profile(directory: str | Path) -> Profile:
         _expect(cls is not None, doc_path, f"unknown detector {name!r}")
         assert cls is not None
         _expect(
-            isinstance(entry, dict)
-            and entry.get("class") == cls.__name__
-            and isinstance(entry.get("params"), dict),
+            isinstance(entry, dict) and entry.get("class") == cls.__name__ and isinstance(entry.get("params"), dict),
             doc_path,
             f"detector {name!r}: class must be {cls.__name__} with a params object",
         )
@@ -485,6 +479,10 @@ def load_profile(directory: str | Path) -> Profile:
     combiner = PValueCombiner(method=str(method))
     assert cal is not None
     combiner.calibration_scores_ = cal.astype(np.float64)
+    try:
+        combiner.tail_scale_ = check_tail_scale(comb["params"].get("tail_scale"), "combined")
+    except ValueError as exc:
+        raise ProfileError(f"{doc_path}: {exc}") from exc
     components[COMBINED] = (comb["params"], comb_arrays)
     extras: dict[str, tuple[Mapping[str, Any], Mapping[str, np.ndarray]]] = {}
     for name, entry in doc["components"].items():
@@ -510,9 +508,7 @@ def _load_array_file(root: Path, name: str, spec: Any, doc_path: Path) -> dict[s
     """Read one array file, check it against its sha256, keys, shapes and dtypes from profile.json."""
     _expect(bool(_FILE_NAME.match(name)), doc_path, f"array file name {name!r} is not allowed")
     _expect(
-        isinstance(spec, dict)
-        and isinstance(spec.get("sha256"), str)
-        and isinstance(spec.get("arrays"), dict),
+        isinstance(spec, dict) and isinstance(spec.get("sha256"), str) and isinstance(spec.get("arrays"), dict),
         doc_path,
         f"files[{name!r}] needs sha256 and arrays",
     )
@@ -532,9 +528,7 @@ def _load_array_file(root: Path, name: str, spec: Any, doc_path: Path) -> dict[s
     for key, arr in arrays.items():
         want = spec["arrays"][key]
         _expect(
-            isinstance(want, dict)
-            and list(arr.shape) == want.get("shape")
-            and arr.dtype.str == want.get("dtype"),
+            isinstance(want, dict) and list(arr.shape) == want.get("shape") and arr.dtype.str == want.get("dtype"),
             path,
             f"array {key!r} has shape {list(arr.shape)} dtype {arr.dtype.str}, profile.json says {want}",
         )

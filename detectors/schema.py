@@ -18,10 +18,12 @@ class SchemaRange(BaseDetector):
     Bounds are the `quantile` and `1 - quantile` quantiles of the reference (0.0 = min/max, the default: a
     reference row is never out of range). The excess of feature j is measured in units of its reference range
     (high - low); constant features use a unit scale, so any deviation from the constant counts. In-range rows
-    score exactly 0, so this detector only fires on rows that leave the observed box.
+    score exactly 0, so this detector only fires on rows that leave the observed box. Its p-value never
+    drops below 1/(n_calibration + 1): no tail extrapolation for a discrete score.
     """
 
     score_name = "input.schema"
+    extrapolate_tail = False  # a count of features: no smooth tail to extrapolate
 
     def __init__(self, *, quantile: float = 0.0) -> None:
         self.quantile = quantile

@@ -22,24 +22,18 @@ _TIMING_REPEATS = 200
 
 def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     """Declare the `fit` options (DESIGN.md "CLI")."""
-    parser.add_argument(
-        "--data", required=True, type=Path, help="reference data: REF.npy (2-D) or numeric REF.csv"
-    )
+    parser.add_argument("--data", required=True, type=Path, help="reference data: REF.npy (2-D) or numeric REF.csv")
     parser.add_argument("--out", required=True, type=Path, help="profile directory to write")
-    parser.add_argument(
-        "--labels", type=Path, default=None, help="optional Y.npy with one class label per row"
-    )
+    parser.add_argument("--labels", type=Path, default=None, help="optional Y.npy with one class label per row")
     parser.add_argument("--label-column", default=None, help="CSV column holding the labels (dropped from X)")
     parser.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate (default 0.01)")
-    parser.add_argument(
-        "--seed", type=int, default=0, help="random seed for the split and the randomised fits"
-    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed for the split and the randomised fits")
     parser.add_argument(
         "--detectors",
         default=None,
         help="comma-separated subset, e.g. schema,mahalanobis,knn,pca,iforest (default: all)",
     )
-    parser.add_argument("--combine", choices=("fisher", "min"), default="fisher", help="p-value combination")
+    parser.add_argument("--combine", choices=("min", "fisher"), default="min", help="p-value combination (default min)")
     parser.add_argument("--force", action="store_true", help="replace an existing profile directory")
 
 
@@ -51,9 +45,7 @@ def _load_labels(path: Path, n_rows: int) -> np.ndarray:
     except (ValueError, OSError, EOFError) as exc:
         raise ProfileError(f"{path}: not a readable pickle-free .npy array ({exc})") from exc
     if labels.ndim != 1 or labels.shape[0] != n_rows:
-        raise ProfileError(
-            f"{path}: expected {n_rows} labels (one per reference row), got shape {labels.shape}"
-        )
+        raise ProfileError(f"{path}: expected {n_rows} labels (one per reference row), got shape {labels.shape}")
     return np.asarray(labels)
 
 

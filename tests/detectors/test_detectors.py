@@ -33,9 +33,7 @@ CONTINUOUS = [k for k in FACTORIES if k != "schema"]  # schema scores 0 inside t
 
 
 @pytest.fixture(params=list(FACTORIES), scope="module")
-def fitted(
-    request: pytest.FixtureRequest, gauss: Gaussian, reference: np.ndarray
-) -> tuple[str, BaseDetector]:
+def fitted(request: pytest.FixtureRequest, gauss: Gaussian, reference: np.ndarray) -> tuple[str, BaseDetector]:
     det = FACTORIES[request.param]().fit(reference[:2000])
     det.infer_threshold(reference[2000:], fpr=0.05)
     return request.param, det
@@ -80,18 +78,14 @@ class TestDetectorContract:
         if name in CONTINUOUS:
             assert abs(float(np.mean(p <= 0.1)) - 0.1) < 0.03
 
-    def test_state_round_trip_gives_identical_scores(
-        self, fitted: tuple[str, BaseDetector], gauss: Gaussian
-    ) -> None:
+    def test_state_round_trip_gives_identical_scores(self, fitted: tuple[str, BaseDetector], gauss: Gaussian) -> None:
         """from_state(get_state()) rebuilds a detector with bit-identical scores, p-values and threshold."""
         _, det = fitted
         params, arrays = det.get_state()
         clone = type(det).from_state(params, arrays)
         X = gauss.sample(200, seed=13)
         np.testing.assert_array_equal(clone.score_samples(X), det.score_samples(X))
-        np.testing.assert_array_equal(
-            clone.p_values(det.score_samples(X)), det.p_values(det.score_samples(X))
-        )
+        np.testing.assert_array_equal(clone.p_values(det.score_samples(X)), det.p_values(det.score_samples(X)))
         assert clone.threshold_ == det.threshold_
 
     def test_rejects_wrong_feature_count(self, fitted: tuple[str, BaseDetector], gauss: Gaussian) -> None:
@@ -179,3 +173,38 @@ class TestMahalanobisLabels:
         """An integer n_components keeps exactly that many whitened directions."""
         det = Mahalanobis(n_components=3).fit(reference)
         assert det.whiten_.shape == (8, 3)
+
+
+class TestTail:
+    def test_far_rows_get_p_values_below_the_empirical_floor(self, reference: np.ndarray) -> None:
+        """Beyond the largest calibration score p keeps falling (exponential tail), and stays above 1e-15."""
+        det = Mahalanobis().fit(reference[:2000])
+        det.infer_threshold(reference[2000:], fpr=0.01)
+        n_cal = 1000
+        top = det.calibration_scores_[-1]
+        p = det.p_values([top * 1.01, top * 2, top * 100, 1e300])
+        assert p[0] < 1 / (n_cal + 1)
+        assert p[0] > p[1] > p[2] >= 1e-15
+        assert p[3] == 1e-15
+
+    def test_tail_keeps_fpr_at_extreme_thresholds(self, gauss: Gaussian, reference: np.ndarray) -> None:
+        """With 1000 calibration rows a p < 0.0005 cut (beyond the empirical floor) fires on <= ~0.1% of inliers."""
+        det = KNNDistance().fit(reference[:2000])
+        det.infer_threshold(reference[2000:], fpr=0.01)
+        p = det.p_values(det.score_samples(gauss.sample(20000, seed=41)))
+        assert float(np.mean(p < 0.0005)) < 0.0015
+
+    def test_schema_has_no_tail(self, reference: np.ndarray) -> None:
+        """The discrete schema score never goes below the empirical floor 1/(n + 1)."""
+        det = SchemaRange().fit(reference[:2000])
+        det.infer_threshold(reference[2000:], fpr=0.01)
+        assert det.get_state()[0]["tail_scale"] is None
+        assert det.p_values([1e6])[0] == pytest.approx(1 / 1001)
+
+    def test_tampered_tail_scale_refused(self, reference: np.ndarray) -> None:
+        """A negative or non-numeric tail_scale in the state is refused."""
+        det = PCAReconstruction().fit(reference[:2000])
+        det.infer_threshold(reference[2000:], fpr=0.01)
+        params, arrays = det.get_state()
+        with pytest.raises(ValueError, match="tail_scale"):
+            PCAReconstruction.from_state({**params, "tail_scale": -1.0}, arrays)

@@ -27,9 +27,7 @@ def data(tmp_path: Path) -> Path:
 
 
 class TestRunFit:
-    def test_fits_saves_and_prints_table(
-        self, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-    ) -> None:
+    def test_fits_saves_and_prints_table(self, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         """Exit 0, a loadable profile, and a table with every detector, threshold, FPR and timings."""
         out = tmp_path / "profile"
         assert run_fit(parse("--data", str(data), "--out", str(out), "--fpr", "0.05")) == 0
@@ -84,9 +82,7 @@ class TestRunFit:
         rows = ["a,b,y", *(f"{a:.4f},{b:.4f},{int(a > 0)}" for a, b in rng.normal(size=(100, 2)))]
         (tmp_path / "r.csv").write_text("\n".join(rows) + "\n")
         out = tmp_path / "p"
-        assert (
-            run_fit(parse("--data", str(tmp_path / "r.csv"), "--out", str(out), "--label-column", "y")) == 0
-        )
+        assert run_fit(parse("--data", str(tmp_path / "r.csv"), "--out", str(out), "--label-column", "y")) == 0
         assert load_profile(out).feature_names == ("a", "b")
 
     @pytest.mark.parametrize(
@@ -116,13 +112,9 @@ class TestRunFit:
         assert err.startswith("guard-agent fit: error:")
         assert not out.exists()
 
-    def test_label_count_mismatch(
-        self, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-    ) -> None:
+    def test_label_count_mismatch(self, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         """Labels of the wrong length are refused with the expected count."""
         np.save(tmp_path / "y.npy", np.zeros(7))
-        code = run_fit(
-            parse("--data", str(data), "--out", str(tmp_path / "p"), "--labels", str(tmp_path / "y.npy"))
-        )
+        code = run_fit(parse("--data", str(data), "--out", str(tmp_path / "p"), "--labels", str(tmp_path / "y.npy")))
         assert code == 1
         assert "expected 400 labels" in capsys.readouterr().err

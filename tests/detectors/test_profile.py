@@ -45,9 +45,7 @@ class TestCalibratedScores:
             assert values.max() < 1.0
 
     @pytest.mark.parametrize("name", ["ood.mahalanobis", "ood.knn", "ood.pca", "ood.iforest", COMBINED])
-    def test_threshold_on_calibrated_scale_controls_fpr(
-        self, profile: Profile, gauss: Gaussian, name: str
-    ) -> None:
+    def test_threshold_on_calibrated_scale_controls_fpr(self, profile: Profile, gauss: Gaussian, name: str) -> None:
         """A policy threshold t fires on about 1 - t of fresh inliers, for each detector and the
         combination."""
         scores = profile.score(gauss.sample(20000, seed=21))[name]
@@ -65,16 +63,16 @@ class TestCalibratedScores:
         for name, values in profile.score(far).items():
             assert values.min() > 0.99, name
 
-    def test_combined_is_calibrated_not_raw_fisher(self, profile: Profile, gauss: Gaussian) -> None:
-        """ood.combined is 1 - p of the Fisher statistic against calibration rows, not a chi-square tail."""
+    def test_combined_defaults_to_calibrated_min(self, profile: Profile, gauss: Gaussian) -> None:
+        """ood.combined defaults to the re-calibrated minimum p-value; raw_scores exposes its statistic."""
         raw = profile.raw_scores(gauss.sample(100, seed=24))
         assert set(raw) == profile.score_names
-        assert profile.document["combined"]["params"] == {"method": "fisher"}
+        assert profile.document["combined"]["params"]["method"] == "min"
         assert raw[COMBINED].min() >= 0.0
 
-    def test_min_combination_available(self, reference: np.ndarray, gauss: Gaussian) -> None:
-        """combine='min' (Bonferroni-style) is calibrated too."""
-        prof = fit_profile(reference, fpr=0.05, combine="min")
+    def test_fisher_combination_available(self, reference: np.ndarray, gauss: Gaussian) -> None:
+        """combine='fisher' is calibrated too."""
+        prof = fit_profile(reference, fpr=0.05, combine="fisher")
         scores = prof.score(gauss.sample(10000, seed=25))[COMBINED]
         assert abs(float(np.mean(scores > 0.95)) - 0.05) < 0.02
 
@@ -153,9 +151,7 @@ class TestFitEdgeCases:
 
 
 class TestPersistence:
-    def test_round_trip_identical_scores_and_revision(
-        self, profile: Profile, saved: Path, gauss: Gaussian
-    ) -> None:
+    def test_round_trip_identical_scores_and_revision(self, profile: Profile, saved: Path, gauss: Gaussian) -> None:
         """load_profile(save_profile(p)) has p's revision and bit-identical scores."""
         loaded = load_profile(saved)
         assert loaded.revision == profile.revision
@@ -278,9 +274,7 @@ class TestPersistence:
     def test_duplicate_json_keys_refused(self, saved: Path) -> None:
         """Duplicate keys in profile.json are an error (no last-one-wins ambiguity)."""
         text = (saved / "profile.json").read_text()
-        (saved / "profile.json").write_text(
-            text.replace('"schema_version": 1', '"schema_version": 1, "fpr": 0.5', 1)
-        )
+        (saved / "profile.json").write_text(text.replace('"schema_version": 1', '"schema_version": 1, "fpr": 0.5', 1))
         with pytest.raises(ProfileError, match="duplicate key"):
             load_profile(saved)
 
@@ -317,9 +311,7 @@ class TestPersistence:
     def test_extra_components_round_trip(self, reference: np.ndarray, tmp_path: Path) -> None:
         """Other parts' components are saved, hashed and loaded with the profile."""
         proj = np.arange(24, dtype=np.float32).reshape(8, 3)
-        prof = fit_profile(
-            reference[:400], extra_components={"tracker.projection": ({"bits": 3}, {"proj": proj})}
-        )
+        prof = fit_profile(reference[:400], extra_components={"tracker.projection": ({"bits": 3}, {"proj": proj})})
         save_profile(prof, tmp_path / "p")
         loaded = load_profile(tmp_path / "p")
         params, arrays = loaded.components["tracker.projection"]

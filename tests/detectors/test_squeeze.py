@@ -59,9 +59,7 @@ class TestSqueezeVariants:
 
     def test_tabular_rounding_is_scale_free(self) -> None:
         """Tabular rows: rounding to 2 significant digits works for tiny and huge features alike."""
-        np.testing.assert_allclose(
-            round_significant([[0.0012345, 98765.0, 0.0]], 2), [[0.0012, 99000.0, 0.0]]
-        )
+        np.testing.assert_allclose(round_significant([[0.0012345, 98765.0, 0.0]], 2), [[0.0012, 99000.0, 0.0]])
         variants = squeeze_variants(np.array([[0.0012345, 98765.0], [1.0, 2.0]]), (2,))
         assert len(variants) == 2
         np.testing.assert_allclose(variants[0], [[0.0012, 99000.0], [1.0, 2.0]])
