@@ -13,7 +13,7 @@
 # Usage: sudo scripts/build-image.sh [IMAGE]   (default IMAGE: localhost/inference-guard:dev)
 # Env: WORK (scratch dir, default /var/tmp/inference-guard-build), MIRROR (Debian mirror, default
 #      deb.debian.org), REBUILD_BASE=1 to remake the base, CA_BUNDLE (default the Debian path),
-#      CONTEXT (build context, default the repository root).
+#      CONTEXT (build context, default the repository root), SKIP_BUILD=1 to only smoke-test.
 set -euo pipefail
 
 image="${1:-localhost/inference-guard:dev}"
@@ -56,12 +56,16 @@ if [[ "${REBUILD_BASE:-0}" == 1 ]] || ! buildah "${storage[@]}" inspect --type i
   rm -rf "$work/rootfs" "$work/base"
 fi
 
+if [[ "${SKIP_BUILD:-0}" == 1 ]]; then
+  log "SKIP_BUILD=1: smoke-testing the existing $image"
+else
 log "building $image from $context"
 buildah "${storage[@]}" bud --isolation chroot --format docker \
   --build-arg "BASE_IMAGE=$base_image" \
   --build-arg "PIP_CERT=/run/host-ca/ca-certificates.crt" \
   -v "$ca_bundle:/run/host-ca/ca-certificates.crt:ro" \
   -t "$image" -f "$repo_root/Dockerfile" "$context"
+fi
 
 log "smoke test: the image's user, and the guard serving from a read-only root"
 ctr="$(buildah "${storage[@]}" from "$image")"
@@ -83,8 +87,8 @@ mount --bind "$mnt" "$ro"
 mount -o remount,bind,ro "$ro"
 mount -t tmpfs -o size=64m,mode=1777 tmpfs "$ro/tmp"
 mount -t proc proc "$ro/proc"
-in_image=(env -i PATH=/opt/venv/bin:/usr/local/bin:/usr/bin:/bin PYTHONDONTWRITEBYTECODE=1
-          chroot --userspec=10001:10001 "$ro")
+in_image=(chroot --userspec=10001:10001 "$ro"
+          /usr/bin/env -i PATH=/opt/venv/bin:/usr/local/bin:/usr/bin:/bin PYTHONDONTWRITEBYTECODE=1)
 if touch "$ro/opt/probe" 2>/dev/null; then echo "root is not read-only" >&2; exit 1; fi
 "${in_image[@]}" guard-agent run --listen 127.0.0.1:18080 --admin-listen 127.0.0.1:19090 \
   --upstream http://127.0.0.1:18081 > "$work/guard-smoke.log" 2>&1 &
