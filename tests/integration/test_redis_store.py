@@ -1,0 +1,513 @@
+"""The Redis session store and global fingerprint index against real Redis servers.
+
+Shared-state tests use the Redis on 127.0.0.1:6379 under a unique key prefix (deleted afterwards; the
+server is never flushed or stopped). Outage tests start their own ``redis-server`` on a free port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from detectors.trackers import GlobalFingerprintIndex
+from guard_agent.events import CallbackSink, EventLogger
+from guard_agent.metrics import Metrics
+from guard_agent.ratelimit import take
+from guard_agent.redis_global import RedisGlobalIndex
+from guard_agent.sessions.factory import make_global_observer, make_session_store, split_redis_url
+from guard_agent.sessions.memory import MemorySessionStore
+from guard_agent.sessions.redis_store import RedisSessionStore
+from guard_agent.settings import ConfigError, Settings
+from guard_agent.tracking import SessionTracking
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.redis
+
+SHARED_URL = "redis://127.0.0.1:6379/0"
+SALT = b"test-hmac-key"
+
+
+# ---- helpers (also used by test_redis_guards.py) ------------------------------------------------------
+def redis_cmd(port: int, *args: str, timeout: float = 1.0) -> bytes:
+    """One RESP command over a raw socket (no client library, no pool): for setup and checks."""
+    payload = f"*{len(args)}\r\n".encode() + b"".join(f"${len(a.encode())}\r\n{a}\r\n".encode() for a in args)
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(payload)
+        return s.recv(65536)
+
+
+def delete_prefix(port: int, prefix: str) -> int:
+    """Delete every key under ``prefix`` on the server (SCAN + DEL through redis-cli; never FLUSH)."""
+    keys = subprocess.run(["redis-cli", "-p", str(port), "--scan", "--pattern", f"{prefix}*"],
+                          capture_output=True, text=True, timeout=10, check=True).stdout.split()
+    for i in range(0, len(keys), 500):
+        subprocess.run(["redis-cli", "-p", str(port), "DEL", *keys[i:i + 500]], capture_output=True,
+                       timeout=10, check=True)
+    return len(keys)
+
+
+def keys_under(port: int, prefix: str) -> list[str]:
+    return subprocess.run(["redis-cli", "-p", str(port), "--scan", "--pattern", f"{prefix}*"],
+                          capture_output=True, text=True, timeout=10, check=True).stdout.split()
+
+
+class RedisServer:
+    """Our own ``redis-server`` on a free port (no persistence), stoppable and restartable on that port."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if redis_cmd(self.port, "PING").startswith(b"+PONG"):
+                    return
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A private redis-server that a test may stop, pause and restart."""
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def prefix() -> Iterator[str]:
+    """A unique key prefix on the shared Redis, whose keys are deleted after the test."""
+    try:
+        assert redis_cmd(6379, "PING").startswith(b"+PONG")
+    except OSError as exc:
+        raise RuntimeError("these tests need the Redis server on 127.0.0.1:6379") from exc
+    p = f"ig-test-{uuid.uuid4().hex[:12]}:"
+    yield p
+    delete_prefix(6379, p)
+
+
+@dataclass
+class Replica:
+    """One guard process's view: its store, trackers, metrics and operational log."""
+
+    store: RedisSessionStore
+    tracking: SessionTracking
+    metrics: Metrics
+    index: RedisGlobalIndex
+    logs: list[bytes] = field(default_factory=list)
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.metrics.registry.get_sample_value(name, labels or None) or 0.0
+
+
+def make_replica(url: str, prefix: str, *, budget_ms: int = 50, ttl: float = 3600.0, **kw: Any) -> Replica:
+    logs: list[bytes] = []
+    metrics = Metrics()
+    events = EventLogger(CallbackSink(logs.append))
+    tracking = SessionTracking({}, salt=SALT)
+    settings = Settings(redis_url=f"{url}?key_prefix={prefix}&budget_ms={budget_ms}", hmac_key="k", session_ttl=ttl)
+    store = make_session_store(settings, metrics=metrics, events=events, tracking=tracking)
+    assert isinstance(store, RedisSessionStore)
+    for k, v in kw.items():
+        setattr(store, k, v)
+    index = make_global_observer(settings, metrics=metrics, events=events, tracking=tracking)
+    assert isinstance(index, RedisGlobalIndex)
+    return Replica(store, tracking, metrics, index, logs)
+
+
+@pytest.fixture
+async def replicas(prefix: str) -> AsyncIterator[tuple[Replica, Replica]]:
+    """Two replicas (separate pools, metrics, trackers) sharing one session namespace on the shared Redis."""
+    a, b = make_replica(SHARED_URL, prefix), make_replica(SHARED_URL, prefix)
+    yield a, b
+    await a.store.aclose()
+    await b.store.aclose()
+
+
+class _Answer:
+    """What the trackers read from a model answer."""
+
+    def __init__(self, label: int) -> None:
+        self.labels = np.array([label])
+        self.probabilities = np.eye(10)[[label]] * 0.9 + 0.01
+
+
+async def serve(r: Replica, session: str, x: np.ndarray, now: float, *, burst: float = 1e9,
+                block: str | None = None) -> tuple[bool, dict[str, float]]:
+    """One request as the proxy runs it: get, peek, take, maybe block, update, put."""
+    record = await r.store.get(session, now)
+    scores = dict(await r.tracking.peek(session, record, x, None, now))
+    record.bucket, allowed, _ = take(record.bucket, now, rate=1e-6, burst=burst)
+    if block is not None and record.blocked(now) is None:
+        record.blocked_until, record.blocked_rule = now + 300, block
+    record.queries += 1
+    if allowed and record.blocked(now) is None:
+        record.scores = dict(await r.tracking.update(session, record, x, None, _Answer(int(x.sum()) % 10), now,
+                                                     scores))
+    await r.store.put(session, record, now)
+    return allowed, scores
+
+
+def digits_like(rng: np.random.Generator, n: int = 1) -> np.ndarray:
+    return rng.integers(0, 17, size=(n, 64)).astype(np.float64)
+
+
+def near(base: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A near-duplicate as a black-box attack sends it: two pixels of ``base`` nudged by one step."""
+    x = np.array(base, dtype=np.float64).reshape(1, -1)
+    x[0, rng.integers(0, x.shape[1], 2)] += 1.0
+    return x
+
+
+# ---- the URL contract ---------------------------------------------------------------------------------
+class TestUrl:
+    def test_prefix_and_budget_are_read_and_stripped(self) -> None:
+        """key_prefix and budget_ms come out of the URL; other query parameters stay for redis-py."""
+        url, prefix, budget = split_redis_url("redis://h:6379/2?key_prefix=m1:&budget_ms=30&protocol=3")
+        assert (url, prefix, budget) == ("redis://h:6379/2?protocol=3", "m1:", 0.03)
+
+    def test_defaults_and_bad_budget(self) -> None:
+        """Defaults are the documented ones; a nonsense budget is a config error, not a crash later."""
+        assert split_redis_url("redis://h/0")[1:] == ("inference-guard:", 0.05)
+        with pytest.raises(ConfigError, match="budget_ms"):
+            split_redis_url("redis://h/0?budget_ms=soon")
+
+    def test_memory_without_redis_and_hmac_required_with_it(self) -> None:
+        """No redis_url gives the memory store; a redis_url without an HMAC key is refused."""
+        m, ev = Metrics(), EventLogger(CallbackSink(lambda _: None))
+        tracking = SessionTracking({}, salt=SALT)
+        assert isinstance(make_session_store(Settings(), metrics=m, events=ev, tracking=tracking),
+                          MemorySessionStore)
+        assert make_global_observer(Settings(), metrics=m, events=ev, tracking=tracking) is None
+        with pytest.raises(ConfigError, match="HMAC"):
+            make_session_store(Settings(redis_url=SHARED_URL), metrics=m, events=ev, tracking=tracking)
+
+
+# ---- shared state --------------------------------------------------------------------------------------
+class TestSharedSessions:
+    async def test_record_round_trips_between_replicas(self, replicas: tuple[Replica, Replica]) -> None:
+        """Everything replica A stores (counts, bucket, block, tracker state, scores) is what B reads."""
+        a, b = replicas
+        rng, now = np.random.default_rng(0), time.time()
+        for i in range(3):
+            await serve(a, "s1", digits_like(rng), now + i, burst=10, block="r-1" if i == 2 else None)
+        mine = a.store.peek("s1")
+        theirs = await b.store.get("s1", now + 3)
+        assert mine is not None
+        assert theirs.queries == 3 and theirs.first_seen == pytest.approx(now)
+        assert theirs.bucket is not None and theirs.bucket.tokens == pytest.approx(7.0)
+        assert theirs.blocked(now + 3) == "r-1" and theirs.blocked_until == pytest.approx(now + 302)
+        assert theirs.scores == pytest.approx(mine.scores) and theirs.scores
+        x = digits_like(rng)
+        assert await b.tracking.peek("s1", theirs, x, None, now + 3) == await a.tracking.peek("s1", mine, x, None,
+                                                                                          now + 3)
+        assert b.tracking.encode_state(theirs.tracker_state) == a.tracking.encode_state(mine.tracker_state)
+
+    async def test_alternating_replicas_accumulate_one_session(self, replicas: tuple[Replica, Replica]) -> None:
+        """An attacker alternating between replicas builds one session: counts and tracker history add up."""
+        a, b = replicas
+        rng, now = np.random.default_rng(1), time.time()
+        base = digits_like(rng)
+        for i in range(20):
+            await serve((a, b)[i % 2], "s2", near(base, rng), now + i)
+        record = await a.store.get("s2", now + 21)
+        assert record.queries == 20
+        assert record.tracker_state[1].n_queries == 20  # each replica alone would have seen 10
+
+    async def test_concurrent_requests_merge_counts_and_bucket(self, replicas: tuple[Replica, Replica]) -> None:
+        """Two replicas reading the same state and writing after each other lose no query and no token."""
+        a, b = replicas
+        now = time.time()
+        ra, rb = await a.store.get("s3", now), await b.store.get("s3", now)
+        for r in (ra, rb):
+            r.bucket, allowed, _ = take(r.bucket, now, rate=1e-9, burst=5)
+            assert allowed
+            r.queries += 1
+        await a.store.put("s3", ra, now)
+        await b.store.put("s3", rb, now)
+        ra, rb = await a.store.get("s3", now), await b.store.get("s3", now)
+        for r in (ra, rb):
+            r.bucket, _, _ = take(r.bucket, now, rate=1e-9, burst=5)
+            r.queries += 1
+        await b.store.put("s3", rb, now)
+        await a.store.put("s3", ra, now)
+        final = await a.store.get("s3", now)
+        assert final.queries == 4
+        assert final.bucket is not None and final.bucket.tokens == pytest.approx(1.0)
+
+    async def test_token_bucket_holds_across_replicas(self, replicas: tuple[Replica, Replica]) -> None:
+        """A burst of 5 is 5 requests for the session, not 5 per replica."""
+        a, b = replicas
+        now = time.time()
+        allowed = [(await serve((a, b)[i % 2], "s4", np.zeros((1, 64)), now + i * 1e-3, burst=5))[0]
+                   for i in range(12)]
+        assert allowed == [True] * 5 + [False] * 7
+
+    async def test_block_by_one_is_enforced_by_the_other(self, replicas: tuple[Replica, Replica]) -> None:
+        """A block set by A is seen by B, and B writing a record it read before the block does not undo it."""
+        a, b = replicas
+        now = time.time()
+        stale = await b.store.get("s5", now)
+        await serve(a, "s5", np.zeros((1, 64)), now, block="extraction")
+        stale.queries += 1
+        await b.store.put("s5", stale, now + 0.5)
+        seen = await b.store.get("s5", now + 1)
+        assert seen.blocked(now + 1) == "extraction" and seen.queries == 2
+
+    async def test_unblock_is_not_undone_by_a_stale_writer(self, replicas: tuple[Replica, Replica]) -> None:
+        """An operator unblock on A holds although B still writes a record read while blocked."""
+        a, b = replicas
+        now = time.time()
+        await serve(a, "s6", np.zeros((1, 64)), now, block="extraction")
+        stale = await b.store.get("s6", now + 1)
+        assert stale.blocked(now + 1) == "extraction"
+        assert await a.store.unblock("s6")
+        stale.queries += 1
+        await b.store.put("s6", stale, now + 2)
+        after = await a.store.get("s6", now + 3)
+        assert after.blocked(now + 3) is None and after.queries == 2
+        assert not await a.store.unblock("s6")
+
+    async def test_keys_have_prefix_and_ttl(self, prefix: str) -> None:
+        """Session keys live under the configured prefix and expire after session_ttl."""
+        r = make_replica(SHARED_URL, prefix, ttl=120.0)
+        try:
+            await serve(r, "s7", np.zeros((1, 64)), time.time())
+            assert keys_under(6379, prefix + "s:") == [prefix + "s:s7"]
+            pttl = int(redis_cmd(6379, "PTTL", prefix + "s:s7")[1:].split(b"\r")[0])
+            assert 110_000 < pttl <= 120_000
+        finally:
+            await r.store.aclose()
+
+    async def test_garbage_state_is_reset_and_counted(self, replicas: tuple[Replica, Replica], prefix: str) -> None:
+        """Undecodable tracker bytes give a fresh tracker state (counted), never an error."""
+        a, _ = replicas
+        now = time.time()
+        await serve(a, "s8", np.zeros((1, 64)), now)
+        redis_cmd(6379, "HSET", prefix + "s:s8", "t", "not a tracker state")
+        record = await a.store.get("s8", now + 1)
+        scores = await a.tracking.peek("s8", record, np.zeros((1, 64)), None, now + 1)
+        assert scores["session.risk"] == 0.0 and record.queries == 1
+        assert a.metric("inference_guard_redis_state_errors_total", kind="decode") == 1
+
+    async def test_oversized_state_stays_local(self, prefix: str) -> None:
+        """A tracker state above max_state_bytes is not written to Redis (counted); counts still are."""
+        r = make_replica(SHARED_URL, prefix, max_state_bytes=100)
+        try:
+            now = time.time()
+            await serve(r, "s9", np.zeros((1, 64)), now)
+            assert b"-" not in redis_cmd(6379, "HEXISTS", prefix + "s:s9", "t")[:1]
+            assert redis_cmd(6379, "HEXISTS", prefix + "s:s9", "t").startswith(b":0")
+            assert redis_cmd(6379, "HGET", prefix + "s:s9", "q").endswith(b"1\r\n")
+            assert r.metric("inference_guard_redis_state_errors_total", kind="oversize") == 1
+        finally:
+            await r.store.aclose()
+
+    async def test_delete_forgets_everywhere(self, replicas: tuple[Replica, Replica], prefix: str) -> None:
+        """An operator reset on A removes the shared record; B then starts the session afresh."""
+        a, b = replicas
+        now = time.time()
+        await serve(b, "s10", np.zeros((1, 64)), now)
+        assert await a.store.delete("s10")
+        assert keys_under(6379, prefix + "s:") == []
+        assert (await b.store.get("s10", now + 1)).queries == 0  # B's local copy is not restored
+        assert b.store.peek("s10") is not None and b.store.peek("s10").queries == 0
+
+    @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(schedule=st.lists(st.tuples(st.integers(0, 1), st.booleans()), min_size=1, max_size=12))
+    def test_any_interleaving_counts_every_query(self, prefix: str, schedule: list[tuple[int, bool]]) -> None:
+        """However two replicas interleave reads and writes, the stored count equals the queries written."""
+
+        async def run() -> int:
+            reps = [make_replica(SHARED_URL, prefix), make_replica(SHARED_URL, prefix)]
+            session = uuid.uuid4().hex
+            now = time.time()
+            held: list[Any] = [None, None]
+            written = 0
+            for who, write in schedule:
+                if held[who] is None:
+                    held[who] = await reps[who].store.get(session, now)
+                    held[who].queries += 1
+                if write:
+                    await reps[who].store.put(session, held[who], now)
+                    held[who], written = None, written + 1
+            final = await reps[0].store.get(session, now)
+            for r in reps:
+                await r.store.aclose()
+            return final.queries - written
+
+        assert asyncio.run(run()) == 0
+
+
+# ---- the global index ------------------------------------------------------------------------------
+class TestGlobalIndex:
+    async def test_scores_equal_the_in_memory_index(self, replicas: tuple[Replica, Replica]) -> None:
+        """Same traffic, same scores: the Redis index speaks on the scale of GlobalFingerprintIndex.observe."""
+        a, _ = replicas
+        engine = a.tracking.engine(None, 64)
+        reference = GlobalFingerprintIndex()
+        rng, now = np.random.default_rng(3), time.time()
+        bases = digits_like(rng, 3)
+        got, want = [], []
+        for i in range(60):
+            x = near(bases[i % 3], rng) if i % 4 else digits_like(rng)
+            fps = engine.fingerprints(x)
+            got.append(await a.index.observe(f"key-{i % 7}", fps, now + i))
+            want.append(reference.observe(f"key-{i % 7}", fps, now + i))
+        assert got == pytest.approx(want)
+        assert max(got) >= 0.5
+
+    async def test_spread_attack_is_seen_across_replicas(self, replicas: tuple[Replica, Replica]) -> None:
+        """Near-duplicates sent under many keys to two replicas raise the global score on both."""
+        a, b = replicas
+        engine = a.tracking.engine(None, 64)
+        rng, now = np.random.default_rng(4), time.time()
+        base = digits_like(rng)[0]
+        scores = {"a": [], "b": []}
+        for i in range(20):
+            r, name = (a, "a") if i % 2 == 0 else (b, "b")
+            x = near(base, rng)
+            scores[name].append(await r.index.observe(f"sybil-{i}", engine.fingerprints(x), now + i))
+        assert scores["b"][0] > 0  # B's first query matches what A saw
+        assert scores["a"][-1] > 0.3 and scores["b"][-1] > 0.3
+        benign = [await a.index.observe(f"user-{i}", engine.fingerprints(digits_like(rng)), now + 30)
+                  for i in range(20)]
+        assert max(benign) == 0.0
+
+    async def test_memory_is_bounded(self, prefix: str) -> None:
+        """Entries stay within max_entries and each bucket within bucket_size, however much arrives."""
+        r = make_replica(SHARED_URL, prefix)
+        r.index = RedisGlobalIndex(r.store.link, max_entries=50, bucket_size=3)
+        try:
+            engine = r.tracking.engine(None, 64)
+            rng, now = np.random.default_rng(5), time.time()
+            for i in range(30):
+                await r.index.observe(f"k{i}", engine.fingerprints(digits_like(rng, 8)), now)
+            entries = keys_under(6379, prefix + "ge:")
+            assert 40 <= len(entries) <= 50
+            for group in keys_under(6379, prefix + "gb:"):
+                raw = redis_cmd(6379, "HVALS", group)
+                cells = [c for c in raw.split(b"\r\n") if c and not c.startswith((b"*", b"$"))]
+                assert cells and all(len(c.split(b",")) <= 3 for c in cells)
+            assert int(redis_cmd(6379, "TTL", entries[0])[1:].split(b"\r")[0]) <= 600
+        finally:
+            await r.store.aclose()
+
+
+# ---- outages (own redis-server) -----------------------------------------------------------------------
+async def wait_until(predicate: Any, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(0.02)
+    return False
+
+
+class TestOutage:
+    async def test_down_falls_back_within_budget_then_reconciles(self, own_redis: RedisServer) -> None:
+        """Redis killed mid-traffic: every call answers from local state within the budget, counted;
+        restarted (empty): the link recovers and what A learnt meanwhile reaches B through Redis."""
+        prefix = "out:"
+        a, b = make_replica(own_redis.url, prefix), make_replica(own_redis.url, prefix)
+        try:
+            rng, now = np.random.default_rng(6), time.time()
+            for i in range(5):  # A serves the last query before the crash, so A knows every query
+                await serve((a, b)[i % 2], "att", digits_like(rng), now + i)
+            own_redis.stop()
+            slowest = 0.0
+            for i in range(5, 15):
+                t0 = time.perf_counter()
+                await serve(a, "att", digits_like(rng), now + i, block="late-block" if i == 14 else None)
+                slowest = max(slowest, time.perf_counter() - t0)
+            assert slowest < 0.05 + 0.1  # budget + tracker work; never a socket timeout
+            assert a.metric("inference_guard_redis_up") == 0
+            assert a.metric("inference_guard_redis_fallbacks_total", op="get", reason="down") >= 8
+            assert a.store.dirty() == 1
+            assert any(b"redis unreachable" in line for line in a.logs)
+            own_redis.start()
+            assert await wait_until(lambda: a.store.link.up and a.store.dirty() == 0)
+            assert a.metric("inference_guard_redis_reconnects_total") >= 1
+            assert a.metric("inference_guard_redis_reconciled_total", result="merged") == 1
+            seen = await b.store.get("att", now + 20)
+            assert seen.queries == 15 and seen.blocked(now + 20) == "late-block"
+            assert any(b"redis reachable again" in line for line in a.logs)
+        finally:
+            await a.store.aclose()
+            await b.store.aclose()
+
+    async def test_restart_without_data_restores_known_sessions(self, own_redis: RedisServer) -> None:
+        """Redis restarted empty between two requests: the replica restores the session it knew (counted)."""
+        a = make_replica(own_redis.url, "rst:")
+        try:
+            now = time.time()
+            for i in range(3):
+                await serve(a, "known", np.zeros((1, 64)), now + i, block="b1" if i == 2 else None)
+            own_redis.stop()
+            own_redis.start()
+            record = None
+            for _ in range(50):  # the first call may meet a dead pooled connection and fall back
+                record = await a.store.get("known", now + 4)
+                if a.store.link.up and record.queries == 3:
+                    break
+                await asyncio.sleep(0.05)
+            assert record is not None and record.queries == 3 and record.blocked(now + 4) == "b1"
+            assert b":3" in redis_cmd(own_redis.port, "HGET", "rst:s:known", "q") or \
+                redis_cmd(own_redis.port, "HGET", "rst:s:known", "q").endswith(b"3\r\n")
+            restored = a.metric("inference_guard_redis_reconciled_total", result="restored")
+            merged = a.metric("inference_guard_redis_reconciled_total", result="merged")
+            assert restored + merged >= 1
+        finally:
+            await a.store.aclose()
+
+    async def test_slow_redis_falls_back_within_budget(self, own_redis: RedisServer) -> None:
+        """A paused Redis (slower than the budget) costs one budget, then local state, until it answers."""
+        a = make_replica(own_redis.url, "slow:", budget_ms=30)
+        try:
+            now = time.time()
+            await serve(a, "s", np.zeros((1, 64)), now)
+            assert redis_cmd(own_redis.port, "CLIENT", "PAUSE", "700", "ALL").startswith(b"+OK")
+            t0 = time.perf_counter()
+            record = await a.store.get("s", now + 1)
+            first = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            await a.store.put("s", record, now + 1)
+            second = time.perf_counter() - t0
+            assert 0.02 < first < 0.09 and second < 0.01
+            assert a.metric("inference_guard_redis_fallbacks_total", op="get", reason="timeout") == 1
+            assert a.metric("inference_guard_redis_fallbacks_total", op="put", reason="down") == 1
+            assert record.queries == 1  # the local mirror still knew the session
+            assert await wait_until(lambda: a.store.link.up, timeout=10)
+            assert (await a.store.get("s", now + 2)).queries == 1  # reconciled: delta 0, nothing doubled
+        finally:
+            await a.store.aclose()
