@@ -175,53 +175,63 @@ def _get(url: str, token: str | None = None) -> tuple[int, dict[str, Any]]:
         return exc.code, json.loads(exc.read() or b"{}")
 
 
+@pytest.fixture(scope="module")
+def guard(render: Render, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """One real guard-agent (shared by TestRealGuard, reload test last) on the rendered files."""
+    tmp_path = tmp_path_factory.mktemp("guard")
+    guard_agent = find_tool("guard-agent")
+    assert guard_agent is not None
+    docs = render(CHART / "ci" / "standalone-values.yaml", sets=("profile.source=none",))
+    config, env = _materialise(docs, tmp_path)
+    policy_dir = tmp_path / "policy"
+    policy_dir.mkdir()
+    policy_text = _data(docs, "-policy", "policy.yaml")
+    _kubelet_configmap(policy_dir, {"policy.yaml": policy_text}, 1)
+    admin = _free_port()
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("GUARD_")} | env
+    log = tmp_path / "guard.log"
+    log_file = log.open("wb")
+    proc = subprocess.Popen(
+        [guard_agent, "run", "--config", str(config), "--policy", str(policy_dir),
+         "--listen", f"127.0.0.1:{_free_port()}", "--admin-listen", f"127.0.0.1:{admin}"],
+        env=full_env, stdout=log_file, stderr=subprocess.PIPE, text=True,
+    )
+    base = f"http://127.0.0.1:{admin}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if _get(base + "/livez")[0] == 200:
+                break
+        except OSError:
+            time.sleep(0.2)
+    if proc.poll() is not None:
+        pytest.fail(f"guard exited {proc.returncode}: {proc.stderr.read() if proc.stderr else ''}")
+    token = base64.b64decode(one(docs, "Secret")["data"]["admin-token"]).decode()
+    try:
+        yield {"base": base, "token": token, "policy_dir": policy_dir, "policy": policy_text, "log": log}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log_file.close()
+
 @pytest.mark.slow
 class TestRealGuard:
-    @pytest.fixture
-    def guard(self, render: Render, tmp_path: Path) -> Iterator[dict[str, Any]]:
-        """The real guard-agent on the rendered config, secrets and a kubelet-style policy mount."""
-        guard_agent = find_tool("guard-agent")
-        assert guard_agent is not None
-        docs = render(CHART / "ci" / "standalone-values.yaml", sets=("profile.source=none",))
-        config, env = _materialise(docs, tmp_path)
-        policy_dir = tmp_path / "policy"
-        policy_dir.mkdir()
-        policy_text = _data(docs, "-policy", "policy.yaml")
-        _kubelet_configmap(policy_dir, {"policy.yaml": policy_text}, 1)
-        admin = _free_port()
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("GUARD_")} | env
-        proc = subprocess.Popen(
-            [guard_agent, "run", "--config", str(config), "--policy", str(policy_dir),
-             "--listen", f"127.0.0.1:{_free_port()}", "--admin-listen", f"127.0.0.1:{admin}"],
-            env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        )
-        base = f"http://127.0.0.1:{admin}"
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if _get(base + "/livez")[0] == 200:
-                    break
-            except OSError:
-                time.sleep(0.2)
-        if proc.poll() is not None:
-            pytest.fail(f"guard exited {proc.returncode}: {proc.stderr.read() if proc.stderr else ''}")
-        token = base64.b64decode(one(docs, "Secret")["data"]["admin-token"]).decode()
-        try:
-            yield {"base": base, "token": token, "policy_dir": policy_dir, "policy": policy_text}
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
     def test_admin_token_from_the_secret_opens_the_admin_api(self, guard: dict[str, Any]) -> None:
         """The token the chart's Secret holds unlocks /admin/*; no token gets 401."""
         assert _get(guard["base"] + "/admin/policy")[0] == 401
         status, body = _get(guard["base"] + "/admin/policy", guard["token"])
         assert status == 200
         assert body["mode"] == "enforce"
+
+    def test_hmac_key_file_is_used(self, guard: dict[str, Any]) -> None:
+        """The guard finds its HMAC key through GUARD_HMAC_KEY_FILE: no random-key warning is logged."""
+        lines = [json.loads(line) for line in guard["log"].read_text().splitlines() if line.startswith("{")]
+        assert lines, "the guard logged nothing on stdout"
+        assert not [ln for ln in lines if "GUARD_HMAC_KEY" in ln.get("message", "")]
 
     def test_configmap_swap_reloads_the_policy_without_restart(self, guard: dict[str, Any]) -> None:
         """A kubelet-style ..data swap of the policy directory is picked up by the running guard."""

@@ -20,10 +20,13 @@ Render = Callable[..., list[dict[str, Any]]]
 
 @pytest.fixture(scope="module")
 def parent_chart(helm: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of the example parent with this chart vendored as its dependency (as `helm dep build`)."""
-    root = tmp_path_factory.mktemp("parent") / "fraud-model"
-    shutil.copytree(EXAMPLE, root)
-    shutil.copytree(CHART, root / "charts" / "inference-guard")
+    """The example parent after `helm dependency build`, in a copy keeping the repository layout."""
+    repo = tmp_path_factory.mktemp("repo")
+    root = repo / EXAMPLE.relative_to(REPO)
+    shutil.copytree(EXAMPLE, root, ignore=shutil.ignore_patterns("charts", "Chart.lock"))
+    shutil.copytree(CHART, repo / CHART.relative_to(REPO))
+    run([helm, "dependency", "build", str(root)])
+    assert (root / "charts" / "inference-guard-0.1.0.tgz").is_file()
     return root
 
 
