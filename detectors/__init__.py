@@ -19,6 +19,7 @@ from .profile import (
     Profile,
     fit_profile,
     load_profile,
+    load_profiles,
     load_reference,
     save_profile,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "combine_statistic",
     "fit_profile",
     "load_profile",
+    "load_profiles",
     "load_reference",
     "save_profile",
     "squeeze_distance",

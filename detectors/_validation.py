@@ -10,11 +10,8 @@ Float32Array = npt.NDArray[np.float32]
 _NEGLIGIBLE = 1e-30
 
 
-def as_rows(X: npt.ArrayLike, *, n_features: int | None = None, name: str = "X") -> FloatArray:
-    """Return `X` as a finite 2-D float64 array or raise ValueError saying what is wrong.
-
-    A 1-D array is taken as a single row. Empty batches and non-numeric dtypes are refused.
-    """
+def _checked_shape(X: npt.ArrayLike, n_features: int | None, name: str) -> np.ndarray:
+    """The array as 2-D with a numeric dtype and the expected width; values not checked yet."""
     arr = np.asarray(X)
     if arr.dtype.kind not in "biuf":
         raise ValueError(f"{name} must be numeric, got dtype {arr.dtype}")
@@ -28,32 +25,34 @@ def as_rows(X: npt.ArrayLike, *, n_features: int | None = None, name: str = "X")
         raise ValueError(f"{name} has {arr.shape[1]} features, expected {n_features}")
     if arr.shape[1] == 0:
         raise ValueError(f"{name} has no features")
-    out = np.asarray(arr, dtype=np.float64)
-    if not np.isfinite(out).all():
-        bad = np.argwhere(~np.isfinite(out))[0]
-        raise ValueError(f"{name} contains NaN or infinity (first at row {bad[0]}, feature {bad[1]})")
+    return arr
+
+
+def _require_finite(arr: np.ndarray, name: str, extra: str = "") -> None:
+    if not np.isfinite(arr).all():
+        bad = np.argwhere(~np.isfinite(arr))[0]
+        raise ValueError(f"{name} contains NaN or infinity{extra} (first at row {bad[0]}, feature {bad[1]})")
+
+
+def as_rows(X: npt.ArrayLike, *, n_features: int | None = None, name: str = "X") -> FloatArray:
+    """Return `X` as a finite 2-D float64 array or raise ValueError saying what is wrong.
+
+    A 1-D array is taken as a single row. Empty batches and non-numeric dtypes are refused.
+    """
+    out = np.asarray(_checked_shape(X, n_features, name), dtype=np.float64)
+    _require_finite(out, name)
     return out
 
 
 def as_rows32(X: npt.ArrayLike, *, n_features: int, name: str = "X") -> Float32Array:
-    """Validated float32 C-contiguous rows: the dtype every detector scores in (fast, and what sklearn's
-    trees use).
+    """Validated float32 C-contiguous rows: the dtype every detector scores in (fast; sklearn's trees too).
 
-    Values beyond the float32 range become infinite on the cast and are refused too.
+    Checked once, after the cast: values beyond the float32 range become infinite and are refused too.
     """
-    arr = np.asarray(X)
-    if arr.dtype == np.float32 and arr.ndim == 2 and arr.shape[1] == n_features and arr.shape[0] > 0:
-        out32 = np.ascontiguousarray(arr)
-    else:
-        rows = as_rows(arr, n_features=n_features, name=name)
-        with np.errstate(over="ignore"):  # out-of-range values become inf and are refused just below
-            out32 = np.ascontiguousarray(rows, dtype=np.float32)
-    if not np.isfinite(out32).all():
-        bad = np.argwhere(~np.isfinite(out32))[0]
-        raise ValueError(
-            f"{name} contains NaN, infinity or a value beyond the float32 range "
-            f"(first at row {bad[0]}, feature {bad[1]})"
-        )
+    arr = _checked_shape(X, n_features, name)
+    with np.errstate(over="ignore"):
+        out32 = np.ascontiguousarray(arr, dtype=np.float32)
+    _require_finite(out32, name, " or a value beyond the float32 range")
     return out32
 
 

@@ -46,6 +46,7 @@ __all__ = [
     "ProfileError",
     "fit_profile",
     "load_profile",
+    "load_profiles",
     "load_reference",
     "save_profile",
 ]
@@ -502,6 +503,24 @@ def load_profile(directory: str | Path) -> Profile:
         "content does not match its canonical form (edited by hand?)",
     )
     return profile
+
+
+def load_profiles(directory: str | Path) -> dict[str, Profile]:
+    """Load `GUARD_PROFILE`: one profile directory (returned under the key "") or a directory of per-model
+    profiles `<model>/profile.json` (keyed by model name). Any broken profile raises ProfileError."""
+    root = Path(directory)
+    if (root / "profile.json").is_file():
+        return {"": load_profile(root)}
+    if not root.is_dir():
+        raise ProfileError(f"{root}: not a directory")
+    found = {
+        child.name: load_profile(child)
+        for child in sorted(root.iterdir())
+        if child.is_dir() and not child.name.startswith(".") and (child / "profile.json").is_file()
+    }
+    if not found:
+        raise ProfileError(f"{root}: holds neither profile.json nor <model>/profile.json")
+    return found
 
 
 def _load_array_file(root: Path, name: str, spec: Any, doc_path: Path) -> dict[str, np.ndarray]:

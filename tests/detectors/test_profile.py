@@ -16,6 +16,7 @@ from detectors import (
     ProfileError,
     fit_profile,
     load_profile,
+    load_profiles,
     save_profile,
 )
 
@@ -324,3 +325,24 @@ class TestPersistence:
         """An extra component may not shadow a detector."""
         with pytest.raises(ProfileError, match="collides"):
             fit_profile(reference[:100], extra_components={"ood.knn": ({}, {})})
+
+
+class TestLoadProfiles:
+    def test_single_profile_directory(self, profile: Profile, saved: Path) -> None:
+        """A directory holding profile.json loads as one profile under the key ''."""
+        loaded = load_profiles(saved)
+        assert list(loaded) == [""]
+        assert loaded[""].revision == profile.revision
+
+    def test_directory_of_per_model_profiles(self, profile: Profile, tmp_path: Path) -> None:
+        """<model>/profile.json subdirectories load keyed by model name; hidden and other dirs are skipped."""
+        save_profile(profile, tmp_path / "digits")
+        save_profile(profile, tmp_path / "iris")
+        (tmp_path / ".tmp-x").mkdir()
+        (tmp_path / "notes").mkdir()
+        assert sorted(load_profiles(tmp_path)) == ["digits", "iris"]
+
+    def test_empty_directory_refused(self, tmp_path: Path) -> None:
+        """A directory with no profile at all is an error, not an empty mapping."""
+        with pytest.raises(ProfileError, match=r"neither profile\.json"):
+            load_profiles(tmp_path)
