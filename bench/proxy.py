@@ -1,0 +1,263 @@
+"""Proxy benchmark: what the guard costs in front of a cheap model server (issue 2, "Benchmark").
+
+Configurations, all on loopback, against an nginx stub upstream answering a fixed v2 JSON body:
+
+    direct        client -> stub upstream
+    nginx         client -> nginx proxy_pass (1 worker, upstream keepalive) -> stub
+    guard-off     client -> guard-agent, policy without rules or rate limit, no profile -> stub
+    guard-on      client -> guard-agent, default policy + a profile fitted on digits -> stub
+                  (every detector and the session trackers run)
+  extras (not with --quick):
+    guard-on-sample0.01   guard-on with GUARD_LOG_SAMPLE_ALLOW=0.01 (default is 1: every allow event logged)
+    guard-on-1key         guard-on, all traffic from one API key (the rate limit throttles most of it)
+
+The proxy under test is pinned to core 0 (taskset -c 0); the load generators and the stub upstream to
+core 1. Each repeat runs every configuration in turn (rotated order): closed-loop wrk throughput, then
+the open-loop generator at 500 and 1000 req/s (latency from the scheduled send time). CPU per request
+comes from /proc/<pid>/stat. Decision events go to /dev/null.
+
+    python bench/proxy.py            # full: 3 repeats, ~6 minutes
+    python bench/proxy.py --quick    # ~1.5 minutes, smaller figures' confidence
+    python bench/proxy.py --profile 15   # also py-spy the guard (all checks on) at 1000 req/s
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _report as report
+from _measure import Target, run_open_loop, run_wrk
+from _servers import Fleet, free_port, guard_agent_path, missing_tools
+from _workload import (
+    CHECKS_OFF_POLICY,
+    STUB_RESPONSE,
+    digits_split,
+    fit_profile,
+    lua_script,
+    request_spec,
+    write_spec,
+)
+
+PROXY_CORE, LOAD_CORE = 0, 1
+RATES = (500, 1000)
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="guard vs nginx vs direct: throughput, latency, CPU per request")
+    p.add_argument("--quick", action="store_true", help="2 s runs, no extra configurations (~1.5 min)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats of every configuration (>= 3)")
+    p.add_argument("--seconds", type=float, default=None, help="length of each run (default 5, quick 2)")
+    p.add_argument("--connections", type=int, default=32, help="wrk keep-alive connections")
+    p.add_argument("--keys", type=int, default=256, help="API keys in the pool (sessions)")
+    p.add_argument(
+        "--profile",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="py-spy the guard (all checks on) at 1000 req/s for SECONDS and print hot spots",
+    )
+    p.add_argument("--json", type=Path, default=None, help="also write every run's raw figures here")
+    p.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs)")
+    return p.parse_args(argv)
+
+
+def _header(args: argparse.Namespace, seconds: float) -> list[str]:
+    def version(argv: list[str]) -> str:
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+        except OSError:
+            return "?"
+        return (done.stdout + done.stderr).strip().splitlines()[0]
+
+    cpu = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ),
+        "?",
+    )
+    return [
+        f"date {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}; {platform.platform()}; "
+        f"{os.cpu_count()} CPUs ({cpu}); python {platform.python_version()}",
+        f"{version(['nginx', '-v'])}; {version(['wrk', '-v'])}; {version([guard_agent_path(), '--version'])}",
+        f"load average at start: {Path('/proc/loadavg').read_text().split()[:3]}; python speed probe on core "
+        f"{PROXY_CORE}: {python_speed(PROXY_CORE):.3f} s for 3M loop iterations (lower = faster/less contended)",
+        f"runs: {seconds:g} s each, {args.repeats} interleaved repeats, wrk -t1 -c{args.connections}, "
+        f"{args.keys} API keys, proxy on core {PROXY_CORE}, load + stub upstream on core {LOAD_CORE}",
+    ]
+
+
+def python_speed(core: int) -> float:
+    """Seconds for a fixed pure-Python loop pinned to ``core``: how fast (and how contended) the core is."""
+    code = "import time\nt=time.perf_counter()\ns=0\nfor i in range(3_000_000): s+=i\nprint(time.perf_counter()-t)"
+    done = subprocess.run(["taskset", "-c", str(core), sys.executable, "-c", code], capture_output=True,
+                          text=True, timeout=120, check=True)
+    return float(done.stdout.strip())
+
+
+def _start(fleet: Fleet, work: Path, args: argparse.Namespace, extras: bool) -> dict[str, Target]:
+    """Data, profile, request pools, then every server; returns the targets by configuration name."""
+    x_ref, y_ref, x_test = digits_split()
+    profile = fit_profile(guard_agent_path(), work, x_ref, y_ref)
+    off_policy = work / "policy-off.yaml"
+    off_policy.write_text(CHECKS_OFF_POLICY)
+    pool = request_spec(x_test, args.keys)
+    spec, lua = write_spec(pool, work / "requests.json"), lua_script(pool, work / "requests.lua")
+    single = request_spec(x_test, 1)
+    spec1, lua1 = write_spec(single, work / "requests-1key.json"), lua_script(single, work / "requests-1key.lua")
+
+    up = free_port()
+    up_pid = fleet.nginx(
+        "nginx-upstream", "upstream.conf.template", LOAD_CORE, {"PORT": str(up), "BODY": STUB_RESPONSE}
+    )
+    targets = {"direct": Target("direct", up, up_pid, spec, lua, LOAD_CORE)}
+    ng = free_port()
+    ng_pid = fleet.nginx("nginx-proxy", "proxy.conf.template", PROXY_CORE, {"PORT": str(ng), "UPSTREAM_PORT": str(up)})
+    targets["nginx"] = Target("nginx", ng, ng_pid, spec, lua, PROXY_CORE)
+    guards: list[tuple[str, str | None, str | None, float]] = [
+        ("guard-off", str(off_policy), None, 1.0),
+        ("guard-on", None, str(profile), 1.0),
+    ]
+    if extras:
+        guards.append(("guard-on-sample0.01", None, str(profile), 0.01))
+    for name, policy, prof, sample in guards:
+        port, admin = free_port(), free_port()
+        pid = fleet.guard(
+            name,
+            PROXY_CORE,
+            port=port,
+            admin_port=admin,
+            upstream_port=up,
+            policy=policy,
+            profile=prof,
+            sample_allow=sample,
+        )
+        targets[name] = Target(name, port, pid, spec, lua, PROXY_CORE, admin)
+    if extras:
+        on = targets["guard-on"]
+        targets["guard-on-1key"] = Target("guard-on-1key", on.port, on.pid, spec1, lua1, PROXY_CORE, on.admin_port)
+    return targets
+
+
+def _sanity(targets: dict[str, Target]) -> list[str]:
+    """One request per target: the stub's body must come back unchanged through every proxy."""
+    import urllib.request
+
+    pool = json.loads(next(iter(targets.values())).spec.read_text())
+    lines = []
+    for t in targets.values():
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{t.port}{pool['path']}",
+            data=pool["bodies"][0].encode(),
+            headers={"Content-Type": "application/json", "X-API-Key": "bench-sanity"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            body, status = resp.read(), resp.status
+        same = body == STUB_RESPONSE.encode()
+        if status != 200 or not same:
+            raise RuntimeError(f"{t.name}: sanity request got {status}, body identical to stub: {same}")
+        lines.append(f"{t.name}: 200, stub body byte-identical")
+    return lines
+
+
+def _measure_all(targets: dict[str, Target], args: argparse.Namespace, seconds: float) -> list[dict[str, Any]]:
+    names = list(targets)
+    runs: list[dict[str, Any]] = []
+    for t in targets.values():  # warm-up: connection pools, first-call costs; not recorded
+        run_wrk(t, seconds=1, conns=args.connections, load_core=LOAD_CORE, proxy_core=PROXY_CORE)
+    for rep in range(args.repeats):
+        order = names[rep % len(names) :] + names[: rep % len(names)]
+        for name in order:
+            t = targets[name]
+            res = run_wrk(t, seconds=seconds, conns=args.connections, load_core=LOAD_CORE, proxy_core=PROXY_CORE)
+            runs.append({"config": name, "rep": rep, "kind": "wrk", **res})
+            for rate in RATES:
+                res = run_open_loop(
+                    t, rate=rate, seconds=seconds, warmup=0.5, load_core=LOAD_CORE, proxy_core=PROXY_CORE
+                )
+                runs.append({"config": name, "rep": rep, "kind": f"open{rate}", **res})
+            last = runs[-3:]
+            print(
+                f"  repeat {rep + 1}/{args.repeats} {name:<22} wrk {last[0]['rps']:8.0f} req/s  "
+                + "  ".join(
+                    f"@{r['kind'][4:]} p50 {report.fmt(r['p50_ms'], '.2f')} p99 "
+                    f"{report.fmt(r['p99_ms'], '.2f')} ms {report.fmt(r['cpu_us_per_req'], '.0f')} us/req"
+                    for r in last[1:]
+                ),
+                flush=True,
+            )
+    return runs
+
+
+def _print_report(runs: list[dict[str, Any]], targets: dict[str, Target]) -> None:
+    configs = list(targets)
+    proxies = [c for c in configs if c != "direct"]
+    guards = [c for c in configs if c.startswith("guard")]
+    print("\n== results (median over repeats) ==")
+    print("\n".join(report.main_table(runs, configs, RATES)))
+    print("\n== ratios ==")
+    print("\n".join(report.ratio_lines(runs, proxies, RATES)))
+    print("\n== targets (issue 2) ==")
+    print("\n".join(report.target_lines(runs, guards)))
+    print("\n== guard decisions during the runs (from /metrics) ==")
+    print("\n".join(report.decision_lines(runs, guards)))
+    print("\n== open-loop generator check ==")
+    print("\n".join(report.generator_lines(runs, RATES)))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(argv)
+    missing = missing_tools()
+    if missing:
+        print("bench/proxy.py needs:\n  " + "\n  ".join(missing), file=sys.stderr)
+        return 2
+    if len(os.sched_getaffinity(0)) < 2:
+        print("bench/proxy.py needs 2 usable CPUs (proxy on one, load on the other)", file=sys.stderr)
+        return 2
+    seconds = args.seconds or (2.0 if args.quick else 5.0)
+    extras = not args.quick
+    work = Path(tempfile.mkdtemp(prefix="guard-bench-"))
+    started = time.monotonic()
+    print("\n".join(_header(args, seconds)), flush=True)
+    try:
+        with Fleet(work) as fleet:
+            targets = _start(fleet, work, args, extras)
+            print("\n".join(_sanity(targets)), flush=True)
+            runs = _measure_all(targets, args, seconds)
+            _print_report(runs, targets)
+            if args.profile > 0:
+                from _profile import profile_guard
+
+                print(f"\n== py-spy: guard-on at 1000 req/s for {args.profile:g} s ==")
+                print("\n".join(profile_guard(targets["guard-on"], work, args.profile, LOAD_CORE)))
+            if args.json:
+                args.json.write_text(json.dumps(runs, indent=1))
+    except KeyboardInterrupt:
+        print("interrupted: processes stopped", file=sys.stderr)
+        return 130
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    print(
+        f"\ntotal {time.monotonic() - started:.0f} s; load average at end: "
+        f"{Path('/proc/loadavg').read_text().split()[:3]}" + (f"; work dir {work}" if args.keep else "")
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
