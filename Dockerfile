@@ -44,11 +44,12 @@ RUN groupadd --gid 10001 guard \
  && useradd --uid 10001 --gid 10001 --no-create-home --no-log-init --home-dir /nonexistent \
       --shell /usr/sbin/nologin guard
 COPY --from=build /opt/venv /opt/venv
+# No GUARD_* variables here: the environment outranks the config file, so an image default would
+# silently override what the chart's config.yaml says (listen ports 8080/9090 are the guard's own
+# defaults anyway).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1 \
-    GUARD_LISTEN=0.0.0.0:8080 \
-    GUARD_ADMIN_LISTEN=0.0.0.0:9090
+    PYTHONUNBUFFERED=1
 USER 10001:10001
 WORKDIR /tmp
 EXPOSE 8080 9090

@@ -71,7 +71,9 @@ class TestPolicyFile:
         example = REPO / "examples" / "policy.yaml"
         if not example.exists():
             pytest.skip("examples/policy.yaml does not exist yet")
-        assert (CHART / "files" / "policy.yaml").read_bytes() == example.read_bytes()
+        assert (CHART / "files" / "policy.yaml").read_bytes() == example.read_bytes(), (
+            "refresh the chart's copy: cp examples/policy.yaml helm/inference-guard/files/policy.yaml"
+        )
 
     def test_rendered_policies_pass_guard_agent_check(self, render: Render, tmp_path: Path) -> None:
         """Every variant's rendered policy.yaml is accepted by the real `guard-agent check` CLI (exit 0)."""

@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.chart._tools import REPO, find_tool, run
 
@@ -66,6 +67,17 @@ class TestDockerfile:
         healthcheck = _instructions("HEALTHCHECK")[0]
         assert "127.0.0.1:9090/livez" in healthcheck
         assert _instructions("EXPOSE") == ["8080 9090"]
+
+    def test_image_sets_no_guard_settings(self) -> None:
+        """No GUARD_* ENV in the image: the environment outranks the chart's config file."""
+        assert not [e for e in _instructions("ENV") if "GUARD_" in e]
+
+    def test_ports_match_the_chart_defaults(self) -> None:
+        """EXPOSE and the HEALTHCHECK use the chart's default guard and admin ports."""
+        values = yaml.safe_load((REPO / "helm" / "inference-guard" / "values.yaml").read_text())
+        guard = values["guard"]
+        assert _instructions("EXPOSE") == [f"{guard['port']} {guard['adminPort']}"]
+        assert f"127.0.0.1:{guard['adminPort']}/livez" in _instructions("HEALTHCHECK")[0]
 
     def test_dockerignore_admits_exactly_what_is_copied(self) -> None:
         """.dockerignore excludes everything but the sources the build stage COPYs."""

@@ -81,6 +81,8 @@ class TestImpossibleCombinations:
             (REDIS, ["secrets.existingSecret=creds"], "redis.url is ignored with secrets.existingSecret"),
             (REDIS, ["redis.enabled=false"], "redis.url is set but redis.enabled is false"),
             (REDIS, ["policy=version: 1", "existingPolicyConfigMap=p"], "not both"),
+            (REDIS, ["guard.env[0].name=GUARD_LISTEN", "guard.env[0].value=0.0.0.0:1"], "use guard.port instead"),
+            (REDIS, ["guard.env[0].name=GUARD_HMAC_KEY", "guard.env[0].value=k"], "use secrets instead"),
             (REDIS, ["policy=just text"], "policy is not a YAML mapping"),
             (REDIS, ["profile.source=secret"], "profile.secret.name"),
             (REDIS, ["profile.source=image"], "profile.image.repository"),

@@ -33,6 +33,12 @@ relate keys to each other. Every rendered file includes this, so `helm template`
 {{- fail "injection.podSelector is required in injection mode (workload.enabled=false) with networkPolicy, metrics.service or metrics.serviceMonitor: an empty selector would select every pod in the namespace" }}
 {{- end }}
 {{- end }}
+{{- $owned := dict "GUARD_LISTEN" "guard.port" "GUARD_ADMIN_LISTEN" "guard.adminPort" "GUARD_UPSTREAM" "model.port" "GUARD_POLICY" "policy or existingPolicyConfigMap" "GUARD_PROFILE" "profile" "GUARD_HMAC_KEY" "secrets" "GUARD_ADMIN_TOKEN" "secrets" "GUARD_REDIS_URL" "redis" }}
+{{- range $v.guard.env }}
+{{- if hasKey $owned .name }}
+{{- fail (printf "guard.env sets %s: use %s instead (the chart derives it; plain env would override the config file or put a secret in the pod spec)" .name (get $owned .name)) }}
+{{- end }}
+{{- end }}
 {{- if and $v.policy $v.existingPolicyConfigMap }}
 {{- fail "set either policy (inline text) or existingPolicyConfigMap, not both" }}
 {{- end }}
