@@ -301,6 +301,15 @@ class TestV2Binary:
             parse_request("v2", body + b"\x01\x07", content_type=None, content_encoding=None,
                           inference_header_length=n)
 
+    @pytest.mark.parametrize(("length", "ctype", "message"),
+                             [(-1, None, "does not fit"), (0, "text/plain", "Content-Type"),
+                              (0, None, "invalid JSON")])
+    def test_bad_header_values(self, length: int, ctype: str | None, message: str) -> None:
+        """A malformed header length (the caller passes -1), a non-binary media type or an empty JSON
+        part are refused."""
+        with pytest.raises(ProtocolError, match=message):
+            parse_request("v2", b"{}", content_type=ctype, content_encoding=None, inference_header_length=length)
+
     def test_binary_header_on_other_protocols(self) -> None:
         """The binary extension is refused on non-v2 routes."""
         with pytest.raises(ProtocolError, match="v2 only"):
@@ -482,3 +491,16 @@ class TestCustomPointer:
         """Bad pointers and non-numeric targets are refused with a precise message."""
         with pytest.raises(ProtocolError, match=message):
             parse("custom", doc, pointer=pointer)
+
+
+class TestExceptionNet:
+    def test_unexpected_errors_become_protocol_errors(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """If a parser ever raised something else, the public entry point still answers ProtocolError."""
+        from guard_agent.protocols import _dispatch
+
+        def broken(*_: Any, **__: Any) -> ParsedRequest:
+            raise TypeError("bug")
+
+        monkeypatch.setattr(_dispatch, "parse_v1", broken)
+        with pytest.raises(ProtocolError, match="malformed request"):
+            parse("v1", {"instances": [[1]]})
