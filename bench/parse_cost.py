@@ -32,6 +32,8 @@ def v2_body(rows: int, width: int, nested: bool) -> bytes:
 def main() -> None:
     cases = [("v2 1x64 flat", v2_body(1, 64, False)), ("v2 1x64 nested", v2_body(1, 64, True)),
              ("v2 32x64 nested", v2_body(32, 64, True)), ("v2 4096x64 nested", v2_body(4096, 64, True))]
+    escaped = v2_body(1, 64, False).replace(b'"bench"', b'"b\\u0065nch"')  # forces the exact JSON path
+    cases.append(("v2 1x64 exact path", escaped))
     for label, body in cases:
         us = per_call_us(lambda b=body: parse_request("v2", b, content_type="application/json",
                                                       content_encoding=None))
