@@ -55,7 +55,8 @@ class RouteMatch:
 
 
 # RFC 3986 pchar minus "%" (no percent-encoding at all) and ";" (path parameters).
-_SEG = r"[A-Za-z0-9._~!$&'()*+,=:@-]+"
+# A segment is never "." or ".." (the lookahead), so one fullmatch checks characters, "//" and dots.
+_SEG = r"(?!\.\.?(?:/|$))[A-Za-z0-9._~!$&'()*+,=:@-]+"
 _SHAPE = re.compile(rf"/(?:{_SEG}(?:/{_SEG})*/?)?")
 _DOT_SEGMENT = re.compile(r"(?:^|/)\.\.?(?:/|$)")
 _NAME = r"[A-Za-z0-9_.-]{1,128}"
@@ -115,6 +116,8 @@ def _diagnose(path: str) -> str:
         return "';' path parameters are refused"
     if "//" in path:
         return "empty path segment ('//')"
+    if _DOT_SEGMENT.search(path) is not None:
+        return "'.' or '..' path segment"
     return "characters not allowed in path"
 
 
@@ -124,8 +127,6 @@ def check_path(path: str) -> str | None:
         return f"path longer than {MAX_PATH_LENGTH} characters"
     if _SHAPE.fullmatch(path) is None:
         return _diagnose(path)
-    if _DOT_SEGMENT.search(path) is not None:
-        return "'.' or '..' path segment"
     return None
 
 
