@@ -95,13 +95,14 @@ class RedisLink:
     """One client (one connection pool) per guard process, its health, and the time budget of every call.
 
     ``run`` never raises for Redis trouble: it returns ``FALLBACK`` and the caller uses local state. After a
-    failure, calls fall back at once (no waiting) until a background probe gets a PING through; then the
+    connection error, or ``down_after_timeouts`` calls in a row slower than the budget, Redis counts as down:
+    calls fall back at once (no waiting) until a background probe gets a PING through; then the
     ``on_recover`` callbacks run (e.g. reconciling sessions changed during the outage).
     """
 
     def __init__(self, url: str, *, prefix: str, metrics: RedisMetrics, log: Logger, budget: float = 0.05,
                  socket_timeout: float = 0.25, max_connections: int = 64,
-                 backoff: tuple[float, float] = (0.2, 5.0)) -> None:
+                 backoff: tuple[float, float] = (0.2, 5.0), down_after_timeouts: int = 3) -> None:
         self.url = url
         self.prefix = prefix
         self.metrics = metrics
@@ -111,10 +112,13 @@ class RedisLink:
         self._socket_timeout = socket_timeout
         self._max_connections = max_connections
         self._backoff = backoff
+        self._down_after = down_after_timeouts
+        self._timeouts = 0  # consecutive: one slow call under load is not an outage
         self._client: Any = None
         self._probe: asyncio.Task[None] | None = None
         self._recover: list[Callable[[], Awaitable[None]]] = []
         self._closed = False
+        import redis.asyncio  # noqa: F401 - imported now, not inside the first request's time budget
 
     @property
     def client(self) -> Any:
@@ -144,6 +148,10 @@ class RedisLink:
         try:
             result = await asyncio.wait_for(call(self.client), budget or self.budget)
         except TimeoutError as exc:
+            self._timeouts += 1
+            if self._timeouts < self._down_after:
+                self.metrics.fallbacks.labels(op, "timeout").inc()
+                return FALLBACK
             self._failed(op, "timeout", exc)
             return FALLBACK
         except Exception as exc:  # any client/server error means: use local state
@@ -155,11 +163,13 @@ class RedisLink:
                 return FALLBACK
             self._failed(op, "error", exc)
             return FALLBACK
+        self._timeouts = 0
         self.metrics.latency.labels(op).observe(time.perf_counter() - t0)
         return result
 
     def _failed(self, op: str, reason: str, exc: BaseException) -> None:
         self.metrics.fallbacks.labels(op, reason).inc()
+        self._timeouts = 0
         if self.up:
             self.up = False
             self.metrics.up.set(0)
