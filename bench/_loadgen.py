@@ -299,18 +299,25 @@ class OpenLoop:
         sends = np.sort(sent[sent > 0])
         send_window = (sends[-1] - sends[0]) / 1e9 if sends.size > 1 else 0.0
         return {
-            "rate": 1e9 / self.period_ns, "measured": int(idx.size),
-            "ok": int(ok.sum()), "statuses": {str(int(c)): int(n) for c, n in zip(codes, counts, strict=True)},
+            "rate": 1e9 / self.period_ns,
+            "measured": int(idx.size),
+            "ok": int(ok.sum()),
+            "statuses": {str(int(c)): int(n) for c, n in zip(codes, counts, strict=True)},
             "failed": int((~answered).sum()),
             "achieved_send_rate": (sends.size - 1) / send_window if send_window > 0 else 0.0,
-            "p50_ms": nearest_rank(lat_ms, 50), "p90_ms": nearest_rank(lat_ms, 90),
-            "p99_ms": nearest_rank(lat_ms, 99), "p999_ms": nearest_rank(lat_ms, 99.9),
+            "p50_ms": nearest_rank(lat_ms, 50),
+            "p90_ms": nearest_rank(lat_ms, 90),
+            "p99_ms": nearest_rank(lat_ms, 99),
+            "p999_ms": nearest_rank(lat_ms, 99.9),
             "max_ms": float(lat_ms.max()) if lat_ms.size else None,
-            "service_p50_ms": nearest_rank(svc_ms, 50), "service_p99_ms": nearest_rank(svc_ms, 99),
+            "service_p50_ms": nearest_rank(svc_ms, 50),
+            "service_p99_ms": nearest_rank(svc_ms, 99),
             "send_lag_p99_ms": nearest_rank(lag_ms, 99),
-            "timer_lag_p50_ms": nearest_rank(tick_ms, 50), "timer_lag_p99_ms": nearest_rank(tick_ms, 99),
+            "timer_lag_p50_ms": nearest_rank(tick_ms, 50),
+            "timer_lag_p99_ms": nearest_rank(tick_ms, 99),
             "timer_lag_max_ms": float(tick_ms.max()) if tick_ms.size else None,
-            "peak_conns": self.peak_conns, "connect_errors": self.connect_errors,
+            "peak_conns": self.peak_conns,
+            "connect_errors": self.connect_errors,
         }
 
 

@@ -13,7 +13,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,14 +50,28 @@ def core_busy() -> dict[str, float]:
     return out
 
 
+def settle(pid: int, *, idle_share: float = 0.05, timeout: float = 15.0) -> float:
+    """Wait until ``pid`` is (nearly) idle, so work queued by an overloaded run cannot spill into the next."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        c0 = cpu_seconds(pid)
+        time.sleep(0.25)
+        if cpu_seconds(pid) - c0 <= idle_share * 0.25:
+            break
+    return time.monotonic() - start
+
+
 def _timed(
     target: Target,
     load_core: int,
     proxy_core: int,
     run: Callable[[], dict[str, Any]],
     requests_of: Callable[[dict[str, Any]], int],
+    quiet: Sequence[int],
 ) -> dict[str, Any]:
     """Run ``run`` and add the target's CPU µs per request and the cores' busy shares."""
+    for pid in {target.pid, *quiet}:
+        settle(pid)
     before_dec = decision_counts(target.admin_port) if target.admin_port else {}
     busy0, cpu0, t0 = core_busy(), cpu_seconds(target.pid), time.monotonic()
     result = run()
@@ -101,7 +115,9 @@ def parse_wrk(text: str) -> dict[str, Any]:
     }
 
 
-def run_wrk(target: Target, *, seconds: float, conns: int, load_core: int, proxy_core: int) -> dict[str, Any]:
+def run_wrk(
+    target: Target, *, seconds: float, conns: int, load_core: int, proxy_core: int, quiet: Sequence[int] = ()
+) -> dict[str, Any]:
     """Closed loop: ``conns`` keep-alive connections, one wrk thread, as fast as the target answers."""
     argv = [
         "taskset",
@@ -123,11 +139,18 @@ def run_wrk(target: Target, *, seconds: float, conns: int, load_core: int, proxy
             raise RuntimeError(f"wrk failed against {target.name}: {done.stderr.strip()}")
         return parse_wrk(done.stdout)
 
-    return _timed(target, load_core, proxy_core, run, lambda r: int(r["requests"]))
+    return _timed(target, load_core, proxy_core, run, lambda r: int(r["requests"]), quiet)
 
 
 def run_open_loop(
-    target: Target, *, rate: float, seconds: float, warmup: float, load_core: int, proxy_core: int
+    target: Target,
+    *,
+    rate: float,
+    seconds: float,
+    warmup: float,
+    load_core: int,
+    proxy_core: int,
+    quiet: Sequence[int] = (),
 ) -> dict[str, Any]:
     """Open loop at ``rate`` req/s for ``seconds`` (+ warm-up), latency from each scheduled send time."""
     argv = [
@@ -155,4 +178,4 @@ def run_open_loop(
         result: dict[str, Any] = json.loads(done.stdout)
         return result
 
-    return _timed(target, load_core, proxy_core, run, lambda r: int(r["rate"] * (seconds + warmup)))
+    return _timed(target, load_core, proxy_core, run, lambda r: int(r["rate"] * (seconds + warmup)), quiet)

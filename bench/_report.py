@@ -198,8 +198,9 @@ def generator_lines(runs: Sequence[Run], rates: Sequence[int]) -> list[str]:
         lag99 = max(r["timer_lag_p99_ms"] or 0.0 for r in direct)
         p50 = med(direct, "p50_ms")
         ok = achieved >= 0.99 * rate and lag99 < 1.0
-        lines.append(f"@{rate} req/s against direct: sent {achieved:.1f} req/s (min over repeats); timer lateness "
-                     f"p50 {fmt(lag50, '.3f')} ms, p99 {lag99:.3f} ms (worst); direct p50 {fmt(p50, '.3f')} ms -> "
-                     + ("keeps up" if ok else "LAGS at the tail: p99 figures include generator delay "
-                        "(see core0/core1 load)"))
+        lines.append(
+            f"@{rate} req/s against direct: sent {achieved:.1f} req/s (min over repeats); timer lateness "
+            f"p50 {fmt(lag50, '.3f')} ms, p99 {lag99:.3f} ms (worst); direct p50 {fmt(p50, '.3f')} ms -> "
+            + ("keeps up" if ok else "LAGS at the tail: p99 figures include generator delay (see core0/core1 load)")
+        )
     return lines

@@ -77,10 +77,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def _header(args: argparse.Namespace, seconds: float) -> list[str]:
     def version(argv: list[str]) -> str:
         try:
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False, cwd="/")
         except OSError:
             return "?"
-        return (done.stdout + done.stderr).strip().splitlines()[0]
+        lines = (done.stdout + done.stderr).strip().splitlines()
+        return lines[0] if lines else "?"
 
     cpu = next(
         (
@@ -90,7 +91,11 @@ def _header(args: argparse.Namespace, seconds: float) -> list[str]:
         ),
         "?",
     )
+    where = version([sys.executable, "-c", "import guard_agent; print(guard_agent.__file__)"])
+    src = Path(where).resolve().parent.parent
+    rev = version(["git", "-C", str(src), "describe", "--always", "--dirty"]) if (src / ".git").exists() else "-"
     return [
+        f"guard_agent imported from {where} (git {rev}; set PYTHONPATH to benchmark another tree)",
         f"date {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}; {platform.platform()}; "
         f"{os.cpu_count()} CPUs ({cpu}); python {platform.python_version()}",
         f"{version(['nginx', '-v'])}; {version(['wrk', '-v'])}; {version([guard_agent_path(), '--version'])}",
@@ -104,8 +109,13 @@ def _header(args: argparse.Namespace, seconds: float) -> list[str]:
 def python_speed(core: int) -> float:
     """Seconds for a fixed pure-Python loop pinned to ``core``: how fast (and how contended) the core is."""
     code = "import time\nt=time.perf_counter()\ns=0\nfor i in range(3_000_000): s+=i\nprint(time.perf_counter()-t)"
-    done = subprocess.run(["taskset", "-c", str(core), sys.executable, "-c", code], capture_output=True,
-                          text=True, timeout=120, check=True)
+    done = subprocess.run(
+        ["taskset", "-c", str(core), sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     return float(done.stdout.strip())
 
 
@@ -153,8 +163,13 @@ def _start(fleet: Fleet, work: Path, args: argparse.Namespace, extras: bool) -> 
     return targets
 
 
+class SetupError(RuntimeError):
+    """A server did not start or did not answer as expected: the figures would mean nothing."""
+
+
 def _sanity(targets: dict[str, Target]) -> list[str]:
     """One request per target: the stub's body must come back unchanged through every proxy."""
+    import urllib.error
     import urllib.request
 
     pool = json.loads(next(iter(targets.values())).spec.read_text())
@@ -165,25 +180,33 @@ def _sanity(targets: dict[str, Target]) -> list[str]:
             data=pool["bodies"][0].encode(),
             headers={"Content-Type": "application/json", "X-API-Key": "bench-sanity"},
         )
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            body, status = resp.read(), resp.status
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                body, status = resp.read(), resp.status
+        except urllib.error.HTTPError as exc:
+            body, status = exc.read(), exc.code
         same = body == STUB_RESPONSE.encode()
         if status != 200 or not same:
-            raise RuntimeError(f"{t.name}: sanity request got {status}, body identical to stub: {same}")
+            raise SetupError(
+                f"{t.name}: sanity request got {status} (body {body[:300]!r}); expected 200 and the stub's body"
+            )
         lines.append(f"{t.name}: 200, stub body byte-identical")
     return lines
 
 
 def _measure_all(targets: dict[str, Target], args: argparse.Namespace, seconds: float) -> list[dict[str, Any]]:
     names = list(targets)
+    quiet = sorted({t.pid for t in targets.values()})  # every server idle before each run starts
     runs: list[dict[str, Any]] = []
     for t in targets.values():  # warm-up: connection pools, first-call costs; not recorded
-        run_wrk(t, seconds=1, conns=args.connections, load_core=LOAD_CORE, proxy_core=PROXY_CORE)
+        run_wrk(t, seconds=1, conns=args.connections, load_core=LOAD_CORE, proxy_core=PROXY_CORE, quiet=quiet)
     for rep in range(args.repeats):
         order = names[rep % len(names) :] + names[: rep % len(names)]
         for name in order:
             t = targets[name]
-            res = run_wrk(t, seconds=seconds, conns=args.connections, load_core=LOAD_CORE, proxy_core=PROXY_CORE)
+            res = run_wrk(
+                t, seconds=seconds, conns=args.connections, load_core=LOAD_CORE, proxy_core=PROXY_CORE, quiet=quiet
+            )
             runs.append({"config": name, "rep": rep, "kind": "wrk", **res})
             for rate in RATES:
                 res = run_open_loop(
@@ -249,6 +272,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: processes stopped", file=sys.stderr)
         return 130
+    except (SetupError, RuntimeError) as exc:
+        print(f"bench/proxy.py: {exc}", file=sys.stderr)
+        return 1
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
