@@ -31,7 +31,7 @@ def build_state(settings: Settings, *, sink: EventSink | None = None) -> GuardSt
     """Everything that does not need a running loop; raises on a bad first policy or profile."""
     metrics = Metrics()
     events = EventLogger(sink or StreamSink(on_drop=metrics.events_dropped.inc),
-                         sample_allow=settings.log_sample_allow)
+                         sample_allow=settings.log_sample_allow, min_level=settings.log_level)
     key = settings.hmac_key.encode() if settings.hmac_key else secrets.token_bytes(32)
     if not settings.hmac_key:
         events.log("warning", "no GUARD_HMAC_KEY set: using a random key, session ids change on restart "

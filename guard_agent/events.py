@@ -25,6 +25,7 @@ import structlog
 
 __all__ = ["ALERT_ACTIONS", "CallbackSink", "EventLogger", "EventSink", "StreamSink", "build_decision_event"]
 
+_LEVELS = {"debug": 0, "info": 1, "warning": 2, "error": 3, "critical": 4}
 ALERT_ACTIONS = frozenset({"flag", "harden", "throttle", "block", "integrity_violation"})
 
 
@@ -134,9 +135,11 @@ class _SinkLogger:
 class EventLogger:
     """Renders and emits decision events and operational logs; alerts are never sampled."""
 
-    def __init__(self, sink: EventSink, *, sample_allow: float = 1.0, rng: random.Random | None = None) -> None:
+    def __init__(self, sink: EventSink, *, sample_allow: float = 1.0, rng: random.Random | None = None,
+                 min_level: str = "info") -> None:
         self.sink = sink
         self.sample_allow = sample_allow
+        self._min_level = _LEVELS.get(min_level, 1)
         self._rng = rng or random.Random()
         self._log = structlog.wrap_logger(
             _SinkLogger(sink),
@@ -157,6 +160,8 @@ class EventLogger:
 
     def log(self, level: str, message: str, **fields: Any) -> None:
         """Operational events (reloads, start, errors) in the same stream, same shape."""
+        if _LEVELS.get(level, 1) < self._min_level:
+            return
         ecs = {"kind": "event", "category": ["configuration" if "policy" in message else "process"],
                **fields.pop("ecs_event", {})}
         getattr(self._log, level)(message, ecs_event=ecs, **fields)

@@ -13,6 +13,7 @@ import hmac
 import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = ["Identity", "IdentityResolver", "client_address"]
 
@@ -23,8 +24,11 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 @dataclass(frozen=True)
 class Identity:
     session: str           # hex HMAC, safe to log and to put in policy lists
-    source: str            # "header" | "bearer" | "address"
+    source: str            # "header" | "bearer" | "address" | "anonymous"
     ip: IPAddress | None   # the client's address as the guard believes it
+    authenticated: bool = False     # a credential was presented (and verified, when a key store / JWKS is set)
+    principal: str | None = None    # a key's configured name or a token's claim, when verified
+    rate_limit: Any = None          # a per-key RateLimit override, when the key store sets one
 
 
 def _parse_ip(value: str | None) -> IPAddress | None:
@@ -73,12 +77,12 @@ class IdentityResolver:
             if source == "header":
                 value = headers.get(self._header, "").strip()
                 if value:
-                    return Identity(self.hash("key", value), "header", ip)
+                    return Identity(self.hash("key", value), "header", ip, authenticated=True)
             elif source == "bearer":
                 auth = headers.get("Authorization", "")
                 scheme, _, token = auth.partition(" ")
                 if scheme.lower() == "bearer" and token.strip():
-                    return Identity(self.hash("bearer", token.strip()), "bearer", ip)
+                    return Identity(self.hash("bearer", token.strip()), "bearer", ip, authenticated=True)
             elif source == "address" and ip is not None:
                 return Identity(self.hash("ip", ip.compressed), "address", ip)
         return Identity(self.hash("anonymous", ""), "anonymous", ip)

@@ -22,7 +22,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from guard_agent.events import build_decision_event
-from guard_agent.policy.decide import RequestFacts, SessionFacts, decide
+from guard_agent.policy.decide import INTEGRITY_RULE, RequestFacts, SessionFacts, decide
 from guard_agent.policy.model import Decision, Policy
 from guard_agent.protocols import (
     Hardening as WireHardening,
@@ -45,6 +45,7 @@ HOP_BY_HOP = frozenset(h.lower() for h in (
     "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer", "Trailers",
     "Transfer-Encoding", "Upgrade", "Host", "Content-Length", "Proxy-Connection",
 ))
+_DIGITS = re.compile(r"[0-9]+")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _BLOCK_MESSAGE = "request refused by policy"
 
@@ -92,6 +93,7 @@ class _Outcome:
     __slots__ = (
         "action",
         "enforced",
+        "features",
         "fields",
         "model",
         "outcome",
@@ -117,6 +119,7 @@ class _Outcome:
         self.technique: str | None = None
         self.enforced = True
         self.fields: dict[str, Any] = {}
+        self.features: np.ndarray | None = None
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
@@ -175,6 +178,8 @@ def _emit(state: GuardState, request: web.Request, policy: Policy, out: _Outcome
         request_id=request_id, method=request.method, status=out.status, path=request.path,
         source_ip=out.source_ip, technique=out.technique, started=started, extra_guard=out.fields,
     )
+    if state.capture is not None and out.features is not None:
+        state.capture.record(fields, out.features)  # unsampled, before allow sampling
     level = "warning" if out.action in ("block", "throttle", "integrity_violation") else "info"
     state.events.decision(fields, f"{out.action} {request.method} {request.path}", level=level)
 
@@ -276,6 +281,10 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
     policy = state.policies.current
     eff = policy.for_model(match.model)
     out.enforced = eff.mode == "enforce"
+    if eff.require_credentials and not identity.authenticated:
+        out.rule = "credentials-required"
+        return _reject(state, out, 401, "unauthorized", "a valid API key or bearer token is required", request_id,
+                       {"WWW-Authenticate": 'Bearer realm="inference-guard"'}), 0.0
 
     body = await _read_body(request, settings.max_body_bytes, settings.client_read_timeout)
     if body is None:
@@ -287,8 +296,7 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
             match.protocol or "v2", body, content_type=request.headers.get("Content-Type"),
             content_encoding=request.headers.get("Content-Encoding"), pointer=match.pointer,
             limits=ParseLimits(max_depth=settings.max_json_depth, max_rows=settings.max_batch_rows),
-            inference_header_length=int(header_len) if header_len is not None and header_len.isdigit() else
-            (-1 if header_len is not None else None),
+            inference_header_length=_header_length(header_len),
         )
         out.rows = parsed.rows
         check_input(parsed.features, eff.input, expected_features=state.profile.expected_features(match.model))
@@ -303,13 +311,16 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
                                         state.async_scorers if eff.squeeze.enabled else ())
     if failure is not None:
         state.metrics.scoring_failures.labels(failure).inc()
+    integrity = state.integrity.score(match.model)
+    if integrity is not None:
+        scores["integrity.canary"] = integrity
 
     record = await state.sessions.get(identity.session, now)
     scores.update(await state.trackers.peek(identity.session, record, parsed.features, match.model, now))
     rate_limited, retry_after = False, 0.0
-    if eff.rate_limit is not None:
-        record.bucket, allowed, retry_after = take(record.bucket, now, rate=eff.rate_limit.rate,
-                                                   burst=eff.rate_limit.burst)
+    limit = identity.rate_limit or eff.rate_limit
+    if limit is not None:
+        record.bucket, allowed, retry_after = take(record.bucket, now, rate=limit.rate, burst=limit.burst)
         rate_limited = not allowed
     decision = decide(
         RequestFacts(model=match.model, protocol=parsed.protocol, rows=parsed.rows, body_bytes=len(body),
@@ -323,7 +334,10 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
     out.scores, out.action, out.rule, out.technique = scores, decision.action, decision.rule, decision.technique
     if decision.matched:
         out.fields["matched_rules"] = list(decision.matched)
-    out.fields["protocol"] = parsed.protocol
+    out.fields.update(protocol=parsed.protocol, body_bytes=len(body), features=int(parsed.features.shape[1]),
+                      session_source=identity.source, session_queries=record.queries,
+                      session_age_seconds=round(now - record.first_seen, 3))
+    out.features = parsed.features
     if decision.enforced and decision.action == "block" and eff.block_cooldown > 0 and record.blocked(now) is None:
         record.blocked_until, record.blocked_rule = now + eff.block_cooldown, decision.rule
     record.queries += parsed.rows
@@ -333,6 +347,10 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
     if decision.refused:
         out.outcome = "failure"
         await state.sessions.put(identity.session, record, now)
+        if decision.rule == INTEGRITY_RULE:
+            return error_response(503, "integrity_violation",
+                                  "the model failed its integrity check; requests are refused until it passes",
+                                  request_id), 0.0
         if decision.action == "throttle":
             retry = str(max(1, int(np.ceil(decision.retry_after or 1.0))))
             return error_response(429, "throttled", "too many requests", request_id,
@@ -369,6 +387,13 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
     response = web.Response(status=status, reason=reason, body=payload,
                             headers=_client_headers(headers, request_id))
     return response, upstream_time
+
+
+def _header_length(value: str | None) -> int | None:
+    """The v2 binary extension's JSON length; -1 (refused by the parser) when it is not plain ASCII digits."""
+    if value is None:
+        return None
+    return int(value) if _DIGITS.fullmatch(value) and len(value) <= 12 else -1
 
 
 def _declared_scorer(ctx: ScoringContext) -> Mapping[str, float]:

@@ -69,18 +69,38 @@ class Settings:
     client_read_timeout: float = 15.0
     upstream_pool_size: int = 256
     log_sample_allow: float = 1.0
-    log_level: str = "info"
+    log_level: str = "info"          # minimum level of operational logs; decision events are always written
     session_max: int = 100_000
     session_ttl: float = 3600.0
     routes: tuple[CustomRoute, ...] = ()
     allow_routes: tuple[AllowedRoute, ...] = ()
     reload_interval: float = 1.0
     shutdown_grace: float = 10.0
+    # access control and transport (issue 6)
+    api_keys_file: str | None = None
+    jwt_jwks_file: str | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_session_claim: str = "sub"
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_client_ca_file: str | None = None
+    # SIEM delivery besides stdout (issue 6): a list of sink mappings, validated by the sink module
+    sinks: tuple[dict[str, Any], ...] = ()
+    spool_dir: str | None = None
+    # decision capture for replay and tuning (issue 7)
+    capture_dir: str | None = None
+    capture_max_bytes: int = 64 * 1024 * 1024
+    capture_max_files: int = 10
+    capture_key: str | None = None
+    # model integrity (issue 8)
+    model_dir: str | None = None
+    model_public_key_file: str | None = None
 
     def redacted(self) -> dict[str, Any]:
         """A loggable view: secrets replaced by whether they are set."""
         out = dataclasses.asdict(self)
-        for secret in ("hmac_key", "admin_token"):
+        for secret in ("hmac_key", "admin_token", "capture_key"):
             out[secret] = "<set>" if out[secret] else None
         if out["redis_url"] and "@" in out["redis_url"]:
             out["redis_url"] = "<set, with credentials>"
@@ -88,7 +108,7 @@ class Settings:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
-_SECRETS = ("hmac_key", "admin_token", "redis_url")
+_SECRETS = ("hmac_key", "admin_token", "redis_url", "capture_key")
 _TUPLE_OF_STR = ("session_sources", "trusted_proxies")
 
 
@@ -108,6 +128,8 @@ def _coerce(name: str, raw: Any) -> Any:
             return tuple(CustomRoute(**dict(r)) for r in (raw or ()))
         if name == "allow_routes":
             return tuple(AllowedRoute(**dict(r)) for r in (raw or ()))
+        if name == "sinks":
+            return tuple(dict(r) for r in (raw or ()))
         if name in _TUPLE_OF_STR:
             if isinstance(raw, str):
                 raw = [p.strip() for p in raw.split(",") if p.strip()]
@@ -149,7 +171,7 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
         if name in _SECRETS and env.get(env_name + "_FILE"):
             picked[name + "_file"] = env[env_name + "_FILE"]
         if env_name in env and env[env_name] != "":
-            if name in ("routes", "allow_routes"):
+            if name in ("routes", "allow_routes", "sinks"):
                 picked[name] = yaml.safe_load(env[env_name])
             else:
                 picked[name] = env[env_name]
@@ -197,11 +219,14 @@ def _validate(s: Settings) -> None:
     if s.redis_url and not s.hmac_key:
         raise ConfigError("hmac_key (GUARD_HMAC_KEY or GUARD_HMAC_KEY_FILE) is required with redis_url: "
                           "replicas must derive the same session ids")
+    if s.log_level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"log_level must be debug, info, warning or error, got {s.log_level!r}")
     if not 0.0 <= s.log_sample_allow <= 1.0:
         raise ConfigError("log_sample_allow must be within [0, 1]")
     for positive in ("connect_timeout", "read_timeout", "max_body_bytes", "max_header_bytes",
                      "max_json_depth", "max_batch_rows", "client_read_timeout", "session_max",
-                     "session_ttl", "canary_interval", "upstream_pool_size"):
+                     "session_ttl", "canary_interval", "upstream_pool_size", "capture_max_bytes",
+                     "capture_max_files"):
         if getattr(s, positive) <= 0:
             raise ConfigError(f"{positive} must be positive")
     for route in s.routes:

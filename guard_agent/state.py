@@ -59,6 +59,23 @@ class TrackerHook:
         raise ValueError("no session trackers configured")
 
 
+class IntegrityHook:
+    """The model-integrity seam (canaries, signed artifacts): 1.0 = the model failed its check."""
+
+    def score(self, model: str | None) -> float | None:
+        return None
+
+
+class CaptureHook:
+    """The decision-capture seam: receives every inference decision event, unsampled."""
+
+    def record(self, fields: Mapping[str, Any], features: Any) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
 @dataclass
 class GuardState:
     settings: Settings
@@ -70,6 +87,8 @@ class GuardState:
     metrics: Metrics
     profile: ProfileSource = field(default_factory=ProfileSource)
     trackers: TrackerHook = field(default_factory=TrackerHook)
+    integrity: IntegrityHook = field(default_factory=IntegrityHook)
+    capture: CaptureHook | None = None
     async_scorers: tuple[Callable[[ScoringContext], Awaitable[Mapping[str, float]]], ...] = ()
     client: aiohttp.ClientSession | None = None
     upstream_ok: bool = False
@@ -80,7 +99,9 @@ class GuardState:
     def available_scores(self) -> frozenset[str]:
         from guard_agent.policy.model import BUILTIN_SCORES
 
-        return BUILTIN_SCORES | self.profile.score_names | self.trackers.score_names | self._async_score_names()
+        integrity = frozenset({"integrity.canary"}) if type(self.integrity) is not IntegrityHook else frozenset()
+        return (BUILTIN_SCORES | self.profile.score_names | self.trackers.score_names | self._async_score_names()
+                | integrity)
 
     def _async_score_names(self) -> frozenset[str]:
         names: set[str] = set()

@@ -1,8 +1,9 @@
 """``decide()``: the pure decision function (no I/O, no clock).
 
 Checks run in a fixed chain, as in an Envoy filter chain: the allow list
-short-circuits to allow; the deny list, an active block cool-down and a
-fail-closed scoring failure short-circuit to block. Otherwise every rule is
+short-circuits to allow; the deny list, an active block cool-down, a failed
+model integrity check under ``integrity.on_violation: block`` and a fail-closed
+scoring failure short-circuit to block. Otherwise every rule is
 evaluated, the rate limit adds a throttle candidate, and the most severe
 action wins (block > throttle > harden > flag > allow). ``rule`` names the
 winning rule, ``default`` when none matched.
@@ -17,7 +18,10 @@ from typing import Any, Literal
 
 from guard_agent.policy.model import SEVERITY, Action, Decision, EffectivePolicy
 
-__all__ = ["RequestFacts", "SessionFacts", "decide", "facts_for"]
+__all__ = ["INTEGRITY_RULE", "RequestFacts", "SessionFacts", "decide", "facts_for"]
+
+INTEGRITY_RULE = "model-integrity"
+"""Rule name of decisions taken because the model failed its integrity check (canaries, signatures)."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,10 @@ def decide(
     if session.blocked_rule is not None:
         return Decision("block", session.blocked_rule, enforced=enforced,
                         reason="session is blocked (cool-down after an earlier block)")
+    integrity_failed = scores.get("integrity.canary", 0.0) >= 1.0
+    if integrity_failed and policy.integrity_action == "block":
+        return Decision("block", INTEGRITY_RULE, technique="AML.T0018", enforced=enforced,
+                        reason="the model behind the guard failed its integrity check")
     if scoring_failure is not None:
         closed = (policy.failure.on_error if scoring_failure == "error" else policy.failure.on_budget) == "closed"
         if closed:
@@ -97,6 +105,9 @@ def decide(
             matched.append(rule.id)
             if SEVERITY[rule.action] > SEVERITY[best_action]:
                 best_action, best_rule, technique = rule.action, rule.id, rule.technique
+    if integrity_failed and policy.integrity_action == "flag" and SEVERITY["flag"] > SEVERITY[best_action]:
+        best_action, best_rule, technique = "flag", INTEGRITY_RULE, "AML.T0018"
+        matched.append(INTEGRITY_RULE)
     if session.rate_limited and SEVERITY["throttle"] > SEVERITY[best_action]:
         best_action, best_rule, technique = "throttle", "rate-limit", None
         matched.append("rate-limit")

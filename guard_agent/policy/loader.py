@@ -107,7 +107,10 @@ class _Doc:
             return out
         if isinstance(node, yaml.SequenceNode):
             return [self._build(v, (*path, i)) for i, v in enumerate(node.value)]
-        return self._constructor.construct_object(node, deep=True)
+        try:
+            return self._constructor.construct_object(node, deep=True)
+        except yaml.YAMLError as exc:  # e.g. an unknown tag, or '=' which PyYAML resolves to a value tag
+            raise self.error(path, f"unsupported YAML value: {getattr(exc, 'problem', exc)}") from exc
 
     def error(self, path: Path_, message: str) -> PolicyError:
         probe = path
@@ -161,7 +164,8 @@ class _Reader:
         return list(value)
 
 
-_SECTION_KEYS = {"mode", "input", "rate_limit", "hardening", "lists", "failure", "block", "squeeze", "rules"}
+_SECTION_KEYS = {"mode", "input", "rate_limit", "hardening", "lists", "failure", "block", "squeeze", "rules",
+                 "access", "integrity"}
 _TOP_KEYS = _SECTION_KEYS | {"version", "models", "description"}
 
 
@@ -177,7 +181,9 @@ def parse_policy(text: str, *, source: str = "<policy>",
     warnings: list[str] = []
     base = _compile_section(r, top, (), None, available, warnings)
     models: dict[str, EffectivePolicy] = {}
-    for name, override in r.mapping(top.get("models"), ("models",), set(top.get("models") or {})).items():
+    raw_models = top.get("models")
+    allowed_models = set(raw_models) if isinstance(raw_models, dict) else set()
+    for name, override in r.mapping(raw_models, ("models",), allowed_models).items():
         section = r.mapping(override, ("models", name), _SECTION_KEYS | {"disable_rules"})
         models[name] = _compile_section(r, section, ("models", name), base, available, warnings)
     revision = hashlib.sha256(text.encode()).hexdigest()
@@ -237,6 +243,8 @@ def _compile_section(r: _Reader, sec: Mapping[str, Any], path: Path_, base: Effe
         block_cooldown=_cooldown(r, sec, sub, base),
         squeeze=_squeeze(r, sec, sub, base),
         score_names=available,
+        require_credentials=_access(r, sec, sub, base),
+        integrity_action=_integrity(r, sec, sub, base),  # type: ignore[arg-type]
     )
 
 
@@ -391,3 +399,18 @@ def _squeeze(r: _Reader, sec: Mapping[str, Any], sub: Any, base: EffectivePolicy
         kind=r.choice(m.get("kind", "auto"), (*p, "kind"), ("auto", "image", "tabular")),  # type: ignore[arg-type]
         bit_depth=int(r.number(m.get("bit_depth", 4), (*p, "bit_depth"), minimum=1, integer=True)),
     )
+
+
+def _access(r: _Reader, sec: Mapping[str, Any], sub: Any, base: EffectivePolicy | None) -> bool:
+    if "access" not in sec:
+        return base.require_credentials if base else False
+    m = r.mapping(sec["access"], sub("access"), {"require_credentials"})
+    return r.boolean(m.get("require_credentials", False), (*sub("access"), "require_credentials"))
+
+
+def _integrity(r: _Reader, sec: Mapping[str, Any], sub: Any, base: EffectivePolicy | None) -> str:
+    if "integrity" not in sec:
+        return base.integrity_action if base else "monitor"
+    m = r.mapping(sec["integrity"], sub("integrity"), {"on_violation"})
+    return r.choice(m.get("on_violation", "monitor"), (*sub("integrity"), "on_violation"),
+                    ("monitor", "flag", "block"))

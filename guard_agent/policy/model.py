@@ -158,6 +158,8 @@ class EffectivePolicy:
     block_cooldown: float
     squeeze: SqueezeSettings
     score_names: frozenset[str]
+    require_credentials: bool = False
+    integrity_action: Literal["monitor", "flag", "block"] = "monitor"
 
 
 @dataclass(frozen=True)
