@@ -53,9 +53,7 @@ class TestProfileReload:
         data = bytearray(npz.read_bytes())
         data[-100] ^= 0xFF
         npz.write_bytes(bytes(data))
-        (live / "profile.json").touch()
-        time.sleep(0.01)
-        (live / "profile.json").write_bytes((live / "profile.json").read_bytes())
+        (live / "profile.json").write_bytes((live / "profile.json").read_bytes() + b"\n")
         assert await wait_for(lambda: any(e["message"].startswith("profile rejected") for e in guard.events))
         assert guard.state.profile.revision == second
         registry = guard.state.metrics.registry
