@@ -4,11 +4,13 @@ large ones."""
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 from sklearn.cluster import KMeans
+from sklearn.exceptions import ConvergenceWarning
 
 from ._base import BaseDetector, require_array, require_param
 from ._validation import Float32Array, FloatArray, safe_scale
@@ -60,7 +62,9 @@ class KNNDistance(BaseDetector):
         if kind == "ivf" and n < 2 * n_cells:
             kind, n_cells = "exact", 1
         if kind == "ivf":
-            km = KMeans(n_clusters=n_cells, n_init=1, random_state=self.seed, max_iter=100).fit(Z)
+            with warnings.catch_warnings():  # duplicate rows can leave fewer distinct cells: harmless here
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                km = KMeans(n_clusters=n_cells, n_init=1, random_state=self.seed, max_iter=100).fit(Z)
             cells = km.labels_
             order = np.argsort(cells, kind="stable")
             counts = np.bincount(cells, minlength=n_cells)

@@ -73,7 +73,7 @@ _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,80}\.npz$")
 Component = tuple[Mapping[str, Any], Mapping[str, np.ndarray]]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity semantics: hashable, usable as a cache key
 class Profile:
     """A fitted, calibrated set of detectors. Immutable; arrays are read-only.
 
