@@ -30,7 +30,7 @@ __all__ = ["build_state", "make_admin_app", "make_app"]
 def build_state(settings: Settings, *, sink: EventSink | None = None) -> GuardState:
     """Everything that does not need a running loop; raises on a bad first policy or profile."""
     metrics = Metrics()
-    events = EventLogger(sink or StreamSink(on_drop=metrics.events_dropped.inc),
+    events = EventLogger(sink or _make_sink(settings, metrics),
                          sample_allow=settings.log_sample_allow, min_level=settings.log_level)
     key = settings.hmac_key.encode() if settings.hmac_key else secrets.token_bytes(32)
     if not settings.hmac_key:
@@ -58,7 +58,39 @@ def build_state(settings: Settings, *, sink: EventSink | None = None) -> GuardSt
         trackers=trackers,
     )
     state.async_scorers = _async_scorers(state)
+    state.capture = _optional("guard_agent.capture", "make_capture", state)
+    integrity = _optional("guard_agent.integrity", "make_integrity", state)
+    if integrity is not None:
+        state.integrity = integrity
+        state.policies.reload(available_scores=state.available_scores())
     return state
+
+
+def _make_sink(settings: Settings, metrics: Metrics) -> EventSink:
+    """stdout, plus the configured SIEM sinks (syslog, HTTP) when the sinks module is present."""
+    factory = _optional_factory("guard_agent.sinks", "make_sink")
+    if factory is not None:
+        sink: EventSink = factory(settings, metrics)
+        return sink
+    return StreamSink(on_drop=metrics.events_dropped.inc)
+
+
+def _optional_factory(module: str, name: str):  # type: ignore[no-untyped-def]
+    """A factory from an optional module (None when the module does not exist in this build)."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name != module:
+            raise
+        return None
+    return getattr(mod, name)
+
+
+def _optional(module: str, name: str, state: GuardState):  # type: ignore[no-untyped-def]
+    factory = _optional_factory(module, name)
+    return None if factory is None else factory(state)
 
 
 def _load_profile_source(settings: Settings, events: EventLogger, metrics: Metrics):  # type: ignore[no-untyped-def]
@@ -167,11 +199,20 @@ async def _policy_watcher(app: web.Application) -> AsyncIterator[None]:
 
 
 def make_app(state: GuardState) -> web.Application:
-    """The guard listener: every path goes to the one handler, which applies the route table."""
+    """The guard listener: every path goes to the one handler, which applies the route table.
+
+    Optional components (integrity checks, capture) contribute their background tasks through a
+    ``cleanup_ctx`` attribute: an async generator function taking the app, run after the upstream client
+    exists.
+    """
     app = web.Application(middlewares=[_header_limit], client_max_size=state.settings.max_body_bytes)
     app[STATE] = state
     app.cleanup_ctx.append(_upstream_client)
     app.cleanup_ctx.append(_upstream_prober)
     app.cleanup_ctx.append(_policy_watcher)
+    for component in (state.integrity, state.capture):
+        ctx = getattr(component, "cleanup_ctx", None)
+        if ctx is not None:
+            app.cleanup_ctx.append(ctx)
     app.router.add_route("*", "/{tail:.*}", handle)
     return app

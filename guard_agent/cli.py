@@ -87,6 +87,33 @@ def _demo(args: argparse.Namespace) -> int:
     return asyncio.run(run_demo(verbose=args.verbose))
 
 
+OPTIONAL_COMMANDS: tuple[tuple[str, str, str], ...] = (
+    ("canary", "guard_agent.commands.canary", "record canary queries against the approved model"),
+    ("sign", "guard_agent.commands.sign", "sign a model directory's files (Ed25519 manifest)"),
+    ("replay", "guard_agent.commands.replay", "re-decide captured traffic under a new policy and diff"),
+    ("tune", "guard_agent.commands.tune", "suggest thresholds for a target false-positive rate"),
+    ("report", "guard_agent.commands.report", "write a self-contained HTML report of captured traffic"),
+    ("selftest", "guard_agent.commands.selftest", "run a bounded red-team test against a running guard"),
+)
+"""Subcommands in their own modules: each has ``add_arguments(parser)`` and ``run(args) -> int``."""
+
+
+def _add_optional(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> dict[str, str]:
+    import importlib
+
+    found: dict[str, str] = {}
+    for name, module, help_text in OPTIONAL_COMMANDS:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name is not None and module.startswith(exc.name):
+                continue
+            raise
+        mod.add_arguments(sub.add_parser(name, help=help_text))
+        found[name] = module
+    return found
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="guard-agent", description="inference-guard: a runtime guard for ML models")
     parser.add_argument("--version", action="version", version=f"guard-agent {__version__}")
@@ -97,13 +124,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fit(sub)
     d = sub.add_parser("demo", help="run the guard in front of a built-in model, send traffic, print decisions")
     d.add_argument("--verbose", action="store_true", help="also print every decision event")
+    parser.set_defaults(optional_commands=_add_optional(sub))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"run": _run, "check": _check, "fit": _fit, "demo": _demo}
-    return handlers[args.command](args)
+    if args.command in handlers:
+        return handlers[args.command](args)
+    import importlib
+
+    module = importlib.import_module(args.optional_commands[args.command])
+    result: int = module.run(args)
+    return result
 
 
 if __name__ == "__main__":

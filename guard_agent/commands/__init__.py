@@ -1,0 +1,1 @@
+"""Optional CLI subcommands, one module each: ``add_arguments(parser)`` and ``run(args) -> int``."""
