@@ -12,7 +12,7 @@ request so that a request's lookup and insertion are atomic across replicas:
   ``window_s``; candidates from the buckets are verified by counting shared hashes.
 
 Memory is bounded: about ``max_entries * ~280`` bytes of entries plus ``n_buckets * ~32`` bytes of buckets
-(~45 MB at the default 100k entries). Keys are computed inside the script: standalone Redis or Sentinel,
+(~50 MB at the default 100k entries). Keys are computed inside the script: standalone Redis or Sentinel,
 not Redis Cluster. Redis down or slow: the replica's own in-memory index answers (it mirrors every query)
 and the call is counted; entries seen during an outage are not pushed to Redis (they age out within
 ``window_s`` anyway).
@@ -100,16 +100,18 @@ class RedisGlobalIndex:
     """``session.global_fingerprint`` across replicas; the local index answers when Redis does not."""
 
     def __init__(self, link: RedisLink, *, local: GlobalFingerprintIndex | None = None,
-                 max_entries: int = 100_000, bucket_size: int = 4) -> None:
+                 max_entries: int = 100_000, bucket_size: int | None = None) -> None:
+        """Parameters not given here are the local index's, so both speak on one scale."""
         self.link = link
         self.local = local if local is not None else GlobalFingerprintIndex()
         self.max_entries = int(max_entries)
-        self.bucket_size = int(bucket_size)
+        table = getattr(self.local, "_table", None)  # the local index's bucket width (not public there)
+        self.bucket_size = int(bucket_size or (table.shape[1] if table is not None else 16))
         self.window_s = self.local.window_s
         self.match_threshold = self.local.match_threshold
         self.n_index = self.local.n_index
         self.m_half = self.local.m_half
-        self.n_buckets = 1 << max(4, math.ceil(math.log2(max(1, max_entries * self.n_index // bucket_size) * 2)))
+        self.n_buckets = 1 << max(4, math.ceil(math.log2(max(1, max_entries * self.n_index // self.bucket_size) * 2)))
         self._script: Any = None
 
     def install(self, tracking: Any) -> None:

@@ -361,6 +361,7 @@ class RedisSessionStore:
         self._codec = codec
         self._dirty: OrderedDict[str, None] = OrderedDict()
         self._scripts: dict[str, Any] = {}
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}  # per-session reconcile lock, its users
         link.on_recover(self.reconcile)
 
     # ---- keys and scripts ------------------------------------------------------------------------
@@ -384,24 +385,34 @@ class RedisSessionStore:
             record = await self._reconcile_one(session, want=True, budget=None)
             if record is not None:
                 return record
+        fields = await self._read(session)
+        if fields is None:
+            return await self._local_get(session, now)
+        if not fields:
+            held = self.local.peek(session)
+            if isinstance(held, SyncedRecord) and held.base.version > 0 and now - held.last_seen < self.ttl:
+                # Synced before, gone now (Redis restarted empty or failed over): restore what we know.
+                restored = await self._reconcile_one(session, want=True, budget=None, restore=held.base.version)
+                if restored is not None:
+                    return restored
+                fields = await self._read(session)  # restored or merged by someone else meanwhile
+                if fields is None:
+                    return await self._local_get(session, now)
+        record = self._decode(fields, now)
+        await self._mirror(session, record, now)
+        return record
+
+    async def _read(self, session: str) -> dict[bytes, bytes] | None:
+        """The session's fields ({} when absent), or None when Redis did not answer."""
         found = await self.link.run("get", lambda c: self._script(c, "get")(keys=self.keys(session), client=c))
         if found is FALLBACK:
-            return await self._local_get(session, now)
+            return None
         assert isinstance(found, list)
         fields = dict(zip(found[::2], found[1::2], strict=True))
         if b"x" in fields:  # reset by an operator: forget the local copy too
             await self.local.delete(session)
-            fields = {}
-        elif not fields:
-            held = self.local.peek(session)
-            if isinstance(held, SyncedRecord) and held.base.version > 0 and now - held.last_seen < self.ttl:
-                # Synced before, gone now (Redis restarted empty or failed over): restore what we know.
-                restored = await self._reconcile_one(session, want=True, budget=None, result_label="restored")
-                if restored is not None:
-                    return restored
-        record = self._decode(fields, now)
-        await self._mirror(session, record, now)
-        return record
+            return {}
+        return fields
 
     async def put(self, session: str, record: SessionRecord, now: float) -> None:
         record.last_seen = max(record.last_seen, now)
@@ -477,10 +488,35 @@ class RedisSessionStore:
                        guard={"redis": {"reconciled": merged, "pending": len(self._dirty)}})
 
     async def _reconcile_one(self, session: str, *, want: bool, budget: float | None,
-                             result_label: str = "merged") -> SessionRecord | None:
+                             restore: int | None = None) -> SessionRecord | None:
+        """Merge the local record into Redis (one at a time per session, so no delta is applied twice).
+
+        Without ``restore``: only while the session is dirty. With ``restore`` (the base version seen when
+        the key was found missing): only if nobody synced the record since. None when there was nothing to
+        do (the caller reads Redis again) or Redis did not answer.
+        """
+        lock, users = self._locks.get(session) or (asyncio.Lock(), 0)
+        self._locks[session] = (lock, users + 1)
+        try:
+            async with lock:
+                return await self._reconcile_locked(session, want=want, budget=budget, restore=restore)
+        finally:
+            lock, users = self._locks[session]
+            if users == 1:
+                del self._locks[session]
+            else:
+                self._locks[session] = (lock, users - 1)
+
+    async def _reconcile_locked(self, session: str, *, want: bool, budget: float | None,
+                                restore: int | None) -> SessionRecord | None:
         held = self.local.peek(session)
         if not isinstance(held, SyncedRecord):
             self._dirty.pop(session, None)
+            return None
+        if restore is None:
+            if self._dirty.pop(session, False) is not None:
+                return None  # merged already by a concurrent caller
+        elif held.base.version != restore or session in self._dirty:
             return None
         now = held.last_seen
         args, tracker = self._changes(held, now, full=True)
@@ -489,14 +525,16 @@ class RedisSessionStore:
             keys=self.keys(session), args=args, client=c), budget=budget)
         if result is FALLBACK:
             self.link.metrics.reconciled.labels("failed").inc()
+            if restore is None:
+                self._mark_dirty(session)
             return None
-        self._dirty.pop(session, None)
-        self.link.metrics.reconciled.labels(result_label).inc()
+        self.link.metrics.reconciled.labels("merged" if restore is None else "restored").inc()
         if not want:
             self._synced(held, int(result), tracker)  # type: ignore[call-overload]
             return held
         assert isinstance(result, list)
         record = self._decode(dict(zip(result[::2], result[1::2], strict=True)), now)
+        self._synced(held, record.base.version, tracker)  # a request still holding it sends no delta twice
         await self._mirror(session, record, now)
         return record
 
@@ -557,6 +595,9 @@ class RedisSessionStore:
             rule = h[b"kr"].decode("utf-8", "replace") if b"kr" in h else None
             until = float(h[b"ku"]) if rule is not None and b"ku" in h else 0.0
             queries, version = int(h.get(b"q", 0)), int(h.get(b"v", 0))
+            numbers = (first, last, until) + ((bucket.tokens, bucket.updated) if bucket else ())
+            if not all(map(math.isfinite, numbers)):
+                raise ValueError("non-finite number")
         except (ValueError, KeyError):
             self.link.metrics.state_errors.labels("decode").inc()
             return SyncedRecord(first_seen=now, last_seen=now, base=_Base(version=-1))

@@ -466,6 +466,26 @@ class TestOutage:
             await a.store.aclose()
             await b.store.aclose()
 
+    async def test_reconcile_racing_requests_counts_once(self, own_redis: RedisServer) -> None:
+        """Requests for a dirty session racing the background reconcile merge the outage's queries once."""
+        a, b = make_replica(own_redis.url, "race:"), make_replica(own_redis.url, "race:")
+        try:
+            now = time.time()
+            for i in range(2):
+                await serve(a, "r", np.zeros((1, 64)), now + i)
+            own_redis.stop()
+            for i in range(2, 5):
+                await serve(a, "r", np.zeros((1, 64)), now + i)
+            own_redis.start()
+            a.store.link.up = True  # what the probe does; its reconcile now races the requests below
+            await asyncio.gather(a.store.reconcile(), a.store.get("r", now + 6), a.store.get("r", now + 6),
+                                 a.store.reconcile())
+            assert await wait_until(lambda: a.store.link.up and a.store.dirty() == 0)
+            assert (await b.store.get("r", now + 7)).queries == 5
+        finally:
+            await a.store.aclose()
+            await b.store.aclose()
+
     async def test_restart_without_data_restores_known_sessions(self, own_redis: RedisServer) -> None:
         """Redis restarted empty between two requests: the replica restores the session it knew (counted)."""
         a = make_replica(own_redis.url, "rst:")
