@@ -75,7 +75,7 @@ class RedisMetrics:
         self.state_errors = Counter("inference_guard_redis_state_errors_total",
                                     "Session fields that could not be stored or read (kept local / reset)",
                                     ["kind"], registry=r)
-        self.latency = Histogram("inference_guard_redis_seconds", "Redis call latency", ["op"],
+        self.latency = Histogram("inference_guard_redis_call_seconds", "Redis call latency", ["op"],
                                  buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1), registry=r)
         self.up.set(1)
 
@@ -442,6 +442,13 @@ class RedisSessionStore:
     def peek(self, session: str) -> SessionRecord | None:
         """The local copy (what this replica last saw), for the admin API."""
         return self.local.peek(session)
+
+    async def fetch(self, session: str, now: float) -> SessionRecord | None:
+        """The shared record without creating one (admin API); the local copy when Redis does not answer."""
+        fields = await self._read(session)
+        if fields is None:
+            return self.local.peek(session)
+        return self._decode(fields, now) if fields else None
 
     def size(self) -> int:
         return self.local.size()

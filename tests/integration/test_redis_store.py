@@ -284,6 +284,16 @@ class TestSharedSessions:
         seen = await b.store.get("s5", now + 1)
         assert seen.blocked(now + 1) == "extraction" and seen.queries == 2
 
+    async def test_fetch_reads_without_creating(self, replicas: tuple[Replica, Replica], prefix: str) -> None:
+        """The admin read shows another replica's session and creates nothing for an unknown one."""
+        a, b = replicas
+        now = time.time()
+        await serve(a, "s11", np.zeros((1, 64)), now, block="manual")
+        shown = await b.store.fetch("s11", now + 1)
+        assert shown is not None and shown.queries == 1 and shown.blocked_rule == "manual"
+        assert await b.store.fetch("nobody", now + 1) is None
+        assert keys_under(6379, prefix + "s:") == [prefix + "s:s11"]
+
     async def test_unblock_is_not_undone_by_a_stale_writer(self, replicas: tuple[Replica, Replica]) -> None:
         """An operator unblock on A holds although B still writes a record read while blocked."""
         a, b = replicas
