@@ -35,7 +35,9 @@ def conformal_threshold(sorted_scores: FloatArray, fpr: float) -> float:
     return float(sorted_scores[max(k, 1) - 1])
 
 
-P_FLOOR = 1e-15  # smallest p-value reported: keeps log(p) finite and calibrated scores below 1
+# smallest p-value reported: keeps log(p) finite. Below ~1.1e-16 the calibrated score 1 - p rounds to exactly
+# 1.0, which therefore means "beyond every calibration row by many tail scales" (e.g. far out of range).
+P_FLOOR = 1e-300
 
 
 def tail_scale(sorted_cal: FloatArray) -> float | None:
@@ -77,21 +79,17 @@ def conformal_p_values(sorted_cal: FloatArray, scores: npt.ArrayLike, tail: floa
     return p
 
 
-def loo_p_values(sorted_cal: FloatArray, cal_scores: npt.ArrayLike, tail: float | None = None) -> FloatArray:
+def loo_p_values(sorted_cal: FloatArray, cal_scores: npt.ArrayLike) -> FloatArray:
     """Leave-one-out p-values of the calibration scores themselves: #{calibration >= s_i} / n.
 
     Each calibration row is compared with the other n - 1 under the same +1 rule, so the result has the same
-    distribution as a fresh row's p-value; used to calibrate the combined score without a second split. The
-    unique maximum is above all the others, so it gets the tail p-value relative to the second largest.
+    distribution as a fresh row's p-value; used to calibrate the combined score without a second split. No
+    tail here: one extreme calibration row must not push the combined calibration to the p-value floor.
     """
     s = np.asarray(cal_scores, dtype=np.float64)
     n = sorted_cal.shape[0]
     n_ge = n - np.searchsorted(sorted_cal, s, side="left")
-    p = np.asarray(n_ge / float(n), dtype=np.float64)
-    if tail is not None and n >= 2 and sorted_cal[-1] > sorted_cal[-2]:
-        top = s == sorted_cal[-1]
-        p[top] = max(math.exp(-(float(sorted_cal[-1]) - float(sorted_cal[-2])) / tail) / n, P_FLOOR)
-    return p
+    return np.asarray(n_ge / float(n), dtype=np.float64)
 
 
 class BaseDetector:
@@ -101,8 +99,9 @@ class BaseDetector:
     """
 
     score_name: ClassVar[str] = ""
-    # extrapolate p-values beyond the calibration maximum (continuous scores only; see `tail_scale`)
-    extrapolate_tail: ClassVar[bool] = True
+    # p-values beyond the calibration maximum: None = exponential tail fitted to the top calibration scores
+    # (see `tail_scale`); a number = that fixed tail scale in raw-score units
+    fixed_tail_scale: ClassVar[float | None] = None
     n_features_in_: int
     calibration_scores_: FloatArray
     threshold_: float
@@ -132,7 +131,8 @@ class BaseDetector:
         self.calibration_scores_ = np.sort(scores.astype(np.float64))
         self.fpr_ = float(fpr)
         self.threshold_ = conformal_threshold(self.calibration_scores_, fpr)
-        self.tail_scale_ = tail_scale(self.calibration_scores_) if self.extrapolate_tail else None
+        fixed = self.fixed_tail_scale
+        self.tail_scale_ = tail_scale(self.calibration_scores_) if fixed is None else fixed
         return self.threshold_
 
     def p_values(self, scores: npt.ArrayLike) -> FloatArray:

@@ -119,7 +119,8 @@ class Profile:
         A threshold t fires on about (1 - t) of in-distribution rows for every detector and for `ood.combined`
         (the smallest detector p-value, re-calibrated on the calibration split; see `PValueCombiner`), whatever
         the model. Rows beyond every calibration score get an exponential-tail p-value below 1/(n_cal + 1)
-        (floored at 1e-15), so thresholds above 1 - 1/(n_cal + 1) rely on that tail model.
+        (floored at 1e-300), so thresholds above 1 - 1/(n_cal + 1) rely on that tail model; a score of exactly
+        1.0 means p < 1.1e-16 (far beyond every calibration row).
         Raises ValueError on NaN/Inf, a wrong feature count or a non-numeric input.
         """
         S = 1.0 - self._p_matrix(X)
@@ -222,7 +223,7 @@ def fit_profile(
         fitted[name] = det
     combiner = PValueCombiner(method=combine)
     cal_p = np.stack(
-        [loo_p_values(det.calibration_scores_, det.score_samples(X_cal), det.tail_scale_) for det in fitted.values()],
+        [loo_p_values(det.calibration_scores_, det.score_samples(X_cal)) for det in fitted.values()],
         axis=1,
     )
     combiner.fit(cal_p)

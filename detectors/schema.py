@@ -18,12 +18,13 @@ class SchemaRange(BaseDetector):
     Bounds are the `quantile` and `1 - quantile` quantiles of the reference (0.0 = min/max, the default: a
     reference row is never out of range). The excess of feature j is measured in units of its reference range
     (high - low); constant features use a unit scale, so any deviation from the constant counts. In-range rows
-    score exactly 0, so this detector only fires on rows that leave the observed box. Its p-value never
-    drops below 1/(n_calibration + 1): no tail extrapolation for a discrete score.
+    score exactly 0, so this detector only fires on rows that leave the observed box. Beyond the largest
+    calibration score the p-value decays with a fixed unit scale (no tail is fitted to a discrete score):
+    one more feature out of range, or e times the excess, divides p by e; far out-of-range rows reach 1.0.
     """
 
     score_name = "input.schema"
-    extrapolate_tail = False  # a count of features: no smooth tail to extrapolate
+    fixed_tail_scale = 1.0  # beyond the calibration max, each further feature out of range divides p by e
 
     def __init__(self, *, quantile: float = 0.0) -> None:
         self.quantile = quantile

@@ -177,15 +177,15 @@ class TestMahalanobisLabels:
 
 class TestTail:
     def test_far_rows_get_p_values_below_the_empirical_floor(self, reference: np.ndarray) -> None:
-        """Beyond the largest calibration score p keeps falling (exponential tail), and stays above 1e-15."""
+        """Beyond the largest calibration score p keeps falling (exponential tail), down to the 1e-300 floor."""
         det = Mahalanobis().fit(reference[:2000])
         det.infer_threshold(reference[2000:], fpr=0.01)
         n_cal = 1000
         top = det.calibration_scores_[-1]
         p = det.p_values([top * 1.01, top * 2, top * 100, 1e300])
         assert p[0] < 1 / (n_cal + 1)
-        assert p[0] > p[1] > p[2] >= 1e-15
-        assert p[3] == 1e-15
+        assert p[0] > p[1] > p[2] >= 1e-300
+        assert p[3] == 1e-300
 
     def test_tail_keeps_fpr_at_extreme_thresholds(self, gauss: Gaussian, reference: np.ndarray) -> None:
         """With 1000 calibration rows a p < 0.0005 cut (beyond the empirical floor) fires on <= ~0.1% of inliers."""
@@ -194,12 +194,16 @@ class TestTail:
         p = det.p_values(det.score_samples(gauss.sample(20000, seed=41)))
         assert float(np.mean(p < 0.0005)) < 0.0015
 
-    def test_schema_has_no_tail(self, reference: np.ndarray) -> None:
-        """The discrete schema score never goes below the empirical floor 1/(n + 1)."""
+    def test_schema_uses_a_fixed_unit_tail(self, reference: np.ndarray) -> None:
+        """Beyond its calibration max the schema p-value divides by e per extra feature out of range."""
         det = SchemaRange().fit(reference[:2000])
         det.infer_threshold(reference[2000:], fpr=0.01)
-        assert det.get_state()[0]["tail_scale"] is None
-        assert det.p_values([1e6])[0] == pytest.approx(1 / 1001)
+        assert det.get_state()[0]["tail_scale"] == 1.0
+        top = det.calibration_scores_[-1]
+        p = det.p_values([top + 1.0, top + 3.0, top + 1000.0])
+        assert p[0] == pytest.approx(np.exp(-1.0) / 1001)
+        assert p[1] == pytest.approx(np.exp(-3.0) / 1001)
+        assert 1.0 - p[2] == 1.0
 
     def test_tampered_tail_scale_refused(self, reference: np.ndarray) -> None:
         """A negative or non-numeric tail_scale in the state is refused."""
