@@ -1,0 +1,64 @@
+"""Operational events about the sinks themselves, written to the primary sink (stdout).
+
+A sink that is down or full must not be the only place that says so. These lines have
+the shape of ``EventLogger.log`` output (``message``, ``log.level``, ``event``, ``guard``)
+so shippers and tests parse them like every other line.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from guard_agent.events import EventSink
+
+__all__ = ["Alarm"]
+
+
+class Alarm:
+    """Renders and writes sink status events; drop announcements are aggregated per interval."""
+
+    def __init__(self, primary: EventSink, *, drop_interval: float = 10.0) -> None:
+        self._primary = primary
+        self._interval = drop_interval
+        self._lock = threading.Lock()
+        self._drops: dict[tuple[str, str], int] = {}
+        self._last: dict[tuple[str, str], float] = {}
+
+    def emit(self, level: str, message: str, action: str, **guard: Any) -> None:
+        """One status line on stdout (never the raw events, never tokens)."""
+        outcome = "failure" if level in ("warning", "error", "critical") else "success"
+        doc = {
+            "@timestamp": datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z"),
+            "log": {"level": level},
+            "message": message,
+            "event": {"kind": "event", "category": ["process"], "action": action, "outcome": outcome},
+            "guard": guard,
+        }
+        self._primary.write(orjson.dumps(doc))
+
+    def dropped(self, sink: str, reason: str, count: int, **guard: Any) -> None:
+        """Announce lost events: the first loss at once, then one summary per interval while it lasts."""
+        key = (sink, reason)
+        now = time.monotonic()
+        with self._lock:
+            self._drops[key] = self._drops.get(key, 0) + count
+            if now - self._last.get(key, -1e9) < self._interval:
+                return
+            self._last[key] = now
+            total, self._drops[key] = self._drops[key], 0
+        self.emit("error", f"sink {sink}: {total} events dropped ({reason})", "sink_events_dropped",
+                  sink=sink, reason=reason, dropped=total, **guard)
+
+    def flush(self) -> None:
+        """Announce drops still waiting for their interval (at shutdown)."""
+        with self._lock:
+            pending = {k: v for k, v in self._drops.items() if v}
+            self._drops = {}
+        for (sink, reason), total in pending.items():
+            self.emit("error", f"sink {sink}: {total} events dropped ({reason})", "sink_events_dropped",
+                      sink=sink, reason=reason, dropped=total)

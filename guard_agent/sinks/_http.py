@@ -1,0 +1,162 @@
+"""HTTP: batches of events POSTed to a collector with a token header.
+
+Formats: ``ndjson`` (one event per line: Vector/Fluent Bit/Logstash http inputs),
+``splunk_hec`` (``/services/collector/event``: ``{"time", "event"}`` objects) and
+``elastic_bulk`` (``_bulk`` with ``create`` and an id derived from the event, so a batch
+sent twice is stored once). A 2xx acknowledges the batch. 400/413 are bisected down to
+the single events the receiver refuses (counted as rejected); 401/403 re-read the token
+file; everything else is retried with backoff while the spool holds the events.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.client
+import ssl
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+
+from guard_agent.settings import ConfigError
+from guard_agent.sinks._config import HttpSinkConfig
+from guard_agent.sinks._transport import DeliveryError, client_tls_context
+
+__all__ = ["HttpTransport", "encode_batch"]
+
+_CONTENT_TYPE = {"ndjson": "application/x-ndjson", "splunk_hec": "application/json",
+                 "elastic_bulk": "application/x-ndjson"}
+
+
+def _event_time(line: bytes) -> float | None:
+    try:
+        event: Any = orjson.loads(line)
+        return datetime.fromisoformat(event["@timestamp"].replace("Z", "+00:00")).timestamp()
+    except (orjson.JSONDecodeError, TypeError, KeyError, ValueError, AttributeError):
+        return None
+
+
+def encode_batch(config: HttpSinkConfig, lines: Sequence[bytes]) -> bytes:
+    """The request body for one batch in the configured format (events are embedded, not re-serialised)."""
+    if config.format == "splunk_hec":
+        parts = []
+        for line in lines:
+            meta: dict[str, Any] = {"source": "inference-guard", "sourcetype": config.sourcetype}
+            ts = _event_time(line)
+            if ts is not None:
+                meta["time"] = round(ts, 6)
+            if config.index:
+                meta["index"] = config.index
+            parts.append(orjson.dumps(meta)[:-1] + b',"event":' + line + b"}")
+        return b"\n".join(parts)
+    if config.format == "elastic_bulk":
+        parts = []
+        for line in lines:
+            action: dict[str, Any] = {"_id": hashlib.sha256(line).hexdigest()[:40]}
+            if config.index:
+                action["_index"] = config.index
+            parts.append(orjson.dumps({"create": action}) + b"\n" + line + b"\n")
+        return b"".join(parts)
+    return b"\n".join(lines) + b"\n"
+
+
+def _retry_after(resp: http.client.HTTPResponse) -> float | None:
+    value = resp.getheader("Retry-After")
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+class _HTTPSConnection(http.client.HTTPConnection):
+    """HTTPS that verifies ``server_name`` (which may differ from the host connected to)."""
+
+    default_port = 443
+
+    def __init__(self, host: str, port: int, *, timeout: float, tls: ssl.SSLContext, server_name: str) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self._tls = tls
+        self._server_name = server_name
+
+    def connect(self) -> None:
+        super().connect()
+        self.sock = self._tls.wrap_socket(self.sock, server_hostname=self._server_name)
+
+
+class HttpTransport:
+    """One keep-alive connection (http.client: the sender is a plain thread, no event loop)."""
+
+    def __init__(self, config: HttpSinkConfig) -> None:
+        self.config = config
+        parts = urlsplit(config.url)
+        self._https = parts.scheme == "https"
+        self._host = parts.hostname or ""
+        self._port = parts.port or (443 if self._https else 80)
+        self._path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self._tls = client_tls_context(config.tls) if config.tls is not None else None
+        self._conn: http.client.HTTPConnection | None = None
+        self._token = config.read_token()
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._conn is None:
+            if self._tls is not None:
+                server_name = self.config.tls.server_name if self.config.tls is not None else None
+                self._conn = _HTTPSConnection(self._host, self._port, timeout=self.config.timeout,
+                                              tls=self._tls, server_name=server_name or self._host)
+            else:
+                self._conn = http.client.HTTPConnection(self._host, self._port, timeout=self.config.timeout)
+        return self._conn
+
+    def _post(self, body: bytes) -> tuple[int, bytes, float | None]:
+        c = self.config
+        headers = {"Content-Type": _CONTENT_TYPE[c.format], "User-Agent": "inference-guard"}
+        headers.update(dict(c.headers))
+        if self._token:
+            headers[c.token_header] = f"{c.token_scheme} {self._token}".strip()
+        try:
+            conn = self._connection()
+            conn.request("POST", self._path, body=body, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+        except (OSError, http.client.HTTPException) as exc:
+            self.close()
+            raise DeliveryError(f"POST {self._host}:{self._port}: {type(exc).__name__}: {exc}") from None
+        if resp.will_close:
+            self.close()
+        return resp.status, data, _retry_after(resp)
+
+    def send(self, lines: Sequence[bytes]) -> int:
+        status, data, retry_after = self._post(encode_batch(self.config, lines))
+        if 200 <= status < 300:
+            return self._bulk_rejections(data) if self.config.format == "elastic_bulk" else 0
+        if status in (400, 413):          # some event(s) refused: find them, deliver the rest
+            if len(lines) == 1:
+                return 1
+            half = len(lines) // 2
+            return self.send(lines[:half]) + self.send(lines[half:])
+        if status in (401, 403):
+            with contextlib.suppress(ConfigError):
+                self._token = self.config.read_token()   # a rotated Secret
+        raise DeliveryError(f"HTTP {status} from {self._host}:{self._port}", retry_after)
+
+    def _bulk_rejections(self, data: bytes) -> int:
+        """Elastic answers 200 with per-item errors: retry on 429/5xx items; 409 = already stored."""
+        try:
+            doc: Any = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise DeliveryError("Elastic bulk answer is not JSON") from None
+        if not isinstance(doc, dict) or not doc.get("errors"):
+            return 0
+        statuses = [int(next(iter(item.values())).get("status", 500)) for item in doc.get("items", [])]
+        if any(s == 429 or s >= 500 for s in statuses):
+            raise DeliveryError("Elastic bulk: some items were not stored (429/5xx), resending the batch")
+        return sum(1 for s in statuses if s >= 400 and s != 409)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(OSError):
+                self._conn.close()
+            self._conn = None

@@ -1,0 +1,253 @@
+"""HTTP sinks against a real local collector (aiohttp on loopback): delivery, outages, retries, limits."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from guard_agent.settings import ConfigError
+from tests.integration.test_sinks_support import (
+    HttpReceiver,
+    event_line,
+    gauge,
+    make_fanout,
+    sink_count,
+    wait_for,
+)
+
+FAST = {"retry_initial": 0.05, "retry_max": 0.2, "timeout": 2.0}
+
+
+@pytest.fixture
+async def receiver() -> HttpReceiver:
+    r = HttpReceiver()
+    await r.start()
+    yield r  # type: ignore[misc]
+    await r.stop()
+
+
+def http_sink(receiver: HttpReceiver, tmp_path: Path, **extra: object) -> dict[str, object]:
+    token = tmp_path / "token"
+    if not token.exists():
+        token.write_text("s3cret-token\n")
+    return {"type": "http", "name": "collector", "url": receiver.url, "format": receiver.fmt,
+            "token_file": str(token), **FAST, **extra}
+
+
+class TestHttpDelivery:
+    async def test_every_event_arrives_in_order_with_the_token_header(self, receiver: HttpReceiver,
+                                                                       tmp_path: Path) -> None:
+        """All lines reach the collector once each, in write order, with 'Bearer <token>'; stdout gets them too."""
+        f = make_fanout(tmp_path / "spool", http_sink(receiver, tmp_path))
+        for i in range(300):
+            assert f.sink.write(event_line(i))
+        await wait_for(lambda: len(receiver.events) == 300)
+        f.sink.close(5)
+        assert receiver.ids() == [f"req-{i}" for i in range(300)]
+        assert set(receiver.auth_seen) == {"Bearer s3cret-token"}
+        assert [e["http"]["request"]["id"] for e in f.primary if "http" in e] == receiver.ids()
+        assert sink_count(f.metrics, "collector", "delivered") == 300
+        assert sink_count(f.metrics, "collector", "queued") == 300
+        assert sink_count(f.metrics, "collector", "dropped") == 0
+        assert gauge(f.metrics, "inference_guard_sink_backlog_events", "collector") == 0
+
+    @pytest.mark.parametrize("fmt", ["splunk_hec", "elastic_bulk"])
+    async def test_splunk_and_elastic_formats(self, tmp_path: Path, fmt: str) -> None:
+        """Splunk HEC gets {time, event} objects with 'Splunk <token>'; Elastic bulk gets create actions."""
+        receiver = HttpReceiver(fmt=fmt, token="Splunk s3cret-token" if fmt == "splunk_hec" else "ApiKey s3cret-token")
+        await receiver.start()
+        try:
+            f = make_fanout(tmp_path / "spool", http_sink(receiver, tmp_path))
+            for i in range(50):
+                f.sink.write(event_line(i))
+            await wait_for(lambda: len(receiver.events) == 50)
+            f.sink.close(5)
+        finally:
+            await receiver.stop()
+        assert receiver.ids() == [f"req-{i}" for i in range(50)]
+
+
+class TestHttpOutage:
+    async def test_collector_down_then_up_loses_nothing(self, tmp_path: Path) -> None:
+        """Events written while the collector is down are spooled, announced, and all delivered after it returns."""
+        receiver = HttpReceiver()
+        f = make_fanout(tmp_path / "spool", http_sink(receiver, tmp_path))
+        for i in range(200):
+            f.sink.write(event_line(i))
+        await wait_for(lambda: sink_count(f.metrics, "collector", "spooled") == 200)
+        await wait_for(lambda: gauge(f.metrics, "inference_guard_sink_up", "collector") == 0)
+        assert sink_count(f.metrics, "collector", "delivered") == 0
+        assert gauge(f.metrics, "inference_guard_sink_backlog_events", "collector") == 200
+        assert f.status_events("sink_down"), "the outage must be announced on stdout"
+        await receiver.start()
+        try:
+            for i in range(200, 250):
+                f.sink.write(event_line(i))
+            await wait_for(lambda: len(receiver.events) >= 250)
+            f.sink.close(5)
+        finally:
+            await receiver.stop()
+        assert receiver.ids() == [f"req-{i}" for i in range(250)]
+        assert f.status_events("sink_up")
+        assert sink_count(f.metrics, "collector", "dropped") == 0
+        assert f.metrics.registry.get_sample_value("inference_guard_sink_send_failures_total",
+                                                   {"sink": "collector"}) >= 1
+
+    async def test_retry_after_and_5xx_are_retried(self, receiver: HttpReceiver, tmp_path: Path) -> None:
+        """Three 503s with Retry-After, then success: every event once, in order, nothing rejected."""
+        receiver.fail_status, receiver.fail_times, receiver.retry_after = 503, 3, "0.1"
+        f = make_fanout(tmp_path / "spool", http_sink(receiver, tmp_path))
+        for i in range(20):
+            f.sink.write(event_line(i))
+        await wait_for(lambda: len(receiver.events) == 20)
+        f.sink.close(5)
+        assert receiver.ids() == [f"req-{i}" for i in range(20)]
+        assert receiver.requests >= 4
+        assert sink_count(f.metrics, "collector", "rejected") == 0
+
+    async def test_rotated_token_file_is_picked_up(self, receiver: HttpReceiver, tmp_path: Path) -> None:
+        """After a 401 the token file is read again, so rotating the Secret ends the outage without a restart."""
+        receiver.token = "Bearer new-token"
+        f = make_fanout(tmp_path / "spool", http_sink(receiver, tmp_path))
+        f.sink.write(event_line(0))
+        await wait_for(lambda: receiver.requests >= 2)
+        assert receiver.events == []
+        (tmp_path / "token").write_text("new-token")
+        await wait_for(lambda: len(receiver.events) == 1)
+        f.sink.close(5)
+        assert "Bearer s3cret-token" in receiver.auth_seen
+        assert "s3cret-token" not in str(f.primary), "tokens must never reach the logs"
+
+    async def test_a_refused_event_is_isolated_and_counted(self, receiver: HttpReceiver, tmp_path: Path) -> None:
+        """A 400 batch is bisected: only the poison event is rejected (counted, announced), the rest delivered."""
+        receiver.reject_marker = b"req-13\""
+        f = make_fanout(tmp_path / "spool", http_sink(receiver, tmp_path, batch_max_events=100))
+        for i in range(40):
+            f.sink.write(event_line(i))
+        await wait_for(lambda: sink_count(f.metrics, "collector", "delivered") == 39)
+        f.sink.close(5)
+        assert receiver.ids() == [f"req-{i}" for i in range(40) if i != 13]
+        assert sink_count(f.metrics, "collector", "rejected") == 1
+        assert f.status_events("sink_events_dropped")[0]["guard"]["reason"] == "rejected_by_receiver"
+
+    async def test_elastic_resend_is_stored_once(self, tmp_path: Path) -> None:
+        """Elastic bulk ids come from the event, so a batch resent after a 429 does not duplicate documents."""
+        receiver = HttpReceiver(fmt="elastic_bulk")
+        await receiver.start()
+        try:
+            f = make_fanout(tmp_path / "spool", http_sink(receiver, tmp_path))
+            lines = [event_line(i) for i in range(10)]
+            for line in lines:
+                f.sink.write(line)
+            await wait_for(lambda: len(receiver.events) == 10)
+            f.sink.close(5)
+            g = make_fanout(tmp_path / "spool2", http_sink(receiver, tmp_path))
+            for line in lines:                          # the same events again: all 409, still acknowledged
+                g.sink.write(line)
+            await wait_for(lambda: sink_count(g.metrics, "collector", "delivered") == 10)
+            g.sink.close(5)
+        finally:
+            await receiver.stop()
+        assert len(receiver.events) == 10
+        assert sink_count(g.metrics, "collector", "rejected") == 0
+
+
+class TestSpoolLimits:
+    async def test_full_spool_drops_newest_loudly(self, tmp_path: Path) -> None:
+        """With the collector down and a 64 KiB spool, the overflow is dropped, counted and announced on stdout."""
+        receiver = HttpReceiver()
+        f = make_fanout(tmp_path / "spool", http_sink(receiver, tmp_path, spool_max_bytes=64 * 1024))
+        n = 600   # ~200 bytes each: about twice what fits
+        for i in range(n):
+            f.sink.write(event_line(i))
+        await wait_for(lambda: sink_count(f.metrics, "collector", "spooled")
+                       + sink_count(f.metrics, "collector", "dropped") == n)
+        spooled = int(sink_count(f.metrics, "collector", "spooled"))
+        dropped = int(sink_count(f.metrics, "collector", "dropped"))
+        assert 0 < spooled < n and dropped == n - spooled
+        assert gauge(f.metrics, "inference_guard_sink_spool_bytes", "collector") <= 64 * 1024
+        loud = f.status_events("sink_events_dropped")
+        assert loud and loud[0]["log"]["level"] == "error" and loud[0]["guard"]["reason"] == "spool_full"
+        await receiver.start()
+        try:
+            await wait_for(lambda: len(receiver.events) == spooled)
+            f.sink.close(5)
+        finally:
+            await receiver.stop()
+        assert receiver.ids() == [f"req-{i}" for i in range(spooled)], "the oldest events are the ones kept"
+
+    async def test_spool_is_exclusive_to_one_process(self, receiver: HttpReceiver, tmp_path: Path) -> None:
+        """A second sink on the same spool directory is refused with a ConfigError, not silently shared."""
+        f = make_fanout(tmp_path / "spool", http_sink(receiver, tmp_path))
+        try:
+            with pytest.raises(ConfigError, match="in use by another process"):
+                make_fanout(tmp_path / "spool", http_sink(receiver, tmp_path))
+        finally:
+            f.sink.close(2)
+
+
+def spool_in_child_then_sigkill(spool: Path, sink: dict[str, object], n: int) -> None:
+    """A child process writes n events to a sink whose collector is down, then is killed with SIGKILL."""
+    script = textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from tests.integration.test_sinks_support import make_fanout, event_line, sink_count
+        f = make_fanout(Path({str(spool)!r}), {sink!r})
+        for i in range({n}):
+            f.sink.write(event_line(i))
+        while sink_count(f.metrics, "collector", "spooled") < {n}:
+            time.sleep(0.01)
+        print("spooled", flush=True)
+        time.sleep(60)
+    """)
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, cwd=root,
+                            env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == b"spooled"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(5)
+    proc.stdout.close()
+
+
+class TestRestarts:
+    async def test_spool_survives_a_clean_restart(self, tmp_path: Path) -> None:
+        """Events spooled while the collector was down are delivered by the next process, before new ones."""
+        receiver = HttpReceiver()
+        f = make_fanout(tmp_path / "spool", http_sink(receiver, tmp_path))
+        for i in range(100):
+            f.sink.write(event_line(i))
+        await wait_for(lambda: sink_count(f.metrics, "collector", "spooled") == 100)
+        f.sink.close(1)
+        assert f.status_events("sink_spool_kept")[0]["guard"]["backlog"] == {"collector": 100}
+        await receiver.start()
+        try:
+            g = make_fanout(tmp_path / "spool", http_sink(receiver, tmp_path))
+            assert g.status_events("sink_spool_recovered")[0]["guard"]["backlog"] == 100
+            for i in range(100, 120):
+                g.sink.write(event_line(i))
+            await wait_for(lambda: len(receiver.events) == 120)
+            g.sink.close(5)
+        finally:
+            await receiver.stop()
+        assert receiver.ids() == [f"req-{i}" for i in range(120)]
+
+    async def test_spool_survives_sigkill(self, tmp_path: Path) -> None:
+        """A process killed with SIGKILL loses nothing it had spooled: the next one delivers it all, in order."""
+        receiver = HttpReceiver()
+        sink = http_sink(receiver, tmp_path)
+        spool_in_child_then_sigkill(tmp_path / "spool", sink, 500)
+        await receiver.start()
+        try:
+            g = make_fanout(tmp_path / "spool", sink)
+            await wait_for(lambda: len(receiver.events) == 500)
+            g.sink.close(5)
+        finally:
+            await receiver.stop()
+        assert receiver.ids() == [f"req-{i}" for i in range(500)]

@@ -1,0 +1,295 @@
+"""Real receivers for the sink tests: an aiohttp HTTP collector and rsyslog processes the test starts.
+
+No tests here; the other ``test_sinks_*`` modules import these helpers and fixtures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import ipaddress
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+
+from guard_agent.events import CallbackSink
+from guard_agent.metrics import Metrics
+from guard_agent.settings import Settings
+from guard_agent.sinks import FanoutSink, make_sink
+from tests.conftest import free_port
+
+
+def sink_count(metrics: Metrics, sink: str, state: str) -> float:
+    """inference_guard_sink_events_total{sink,state} (0 when absent)."""
+    value = metrics.registry.get_sample_value("inference_guard_sink_events_total", {"sink": sink, "state": state})
+    return value or 0.0
+
+
+def gauge(metrics: Metrics, name: str, sink: str) -> float | None:
+    return metrics.registry.get_sample_value(name, {"sink": sink})
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 15.0, interval: float = 0.05) -> None:
+    """Poll until ``predicate()`` holds; fail the test with a clear message otherwise."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        await asyncio.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+def event_line(i: int, *, action: str = "allow", kind: str = "event", level: str = "info") -> bytes:
+    """A decision-shaped event with a unique request id ``req-<i>``."""
+    now = dt.datetime.now(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    return orjson.dumps({"@timestamp": now, "log": {"level": level}, "message": f"{action} POST /infer",
+                         "event": {"kind": kind, "category": ["intrusion_detection"], "action": action},
+                         "http": {"request": {"id": f"req-{i}"}}})
+
+
+def request_id(event: dict[str, Any]) -> str | None:
+    return ((event.get("http") or {}).get("request") or {}).get("id")
+
+
+@dataclass
+class Fanout:
+    """A FanoutSink with a primary that records lines (stdout stand-in) and its own metrics."""
+
+    sink: FanoutSink
+    metrics: Metrics
+    primary: list[dict[str, Any]]
+
+    def status_events(self, action: str) -> list[dict[str, Any]]:
+        return [e for e in self.primary if (e.get("event") or {}).get("action") == action and "guard" in e]
+
+
+def make_fanout(spool_dir: Path, *sinks: dict[str, Any]) -> Fanout:
+    """make_sink as the guard calls it, with a recording primary instead of stdout."""
+    metrics = Metrics()
+    primary: list[dict[str, Any]] = []
+    sink = make_sink(Settings(sinks=tuple(sinks), spool_dir=str(spool_dir)), metrics,
+                     primary=CallbackSink(lambda line: primary.append(orjson.loads(line))))
+    assert isinstance(sink, FanoutSink)
+    return Fanout(sink, metrics, primary)
+
+
+# HTTP collector --------------------------------------------------------------------------------------
+@dataclass
+class HttpReceiver:
+    """A local collector speaking ndjson, Splunk HEC or Elastic bulk; can fail on command and be restarted."""
+
+    port: int = field(default_factory=free_port)
+    fmt: str = "ndjson"
+    token: str | None = None
+    fail_status: int | None = None
+    fail_times: int = 0
+    retry_after: str | None = None
+    reject_marker: bytes | None = None
+    events: list[dict[str, Any]] = field(default_factory=list)
+    auth_seen: list[str | None] = field(default_factory=list)
+    requests: int = 0
+    _runner: web.AppRunner | None = None
+    _ids: set[str] = field(default_factory=set)
+
+    @property
+    def url(self) -> str:
+        path = {"ndjson": "/ingest", "splunk_hec": "/services/collector/event", "elastic_bulk": "/guard/_bulk"}
+        return f"http://127.0.0.1:{self.port}{path[self.fmt]}"
+
+    def ids(self) -> list[str | None]:
+        return [request_id(e) for e in self.events]
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        self.requests += 1
+        body = await request.read()
+        auth = request.headers.get("Authorization")
+        self.auth_seen.append(auth)
+        if self.token is not None and auth != self.token:
+            return web.json_response({"error": "bad token"}, status=401)
+        if self.fail_times > 0 and self.fail_status is not None:
+            self.fail_times -= 1
+            headers = {"Retry-After": self.retry_after} if self.retry_after else None
+            return web.json_response({"error": "busy"}, status=self.fail_status, headers=headers)
+        if self.reject_marker is not None and self.reject_marker in body:
+            return web.json_response({"error": "invalid event"}, status=400)
+        if self.fmt == "ndjson":
+            assert request.content_type == "application/x-ndjson"
+            self.events.extend(orjson.loads(line) for line in body.splitlines() if line)
+            return web.Response(status=204)
+        if self.fmt == "splunk_hec":
+            for chunk in body.split(b"\n"):
+                wrapper = orjson.loads(chunk)
+                assert wrapper["sourcetype"] == "_json" and isinstance(wrapper["time"], float)
+                self.events.append(wrapper["event"])
+            return web.json_response({"text": "Success", "code": 0})
+        lines = body.splitlines()
+        items = []
+        for action_line, doc_line in zip(lines[::2], lines[1::2], strict=True):
+            doc_id = orjson.loads(action_line)["create"]["_id"]
+            if doc_id in self._ids:
+                items.append({"create": {"_id": doc_id, "status": 409}})
+            else:
+                self._ids.add(doc_id)
+                self.events.append(orjson.loads(doc_line))
+                items.append({"create": {"_id": doc_id, "status": 201}})
+        return web.json_response({"errors": any(i["create"]["status"] != 201 for i in items), "items": items})
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True).start()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+
+# rsyslog ---------------------------------------------------------------------------------------------
+RSYSLOGD = shutil.which("rsyslogd") or "/usr/sbin/rsyslogd"
+needs_rsyslog = pytest.mark.skipif(not Path(RSYSLOGD).exists(),
+                                   reason="rsyslogd not installed (apt-get install rsyslog rsyslog-gnutls)")
+
+_TEMPLATE = '%syslogseverity%|%syslogfacility%|%app-name%|%msgid%|%timereported:::date-rfc3339%|%msg%\\n'
+
+
+@dataclass
+class Certs:
+    ca: Path
+    cert: Path
+    key: Path
+    other_ca: Path
+
+
+def make_certs(directory: Path) -> Certs:
+    """A CA, a server certificate for localhost/127.0.0.1 signed by it, and an unrelated CA."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.UTC)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def ca_cert(cn: str) -> tuple[Any, Any]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(name(cn))
+                .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
+                                             key_encipherment=False, data_encipherment=False, key_agreement=False,
+                                             key_cert_sign=True, crl_sign=True, encipher_only=False,
+                                             decipher_only=False), critical=True)
+                .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+                .sign(key, hashes.SHA256()))
+        return key, cert
+
+    ca_key, ca = ca_cert("sink-test-ca")
+    _, other = ca_cert("unrelated-ca")
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder().subject_name(name("localhost")).issuer_name(ca.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    out = Certs(directory / "ca.pem", directory / "server.pem", directory / "server.key", directory / "other-ca.pem")
+    out.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    out.other_ca.write_bytes(other.public_bytes(serialization.Encoding.PEM))
+    out.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    out.key.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    out.key.chmod(0o600)
+    return out
+
+
+@dataclass
+class Rsyslog:
+    """An rsyslogd the test owns: imtcp on a free loopback port (TLS via gtls when certs are given)."""
+
+    workdir: Path
+    certs: Certs | None = None
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def output(self) -> Path:
+        return self.workdir / "received.log"
+
+    def _config(self) -> str:
+        w = self.workdir
+        tls_global = tls_module = ""
+        if self.certs is not None:
+            tls_global = (f' defaultNetstreamDriver="gtls" defaultNetstreamDriverCAFile="{self.certs.ca}"'
+                          f' defaultNetstreamDriverCertFile="{self.certs.cert}"'
+                          f' defaultNetstreamDriverKeyFile="{self.certs.key}"')
+            tls_module = ' streamDriver.name="gtls" streamDriver.mode="1" streamDriver.authMode="anon"'
+        return (f'global(workDirectory="{w}" maxMessageSize="64k"{tls_global})\n'
+                f'module(load="imtcp"{tls_module})\n'
+                'main_queue(queue.type="Direct")\n'
+                f'template(name="guard" type="string" string="{_TEMPLATE}")\n'
+                f'input(type="imtcp" address="127.0.0.1" port="{self.port}")\n'
+                f'action(type="omfile" file="{self.output}" template="guard" flushOnTXEnd="on" '
+                'asyncWriting="off")\n')
+
+    def start(self, timeout: float = 10.0) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        conf = self.workdir / "rsyslog.conf"
+        conf.write_text(self._config())
+        log = (self.workdir / "rsyslogd.out").open("ab")
+        self.proc = subprocess.Popen([RSYSLOGD, "-n", "-f", str(conf), "-i", str(self.workdir / "rsyslogd.pid")],
+                                     stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"rsyslogd exited: {(self.workdir / 'rsyslogd.out').read_text()[-2000:]}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise TimeoutError("rsyslogd did not listen in time")
+
+    def stop(self) -> None:
+        """SIGTERM and wait: rsyslog's own orderly shutdown."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+    def records(self) -> list[dict[str, Any]]:
+        """Each received message: header fields rsyslog parsed, and the event JSON."""
+        if not self.output.exists():
+            return []
+        out = []
+        for raw in self.output.read_bytes().splitlines():
+            severity, facility, app, msgid, ts, msg = raw.split(b"|", 5)
+            out.append({"severity": int(severity), "facility": facility.decode(), "app": app.decode(),
+                        "msgid": msgid.decode(), "timestamp": ts.decode(), "event": orjson.loads(msg)})
+        return out
+
+    def ids(self) -> list[str | None]:
+        return [request_id(r["event"]) for r in self.records()]
