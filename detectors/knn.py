@@ -26,7 +26,8 @@ class KNNDistance(BaseDetector):
     with the rows of its `n_probe` nearest cells only (default: ~1/16 of the cells, at least 2).
     The approximate distance is never below the exact one; `bench/detector_cost.py` reports the AUROC it
     costs.
-    With fewer reference rows than k, k is reduced to the number of rows.
+    References larger than `max_reference` (default 20,000) are randomly subsampled to it, which bounds the
+    per-request cost (~sqrt(n) cells probed). With fewer reference rows than k, k is reduced to the number of rows.
     """
 
     score_name = "ood.knn"
@@ -38,12 +39,14 @@ class KNNDistance(BaseDetector):
         index: str = "auto",
         exact_max: int = 2048,
         n_probe: int | None = None,
+        max_reference: int | None = 20000,
         standardize: bool = True,
         seed: int = 0,
     ) -> None:
         self.n_neighbors = n_neighbors
         self.index = index
         self.exact_max = exact_max
+        self.max_reference = max_reference
         self.n_probe = n_probe
         self.standardize = standardize
         self.seed = seed
@@ -53,9 +56,13 @@ class KNNDistance(BaseDetector):
             raise ValueError(f"n_neighbors must be >= 1, got {self.n_neighbors}")
         if self.index not in ("auto", "exact", "ivf"):
             raise ValueError(f"index must be 'auto', 'exact' or 'ivf', got {self.index!r}")
-        n = X.shape[0]
         mean = X.mean(axis=0)
         scale = safe_scale(X.std(axis=0)) if self.standardize else np.ones(X.shape[1])
+        if self.max_reference is not None and X.shape[0] > self.max_reference:
+            # bounded per-request cost whatever the reference size: keep a seeded random subset
+            keep = np.random.default_rng(self.seed).choice(X.shape[0], size=self.max_reference, replace=False)
+            X = X[np.sort(keep)]
+        n = X.shape[0]
         Z = (X - mean) / scale
         kind = self.index if self.index != "auto" else ("exact" if n <= self.exact_max else "ivf")
         n_cells = max(2, round(math.sqrt(n))) if kind == "ivf" else 1
@@ -141,6 +148,7 @@ class KNNDistance(BaseDetector):
             "index": self.index,
             "exact_max": self.exact_max,
             "n_probe": self.n_probe,
+            "max_reference": self.max_reference,
             "standardize": self.standardize,
             "seed": self.seed,
             "index_kind": self.index_kind_,
@@ -172,7 +180,7 @@ class KNNDistance(BaseDetector):
             raise ValueError(
                 f"{owner}: inconsistent k={k}, n_probe={n_probe}, n_reference={n_ref}, n_cells={n_cells}"
             )
-        for key in ("n_neighbors", "index", "exact_max", "n_probe", "standardize", "seed"):
+        for key in ("n_neighbors", "index", "exact_max", "n_probe", "max_reference", "standardize", "seed"):
             setattr(self, key, params.get(key))
         self.index_kind_, self.k_, self.n_probe_ = kind, k, n_probe
         self.mean_ = require_array(arrays, "mean", (d,), owner).astype(np.float32)

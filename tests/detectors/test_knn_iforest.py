@@ -93,3 +93,15 @@ class TestIsolationForestArrays:
         bad["left"][0] = 10**9
         with pytest.raises(ValueError, match="out of range"):
             IsolationForestDetector.from_state(params, bad)
+
+
+class TestKNNMaxReference:
+    def test_large_reference_is_subsampled_and_recorded(self) -> None:
+        """Above max_reference rows the index keeps a seeded subset of that size, recorded in the state."""
+        X = np.random.default_rng(8).normal(size=(3000, 3))
+        det = KNNDistance(max_reference=1000, seed=4).fit(X)
+        params, arrays = det.get_state()
+        assert params["n_reference"] == 1000
+        assert arrays["reference"].shape == (1000, 3)
+        again = KNNDistance(max_reference=1000, seed=4).fit(X)
+        np.testing.assert_array_equal(again.get_state()[1]["reference"], arrays["reference"])
