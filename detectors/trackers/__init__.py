@@ -1,0 +1,43 @@
+"""Session trackers: per-session evidence of model extraction and query-based black-box attacks.
+
+Pure library (numpy/scipy only, no clock, no I/O). Usage::
+
+    cfg = fit_tracker_config(X_ref, y_ref, seed=0)
+    trackers = SessionTrackers(cfg, salt=secret)
+    state = trackers.new_state()
+    state, scores = trackers.update(state, X, predicted_labels, probabilities, now)
+
+Score scale: every ``session.*`` score except ``session.rate`` is ``1 - 2 ** (-(S / ln(1e6)) ** 2)`` of a
+CUSUM statistic S in nats; 0.5 means the per-session false-alarm bound (1,000 benign queries) is 0.1 %,
+0.8 means 7e-7 and 0.95 means 3e-10 (see ``_evidence``).
+``session.rate`` is ``1 - 2 ** (-level / rate_half)`` of a leaky bucket.
+``session.global_fingerprint`` (GlobalFingerprintIndex.observe) is ``1 - 2 ** (-m / 8)`` of the number
+m of near-duplicate earlier queries from any session.
+
+Suggested thresholds (flag / harden / block):
+
+- ``session.risk``: 0.5 / 0.8 / 0.95 (the one to enforce on; it combines all trackers)
+- ``session.fingerprint``, ``session.neighbors``, ``session.coverage``, ``session.prada``: 0.5 / 0.8 / 0.95
+- ``session.margin``: 0.8 / 0.95 / none (boundary probing alone is weak evidence)
+- ``session.rate``: 0.5 / 0.8 / 0.95 (throttle rather than block)
+- ``session.global_fingerprint``: 0.5 / 0.8 / 0.95 (per query; a spread attack's queries cross it)
+"""
+
+from ._config import TrackerConfig
+from ._evidence import S_HALF, from_score, to_score
+from ._fit import fit_tracker_config
+from ._global import GlobalFingerprintIndex
+from ._session import SCORE_NAMES, SessionTrackers
+from ._state import SessionState
+
+__all__ = [
+    "SCORE_NAMES",
+    "S_HALF",
+    "GlobalFingerprintIndex",
+    "SessionState",
+    "SessionTrackers",
+    "TrackerConfig",
+    "fit_tracker_config",
+    "from_score",
+    "to_score",
+]

@@ -1,0 +1,171 @@
+"""fit_tracker_config: learn projection, grid, quantisation and thresholds from reference data.
+
+The reference rows are split (by ``seed``) into a fit part (60 %) and a calibration part (40 %) that
+the fit never saw. Projection, grid and quantiles come from the fit part; every benign rate and
+threshold the sequential tests rely on is measured on shuffled benign streams drawn from the
+calibration part, at a target of 1 % per query (0.5 % for the off-manifold quantiles).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from . import _hashing, _prada
+from ._config import TrackerConfig, _default_window, _grids_for, prada_projection
+from ._features import project, residual_and_norm
+from ._state import new_state
+
+_ALPHAS = tuple(float(2.0 ** (1 - k / 2)) for k in range(11))  # 2 down to 1/16 in sqrt(2) steps
+_TARGET = 0.01
+_STREAM = 600
+_BINS = 4
+
+
+def fit_tracker_config(X: np.ndarray, labels: np.ndarray | None = None, *, seed: int = 0) -> TrackerConfig:
+    """Fit every tracker's parameters on reference rows ``X`` (rows, features); ``labels`` are optional
+    class ids of those rows (true or predicted), used to calibrate PRADA per class."""
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim > 2:
+        X = X.reshape(X.shape[0], -1)
+    if X.ndim != 2 or X.shape[0] < 20 or X.shape[1] < 1:
+        raise ValueError("reference data must be 2-D with at least 20 rows")
+    if not np.all(np.isfinite(X)):
+        raise ValueError("reference data must be finite")
+    lab = _labels(labels, X.shape[0])
+    n, d = X.shape
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(n)
+    if n >= 100:
+        cut = int(0.6 * n)
+        fi, ci = perm[:cut], perm[cut:]
+    else:
+        fi = ci = perm
+    Xf, Xc, yc = X[fi], X[ci], lab[ci]
+
+    center = Xf.mean(axis=0)
+    std = Xf.std(axis=0)
+    pos = std[std > 0]
+    floor = 0.1 * float(np.median(pos)) if pos.size else 1.0
+    scale = np.maximum(std, floor)
+    xs = (Xf - center) / scale
+    p = int(min(8, d, Xf.shape[0] - 1))
+    _, s, vt = np.linalg.svd(xs, full_matrices=False)
+    comps = vt[:p]
+    var = s[:p] ** 2 / max(1, Xf.shape[0] - 1)
+    whiten = 1.0 / np.sqrt(np.maximum(var, 1e-12 * max(1.0, float(var.max(initial=0.0)))))
+    g = int(min(4, p, max(1, np.floor(np.log(max(Xf.shape[0], 40) / 10) / np.log(_BINS)))))
+    n_slots = _class_slots(labels, lab)
+    window = _default_window(d)
+    grids = _grids_for(d, window, 20)
+    offsets = rng.uniform(0.0, 1.0, size=(grids, d))
+    cfg = TrackerConfig(
+        n_features=d, center=center, scale=scale, components=comps, whiten=whiten,
+        grid_edges=np.zeros((0, _BINS - 1)), cell_probs=np.ones(1), quant_step=scale.copy(),
+        quant_offsets=offsets, prada_proj=prada_projection(np.maximum(std, float(np.median(pos)) if pos.size else 1.0),
+                                                             rng), window=window, n_class_slots=n_slots, fitted=True,
+    )
+    resid, norm2 = residual_and_norm(cfg, Xf)
+    zf = (xs @ comps.T) * whiten
+    edges = np.quantile(zf[:, :g], [0.25, 0.5, 0.75], axis=0).T if g else np.zeros((0, _BINS - 1))
+    cfg = dataclasses.replace(
+        cfg, grid_edges=edges, cell_probs=np.ones(_BINS**g), residual_threshold=float(np.quantile(resid, 0.995)),
+        norm_threshold=float(np.quantile(norm2, 0.995)))
+    counts = np.bincount(project(cfg, Xf).cell, minlength=cfg.n_cells + 1)[: cfg.n_cells]
+    probs = (counts + 0.5) / (counts.sum() + 0.5 * cfg.n_cells)
+    cfg = dataclasses.replace(cfg, cell_probs=probs, rare_cell_prob=0.25 / cfg.n_cells)
+    p0_rare = max(0.005, float(project(cfg, Xc).rare.mean()))
+    cfg = dataclasses.replace(cfg, p0_rare=p0_rare)
+
+    order = rng.permutation(Xc.shape[0])[:_STREAM]
+    stream, _ = _dedupe(Xc[order], yc[order])
+    # one step for all features of ordinary spread (as Blacklight quantises every pixel alike): a
+    # per-feature std would make near-constant features (image borders) flip under any perturbation
+    unit = np.maximum(std, float(np.median(pos)) if pos.size else 1.0)
+    alpha = _fit_alpha(cfg, stream, unit)
+    cfg = dataclasses.replace(cfg, quant_step=alpha * unit)
+    nn_thr = _fit_nn_threshold(cfg, project(cfg, stream).z)
+    cfg = dataclasses.replace(cfg, nn_threshold=nn_thr)
+    delta = _fit_prada_delta(cfg, Xc, yc, rng)
+    return dataclasses.replace(cfg, prada_delta=delta)
+
+
+def _labels(labels: np.ndarray | None, n: int) -> np.ndarray:
+    if labels is None:
+        return np.zeros(n, dtype=np.int64)
+    lab = np.asarray(labels).reshape(-1)
+    if lab.shape[0] != n:
+        raise ValueError("labels must have one entry per reference row")
+    if lab.dtype.kind in "iub":
+        return lab.astype(np.int64)
+    _, inv = np.unique(lab.astype(str), return_inverse=True)
+    return inv.astype(np.int64)
+
+
+def _class_slots(raw: np.ndarray | None, lab: np.ndarray) -> int:
+    """Exact slots for small non-negative integer class ids, else 16 hashed slots."""
+    if raw is not None and lab.size and lab.min() >= 0 and lab.max() < 64:
+        return int(max(2, lab.max() + 1))
+    return 16
+
+
+def _dedupe(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Drop exact duplicate rows (the trackers ignore exact repeats too)."""
+    _, idx = np.unique(X, axis=0, return_index=True)
+    idx = np.sort(idx)
+    return X[idx], y[idx]
+
+
+def _near_dup_rate(cfg: TrackerConfig, stream: np.ndarray, keys: np.ndarray) -> float:
+    """Share of benign stream rows that look like near-duplicates of one of the previous ring_fp rows."""
+    h = _hashing.window_hashes(stream, cfg.center, cfg.quant_step, cfg.quant_offsets, cfg.window, keys)
+    fps = _hashing.compact(_hashing.bottom_k(h, cfg.n_hashes))
+    hits = 0
+    for i in range(1, fps.shape[0]):
+        prev = fps[max(0, i - cfg.ring_fp) : i]
+        need = min(cfg.match_count, int(np.count_nonzero(fps[i])))
+        hits += int(np.any(_hashing.shared_counts(fps[i], prev) >= need))
+    return float(hits / max(1, int(fps.shape[0]) - 1))
+
+
+def _fit_alpha(cfg: TrackerConfig, stream: np.ndarray, unit: np.ndarray) -> float:
+    """Coarsest quantisation step (in feature std units) whose benign near-duplicate rate is <= 1 %."""
+    keys = _hashing.derive_keys(b"calibration-only-salt", cfg.n_grids + cfg.window)
+    for alpha in _ALPHAS:
+        trial = dataclasses.replace(cfg, quant_step=alpha * unit)
+        if _near_dup_rate(trial, stream, keys) <= _TARGET:
+            return alpha
+    return _ALPHAS[-1]
+
+
+def _fit_nn_threshold(cfg: TrackerConfig, z: np.ndarray) -> float:
+    """1 % quantile of the mean k-nearest-neighbour distance over benign streams."""
+    k, ring = cfg.nn_k, cfg.ring_nn
+    vals = []
+    for i in range(k, z.shape[0]):
+        prev = z[max(0, i - ring) : i]
+        dist = np.sqrt(np.sum((prev - z[i]) ** 2, axis=1))
+        vals.append(float(np.mean(np.partition(dist, k - 1)[:k])))
+    return float(np.quantile(vals, _TARGET)) if len(vals) >= 20 else 0.0
+
+
+def _fit_prada_delta(cfg: TrackerConfig, Xc: np.ndarray, yc: np.ndarray, rng: np.random.Generator) -> float:
+    """Per-session false-alarm control (the checks of one session are strongly correlated): each of 20
+    benign streams of up to 300 queries gives its lowest W; delta = min - (median - min), i.e. the
+    observed tail extended by its own width, towards the rarer sessions 20 streams cannot show
+    (duplicates, shifted inputs and label noise in live traffic lower W). 0.9 if too little data."""
+    u = project(cfg, Xc).u
+    length = min(Xc.shape[0], 300)
+    if length <= cfg.prada_min_pool + 2 * cfg.prada_every:
+        return 0.9
+    lows: list[float] = []
+    for _ in range(20):
+        st = new_state(cfg)
+        low = 1.0
+        for i in rng.permutation(Xc.shape[0])[:length]:
+            w = _prada.step(cfg, st, u[i], _prada.class_slot(cfg, int(yc[i])))
+            low = min(low, w) if w is not None else low
+        lows.append(low)
+    lo, med = float(np.min(lows)), float(np.median(lows))
+    return float(max(0.0, 2.0 * lo - med))

@@ -1,0 +1,277 @@
+"""SessionTrackers: runs every tracker over a session's stream; state lives only in SessionState.
+
+Per distinct query (exact repeats of one of the last ``ring_exact`` rows only count for the rate: a
+retry tells an attacker nothing new), each tracker turns an observation into a log-likelihood ratio
+(benign model vs attack model) and accumulates it with CUSUM (see ``_evidence``):
+
+- fingerprint: number m of stored fingerprints sharing >= match_fraction of hashes; benign model
+  P(m=0, 1-3, >=4) = (1 - p0_near - 0.01, p0_near, 0.01), attack model (0.2, 0.3, 0.5).
+- neighbors: mean whitened distance to the ``nn_k`` nearest of the last ``ring_nn`` queries below
+  ``nn_threshold`` (the 1 % quantile of benign streams): benign rate ``p0_near`` (0.05: clients
+  that legitimately resend edited inputs), attack 0.5.
+- coverage: (a) rare region, i.e. off-manifold (PCA residual or whitened norm beyond the reference
+  99.5 % quantile) or a grid cell the reference hardly visits, benign rate ``p0_rare`` (measured on
+  held-out reference data), attack 0.5; (b) growth: a query in a cell the session has not visited,
+  benign probability = reference mass of unvisited cells, attack probability halfway to 1.
+- margin: top-1 minus top-2 probability below ``margin_threshold``, benign ``p0_margin``, attack 0.5.
+- prada (every distinct query, as in the paper): at each Shapiro-Wilk check, W < prada_delta
+  (calibrated per session on benign streams) has benign rate 1 %, attack rate 50 %.
+- rate: a leaky bucket (``rate_leak`` queries/s allowance), not evidence, score 1 - 2^(-level/rate_half).
+- risk: the maximum of every tracker's CUSUM, a CUSUM over ``global_fingerprint`` events (when the
+  caller passes the global index's score) and a joint CUSUM of the summed per-query evidence. The
+  maximum keeps an attack that only one tracker sees from being diluted by the others' benign
+  evidence; the joint term lets several weak signals add up. Union bound: the false-alarm bound is
+  at most 7 times a single tracker's.
+
+All evidence decays with ``half_life`` seconds of wall time between updates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+
+from . import _evidence as ev
+from . import _hashing, _prada
+from ._config import TrackerConfig
+from ._features import project
+from ._state import SessionState, decode, encode, encoded_size, new_state
+
+SCORE_NAMES = frozenset({"session.prada", "session.fingerprint", "session.neighbors", "session.coverage",
+                         "session.margin", "session.rate", "session.risk"})
+
+_FP_ATTACK = (0.2, 0.3, 0.5)
+_GLOBAL_P0, _GLOBAL_P1 = 0.01, 0.5
+
+
+class SessionTrackers:
+    """Stateless engine over a fitted config; one instance serves every session."""
+
+    score_names: frozenset[str] = SCORE_NAMES
+
+    def __init__(self, config: TrackerConfig, *, salt: bytes) -> None:
+        """``salt`` keys the fingerprint hashes; share it across replicas that share an index."""
+        self.config = config
+        self._keys = _hashing.derive_keys(salt, config.n_grids + config.window)
+        p_near = min(max(config.p0_near, 1e-4), 0.5)
+        fp_benign = (1.0 - p_near - 0.01, p_near, 0.01)
+        self._fp_llr = tuple(
+            min(max(math.log(a / b), ev.LLR_MIN), ev.LLR_MAX) for a, b in zip(_FP_ATTACK, fp_benign, strict=True))
+        self._nn_llr = ev.bernoulli_llr(config.p0_near, 0.5)
+        self._rare_llr = ev.bernoulli_llr(config.p0_rare, 0.5) if config.p0_rare > 0 else (0.0, 0.0)
+        self._margin_llr = ev.bernoulli_llr(config.p0_margin, 0.5)
+        self._prada_llr = ev.bernoulli_llr(0.01, 0.5)
+        self._global_llr = ev.bernoulli_llr(_GLOBAL_P0, _GLOBAL_P1)
+        self._coverage_on = config.p0_rare > 0 and config.grid_edges.shape[0] > 0
+        self._nn_on = config.nn_threshold > 0
+
+    # ---- state -----------------------------------------------------------------------------------
+    def new_state(self) -> SessionState:
+        """An empty session."""
+        return new_state(self.config)
+
+    def encode(self, state: SessionState) -> bytes:
+        """Compact fixed-size bytes (no pickle)."""
+        return encode(self.config, state)
+
+    def decode(self, data: bytes) -> SessionState:
+        """Strict decode; raises ValueError on garbage or a state of another layout."""
+        return decode(self.config, data)
+
+    def state_nbytes(self, state: SessionState) -> int:
+        """Bytes of the state's payload (equal to the encoded size; Python object overhead excluded)."""
+        return encoded_size(self.config)
+
+    # ---- scoring ---------------------------------------------------------------------------------
+    def fingerprints(self, X: np.ndarray) -> np.ndarray:
+        """Per-row salted bottom-N window hashes, shape (rows, n_hashes) uint64, 0 = padding."""
+        X = self._check(X)
+        cfg = self.config
+        h = _hashing.window_hashes(X, cfg.center, cfg.quant_step, cfg.quant_offsets, cfg.window, self._keys)
+        return _hashing.bottom_k(h, cfg.n_hashes)
+
+    def peek(self, state: SessionState, now: float) -> dict[str, float]:
+        """Scores as of the last update, decayed to ``now`` (never earlier than the last update)."""
+        f = self._decay(state, now)
+        cfg = self.config
+        level = state.rate_level
+        if math.isfinite(state.last_t):
+            level = max(0.0, level - cfg.rate_leak * max(0.0, now - state.last_t))
+        return {
+            "session.prada": ev.to_score(state.s_prada * f),
+            "session.fingerprint": ev.to_score(state.s_fingerprint * f),
+            "session.neighbors": ev.to_score(state.s_neighbors * f),
+            "session.coverage": ev.to_score(state.s_coverage * f),
+            "session.margin": ev.to_score(state.s_margin * f),
+            "session.rate": float(1.0 - 2.0 ** (-level / cfg.rate_half)),
+            "session.risk": ev.to_score(self._risk(state) * f),
+        }
+
+    def update(
+        self,
+        state: SessionState,
+        X: np.ndarray,
+        labels: np.ndarray | None,
+        probabilities: np.ndarray | None,
+        now: float,
+        *,
+        global_fingerprint: float | None = None,
+    ) -> tuple[SessionState, dict[str, float]]:
+        """Feed a request's rows (and the model's answers) and return the new state and its scores.
+
+        ``labels``: predicted class per row, or None (then argmax of ``probabilities``, else class 0).
+        ``probabilities``: (rows, classes) model scores, or None (margin tracker then learns nothing).
+        ``global_fingerprint``: optional score from GlobalFingerprintIndex.observe for this request;
+        a value >= 0.5 counts as one near-duplicate event in ``session.risk``.
+        The input state is not modified.
+        """
+        X = self._check(X)
+        cfg = self.config
+        rows = X.shape[0]
+        lab = self._labels(labels, probabilities, rows)
+        margins = self._margins(probabilities, rows)
+        st = state.copy()
+        f = self._decay(st, now)
+        dt = max(0.0, now - st.last_t) if math.isfinite(st.last_t) else 0.0
+        for name in ("s_fingerprint", "s_neighbors", "s_coverage", "s_margin", "s_prada", "s_global", "s_joint"):
+            setattr(st, name, getattr(st, name) * f)
+        st.rate_level = max(0.0, st.rate_level - cfg.rate_leak * dt) + rows
+        if not math.isfinite(st.first_t):
+            st.first_t = float(now)
+        st.last_t = float(max(now, st.last_t)) if math.isfinite(st.last_t) else float(now)
+        digests = _hashing.row_digest(X)
+        fps = _hashing.compact(self.fingerprints(X))
+        feats = project(cfg, X)
+        if global_fingerprint is not None and math.isfinite(global_fingerprint):
+            st.s_global = ev.cusum(st.s_global, self._global_llr[0 if global_fingerprint >= 0.5 else 1])
+        for i in range(rows):
+            st.n_queries += 1
+            if np.any(st.exact[: st.n_exact] == digests[i]):
+                st.n_repeats += 1
+                continue
+            st.n_distinct += 1
+            st.exact[st.head_exact] = digests[i]
+            st.head_exact = (st.head_exact + 1) % cfg.ring_exact
+            st.n_exact = min(st.n_exact + 1, cfg.ring_exact)
+            llr_fp, _near_dup = self._fingerprint_step(st, fps[i])
+            total = llr_fp + self._neighbor_step(st, feats.z[i])
+            total += self._coverage_step(st, int(feats.cell[i]), bool(feats.rare[i]))
+            if margins is not None:
+                llr = self._margin_llr[0 if margins[i] < cfg.margin_threshold else 1]
+                st.s_margin = ev.cusum(st.s_margin, llr)
+                total += llr
+            w = _prada.step(cfg, st, feats.u[i], _prada.class_slot(cfg, int(lab[i])))
+            if w is not None:
+                llr = self._prada_llr[0 if w < cfg.prada_delta else 1]
+                st.s_prada = ev.cusum(st.s_prada, llr)
+                total += llr
+            st.s_joint = ev.cusum(st.s_joint, total)
+        return st, self.peek(st, st.last_t)
+
+    def summary(self, state: SessionState) -> dict[str, float]:
+        """Descriptive figures for events and operators (not scores): volume, cells, class entropy, W."""
+        counts = state.cls_stats[:, 0]
+        bits = np.unpackbits(state.cells)
+        p = counts / counts.sum() if counts.sum() > 0 else counts
+        ent = float(-np.sum(p[p > 0] * np.log(p[p > 0])))
+        return {"queries": float(state.n_queries), "repeats": float(state.n_repeats),
+                "cells_visited": float(bits.sum()), "accepted_class_entropy": ent,
+                "prada_w": float(state.last_w),
+                "duration_s": float(state.last_t - state.first_t) if math.isfinite(state.first_t) else 0.0}
+
+    # ---- trackers --------------------------------------------------------------------------------
+    def _fingerprint_step(self, st: SessionState, fp: np.ndarray) -> tuple[float, bool]:
+        """Accumulate near-duplicate evidence; return it and whether this query matched an earlier one."""
+        cfg = self.config
+        shared = _hashing.shared_counts(fp, st.fp[: st.n_fp])
+        m = int(np.sum(shared >= min(cfg.match_count, int(np.count_nonzero(fp))))) if shared.size else 0
+        llr = self._fp_llr[0 if m == 0 else 1 if m < 4 else 2]
+        st.s_fingerprint = ev.cusum(st.s_fingerprint, llr)
+        st.fp[st.head_fp] = fp
+        st.head_fp = (st.head_fp + 1) % cfg.ring_fp
+        st.n_fp = min(st.n_fp + 1, cfg.ring_fp)
+        return llr, m > 0
+
+    def _neighbor_step(self, st: SessionState, z: np.ndarray) -> float:
+        cfg = self.config
+        llr = 0.0
+        if self._nn_on and st.n_nn >= cfg.nn_k:
+            d = np.sqrt(np.sum((st.nn[: st.n_nn].astype(np.float64) - z) ** 2, axis=1))
+            mean_k = float(np.mean(np.partition(d, cfg.nn_k - 1)[: cfg.nn_k]))
+            llr = self._nn_llr[0 if mean_k < cfg.nn_threshold else 1]
+            st.s_neighbors = ev.cusum(st.s_neighbors, llr)
+        st.nn[st.head_nn] = np.clip(z, -6.0e4, 6.0e4)
+        st.head_nn = (st.head_nn + 1) % cfg.ring_nn
+        st.n_nn = min(st.n_nn + 1, cfg.ring_nn)
+        return llr
+
+    def _coverage_step(self, st: SessionState, cell: int, rare: bool) -> float:
+        if not self._coverage_on:
+            return 0.0
+        cfg = self.config
+        llr = self._rare_llr[0 if rare else 1]
+        byte, bit = divmod(cell, 8)
+        seen = bool(st.cells[byte] & (0x80 >> bit))
+        if cell < cfg.n_cells:
+            p0 = min(max(1.0 - st.visited_mass, 0.01), 0.99)
+            p1 = p0 + 0.5 * (1.0 - p0)
+            llr += math.log((1.0 - p1) / (1.0 - p0)) if seen else math.log(p1 / p0)
+            if not seen:
+                st.visited_mass = min(1.0, st.visited_mass + float(cfg.cell_probs[cell]))
+        st.cells[byte] |= np.uint8(0x80 >> bit)
+        st.s_coverage = ev.cusum(st.s_coverage, llr)
+        return llr
+
+    # ---- helpers ---------------------------------------------------------------------------------
+    @staticmethod
+    def _risk(st: SessionState) -> float:
+        """Largest of the per-tracker CUSUMs and the joint one (generalised likelihood ratio over
+        'one tracker is in attack mode' and 'all are'): an attack visible to a single tracker is not
+        diluted by the others' benign evidence, and weak joint signals still add up."""
+        return max(st.s_fingerprint, st.s_neighbors, st.s_coverage, st.s_margin, st.s_prada, st.s_global,
+                   st.s_joint)
+
+    def _decay(self, st: SessionState, now: float) -> float:
+        if not math.isfinite(st.last_t):
+            return 1.0
+        return ev.decay_factor(now - st.last_t, self.config.half_life)
+
+    def _check(self, X: np.ndarray) -> np.ndarray:
+        X = np.asarray(X, dtype=np.float64)
+        if X.ndim == 1:
+            X = X.reshape(1, -1)
+        if X.ndim != 2 or X.shape[1] != self.config.n_features:
+            raise ValueError(f"X must have shape (rows, {self.config.n_features}), got {X.shape}")
+        if not np.all(np.isfinite(X)):
+            raise ValueError("X must be finite")
+        return X
+
+    @staticmethod
+    def _labels(labels: np.ndarray | None, probabilities: np.ndarray | None, rows: int) -> np.ndarray:
+        if labels is not None:
+            lab = np.asarray(labels).reshape(-1)
+            if lab.shape[0] != rows:
+                raise ValueError("labels must have one entry per row")
+            if lab.dtype.kind not in "iub":
+                # string or float labels: map to stable integers without Python's salted hash
+                return np.array([int.from_bytes(hashlib.blake2b(str(v).encode(), digest_size=4).digest(), "little")
+                                 for v in lab], dtype=np.int64)
+            return lab.astype(np.int64)
+        if probabilities is not None:
+            pr = np.asarray(probabilities, dtype=np.float64).reshape(rows, -1)
+            return np.argmax(pr, axis=1) if pr.shape[1] > 1 else (pr[:, 0] >= 0.5).astype(np.int64)
+        return np.zeros(rows, dtype=np.int64)
+
+    @staticmethod
+    def _margins(probabilities: np.ndarray | None, rows: int) -> np.ndarray | None:
+        if probabilities is None:
+            return None
+        pr = np.asarray(probabilities, dtype=np.float64).reshape(rows, -1)
+        if not np.all(np.isfinite(pr)):
+            return None
+        if pr.shape[1] == 1:
+            return np.abs(2.0 * pr[:, 0] - 1.0)
+        top = np.sort(pr, axis=1)[:, -2:]
+        return top[:, 1] - top[:, 0]

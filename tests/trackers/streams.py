@@ -1,0 +1,130 @@
+"""Generated query streams for tracker tests: benign traffic and attack-shaped traffic.
+
+Attack streams imitate the query geometry of the real attacks (HopSkipJump's binary search and
+gradient-estimation probes, Jacobian augmentation, uniform noise, out-of-distribution natural
+patches); the slow test runs the real ART attacks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+
+def benign_stream(
+    X: np.ndarray,
+    rng: np.random.Generator,
+    n: int,
+    *,
+    p_repeat: float = 0.1,
+    p_noise: float = 0.05,
+    p_shift: float = 0.05,
+    image_shape: tuple[int, int] | None = None,
+    lo: float | np.ndarray = 0.0,
+    hi: float | np.ndarray = 1.0,
+) -> np.ndarray:
+    """Held-out rows in random order with exact retries, small-noise near-duplicates (noise 2 % of the
+    [lo, hi] range) and 1-pixel shifts (images only)."""
+    rows: list[np.ndarray] = []
+    order = rng.permutation(X.shape[0])
+    k = 0
+    for _ in range(n):
+        u = rng.random()
+        if rows and u < p_repeat:
+            rows.append(rows[rng.integers(len(rows))].copy())
+        elif rows and u < p_repeat + p_noise:
+            base = rows[rng.integers(len(rows))]
+            rows.append(np.clip(base + rng.normal(size=base.shape) * 0.02 * (np.asarray(hi) - lo), lo, hi))
+        elif rows and image_shape is not None and u < p_repeat + p_noise + p_shift:
+            base = rows[rng.integers(len(rows))].reshape(image_shape)
+            rows.append(np.roll(base, int(rng.choice([-1, 1])), axis=int(rng.integers(2))).reshape(-1))
+        else:
+            rows.append(X[order[k % len(order)]].astype(np.float64))
+            k += 1
+    return np.asarray(rows)
+
+
+def hsj_like(
+    x0: np.ndarray, rng: np.random.Generator, n: int, *, lo: float | np.ndarray = 0.0, hi: float | np.ndarray = 1.0
+) -> np.ndarray:
+    """HopSkipJump's query geometry (as ART implements it): a random start, a binary search towards x0,
+    then gradient estimation, i.e. 100 probes at L2 distance 0.1 * range around the boundary point,
+    later batches at 0.01 * its distance to x0, each followed by a step."""
+    start = lo + (np.asarray(hi) - lo) * rng.uniform(size=x0.shape)
+    rows = [x0.copy(), start]
+    a, b = 0.0, 1.0
+    while len(rows) < 14:
+        mid = (a + b) / 2
+        rows.append((1 - mid) * x0 + mid * start)
+        a, b = (a, mid) if rng.random() < 0.5 else (mid, b)
+    boundary = (1 - b) * x0 + b * start
+    span = float(np.max(np.asarray(hi) - lo))
+    first = True
+    while len(rows) < n:
+        dist = float(np.linalg.norm(boundary - x0))
+        delta = 0.1 * span if first else 0.01 * dist
+        for _ in range(100 if first else 25):
+            u = rng.normal(size=x0.shape)
+            rows.append(np.clip(boundary + delta * u / np.linalg.norm(u), lo, hi))
+        first = False
+        boundary = boundary + 0.1 * (x0 - boundary) + 0.02 * dist * rng.normal(size=x0.shape) / np.sqrt(x0.size)
+    return np.asarray(rows[:n])
+
+
+def jbda_like(seeds: np.ndarray, rng: np.random.Generator, n: int, *, lam: float, lo: float = 0.0,
+              hi: float = 1.0) -> np.ndarray:
+    """Jacobian-based augmentation: each round adds x + lam * sign(gradient) for every known point
+    (gradient directions of a substitute, imitated here by a fixed random linear model per class)."""
+    w = rng.normal(size=(10, seeds.shape[1]))
+    pts = [s.astype(np.float64) for s in seeds]
+    out = list(pts)
+    while len(out) < n:
+        new = [np.clip(p + lam * np.sign(w[int(rng.integers(10))]), lo, hi) for p in pts]
+        out.extend(new)
+        pts = pts + new
+    return np.asarray(out[:n])
+
+
+def jbda_stream(
+    seeds: np.ndarray, oracle: Callable[[np.ndarray], np.ndarray], n: int, *, lam: float, lo: float = 0.0,
+    hi: float = 1.0,
+) -> np.ndarray:
+    """Papernot et al.'s Jacobian-based dataset augmentation with a logistic-regression substitute:
+    each round labels the known points with the oracle, fits the substitute and adds
+    x + lam * sign(d substitute_logit[oracle label] / dx) for every known point."""
+    from sklearn.linear_model import LogisticRegression
+
+    pts = seeds.astype(np.float64)
+    out = list(pts)
+    while len(out) < n:
+        y = oracle(pts)
+        if np.unique(y).size < 2:
+            grad = np.sign(np.random.default_rng(len(out)).normal(size=pts.shape))
+        else:
+            sub = LogisticRegression(max_iter=200).fit(pts, y)
+            idx = np.searchsorted(sub.classes_, y)
+            grad = np.sign(sub.coef_[np.minimum(idx, sub.coef_.shape[0] - 1)])
+        new = np.clip(pts + lam * grad, lo, hi)
+        out.extend(new)
+        pts = np.concatenate([pts, new])
+    return np.asarray(out[:n])
+
+
+def uniform_stream(d: int, rng: np.random.Generator, n: int, *, lo: float = 0.0, hi: float = 1.0) -> np.ndarray:
+    """Uniform random queries over the input box."""
+    return rng.uniform(lo, hi, size=(n, d))
+
+
+def natural_patches(rng: np.random.Generator, n: int, *, side: int = 8, hi: float = 16.0) -> np.ndarray:
+    """Grey side x side patches of scikit-learn's sample photographs, scaled to [0, hi] (another distribution)."""
+    from sklearn.datasets import load_sample_images
+
+    imgs = [im.mean(axis=2) for im in load_sample_images().images]
+    out = np.empty((n, side * side))
+    for i in range(n):
+        im = imgs[int(rng.integers(len(imgs)))]
+        r, c = rng.integers(0, im.shape[0] - 4 * side), rng.integers(0, im.shape[1] - 4 * side)
+        block = im[r : r + 4 * side, c : c + 4 * side].reshape(side, 4, side, 4).mean(axis=(1, 3))
+        out[i] = block.reshape(-1) / 255.0 * hi
+    return out

@@ -1,0 +1,127 @@
+"""SessionState: encode/decode round trips, bounded size, purity of updates, strict decoding."""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from detectors.trackers import SessionTrackers, TrackerConfig
+
+from .conftest import SALT, Digits
+
+_SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def _feed(trackers: SessionTrackers, rows: np.ndarray, labels: list[int], t0: float = 0.0):  # type: ignore[no-untyped-def]
+    state = trackers.new_state()
+    for i in range(rows.shape[0]):
+        state, _ = trackers.update(state, rows[i : i + 1], np.array([labels[i % len(labels)]]), None, t0 + i)
+    return state
+
+
+class TestCodec:
+    @_SETTINGS
+    @given(
+        n=st.integers(0, 160),
+        seed=st.integers(0, 2**31 - 1),
+        labels=st.lists(st.integers(0, 9), min_size=1, max_size=5),
+        t0=st.floats(0, 1e9),
+    )
+    def test_round_trip(self, trackers: SessionTrackers, digits: Digits, n: int, seed: int, labels: list[int],
+                        t0: float) -> None:
+        """decode(encode(s)) re-encodes to the same bytes and gives the same scores and next update."""
+        rng = np.random.default_rng(seed)
+        rows = digits.X_held[rng.integers(len(digits.X_held), size=n)] + rng.integers(0, 2, size=(n, 64))
+        state = _feed(trackers, rows, labels, t0)
+        blob = trackers.encode(state)
+        back = trackers.decode(blob)
+        assert trackers.encode(back) == blob
+        assert trackers.peek(back, t0 + n + 5) == trackers.peek(state, t0 + n + 5)
+        x = digits.X_held[:1]
+        after_back = trackers.update(back, x, None, None, t0 + n + 1)[1]
+        assert after_back == trackers.update(state, x, None, None, t0 + n + 1)[1]
+
+    def test_size_is_bounded_after_10k_updates(self, trackers: SessionTrackers) -> None:
+        """After 10,000 distinct queries the state is exactly as large as a fresh one, and under 4.5 KiB."""
+        rng = np.random.default_rng(7)
+        state = trackers.new_state()
+        empty = len(trackers.encode(state))
+        X = rng.uniform(0, 16, size=(10_000, 64))
+        for i in range(0, 10_000, 100):
+            state, _ = trackers.update(state, X[i : i + 100], rng.integers(10, size=100), None, float(i))
+        assert state.n_queries == 10_000
+        assert len(trackers.encode(state)) == empty == trackers.state_nbytes(state)
+        assert empty <= 4608
+
+    def test_update_does_not_modify_its_input(self, trackers: SessionTrackers, digits: Digits) -> None:
+        """update is pure: the state passed in encodes to the same bytes afterwards."""
+        state = _feed(trackers, digits.X_held[:30], [1, 2])
+        before = trackers.encode(state)
+        trackers.update(state, digits.X_held[30:40], None, None, 100.0)
+        assert trackers.encode(state) == before
+
+
+class TestDecodeRejects:
+    @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(blob=st.binary(max_size=5000))
+    def test_random_bytes(self, trackers: SessionTrackers, blob: bytes) -> None:
+        """Arbitrary bytes never decode (the length, magic and layout tag must all match)."""
+        with pytest.raises(ValueError, match=r"bytes|state"):
+            trackers.decode(blob)
+
+    def test_truncated_and_extended(self, trackers: SessionTrackers, digits: Digits) -> None:
+        """A valid state with one byte missing or added is refused."""
+        blob = trackers.encode(_feed(trackers, digits.X_held[:20], [0]))
+        for bad in (blob[:-1], blob + b"\0", b""):
+            with pytest.raises(ValueError, match="bytes"):
+                trackers.decode(bad)
+
+    def test_other_layout(self, config: TrackerConfig, digits: Digits) -> None:
+        """A state written by trackers with other ring sizes is refused, even at the same length."""
+        other = SessionTrackers(dataclasses.replace(config, ring_fp=config.ring_fp + 1), salt=SALT)
+        blob = other.encode(other.new_state())
+        mine = SessionTrackers(config, salt=SALT)
+        with pytest.raises(ValueError, match=r"bytes|layout"):
+            mine.decode(blob)
+        forged = blob[:8] + struct.pack("<I", config.layout_id) + blob[12:]
+        with pytest.raises(ValueError, match=r"bytes|layout"):
+            mine.decode(forged)
+
+    @pytest.mark.parametrize(
+        ("field", "value"),
+        [("s_risk_nan", float("nan")), ("s_coverage", -1.0), ("rate_level", float("inf")), ("last_w", 2.0)],
+    )
+    def test_out_of_range_scalars(self, trackers: SessionTrackers, field: str, value: float) -> None:
+        """NaN, negative or infinite evidence and out-of-range W are refused."""
+        state = trackers.new_state()
+        name = "s_joint" if field == "s_risk_nan" else field
+        setattr(state, name, value)
+        with pytest.raises(ValueError, match="state"):
+            trackers.decode(trackers.encode(state))
+
+    def test_out_of_range_counters_and_arrays(self, trackers: SessionTrackers) -> None:
+        """Ring counters past their capacity, inconsistent totals, bad class slots and NaN arrays are refused."""
+        cfg = trackers.config
+        cases = [
+            {"n_fp": cfg.ring_fp + 1},
+            {"head_nn": cfg.ring_nn},
+            {"n_queries": 3},
+            {"n_pool_total": -1},
+        ]
+        for changes in cases:
+            state = dataclasses.replace(trackers.new_state(), **changes)
+            with pytest.raises(ValueError, match="state"):
+                trackers.decode(trackers.encode(state))
+        state = trackers.new_state()
+        state.prada_cls[0] = cfg.n_class_slots
+        with pytest.raises(ValueError, match="class slots"):
+            trackers.decode(trackers.encode(state))
+        state = trackers.new_state()
+        state.nn[0, 0] = np.nan
+        with pytest.raises(ValueError, match="finite"):
+            trackers.decode(trackers.encode(state))
