@@ -21,7 +21,15 @@ Redis down or slower than ``budget`` seconds: the call is answered from the loca
 mirrors every record this replica has seen), counted in ``inference_guard_redis_fallbacks_total``, and a
 background probe reconnects with exponential back-off. Records changed meanwhile are marked dirty; when
 Redis is back they are merged into it with the same script (their changes since the last sync are deltas
-against the last state read from Redis), counted in ``inference_guard_redis_reconciled_total``.
+against the last state read from Redis; one merge at a time per session), counted in
+``inference_guard_redis_reconciled_total{result="merged"}``. A key that was synced before and is gone
+(Redis restarted empty, or failed over to a replica that missed it) is restored from the local copy
+(``result="restored"``); what only Redis knew (queries answered by other replicas since this one last
+synced) is lost with it. An operator reset leaves a tombstone ``{prefix}d:{session}`` for ``session_ttl`` so
+that no replica restores the session it still holds locally.
+
+Standalone Redis or Sentinel: the scripts touch keys of one session only (both keys are declared), but the
+global index's script (``guard_agent.redis_global``) is not Redis Cluster compatible.
 """
 
 from __future__ import annotations
