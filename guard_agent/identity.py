@@ -4,6 +4,12 @@ Sources are tried in the configured order: the API-key header, a bearer token,
 then the client address (the peer, or ``X-Forwarded-For`` when the peer is a
 trusted proxy). The winning source is reduced to HMAC-SHA256 with a secret, so
 replicas sharing the secret derive the same id and nothing sensitive is kept.
+
+Without a key store or JWKS, any presented credential counts (the guard cannot
+tell good from bad). With either configured, only verified credentials
+authenticate and name the session; an unknown key or a bad token falls through
+to the next source (the address), so a client cannot mint fresh sessions by
+inventing keys.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from guard_agent.auth import AuthError, JwtVerifier, KeyStore
 
 __all__ = ["Identity", "IdentityResolver", "client_address"]
 
@@ -29,6 +37,8 @@ class Identity:
     authenticated: bool = False     # a credential was presented (and verified, when a key store / JWKS is set)
     principal: str | None = None    # a key's configured name or a token's claim, when verified
     rate_limit: Any = None          # a per-key RateLimit override, when the key store sets one
+    models: frozenset[str] | None = None  # the models a key may call (None = all)
+    credential_error: str | None = None   # why a presented credential was not accepted (safe to log)
 
 
 def _parse_ip(value: str | None) -> IPAddress | None:
@@ -62,27 +72,72 @@ def _trusted(ip: IPAddress, trusted: Sequence[IPNetwork]) -> bool:
 class IdentityResolver:
     """Built once from settings; ``resolve()`` runs on every request."""
 
-    def __init__(self, *, key: bytes, header: str, sources: Sequence[str], trusted_proxies: Sequence[str]) -> None:
+    def __init__(self, *, key: bytes, header: str, sources: Sequence[str], trusted_proxies: Sequence[str],
+                 keys: KeyStore | None = None, jwt: JwtVerifier | None = None) -> None:
         self._key = key
         self._header = header
         self._sources = tuple(sources)
         self._trusted = tuple(ipaddress.ip_network(c, strict=False) for c in trusted_proxies)
+        self.keys = keys
+        self.jwt = jwt
+
+    def use_credentials(self, *, keys: KeyStore | None = None, jwt: JwtVerifier | None = None) -> None:
+        """Attach verifiers after construction (the server does this from settings)."""
+        self.keys = keys if keys is not None else self.keys
+        self.jwt = jwt if jwt is not None else self.jwt
+
+    @property
+    def verifying(self) -> bool:
+        """True when presented credentials are checked rather than merely counted."""
+        return self.keys is not None or self.jwt is not None
 
     def hash(self, kind: str, value: str) -> str:
         return hmac.new(self._key, f"{kind}\x00{value}".encode(), hashlib.sha256).hexdigest()[:32]
 
     def resolve(self, headers: Mapping[str, str], peer: str | None) -> Identity:
         ip = client_address(peer, headers.get("X-Forwarded-For"), self._trusted)
+        error: str | None = None
         for source in self._sources:
             if source == "header":
                 value = headers.get(self._header, "").strip()
                 if value:
-                    return Identity(self.hash("key", value), "header", ip, authenticated=True)
+                    found, why = self._from_key(value, "header", ip)
+                    if found is not None:
+                        return found
+                    error = error or why
             elif source == "bearer":
-                auth = headers.get("Authorization", "")
-                scheme, _, token = auth.partition(" ")
-                if scheme.lower() == "bearer" and token.strip():
-                    return Identity(self.hash("bearer", token.strip()), "bearer", ip, authenticated=True)
+                scheme, _, token = headers.get("Authorization", "").partition(" ")
+                token = token.strip()
+                if scheme.lower() == "bearer" and token:
+                    found, why = self._from_bearer(token, ip)
+                    if found is not None:
+                        return found
+                    error = error or why
             elif source == "address" and ip is not None:
-                return Identity(self.hash("ip", ip.compressed), "address", ip)
-        return Identity(self.hash("anonymous", ""), "anonymous", ip)
+                return Identity(self.hash("ip", ip.compressed), "address", ip, credential_error=error)
+        return Identity(self.hash("anonymous", ""), "anonymous", ip, credential_error=error)
+
+    def _from_key(self, value: str, source: str, ip: IPAddress | None) -> tuple[Identity | None, str | None]:
+        if self.keys is None:
+            if self.verifying:  # a JWKS is set but no key store: a bare key proves nothing
+                return None, "api keys not configured"
+            return Identity(self.hash("key", value), source, ip, authenticated=True), None
+        entry = self.keys.lookup(value)
+        if entry is None:
+            return None, "unknown api key"
+        return Identity(self.hash("principal", f"key:{entry.name}"), source, ip, authenticated=True,
+                        principal=entry.name, rate_limit=entry.rate_limit, models=entry.models), None
+
+    def _from_bearer(self, token: str, ip: IPAddress | None) -> tuple[Identity | None, str | None]:
+        if not self.verifying:
+            return Identity(self.hash("bearer", token), "bearer", ip, authenticated=True), None
+        if self.jwt is not None and token.count(".") == 2:
+            try:
+                principal = self.jwt.verify(token)
+            except AuthError as exc:
+                return None, str(exc)
+            return Identity(self.hash("principal", f"jwt:{principal.issuer or ''}\x00{principal.subject}"),
+                            "bearer", ip, authenticated=True, principal=principal.subject), None
+        if self.keys is not None:  # an API key sent as a bearer token
+            return self._from_key(token, "bearer", ip)
+        return None, "bearer token is not a JWT"

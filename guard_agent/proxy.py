@@ -281,10 +281,18 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
     policy = state.policies.current
     eff = policy.for_model(match.model)
     out.enforced = eff.mode == "enforce"
+    if identity.credential_error is not None:
+        out.fields["credential_error"] = identity.credential_error
+    if identity.principal is not None:
+        out.fields["principal"] = identity.principal
     if eff.require_credentials and not identity.authenticated:
         out.rule = "credentials-required"
         return _reject(state, out, 401, "unauthorized", "a valid API key or bearer token is required", request_id,
                        {"WWW-Authenticate": 'Bearer realm="inference-guard"'}), 0.0
+    if identity.models is not None and match.model not in identity.models:
+        out.rule = "model-not-allowed"
+        return _reject(state, out, 403, "model_not_allowed", "this credential may not call this model",
+                       request_id), 0.0
 
     body = await _read_body(request, settings.max_body_bytes, settings.client_read_timeout)
     if body is None:

@@ -1,5 +1,12 @@
 """Run the guard and admin listeners until SIGTERM/SIGINT; SIGHUP reloads the policy.
 
+The guard listener is hardened below aiohttp: every connection goes through a
+small protocol wrapper that caps the number of open connections (each
+connection handles one request at a time, so this also caps concurrency) and
+cuts off clients that dribble a request head (slowloris: aiohttp itself only
+times out idle connections). TLS terminates here when a certificate is set, with
+certificates, API keys and the JWKS reloaded when their files change.
+
 Shutdown drains: readiness turns false, the listeners stop accepting, in-flight
 requests get up to ``shutdown_grace`` seconds, then events are flushed.
 """
@@ -7,22 +14,232 @@ requests get up to ``shutdown_grace`` seconds, then events are flushed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+import ssl
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
+import orjson
 from aiohttp import web
+from prometheus_client import Counter, Gauge
 
 from guard_agent.admin import make_admin_app, reload_policy
 from guard_agent.app import build_state, make_app
-from guard_agent.settings import Settings, parse_hostport
+from guard_agent.auth import AuthError, JwtVerifier, KeyStore
+from guard_agent.settings import ConfigError, Settings, parse_hostport
 from guard_agent.state import GuardState
+from guard_agent.tls import TlsError, TlsReloader
 
-__all__ = ["serve", "start_listeners"]
+__all__ = ["ConnectionGuard", "GuardSite", "attach_credentials", "serve", "start_listeners"]
+
+DEFAULT_MAX_CONNECTIONS = 1024
+DEFAULT_HEADER_TIMEOUT = 10.0
+TLS_HANDSHAKE_TIMEOUT = 10.0
+
+
+def _canned(status: int, reason: str, code: str, message: str) -> bytes:
+    body = orjson.dumps({"error": {"code": code, "message": message, "request_id": "-"}})
+    head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nConnection: close\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n")
+    return head.encode() + body
+
+
+_BUSY = _canned(503, "Service Unavailable", "overloaded", "too many open connections")
+_SLOW_HEAD = _canned(408, "Request Timeout", "request_timeout", "the request headers were not received in time")
+
+
+class ConnectionGuard:
+    """Counts open connections and closes those whose request head does not arrive in time."""
+
+    def __init__(self, *, max_connections: int, header_timeout: float,
+                 on_refuse: Callable[[str], None] = lambda reason: None) -> None:
+        self.max_connections = max_connections
+        self.header_timeout = header_timeout
+        self.open = 0
+        self.on_refuse = on_refuse
+
+    def wrap(self, factory: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
+        return lambda: _GuardedProtocol(factory(), self)
+
+
+class _GuardedProtocol(asyncio.Protocol):
+    """Forwards to aiohttp's request handler; adds the connection cap and the head deadline.
+
+    A head is "in progress" when bytes arrived while the handler waits for a request
+    (or before the first request on the connection was parsed). If no new request
+    has been parsed ``header_timeout`` seconds later, the client gets 408 and the
+    connection is closed. Bodies have their own timeout in the proxy.
+    """
+
+    def __init__(self, inner: Any, guard: ConnectionGuard) -> None:
+        self._inner = inner
+        self._guard = guard
+        self._transport: asyncio.Transport | None = None
+        self._counted = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._snapshot = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        if self._guard.open >= self._guard.max_connections:
+            self._guard.on_refuse("connections")
+            transport.write(_BUSY)
+            transport.close()
+            return
+        self._guard.open += 1
+        self._counted = True
+        self._inner.connection_made(transport)
+
+    def _parsed(self) -> int:
+        return int(getattr(self._inner, "_request_count", 0))
+
+    def _awaiting_head(self) -> bool:
+        waiter = getattr(self._inner, "_waiter", None)
+        return self._parsed() == 0 or (waiter is not None and not waiter.done())
+
+    def data_received(self, data: bytes) -> None:
+        if not self._counted:
+            return
+        before = self._parsed()
+        self._inner.data_received(data)
+        if self._parsed() != before and self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._timer is None and self._parsed() == before and self._awaiting_head():
+            self._snapshot = before
+            self._timer = asyncio.get_running_loop().call_later(self._guard.header_timeout, self._deadline)
+
+    def _deadline(self) -> None:
+        self._timer = None
+        if self._parsed() == self._snapshot and self._awaiting_head() and self._transport is not None:
+            self._guard.on_refuse("slow_headers")
+            with contextlib.suppress(Exception):
+                self._transport.write(_SLOW_HEAD)
+            self._transport.close()
+
+    def eof_received(self) -> bool | None:
+        if not self._counted:
+            return None
+        result: bool | None = self._inner.eof_received()
+        return result
+
+    def pause_writing(self) -> None:
+        if self._counted:
+            self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._counted:
+            self._inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._counted:
+            self._counted = False
+            self._guard.open -= 1
+            self._inner.connection_lost(exc)
+
+
+class GuardSite(web.TCPSite):
+    """A TCP site whose connections pass through a ``ConnectionGuard`` (and TLS, when given)."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int, *, guard: ConnectionGuard,
+                 ssl_context: ssl.SSLContext | None = None, backlog: int = 1024) -> None:
+        super().__init__(runner, host, port, ssl_context=ssl_context, backlog=backlog, reuse_address=True)
+        self._guard = guard
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)
+        server = self._runner.server
+        assert server is not None
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._guard.wrap(server), self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
+            reuse_address=self._reuse_address,
+            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if self._ssl_context else None)
+
+
+def attach_credentials(state: GuardState) -> tuple[KeyStore | None, JwtVerifier | None]:
+    """Give the identity resolver the API-key store and JWT verifier the settings name."""
+    s = state.settings
+    try:
+        keys = KeyStore(s.api_keys_file) if s.api_keys_file else None
+        verifier = (JwtVerifier(s.jwt_jwks_file, issuer=s.jwt_issuer, audience=s.jwt_audience,
+                                session_claim=s.jwt_session_claim) if s.jwt_jwks_file else None)
+    except AuthError as exc:
+        raise ConfigError(str(exc)) from exc
+    state.identity.use_credentials(keys=keys, jwt=verifier)
+    if keys is not None:
+        state.events.log("info", "api keys loaded", guard={"api_keys": len(keys)})
+    return keys, verifier
+
+
+class _ListenerMetrics:
+    def __init__(self, state: GuardState) -> None:
+        r = state.metrics.registry
+        self.refused = Counter("inference_guard_connections_refused_total",
+                               "Connections closed by the guard: over the cap or a request head too slow",
+                               ["reason"], registry=r)
+        self.reloads = Counter("inference_guard_credential_reloads_total",
+                               "Reloads of TLS certificates, API keys and the JWKS", ["file", "result"], registry=r)
+        self.open = Gauge("inference_guard_open_connections", "Open connections on the guard port", registry=r)
+
+
+def _reload_watcher(state: GuardState, metrics: _ListenerMetrics, reloadables: list[tuple[str, Any]]
+                    ) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(state.settings.reload_interval)
+                for name, item in reloadables:
+                    try:
+                        changed = item.maybe_reload()
+                    except (AuthError, TlsError) as exc:
+                        metrics.reloads.labels(name, "failed").inc()
+                        state.events.log("error", f"{name} rejected: last good kept", error={"message": str(exc)})
+                        continue
+                    if changed:
+                        metrics.reloads.labels(name, "ok").inc()
+                        state.events.log("info", f"{name} reloaded")
+
+        task = asyncio.create_task(loop())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    return ctx
 
 
 async def start_listeners(state: GuardState) -> tuple[web.AppRunner, web.AppRunner]:
     """Start both listeners; returns their runners (the caller cleans them up)."""
     s = state.settings
-    guard_runner = web.AppRunner(make_app(state), access_log=None, handle_signals=False,
+    keys, verifier = attach_credentials(state)
+    tls: TlsReloader | None = None
+    if s.tls_cert_file or s.tls_key_file:
+        if not (s.tls_cert_file and s.tls_key_file):
+            raise ConfigError("tls_cert_file and tls_key_file must be set together")
+        try:
+            tls = TlsReloader(s.tls_cert_file, s.tls_key_file, s.tls_client_ca_file)
+        except TlsError as exc:
+            raise ConfigError(str(exc)) from exc
+    elif s.tls_client_ca_file:
+        raise ConfigError("tls_client_ca_file needs tls_cert_file and tls_key_file")
+    metrics = _ListenerMetrics(state)
+    guard = ConnectionGuard(
+        max_connections=int(getattr(s, "max_connections", DEFAULT_MAX_CONNECTIONS)),
+        header_timeout=float(getattr(s, "header_read_timeout", min(DEFAULT_HEADER_TIMEOUT, s.client_read_timeout))),
+        on_refuse=lambda reason: metrics.refused.labels(reason).inc())
+    metrics.open.set_function(lambda: guard.open)
+    app = make_app(state)
+    reloadables: list[tuple[str, Any]] = [(n, i) for n, i in (("tls", tls), ("api_keys", keys), ("jwks", verifier))
+                                          if i is not None]
+    if reloadables:
+        app.cleanup_ctx.append(_reload_watcher(state, metrics, reloadables))
+    guard_runner = web.AppRunner(app, access_log=None, handle_signals=False,
                                  max_field_size=max(8190, s.max_header_bytes * 2),
                                  max_line_size=max(8190, s.max_header_bytes * 2),
                                  keepalive_timeout=75, shutdown_timeout=s.shutdown_grace)
@@ -30,7 +247,7 @@ async def start_listeners(state: GuardState) -> tuple[web.AppRunner, web.AppRunn
     await guard_runner.setup()
     await admin_runner.setup()
     host, port = parse_hostport(s.listen)
-    await web.TCPSite(guard_runner, host, port, backlog=1024, reuse_address=True).start()
+    await GuardSite(guard_runner, host, port, guard=guard, ssl_context=tls.context if tls else None).start()
     ahost, aport = parse_hostport(s.admin_listen)
     await web.TCPSite(admin_runner, ahost, aport, reuse_address=True).start()
     return guard_runner, admin_runner
@@ -46,6 +263,8 @@ async def serve(settings: Settings) -> int:
     guard_runner, admin_runner = await start_listeners(state)
     state.events.log("info", "guard started", guard={"listen": settings.listen, "admin_listen": settings.admin_listen,
                                                      "upstream": settings.upstream,
+                                                     "tls": bool(settings.tls_cert_file),
+                                                     "mtls": bool(settings.tls_client_ca_file),
                                                      "policy_revision": state.policies.current.revision,
                                                      "profile_revision": state.profile.revision})
     await stop.wait()
@@ -56,8 +275,10 @@ async def serve(settings: Settings) -> int:
     deadline = loop.time() + settings.shutdown_grace
     while state.in_flight > 0 and loop.time() < deadline:
         await asyncio.sleep(0.05)
+    drained = state.in_flight == 0
     await guard_runner.cleanup()
     await admin_runner.cleanup()
-    state.events.log("info", "guard stopped", guard={"in_flight": state.in_flight})
+    state.events.log("info" if drained else "warning", "guard stopped",
+                     guard={"in_flight": state.in_flight, "drained": drained})
     state.events.close()
     return 0

@@ -1,0 +1,283 @@
+"""Credentials the guard can verify: an API-key store and a JWT verifier.
+
+API keys come from a YAML/JSON file (a mounted Secret). Each entry gives the key
+itself (hashed at load, the raw value dropped) or, better, only its SHA-256, so
+the Secret holds nothing a client could send. A presented key is hashed and
+compared against every stored digest with ``hmac.compare_digest``, so the time
+taken does not depend on how much of a digest matched. Keys must be
+high-entropy random strings (>= 16 characters): SHA-256 is a lookup hash here,
+not a password hash.
+
+JWTs are verified with PyJWT against keys from a JWKS file. Only asymmetric
+algorithms are accepted (no ``none``, no HMAC with a public key), the header's
+``alg`` must agree with the key, ``exp`` is required, ``nbf`` honoured, and
+``iss`` / ``aud`` checked when configured. The session comes from a configured
+claim, so every token of one subject shares one session.
+
+Both stores reload when their file changes and keep the last good contents when
+the new file is broken.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jwt
+import orjson
+import yaml
+
+from guard_agent.policy.model import RateLimit
+
+__all__ = ["ASYMMETRIC_ALGORITHMS", "ApiKey", "AuthError", "CredentialFile", "JwtPrincipal", "JwtVerifier",
+           "KeyStore", "key_digest"]
+
+ASYMMETRIC_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
+                                   "ES256", "ES384", "ES512", "EdDSA"})
+_MIN_KEY_CHARS = 16
+_MAX_KEY_CHARS = 4096
+_MAX_TOKEN_CHARS = 16384
+
+
+class AuthError(ValueError):
+    """A credential file is malformed, or a presented credential failed verification."""
+
+
+def key_digest(key: str) -> str:
+    """The hex SHA-256 a key file may store instead of the key (``printf %s KEY | sha256sum``)."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _file_identity(path: Path) -> tuple[int, int, int, int] | None:
+    try:
+        st = path.stat()  # follows symlinks: a Secret's ..data swap changes the target
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+class CredentialFile:
+    """A file whose parsed contents are swapped in only when the new version parses."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._identity: tuple[int, int, int, int] | None = None
+        self.load()
+
+    def load(self) -> None:
+        """Read and activate the file now; raises ``AuthError`` and keeps the old contents on failure."""
+        identity = _file_identity(self.path)
+        try:
+            text = self.path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise AuthError(f"cannot read {self.path}: {exc}") from exc
+        self._activate(self._parse(text))
+        self._identity = identity
+
+    def changed_on_disk(self) -> bool:
+        return _file_identity(self.path) != self._identity
+
+    def maybe_reload(self) -> bool:
+        """Reload when the file changed; True when new contents became active. Raises ``AuthError``."""
+        if not self.changed_on_disk():
+            return False
+        identity = _file_identity(self.path)
+        try:
+            self.load()
+        except AuthError:
+            self._identity = identity  # do not retry (and log) the same broken file every tick
+            raise
+        return True
+
+    def _parse(self, text: str) -> Any:
+        raise NotImplementedError
+
+    def _activate(self, parsed: Any) -> None:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """One accepted key: never the key itself, only its digest and what it grants."""
+
+    name: str
+    digest: bytes
+    rate_limit: RateLimit | None = None
+    models: frozenset[str] | None = None   # None = every model
+
+
+def _parse_rate_limit(raw: Any, where: str) -> RateLimit | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping) or set(raw) - {"rate", "burst"} or "rate" not in raw:
+        raise AuthError(f"{where}.rate_limit: expected {{rate: N, burst: M}}")
+    try:
+        rate = float(raw["rate"])
+        burst = float(raw.get("burst", max(1.0, rate)))
+    except (TypeError, ValueError) as exc:
+        raise AuthError(f"{where}.rate_limit: {exc}") from exc
+    if not (0 < rate < float("inf") and 1 <= burst < float("inf")):
+        raise AuthError(f"{where}.rate_limit: rate must be > 0 and burst >= 1")
+    return RateLimit(rate=rate, burst=burst)
+
+
+def _parse_entry(raw: Any, index: int) -> ApiKey:
+    where = f"keys[{index}]"
+    allowed = {"name", "key", "sha256", "rate_limit", "models"}
+    if not isinstance(raw, Mapping):
+        raise AuthError(f"{where}: expected a mapping")
+    unknown = set(raw) - allowed
+    if unknown:
+        raise AuthError(f"{where}: unknown field(s) {sorted(unknown)}")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise AuthError(f"{where}.name: required, a non-empty string")
+    if ("key" in raw) == ("sha256" in raw):
+        raise AuthError(f"{where}: give exactly one of key or sha256")
+    if "key" in raw:
+        key = raw["key"]
+        if not isinstance(key, str) or not _MIN_KEY_CHARS <= len(key) <= _MAX_KEY_CHARS:
+            raise AuthError(f"{where}.key: must be a string of {_MIN_KEY_CHARS}..{_MAX_KEY_CHARS} characters")
+        digest = hashlib.sha256(key.encode()).digest()
+    else:
+        hexed = raw["sha256"]
+        if not isinstance(hexed, str) or len(hexed) != 64:
+            raise AuthError(f"{where}.sha256: expected 64 hex digits")
+        try:
+            digest = bytes.fromhex(hexed)
+        except ValueError as exc:
+            raise AuthError(f"{where}.sha256: expected 64 hex digits") from exc
+    models = raw.get("models")
+    if models is not None:
+        if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
+            raise AuthError(f"{where}.models: expected a list of model names")
+        models = frozenset(models)
+    return ApiKey(name=name.strip(), digest=digest, rate_limit=_parse_rate_limit(raw.get("rate_limit"), where),
+                  models=models)
+
+
+class KeyStore(CredentialFile):
+    """Accepted API keys, from a file ``{keys: [{name, key | sha256, rate_limit?, models?}]}``."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self._keys: tuple[ApiKey, ...] = ()
+        super().__init__(path)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def _parse(self, text: str) -> tuple[ApiKey, ...]:
+        try:
+            doc = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise AuthError(f"{self.path}: not YAML/JSON: {exc}") from exc
+        if not isinstance(doc, Mapping) or not isinstance(doc.get("keys"), list) or set(doc) - {"keys"}:
+            raise AuthError(f"{self.path}: expected a mapping with one field, keys: [...]")
+        keys = tuple(_parse_entry(entry, i) for i, entry in enumerate(doc["keys"]))
+        digests = [k.digest for k in keys]
+        if len(set(digests)) != len(digests):
+            raise AuthError(f"{self.path}: the same key is listed twice")
+        return keys
+
+    def _activate(self, parsed: tuple[ApiKey, ...]) -> None:
+        self._keys = parsed
+
+    def lookup(self, presented: str) -> ApiKey | None:
+        """The entry for a presented key, or None; compares against every digest in constant time each."""
+        if not presented or len(presented) > _MAX_KEY_CHARS:
+            return None
+        digest = hashlib.sha256(presented.encode(errors="surrogateescape")).digest()
+        found: ApiKey | None = None
+        for entry in self._keys:  # no early exit: the time depends on the number of keys only
+            if hmac.compare_digest(entry.digest, digest):
+                found = entry
+        return found
+
+
+@dataclass(frozen=True)
+class JwtPrincipal:
+    """A verified token: who it names (the session claim) and who issued it."""
+
+    subject: str
+    issuer: str | None
+    claims: Mapping[str, Any]
+
+
+class JwtVerifier(CredentialFile):
+    """Verifies bearer JWTs against a JWKS file (``{"keys": [...]}``)."""
+
+    def __init__(self, path: str | os.PathLike[str], *, issuer: str | None = None, audience: str | None = None,
+                 session_claim: str = "sub", leeway: float = 30.0,
+                 algorithms: Sequence[str] = tuple(sorted(ASYMMETRIC_ALGORITHMS))) -> None:
+        bad = set(algorithms) - ASYMMETRIC_ALGORITHMS
+        if bad:
+            raise AuthError(f"only asymmetric JWT algorithms are accepted, not {sorted(bad)}")
+        self.issuer, self.audience, self.session_claim, self.leeway = issuer, audience, session_claim, leeway
+        self._algorithms = frozenset(algorithms)
+        self._keys: tuple[jwt.PyJWK, ...] = ()
+        super().__init__(path)
+
+    def _parse(self, text: str) -> tuple[jwt.PyJWK, ...]:
+        try:
+            doc = orjson.loads(text)
+        except orjson.JSONDecodeError as exc:
+            raise AuthError(f"{self.path}: not JSON: {exc}") from exc
+        if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
+            raise AuthError(f"{self.path}: expected a JWKS document {{\"keys\": [...]}}")
+        keys: list[jwt.PyJWK] = []
+        for i, entry in enumerate(doc["keys"]):
+            if not isinstance(entry, dict):
+                raise AuthError(f"{self.path}: keys[{i}] is not an object")
+            if entry.get("use", "sig") != "sig":
+                continue
+            if entry.get("kty") == "oct":
+                raise AuthError(f"{self.path}: keys[{i}] is a symmetric key; only public keys belong in a JWKS")
+            if "d" in entry:
+                raise AuthError(f"{self.path}: keys[{i}] holds a private key; publish only the public part")
+            try:
+                keys.append(jwt.PyJWK(entry))
+            except jwt.PyJWTError as exc:
+                raise AuthError(f"{self.path}: keys[{i}]: {exc}") from exc
+        if not keys:
+            raise AuthError(f"{self.path}: no usable signing keys")
+        return tuple(keys)
+
+    def _activate(self, parsed: tuple[jwt.PyJWK, ...]) -> None:
+        self._keys = parsed
+
+    def _key_for(self, header: Mapping[str, Any]) -> jwt.PyJWK:
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in self._algorithms:
+            raise AuthError("token algorithm not accepted")
+        kid = header.get("kid")
+        candidates = [k for k in self._keys if kid is None or k.key_id == kid]
+        if kid is None and len(candidates) != 1:
+            raise AuthError("token has no kid and the JWKS holds several keys")
+        for key in candidates:
+            if key.algorithm_name == alg:
+                return key
+        raise AuthError("no key in the JWKS matches the token's kid and alg")
+
+    def verify(self, token: str) -> JwtPrincipal:
+        """The verified principal; raises ``AuthError`` (never a PyJWT error) on any failure."""
+        if len(token) > _MAX_TOKEN_CHARS:
+            raise AuthError("token too long")
+        try:
+            header = jwt.get_unverified_header(token)
+            key = self._key_for(header)
+            require = ["exp"] + (["iss"] if self.issuer else []) + (["aud"] if self.audience else [])
+            claims = jwt.decode(token, key=key, algorithms=[key.algorithm_name], audience=self.audience,
+                                issuer=self.issuer, leeway=self.leeway,
+                                options={"require": require, "verify_aud": self.audience is not None})
+        except jwt.PyJWTError as exc:
+            raise AuthError(f"invalid token: {type(exc).__name__}") from exc
+        subject = claims.get(self.session_claim)
+        if isinstance(subject, bool) or not isinstance(subject, (str, int)) or subject == "":
+            raise AuthError(f"token lacks the session claim {self.session_claim!r}")
+        issuer = claims.get("iss")
+        return JwtPrincipal(subject=str(subject), issuer=issuer if isinstance(issuer, str) else None, claims=claims)
