@@ -1,0 +1,130 @@
+"""Syslog sinks against a real rsyslogd (imtcp, and gtls for TLS) that each test starts on a free port."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from tests.integration.test_sinks_support import (
+    Rsyslog,
+    event_line,
+    gauge,
+    make_certs,
+    make_fanout,
+    needs_rsyslog,
+    sink_count,
+    wait_for,
+)
+
+pytestmark = [needs_rsyslog, pytest.mark.slow]
+FAST = {"retry_initial": 0.05, "retry_max": 0.3, "timeout": 2.0}
+
+
+@pytest.fixture
+def rsyslog(tmp_path: Path) -> Rsyslog:
+    r = Rsyslog(tmp_path / "rsyslog")
+    r.start()
+    yield r  # type: ignore[misc]
+    r.stop()
+
+
+def syslog_sink(port: int, **extra: object) -> dict[str, object]:
+    return {"type": "syslog", "name": "rsyslog", "host": "127.0.0.1", "port": port, **FAST, **extra}
+
+
+def in_order_without_gaps(ids: list[str | None], n: int) -> bool:
+    """Every req-0..req-(n-1) present, first occurrences in order (at least once allows repeats)."""
+    first: list[str | None] = []
+    seen: set[str | None] = set()
+    for i in ids:
+        if i not in seen:
+            seen.add(i)
+            first.append(i)
+    return first == [f"req-{i}" for i in range(n)]
+
+
+class TestSyslogTcp:
+    async def test_rfc5424_fields_as_rsyslog_parses_them(self, rsyslog: Rsyslog, tmp_path: Path) -> None:
+        """rsyslog sees severity from the level (alerts at most warning), MSGID = action, the event's own time."""
+        f = make_fanout(tmp_path / "spool", syslog_sink(rsyslog.port))
+        lines = [event_line(0), event_line(1, action="block", kind="alert"), event_line(2, level="error")]
+        for line in lines:
+            f.sink.write(line)
+        await wait_for(lambda: len(rsyslog.records()) == 3)
+        f.sink.close(5)
+        records = rsyslog.records()
+        assert [r["event"] for r in records] == [orjson.loads(line) for line in lines]
+        assert [r["severity"] for r in records] == [6, 4, 3]
+        assert [r["msgid"] for r in records] == ["allow", "block", "allow"]
+        assert {r["facility"] for r in records} == {"16"} and {r["app"] for r in records} == {"inference-guard"}
+        assert [r["timestamp"] for r in records] == [orjson.loads(line)["@timestamp"] for line in lines]
+
+    async def test_many_events_in_order(self, rsyslog: Rsyslog, tmp_path: Path) -> None:
+        """2000 events arrive exactly once each and in order over one connection (octet-counted framing)."""
+        f = make_fanout(tmp_path / "spool", syslog_sink(rsyslog.port))
+        for i in range(2000):
+            f.sink.write(event_line(i))
+        await wait_for(lambda: len(rsyslog.records()) >= 2000)
+        f.sink.close(5)
+        assert rsyslog.ids() == [f"req-{i}" for i in range(2000)]
+        assert sink_count(f.metrics, "rsyslog", "delivered") == 2000
+
+    async def test_rsyslog_restart_under_steady_rate(self, rsyslog: Rsyslog, tmp_path: Path) -> None:
+        """rsyslog stopped for a second under 200 events/s, then restarted: every event arrives, in order."""
+        f = make_fanout(tmp_path / "spool", syslog_sink(rsyslog.port))
+        n, rate = 600, 200.0
+        start = time.monotonic()
+        for i in range(n):
+            f.sink.write(event_line(i))
+            if i == 150:
+                await asyncio.to_thread(rsyslog.stop)
+            if i == 350:
+                await wait_for(lambda: gauge(f.metrics, "inference_guard_sink_up", "rsyslog") == 0)
+                await asyncio.to_thread(rsyslog.start)
+            await asyncio.sleep(max(0.0, start + (i + 1) / rate - time.monotonic()))
+        await wait_for(lambda: len(set(rsyslog.ids())) == n, timeout=20)
+        f.sink.close(5)
+        assert in_order_without_gaps(rsyslog.ids(), n)
+        assert sink_count(f.metrics, "rsyslog", "dropped") == 0
+        assert f.status_events("sink_down") and f.status_events("sink_up")
+
+
+class TestSyslogTls:
+    async def test_delivery_over_tls(self, tmp_path: Path) -> None:
+        """RFC 5425: the sink verifies rsyslog's certificate against the given CA and delivers over TLS."""
+        certs = make_certs(tmp_path)
+        r = Rsyslog(tmp_path / "rsyslog-tls", certs=certs)
+        r.start()
+        try:
+            f = make_fanout(tmp_path / "spool", syslog_sink(r.port, tls=True, ca_file=str(certs.ca),
+                                                             server_name="localhost"))
+            for i in range(300):
+                f.sink.write(event_line(i))
+            await wait_for(lambda: len(r.records()) >= 300)
+            f.sink.close(5)
+        finally:
+            r.stop()
+        assert r.ids() == [f"req-{i}" for i in range(300)]
+
+    async def test_untrusted_certificate_is_refused_and_events_kept(self, tmp_path: Path) -> None:
+        """With a CA that did not sign rsyslog's certificate nothing is sent; events stay spooled, sink is down."""
+        certs = make_certs(tmp_path)
+        r = Rsyslog(tmp_path / "rsyslog-tls", certs=certs)
+        r.start()
+        try:
+            f = make_fanout(tmp_path / "spool", syslog_sink(r.port, tls=True, ca_file=str(certs.other_ca)))
+            for i in range(10):
+                f.sink.write(event_line(i))
+            await wait_for(lambda: bool(f.status_events("sink_down")))
+            await asyncio.sleep(0.3)
+            f.sink.close(1)
+        finally:
+            r.stop()
+        assert r.records() == []
+        assert "certificate" in f.status_events("sink_down")[0]["guard"]["reason"].lower()
+        assert sink_count(f.metrics, "rsyslog", "delivered") == 0
+        assert f.status_events("sink_spool_kept")[0]["guard"]["backlog"] == {"rsyslog": 10}
