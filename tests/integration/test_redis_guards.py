@@ -81,6 +81,15 @@ def shared_prefix() -> Iterator[str]:
     delete_prefix(6379, p)
 
 
+@pytest.fixture
+def own_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A private redis-server the test may stop and restart; always stopped afterwards."""
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
 async def start_pair(start_guard: Any, upstream: str, policy: str, redis_url: str) -> list[RunningGuard]:
     """Two guards with the same HMAC key and Redis URL, using the Redis-backed store and global index."""
     guards = [await start_guard(upstream, policy=policy, redis_url=redis_url, hmac_key="shared-key")
@@ -176,13 +185,12 @@ class TestTwoGuards:
 
 class TestOutage:
     async def test_redis_stopped_mid_traffic_fails_no_request(self, start_guard: Any, upstream: str,
-                                                              tmp_path: Path) -> None:
+                                                              tmp_path: Path, own_server: RedisServer) -> None:
         """Kill our own Redis mid-traffic and restart it: every request answered 200, the fallback counted,
         and afterwards the guards are back on Redis."""
         policy = tmp_path / "policy.yaml"
         policy.write_text(POLICY.split("  - id: too-many")[0])
-        server = RedisServer(tmp_path)
-        server.start()
+        server = own_server
         guards = await start_pair(start_guard, upstream, str(policy), server.url + "?key_prefix=mid:&budget_ms=40")
         try:
             X = DigitsModel().X_test
@@ -214,4 +222,3 @@ class TestOutage:
             assert any(b"unreachable" in o for o in ops) and any(b"reachable again" in o for o in ops)
         finally:
             await close_pair(guards)
-            server.stop()

@@ -86,6 +86,7 @@ class RedisServer:
                     return
             except OSError:
                 time.sleep(0.02)
+        self.stop()
         raise RuntimeError("redis-server did not start")
 
     def stop(self) -> None:
