@@ -13,14 +13,15 @@ from ._validation import Float32Array, FloatArray, safe_scale
 
 
 class SchemaRange(BaseDetector):
-    """Score = number of features outside the learned [low, high] range + log1p(total excess in range units).
+    """Score = number of features outside the learned [low, high] range + total excess in range units.
 
     Bounds are the `quantile` and `1 - quantile` quantiles of the reference (0.0 = min/max, the default: a
     reference row is never out of range). The excess of feature j is measured in units of its reference range
     (high - low); constant features use a unit scale, so any deviation from the constant counts. In-range rows
     score exactly 0, so this detector only fires on rows that leave the observed box. Beyond the largest
     calibration score the p-value decays with a fixed unit scale (no tail is fitted to a discrete score):
-    one more feature out of range, or e times the excess, divides p by e; far out-of-range rows reach 1.0.
+    one more feature out of range, or one more range-width of excess, divides p by e; far out-of-range rows
+    reach 1.0.
     """
 
     score_name = "input.schema"
@@ -46,7 +47,7 @@ class SchemaRange(BaseDetector):
         np.abs(excess, out=excess)
         n_out = np.count_nonzero(excess, axis=1)
         total = excess @ self.inv_scale_
-        return np.asarray(n_out + np.log1p(total), dtype=np.float64)
+        return np.asarray(n_out + total, dtype=np.float64)
 
     def _params(self) -> dict[str, Any]:
         return {"quantile": self.quantile}

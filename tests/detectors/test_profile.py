@@ -82,6 +82,16 @@ class TestCalibratedScores:
         scores = prof.score(gauss.sample(5000, seed=25))[COMBINED]
         assert abs(float(np.mean(scores > 0.95)) - 0.05) < 0.02
 
+    def test_far_out_of_range_rows_score_exactly_one(self, profile: Profile, fresh_scores: dict[str,
+    np.ndarray]) -> None:
+        """Rows far beyond every calibration row reach 1.0 (p < 1e-16); no fresh inlier does."""
+        far = np.full((2, 8), 1e4)
+        scores = profile.score(far)
+        for name in ("input.schema", "ood.mahalanobis", "ood.knn", "ood.pca", COMBINED):
+            assert scores[name].min() == 1.0, name
+        for values in fresh_scores.values():
+            assert values.max() < 1.0
+
     def test_rejects_bad_rows(self, profile: Profile) -> None:
         """score() refuses NaN and a wrong feature count with ValueError."""
         with pytest.raises(ValueError, match="NaN"):
