@@ -48,9 +48,15 @@ def trackers(config: TrackerConfig) -> SessionTrackers:
 
 
 def run_stream(
-    trackers: SessionTrackers, rows: np.ndarray, model: LogisticRegression | None = None, *, dt: float = 1.0
+    trackers: SessionTrackers,
+    rows: np.ndarray,
+    model: LogisticRegression | None = None,
+    *,
+    dt: float = 1.0,
+    stop_risk: float | None = None,
 ) -> list[dict[str, float]]:
-    """Feed rows one request at a time (answers from ``model`` when given); return scores after each."""
+    """Feed rows one request at a time (answers from ``model`` when given); return scores after each,
+    stopping early once session.risk reaches ``stop_risk``."""
     state = trackers.new_state()
     out = []
     for i, row in enumerate(rows):
@@ -58,6 +64,8 @@ def run_stream(
         proba = model.predict_proba(x) if model is not None else None
         state, scores = trackers.update(state, x, None, proba, i * dt)
         out.append(scores)
+        if stop_risk is not None and scores["session.risk"] >= stop_risk:
+            break
     return out
 
 

@@ -29,8 +29,8 @@ class TestPrada:
         assert alarms >= 6
 
     def test_quiet_on_natural_samples(self, trackers: SessionTrackers, digits: Digits) -> None:
-        """PRADA never alarms on held-out natural samples in random order (20 streams of 250)."""
-        for s in range(20):
+        """PRADA never alarms on held-out natural samples in random order (12 streams of 250)."""
+        for s in range(12):
             order = np.random.default_rng(s).permutation(len(digits.X_held))[:250]
             hist = run_stream(trackers, digits.X_held[order], digits.model)
             assert max(h["session.prada"] for h in hist) == 0.0
@@ -55,27 +55,28 @@ class TestEarlyDetection:
         """Uniform-random and Jacobian-augmentation (JBDA) extraction streams are blocked within 100."""
         for s in range(4):
             rng = np.random.default_rng(s)
-            uni = run_stream(trackers, uniform_stream(64, rng, 100, hi=16.0), digits.model)
+            uni = run_stream(trackers, uniform_stream(64, rng, 100, hi=16.0), digits.model, stop_risk=BLOCK)
             assert (first_at(uni, "session.risk", BLOCK) or 999) <= 100
             seeds = digits.X_held[rng.choice(len(digits.X_held), 10, replace=False)]
-            jb = run_stream(trackers, jbda_stream(seeds, digits.model.predict, 100, lam=1.6, hi=16.0), digits.model)
+            jb = run_stream(trackers, jbda_stream(seeds, digits.model.predict, 100, lam=1.6, hi=16.0), digits.model,
+                            stop_risk=BLOCK)
             assert (first_at(jb, "session.risk", BLOCK) or 999) <= 100
 
     def test_natural_out_of_distribution_blocked(self, trackers: SessionTrackers, digits: Digits) -> None:
         """Natural-data extraction with grey photo patches is blocked within 500 queries in >= 9 of 10."""
         caught = 0
         for s in range(10):
-            hist = run_stream(trackers, natural_patches(np.random.default_rng(s), 500), digits.model)
+            hist = run_stream(trackers, natural_patches(np.random.default_rng(s), 500), digits.model, stop_risk=BLOCK)
             caught += int((first_at(hist, "session.risk", BLOCK) or 999) <= 500)
         assert caught >= 9
 
 
 class TestBenign:
     def test_benign_sessions_stay_below_flag(self, trackers: SessionTrackers, digits: Digits) -> None:
-        """100 benign sessions (shuffled held-out digits, 10 % retries, 5 % noisy near-duplicates, 5 %
+        """60 benign sessions (shuffled held-out digits, 10 % retries, 5 % noisy near-duplicates, 5 %
         one-pixel shifts, 20-300 queries) all stay below the flag level of session.risk."""
         worst = 0.0
-        for s in range(100):
+        for s in range(60):
             rng = np.random.default_rng(1000 + s)
             rows = benign_stream(digits.X_held, rng, int(rng.integers(20, 300)), image_shape=(8, 8), hi=16.0)
             hist = run_stream(trackers, rows, digits.model)
