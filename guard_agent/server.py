@@ -36,6 +36,7 @@ __all__ = ["ConnectionGuard", "GuardSite", "attach_credentials", "serve", "start
 DEFAULT_MAX_CONNECTIONS = 1024
 DEFAULT_HEADER_TIMEOUT = 10.0
 TLS_HANDSHAKE_TIMEOUT = 10.0
+LINGER_SECONDS = 1.0
 
 
 def _canned(status: int, reason: str, code: str, message: str) -> bytes:
@@ -79,6 +80,7 @@ class _GuardedProtocol(asyncio.Protocol):
         self._counted = False
         self._timer: asyncio.TimerHandle | None = None
         self._snapshot = 0
+        self._cut = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -100,7 +102,7 @@ class _GuardedProtocol(asyncio.Protocol):
         return self._parsed() == 0 or (waiter is not None and not waiter.done())
 
     def data_received(self, data: bytes) -> None:
-        if not self._counted:
+        if not self._counted or self._cut:
             return
         before = self._parsed()
         self._inner.data_received(data)
@@ -113,11 +115,17 @@ class _GuardedProtocol(asyncio.Protocol):
 
     def _deadline(self) -> None:
         self._timer = None
-        if self._parsed() == self._snapshot and self._awaiting_head() and self._transport is not None:
+        transport = self._transport
+        if self._parsed() == self._snapshot and self._awaiting_head() and transport is not None:
             self._guard.on_refuse("slow_headers")
+            self._cut = True
             with contextlib.suppress(Exception):
-                self._transport.write(_SLOW_HEAD)
-            self._transport.close()
+                transport.write(_SLOW_HEAD)
+            if transport.can_write_eof():  # lingering close: let the client read the 408 before it sees a reset
+                transport.write_eof()
+                asyncio.get_running_loop().call_later(LINGER_SECONDS, transport.close)
+            else:
+                transport.close()
 
     def eof_received(self) -> bool | None:
         if not self._counted:
