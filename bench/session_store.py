@@ -10,6 +10,7 @@
 2. Redis (the server on 127.0.0.1:6379, under a unique key prefix deleted afterwards): latency of one
    request's session round trip (get + put with ~4 KB of tracker state) and of one global-index
    observation, sequential and with 32 concurrent requests.
+3. A real guard in front of the demo model, memory store vs Redis store: end-to-end latency per request.
 """
 
 from __future__ import annotations
@@ -152,15 +153,98 @@ async def redis_latency(n: int) -> None:
         await store.aclose()  # type: ignore[attr-defined]
 
 
+async def guard_latency(n: int) -> None:
+    """End-to-end request latency through a real guard: memory store vs Redis store (same process, loopback)."""
+    import tempfile
+    from pathlib import Path
+
+    import aiohttp
+    import orjson
+    from aiohttp import web
+
+    from guard_agent.app import build_state
+    from guard_agent.demo import DigitsModel, make_model_app
+    from guard_agent.server import start_listeners
+    from guard_agent.sessions.redis_store import RedisSessionStore
+
+    def port() -> int:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return int(sock.getsockname()[1])
+
+    model = DigitsModel()
+    upstream = web.AppRunner(make_model_app(model), access_log=None)
+    await upstream.setup()
+    up_port = port()
+    await web.TCPSite(upstream, "127.0.0.1", up_port).start()
+    prefix = f"bench-{uuid.uuid4().hex[:10]}:"
+    runners: list[web.AppRunner] = []
+    results: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        policy = Path(tmp) / "policy.yaml"
+        policy.write_text("version: 1\nmode: enforce\nrate_limit:\n  requests_per_second: 1000000\n"
+                          "  burst: 1000000\n")
+        try:
+            for label, redis_url in (("memory", None), ("redis", f"redis://127.0.0.1:6379/0?key_prefix={prefix}")):
+                settings = Settings(listen=f"127.0.0.1:{port()}", admin_listen=f"127.0.0.1:{port()}",
+                                    upstream=f"http://127.0.0.1:{up_port}", policy=str(policy),
+                                    hmac_key="bench-hmac-key", redis_url=redis_url)
+                state = build_state(settings, sink=CallbackSink(lambda _: None))
+                if redis_url and not isinstance(state.sessions, RedisSessionStore):
+                    state.sessions = make_session_store(settings, metrics=state.metrics, events=state.events,
+                                                        tracking=state.trackers)
+                    make_global_observer(settings, metrics=state.metrics, events=state.events,
+                                         tracking=state.trackers)
+                runners += list(await start_listeners(state))
+                await asyncio.sleep(0.3)
+                took: list[float] = []
+                async with aiohttp.ClientSession() as http:
+                    for i in range(n + 50):
+                        x = model.X_test[i % len(model.X_test)][None, :]
+                        body = orjson.dumps({"inputs": [{"name": "input-0", "shape": [1, 64], "datatype": "FP64",
+                                                         "data": x.ravel().tolist()}]})
+                        t0 = time.perf_counter()
+                        async with http.post(f"http://{settings.listen}/v2/models/digits/infer", data=body,
+                                             headers={"X-API-Key": f"user-{i % 20}",
+                                                      "Content-Type": "application/json"}) as resp:
+                            await resp.read()
+                            assert resp.status == 200, resp.status
+                        if i >= 50:
+                            took.append(time.perf_counter() - t0)
+                results[label] = took
+                if isinstance(state.sessions, RedisSessionStore):
+                    await state.sessions.aclose()
+        finally:
+            for runner in reversed(runners):
+                await runner.cleanup()
+            await upstream.cleanup()
+            import redis.asyncio as aioredis
+
+            client = aioredis.Redis.from_url("redis://127.0.0.1:6379/0")
+            keys = [k async for k in client.scan_iter(match=f"{prefix}*", count=1000)]
+            for i in range(0, len(keys), 500):
+                await client.delete(*keys[i:i + 500])
+            await client.aclose()
+    for label, took in results.items():
+        print(f"guard end-to-end, {label:6} store, sequential n={n} (20 keys, demo model): "
+              f"p50 {_pct(took, 50):.2f} ms  p99 {_pct(took, 99):.2f} ms")
+    print(f"  Redis adds p50 {_pct(results['redis'], 50) - _pct(results['memory'], 50):+.2f} ms per request")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sessions", type=int, default=100_000)
     ap.add_argument("--real", type=int, default=2000)
     ap.add_argument("--redis-requests", type=int, default=2000)
+    ap.add_argument("--guard-requests", type=int, default=1000)
     args = ap.parse_args()
     asyncio.run(memory(args.sessions, args.real))
     if args.redis_requests:
         asyncio.run(redis_latency(args.redis_requests))
+    if args.guard_requests:
+        asyncio.run(guard_latency(args.guard_requests))
 
 
 if __name__ == "__main__":
