@@ -39,6 +39,7 @@ class GlobalFingerprintIndex:
         self.window_s = float(window_s)
         self.n_index = int(n_index)
         self.m_half = float(m_half)
+        self.bucket_size = int(bucket_size)
         n_buckets = 1 << max(4, math.ceil(math.log2(max(1, max_entries * n_index // bucket_size) * 2)))
         self._table = np.full((n_buckets, bucket_size), -1, dtype=np.int32)
         self._bucket_head = np.zeros(n_buckets, dtype=np.uint8)
