@@ -80,6 +80,8 @@ class RedisMetrics:
         self.reconciled = Counter("inference_guard_redis_reconciled_total",
                                   "Sessions changed during an outage and merged back into Redis", ["result"],
                                   registry=r)
+        self.dirty = Gauge("inference_guard_redis_dirty_sessions",
+                           "Sessions changed while Redis was unreachable, not yet merged back", registry=r)
         self.state_errors = Counter("inference_guard_redis_state_errors_total",
                                     "Session fields that could not be stored or read (kept local / reset)",
                                     ["kind"], registry=r)
@@ -370,6 +372,7 @@ class RedisSessionStore:
         self._dirty: OrderedDict[str, None] = OrderedDict()
         self._scripts: dict[str, Any] = {}
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}  # per-session reconcile lock, its users
+        link.metrics.dirty.set_function(lambda: len(self._dirty))
         link.on_recover(self.reconcile)
 
     # ---- keys and scripts ------------------------------------------------------------------------

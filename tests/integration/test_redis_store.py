@@ -464,12 +464,13 @@ class TestOutage:
             assert slowest < 0.05 + 0.1  # budget + tracker work; never a socket timeout
             assert a.metric("inference_guard_redis_up") == 0
             assert a.metric("inference_guard_redis_fallbacks_total", op="get", reason="down") >= 8
-            assert a.store.dirty() == 1
+            assert a.store.dirty() == 1 and a.metric("inference_guard_redis_dirty_sessions") == 1
             assert any(b"redis unreachable" in line for line in a.logs)
             own_redis.start()
             assert await wait_until(lambda: a.store.link.up and a.store.dirty() == 0)
             assert a.metric("inference_guard_redis_reconnects_total") >= 1
             assert a.metric("inference_guard_redis_reconciled_total", result="merged") == 1
+            assert a.metric("inference_guard_redis_dirty_sessions") == 0
             seen = await b.store.get("att", now + 20)
             assert seen.queries == 15 and seen.blocked(now + 20) == "late-block"
             assert any(b"redis reachable again" in line for line in a.logs)
