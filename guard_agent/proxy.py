@@ -198,6 +198,10 @@ async def _read_body(request: web.Request, limit: int, timeout: float) -> bytes 
     if encoding not in ("", "identity"):
         # aiohttp would decompress it; the guard refuses instead of scoring bytes other than those forwarded
         raise BadBody(f"unsupported Content-Encoding {encoding[:32]!r}: send an uncompressed body")
+    codings = ",".join(request.headers.getall("Transfer-Encoding", ())).strip().lower()
+    if codings not in ("", "chunked"):
+        # aiohttp decodes only the chunked framing; any other transfer-coding would be forwarded undecoded
+        raise BadBody("unsupported Transfer-Encoding: only chunked framing is accepted")
     if request.content_length is not None and request.content_length > limit:
         return None
     chunks: list[bytes] = []
