@@ -70,7 +70,10 @@ class PeriodicTimer:
 
 
 def build_requests(spec: dict[str, Any], host: str, port: int) -> tuple[list[bytes], list[bytes]]:
-    """Pre-encoded request heads (one per API key) and tails (one per body); request n = head[n%K] + tail[n%B]."""
+    """Pre-encoded request heads (one per API key) and tails (one per body, with its own headers).
+
+    Request n = head[n % K] + tail[n % B].
+    """
     path = spec["path"]
     heads = [
         (
@@ -79,9 +82,11 @@ def build_requests(spec: dict[str, Any], host: str, port: int) -> tuple[list[byt
         for key in spec["keys"]
     ]
     tails = []
-    for body in spec["bodies"]:
+    extra = spec.get("headers") or [{} for _ in spec["bodies"]]
+    for body, headers in zip(spec["bodies"], extra, strict=True):
         raw = body.encode()
-        tails.append(f"Content-Length: {len(raw)}\r\n\r\n".encode() + raw)
+        lines = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        tails.append(f"{lines}Content-Length: {len(raw)}\r\n\r\n".encode() + raw)
     return heads, tails
 
 
@@ -336,7 +341,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rate", type=float, required=True, help="requests per second")
     p.add_argument("--duration", type=float, required=True, help="seconds of sending")
     p.add_argument("--warmup", type=float, default=0.5, help="leading seconds left out of the figures")
-    p.add_argument("--requests", required=True, help="JSON file: {path, keys: [...], bodies: [...]}")
+    p.add_argument("--requests", required=True, help="JSON file: {path, keys: [...], bodies: [...], headers: [...]}")
     p.add_argument("--max-conns", type=int, default=512)
     p.add_argument("--initial-conns", type=int, default=32)
     p.add_argument("--drain", type=float, default=3.0, help="seconds to wait for answers after the last send")

@@ -69,18 +69,24 @@ def _timed(
     requests_of: Callable[[dict[str, Any]], int],
     quiet: Sequence[int],
 ) -> dict[str, Any]:
-    """Run ``run`` and add the target's CPU µs per request and the cores' busy shares."""
+    """Run ``run`` and add the target's CPU µs per request and the cores' busy shares.
+
+    CPU per request counts until the target is idle again, so work an overloaded target finishes after
+    the load stopped is charged to the requests that caused it.
+    """
     for pid in {target.pid, *quiet}:
         settle(pid)
     before_dec = decision_counts(target.admin_port) if target.admin_port else {}
     busy0, cpu0, t0 = core_busy(), cpu_seconds(target.pid), time.monotonic()
     result = run()
     busy1, cpu1, t1 = core_busy(), cpu_seconds(target.pid), time.monotonic()
+    result["settle_s"] = settle(target.pid)
+    cpu_all = cpu_seconds(target.pid) - cpu0
     wall = t1 - t0
     n = requests_of(result)
     proxy_cpu = cpu1 - cpu0
-    result["cpu_s"] = proxy_cpu
-    result["cpu_us_per_req"] = proxy_cpu / n * 1e6 if n else None
+    result["cpu_s"] = cpu_all
+    result["cpu_us_per_req"] = cpu_all / n * 1e6 if n else None
     result["cpu_util"] = proxy_cpu / wall
     pc, lc = f"cpu{proxy_core}", f"cpu{load_core}"
     ours = proxy_cpu if target.core == proxy_core else 0.0

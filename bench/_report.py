@@ -46,15 +46,15 @@ def non2xx_share(run: Run) -> float:
 def main_table(runs: Sequence[Run], configs: Sequence[str], rates: Sequence[int]) -> list[str]:
     """Medians over repeats, one row per configuration."""
     head = (
-        f"{'configuration':<24}{'wrk req/s':>10}{'cpu%':>6}{'us/req':>8}{'fail':>7}"
-        + "".join(f"{f'p50@{r}':>9}{f'p99@{r}':>9}{f'us/req@{r}':>11}" for r in rates)
-        + f"{'gen lag p99':>12}{'core0 other%':>13}"
+        f"{'configuration':<29}{'wrk req/s':>10}{'cpu%':>6}{'us/req':>8}{'fail':>7}"
+        + "".join(f"{f'p50@{r}':>9}{f'p99@{r}':>9}{f'us/req@{r}':>12}" for r in rates)
+        + f"{'gen lag p99':>12}{'core0 other%':>13}{'core1 %':>8}"
     )
     lines = [head, "-" * len(head)]
     for cfg in configs:
         wrk = select(runs, cfg, "wrk")
         row = (
-            f"{cfg:<24}{fmt(med(wrk, 'rps'), '.0f'):>10}{fmt(med(wrk, 'cpu_util'), '.0f', 100):>6}"
+            f"{cfg:<29}{fmt(med(wrk, 'rps'), '.0f'):>10}{fmt(med(wrk, 'cpu_util'), '.0f', 100):>6}"
             f"{fmt(med(wrk, 'cpu_us_per_req'), '.0f'):>8}"
         )
         shares = [non2xx_share(r) for r in runs if r["config"] == cfg]
@@ -63,9 +63,12 @@ def main_table(runs: Sequence[Run], configs: Sequence[str], rates: Sequence[int]
             ol = select(runs, cfg, f"open{rate}")
             row += (
                 f"{fmt(med(ol, 'p50_ms'), '.2f'):>9}{fmt(med(ol, 'p99_ms'), '.2f'):>9}"
-                f"{fmt(med(ol, 'cpu_us_per_req'), '.0f'):>11}"
+                f"{fmt(med(ol, 'cpu_us_per_req'), '.0f'):>12}"
             )
-        lag = max((r["send_lag_p99_ms"] for r in runs if r["config"] == cfg and r.get("send_lag_p99_ms")), default=None)
+        lag = max(
+            (r["timer_lag_p99_ms"] for r in runs if r["config"] == cfg and r.get("timer_lag_p99_ms") is not None),
+            default=None,
+        )
         others = med([r for r in runs if r["config"] == cfg], "proxy_core_others_util")
         load = med([r for r in runs if r["config"] == cfg], "load_core_util")
         row += f"{fmt(lag, '.2f'):>12}{fmt(others, '.0f', 100):>13}{fmt(load, '.0f', 100):>8}"
@@ -101,7 +104,7 @@ def ratio_lines(runs: Sequence[Run], proxies: Sequence[str], rates: Sequence[int
     direct_rps = med(select(runs, "direct", "wrk"), "rps")
     for cfg in proxies:
         rps = med(select(runs, cfg, "wrk"), "rps")
-        if rps and nginx_rps:
+        if rps and nginx_rps and cfg != "nginx":
             per_rep = [
                 r["rps"] / n["rps"]
                 for r in select(runs, cfg, "wrk")
@@ -168,7 +171,7 @@ def target_lines(runs: Sequence[Run], guards: Sequence[str]) -> list[str]:
             ),
         ]
         for label, _, target, ok, shown in checks:
-            lines.append(f"{cfg:<24}{label:<26}{shown:>12}   target {target:<10} {'MET' if ok else 'MISSED'}")
+            lines.append(f"{cfg:<29}{label:<26}{shown:>12}   target {target:<10} {'MET' if ok else 'MISSED'}")
     return lines
 
 
@@ -182,7 +185,7 @@ def decision_lines(runs: Sequence[Run], guards: Sequence[str]) -> list[str]:
                     total[k] = total.get(k, 0) + v
         n = sum(total.values()) or 1
         mix = ", ".join(f"{k} {v / n:.1%}" for k, v in sorted(total.items(), key=lambda kv: -kv[1]))
-        lines.append(f"{cfg:<24}{mix}  ({n} requests)")
+        lines.append(f"{cfg:<29}{mix}  ({n} requests)")
     return lines
 
 

@@ -1,6 +1,6 @@
 """Proxy benchmark: what the guard costs in front of a cheap model server (issue 2, "Benchmark").
 
-Configurations, all on loopback, against an nginx stub upstream answering a fixed v2 JSON body:
+Configurations, all on loopback, against an nginx stub upstream answering fixed v2 JSON bodies:
 
     direct        client -> stub upstream
     nginx         client -> nginx proxy_pass (1 worker, upstream keepalive) -> stub
@@ -8,15 +8,18 @@ Configurations, all on loopback, against an nginx stub upstream answering a fixe
     guard-on      client -> guard-agent, default policy + a profile fitted on digits -> stub
                   (every detector and the session trackers run)
   extras (not with --quick):
-    guard-on-sample0.01   guard-on with GUARD_LOG_SAMPLE_ALLOW=0.01 (default is 1: every allow event logged)
-    guard-on-1key         guard-on, all traffic from one API key (the rate limit throttles most of it)
+    guard-on-monitor            guard-on in `mode: monitor`: every request takes the full path (score,
+                                forward, track), since nothing is refused
+    guard-on-monitor-sample0.01 the same with GUARD_LOG_SAMPLE_ALLOW=0.01 (default 1: every allow logged)
+  with --single-key:
+    guard-on-1key               guard-on, all traffic from one API key
 
 The proxy under test is pinned to core 0 (taskset -c 0); the load generators and the stub upstream to
 core 1. Each repeat runs every configuration in turn (rotated order): closed-loop wrk throughput, then
 the open-loop generator at 500 and 1000 req/s (latency from the scheduled send time). CPU per request
 comes from /proc/<pid>/stat. Decision events go to /dev/null.
 
-    python bench/proxy.py            # full: 3 repeats, ~6 minutes
+    python bench/proxy.py            # full: 3 repeats, ~8 minutes
     python bench/proxy.py --quick    # ~1.5 minutes, smaller figures' confidence
     python bench/proxy.py --profile 15   # also py-spy the guard (all checks on) at 1000 req/s
 """
@@ -43,16 +46,18 @@ from _measure import Target, run_open_loop, run_wrk
 from _servers import Fleet, free_port, guard_agent_path, missing_tools
 from _workload import (
     CHECKS_OFF_POLICY,
-    STUB_RESPONSE,
+    LABEL_HEADER,
     digits_split,
     fit_profile,
     lua_script,
+    nginx_answer_map,
     request_spec,
+    stub_answer,
     write_spec,
 )
 
 PROXY_CORE, LOAD_CORE = 0, 1
-RATES = (500, 1000)
+RATES = (500, 1000)  # issue 2's fixed rates; --rates adds others (e.g. one the guard can sustain)
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -60,8 +65,15 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="2 s runs, no extra configurations (~1.5 min)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats of every configuration (>= 3)")
     p.add_argument("--seconds", type=float, default=None, help="length of each run (default 5, quick 2)")
+    p.add_argument(
+        "--rates",
+        type=lambda v: tuple(int(x) for x in v.split(",")),
+        default=RATES,
+        help="open-loop rates in req/s, comma-separated (default 500,1000)",
+    )
     p.add_argument("--connections", type=int, default=32, help="wrk keep-alive connections")
     p.add_argument("--keys", type=int, default=256, help="API keys in the pool (sessions)")
+    p.add_argument("--single-key", action="store_true", help="also run guard-on with all traffic from one API key")
     p.add_argument(
         "--profile",
         type=float,
@@ -121,19 +133,20 @@ def python_speed(core: int) -> float:
 
 def _start(fleet: Fleet, work: Path, args: argparse.Namespace, extras: bool) -> dict[str, Target]:
     """Data, profile, request pools, then every server; returns the targets by configuration name."""
-    x_ref, y_ref, x_test = digits_split()
+    x_ref, y_ref, x_test, y_test = digits_split()
     profile = fit_profile(guard_agent_path(), work, x_ref, y_ref)
     off_policy = work / "policy-off.yaml"
     off_policy.write_text(CHECKS_OFF_POLICY)
-    pool = request_spec(x_test, args.keys)
+    monitor_policy = work / "policy-monitor.yaml"
+    monitor_policy.write_text(_monitor_policy())
+    pool = request_spec(x_test, y_test, args.keys)
     spec, lua = write_spec(pool, work / "requests.json"), lua_script(pool, work / "requests.lua")
-    single = request_spec(x_test, 1)
+    single = request_spec(x_test, y_test, 1)
     spec1, lua1 = write_spec(single, work / "requests-1key.json"), lua_script(single, work / "requests-1key.lua")
 
     up = free_port()
-    up_pid = fleet.nginx(
-        "nginx-upstream", "upstream.conf.template", LOAD_CORE, {"PORT": str(up), "BODY": STUB_RESPONSE}
-    )
+    answers = {"PORT": str(up), "DEFAULT_ANSWER": stub_answer(0), "ANSWERS": nginx_answer_map()}
+    up_pid = fleet.nginx("nginx-upstream", "upstream.conf.template", LOAD_CORE, answers)
     targets = {"direct": Target("direct", up, up_pid, spec, lua, LOAD_CORE)}
     ng = free_port()
     ng_pid = fleet.nginx("nginx-proxy", "proxy.conf.template", PROXY_CORE, {"PORT": str(ng), "UPSTREAM_PORT": str(up)})
@@ -143,7 +156,8 @@ def _start(fleet: Fleet, work: Path, args: argparse.Namespace, extras: bool) -> 
         ("guard-on", None, str(profile), 1.0),
     ]
     if extras:
-        guards.append(("guard-on-sample0.01", None, str(profile), 0.01))
+        guards.append(("guard-on-monitor", str(monitor_policy), str(profile), 1.0))
+        guards.append(("guard-on-monitor-sample0.01", str(monitor_policy), str(profile), 0.01))
     for name, policy, prof, sample in guards:
         port, admin = free_port(), free_port()
         pid = fleet.guard(
@@ -157,10 +171,25 @@ def _start(fleet: Fleet, work: Path, args: argparse.Namespace, extras: bool) -> 
             sample_allow=sample,
         )
         targets[name] = Target(name, port, pid, spec, lua, PROXY_CORE, admin)
-    if extras:
+    if args.single_key:
         on = targets["guard-on"]
         targets["guard-on-1key"] = Target("guard-on-1key", on.port, on.pid, spec1, lua1, PROXY_CORE, on.admin_port)
     return targets
+
+
+def _monitor_policy() -> str:
+    """The default policy of the guard under test, switched to ``mode: monitor``."""
+    code = "import guard_agent, pathlib; print(pathlib.Path(guard_agent.__file__).parent / 'default_policy.yaml')"
+    where = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True, cwd="/"
+    ).stdout.strip()
+    text = Path(where).read_text()
+    lines = text.splitlines(keepends=True)
+    modes = [i for i, ln in enumerate(lines) if ln.startswith("mode:")]
+    if len(modes) != 1:
+        raise SetupError(f"{where}: expected one top-level 'mode:' line to switch to monitor")
+    lines[modes[0]] = "mode: monitor\n"
+    return "".join(lines)
 
 
 class SetupError(RuntimeError):
@@ -168,29 +197,35 @@ class SetupError(RuntimeError):
 
 
 def _sanity(targets: dict[str, Target]) -> list[str]:
-    """One request per target: the stub's body must come back unchanged through every proxy."""
+    """Per target, the stub's answer must come back byte-for-byte (the first of a few rows that is allowed:
+    the guard may block a row as out-of-distribution, which is its right)."""
     import urllib.error
     import urllib.request
 
     pool = json.loads(next(iter(targets.values())).spec.read_text())
     lines = []
     for t in targets.values():
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{t.port}{pool['path']}",
-            data=pool["bodies"][0].encode(),
-            headers={"Content-Type": "application/json", "X-API-Key": "bench-sanity"},
-        )
-        try:
-            with urllib.request.urlopen(req, timeout=10) as resp:
-                body, status = resp.read(), resp.status
-        except urllib.error.HTTPError as exc:
-            body, status = exc.read(), exc.code
-        same = body == STUB_RESPONSE.encode()
-        if status != 200 or not same:
-            raise SetupError(
-                f"{t.name}: sanity request got {status} (body {body[:300]!r}); expected 200 and the stub's body"
+        seen = []
+        for i in range(10):
+            label = pool["headers"][i][LABEL_HEADER]
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{t.port}{pool['path']}",
+                data=pool["bodies"][i].encode(),
+                headers={"Content-Type": "application/json", "X-API-Key": f"bench-sanity-{i}", LABEL_HEADER: label},
             )
-        lines.append(f"{t.name}: 200, stub body byte-identical")
+            try:
+                with urllib.request.urlopen(req, timeout=10) as resp:
+                    body, status = resp.read(), resp.status
+            except urllib.error.HTTPError as exc:
+                body, status = exc.read(), exc.code
+            seen.append(status)
+            if status == 200:
+                if body != stub_answer(int(label)).encode():
+                    raise SetupError(f"{t.name}: 200 but the body differs from the stub's: {body[:300]!r}")
+                break
+        else:
+            raise SetupError(f"{t.name}: no sanity request answered 200 (statuses {seen})")
+        lines.append(f"{t.name}: statuses {seen}, stub body byte-identical")
     return lines
 
 
@@ -208,14 +243,20 @@ def _measure_all(targets: dict[str, Target], args: argparse.Namespace, seconds: 
                 t, seconds=seconds, conns=args.connections, load_core=LOAD_CORE, proxy_core=PROXY_CORE, quiet=quiet
             )
             runs.append({"config": name, "rep": rep, "kind": "wrk", **res})
-            for rate in RATES:
+            for rate in args.rates:
                 res = run_open_loop(
-                    t, rate=rate, seconds=seconds, warmup=0.5, load_core=LOAD_CORE, proxy_core=PROXY_CORE
+                    t,
+                    rate=rate,
+                    seconds=seconds,
+                    warmup=0.5,
+                    load_core=LOAD_CORE,
+                    proxy_core=PROXY_CORE,
+                    quiet=quiet,
                 )
                 runs.append({"config": name, "rep": rep, "kind": f"open{rate}", **res})
-            last = runs[-3:]
+            last = runs[-(1 + len(args.rates)) :]
             print(
-                f"  repeat {rep + 1}/{args.repeats} {name:<22} wrk {last[0]['rps']:8.0f} req/s  "
+                f"  repeat {rep + 1}/{args.repeats} {name:<28} wrk {last[0]['rps']:8.0f} req/s  "
                 + "  ".join(
                     f"@{r['kind'][4:]} p50 {report.fmt(r['p50_ms'], '.2f')} p99 "
                     f"{report.fmt(r['p99_ms'], '.2f')} ms {report.fmt(r['cpu_us_per_req'], '.0f')} us/req"
@@ -226,20 +267,20 @@ def _measure_all(targets: dict[str, Target], args: argparse.Namespace, seconds: 
     return runs
 
 
-def _print_report(runs: list[dict[str, Any]], targets: dict[str, Target]) -> None:
+def _print_report(runs: list[dict[str, Any]], targets: dict[str, Target], rates: Sequence[int]) -> None:
     configs = list(targets)
     proxies = [c for c in configs if c != "direct"]
     guards = [c for c in configs if c.startswith("guard")]
     print("\n== results (median over repeats) ==")
-    print("\n".join(report.main_table(runs, configs, RATES)))
+    print("\n".join(report.main_table(runs, configs, rates)))
     print("\n== ratios ==")
-    print("\n".join(report.ratio_lines(runs, proxies, RATES)))
+    print("\n".join(report.ratio_lines(runs, proxies, rates)))
     print("\n== targets (issue 2) ==")
     print("\n".join(report.target_lines(runs, guards)))
     print("\n== guard decisions during the runs (from /metrics) ==")
     print("\n".join(report.decision_lines(runs, guards)))
     print("\n== open-loop generator check ==")
-    print("\n".join(report.generator_lines(runs, RATES)))
+    print("\n".join(report.generator_lines(runs, rates)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -261,12 +302,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             targets = _start(fleet, work, args, extras)
             print("\n".join(_sanity(targets)), flush=True)
             runs = _measure_all(targets, args, seconds)
-            _print_report(runs, targets)
+            _print_report(runs, targets, args.rates)
             if args.profile > 0:
                 from _profile import profile_guard
 
-                print(f"\n== py-spy: guard-on at 1000 req/s for {args.profile:g} s ==")
-                print("\n".join(profile_guard(targets["guard-on"], work, args.profile, LOAD_CORE)))
+                spied = "guard-on-monitor" if "guard-on-monitor" in targets else "guard-on"
+                print(f"\n== py-spy: {spied} at 1000 req/s for {args.profile:g} s ==")
+                print("\n".join(profile_guard(targets[spied], work, args.profile, LOAD_CORE)))
             if args.json:
                 args.json.write_text(json.dumps(runs, indent=1))
     except KeyboardInterrupt:
