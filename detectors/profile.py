@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ._base import BaseDetector, check_tail_scale, loo_p_values
+from ._base import BaseDetector, check_tail_scale, conformal_threshold, loo_p_values
 from ._errors import ProfileError
 from ._npz import npz_bytes, read_npz
 from ._reference import load_reference
@@ -182,8 +182,9 @@ def fit_profile(
     """Split off a calibration part (25%, stratified by label), fit each detector, calibrate, return a
     Profile.
 
-    Needs at least MIN_REFERENCE_ROWS rows. With few calibration rows a low `fpr` cannot be reached; the
-    threshold is then +inf (recorded as null) and the calibrated score never exceeds 1 - 1/(n_cal + 1).
+    Needs at least MIN_REFERENCE_ROWS rows. With few calibration rows a low `fpr` cannot be reached: the
+    threshold is then +inf (recorded as null), and below 20 calibration rows no tail is fitted either, so
+    scores stay at or below 1 - 1/(n_cal + 1) except for the schema detector's fixed tail.
     `clock` (e.g. time.perf_counter), when given, records each detector's fit time in `fit_seconds`;
     the library itself reads no clock.
     """
@@ -208,7 +209,13 @@ def fit_profile(
         raise ProfileError(f"labels must be a vector with one label per row ({n}), got shape {y.shape}")
     if y is not None and y.dtype.kind not in "biuUS" and not (y.dtype.kind == "f" and np.all(y == np.round(y))):
         raise ProfileError(f"labels must be integers or strings (class ids), got dtype {y.dtype}")
+    if y is not None and np.unique(y).size > n // 2:
+        raise ProfileError(
+            f"labels have {np.unique(y).size} distinct values for {n} rows: pass class labels, not targets"
+        )
     fit_idx, cal_idx = _split(n, y, seed)
+    if cal_idx.size == 0 or fit_idx.size == 0:
+        raise ProfileError("the split left no calibration rows: give more rows per class")
     X_fit, X_cal = X64[fit_idx], X64[cal_idx]
     fitted: dict[str, BaseDetector] = {}
     seconds: dict[str, float] = {}
@@ -292,8 +299,6 @@ def _assemble(
             "threshold": _json_threshold(det.threshold_),
             "calibration_fpr": _calibration_fpr(det.calibration_scores_, det.threshold_),
         }
-    from ._base import conformal_threshold  # local: keeps the public import list short
-
     comb_threshold = conformal_threshold(combiner.calibration_scores_, fpr)
     comb_params = {"method": combiner.method, "tail_scale": combiner.tail_scale_}
     add(COMBINED, comb_params, {"calibration_scores": combiner.calibration_scores_}, f"{COMBINED}.npz")

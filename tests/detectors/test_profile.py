@@ -144,6 +144,11 @@ class TestFitEdgeCases:
         with pytest.raises(ProfileError, match="one label per row"):
             fit_profile(reference, labels=np.zeros(5))
 
+    def test_continuous_labels_refused(self, reference: np.ndarray) -> None:
+        """Regression targets passed as labels (one class per row) are refused with a hint."""
+        with pytest.raises(ProfileError, match="class labels, not targets"):
+            fit_profile(reference[:100], labels=np.arange(100))
+
     def test_nan_in_reference_refused(self) -> None:
         """NaN in the reference data is a ProfileError, not a silently broken profile."""
         X = np.zeros((50, 2))
