@@ -11,6 +11,7 @@
    request's session round trip (get + put with ~4 KB of tracker state) and of one global-index
    observation, sequential and with 32 concurrent requests.
 3. A real guard in front of the demo model, memory store vs Redis store: end-to-end latency per request.
+4. Redis memory of the global fingerprint index filled to ``--global-entries`` (its bound, 100k by default).
 """
 
 from __future__ import annotations
@@ -233,18 +234,57 @@ async def guard_latency(n: int) -> None:
     print(f"  Redis adds p50 {_pct(results['redis'], 50) - _pct(results['memory'], 50):+.2f} ms per request")
 
 
+async def global_fill(n: int) -> None:
+    """Redis memory of the global index filled to ``n`` entries (its bound is max_entries = 100k)."""
+    prefix = f"bench-{uuid.uuid4().hex[:10]}:"
+    settings = Settings(redis_url=f"redis://127.0.0.1:6379/0?key_prefix={prefix}&budget_ms=2000",
+                        hmac_key="bench-hmac-key")
+    metrics, events = Metrics(), EventLogger(CallbackSink(lambda _: None))
+    tracking = SessionTracking({}, salt=SALT)
+    store = make_session_store(settings, metrics=metrics, events=events, tracking=tracking)
+    index = make_global_observer(settings, metrics=metrics, events=events, tracking=tracking)
+    engine = tracking.engine(None, 64)
+    rng = np.random.default_rng(2)
+    client = store.link.client  # type: ignore[attr-defined]
+    try:
+        t0 = time.perf_counter()
+        for i in range(0, n, 32):
+            rows = rng.integers(0, 17, size=(min(32, n - i), 64)).astype(np.float64)
+            await index.observe(f"k{i}", engine.fingerprints(rows), time.time())
+        fill = time.perf_counter() - t0
+        keys = [k async for k in client.scan_iter(match=f"{prefix}*", count=5000)]
+        total = 0
+        for i in range(0, len(keys), 1000):
+            pipe = client.pipeline(transaction=False)
+            for k in keys[i:i + 1000]:
+                pipe.memory_usage(k)
+            total += sum(int(v or 0) for v in await pipe.execute())
+        fallbacks = sum(s.value for m in metrics.registry.collect() if m.name == "inference_guard_redis_fallbacks"
+                        for s in m.samples if s.name.endswith("_total"))
+        print(f"redis global index with {n:,} entries ({len(keys):,} keys): {total / 2**20:.1f} MiB "
+              f"= {total / n:.0f} B/entry (filled in {fill:.1f} s, 32 rows per call; fallbacks {fallbacks:.0f})")
+    finally:
+        keys = [k async for k in client.scan_iter(match=f"{prefix}*", count=5000)]
+        for i in range(0, len(keys), 1000):
+            await client.delete(*keys[i:i + 1000])
+        await store.aclose()  # type: ignore[attr-defined]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sessions", type=int, default=100_000)
     ap.add_argument("--real", type=int, default=2000)
     ap.add_argument("--redis-requests", type=int, default=2000)
     ap.add_argument("--guard-requests", type=int, default=1000)
+    ap.add_argument("--global-entries", type=int, default=100_000)
     args = ap.parse_args()
     asyncio.run(memory(args.sessions, args.real))
     if args.redis_requests:
         asyncio.run(redis_latency(args.redis_requests))
     if args.guard_requests:
         asyncio.run(guard_latency(args.guard_requests))
+    if args.global_entries:
+        asyncio.run(global_fill(args.global_entries))
 
 
 if __name__ == "__main__":

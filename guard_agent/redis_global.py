@@ -11,11 +11,12 @@ request so that a request's lookup and insertion are atomic across replicas:
   ``{prefix}gb:{bucket // 64}`` hashes (field = bucket, value = the newest ``bucket_size`` slots), TTL
   ``window_s``; candidates from the buckets are verified by counting shared hashes.
 
-Memory is bounded: about ``max_entries * ~280`` bytes of entries plus ``n_buckets * ~32`` bytes of buckets
-(~50 MB at the default 100k entries). Keys are computed inside the script: standalone Redis or Sentinel,
-not Redis Cluster. Redis down or slow: the replica's own in-memory index answers (it mirrors every query)
-and the call is counted; entries seen during an outage are not pushed to Redis (they age out within
-``window_s`` anyway).
+Memory is bounded: about ``max_entries * ~280`` bytes of entries plus ``n_buckets * ~32`` bytes of
+buckets (~50 MB at the default 100k entries). Keys are computed inside the script: standalone Redis or
+Sentinel, not Redis Cluster. At most ``max_rows`` rows of a request go to Redis (the first ones of a
+larger batch), which bounds how long one script blocks the server. Redis down or slow: the replica's own
+in-memory index answers (it mirrors every query) and the call is counted; entries seen during an outage
+are not pushed to Redis (they age out within ``window_s`` anyway).
 """
 
 from __future__ import annotations
@@ -100,11 +101,14 @@ class RedisGlobalIndex:
     """``session.global_fingerprint`` across replicas; the local index answers when Redis does not."""
 
     def __init__(self, link: RedisLink, *, local: GlobalFingerprintIndex | None = None,
-                 max_entries: int = 100_000, bucket_size: int | None = None) -> None:
-        """Parameters not given here are the local index's, so both speak on one scale."""
+                 max_entries: int = 100_000, bucket_size: int | None = None, max_rows: int = 32) -> None:
+        """Parameters not given here are the local index's, so both speak on one scale. ``max_rows``: rows
+        of one request checked against Redis (a script blocks Redis while it runs; each row costs up to
+        ``n_index * bucket_size`` lookups), the first ones of a larger batch; the local index sees them all."""
         self.link = link
         self.local = local if local is not None else GlobalFingerprintIndex()
         self.max_entries = int(max_entries)
+        self.max_rows = int(max_rows)
         table = getattr(self.local, "_table", None)  # the local index's bucket width (not public there)
         self.bucket_size = int(bucket_size or (table.shape[1] if table is not None else 16))
         self.window_s = self.local.window_s
@@ -122,7 +126,7 @@ class RedisGlobalIndex:
         sid = hashlib.blake2b(session.encode(), digest_size=8).digest()
         args: list[Any] = [self.link.prefix, f"{now:20.6f}"[:20], repr(self.window_s), sid, self.max_entries,
                            self.bucket_size, max(1, math.ceil(self.window_s))]
-        for row in np.atleast_2d(np.asarray(fingerprints, dtype=np.uint64)):
+        for row in np.atleast_2d(np.asarray(fingerprints, dtype=np.uint64))[: self.max_rows]:
             nz = np.sort(row[row != 0])
             if nz.size == 0:
                 continue

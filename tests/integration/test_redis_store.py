@@ -415,6 +415,16 @@ class TestGlobalIndex:
                   for i in range(20)]
         assert max(benign) == 0.0
 
+    async def test_large_batch_sends_at_most_max_rows(self, replicas: tuple[Replica, Replica], prefix: str) -> None:
+        """A 100-row request puts only max_rows entries into Redis (one script stays short); the local
+        index still sees every row."""
+        a, _ = replicas
+        engine = a.tracking.engine(None, 64)
+        rows = digits_like(np.random.default_rng(7), 100)
+        await a.index.observe("batch", engine.fingerprints(rows), time.time())
+        assert len(keys_under(6379, prefix + "ge:")) == a.index.max_rows == 32
+        assert len(a.index.local) == 100
+
     async def test_memory_is_bounded(self, prefix: str) -> None:
         """Entries stay within max_entries and each bucket within bucket_size, however much arrives."""
         r = make_replica(SHARED_URL, prefix)
