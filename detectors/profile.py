@@ -103,9 +103,11 @@ class Profile:
         X32 = self._rows(X)
         items: tuple[tuple[str, BaseDetector], ...] = self._items  # type: ignore[attr-defined]
         P = np.empty((X32.shape[0], len(items) + 1))
-        for j, (_, det) in enumerate(items):
-            P[:, j] = det.p_values(det._score(X32))
-        P[:, -1] = self.combiner.p_values(P[:, :-1])
+        # huge finite inputs may overflow float32 to inf (a p-value at the floor): no warning spam on stderr
+        with np.errstate(over="ignore", invalid="ignore"):
+            for j, (_, det) in enumerate(items):
+                P[:, j] = det.p_values(det._score(X32))
+            P[:, -1] = self.combiner.p_values(P[:, :-1])
         return P
 
     def p_values(self, X: npt.ArrayLike) -> dict[str, FloatArray]:

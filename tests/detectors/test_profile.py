@@ -366,3 +366,15 @@ class TestLoadProfiles:
         """A directory with no profile at all is an error, not an empty mapping."""
         with pytest.raises(ProfileError, match=r"neither profile\.json"):
             load_profiles(tmp_path)
+
+
+class TestHugeInputs:
+    def test_huge_finite_values_score_one_without_warnings(self, profile: Profile) -> None:
+        """Values near the float32 limit overflow inside detectors; the row still scores as anomalous, quietly."""
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            scores = profile.score(np.full((1, 8), 3e38))
+        assert scores[COMBINED][0] == 1.0
+        assert all(np.isfinite(v).all() for v in scores.values())
