@@ -13,15 +13,13 @@ import argparse
 import asyncio
 import sys
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
-import numpy as np
+if TYPE_CHECKING:  # the CLI builds every subcommand's parser: keep importing this module cheap
+    import aiohttp
+    import numpy as np
 
-from guard_agent.integrity._canaries import CanaryError, CanarySet, group_by_model, load_canary_dir, save_canaries
-from guard_agent.integrity._compare import compare_answers, metadata_changes
-from guard_agent.integrity._select import select_canaries
-from guard_agent.integrity._upstream import Answer, UpstreamError, fetch_metadata, infer
+    from guard_agent.integrity._upstream import Answer
 
 __all__ = ["add_arguments", "run"]
 
@@ -57,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from guard_agent.integrity._canaries import CanaryError
+    from guard_agent.integrity._upstream import UpstreamError
+
     try:
         if args.canary_command == "record":
             return asyncio.run(_record(args))
@@ -68,6 +69,10 @@ def run(args: argparse.Namespace) -> int:
 
 async def _ask(client: aiohttp.ClientSession, args: argparse.Namespace, X: np.ndarray,
                outputs: tuple[str, ...]) -> Answer:
+    import numpy as np
+
+    from guard_agent.integrity._upstream import Answer, UpstreamError, infer
+
     labels: list[np.ndarray] = []
     probs: list[np.ndarray] = []
     for start in range(0, X.shape[0], BATCH):
@@ -87,6 +92,8 @@ async def _ask(client: aiohttp.ClientSession, args: argparse.Namespace, X: np.nd
 
 async def _pick_outputs(client: aiohttp.ClientSession, args: argparse.Namespace, probe: np.ndarray
                         ) -> tuple[str, ...]:
+    from guard_agent.integrity._upstream import UpstreamError
+
     if args.outputs is not None:
         return tuple(o.strip() for o in args.outputs.split(",") if o.strip())
     if args.protocol != "v2":
@@ -101,7 +108,14 @@ async def _pick_outputs(client: aiohttp.ClientSession, args: argparse.Namespace,
 
 
 async def _record(args: argparse.Namespace) -> int:
+    import aiohttp
+    import numpy as np
+
     from detectors import load_reference
+    from guard_agent.integrity._canaries import CanarySet, save_canaries
+    from guard_agent.integrity._compare import compare_answers
+    from guard_agent.integrity._select import select_canaries
+    from guard_agent.integrity._upstream import fetch_metadata
 
     if args.count < 1 or args.pool < 1 or not args.tolerance >= 0:
         raise ValueError("--count and --pool must be positive, --tolerance >= 0")
@@ -153,6 +167,12 @@ def _short(metadata: dict[str, Any] | Any) -> str:
 
 
 async def _check(args: argparse.Namespace) -> int:
+    import aiohttp
+
+    from guard_agent.integrity._canaries import group_by_model, load_canary_dir
+    from guard_agent.integrity._compare import compare_answers, metadata_changes
+    from guard_agent.integrity._upstream import fetch_metadata, infer
+
     sets = load_canary_dir(args.canaries)
     failed = False
     async with aiohttp.ClientSession() as client:

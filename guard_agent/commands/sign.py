@@ -13,20 +13,10 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-from guard_agent.integrity._signing import (
-    MANIFEST_FILE,
-    SIGNATURE_FILE,
-    SigningError,
-    key_id,
-    load_private_key,
-    load_public_key,
-    sign_directory,
-    verify_directory,
-)
+if TYPE_CHECKING:  # the CLI builds every subcommand's parser: keep importing this module cheap
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 __all__ = ["add_arguments", "run"]
 
@@ -41,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from guard_agent.integrity._signing import SigningError
+
     try:
         if args.generate_key:
             return _generate(args)
@@ -57,11 +49,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _public_pem(private: Ed25519PrivateKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return private.public_key().public_bytes(serialization.Encoding.PEM,
                                              serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from guard_agent.integrity._signing import SigningError, key_id
+
     if not args.key:
         raise SigningError("--generate-key needs --key PATH for the new private key")
     path, pub = Path(args.key), Path(args.key + ".pub")
@@ -79,6 +78,8 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _sign(args: argparse.Namespace) -> int:
+    from guard_agent.integrity._signing import MANIFEST_FILE, SIGNATURE_FILE, load_private_key, sign_directory
+
     private = load_private_key(args.key)
     manifest = sign_directory(args.directory, private)
     total = sum(int(f["size"]) for f in manifest["files"].values())
@@ -93,6 +94,8 @@ def _sign(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from guard_agent.integrity._signing import load_public_key, verify_directory
+
     report = verify_directory(args.directory, load_public_key(args.verify))
     if report.ok:
         print(f"ok: {report.files} files in {args.directory} match the manifest signed by key {report.key_id}")
