@@ -57,6 +57,17 @@ class SqueezeScorer:
     def __init__(self, state: GuardState) -> None:
         self._state = state
 
+    def _value_range(self, model: str | None) -> tuple[float, float] | None:
+        """The reference data's value range (from the profile's schema detector), so that bit-depth
+        reduction uses the same grid for every request; None without a profile (the batch's range)."""
+        profile_for = getattr(self._state.profile, "profile_for", None)
+        profile = profile_for(model) if profile_for is not None else None
+        schema = None if profile is None else profile.detectors.get("input.schema")
+        if schema is None:
+            return None
+        low, high = float(np.min(schema.low_)), float(np.max(schema.high_))
+        return (low, high) if high > low else None
+
     async def __call__(self, ctx: ScoringContext) -> Mapping[str, float]:
         parsed = ctx.extra.get("parsed")
         request = ctx.extra.get("request")
@@ -64,7 +75,8 @@ class SqueezeScorer:
             return {}
         settings = ctx.policy.squeeze
         rows = ctx.features.shape[0]
-        variants = squeeze_variants(ctx.features, ctx.row_shape, kind=settings.kind, bit_depth=settings.bit_depth)
+        variants = squeeze_variants(ctx.features, ctx.row_shape, kind=settings.kind, bit_depth=settings.bit_depth,
+                                    value_range=self._value_range(ctx.model))
         batch = np.vstack([ctx.features, *[v.reshape(rows, -1) for v in variants]])
         doc: dict[str, object] = {"inputs": [{
             "name": parsed.input_names[0], "shape": [batch.shape[0], *ctx.row_shape], "datatype": "FP64",
