@@ -31,12 +31,19 @@ _CONTENT_TYPE = {"ndjson": "application/x-ndjson", "splunk_hec": "application/js
                  "elastic_bulk": "application/x-ndjson"}
 
 
-def _event_time(line: bytes) -> float | None:
+def _as_object(line: bytes) -> tuple[bytes, float | None]:
+    """The line if it is a JSON object (else wrapped as ``{"message": ...}``), and its @timestamp as epoch."""
     try:
         event: Any = orjson.loads(line)
-        return datetime.fromisoformat(event["@timestamp"].replace("Z", "+00:00")).timestamp()
-    except (orjson.JSONDecodeError, TypeError, KeyError, ValueError, AttributeError):
-        return None
+    except orjson.JSONDecodeError:
+        event = None
+    if not isinstance(event, dict):
+        return orjson.dumps({"message": line.decode("utf-8", "replace")}), None
+    try:
+        ts = datetime.fromisoformat(str(event["@timestamp"]).replace("Z", "+00:00")).timestamp()
+    except (KeyError, ValueError):
+        ts = None
+    return line, ts
 
 
 def encode_batch(config: HttpSinkConfig, lines: Sequence[bytes]) -> bytes:
@@ -44,21 +51,22 @@ def encode_batch(config: HttpSinkConfig, lines: Sequence[bytes]) -> bytes:
     if config.format == "splunk_hec":
         parts = []
         for line in lines:
+            doc, ts = _as_object(line)
             meta: dict[str, Any] = {"source": "inference-guard", "sourcetype": config.sourcetype}
-            ts = _event_time(line)
             if ts is not None:
                 meta["time"] = round(ts, 6)
             if config.index:
                 meta["index"] = config.index
-            parts.append(orjson.dumps(meta)[:-1] + b',"event":' + line + b"}")
+            parts.append(orjson.dumps(meta)[:-1] + b',"event":' + doc + b"}")
         return b"\n".join(parts)
     if config.format == "elastic_bulk":
         parts = []
         for line in lines:
-            action: dict[str, Any] = {"_id": hashlib.sha256(line).hexdigest()[:40]}
+            doc, _ = _as_object(line)
+            action: dict[str, Any] = {"_id": hashlib.sha256(doc).hexdigest()[:40]}
             if config.index:
                 action["_index"] = config.index
-            parts.append(orjson.dumps({"create": action}) + b"\n" + line + b"\n")
+            parts.append(orjson.dumps({"create": action}) + b"\n" + doc + b"\n")
         return b"".join(parts)
     return b"\n".join(lines) + b"\n"
 
