@@ -1,0 +1,138 @@
+"""A synchronous Open Inference Protocol v2 client that attacks send their queries through.
+
+One persistent HTTP/1.1 connection per client (attacks are sequential, like ART's predict loop), one
+request per row by default, each under an API key from a pool. A refused answer (403 block, 429
+throttle, anything but 200) gives the attack nothing: the key is retired (403) or the query fails
+(429 after ``max_retries``), and when no key is left the attack is stopped with :class:`AttackBlocked`.
+Every request carries ``X-Request-Id: {run_id}-{n}`` so a benchmark can join the guard's decision
+events to the attack's queries.
+"""
+
+from __future__ import annotations
+
+import http.client
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import numpy as np
+import orjson
+
+__all__ = ["Answer", "AttackBlocked", "GuardClient"]
+
+
+class AttackBlocked(RuntimeError):
+    """Every key of the attack was refused: the attack cannot continue."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The model's answer for the rows of one request, as the attacker sees it."""
+
+    labels: np.ndarray
+    probabilities: np.ndarray | None
+
+
+@dataclass
+class GuardClient:
+    """Queries ``url`` (the guard, or the model directly for a baseline) for ``model``."""
+
+    url: str
+    keys: list[str]
+    run_id: str
+    model: str = "digits"
+    batch_size: int = 1
+    max_retries: int = 3
+    timeout: float = 30.0
+    sent: int = 0
+    answered: int = 0
+    refused: dict[int, int] = field(default_factory=dict)
+    retired: list[str] = field(default_factory=list)
+    answered_rows: list[np.ndarray] = field(default_factory=list)
+    answered_labels: list[int] = field(default_factory=list)
+    _next: int = 0
+    _conn: http.client.HTTPConnection | None = None
+
+    def __post_init__(self) -> None:
+        if not self.keys:
+            raise ValueError("at least one key is needed")
+        parts = urlsplit(self.url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError("url must be http://host:port")
+        self._host, self._port = parts.hostname, parts.port or 80
+        self._path = f"/v2/models/{self.model}/infer"
+
+    def close(self) -> None:
+        """Close the connection."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def predict(self, X: np.ndarray) -> Answer:
+        """Answer every row (in ``batch_size`` requests); raises AttackBlocked when no key is left."""
+        X = np.asarray(X, dtype=np.float64).reshape(np.asarray(X).shape[0], -1)
+        labels: list[np.ndarray] = []
+        probas: list[np.ndarray] = []
+        for start in range(0, X.shape[0], self.batch_size):
+            ans = self._request(X[start : start + self.batch_size])
+            labels.append(ans.labels)
+            if ans.probabilities is not None:
+                probas.append(ans.probabilities)
+        proba = np.concatenate(probas) if len(probas) == len(labels) else None
+        return Answer(np.concatenate(labels), proba)
+
+    def _request(self, rows: np.ndarray) -> Answer:
+        tensor = {"name": "input-0", "shape": list(rows.shape), "datatype": "FP64", "data": rows.ravel().tolist()}
+        body = orjson.dumps({"inputs": [tensor], "outputs": [{"name": "predict_proba"}]})
+        throttled = 0
+        while True:
+            live = [k for k in self.keys if k not in self.retired]
+            if not live:
+                raise AttackBlocked(f"{self.run_id}: all {len(self.keys)} keys refused")
+            key = live[self._next % len(live)]
+            self._next += 1
+            status, payload = self._post(body, key, f"{self.run_id}-{self.sent}")
+            self.sent += rows.shape[0]
+            if status == 200:
+                ans = _parse(payload, rows.shape[0])
+                self.answered += rows.shape[0]
+                self.answered_rows.extend(rows)
+                self.answered_labels.extend(int(v) for v in ans.labels)
+                return ans
+            self.refused[status] = self.refused.get(status, 0) + 1
+            if status == 429 and throttled < self.max_retries:
+                throttled += 1
+                time.sleep(0.05 * throttled)
+                continue
+            self.retired.append(key)
+
+    def _post(self, body: bytes, key: str, request_id: str) -> tuple[int, bytes]:
+        headers = {"Content-Type": "application/json", "X-API-Key": key, "X-Request-Id": request_id}
+        for attempt in range(2):
+            if self._conn is None:
+                self._conn = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
+            try:
+                self._conn.request("POST", self._path, body=body, headers=headers)
+                resp = self._conn.getresponse()
+                return resp.status, resp.read()
+            except (http.client.HTTPException, OSError):
+                self.close()
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+
+def _parse(payload: bytes, rows: int) -> Answer:
+    """Labels and probabilities from a v2 response (hardened answers may be top-1 or rounded)."""
+    doc = orjson.loads(payload)
+    outputs = doc.get("outputs") or []
+    for out in outputs:
+        data = np.asarray(out.get("data", []), dtype=np.float64)
+        if out.get("name") == "predict_proba" and data.size and data.size % rows == 0:
+            proba = data.reshape(rows, -1)
+            return Answer(np.argmax(proba, axis=1), proba)
+    for out in outputs:
+        data = np.asarray(out.get("data", []))
+        if data.size == rows:
+            return Answer(data.astype(np.int64).reshape(rows), None)
+    raise ValueError("response carries no usable output")

@@ -1,0 +1,70 @@
+"""Query-based black-box evasion with ART: HopSkipJump and BoundaryAttack through the guard."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+
+from ._art import black_box_classifier
+from ._client import AttackBlocked, GuardClient
+from ._result import AttackResult
+
+__all__ = ["black_box_evasion"]
+
+
+def black_box_evasion(
+    client: GuardClient,
+    x0: np.ndarray,
+    *,
+    method: Literal["hsj", "boundary"],
+    goal_l2: float,
+    n_classes: int,
+    clip: tuple[float, float],
+    seed: int = 0,
+    budget: int = 1000,
+) -> AttackResult:
+    """Search an adversarial example for ``x0`` using labels only; success when one at L2 distance
+    <= ``goal_l2`` was answered before the guard stopped the attack. ``budget`` bounds the attack's
+    iterations (roughly its query count when unguarded)."""
+    from art.attacks.evasion import BoundaryAttack, HopSkipJump
+
+    x0 = np.asarray(x0, dtype=np.float64).reshape(-1)
+    best = math.inf
+    try:
+        y0 = int(client.predict(x0[None, :]).labels[0])
+    except AttackBlocked:
+        return _result(client, method, True, math.inf, goal_l2)
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        nonlocal best
+        rows = np.asarray(x, dtype=np.float64).reshape(np.asarray(x).shape[0], -1)
+        labels = client.predict(rows).labels
+        adv = labels != y0
+        if adv.any():
+            best = min(best, float(np.min(np.linalg.norm(rows[adv] - x0, axis=1))))
+        onehot: np.ndarray = np.eye(n_classes)[np.clip(labels, 0, n_classes - 1)]
+        return onehot
+
+    clf = black_box_classifier(predict, x0.size, n_classes, clip)
+    np.random.seed(seed)  # ART draws from numpy's global generator
+    if method == "hsj":
+        attack = HopSkipJump(clf, targeted=False, max_iter=max(1, budget // 200), max_eval=200, init_eval=50,
+                             verbose=False)
+    else:
+        attack = BoundaryAttack(clf, targeted=False, max_iter=max(1, budget // 20), num_trial=10, sample_size=10,
+                                init_size=100, verbose=False)
+    stopped = False
+    try:
+        attack.generate(x0[None, :].astype(np.float32))
+    except AttackBlocked:
+        stopped = True
+    return _result(client, method, stopped, best, goal_l2)
+
+
+def _result(client: GuardClient, method: str, stopped: bool, best: float, goal: float) -> AttackResult:
+    return AttackResult(
+        name=method, run_id=client.run_id, keys=len(client.keys), sent=client.sent, answered=client.answered,
+        stopped=stopped, success=best <= goal, detail={"best_l2": best, "goal_l2": goal},
+    )
