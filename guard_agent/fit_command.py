@@ -11,6 +11,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +93,19 @@ def format_table(profile: Profile, row: np.ndarray) -> str:
     return "\n".join(lines)
 
 
+def _tracker_parts(X: np.ndarray, labels: np.ndarray | None, seed: int) -> dict[str, Any] | None:
+    """The session trackers' projection, grid and quantisation, fitted on the same reference data
+    (None, with a warning, when the data is too small for them: the guard then uses their defaults)."""
+    from detectors.trackers import fit_tracker_config
+
+    try:
+        return {"trackers": fit_tracker_config(X, labels, seed=seed).to_parts()}
+    except ValueError as exc:
+        print(f"guard-agent fit: warning: session trackers not fitted ({exc}); the guard will use defaults",
+              file=sys.stderr)
+        return None
+
+
 def run_fit(args: argparse.Namespace) -> int:
     """Fit, save and summarise a profile. Returns the exit status (0 ok, 1 bad input or refused overwrite)."""
     out: Path = args.out
@@ -113,6 +127,7 @@ def run_fit(args: argparse.Namespace) -> int:
             feature_names=names,
             combine=args.combine,
             clock=time.perf_counter,
+            extra_components=_tracker_parts(X, labels, args.seed),
         )
         save_profile(profile, out, force=args.force)
     except (ProfileError, ValueError, OSError) as exc:
