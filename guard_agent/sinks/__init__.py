@@ -10,13 +10,14 @@ from guard_agent.sinks._config import HttpSinkConfig, SinkConfig, SyslogSinkConf
 from guard_agent.sinks._fanout import FanoutSink, make_sink, make_transport
 from guard_agent.sinks._http import HttpTransport, encode_batch
 from guard_agent.sinks._metrics import SinkMetrics
-from guard_agent.sinks._spool import Batch, Spool, SpoolLockedError
+from guard_agent.sinks._spool import Appended, Batch, Spool, SpoolLockedError
 from guard_agent.sinks._syslog import SyslogTransport, format_rfc5424, frame
 from guard_agent.sinks._transport import DeliveryError, Transport
 from guard_agent.sinks._worker import SinkWorker
 
 __all__ = [
     "Alarm",
+    "Appended",
     "Batch",
     "DeliveryError",
     "FanoutSink",

@@ -14,6 +14,7 @@ Layout of ``<spool_dir>/<sink>/``: ``<seq>.seg`` (newline-terminated lines),
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import threading
@@ -22,11 +23,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["Batch", "Spool", "SpoolLockedError"]
+__all__ = ["Appended", "Batch", "Spool", "SpoolLockedError"]
 
 
 class SpoolLockedError(OSError):
     """Another process holds this spool (two guards must not share a spool directory)."""
+
+
+@dataclass(frozen=True)
+class Appended:
+    """How many lines of an ``append`` reached the spool, and why the rest did not (None: all did)."""
+
+    written: int
+    reason: str | None
 
 
 @dataclass(frozen=True)
@@ -116,49 +125,70 @@ class Spool:
             f.truncate(start + cut + 1 if cut >= 0 else start)
 
     def _open_writer(self) -> None:
-        self._wfile = (self.dir / _seg_name(self._wseq)).open("ab")
+        """Unbuffered appends: each ``append`` is on disk (page cache) before it returns, or undone."""
+        self._wfd = os.open(self.dir / _seg_name(self._wseq), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._sizes.setdefault(self._wseq, 0)
 
     # writer side --------------------------------------------------------------------------------------
-    def append(self, lines: Sequence[bytes]) -> int:
-        """Append in order until the size limit; returns how many were written (the rest must be dropped).
-
-        Raises OSError when the disk refuses the write (nothing of this call was written then).
-        """
-        written = 0
+    def append(self, lines: Sequence[bytes]) -> Appended:
+        """Append in order until the size limit or a disk error; the lines not written must be dropped."""
         with self._cond:
             if self._closed:
-                return 0
+                return Appended(0, "spool closed")
             total = sum(self._sizes.values())
-            chunks = []
+            records = []
             for line in lines:
                 record = line.replace(b"\n", b" ") + b"\n"
                 if total + len(record) > self.max_bytes:
                     break
-                chunks.append(record)
+                records.append(record)
                 total += len(record)
+            written, error = self._write(records)
+            if written:
+                self._pending += written
+                self._unread += written
+                self._cond.notify_all()
+            if error is not None:
+                return Appended(written, f"spool_write_error: {error.strerror or error}")
+            return Appended(written, None if written == len(lines) else "spool_full")
+
+    def _write(self, records: list[bytes]) -> tuple[int, OSError | None]:
+        """All records in one write; after a disk error, as many whole records as the disk takes."""
+        if not records:
+            return 0, None
+        try:
+            self._write_all(b"".join(records))
+        except OSError as first_error:
+            written = 0
+            for record in records:
+                try:
+                    self._write_all(record)
+                except OSError as exc:
+                    return written, exc
                 written += 1
-            if not chunks:
-                return 0
-            data = b"".join(chunks)
-            start = self._wfile.tell()
-            try:
-                self._wfile.write(data)
-                self._wfile.flush()
-            except OSError:
-                self._wfile.truncate(start)
-                raise
-            self._sizes[self._wseq] += len(data)
-            self._pending += written
-            self._unread += written
+            return written, first_error if written < len(records) else None
+        finally:
             if self._sizes[self._wseq] >= self.segment_bytes:
-                self._rotate()
-            self._cond.notify_all()
-        return written
+                with contextlib.suppress(OSError):
+                    self._rotate()
+        return len(records), None
+
+    def _write_all(self, data: bytes) -> None:
+        """Write ``data`` completely or not at all (a half line never stays in a segment)."""
+        start = self._sizes[self._wseq]
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._wfd, view):]
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._wfd, start)
+            raise
+        self._sizes[self._wseq] += len(data)
 
     def _rotate(self) -> None:
-        os.fsync(self._wfile.fileno())
-        self._wfile.close()
+        os.fsync(self._wfd)
+        os.close(self._wfd)
         self._wseq += 1
         self._open_writer()
 
@@ -242,11 +272,8 @@ class Spool:
                 return
             self._closed = True
             self._cond.notify_all()
-            try:
-                self._wfile.flush()
-                os.fsync(self._wfile.fileno())
-            except OSError:
-                pass
-            self._wfile.close()
+            with contextlib.suppress(OSError):
+                os.fsync(self._wfd)
+            os.close(self._wfd)
             self._close_reader()
             os.close(self._lock_fd)

@@ -93,18 +93,14 @@ class SinkWorker:
             self._spool_lines(lines)
 
     def _spool_lines(self, lines: list[bytes]) -> None:
-        try:
-            written = self._spool.append(lines)
-            reason = "spool_full"
-        except OSError as exc:
-            written, reason = 0, f"spool_write_error: {exc.strerror or exc}"
-        if written:
-            self._m_spooled.inc(written)
-        lost = len(lines) - written
+        result = self._spool.append(lines)
+        if result.written:
+            self._m_spooled.inc(result.written)
+        lost = len(lines) - result.written
         if lost:
             self._m_dropped.inc(lost)
-            self._alarm.dropped(self.name, reason, lost, spool_max_bytes=self.config.spool_max_bytes,
-                                backlog=self._spool.pending)
+            self._alarm.dropped(self.name, result.reason or "spool_full", lost,
+                                spool_max_bytes=self.config.spool_max_bytes, backlog=self._spool.pending)
 
     # sender thread ---------------------------------------------------------------------------------
     def _run_sender(self) -> None:

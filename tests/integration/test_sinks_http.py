@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -214,6 +215,52 @@ def spool_in_child_then_sigkill(spool: Path, sink: dict[str, object], n: int) ->
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(5)
     proc.stdout.close()
+
+
+def spool_with_file_size_limit(spool: Path, sink: dict[str, object], n: int, limit: int) -> dict[str, object]:
+    """A child process whose files may not grow past ``limit`` bytes (RLIMIT_FSIZE: writes fail with EFBIG)."""
+    script = textwrap.dedent(f"""
+        import json, resource, signal, time
+        from pathlib import Path
+        from tests.integration.test_sinks_support import make_fanout, event_line, sink_count
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.RLIM_INFINITY))
+        f = make_fanout(Path({str(spool)!r}), {sink!r})
+        for i in range({n}):
+            f.sink.write(event_line(i))
+        while sink_count(f.metrics, "collector", "spooled") + sink_count(f.metrics, "collector", "dropped") < {n}:
+            time.sleep(0.01)
+        f.sink.close(0.5)
+        print(json.dumps({{"spooled": sink_count(f.metrics, "collector", "spooled"),
+                          "dropped": sink_count(f.metrics, "collector", "dropped"),
+                          "loud": f.status_events("sink_events_dropped")}}))
+    """)
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, cwd=root, timeout=60, check=True,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    result: dict[str, object] = json.loads(out.stdout.splitlines()[-1])
+    return result
+
+
+class TestDiskErrors:
+    async def test_write_errors_drop_loudly_and_keep_the_spool_intact(self, tmp_path: Path) -> None:
+        """When the disk refuses writes (EFBIG), events are dropped with an error line; what was spooled
+        stays whole and is delivered by the next process."""
+        receiver = HttpReceiver()
+        sink = http_sink(receiver, tmp_path)
+        result = spool_with_file_size_limit(tmp_path / "spool", sink, 400, limit=20_000)
+        spooled, dropped = int(result["spooled"]), int(result["dropped"])  # type: ignore[call-overload]
+        assert spooled > 0 and dropped > 0 and spooled + dropped == 400
+        loud = result["loud"]
+        assert isinstance(loud, list) and loud[0]["guard"]["reason"].startswith("spool_write_error")
+        await receiver.start()
+        try:
+            g = make_fanout(tmp_path / "spool", sink)
+            await wait_for(lambda: len(receiver.events) == spooled)
+            g.sink.close(5)
+        finally:
+            await receiver.stop()
+        assert receiver.ids() == [f"req-{i}" for i in range(spooled)]
 
 
 class TestRestarts:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from guard_agent.sinks import Batch, Spool, SpoolLockedError
+from guard_agent.sinks import Appended, Batch, Spool, SpoolLockedError
 
 
 def drain(spool: Spool, max_events: int = 1000) -> list[bytes]:
@@ -29,11 +29,11 @@ class TestSpool:
         """Lines come back in append order across many small segments; delivered segments are deleted."""
         spool = Spool(tmp_path, max_bytes=1 << 20, segment_bytes=1000)
         data = lines(500)
-        assert spool.append(data[:250]) == 250
+        assert spool.append(data[:250]).written == 250
         first = spool.read(100, 1 << 20, timeout=0)
         assert first is not None and list(first.lines) == data[:100]
         spool.commit(first)
-        assert spool.append(data[250:]) == 250
+        assert spool.append(data[250:]).written == 250
         assert drain(spool, 77) == data[100:]
         assert spool.pending == 0
         assert len(list(tmp_path.glob("*.seg"))) <= 2
@@ -57,12 +57,13 @@ class TestSpool:
         """Appends stop at max_bytes: the oldest lines are kept, append says how many fitted."""
         spool = Spool(tmp_path, max_bytes=64 * 1024, segment_bytes=8 * 1024)
         data = lines(3000, size=100)
-        written = spool.append(data)
-        assert 0 < written < 3000
+        result = spool.append(data)
+        written = result.written
+        assert 0 < written < 3000 and result.reason == "spool_full"
         assert spool.size_bytes <= 64 * 1024
-        assert spool.append(data[written:]) == 0
+        assert spool.append(data[written:]).written == 0
         assert drain(spool) == data[:written]
-        assert spool.append(data[written:written + 10]) == 10, "space comes back once delivered"
+        assert spool.append(data[written:written + 10]) == Appended(10, None), "space comes back once delivered"
         spool.close()
 
     def test_torn_tail_is_cut(self, tmp_path: Path) -> None:
@@ -128,7 +129,7 @@ def test_at_least_once_in_order_under_any_interleaving(script: list[tuple[str, i
         for op, n in script:
             if op == "append":
                 new = lines(n, start=len(appended), size=20)
-                assert spool.append(new) == n
+                assert spool.append(new).written == n
                 appended.extend(new)
             elif op == "read" and in_flight is None:
                 in_flight = spool.read(n, 1 << 20, timeout=0)
