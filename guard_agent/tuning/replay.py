@@ -62,6 +62,8 @@ class Change:
     rule_before: str
     rule_after: str
     exact: bool
+    cooldown_before: bool = False   # the captured block came from a cool-down, not from a rule matching
+    cooldown_after: bool = False    # the replayed block comes from a cool-down the replay started
 
 
 @dataclass
@@ -100,8 +102,11 @@ class ReplayResult:
 
 
 def deciding_rule(c: Change) -> str:
-    """The rule responsible for a change: the new one when it got stricter, the old one when it got milder."""
-    return c.rule_after if SEVERITY.get(c.after, 0) > SEVERITY.get(c.before, 0) else c.rule_before
+    """The rule responsible for a change: the new one when it got stricter, the old one when it got milder;
+    ``(cool-down)`` when the block is the session's cool-down after that rule blocked an earlier request."""
+    if SEVERITY.get(c.after, 0) > SEVERITY.get(c.before, 0):
+        return c.rule_after + (" (cool-down)" if c.cooldown_after else "")
+    return c.rule_before + (" (cool-down)" if c.cooldown_before else "")
 
 
 def policy_from_snapshot(snap: PolicySnapshot) -> Policy:
@@ -181,7 +186,7 @@ class _Runner:
         self.sessions: dict[str, _SessionSim] = {}
 
     def step(self, d: CapturedDecision, scores: Mapping[str, float]) -> tuple[Decision, bool, bool]:
-        """(decision, exact, carried cool-down)."""
+        """(decision, exact, carried cool-down); ``last_cooldown`` tells whether the block came from one."""
         sim = self.sessions.setdefault(d.session, _SessionSim())
         eff = self.policy_for(d)
         exact = True
@@ -199,6 +204,8 @@ class _Runner:
                          retry_after=retry_after),
             eff, scoring_failure=d.scoring_failure,  # type: ignore[arg-type]
         )
+        self.last_cooldown = (blocked is not None and decision.action == "block" and not decision.matched
+                              and decision.rule == blocked)
         if rate_limited and self._simulated and decision.action == "throttle":
             exact = False
         if sim.diverged and any(r in decision.matched or r in d.matched for r in self._session_rules(eff)):
@@ -212,6 +219,7 @@ class _Runner:
         return decision, exact, carried
 
     _simulated = False
+    last_cooldown = False
 
     def _rate(self, d: CapturedDecision, eff: EffectivePolicy, sim: _SessionSim) -> tuple[bool, float]:
         self._simulated = False
@@ -283,7 +291,8 @@ def replay(capture: Capture, policy: Policy, *, rescore: Rescorer | None = None,
             result.inexact += 1
         if decision.action != d.action:
             result.changes.append(Change(d.request_id, d.session, d.model, d.t, d.action, decision.action,
-                                         d.rule, decision.rule, exact))
+                                         d.rule, decision.rule, exact, cooldown_before=_looks_like_cooldown(d),
+                                         cooldown_after=new_runner.last_cooldown))
         elif decision.rule != d.rule:
             result.rule_only += 1
     if missing_policy:
