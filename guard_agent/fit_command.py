@@ -98,6 +98,8 @@ def _tracker_parts(X: np.ndarray, labels: np.ndarray | None, seed: int) -> dict[
     (None, with a warning, when the data is too small for them: the guard then uses their defaults)."""
     from detectors.trackers import fit_tracker_config
 
+    if X.ndim != 2 or X.shape[0] < 10:  # fit_profile refuses this data with its own message
+        return None
     try:
         return {"trackers": fit_tracker_config(X, labels, seed=seed).to_parts()}
     except ValueError as exc:
