@@ -75,6 +75,7 @@ prometheus.io/path: /metrics
     - name: GUARD_REDIS_URL_FILE
       value: {{ include "inference-guard.secretsDir" . }}/{{ .Values.secrets.keys.redisUrl }}
     {{- end }}
+    {{- include "inference-guard.integrityEnv" . | nindent 4 }}
     {{- with .Values.guard.env }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
@@ -116,6 +117,7 @@ prometheus.io/path: /metrics
       mountPath: {{ include "inference-guard.profileDir" . }}
       readOnly: true
     {{- end }}
+    {{- include "inference-guard.integrityMounts" . | nindent 4 }}
     - name: guard-tmp
       mountPath: /tmp
     {{- with .Values.guard.volumeMounts }}
@@ -198,6 +200,7 @@ prometheus.io/path: /metrics
   emptyDir:
     sizeLimit: {{ $p.sizeLimit }}
 {{- end }}
+{{- include "inference-guard.integrityVolumes" . }}
 {{- end }}
 
 {{/* The model container of the standalone Deployment: loopback-only, no declared ports. */}}
