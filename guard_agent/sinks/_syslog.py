@@ -34,6 +34,7 @@ __all__ = ["SyslogTransport", "format_rfc5424", "frame"]
 _SEVERITY = {"debug": 7, "info": 6, "notice": 5, "warning": 4, "error": 3, "critical": 2}
 _TIMESTAMP = re.compile(rb"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?(Z|[+-]\d\d:\d\d)$")
 _SIOCOUTQ = 0x5411  # Linux TIOCOUTQ/SIOCOUTQ: bytes not yet acknowledged by the peer
+_SETTLE_SECONDS = 0.2
 _HANGUP = select.POLLERR | select.POLLHUP | getattr(select, "POLLRDHUP", 0)
 
 
@@ -97,10 +98,41 @@ class SyslogTransport:
             return raw
         server_name = c.tls.server_name if c.tls is not None and c.tls.server_name else c.host
         try:
-            return self._tls.wrap_socket(raw, server_hostname=server_name)
+            sock = self._tls.wrap_socket(raw, server_hostname=server_name)
         except (OSError, ssl.SSLError) as exc:
             raw.close()
             raise DeliveryError(f"TLS handshake with {c.host}:{c.port}: {exc}") from None
+        self._settle(sock)
+        return sock
+
+    def _settle(self, sock: ssl.SSLSocket) -> None:
+        """TLS 1.3 ends the client's handshake before the server has checked our certificate: give the
+        server a moment to refuse it (an alert), so a rejected client does not mistake its first batch
+        for delivered."""
+        deadline = time.monotonic() + _SETTLE_SECONDS
+        p = select.poll()
+        p.register(sock.fileno(), select.POLLIN | _HANGUP)
+        try:
+            sock.setblocking(False)
+            while (left := deadline - time.monotonic()) > 0:
+                if not p.poll(int(left * 1000) + 1):
+                    continue
+                try:
+                    if sock.recv(4096) == b"":
+                        raise DeliveryError("receiver closed the TLS connection right after the handshake")
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    time.sleep(0.005)   # session tickets or a partial record: keep listening
+        except (ssl.SSLError, OSError) as exc:
+            with contextlib.suppress(OSError):
+                sock.close()
+            raise DeliveryError(f"TLS connection to {self.config.host}:{self.config.port} refused: {exc}") from None
+        except DeliveryError:
+            with contextlib.suppress(OSError):
+                sock.close()
+            raise
+        finally:
+            with contextlib.suppress(OSError):
+                sock.settimeout(self.config.timeout)
 
     def _peer_gone(self, sock: socket.socket) -> bool:
         """True when the receiver closed or reset an idle connection (so we do not write into the void)."""

@@ -17,6 +17,7 @@ from tests.integration.test_sinks_support import (
     HttpReceiver,
     event_line,
     gauge,
+    make_certs,
     make_fanout,
     sink_count,
     wait_for,
@@ -72,6 +73,32 @@ class TestHttpDelivery:
         finally:
             await receiver.stop()
         assert receiver.ids() == [f"req-{i}" for i in range(50)]
+
+
+class TestHttps:
+    async def test_https_with_a_private_ca(self, tmp_path: Path) -> None:
+        """An https:// collector is verified against ca_file; with an unrelated CA nothing is sent and the
+        events stay spooled."""
+        certs = make_certs(tmp_path)
+        receiver = HttpReceiver(tls=certs.server_context())
+        await receiver.start()
+        try:
+            bad = make_fanout(tmp_path / "spool-bad", http_sink(receiver, tmp_path, name="bad-ca",
+                                                                ca_file=str(certs.other_ca)))
+            bad.sink.write(event_line(0))
+            await wait_for(lambda: bool(bad.status_events("sink_down")))
+            bad.sink.close(1)
+            good = make_fanout(tmp_path / "spool-good", http_sink(receiver, tmp_path, ca_file=str(certs.ca),
+                                                                  server_name="localhost"))
+            for i in range(1, 31):
+                good.sink.write(event_line(i))
+            await wait_for(lambda: len(receiver.events) == 30)
+            good.sink.close(5)
+        finally:
+            await receiver.stop()
+        assert receiver.ids() == [f"req-{i}" for i in range(1, 31)]
+        assert "certificate" in bad.status_events("sink_down")[0]["guard"]["reason"].lower()
+        assert bad.status_events("sink_spool_kept")[0]["guard"]["backlog"] == {"bad-ca": 1}
 
 
 class TestHttpOutage:

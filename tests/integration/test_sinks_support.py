@@ -11,6 +11,7 @@ import ipaddress
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Callable
@@ -98,13 +99,15 @@ class HttpReceiver:
     events: list[dict[str, Any]] = field(default_factory=list)
     auth_seen: list[str | None] = field(default_factory=list)
     requests: int = 0
+    tls: ssl.SSLContext | None = None
     _runner: web.AppRunner | None = None
     _ids: set[str] = field(default_factory=set)
 
     @property
     def url(self) -> str:
         path = {"ndjson": "/ingest", "splunk_hec": "/services/collector/event", "elastic_bulk": "/guard/_bulk"}
-        return f"http://127.0.0.1:{self.port}{path[self.fmt]}"
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.port}{path[self.fmt]}"
 
     def ids(self) -> list[str | None]:
         return [request_id(e) for e in self.events]
@@ -149,7 +152,7 @@ class HttpReceiver:
         app.router.add_post("/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True).start()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True, ssl_context=self.tls).start()
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -171,6 +174,13 @@ class Certs:
     cert: Path
     key: Path
     other_ca: Path
+    client_cert: Path
+    client_key: Path
+
+    def server_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(self.cert, self.key)
+        return ctx
 
 
 def make_certs(directory: Path) -> Certs:
@@ -201,23 +211,37 @@ def make_certs(directory: Path) -> Certs:
 
     ca_key, ca = ca_cert("sink-test-ca")
     _, other = ca_cert("unrelated-ca")
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (x509.CertificateBuilder().subject_name(name("localhost")).issuer_name(ca.subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    out = Certs(directory / "ca.pem", directory / "server.pem", directory / "server.key", directory / "other-ca.pem")
+
+    def leaf(cn: str, usage: Any, san: list[Any]) -> tuple[Any, Any]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(ca.subject)
+                .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+                .add_extension(x509.SubjectAlternativeName(san), critical=False)
+                .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                               critical=False)
+                .sign(ca_key, hashes.SHA256()))
+        return key, cert
+
+    key, cert = leaf("localhost", x509.oid.ExtendedKeyUsageOID.SERVER_AUTH,
+                     [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    client_key, client = leaf("guard-sink", x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH, [x509.DNSName("guard-sink")])
+    out = Certs(directory / "ca.pem", directory / "server.pem", directory / "server.key", directory / "other-ca.pem",
+                directory / "client.pem", directory / "client.key")
+
+    def pem_key(k: Any) -> bytes:
+        return bytes(k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                     serialization.NoEncryption()))
+
     out.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     out.other_ca.write_bytes(other.public_bytes(serialization.Encoding.PEM))
     out.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    out.key.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                          serialization.NoEncryption()))
+    out.key.write_bytes(pem_key(key))
+    out.client_cert.write_bytes(client.public_bytes(serialization.Encoding.PEM))
+    out.client_key.write_bytes(pem_key(client_key))
     out.key.chmod(0o600)
+    out.client_key.chmod(0o600)
     return out
 
 
@@ -227,6 +251,7 @@ class Rsyslog:
 
     workdir: Path
     certs: Certs | None = None
+    require_client_cert: bool = False
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
 
@@ -241,7 +266,8 @@ class Rsyslog:
             tls_global = (f' defaultNetstreamDriver="gtls" defaultNetstreamDriverCAFile="{self.certs.ca}"'
                           f' defaultNetstreamDriverCertFile="{self.certs.cert}"'
                           f' defaultNetstreamDriverKeyFile="{self.certs.key}"')
-            tls_module = ' streamDriver.name="gtls" streamDriver.mode="1" streamDriver.authMode="anon"'
+            auth = "x509/certvalid" if self.require_client_cert else "anon"
+            tls_module = f' streamDriver.name="gtls" streamDriver.mode="1" streamDriver.authMode="{auth}"'
         return (f'global(workDirectory="{w}" maxMessageSize="64k"{tls_global})\n'
                 f'module(load="imtcp"{tls_module})\n'
                 'main_queue(queue.type="Direct")\n'

@@ -128,3 +128,28 @@ class TestSyslogTls:
         assert "certificate" in f.status_events("sink_down")[0]["guard"]["reason"].lower()
         assert sink_count(f.metrics, "rsyslog", "delivered") == 0
         assert f.status_events("sink_spool_kept")[0]["guard"]["backlog"] == {"rsyslog": 10}
+
+    async def test_client_certificate_for_mtls(self, tmp_path: Path) -> None:
+        """rsyslog requiring a client certificate (x509/certvalid) accepts the sink only with cert_file/key_file."""
+        certs = make_certs(tmp_path)
+        r = Rsyslog(tmp_path / "rsyslog-mtls", certs=certs, require_client_cert=True)
+        r.start()
+        try:
+            without = make_fanout(tmp_path / "spool-a", syslog_sink(r.port, name="no-cert", tls=True,
+                                                                    ca_file=str(certs.ca), server_name="localhost"))
+            without.sink.write(event_line(0))
+            await wait_for(lambda: sink_count(without.metrics, "no-cert", "delivered") == 1
+                           or bool(without.status_events("sink_down")))
+            without.sink.close(1)
+            with_cert = make_fanout(tmp_path / "spool-b", syslog_sink(
+                r.port, name="with-cert", tls=True, ca_file=str(certs.ca), server_name="localhost",
+                cert_file=str(certs.client_cert), key_file=str(certs.client_key)))
+            for i in range(1, 51):
+                with_cert.sink.write(event_line(i))
+            await wait_for(lambda: len(r.records()) >= 50)
+            with_cert.sink.close(5)
+        finally:
+            r.stop()
+        assert r.ids() == [f"req-{i}" for i in range(1, 51)], "the sink without a client certificate got nothing in"
+        assert sink_count(without.metrics, "no-cert", "delivered") == 0
+
