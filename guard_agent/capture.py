@@ -4,7 +4,7 @@ Opt-in (``GUARD_CAPTURE_DIR``). The request path only renders one line and puts
 it on a bounded queue; a writer thread does the file I/O, so a slow disk never
 stalls a request. A full queue drops the record and counts it (``dropped``).
 
-File format (one JSON object per line, ``capture-<UTC time>-<pid>-<seq>.jsonl``):
+File format (one JSON object per line, ``capture-<UTC time>-<pid>-<run>-<seq>.jsonl``):
 
 - a *policy* line, before the first decision of each policy revision in each
   file (so every file stands alone)::
@@ -22,7 +22,8 @@ File format (one JSON object per line, ``capture-<UTC time>-<pid>-<seq>.jsonl``)
 
 Files are created 0600 in a 0700 directory. When the current file would pass
 ``capture_max_bytes`` a new one is started; beyond ``capture_max_files`` the
-oldest files of this process are deleted.
+oldest capture files in the directory are deleted (files of earlier runs
+count, so restarts do not grow it): give each guard process its own directory.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import asyncio
 import contextlib
 import os
 import queue
+import secrets
 import threading
 import time
 from collections import OrderedDict
@@ -81,11 +83,13 @@ class CaptureWriter(CaptureHook):
         self.dropped = 0
         self.written = 0
         self._seq = 0
+        self._run = secrets.token_hex(3)  # containers restart with the same pid: names must still differ
         self._file: IO[bytes] | None = None
         self._size = 0
         self._revisions_in_file: set[str] = set()
         self._policies: OrderedDict[str, bytes] = OrderedDict()  # written by the request path only
-        self._mine: list[Path] = []
+        # files left by an earlier run count against the limit too, so restarts cannot grow the directory
+        self._mine: list[Path] = sorted(self.directory.glob("capture-*.jsonl"), key=lambda p: p.stat().st_mtime)
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="guard-capture", daemon=True)
         self._thread.start()
@@ -185,8 +189,8 @@ class CaptureWriter(CaptureHook):
         self._close_file()
         self._seq += 1
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        path = self.directory / f"capture-{stamp}-{os.getpid()}-{self._seq:06d}.jsonl"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        path = self.directory / f"capture-{stamp}-{os.getpid()}-{self._run}-{self._seq:06d}.jsonl"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         self._file = os.fdopen(fd, "ab")
         self._size = 0
         self._revisions_in_file = set()

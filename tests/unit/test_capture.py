@@ -123,6 +123,18 @@ class TestCaptureWriter:
         ids = [d.request_id for d in read_capture([tmp_path]).decisions]
         assert ids[-1] == "r199" and "r0" not in ids  # the oldest files were deleted
 
+    def test_files_of_an_earlier_run_count_against_the_limit(self, tmp_path: Path) -> None:
+        """After a restart the directory still holds at most max_files capture files, newest kept."""
+        for run in range(3):
+            w = CaptureWriter(tmp_path, max_bytes=4096, max_files=2)
+            for i in range(40):
+                w.record(fields(f"run{run}-{i}"), None)
+            w.close()
+            time.sleep(0.01)
+        files = sorted(tmp_path.glob("capture-*.jsonl"))
+        assert len(files) == 2
+        assert read_capture([tmp_path]).decisions[-1].request_id == "run2-39"
+
     def test_exact_scores_replace_the_rounded_ones(self, tmp_path: Path) -> None:
         """Scores passed by the caller are stored unrounded and flagged exact."""
         w = CaptureWriter(tmp_path, max_bytes=1 << 20, max_files=2)
