@@ -83,7 +83,7 @@ class CaptureWriter(CaptureHook):
         self.dropped = 0
         self.written = 0
         self._seq = 0
-        self._run = secrets.token_hex(3)  # containers restart with the same pid: names must still differ
+        self._run_id = secrets.token_hex(3)  # containers restart with the same pid: names must still differ
         self._file: IO[bytes] | None = None
         self._size = 0
         self._revisions_in_file: set[str] = set()
@@ -189,7 +189,7 @@ class CaptureWriter(CaptureHook):
         self._close_file()
         self._seq += 1
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        path = self.directory / f"capture-{stamp}-{os.getpid()}-{self._run}-{self._seq:06d}.jsonl"
+        path = self.directory / f"capture-{stamp}-{os.getpid()}-{self._run_id}-{self._seq:06d}.jsonl"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         self._file = os.fdopen(fd, "ab")
         self._size = 0
