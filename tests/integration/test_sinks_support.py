@@ -276,10 +276,11 @@ class Rsyslog:
                 f'action(type="omfile" file="{self.output}" template="guard" flushOnTXEnd="on" '
                 'asyncWriting="off")\n')
 
-    def start(self, timeout: float = 10.0) -> None:
+    def start(self, timeout: float = 10.0, config: str | None = None) -> None:
+        """Start rsyslogd with the generated config (or ``config``) and wait until it listens."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         conf = self.workdir / "rsyslog.conf"
-        conf.write_text(self._config())
+        conf.write_text(config if config is not None else self._config())
         log = (self.workdir / "rsyslogd.out").open("ab")
         self.proc = subprocess.Popen([RSYSLOGD, "-n", "-f", str(conf), "-i", str(self.workdir / "rsyslogd.pid")],
                                      stdout=log, stderr=subprocess.STDOUT)

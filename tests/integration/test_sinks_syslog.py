@@ -9,6 +9,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from tests.conftest import free_port
 from tests.integration.test_sinks_support import (
     Rsyslog,
     event_line,
@@ -21,6 +22,7 @@ from tests.integration.test_sinks_support import (
 )
 
 pytestmark = [needs_rsyslog, pytest.mark.slow]
+RECEIVER_EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "sinks" / "rsyslog-receiver.conf"
 FAST = {"retry_initial": 0.05, "retry_max": 0.3, "timeout": 2.0}
 
 
@@ -152,4 +154,37 @@ class TestSyslogTls:
             r.stop()
         assert r.ids() == [f"req-{i}" for i in range(1, 51)], "the sink without a client certificate got nothing in"
         assert sink_count(without.metrics, "no-cert", "delivered") == 0
+
+
+class TestReceiverExample:
+    async def test_example_rsyslog_config_receives_and_splits_alerts(self, tmp_path: Path) -> None:
+        """examples/sinks/rsyslog-receiver.conf (paths and port swapped for the test) takes the sink's TLS
+        stream, parses the JSON and writes alerts to their own file."""
+        certs = make_certs(tmp_path)
+        port = free_port()
+        logs = tmp_path / "logs"
+        logs.mkdir()
+        conf = (RECEIVER_EXAMPLE.read_text()
+                .replace("/etc/rsyslog.d/tls/ca.pem", str(certs.ca))
+                .replace("/etc/rsyslog.d/tls/server.pem", str(certs.cert))
+                .replace("/etc/rsyslog.d/tls/server.key", str(certs.key))
+                .replace("/var/log/inference-guard", str(logs))
+                .replace('port="6514"', f'port="{port}" address="127.0.0.1"')
+                .replace("global(\n", f'global(\n  workDirectory="{tmp_path}"\n'))
+        r = Rsyslog(tmp_path / "example", port=port)
+        r.start(config=conf)
+        try:
+            f = make_fanout(tmp_path / "spool", syslog_sink(port, tls=True, ca_file=str(certs.ca),
+                                                             server_name="localhost"))
+            lines = [event_line(0), event_line(1, action="block", kind="alert"), event_line(2)]
+            for line in lines:
+                f.sink.write(line)
+            events = logs / "events.jsonl"
+            await wait_for(lambda: events.exists() and len(events.read_bytes().splitlines()) == 3)
+            f.sink.close(5)
+        finally:
+            r.stop()
+        assert [orjson.loads(x) for x in events.read_bytes().splitlines()] == [orjson.loads(x) for x in lines]
+        alerts = [orjson.loads(x) for x in (logs / "alerts.jsonl").read_bytes().splitlines()]
+        assert [a["http"]["request"]["id"] for a in alerts] == ["req-1"]
 

@@ -126,3 +126,26 @@ class TestFromSettings:
                                     "ca_file": str(bad)},), spool_dir=str(tmp_path / "spool"))
         with pytest.raises(ConfigError, match="TLS setup failed"):
             make_sink(settings, Metrics())
+
+
+class TestExample:
+    def test_example_config_validates(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """examples/sinks/guard-sinks.yaml is a valid config once its secret files exist."""
+        import yaml
+
+        example = Path(__file__).resolve().parents[2] / "examples" / "sinks" / "guard-sinks.yaml"
+        doc = yaml.safe_load(example.read_text())
+        existing = tmp_path / "secret"
+        existing.write_text("value")
+        for sink in doc["sinks"]:
+            for key in [k for k in sink if k.endswith("_file")]:
+                sink[key] = str(existing)
+        monkeypatch.setenv("ELASTIC_API_KEY", "key")
+        configs = parse_sinks(doc["sinks"], doc["spool_dir"])
+        assert [(c.name, type(c).__name__) for c in configs] == [
+            ("rsyslog", "SyslogSinkConfig"), ("splunk", "HttpSinkConfig"), ("elastic", "HttpSinkConfig"),
+            ("vector", "HttpSinkConfig")]
+        assert [getattr(c, "format", None) for c in configs] == [None, "splunk_hec", "elastic_bulk", "ndjson"]
+        assert configs[3].token_header == "X-Guard-Token" and configs[3].token_scheme == ""
+        assert all(c.spool_dir.startswith("/var/spool/inference-guard/") for c in configs)
+
