@@ -41,6 +41,7 @@ local prefix, tnow = ARGV[1], ARGV[2]
 local oldest = tonumber(tnow) - tonumber(ARGV[3])
 local sid, max_entries, bsize, ttl = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local best = 0
+local gep, gbp = prefix .. 'ge:', prefix .. 'gb:'
 local i = 8
 while i + 2 <= #ARGV do
   local need, fp, blist = tonumber(ARGV[i]), ARGV[i + 1], ARGV[i + 2]
@@ -51,20 +52,19 @@ while i + 2 <= #ARGV do
   local identical, m = false, 0
   for b in string.gmatch(blist, '%d+') do
     buckets[#buckets + 1] = b
-    local cell = redis.call('HGET', prefix .. 'gb:' .. math.floor(tonumber(b) / 64), b)
+    local cell = redis.call('HGET', gbp .. math.floor(tonumber(b) / 64), b)
     if cell then
       for slot in string.gmatch(cell, '%d+') do
         if not seen[slot] then
           seen[slot] = true
-          local e = redis.call('GET', prefix .. 'ge:' .. slot)
+          local e = redis.call('GET', gep .. slot)
           if e then
-            local efp = string.sub(e, 29)
-            if efp == fp then
+            if #e == #fp + 28 and string.sub(e, 29) == fp then
               identical = true
-            elseif tonumber(string.sub(e, 9, 28)) >= oldest and string.sub(e, 1, 8) ~= sid then
+            elseif string.sub(e, 1, 8) ~= sid and tonumber(string.sub(e, 9, 28)) >= oldest then
               local shared = 0
-              for p = 1, #efp, 8 do
-                if mine[string.sub(efp, p, p + 7)] then shared = shared + 1 end
+              for p = 29, #e, 8 do
+                if mine[string.sub(e, p, p + 7)] then shared = shared + 1 end
               end
               if shared >= need then m = m + 1 end
             end
@@ -77,9 +77,9 @@ while i + 2 <= #ARGV do
   if not identical and #fp > 0 then
     local slot = tostring((redis.call('INCR', prefix .. 'gh') - 1) % max_entries)
     redis.call('EXPIRE', prefix .. 'gh', ttl)
-    redis.call('SET', prefix .. 'ge:' .. slot, sid .. tnow .. fp, 'EX', ttl)
+    redis.call('SET', gep .. slot, sid .. tnow .. fp, 'EX', ttl)
     for _, b in ipairs(buckets) do
-      local gk = prefix .. 'gb:' .. math.floor(tonumber(b) / 64)
+      local gk = gbp .. math.floor(tonumber(b) / 64)
       local cell = redis.call('HGET', gk, b)
       local out, n = slot, 1
       if cell then
@@ -101,7 +101,7 @@ class RedisGlobalIndex:
     """``session.global_fingerprint`` across replicas; the local index answers when Redis does not."""
 
     def __init__(self, link: RedisLink, *, local: GlobalFingerprintIndex | None = None,
-                 max_entries: int = 100_000, bucket_size: int | None = None, max_rows: int = 32) -> None:
+                 max_entries: int = 100_000, bucket_size: int | None = None, max_rows: int = 8) -> None:
         """Parameters not given here are the local index's, so both speak on one scale. ``max_rows``: rows
         of one request checked against Redis (a script blocks Redis while it runs; each row costs up to
         ``n_index * bucket_size`` lookups), the first ones of a larger batch; the local index sees them all."""

@@ -422,7 +422,7 @@ class TestGlobalIndex:
         engine = a.tracking.engine(None, 64)
         rows = digits_like(np.random.default_rng(7), 100)
         await a.index.observe("batch", engine.fingerprints(rows), time.time())
-        assert len(keys_under(6379, prefix + "ge:")) == a.index.max_rows == 32
+        assert len(keys_under(6379, prefix + "ge:")) == a.index.max_rows == 8
         assert len(a.index.local) == 100
 
     async def test_memory_is_bounded(self, prefix: str) -> None:
