@@ -3,7 +3,8 @@
 Same safety rules as detector profiles: arrays load with ``allow_pickle=False``, the JSON pins the array
 file's sha256, and the revision is the sha256 of the JSON bytes, so it names inputs and answers exactly.
 
-``GUARD_CANARIES`` is one set (``canaries.json`` inside) or a directory of sets (``<name>/canaries.json``).
+``GUARD_CANARIES`` is one set (``canaries.json`` inside) or a directory of sets (``<name>/canaries.json``;
+names starting with a dot are skipped, so a set can be staged as ``.v2`` and renamed into place).
 A model passes if it answers one of its sets correctly; several sets for one model is how an update rolls
 out without a false alarm (old and new set side by side, then drop the old one).
 """
@@ -248,8 +249,8 @@ def canary_files(path: str | os.PathLike[str]) -> list[Path]:
         return [p / CANARY_FILE]
     if not p.is_dir():
         return []
-    return sorted(d / CANARY_FILE for d in p.iterdir()
-                  if not d.name.startswith("..") and (d / CANARY_FILE).is_file())
+    return sorted(d / CANARY_FILE for d in p.iterdir()  # dot-directories: kubelet bookkeeping, staging copies
+                  if not d.name.startswith(".") and (d / CANARY_FILE).is_file())
 
 
 def load_canary_dir(path: str | os.PathLike[str]) -> tuple[CanarySet, ...]:
