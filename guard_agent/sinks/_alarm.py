@@ -54,6 +54,18 @@ class Alarm:
         self.emit("error", f"sink {sink}: {total} events dropped ({reason})", "sink_events_dropped",
                   sink=sink, reason=reason, dropped=total, **guard)
 
+    def tick(self) -> None:
+        """Announce drops that waited a full interval (called periodically: a burst that stopped is still told)."""
+        now = time.monotonic()
+        with self._lock:
+            due = {k: v for k, v in self._drops.items() if v and now - self._last.get(k, -1e9) >= self._interval}
+            for key in due:
+                self._drops[key] = 0
+                self._last[key] = now
+        for (sink, reason), total in due.items():
+            self.emit("error", f"sink {sink}: {total} events dropped ({reason})", "sink_events_dropped",
+                      sink=sink, reason=reason, dropped=total)
+
     def flush(self) -> None:
         """Announce drops still waiting for their interval (at shutdown)."""
         with self._lock:

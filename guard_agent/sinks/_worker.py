@@ -83,6 +83,7 @@ class SinkWorker:
             except queue.Empty:
                 if self._stop_intake.is_set():
                     return
+                self._alarm.tick()
                 continue
             lines = [first]
             while len(lines) < _INTAKE_BATCH:

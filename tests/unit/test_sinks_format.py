@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from typing import Any
 
 import orjson
@@ -105,3 +106,17 @@ class TestAlarm:
         assert [e["guard"]["dropped"] for e in lines] == [1, 12]
         assert all(e["log"]["level"] == "error" and e["event"]["action"] == "sink_events_dropped" for e in lines)
         assert lines[0]["message"] == "sink siem: 1 events dropped (spool_full)"
+
+    def test_a_burst_that_stopped_is_still_announced(self) -> None:
+        """Drops held back by the interval are written by tick() once the interval has passed."""
+        lines: list[dict[str, Any]] = []
+        alarm = Alarm(CallbackSink(lambda line: lines.append(orjson.loads(line))), drop_interval=0.05)
+        alarm.dropped("siem", "queue_full", 1)
+        alarm.dropped("siem", "queue_full", 3)
+        alarm.tick()
+        assert [e["guard"]["dropped"] for e in lines] == [1]
+        time.sleep(0.06)
+        alarm.tick()
+        alarm.tick()
+        assert [e["guard"]["dropped"] for e in lines] == [1, 3]
+
