@@ -53,6 +53,8 @@ ALERT = {"kind": "alert", "category": ["intrusion_detection"], "action": "integr
 THREAT = {"framework": "MITRE ATLAS", "technique": {"id": "AML.T0018"}}
 BATCH_ROWS = 256
 JITTER = 0.1
+MAX_BACKOFF = 10.0
+"""Longest wait between replays while the model does not answer: a restarted model is checked promptly."""
 _ALL_MODELS = "*"
 
 
@@ -146,7 +148,7 @@ class IntegrityChecker(IntegrityHook):
             if answered:
                 delay, backoff = interval * self._rng.uniform(1 - JITTER, 1 + JITTER), 0.25
             else:
-                delay, backoff = min(interval, backoff), min(interval, backoff * 2)
+                delay, backoff = min(interval, backoff), min(interval, MAX_BACKOFF, backoff * 2)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
 
