@@ -27,9 +27,10 @@ GRID = (0.1, 0.01, 0.001, 0.0001)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_capture_arguments(parser, labels=True)
     parser.add_argument("--target-fpr", dest="target_fpr", type=float, default=0.001,
-                        help="false-positive rate on benign requests for the mildest rule per score (default 0.001)")
+                        help="false-positive rate on benign requests for flag rules (default 0.001)")
     parser.add_argument("--escalation", type=float, default=10.0,
-                        help="each stricter rule on the same score gets this many times fewer false positives")
+                        help="harden/throttle rules get this many times fewer false positives, block rules its "
+                             "square (default 10)")
     parser.add_argument("--policy", help="base policy to rewrite (default: the built-in policy)")
     parser.add_argument("--out", help="write the tuned policy here")
     parser.add_argument("--force", action="store_true", help="overwrite --out if it exists")
@@ -40,7 +41,8 @@ def _fmt(x: float | None, digits: int = 6) -> str:
 
 
 def format_trade_off(table: dict[str, list[TradeOff]], labelled: bool, target: float) -> str:
-    header = f"{'score':<28} {'target FPR':>10} {'threshold':>10} {'benign FPR':>10} {'benign n':>8}"
+    header = (f"{'score':<28} {'target FPR':>10} {'threshold':>10} {'benign FPR':>10} {'benign n':>8} "
+              f"{'benign sess.':>12}")
     if labelled:
         header += f" {'attack TPR':>10} {'attack sess.':>12}"
     lines = [header, "-" * len(header)]
@@ -49,7 +51,7 @@ def format_trade_off(table: dict[str, list[TradeOff]], labelled: bool, target: f
             s = row.suggestion
             mark = "*" if s.target_fpr == target else " "
             line = (f"{name:<28} {_fmt(s.target_fpr):>9}{mark} {_fmt(s.threshold):>10} "
-                    f"{_fmt(s.benign_fpr, 4):>10} {s.benign_n:>8}")
+                    f"{_fmt(s.benign_fpr, 4):>10} {s.benign_n:>8} {_fmt(row.benign_sessions, 3):>12}")
             if labelled:
                 line += f" {_fmt(row.attack_tpr, 3):>10} {_fmt(row.attack_sessions, 3):>12}"
             if not s.resolvable:
@@ -109,8 +111,8 @@ def write_policy(capture: Capture, labels: frozenset[str], args: argparse.Namesp
     n = len(benign)
     header = (f"# Thresholds tuned by `guard-agent tune` from {n} benign requests "
               f"({len(capture.files)} capture file(s), {len(labels)} labelled attack sessions excluded),\n"
-              f"# target FPR {args.target_fpr:g} for the mildest rule per score, /{args.escalation:g} per stricter "
-              f"tier. Base: {source}\n")
+              f"# target FPR {args.target_fpr:g} for flag rules, /{args.escalation:g} for harden/throttle, "
+              f"/{args.escalation ** 2:g} for block. Base: {source}\n")
     new_text = header + new_text
     try:
         parse_policy(new_text, source=str(out))
@@ -141,14 +143,14 @@ def run(args: argparse.Namespace) -> int:
     print(f"{len(capture.decisions)} decisions, {len(benign_decisions)} benign, {len(attack)} from "
           f"{len(labels & known)} labelled attack session(s)"
           + (f" ({len(labels - known)} labelled sessions not in the capture)" if labels - known else ""))
-    benign = scores_by_name(benign_decisions)
-    if not benign:
+    if not scores_by_name(benign_decisions):
         print("error: no tunable scores in the benign traffic (is a profile loaded?)", file=sys.stderr)
         return 2
-    table = trade_off(benign, attack if labels else None, (*GRID, args.target_fpr))
+    table = trade_off(benign_decisions, attack if labels else None, (*GRID, args.target_fpr))
     print(format_trade_off(table, bool(labels), args.target_fpr))
-    print("(* = the target FPR; thresholds apply as `gte`; benign FPR is measured on the captured benign traffic;\n"
-          " a policy threshold is lowered only where the suggestion is resolvable and the benign traffic has a tail)")
+    print("(* = the target FPR; thresholds apply as `gte`; benign FPR and sess. (sessions with at least one request\n"
+          " at or above) are measured on the captured benign traffic; a policy threshold is lowered only where the\n"
+          " suggestion is resolvable and the benign traffic has a tail)")
     if args.out:
         try:
             return write_policy(capture, labels, args)

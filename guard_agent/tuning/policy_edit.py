@@ -1,9 +1,12 @@
 """Write suggested thresholds into a policy file, keeping its comments and layout.
 
 The file is composed (not loaded) with PyYAML so every scalar keeps its
-position; only the numbers of score conditions are replaced. Rules on the same
-score form tiers by action: the mildest tier gets the target FPR, each stricter
-tier ``escalation`` times fewer false positives, so a flag fires before a block.
+position; only the numbers of score conditions are replaced. The target FPR is
+for alerts (``flag``); actions that cost the client more get rarer targets:
+``harden`` and ``throttle`` ``escalation`` times fewer false positives, ``block``
+``escalation**2`` times fewer (a block also starts the session's cool-down, so
+one false block costs a client every request for minutes). On one score the
+stricter rule therefore never gets the lower threshold.
 """
 
 from __future__ import annotations
@@ -13,10 +16,13 @@ from dataclasses import dataclass
 
 import yaml
 
-from guard_agent.policy.model import SCORE_NAMES, SEVERITY
+from guard_agent.policy.model import SCORE_NAMES
 from guard_agent.tuning.thresholds import UNTUNED_SCORES
 
-__all__ = ["Edit", "retune_policy_text"]
+__all__ = ["TIERS", "Edit", "retune_policy_text"]
+
+TIERS = {"allow": 0, "flag": 0, "harden": 1, "throttle": 1, "block": 2}
+"""How many times ``escalation`` an action's target FPR is divided by."""
 
 ThresholdFor = Callable[[str | None, str, float, float], float | None]
 """(model scope or None, score, target FPR, current threshold) -> new threshold, or None to leave it."""
@@ -87,12 +93,11 @@ def retune_policy_text(text: str, threshold_for: ThresholdFor, *, target_fpr: fl
             if len(ops) != 1 or not isinstance(ops[0][1], yaml.ScalarNode):
                 continue
             rule_id = str(getattr(rid, "value", "?"))
-            tiers.setdefault(key.value, []).append((SEVERITY.get(action.value, 0), str(action.value), rule_id,
+            tiers.setdefault(key.value, []).append((TIERS.get(action.value, 0), str(action.value), rule_id,
                                                     ops[0][1]))
         for score, rules in tiers.items():
-            severities = sorted({sev for sev, *_ in rules})
-            for sev, action_name, rule_name, node in rules:
-                fpr = target_fpr / (escalation ** severities.index(sev))
+            for tier, action_name, rule_name, node in rules:
+                fpr = target_fpr / (escalation ** tier)
                 try:
                     current = float(node.value)
                 except ValueError:

@@ -18,7 +18,7 @@ thresholds that benign traffic would cross.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,6 +53,7 @@ class Suggestion:
 @dataclass(frozen=True)
 class TradeOff:
     suggestion: Suggestion
+    benign_sessions: float            # fraction of benign sessions with at least one request at or above
     attack_tpr: float | None          # fraction of attack-session requests at or above the threshold
     attack_sessions: float | None     # fraction of attack sessions with at least one such request
 
@@ -88,28 +89,34 @@ def suggest(name: str, benign: np.ndarray, target_fpr: float) -> Suggestion:
     return Suggestion(name, target_fpr, threshold, n, float(np.mean(benign >= threshold)), resolvable, degenerate)
 
 
-def trade_off(benign: Mapping[str, np.ndarray], attack: Iterable[CapturedDecision] | None,
+def _session_hits(decisions: list[CapturedDecision], name: str, threshold: float | None) -> float | None:
+    """Fraction of the sessions (that have this score) with at least one request at or above ``threshold``."""
+    hits: dict[str, bool] = {}
+    for d in decisions:
+        if name in d.scores:
+            hits[d.session] = hits.get(d.session, False) or (threshold is not None and d.scores[name] >= threshold)
+    return float(np.mean(list(hits.values()))) if hits else None
+
+
+def trade_off(benign: Iterable[CapturedDecision], attack: Iterable[CapturedDecision] | None,
               fprs: Iterable[float]) -> dict[str, list[TradeOff]]:
-    """For each score and FPR: the threshold, and when attacks are labelled, what it catches."""
+    """For each score and FPR: the threshold, how many benign sessions it touches, and (with labelled attacks)
+    what it catches."""
+    benign_list = list(benign)
     attack_list = list(attack) if attack is not None else None
+    values = scores_by_name(benign_list)
     out: dict[str, list[TradeOff]] = {}
-    for name in sorted(benign):
+    for name in sorted(values):
         rows: list[TradeOff] = []
         for fpr in sorted(set(fprs), reverse=True):
-            s = suggest(name, benign[name], fpr)
+            s = suggest(name, values[name], fpr)
             tpr: float | None = None
             sessions: float | None = None
             if attack_list:
-                values = [(d.session, d.scores[name]) for d in attack_list if name in d.scores]
-                if values and s.threshold is not None:
-                    hit = [v >= s.threshold for _, v in values]
-                    tpr = float(np.mean(hit))
-                    by_session: dict[str, bool] = {}
-                    for (session, _), h in zip(values, hit, strict=True):
-                        by_session[session] = by_session.get(session, False) or h
-                    sessions = float(np.mean(list(by_session.values())))
-                elif values:
-                    tpr, sessions = 0.0, 0.0
-            rows.append(TradeOff(s, tpr, sessions))
+                scored = [d.scores[name] for d in attack_list if name in d.scores]
+                if scored:
+                    tpr = float(np.mean([v >= s.threshold for v in scored])) if s.threshold is not None else 0.0
+                    sessions = _session_hits(attack_list, name, s.threshold)
+            rows.append(TradeOff(s, _session_hits(benign_list, name, s.threshold) or 0.0, tpr, sessions))
         out[name] = rows
     return out

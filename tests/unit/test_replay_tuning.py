@@ -67,7 +67,7 @@ class TestRetunePolicy:
         assert all(e.score != "input.schema" for e in edits)  # a hard check, not a distribution
 
     def test_stricter_tiers_get_rarer_targets(self) -> None:
-        """On one score, flag < harden < block get the target FPR, /10 and /100: thresholds never invert."""
+        """Flag, harden and block get the target FPR, /10 and /100, also when a block is a score's only rule."""
         text = default_policy_text()
         seen: dict[str, float] = {}
 
@@ -79,6 +79,8 @@ class TestRetunePolicy:
             if e.score == "session.risk":
                 seen[e.action] = e.target_fpr
         assert seen == {"flag": 0.01, "harden": 0.001, "block": 0.0001}
+        alone = {e.rule: e.target_fpr for e in edits if e.score == "session.prada"}
+        assert alone == {"model-extraction": 0.0001}
 
     def test_none_keeps_the_rule(self) -> None:
         """A score without a usable suggestion keeps its threshold."""
