@@ -4,8 +4,9 @@ Formats: ``ndjson`` (one event per line: Vector/Fluent Bit/Logstash http inputs)
 ``splunk_hec`` (``/services/collector/event``: ``{"time", "event"}`` objects) and
 ``elastic_bulk`` (``_bulk`` with ``create`` and an id derived from the event, so a batch
 sent twice is stored once). A 2xx acknowledges the batch. 400/413 are bisected down to
-the single events the receiver refuses (counted as rejected); 401/403 re-read the token
-file; everything else is retried with backoff while the spool holds the events.
+the single events the receiver refuses (counted as rejected) unless it refuses everything
+(then it is a configuration problem and the events wait in the spool); 401/403 re-read the
+token file; everything else is retried with backoff while the spool holds the events.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from guard_agent.sinks._transport import DeliveryError, client_tls_context
 
 __all__ = ["HttpTransport", "encode_batch"]
 
+REJECT_STREAK_LIMIT = 10   # more refused events in a row than this: stop discarding, retry instead
 _CONTENT_TYPE = {"ndjson": "application/x-ndjson", "splunk_hec": "application/json",
                  "elastic_bulk": "application/x-ndjson"}
 
@@ -107,6 +109,7 @@ class HttpTransport:
         self._tls = client_tls_context(config.tls) if config.tls is not None else None
         self._conn: http.client.HTTPConnection | None = None
         self._token = config.read_token()
+        self._reject_streak = 0
 
     def _connection(self) -> http.client.HTTPConnection:
         if self._conn is None:
@@ -137,6 +140,18 @@ class HttpTransport:
         return resp.status, data, _retry_after(resp)
 
     def send(self, lines: Sequence[bytes]) -> int:
+        rejected = self._send(lines)
+        if rejected < len(lines):
+            self._reject_streak = 0
+        else:
+            self._reject_streak += rejected
+            if self._reject_streak > REJECT_STREAK_LIMIT:   # not bad events: a bad url, index or mapping
+                raise DeliveryError(f"receiver refused each of the last {self._reject_streak} events "
+                                    "(HTTP 400/413 or bulk item errors): check url, index and format; "
+                                    "keeping events spooled")
+        return rejected
+
+    def _send(self, lines: Sequence[bytes]) -> int:
         status, data, retry_after = self._post(encode_batch(self.config, lines))
         if 200 <= status < 300:
             return self._bulk_rejections(data) if self.config.format == "elastic_bulk" else 0
@@ -144,7 +159,7 @@ class HttpTransport:
             if len(lines) == 1:
                 return 1
             half = len(lines) // 2
-            return self.send(lines[:half]) + self.send(lines[half:])
+            return self._send(lines[:half]) + self._send(lines[half:])
         if status in (401, 403):
             with contextlib.suppress(ConfigError):
                 self._token = self.config.read_token()   # a rotated Secret

@@ -164,6 +164,24 @@ class TestHttpOutage:
         assert sink_count(f.metrics, "collector", "rejected") == 1
         assert f.status_events("sink_events_dropped")[0]["guard"]["reason"] == "rejected_by_receiver"
 
+    async def test_a_collector_refusing_everything_keeps_events_spooled(self, receiver: HttpReceiver,
+                                                                         tmp_path: Path) -> None:
+        """If every event is refused (a wrong index or mapping, not bad events), at most a few are counted as
+        rejected, the sink goes down and the rest wait in the spool until the collector accepts again."""
+        receiver.reject_marker = b"req-"
+        f = make_fanout(tmp_path / "spool", http_sink(receiver, tmp_path, batch_max_events=4))
+        for i in range(100):
+            f.sink.write(event_line(i))
+        await wait_for(lambda: bool(f.status_events("sink_down")))
+        rejected = sink_count(f.metrics, "collector", "rejected")
+        assert 0 < rejected <= 12
+        assert "refused each of the last" in f.status_events("sink_down")[0]["guard"]["reason"]
+        receiver.reject_marker = None
+        await wait_for(lambda: len(receiver.events) == 100 - rejected)
+        f.sink.close(5)
+        assert receiver.ids() == [f"req-{i}" for i in range(int(rejected), 100)]
+        assert sink_count(f.metrics, "collector", "rejected") == rejected
+
     async def test_elastic_resend_is_stored_once(self, tmp_path: Path) -> None:
         """Elastic bulk ids come from the event, so a batch resent after a 429 does not duplicate documents."""
         receiver = HttpReceiver(fmt="elastic_bulk")
