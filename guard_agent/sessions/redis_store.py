@@ -99,6 +99,8 @@ class RedisMetrics:
 
 
 Logger = Callable[..., None]  # EventLogger.log(level, message, **fields)
+# Replies that mean "this server cannot serve us now" (failover, restart, a stuck script): reconnect.
+_OUTAGE_REPLIES = ("READONLY", "LOADING", "MASTERDOWN", "BUSY", "NOSCRIPT", "CLUSTERDOWN")
 
 
 class RedisLink:
@@ -124,6 +126,7 @@ class RedisLink:
         self._backoff = backoff
         self._down_after = down_after_timeouts
         self._timeouts = 0  # consecutive: one slow call under load is not an outage
+        self._last_error_log = -math.inf
         self._client: Any = None
         self._probe: asyncio.Task[None] | None = None
         self._recover: list[Callable[[], Awaitable[None]]] = []
@@ -167,9 +170,13 @@ class RedisLink:
         except Exception as exc:  # any client/server error means: use local state
             from redis.exceptions import ResponseError
 
-            if isinstance(exc, ResponseError) and "NOSCRIPT" not in str(exc):
-                self.metrics.fallbacks.labels(op, "error").inc()  # a bad reply, not a dead server
-                self.log("warning", "redis command failed", guard={"redis": {"op": op, "error": str(exc)[:200]}})
+            if isinstance(exc, ResponseError) and not str(exc).startswith(_OUTAGE_REPLIES):
+                self.metrics.fallbacks.labels(op, "error").inc()  # e.g. OOM: the server answers, keep using it
+                now = time.monotonic()
+                if now - self._last_error_log > 60.0:
+                    self._last_error_log = now
+                    self.log("warning", "redis command failed: using local session state for it",
+                             guard={"redis": {"op": op, "error": str(exc)[:200]}})
                 return FALLBACK
             self._failed(op, "error", exc)
             return FALLBACK
@@ -392,10 +399,15 @@ class RedisSessionStore:
 
     # ---- SessionStore ----------------------------------------------------------------------------
     async def get(self, session: str, now: float) -> SessionRecord:
-        if session in self._dirty and self.link.up:
-            record = await self._reconcile_one(session, want=True, budget=None)
-            if record is not None:
-                return record
+        if session in self._dirty:
+            if self.link.up:
+                record = await self._reconcile_one(session, want=True, budget=None)
+                if record is not None:
+                    return record
+            if session in self._dirty:  # not merged yet: the local copy stays the truth until it is
+                if not self.link.up:
+                    self.link.metrics.fallbacks.labels("get", "down").inc()
+                return await self._local_get(session, now)
         fields = await self._read(session)
         if fields is None:
             return await self._local_get(session, now)

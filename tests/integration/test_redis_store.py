@@ -532,6 +532,25 @@ class TestOutage:
         finally:
             await a.store.aclose()
 
+    async def test_error_replies_fall_back_without_an_outage(self, own_redis: RedisServer) -> None:
+        """A server refusing writes (OOM) costs no request: those writes stay local (one warning, counted)
+        and are merged once it accepts writes again; reads keep coming from Redis meanwhile."""
+        a = make_replica(own_redis.url, "oom:")
+        try:
+            now = time.time()
+            await serve(a, "s", np.zeros((1, 64)), now)
+            assert redis_cmd(own_redis.port, "CONFIG", "SET", "maxmemory", "1").startswith(b"+OK")
+            for i in range(3):
+                await serve(a, "s", np.zeros((1, 64)), now + 1 + i)
+            assert a.metric("inference_guard_redis_fallbacks_total", op="put", reason="error") == 3
+            assert a.store.link.up and a.metric("inference_guard_redis_fallbacks_total", op="get", reason="down") == 0
+            assert sum(b"redis command failed" in line for line in a.logs) == 1
+            assert redis_cmd(own_redis.port, "CONFIG", "SET", "maxmemory", "0").startswith(b"+OK")
+            await serve(a, "s", np.zeros((1, 64)), now + 5)
+            assert redis_cmd(own_redis.port, "HGET", "oom:s:s", "q").endswith(b"5\r\n")
+        finally:
+            await a.store.aclose()
+
     async def test_slow_redis_falls_back_within_budget(self, own_redis: RedisServer) -> None:
         """A paused Redis (slower than the budget): each call costs at most one budget, and after three in a
         row Redis counts as down (no more waiting) until it answers again."""
