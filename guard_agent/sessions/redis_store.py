@@ -211,7 +211,10 @@ class RedisLink:
             self.metrics.reconnects.inc()
             self.log("info", "redis reachable again: shared session state resumed", guard={"redis": {}})
             for callback in self._recover:
-                await callback()
+                try:
+                    await callback()
+                except Exception as exc:  # a failed reconcile must not stop the link from working
+                    self.log("error", "redis recovery step failed", guard={"redis": {"error": repr(exc)[:200]}})
             if self.up:
                 return
             delay = self._backoff[0]
