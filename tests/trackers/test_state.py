@@ -66,6 +66,16 @@ class TestCodec:
         assert trackers.encode(state) == before
 
 
+_CORRUPT_BASE: dict[str, bytes] = {}
+
+
+def _base_blob(trackers: SessionTrackers, digits: Digits) -> bytes:
+    """A state with every ring partly filled (computed once)."""
+    rows = digits.X_held[:150] + np.random.default_rng(0).integers(0, 2, size=(150, 64))
+    _CORRUPT_BASE["blob"] = trackers.encode(_feed(trackers, rows, [0, 3, 7]))
+    return _CORRUPT_BASE["blob"]
+
+
 class TestDecodeRejects:
     @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
     @given(blob=st.binary(max_size=5000))
@@ -73,6 +83,22 @@ class TestDecodeRejects:
         """Arbitrary bytes never decode (the length, magic and layout tag must all match)."""
         with pytest.raises(ValueError, match=r"bytes|state"):
             trackers.decode(blob)
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(seed=st.integers(0, 2**32 - 1), flips=st.integers(1, 40))
+    def test_corrupted_valid_states(self, trackers: SessionTrackers, digits: Digits, seed: int, flips: int) -> None:
+        """A valid state with random bytes overwritten (header kept) either decodes to a state that
+        updates and scores in range, or raises ValueError; nothing else escapes."""
+        rng = np.random.default_rng(seed)
+        blob = bytearray(_CORRUPT_BASE.get("blob") or _base_blob(trackers, digits))
+        for pos in rng.integers(12, len(blob), size=flips):
+            blob[int(pos)] = int(rng.integers(256))
+        try:
+            state = trackers.decode(bytes(blob))
+        except ValueError:
+            return
+        _, scores = trackers.update(state, digits.X_held[:3], None, None, 1e6)
+        assert all(0.0 <= v <= 1.0 for v in scores.values())
 
     def test_truncated_and_extended(self, trackers: SessionTrackers, digits: Digits) -> None:
         """A valid state with one byte missing or added is refused."""
