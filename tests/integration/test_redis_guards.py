@@ -52,6 +52,7 @@ INFER = "/v2/models/digits/infer"
 
 @pytest.fixture(scope="module")
 def model() -> DigitsModel:
+    """The demo model (fitted once per module)."""
     return DigitsModel()
 
 
@@ -132,11 +133,12 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 class TestTwoGuards:
     async def test_block_from_one_guard_is_enforced_by_the_other(self, start_guard: Any, upstream: str,
-                                                                 policy: str, shared_prefix: str) -> None:
+                                                                 policy: str, shared_prefix: str,
+                                                                 model: DigitsModel) -> None:
         """A session blocked on guard A is refused by guard B for the cool-down; other sessions are not."""
         a, b = await start_pair(start_guard, upstream, policy, f"redis://127.0.0.1:6379/0?key_prefix={shared_prefix}")
         try:
-            X = DigitsModel().X_test
+            X = model.X_test
             async with aiohttp.ClientSession() as http:
                 assert (await infer(http, b, "attacker", X[:1]))[0] == 200
                 assert (await infer(http, a, "attacker", X[:3]))[0] == 403
@@ -148,11 +150,11 @@ class TestTwoGuards:
             await close_pair([a, b])
 
     async def test_alternating_guards_count_one_session(self, start_guard: Any, upstream: str, policy: str,
-                                                        shared_prefix: str) -> None:
+                                                        shared_prefix: str, model: DigitsModel) -> None:
         """Queries alternating between guards add up: the 9th is blocked (each guard alone saw only 4)."""
         a, b = await start_pair(start_guard, upstream, policy, f"redis://127.0.0.1:6379/0?key_prefix={shared_prefix}")
         try:
-            X = DigitsModel().X_test
+            X = model.X_test
             async with aiohttp.ClientSession() as http:
                 statuses = [(await infer(http, (a, b)[i % 2], "stepper", X[i:i + 1]))[0] for i in range(10)]
             assert statuses == [200] * 8 + [403, 403]
@@ -161,12 +163,12 @@ class TestTwoGuards:
             await close_pair([a, b])
 
     async def test_spread_attack_is_seen_by_the_other_guard(self, start_guard: Any, upstream: str, policy: str,
-                                                           shared_prefix: str) -> None:
+                                                           shared_prefix: str, model: DigitsModel) -> None:
         """A near-duplicate sent to B under a new key matches queries A saw under other keys."""
         a, b = await start_pair(start_guard, upstream, policy, f"redis://127.0.0.1:6379/0?key_prefix={shared_prefix}")
         try:
             rng = np.random.default_rng(0)
-            x = DigitsModel().X_test[:1].copy()
+            x = model.X_test[:1].copy()
             async with aiohttp.ClientSession() as http:
                 for i in range(6):
                     probe = x.copy()
@@ -185,7 +187,8 @@ class TestTwoGuards:
 
 class TestOutage:
     async def test_redis_stopped_mid_traffic_fails_no_request(self, start_guard: Any, upstream: str,
-                                                              tmp_path: Path, own_server: RedisServer) -> None:
+                                                              tmp_path: Path, own_server: RedisServer,
+                                                              model: DigitsModel) -> None:
         """Kill our own Redis mid-traffic and restart it: every request answered 200, the fallback counted,
         and afterwards the guards are back on Redis."""
         policy = tmp_path / "policy.yaml"
@@ -193,7 +196,7 @@ class TestOutage:
         server = own_server
         guards = await start_pair(start_guard, upstream, str(policy), server.url + "?key_prefix=mid:&budget_ms=40")
         try:
-            X = DigitsModel().X_test
+            X = model.X_test
             statuses, slowest = [], 0.0
             async with aiohttp.ClientSession() as http:
                 for i in range(60):
