@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from guard_agent.policy.model import ACTIONS, Policy
+from guard_agent.policy.model import ACTIONS, SEVERITY, Policy
 from guard_agent.tuning.records import Capture, CapturedDecision
 from guard_agent.tuning.thresholds import scores_by_name
 
@@ -77,7 +77,7 @@ def _score_figure(benign: Mapping[str, np.ndarray], attack: Mapping[str, np.ndar
         return None
     cols = 2
     rows = (len(names) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(11, 2.7 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(11, 2.4 * rows), squeeze=False)
     for ax, name in zip(axes.ravel(), names, strict=False):
         calibrated = name.startswith("ood.")
         scale = _tail if calibrated else (lambda v: np.clip(np.asarray(v, dtype=np.float64), 0.0, 1.0))
@@ -156,10 +156,11 @@ def _sessions(decisions: Iterable[CapturedDecision], attack: frozenset[str], lim
     rows = []
     for session, ds in acc.items():
         risk = max((v for d in ds for k, v in d.scores.items() if k.startswith("session.")), default=0.0)
-        rules = Counter(d.rule for d in ds if d.action != "allow")
+        worst = max(ds, key=lambda d: SEVERITY.get(d.action, 0))
         rows.append(_SessionRow(session, risk, len(ds), sum(d.refused for d in ds), Counter(d.action for d in ds),
-                                rules.most_common(1)[0][0] if rules else "-", session in attack))
-    rows.sort(key=lambda r: (r.risk, r.refused, r.requests), reverse=True)
+                                worst.rule if worst.action != "allow" else "-", session in attack))
+    # sessions the guard acted on first (an OOD session can have no session score), then by risk
+    rows.sort(key=lambda r: (r.requests > r.actions.get("allow", 0), r.risk, r.refused, r.requests), reverse=True)
     return rows[:limit]
 
 
@@ -173,6 +174,11 @@ def _sessions_figure(rows: list[_SessionRow]) -> str | None:
     values = [r.risk for r in rows][::-1]
     colours = ["#c8423b" if r.refused else "#4c78a8" for r in rows][::-1]
     ax.barh(labels, values, color=colours)
+    for y, r in enumerate(rows[::-1]):
+        alerts = r.requests - r.actions.get("allow", 0)
+        if alerts:
+            ax.text(min(r.risk, 0.75) + 0.01, y, f"{alerts} alerts, {r.refused} refused / {r.requests}",
+                    va="center", fontsize=7)
     ax.set_xlim(0, 1)
     ax.set_xlabel("highest session score seen (max over session.*); red = some requests refused")
     ax.set_title("Top sessions by risk", fontsize=12)
@@ -188,7 +194,7 @@ def _roc_figure(benign: Mapping[str, np.ndarray],
     names = sorted(n for n in benign if n in attack and benign[n].size and attack[n].size)
     if not names:
         return None, {}
-    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
     aucs: dict[str, float] = {}
     for name in names:
         y = np.r_[np.zeros(benign[name].size), np.ones(attack[name].size)]
@@ -197,12 +203,11 @@ def _roc_figure(benign: Mapping[str, np.ndarray],
         aucs[name] = float(roc_auc_score(y, s))
         ax.plot(fpr, tpr, label=f"{name} (AUC {aucs[name]:.3f})")
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
-    ax.set_xscale("symlog", linthresh=1e-3)
     ax.set_xlim(0, 1)
     ax.set_xlabel("false-positive rate (benign requests)")
     ax.set_ylabel("true-positive rate (requests of labelled attack sessions)")
     ax.set_title("ROC per score", fontsize=12)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     return _png(fig), aucs
 
@@ -256,24 +261,25 @@ def render_report(inputs: ReportInputs) -> str:
              "<div class='cards'>" + "".join(
                  f"<div class='card' style='border-color:{_COLOURS[a]}'>{a}<b>{actions.get(a, 0)}</b></div>"
                  for a in ACTIONS) + "</div>"]
-    figures = [("Score distributions (log count) with the policy's thresholds",
-                _score_figure(benign, attack, _thresholds(policy))),
-               ("Decisions over time", _timeline_figure(decisions))]
+    # overview first (what happened, who), then the detail operators tune with
     rows = _sessions(decisions, attack_set)
-    figures.append(("Top sessions by risk", _sessions_figure(rows)))
+    figures = [("Decisions over time", _timeline_figure(decisions)),
+               ("Top sessions by risk", _sessions_figure(rows))]
     roc, aucs = _roc_figure(benign, attack) if attack else (None, {})
     if roc is not None:
         figures.append(("ROC curves (labelled attack sessions vs the rest)", roc))
+    figures.append(("Score distributions (log count) with the policy's thresholds",
+                    _score_figure(benign, attack, _thresholds(policy))))
     for title, src in figures:
         parts.append(f"<h2>{html.escape(title)}</h2>")
         parts.append(f"<img alt='{html.escape(title)}' src='{src}'>" if src else "<p>No data.</p>")
         if title == "Top sessions by risk" and rows:  # the figure's numbers, readable and copyable
-            parts.append(_table(["session", "risk", "requests", "refused", "actions", "top rule", "labelled"],
+            parts.append(_table(["session", "risk", "requests", "refused", "actions", "strictest rule", "labelled"],
                                 ((r.session[:16], f"{r.risk:.3f}", r.requests, r.refused,
                                   ", ".join(f"{a} {n}" for a, n in r.actions.most_common()), r.top_rule,
                                   "attack" if r.labelled else "") for r in rows)))
-    if aucs:
-        parts.append(_table(["score", "AUC"], ((k, f"{v:.3f}") for k, v in sorted(aucs.items()))))
+        if title.startswith("ROC") and aucs:
+            parts.append(_table(["score", "AUC"], ((k, f"{v:.3f}") for k, v in sorted(aucs.items()))))
     by_rule = Counter((d.rule, d.action) for d in decisions if d.action != "allow")
     parts.append("<h2>Rules that fired</h2>")
     parts.append(_table(["rule", "action", "requests"], ((r, a, n) for (r, a), n in by_rule.most_common(25)))

@@ -11,6 +11,7 @@ wrong key is reported as such rather than as corruption.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import os
 from collections.abc import Mapping
@@ -40,16 +41,23 @@ def derive_key(secret: str | bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_INFO).derive(raw.strip())
 
 
+@functools.lru_cache(maxsize=8)
 def key_id(key: bytes) -> str:
     """A short, non-secret fingerprint of the derived key (tells a wrong key from a broken record)."""
     return hashlib.sha256(b"kid:" + key).hexdigest()[:12]
+
+
+@functools.lru_cache(maxsize=8)
+def _aead(key: bytes) -> AESGCM:
+    """One cipher object per key (building it per record costs more than the encryption)."""
+    return AESGCM(key)
 
 
 def seal_features(features: np.ndarray, key: bytes, *, associated: str) -> dict[str, Any]:
     """Encrypt one request's feature matrix (float64, little-endian) for the capture file."""
     matrix = np.ascontiguousarray(features, dtype="<f8")
     nonce = os.urandom(12)
-    ct = AESGCM(key).encrypt(nonce, matrix.tobytes(), associated.encode())
+    ct = _aead(key).encrypt(nonce, matrix.tobytes(), associated.encode())
     return {"alg": ALGORITHM, "kid": key_id(key), "shape": list(matrix.shape),
             "nonce": base64.b64encode(nonce).decode(), "ct": base64.b64encode(ct).decode()}
 
@@ -64,7 +72,7 @@ def open_features(sealed: Mapping[str, Any], key: bytes, *, associated: str) -> 
         shape = tuple(int(n) for n in sealed["shape"])
         nonce = base64.b64decode(sealed["nonce"], validate=True)
         ct = base64.b64decode(sealed["ct"], validate=True)
-        plain = AESGCM(key).decrypt(nonce, ct, associated.encode())
+        plain = _aead(key).decrypt(nonce, ct, associated.encode())
     except (KeyError, TypeError, ValueError, InvalidTag) as exc:
         raise SealError("sealed features are malformed or were tampered with") from exc
     if len(shape) != 2 or shape[0] * shape[1] * 8 != len(plain):
