@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from guard_agent.tuning._cli import add_capture_arguments, capture_key, load_capture, pct
+from guard_agent.tuning._cli import add_capture_arguments, capture_key, load_capture, load_labels, pct
 from guard_agent.tuning.records import Capture, CapturedDecision
 from guard_agent.tuning.replay import Change, ReplayResult, Rescorer, replay
 
@@ -19,10 +19,11 @@ __all__ = ["add_arguments", "format_result", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_capture_arguments(parser)
+    add_capture_arguments(parser, labels=True)
     parser.add_argument("--policy", required=True, help="the policy to replay (file or directory with policy.yaml)")
     parser.add_argument("--fail-on-new-blocks", dest="fail_on_new_blocks", action="store_true",
-                        help="exit 1 when any captured request would newly be blocked (for CI)")
+                        help="exit 1 when any captured request would newly be blocked (for CI); with --labels, "
+                             "only requests outside the labelled attack sessions count")
     parser.add_argument("--profile", help="re-score detector scores under this profile (needs encrypted features)")
     parser.add_argument("--capture-key-file", dest="capture_key_file",
                         help="the capture key (default: GUARD_CAPTURE_KEY_FILE or GUARD_CAPTURE_KEY)")
@@ -127,10 +128,20 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    try:
+        labels = load_labels(args.labels)
+    except OSError as exc:
+        print(f"error: cannot read labels: {exc}", file=sys.stderr)
+        return 2
     result = replay(capture, loaded.policy, rescore=rescore)
     label = f"{loaded.policy.source} (revision {loaded.policy.revision[:12]})"
     print(format_result(result, capture, label, examples=args.examples, top=args.top))
-    if args.fail_on_new_blocks and result.new_blocks:
-        print(f"\nFAIL: {len(result.new_blocks)} captured request(s) would newly be blocked", file=sys.stderr)
+    failing = [c for c in result.new_blocks if c.session not in labels]
+    if labels:
+        print(f"\nnewly blocked outside the {len(labels)} labelled attack session(s): {len(failing)}"
+              + (f" (e.g. {', '.join(c.request_id for c in failing[:args.examples])})" if failing else ""))
+    if args.fail_on_new_blocks and failing:
+        where = " outside the labelled attack sessions" if labels else ""
+        print(f"\nFAIL: {len(failing)} captured request(s){where} would newly be blocked", file=sys.stderr)
         return 1
     return 0

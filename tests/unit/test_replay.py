@@ -187,6 +187,21 @@ class TestReplayCommand:
         assert main(["replay", "--capture", str(cap), "--policy", str(same), "--fail-on-new-blocks"]) == 0
         assert "captured policy re-decided: 4/4 identical" in capsys.readouterr().out
 
+    def test_labelled_attack_sessions_do_not_fail_ci(self, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+        """With --labels, new blocks inside labelled attack sessions are reported but do not fail the run."""
+        cap = simple_capture(tmp_path)
+        strict = tmp_path / "strict.yaml"
+        strict.write_text(policy_text(variant({"rules/1/when/ood.combined/gte": 0.99})))
+        labels = tmp_path / "attacks.txt"
+        labels.write_text("d" * 32 + "  # the session of flag-1\n")
+        assert main(["replay", "--capture", str(cap), "--policy", str(strict), "--fail-on-new-blocks",
+                     "--labels", str(labels)]) == 0
+        assert "newly blocked outside the 1 labelled attack session(s): 0" in capsys.readouterr().out
+        labels.write_text("# nothing labelled\n" + "b" * 32 + "\n")
+        assert main(["replay", "--capture", str(cap), "--policy", str(strict), "--fail-on-new-blocks",
+                     "--labels", str(labels)]) == 1
+
     def test_bad_inputs_exit_2(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         """A policy that does not validate, or a capture with no decisions, exits 2 with a message."""
         cap = simple_capture(tmp_path)
