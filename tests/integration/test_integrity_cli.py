@@ -4,6 +4,8 @@ reload in a running guard (validate, swap, keep the last good set)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import json
 import shutil
 import subprocess
@@ -16,8 +18,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from guard_agent.cli import main as cli_main
 from guard_agent.integrity import load_canaries
-from tests.conftest import DigitsData, ModelServer
+from tests.conftest import DigitsData, GuardFactory, ModelServer
 
 pytestmark = pytest.mark.slow
 
@@ -25,11 +28,21 @@ GUARD_AGENT = str(Path(sys.executable).parent / "guard-agent")
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """The installed console script, as an operator runs it."""
     return subprocess.run([GUARD_AGENT, *args], capture_output=True, text=True, timeout=120)
 
 
-def record(mlserver: ModelServer, ref: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    return cli("canary", "record", "--upstream", mlserver.url, "--model", "digits", "--data", str(ref),
+def cli_inline(*args: str) -> subprocess.CompletedProcess[str]:
+    """The same entry point in this process (the box is small: interpreter start-ups add up)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli_main(list(args))
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+
+
+def record(mlserver: ModelServer, ref: Path, out: Path, *extra: str,
+           run: Callable[..., subprocess.CompletedProcess[str]] = cli_inline) -> subprocess.CompletedProcess[str]:
+    return run("canary", "record", "--upstream", mlserver.url, "--model", "digits", "--data", str(ref),
                "--out", str(out), *extra)
 
 
@@ -56,7 +69,7 @@ class TestCanaryCommand:
         """record writes a loadable set (prototypes, boundary rows, samples, metadata) from CSV with a label
         column; check against the same model exits 0; recording over it without --force exits 2."""
         out = tmp_path / "canaries"
-        proc = record(mlserver, reference, out, "--label-column", "label", "--count", "30")
+        proc = record(mlserver, reference, out, "--label-column", "label", "--count", "30", run=cli)
         assert proc.returncode == 0, proc.stderr
         assert "10 class prototypes" in proc.stdout
         cs = load_canaries(out)
@@ -68,7 +81,7 @@ class TestCanaryCommand:
         assert cs.metadata is not None
         assert cs.metadata["name"] == "digits"
         assert cs.revision in proc.stdout
-        check = cli("canary", "check", "--upstream", mlserver.url, "--canaries", str(out))
+        check = cli_inline("canary", "check", "--upstream", mlserver.url, "--canaries", str(out))
         assert check.returncode == 0, check.stdout + check.stderr
         assert check.stdout.startswith("ok   digits")
         again = record(mlserver, reference, out, "--label-column", "label")
@@ -80,7 +93,7 @@ class TestCanaryCommand:
         from tests.conftest import free_port
 
         out = tmp_path / "canaries"
-        proc = cli("canary", "record", "--upstream", f"http://127.0.0.1:{free_port()}", "--model", "digits",
+        proc = cli_inline("canary", "record", "--upstream", f"http://127.0.0.1:{free_port()}", "--model", "digits",
                    "--data", str(reference), "--label-column", "label", "--out", str(out))
         assert proc.returncode == 2
         assert "Cannot connect" in proc.stderr or "Connect" in proc.stderr
@@ -96,15 +109,15 @@ class TestSignCommand:
         gen = cli("sign", "--generate-key", "--key", str(key))
         assert gen.returncode == 0, gen.stderr
         assert key.stat().st_mode & 0o777 == 0o600
-        assert cli("sign", "--generate-key", "--key", str(key)).returncode == 2
+        assert cli_inline("sign", "--generate-key", "--key", str(key)).returncode == 2
         model = tmp_path / "model"
         shutil.copytree(mlserver.root / "digits", model)
-        signed = cli("sign", "--key", str(key), "--dir", str(model))
+        signed = cli_inline("sign", "--key", str(key), "--dir", str(model))
         assert signed.returncode == 0, signed.stderr
         assert "model.joblib" in signed.stdout
         manifest = json.loads((model / "inference-guard-manifest.json").read_text())
         assert set(manifest["files"]) == {"model.joblib", "model-settings.json"}
-        ok = cli("sign", "--verify", f"{key}.pub", "--dir", str(model))
+        ok = cli_inline("sign", "--verify", f"{key}.pub", "--dir", str(model))
         assert ok.returncode == 0, ok.stdout
         settings = model / "model-settings.json"
         settings.write_text(settings.read_text().replace("v1", "v2"))
@@ -123,20 +136,22 @@ class TestSignCommand:
         key.write_bytes(pem)
         (tmp_path / "model").mkdir()
         (tmp_path / "model" / "w.bin").write_bytes(b"\x00")
-        proc = cli("sign", "--key", str(key), "--dir", str(tmp_path / "model"))
+        proc = cli_inline("sign", "--key", str(key), "--dir", str(tmp_path / "model"))
         assert proc.returncode == 2
         assert "not an Ed25519 key" in proc.stderr
 
 
 class TestCanaryReload:
     async def test_corrupt_set_refused_new_set_swapped(self, tmp_path: Path, mlserver: ModelServer,
-                                                       reference: Path, start_guard) -> None:
+                                                       reference: Path, start_guard: GuardFactory) -> None:
         """A canary set whose array no longer matches its hash is refused (event, metric) and the last good set
         keeps checking; a valid new set replaces it and is checked at once."""
         live = tmp_path / "canaries"
-        assert record(mlserver, reference, live, "--label-column", "label").returncode == 0
+        done = await asyncio.to_thread(record, mlserver, reference, live, "--label-column", "label")
+        assert done.returncode == 0, done.stderr
         staged = tmp_path / "staged"
-        assert record(mlserver, reference, staged, "--label-column", "label", "--seed", "7").returncode == 0
+        done = await asyncio.to_thread(record, mlserver, reference, staged, "--label-column", "label", "--seed", "7")
+        assert done.returncode == 0, done.stderr
         guard = await start_guard(mlserver.url, canaries=str(live), canary_interval=60.0)
         integrity = guard.state.integrity
         first = integrity.revisions["digits"]

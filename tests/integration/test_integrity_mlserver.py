@@ -21,7 +21,15 @@ import pytest
 
 from guard_agent.commands.canary import _record
 from guard_agent.integrity import load_canaries
-from tests.conftest import DigitsData, ModelServer, free_port, start_mlserver, v2_body, write_mlserver_repo
+from tests.conftest import (
+    DigitsData,
+    GuardFactory,
+    ModelServer,
+    free_port,
+    start_mlserver,
+    v2_body,
+    write_mlserver_repo,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -79,7 +87,7 @@ def alerts(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 class TestSwappedModel:
     async def test_swap_alerts_blocks_restores_and_update_rolls_quietly(
-            self, tmp_path: Path, mlserver: ModelServer, digits: DigitsData, start_guard) -> None:
+            self, tmp_path: Path, mlserver: ModelServer, digits: DigitsData, start_guard: GuardFactory) -> None:
         """A model retrained with two classes' labels swapped is caught within one canary interval and answered
         503 under on_violation: block; the approved model restores traffic; adding the new model's canary set
         beside the old one lets the swap roll out without an alarm."""
@@ -176,7 +184,7 @@ class TestSwappedModel:
 
 class TestCanaryTrafficIsInvisible:
     async def test_no_sessions_events_or_request_metrics(self, tmp_path: Path, mlserver: ModelServer,
-                                                          digits: DigitsData, start_guard) -> None:
+                                                          digits: DigitsData, start_guard: GuardFactory) -> None:
         """Many canary replays leave no session, no decision event and no request metric; one real request
         leaves exactly one of each, and the client never sees canary answers."""
         ref = tmp_path / "ref.npy"

@@ -16,9 +16,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from guard_agent.integrity import MANIFEST_FILE, sign_directory
-from tests.conftest import DigitsData, ModelServer, v2_body
+from tests.conftest import DigitsData, GuardFactory, ModelServer, v2_body
 
 pytestmark = pytest.mark.slow
+
+Restore = Callable[[], object]
 
 INFER = "/v2/models/digits/infer"
 JSON = {"Content-Type": "application/json"}
@@ -55,7 +57,7 @@ def violations(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [e for e in events if e.get("event", {}).get("action") == "integrity_violation" and "http" not in e]
 
 
-def flip_byte(path: Path) -> Callable[[], None]:
+def flip_byte(path: Path) -> Restore:
     original = path.read_bytes()
     data = bytearray(original)
     data[len(data) // 2] ^= 0x01
@@ -63,19 +65,19 @@ def flip_byte(path: Path) -> Callable[[], None]:
     return lambda: path.write_bytes(original)
 
 
-def remove(path: Path) -> Callable[[], None]:
+def remove(path: Path) -> Restore:
     original = path.read_bytes()
     path.unlink()
     return lambda: path.write_bytes(original)
 
 
-def add(path: Path) -> Callable[[], None]:
+def add(path: Path) -> Restore:
     path.parent.mkdir(exist_ok=True)
     path.write_text("import os  # not part of the approved model\n")
     return path.unlink
 
 
-def resign(model_dir: Path, right: Ed25519PrivateKey) -> Callable[[], None]:
+def resign(model_dir: Path, right: Ed25519PrivateKey) -> Restore:
     sign_directory(model_dir, Ed25519PrivateKey.generate())
 
     def restore() -> None:
@@ -84,7 +86,7 @@ def resign(model_dir: Path, right: Ed25519PrivateKey) -> Callable[[], None]:
     return restore
 
 
-TAMPERING = {
+TAMPERING: dict[str, tuple[Callable[[Path, Ed25519PrivateKey], Restore], str, str]] = {
     "modified": (lambda d, key: flip_byte(d / "model.joblib"), "modified", "model.joblib"),
     "missing": (lambda d, key: remove(d / "model-settings.json"), "missing", "model-settings.json"),
     "extra": (lambda d, key: add(d / "extra" / "hook.py"), "extra", "extra/hook.py"),
@@ -95,7 +97,7 @@ TAMPERING = {
 class TestSignedModelFiles:
     @pytest.mark.parametrize("case", sorted(TAMPERING))
     async def test_tampering_named_blocked_and_restored(self, case: str, tmp_path: Path, mlserver: ModelServer,
-                                                        digits: DigitsData, start_guard) -> None:
+                                                        digits: DigitsData, start_guard: GuardFactory) -> None:
         """The tampering is named (kind and file) in an integrity_violation alert, requests get 503 while it
         lasts, and restoring the approved files lets traffic flow again."""
         model_dir, pub, key = signed_copy(mlserver, tmp_path)
@@ -130,7 +132,7 @@ class TestSignedModelFiles:
         assert any(e.get("event", {}).get("action") == "integrity_restored" for e in guard.events)
 
     async def test_tampered_before_start_is_flagged_from_the_first_request(
-            self, tmp_path: Path, mlserver: ModelServer, digits: DigitsData, start_guard) -> None:
+            self, tmp_path: Path, mlserver: ModelServer, digits: DigitsData, start_guard: GuardFactory) -> None:
         """Files verified before the guard serves: under on_violation: flag the very first response is
         flagged with rule model-integrity (and still answered)."""
         model_dir, pub, _ = signed_copy(mlserver, tmp_path)
