@@ -7,6 +7,7 @@ that forgot the Secret does not expose an unauthenticated control plane.
 from __future__ import annotations
 
 import hmac
+import time
 
 import orjson
 from aiohttp import web
@@ -99,8 +100,12 @@ async def admin_policy(request: web.Request) -> web.Response:
 async def admin_session_get(request: web.Request) -> web.Response:
     state = request.app[STATE]
     sid = request.match_info["session"]
-    peek = getattr(state.sessions, "peek", None)
-    record = peek(sid) if peek is not None else None
+    fetch = getattr(state.sessions, "fetch", None)  # the shared record (Redis), not only this replica's copy
+    if fetch is not None:
+        record = await fetch(sid, time.time())
+    else:
+        peek = getattr(state.sessions, "peek", None)
+        record = peek(sid) if peek is not None else None
     if record is None:
         return _json({"error": {"code": "not_found", "message": "no such session"}}, 404)
     return _json({"session": sid, "queries": record.queries, "first_seen": record.first_seen,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import secrets
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
@@ -20,6 +21,7 @@ from guard_agent.policy.model import BUILTIN_SCORES
 from guard_agent.policy.store import PolicyStore
 from guard_agent.proxy import error_response, handle
 from guard_agent.routes import RouteTable
+from guard_agent.sessions.base import SessionStore
 from guard_agent.sessions.memory import MemorySessionStore
 from guard_agent.settings import Settings
 from guard_agent.state import STATE, GuardState
@@ -38,8 +40,15 @@ def build_state(settings: Settings, *, sink: EventSink | None = None) -> GuardSt
                               "and differ between replicas")
     profile = _load_profile_source(settings, events, metrics)
     trackers = _tracker_hook(settings, profile, key)
-    sessions = MemorySessionStore(max_sessions=settings.session_max, ttl=settings.session_ttl,
-                                  on_evict=lambda reason: metrics.session_evictions.labels(reason).inc())
+    sessions: SessionStore
+    if settings.redis_url:  # imported only here: redis is an optional extra
+        from guard_agent.sessions.factory import make_global_observer, make_session_store
+
+        sessions = make_session_store(settings, metrics=metrics, events=events, tracking=trackers)
+        make_global_observer(settings, metrics=metrics, events=events, tracking=trackers)
+    else:
+        sessions = MemorySessionStore(max_sessions=settings.session_max, ttl=settings.session_ttl,
+                                      on_evict=lambda reason: metrics.session_evictions.labels(reason).inc())
     available = BUILTIN_SCORES | profile.score_names | trackers.score_names
     policies = PolicyStore(settings.policy, available_scores=available)
     for warning in policies.warnings:
@@ -114,7 +123,9 @@ def _tracker_hook(settings: Settings, profile: object, key: bytes):  # type: ign
         from guard_agent.tracking import SessionTracking
     except ImportError:
         return TrackerHook()
-    return SessionTracking.from_profile(profile, salt=key)
+    # a derived salt: the fingerprint hashes never use the session-id key itself, and any key length works
+    salt = hashlib.sha256(b"inference-guard/fingerprint-salt\x00" + key).digest()
+    return SessionTracking.from_profile(profile, salt=salt)
 
 
 def _async_scorers(state: GuardState):  # type: ignore[no-untyped-def]
@@ -133,6 +144,14 @@ async def _header_limit(request: web.Request, handler: Handler) -> web.StreamRes
         return error_response(431, "headers_too_large", f"request headers exceed {limit} bytes",
                               request.headers.get("X-Request-Id", "-"))
     return await handler(request)
+
+
+async def _session_store(app: web.Application) -> AsyncIterator[None]:
+    """Close a shared store's connections last (cleanup runs in reverse order)."""
+    yield
+    close = getattr(app[STATE].sessions, "aclose", None)
+    if close is not None:
+        await close()
 
 
 async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
@@ -207,6 +226,7 @@ def make_app(state: GuardState) -> web.Application:
     """
     app = web.Application(middlewares=[_header_limit], client_max_size=state.settings.max_body_bytes)
     app[STATE] = state
+    app.cleanup_ctx.append(_session_store)
     app.cleanup_ctx.append(_upstream_client)
     app.cleanup_ctx.append(_upstream_prober)
     app.cleanup_ctx.append(_policy_watcher)
