@@ -67,6 +67,7 @@ class TrackerConfig:
     ring_nn: int = 32
     ring_prada: int = 32
     ring_pool: int = 128
+    max_rows_tracked: int = 64
     fitted: bool = False
 
     def __post_init__(self) -> None:
@@ -87,7 +88,8 @@ class TrackerConfig:
             raise ValueError("window must be in [1, n_features] and n_hashes in [1, 256]")
         if not 0.0 < self.match_fraction <= 1.0 or np.any(self.scale <= 0) or np.any(self.quant_step <= 0):
             raise ValueError("match_fraction in (0, 1]; scale and quant_step must be positive")
-        for name in ("ring_exact", "ring_fp", "ring_nn", "ring_prada", "ring_pool", "n_class_slots", "nn_k"):
+        for name in ("ring_exact", "ring_fp", "ring_nn", "ring_prada", "ring_pool", "n_class_slots", "nn_k",
+                     "max_rows_tracked"):
             if not 1 <= int(getattr(self, name)) <= 4096:
                 raise ValueError(f"{name} must be in [1, 4096]")
         for name in _ARRAY_FIELDS:

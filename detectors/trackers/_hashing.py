@@ -27,7 +27,7 @@ def derive_keys(salt: bytes, count: int) -> np.ndarray:
     return np.frombuffer(raw, dtype="<u8").astype(_U64) | _U64(1)
 
 
-def _mix(z: np.ndarray) -> np.ndarray:
+def mix(z: np.ndarray) -> np.ndarray:
     """splitmix64 finaliser, vectorised (uint64 arithmetic wraps by design)."""
     z = z + _U64(0x9E3779B97F4A7C15)
     z = (z ^ (z >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
@@ -53,7 +53,7 @@ def window_hashes(
         q = np.floor(z + offsets[g]).astype(np.int64).view(_U64)
         w = sliding_window_view(q, window, axis=1)
         h = (w * mult).sum(axis=2, dtype=_U64)
-        parts.append(_mix(h ^ keys[g]))
+        parts.append(mix(h ^ keys[g]))
     return np.concatenate(parts, axis=1) | _U64(1)
 
 

@@ -1,5 +1,9 @@
 """SessionTrackers: runs every tracker over a session's stream; state lives only in SessionState.
 
+Requests with more than ``max_rows_tracked`` rows (64) are tracked on that many rows, chosen by a
+salted hash the client cannot predict; all rows count for volume and rate. This bounds the work per
+request (about 0.5 ms per tracked row).
+
 Per distinct query (exact repeats of one of the last ``ring_exact`` rows only count for the rate: a
 retry tells an attacker nothing new), each tracker turns an observation into a log-likelihood ratio
 (benign model vs attack model) and accumulates it with CUSUM (see ``_evidence``):
@@ -133,6 +137,16 @@ class SessionTrackers:
         lab = self._labels(labels, probabilities, rows)
         margins = self._margins(probabilities, rows)
         st = state.copy()
+        if rows > cfg.max_rows_tracked:
+            # bounded work per request: a secret-keyed choice of rows the client cannot predict; the
+            # rest count for volume and rate only
+            keyed = _hashing.mix(_hashing.row_digest(X) ^ self._keys[0])
+            keep = np.sort(np.argsort(keyed, kind="stable")[: cfg.max_rows_tracked])
+            st.n_queries += rows - keep.size
+            st.n_distinct += rows - keep.size
+            X, lab = X[keep], lab[keep]
+            margins = margins[keep] if margins is not None else None
+        tracked = X.shape[0]
         f = self._decay(st, now)
         dt = max(0.0, now - st.last_t) if math.isfinite(st.last_t) else 0.0
         for name in ("s_fingerprint", "s_neighbors", "s_coverage", "s_margin", "s_prada", "s_global", "s_joint"):
@@ -146,7 +160,7 @@ class SessionTrackers:
         feats = project(cfg, X)
         if global_fingerprint is not None and math.isfinite(global_fingerprint):
             st.s_global = ev.cusum(st.s_global, self._global_llr[0 if global_fingerprint >= 0.5 else 1])
-        for i in range(rows):
+        for i in range(tracked):
             st.n_queries += 1
             if np.any(st.exact[: st.n_exact] == digests[i]):
                 st.n_repeats += 1

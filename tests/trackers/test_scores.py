@@ -131,3 +131,21 @@ class TestValidation:
         assert a.dtype == np.uint64
         assert not np.intersect1d(a[a != 0], b[b != 0]).size
         assert np.array_equal(a, trackers.fingerprints(digits.X_held[:4]))
+
+
+class TestLargeBatches:
+    def test_work_per_request_is_bounded(self, trackers: SessionTrackers, digits: Digits) -> None:
+        """A 1,000-row batch counts every row but tracks only max_rows_tracked of them, the same ones for
+        the same rows whatever their order in the request."""
+        rng = np.random.default_rng(0)
+        X = rng.uniform(0, 16, size=(1000, 64))
+        state, scores = trackers.update(trackers.new_state(), X, None, None, 0.0)
+        assert state.n_queries == 1000
+        assert state.n_fp == min(trackers.config.ring_fp, trackers.config.max_rows_tracked)
+        assert scores["session.coverage"] > 0.5
+        D = np.clip(digits.X_held[rng.integers(len(digits.X_held), size=1000)] + rng.normal(0, 1, (1000, 64)), 0, 16)
+        a, _ = trackers.update(trackers.new_state(), D, None, None, 0.0)
+        b, _ = trackers.update(trackers.new_state(), D[rng.permutation(1000)], None, None, 0.0)
+        visited = int(np.unpackbits(a.cells).sum())
+        assert 5 < visited <= trackers.config.max_rows_tracked
+        assert np.array_equal(a.cells, b.cells)  # visited cells: an order-free view of the rows kept
