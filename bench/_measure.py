@@ -61,6 +61,13 @@ def settle(pid: int, *, idle_share: float = 0.05, timeout: float = 15.0) -> floa
     return time.monotonic() - start
 
 
+def idle_cpu(pids: dict[str, int], seconds: float = 3.0) -> dict[str, float]:
+    """Each process's CPU share of a core while nobody sends it anything (timers, watchers, sweepers)."""
+    c0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    time.sleep(seconds)
+    return {name: (cpu_seconds(pid) - c0[name]) / seconds for name, pid in pids.items()}
+
+
 def _timed(
     target: Target,
     load_core: int,
@@ -86,7 +93,6 @@ def _timed(
     n = requests_of(result)
     proxy_cpu = cpu1 - cpu0
     result["cpu_s"] = cpu_all
-    result["cpu_us_per_req"] = cpu_all / n * 1e6 if n else None
     result["cpu_util"] = proxy_cpu / wall
     pc, lc = f"cpu{proxy_core}", f"cpu{load_core}"
     ours = proxy_cpu if target.core == proxy_core else 0.0
@@ -97,6 +103,11 @@ def _timed(
         result["decisions"] = {
             k: int(v - before_dec.get(k, 0.0)) for k, v in after.items() if v - before_dec.get(k, 0.0) > 0
         }
+        # an overloaded guard never finishes requests whose client gave up: charge the ones it handled
+        handled = sum(result["decisions"].values())
+        n = min(n, handled) if handled else n
+    result["requests_charged"] = n
+    result["cpu_us_per_req"] = cpu_all / n * 1e6 if n else None
     return result
 
 

@@ -42,7 +42,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _report as report
-from _measure import Target, run_open_loop, run_wrk
+from _measure import Target, idle_cpu, run_open_loop, run_wrk
 from _servers import Fleet, free_port, guard_agent_path, missing_tools
 from _workload import (
     CHECKS_OFF_POLICY,
@@ -301,6 +301,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with Fleet(work) as fleet:
             targets = _start(fleet, work, args, extras)
             print("\n".join(_sanity(targets)), flush=True)
+            idle = idle_cpu({n: t.pid for n, t in targets.items() if t.core == PROXY_CORE})
+            print("idle CPU (3 s, no traffic): " + ", ".join(f"{n} {v:.1%}" for n, v in idle.items()), flush=True)
             runs = _measure_all(targets, args, seconds)
             _print_report(runs, targets, args.rates)
             if args.profile > 0:
