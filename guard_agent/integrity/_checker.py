@@ -175,6 +175,8 @@ class IntegrityChecker(IntegrityHook):
         answered = True
         for model, sets in list(self._sets.items()):
             verdict, results, error = await self._check_model(model, sets)
+            if self._sets.get(model) is not sets:
+                continue  # the sets were reloaded meanwhile: this verdict is about sets no longer active
             if verdict is None:
                 answered = False
                 self._record_unreachable(model, error or "no answer")

@@ -131,20 +131,25 @@ class TestSignedModelFiles:
                 assert resp.status == 200
         assert any(e.get("event", {}).get("action") == "integrity_restored" for e in guard.events)
 
-    async def test_tampered_before_start_is_flagged_from_the_first_request(
-            self, tmp_path: Path, mlserver: ModelServer, digits: DigitsData, start_guard: GuardFactory) -> None:
-        """Files verified before the guard serves: under on_violation: flag the very first response is
-        flagged with rule model-integrity (and still answered)."""
+    @pytest.mark.parametrize(("on_violation", "action", "rule"), [("flag", "flag", "model-integrity"),
+                                                                   ("monitor", "allow", "default")])
+    async def test_tampered_before_start_acts_from_the_first_request(
+            self, on_violation: str, action: str, rule: str, tmp_path: Path, mlserver: ModelServer,
+            digits: DigitsData, start_guard: GuardFactory) -> None:
+        """Files are verified before the guard serves: the very first response is flagged under
+        on_violation: flag, and only the alert is raised under monitor; both still answer."""
         model_dir, pub, _ = signed_copy(mlserver, tmp_path)
         flip_byte(model_dir / "model.joblib")
-        guard = await start_guard(mlserver.url, policy=write_policy(tmp_path, "flag"), model_dir=str(model_dir),
-                                  model_public_key_file=str(pub))
+        guard = await start_guard(mlserver.url, policy=write_policy(tmp_path, on_violation),
+                                  model_dir=str(model_dir), model_public_key_file=str(pub))
         async with aiohttp.ClientSession() as client, \
                 client.post(guard.url + INFER, data=v2_body(digits.X_test[:1]), headers=JSON) as resp:
             assert resp.status == 200
             request_id = resp.headers["X-Request-Id"]
         decision = guard.events_for(request_id)[0]
-        assert decision["event"]["action"] == "flag"
-        assert decision["rule"]["name"] == "model-integrity"
+        assert decision["event"]["action"] == action
+        assert decision["rule"]["name"] == rule
         assert decision["guard"]["scores"]["integrity.canary"] == 1.0
-        assert violations(guard.events)[0]["guard"]["trigger"] == "start"
+        alert = violations(guard.events)[0]
+        assert alert["guard"]["trigger"] == "start"
+        assert alert["guard"]["on_violation"] == on_violation
