@@ -105,9 +105,20 @@ def load_public_key(path: str | os.PathLike[str]) -> Ed25519PublicKey:
 
 
 def _model_files(directory: Path) -> dict[str, Path]:
-    """Relative POSIX path -> file, for every model file (symlinked files followed, directories not)."""
+    """Relative POSIX path -> file, for every model file. Symlinks are followed (the model server follows
+    them too; Secret/ConfigMap volumes are made of them), each real directory is walked once (no cycles)."""
     found: dict[str, Path] = {}
-    for root, dirs, files in os.walk(directory):
+    seen: set[tuple[int, int]] = set()
+    for root, dirs, files in os.walk(directory, followlinks=True):
+        try:
+            st = os.stat(root)
+        except OSError:
+            dirs[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirs[:] = sorted(d for d in dirs if not d.startswith(".."))
         for name in files:
             if name.startswith(".."):

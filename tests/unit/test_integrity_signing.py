@@ -103,3 +103,20 @@ class TestSnapshot:
 
         with pytest.raises(SigningError, match="no files"):
             sign_directory(tmp_path, key)
+
+
+class TestSymlinks:
+    def test_symlinked_directory_is_covered(self, tmp_path: Path, key: Ed25519PrivateKey) -> None:
+        """Files reached through a symlinked subdirectory (as in a ConfigMap volume with item paths) are
+        signed and verified like any other."""
+        real = tmp_path / "store" / "v1"
+        real.mkdir(parents=True)
+        (real / "weights.bin").write_bytes(b"approved")
+        model = tmp_path / "model"
+        model.mkdir()
+        (model / "v1").symlink_to(real)
+        (model / "loop").symlink_to(model)  # a cycle must not hang the walk
+        manifest = sign_directory(model, key)
+        assert "v1/weights.bin" in manifest["files"]
+        (real / "weights.bin").write_bytes(b"tampered")
+        assert ("modified", "v1/weights.bin") in kinds(verify_directory(model, key.public_key()))
