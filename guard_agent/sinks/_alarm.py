@@ -1,22 +1,28 @@
-"""Operational events about the sinks themselves, written to the primary sink (stdout).
+"""Operational events about the sinks themselves: on stdout, and to the other SIEM sinks.
 
-A sink that is down or full must not be the only place that says so. These lines have
-the shape of ``EventLogger.log`` output (``message``, ``log.level``, ``event``, ``guard``)
-so shippers and tests parse them like every other line.
+A sink that is down or full must not be the only place that says so. Status lines go to the
+primary sink (stdout) and are offered to the other sinks, so a SIEM fed by two sinks learns
+that one of them has a gap. A recovering sink also gets its own ``sink_up`` line (with the
+events lost while it was down), so the SIEM behind it sees its gap too. Drop announcements
+never go to the sink that dropped (that could feed itself). The lines have the shape of
+``EventLogger.log`` output (``message``, ``log.level``, ``event``, ``guard``).
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 
 from guard_agent.events import EventSink
 
-__all__ = ["Alarm"]
+__all__ = ["Alarm", "Scope"]
+
+Scope = Literal["stdout", "others", "all"]
 
 
 class Alarm:
@@ -28,9 +34,14 @@ class Alarm:
         self._lock = threading.Lock()
         self._drops: dict[tuple[str, str], int] = {}
         self._last: dict[tuple[str, str], float] = {}
+        self._sinks: dict[str, Callable[[bytes], object]] = {}
 
-    def emit(self, level: str, message: str, action: str, **guard: Any) -> None:
-        """One status line on stdout (never the raw events, never tokens)."""
+    def attach(self, name: str, offer: Callable[[bytes], object]) -> None:
+        """Let status lines reach the SIEM sink ``name`` too (its non-blocking ``offer``)."""
+        self._sinks[name] = offer
+
+    def emit(self, level: str, message: str, action: str, *, scope: Scope = "others", **guard: Any) -> None:
+        """One status line (never raw events, never tokens): stdout, plus the other sinks or all of them."""
         outcome = "failure" if level in ("warning", "error", "critical") else "success"
         doc = {
             "@timestamp": datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z"),
@@ -39,7 +50,13 @@ class Alarm:
             "event": {"kind": "event", "category": ["process"], "action": action, "outcome": outcome},
             "guard": guard,
         }
-        self._primary.write(orjson.dumps(doc))
+        line = orjson.dumps(doc)
+        self._primary.write(line)
+        if scope == "stdout":
+            return
+        for name, offer in self._sinks.items():
+            if scope == "all" or name != guard.get("sink"):
+                offer(line)
 
     def dropped(self, sink: str, reason: str, count: int, **guard: Any) -> None:
         """Announce lost events: the first loss at once, then one summary per interval while it lasts."""
@@ -73,4 +90,4 @@ class Alarm:
             self._drops = {}
         for (sink, reason), total in pending.items():
             self.emit("error", f"sink {sink}: {total} events dropped ({reason})", "sink_events_dropped",
-                      sink=sink, reason=reason, dropped=total)
+                      scope="stdout", sink=sink, reason=reason, dropped=total)

@@ -46,7 +46,7 @@ class FanoutSink:
         left = {w.name: w.backlog for w in self.workers if w.backlog}
         if left:
             self._alarm.emit("warning", "sinks closed with undelivered events: they stay spooled for the next start",
-                             "sink_spool_kept", backlog=left)
+                             "sink_spool_kept", scope="stdout", backlog=left)
         self.primary.close(max(0.5, deadline - time.monotonic()))
 
 
@@ -94,6 +94,8 @@ def make_sink(settings: Settings, metrics: Metrics, *, primary: EventSink | None
         for spool in spools:
             spool.close()
         raise
+    for worker in workers:
+        alarm.attach(worker.name, worker.offer)
     for worker in workers:
         worker.start()
     return FanoutSink(primary, workers, alarm)

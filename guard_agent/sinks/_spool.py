@@ -66,7 +66,8 @@ class Spool:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.max_bytes = max_bytes
-        self.segment_bytes = segment_bytes or max(64 * 1024, min(16 * 1024 * 1024, max_bytes // 16))
+        # many segments per spool: delivered space is given back a segment at a time
+        self.segment_bytes = segment_bytes or max(4096, min(16 * 1024 * 1024, max_bytes // 16))
         self._lock_fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -186,8 +187,9 @@ class Spool:
             raise
         self._sizes[self._wseq] += len(data)
 
-    def _rotate(self) -> None:
-        os.fsync(self._wfd)
+    def _rotate(self, *, sync: bool = True) -> None:
+        if sync:
+            os.fsync(self._wfd)
         os.close(self._wfd)
         self._wseq += 1
         self._open_writer()
@@ -246,6 +248,12 @@ class Spool:
             if self._closed:
                 return
             seq, off = batch.end
+            if (seq, off) == (self._wseq, self._sizes[self._wseq]) and not self._unread \
+                    and off >= self.segment_bytes // 4:
+                # caught up with the writer: start a fresh segment so this one (all delivered) can go
+                self._rotate(sync=False)
+                self._close_reader()
+                seq, off = self._rseq, self._roff = self._wseq, 0
             tmp = self.dir / "cursor.tmp"
             tmp.write_text(f"{seq} {off}\n")
             os.replace(tmp, self.dir / "cursor")

@@ -41,6 +41,9 @@ class SinkWorker:
         self._abort = threading.Event()
         self._up = True
         self._down_since = 0.0
+        self._dropped = 0             # this process's losses, and their number at the last success:
+        self._dropped_before = 0      # the difference is what a recovering sink reports as lost
+        self._drop_lock = threading.Lock()
         self._rng = random.Random()
         self._m_queued = metrics.events.labels(self.name, "queued")
         self._m_spooled = metrics.events.labels(self.name, "spooled")
@@ -69,8 +72,7 @@ class SinkWorker:
         try:
             self._queue.put_nowait(line)
         except queue.Full:
-            self._m_dropped.inc()
-            self._alarm.dropped(self.name, "queue_full", 1, queue_size=self.config.queue_size)
+            self._count_dropped(1, "queue_full", queue_size=self.config.queue_size)
             return False
         self._m_queued.inc()
         return True
@@ -99,9 +101,14 @@ class SinkWorker:
             self._m_spooled.inc(result.written)
         lost = len(lines) - result.written
         if lost:
-            self._m_dropped.inc(lost)
-            self._alarm.dropped(self.name, result.reason or "spool_full", lost,
-                                spool_max_bytes=self.config.spool_max_bytes, backlog=self._spool.pending)
+            self._count_dropped(lost, result.reason or "spool_full", spool_max_bytes=self.config.spool_max_bytes,
+                                backlog=self._spool.pending)
+
+    def _count_dropped(self, n: int, reason: str, **detail: object) -> None:
+        with self._drop_lock:
+            self._dropped += n
+        self._m_dropped.inc(n)
+        self._alarm.dropped(self.name, reason, n, **detail)
 
     # sender thread ---------------------------------------------------------------------------------
     def _run_sender(self) -> None:
@@ -151,12 +158,17 @@ class SinkWorker:
                              "sink_down", sink=self.name, reason=reason, backlog=self._spool.pending)
 
     def _mark_up(self) -> None:
+        """After every acknowledged batch; announces the recovery (and the losses since the last success)."""
+        lost = self._dropped - self._dropped_before
+        self._dropped_before = self._dropped
         if not self._up:
             self._up = True
             self._m_up.set(1)
-            self._alarm.emit("info", f"sink {self.name} delivering again", "sink_up", sink=self.name,
+            self._alarm.emit("warning" if lost else "info", f"sink {self.name} delivering again"
+                             + (f"; {lost} events were dropped while it was down" if lost else ""),
+                             "sink_up", scope="all", sink=self.name,
                              down_seconds=round(time.monotonic() - self._down_since, 3),
-                             backlog=self._spool.pending)
+                             backlog=self._spool.pending, dropped_while_down=lost)
 
     # shutdown --------------------------------------------------------------------------------------
     def stop_intake(self, timeout: float) -> None:

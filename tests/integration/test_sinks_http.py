@@ -49,7 +49,7 @@ class TestHttpDelivery:
         f = make_fanout(tmp_path / "spool", http_sink(receiver, tmp_path))
         for i in range(300):
             assert f.sink.write(event_line(i))
-        await wait_for(lambda: len(receiver.events) == 300)
+        await wait_for(lambda: len(receiver.ids()) == 300)
         f.sink.close(5)
         assert receiver.ids() == [f"req-{i}" for i in range(300)]
         assert set(receiver.auth_seen) == {"Bearer s3cret-token"}
@@ -68,7 +68,7 @@ class TestHttpDelivery:
             f = make_fanout(tmp_path / "spool", http_sink(receiver, tmp_path))
             for i in range(50):
                 f.sink.write(event_line(i))
-            await wait_for(lambda: len(receiver.events) == 50)
+            await wait_for(lambda: len(receiver.ids()) == 50)
             f.sink.close(5)
         finally:
             await receiver.stop()
@@ -92,7 +92,7 @@ class TestHttps:
                                                                   server_name="localhost"))
             for i in range(1, 31):
                 good.sink.write(event_line(i))
-            await wait_for(lambda: len(receiver.events) == 30)
+            await wait_for(lambda: len(receiver.ids()) == 30)
             good.sink.close(5)
         finally:
             await receiver.stop()
@@ -117,7 +117,7 @@ class TestHttpOutage:
         try:
             for i in range(200, 250):
                 f.sink.write(event_line(i))
-            await wait_for(lambda: len(receiver.events) >= 250)
+            await wait_for(lambda: len(receiver.ids()) >= 250)
             f.sink.close(5)
         finally:
             await receiver.stop()
@@ -133,7 +133,7 @@ class TestHttpOutage:
         f = make_fanout(tmp_path / "spool", http_sink(receiver, tmp_path))
         for i in range(20):
             f.sink.write(event_line(i))
-        await wait_for(lambda: len(receiver.events) == 20)
+        await wait_for(lambda: len(receiver.ids()) == 20)
         f.sink.close(5)
         assert receiver.ids() == [f"req-{i}" for i in range(20)]
         assert receiver.requests >= 4
@@ -147,7 +147,7 @@ class TestHttpOutage:
         await wait_for(lambda: receiver.requests >= 2)
         assert receiver.events == []
         (tmp_path / "token").write_text("new-token")
-        await wait_for(lambda: len(receiver.events) == 1)
+        await wait_for(lambda: len(receiver.ids()) == 1)
         f.sink.close(5)
         assert "Bearer s3cret-token" in receiver.auth_seen
         assert "s3cret-token" not in str(f.primary), "tokens must never reach the logs"
@@ -177,7 +177,7 @@ class TestHttpOutage:
         assert 0 < rejected <= 12
         assert "refused each of the last" in f.status_events("sink_down")[0]["guard"]["reason"]
         receiver.reject_marker = None
-        await wait_for(lambda: len(receiver.events) == 100 - rejected)
+        await wait_for(lambda: len(receiver.ids()) == 100 - rejected)
         f.sink.close(5)
         assert receiver.ids() == [f"req-{i}" for i in range(int(rejected), 100)]
         assert sink_count(f.metrics, "collector", "rejected") == rejected
@@ -191,7 +191,7 @@ class TestHttpOutage:
             lines = [event_line(i) for i in range(10)]
             for line in lines:
                 f.sink.write(line)
-            await wait_for(lambda: len(receiver.events) == 10)
+            await wait_for(lambda: len(receiver.ids()) == 10)
             f.sink.close(5)
             g = make_fanout(tmp_path / "spool2", http_sink(receiver, tmp_path))
             for line in lines:                          # the same events again: all 409, still acknowledged
@@ -200,7 +200,7 @@ class TestHttpOutage:
             g.sink.close(5)
         finally:
             await receiver.stop()
-        assert len(receiver.events) == 10
+        assert len(receiver.ids()) == 10
         assert sink_count(g.metrics, "collector", "rejected") == 0
 
 
@@ -222,11 +222,35 @@ class TestSpoolLimits:
         assert loud and loud[0]["log"]["level"] == "error" and loud[0]["guard"]["reason"] == "spool_full"
         await receiver.start()
         try:
-            await wait_for(lambda: len(receiver.events) == spooled)
+            await wait_for(lambda: len(receiver.ids()) == spooled)
             f.sink.close(5)
         finally:
             await receiver.stop()
         assert receiver.ids() == [f"req-{i}" for i in range(spooled)], "the oldest events are the ones kept"
+
+    async def test_losses_reach_the_other_sinks_and_the_recovered_one(self, tmp_path: Path) -> None:
+        """Sink a (down, tiny spool) drops: its sink_down and drop lines reach sink b's SIEM; when a returns,
+        its own receiver gets a sink_up line saying how many events it lost meanwhile."""
+        a, b = HttpReceiver(), HttpReceiver()
+        await b.start()
+        try:
+            f = make_fanout(tmp_path / "spool", http_sink(a, tmp_path, name="a", spool_max_bytes=64 * 1024),
+                            http_sink(b, tmp_path, name="b"))
+            for i in range(600):
+                f.sink.write(event_line(i))
+            await wait_for(lambda: sink_count(f.metrics, "a", "spooled") + sink_count(f.metrics, "a", "dropped")
+                           >= 600 and bool(b.status_events("sink_events_dropped")))
+            dropped = sink_count(f.metrics, "a", "dropped")
+            assert dropped > 0 and b.status_events("sink_down")[0]["guard"]["sink"] == "a"
+            await a.start()
+            await wait_for(lambda: bool(a.status_events("sink_up")))
+            f.sink.close(5)
+        finally:
+            await a.stop()
+            await b.stop()
+        assert a.status_events("sink_up")[0]["guard"]["dropped_while_down"] == dropped
+        assert a.status_events("sink_events_dropped") == [], "a sink is never told about its own drops (no loop)"
+        assert b.ids() == [f"req-{i}" for i in range(600)]
 
     async def test_spool_is_exclusive_to_one_process(self, receiver: HttpReceiver, tmp_path: Path) -> None:
         """A second sink on the same spool directory is refused with a ConfigError, not silently shared."""
@@ -301,7 +325,7 @@ class TestDiskErrors:
         await receiver.start()
         try:
             g = make_fanout(tmp_path / "spool", sink)
-            await wait_for(lambda: len(receiver.events) == spooled)
+            await wait_for(lambda: len(receiver.ids()) == spooled)
             g.sink.close(5)
         finally:
             await receiver.stop()
@@ -324,7 +348,7 @@ class TestRestarts:
             assert g.status_events("sink_spool_recovered")[0]["guard"]["backlog"] == 100
             for i in range(100, 120):
                 g.sink.write(event_line(i))
-            await wait_for(lambda: len(receiver.events) == 120)
+            await wait_for(lambda: len(receiver.ids()) == 120)
             g.sink.close(5)
         finally:
             await receiver.stop()
@@ -338,7 +362,7 @@ class TestRestarts:
         await receiver.start()
         try:
             g = make_fanout(tmp_path / "spool", sink)
-            await wait_for(lambda: len(receiver.events) == 500)
+            await wait_for(lambda: len(receiver.ids()) == 500)
             g.sink.close(5)
         finally:
             await receiver.stop()

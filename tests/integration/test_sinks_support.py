@@ -58,6 +58,11 @@ def event_line(i: int, *, action: str = "allow", kind: str = "event", level: str
                          "http": {"request": {"id": f"req-{i}"}}})
 
 
+def is_status(event: dict[str, Any]) -> bool:
+    """A sink status line (sink_down, sink_up, ...) rather than a decision event."""
+    return str((event.get("event") or {}).get("action", "")).startswith("sink_")
+
+
 def request_id(event: dict[str, Any]) -> str | None:
     return ((event.get("http") or {}).get("request") or {}).get("id")
 
@@ -110,7 +115,11 @@ class HttpReceiver:
         return f"{scheme}://127.0.0.1:{self.port}{path[self.fmt]}"
 
     def ids(self) -> list[str | None]:
-        return [request_id(e) for e in self.events]
+        """Request ids of the decision events received, in arrival order (sink status lines left out)."""
+        return [request_id(e) for e in self.events if not is_status(e)]
+
+    def status_events(self, action: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if is_status(e) and e["event"]["action"] == action]
 
     async def _handle(self, request: web.Request) -> web.Response:
         self.requests += 1
@@ -319,4 +328,5 @@ class Rsyslog:
         return out
 
     def ids(self) -> list[str | None]:
-        return [request_id(r["event"]) for r in self.records()]
+        """Request ids of the decision events received, in arrival order (sink status lines left out)."""
+        return [request_id(r["event"]) for r in self.records() if not is_status(r["event"])]

@@ -56,7 +56,7 @@ class TestSyslogTcp:
         lines = [event_line(0), event_line(1, action="block", kind="alert"), event_line(2, level="error")]
         for line in lines:
             f.sink.write(line)
-        await wait_for(lambda: len(rsyslog.records()) == 3)
+        await wait_for(lambda: len(rsyslog.ids()) == 3)
         f.sink.close(5)
         records = rsyslog.records()
         assert [r["event"] for r in records] == [orjson.loads(line) for line in lines]
@@ -70,7 +70,7 @@ class TestSyslogTcp:
         f = make_fanout(tmp_path / "spool", syslog_sink(rsyslog.port))
         for i in range(2000):
             f.sink.write(event_line(i))
-        await wait_for(lambda: len(rsyslog.records()) >= 2000)
+        await wait_for(lambda: len(rsyslog.ids()) >= 2000)
         f.sink.close(5)
         assert rsyslog.ids() == [f"req-{i}" for i in range(2000)]
         assert sink_count(f.metrics, "rsyslog", "delivered") == 2000
@@ -106,7 +106,7 @@ class TestSyslogTls:
                                                              server_name="localhost"))
             for i in range(300):
                 f.sink.write(event_line(i))
-            await wait_for(lambda: len(r.records()) >= 300)
+            await wait_for(lambda: len(r.ids()) >= 300)
             f.sink.close(5)
         finally:
             r.stop()
@@ -148,7 +148,7 @@ class TestSyslogTls:
                 cert_file=str(certs.client_cert), key_file=str(certs.client_key)))
             for i in range(1, 51):
                 with_cert.sink.write(event_line(i))
-            await wait_for(lambda: len(r.records()) >= 50)
+            await wait_for(lambda: len(r.ids()) >= 50)
             with_cert.sink.close(5)
         finally:
             r.stop()

@@ -66,6 +66,18 @@ class TestSpool:
         assert spool.append(data[written:written + 10]) == Appended(10, None), "space comes back once delivered"
         spool.close()
 
+    @pytest.mark.parametrize("max_bytes", [64 * 1024, 1 << 20])
+    def test_delivered_space_comes_back_with_default_segments(self, tmp_path: Path, max_bytes: int) -> None:
+        """Fill to the bound, deliver everything, fill again: nearly the whole bound is usable every cycle."""
+        spool = Spool(tmp_path, max_bytes=max_bytes)
+        for cycle in range(3):
+            data = lines(max_bytes // 100 + 10, start=cycle * 100_000, size=99)
+            written = spool.append(data).written
+            assert written >= 0.85 * max_bytes // 100, f"cycle {cycle}: only {written} lines fitted"
+            assert drain(spool, 50) == data[:written]
+            assert spool.size_bytes <= spool.segment_bytes
+        spool.close()
+
     def test_torn_tail_is_cut(self, tmp_path: Path) -> None:
         """A partial last line (crash mid-write) is removed at start; complete lines are kept."""
         spool = Spool(tmp_path, max_bytes=1 << 20)
