@@ -254,13 +254,17 @@ class Spool:
                 self._rotate(sync=False)
                 self._close_reader()
                 seq, off = self._rseq, self._roff = self._wseq, 0
-            tmp = self.dir / "cursor.tmp"
-            tmp.write_text(f"{seq} {off}\n")
-            os.replace(tmp, self.dir / "cursor")
-            for old in [s for s in self._sizes if s < seq]:
-                (self.dir / _seg_name(old)).unlink(missing_ok=True)
-                del self._sizes[old]
             self._pending -= len(batch.lines)
+            for old in [s for s in self._sizes if s < seq]:   # first: frees space even on a full disk
+                with contextlib.suppress(OSError):
+                    (self.dir / _seg_name(old)).unlink(missing_ok=True)
+                del self._sizes[old]
+            tmp = self.dir / "cursor.tmp"
+            try:
+                tmp.write_text(f"{seq} {off}\n")
+                os.replace(tmp, self.dir / "cursor")
+            except OSError:
+                pass  # the next commit writes it; a restart before then sends this batch again (at least once)
 
     # state --------------------------------------------------------------------------------------------
     @property

@@ -17,7 +17,7 @@ import time
 from guard_agent.sinks._alarm import Alarm
 from guard_agent.sinks._config import SinkConfig
 from guard_agent.sinks._metrics import SinkMetrics
-from guard_agent.sinks._spool import Batch, Spool
+from guard_agent.sinks._spool import Appended, Batch, Spool
 from guard_agent.sinks._transport import DeliveryError, Transport
 
 __all__ = ["SinkWorker"]
@@ -96,7 +96,10 @@ class SinkWorker:
             self._spool_lines(lines)
 
     def _spool_lines(self, lines: list[bytes]) -> None:
-        result = self._spool.append(lines)
+        try:
+            result = self._spool.append(lines)
+        except Exception as exc:  # never let the intake thread die: count the loss and keep going
+            result = Appended(0, f"spool_error: {type(exc).__name__}")
         if result.written:
             self._m_spooled.inc(result.written)
         lost = len(lines) - result.written
@@ -114,13 +117,20 @@ class SinkWorker:
     def _run_sender(self) -> None:
         c = self.config
         while not self._abort.is_set():
-            batch = self._spool.read(c.batch_max_events, c.batch_max_bytes, timeout=0.2)
-            if batch is None:
-                if self._draining.is_set() and self._spool.pending == 0:
+            try:
+                batch = self._spool.read(c.batch_max_events, c.batch_max_bytes, timeout=0.2)
+                if batch is None:
+                    if self._draining.is_set() and self._spool.pending == 0:
+                        return
+                    continue
+                if not self._deliver(batch):
                     return
-                continue
-            if not self._deliver(batch):
-                return
+            except Exception as exc:  # a disk error reading the spool, or a bug: report, back off, go on
+                self._m_failures.inc()
+                self._mark_down(f"spool: {type(exc).__name__}: {exc}")
+                if self._abort.wait(self.config.retry_max):
+                    return
+                self._spool.rewind()
 
     def _deliver(self, batch: Batch) -> bool:
         """Send until acknowledged (True) or told to abort (False: the batch stays in the spool)."""
@@ -128,14 +138,16 @@ class SinkWorker:
         while not self._abort.is_set():
             try:
                 rejected = self._transport.send(batch.lines) if batch.lines else 0
-            except DeliveryError as exc:
+            except Exception as exc:  # DeliveryError, or an answer nobody foresaw: retry, never let the thread die
+                reason = exc.reason if isinstance(exc, DeliveryError) else f"{type(exc).__name__}: {exc}"
+                retry_after = exc.retry_after if isinstance(exc, DeliveryError) else None
                 self._m_failures.inc()
-                self._mark_down(exc.reason)
+                self._mark_down(reason)
                 if self._draining.is_set():   # shutting down with the sink away: the spool keeps the batch
                     return False
                 wait = self._rng.uniform(delay / 2, delay)
-                if exc.retry_after is not None:
-                    wait = max(wait, min(exc.retry_after, self.config.retry_max))
+                if retry_after is not None:
+                    wait = max(wait, min(retry_after, self.config.retry_max))
                 if self._abort.wait(wait):
                     return False
                 delay = min(delay * 2, self.config.retry_max)

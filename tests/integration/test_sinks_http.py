@@ -182,6 +182,21 @@ class TestHttpOutage:
         assert receiver.ids() == [f"req-{i}" for i in range(int(rejected), 100)]
         assert sink_count(f.metrics, "collector", "rejected") == rejected
 
+    async def test_an_unforeseen_answer_does_not_stop_the_sink(self, tmp_path: Path) -> None:
+        """A 200 whose body makes no sense is a failed attempt (retried), not a dead sender thread."""
+        receiver = HttpReceiver(fmt="elastic_bulk", garbage_times=2)
+        await receiver.start()
+        try:
+            f = make_fanout(tmp_path / "spool", http_sink(receiver, tmp_path))
+            for i in range(5):
+                f.sink.write(event_line(i))
+            await wait_for(lambda: len(receiver.ids()) == 5)
+            f.sink.close(5)
+        finally:
+            await receiver.stop()
+        assert receiver.ids() == [f"req-{i}" for i in range(5)]
+        assert "AttributeError" in f.status_events("sink_down")[0]["guard"]["reason"]
+
     async def test_elastic_resend_is_stored_once(self, tmp_path: Path) -> None:
         """Elastic bulk ids come from the event, so a batch resent after a 429 does not duplicate documents."""
         receiver = HttpReceiver(fmt="elastic_bulk")

@@ -101,6 +101,7 @@ class HttpReceiver:
     fail_times: int = 0
     retry_after: str | None = None
     reject_marker: bytes | None = None
+    garbage_times: int = 0
     events: list[dict[str, Any]] = field(default_factory=list)
     auth_seen: list[str | None] = field(default_factory=list)
     requests: int = 0
@@ -132,6 +133,9 @@ class HttpReceiver:
             self.fail_times -= 1
             headers = {"Retry-After": self.retry_after} if self.retry_after else None
             return web.json_response({"error": "busy"}, status=self.fail_status, headers=headers)
+        if self.garbage_times > 0:          # 200 with an answer no client expects
+            self.garbage_times -= 1
+            return web.json_response({"errors": True, "items": ["?", 7]})
         if self.reject_marker is not None and self.reject_marker in body:
             return web.json_response({"error": "invalid event"}, status=400)
         if self.fmt == "ndjson":
