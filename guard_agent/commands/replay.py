@@ -113,7 +113,7 @@ def format_result(result: ReplayResult, capture: Capture, policy_label: str, *, 
 def run(args: argparse.Namespace) -> int:
     from guard_agent.policy.loader import PolicyError, load_policy_file
 
-    capture = load_capture(args.capture)
+    capture = load_capture(args.capture, with_features=bool(args.profile))
     if capture is None:
         return 2
     try:

@@ -20,13 +20,13 @@ def add_capture_arguments(parser: argparse.ArgumentParser, *, labels: bool = Fal
                             help="attack sessions, one guard.session hash per line (the rest counts as benign)")
 
 
-def load_capture(paths: list[str]) -> Capture | None:
+def load_capture(paths: list[str], *, with_features: bool = False) -> Capture | None:
     """The capture, or None (with a message on stderr) when nothing usable was found."""
     missing = [p for p in paths if not Path(p).exists()]
     if missing:
         print(f"error: no such capture file or directory: {', '.join(missing)}", file=sys.stderr)
         return None
-    capture = read_capture(paths)
+    capture = read_capture(paths, with_features=with_features)
     if not capture.decisions:
         print(f"error: no inference decisions in {len(capture.files)} file(s)", file=sys.stderr)
         return None

@@ -8,6 +8,7 @@ lack policy lines and may have sampled allow events, which the tools report.
 from __future__ import annotations
 
 import ipaddress
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -29,7 +30,7 @@ class PolicySnapshot:
     profile_revision: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CapturedDecision:
     """One inference decision as captured: the facts ``decide()`` saw and what it decided."""
 
@@ -125,7 +126,7 @@ def _failure(guard: Mapping[str, Any], rule: str) -> str | None:
     return None
 
 
-def _decision(doc: Mapping[str, Any]) -> CapturedDecision | None:
+def _decision(doc: Mapping[str, Any], with_features: bool) -> CapturedDecision | None:
     guard = doc.get("guard")
     event = doc.get("event")
     if not isinstance(guard, Mapping) or not isinstance(event, Mapping) or "scores" not in guard:
@@ -151,7 +152,7 @@ def _decision(doc: Mapping[str, Any]) -> CapturedDecision | None:
         session_source=str(guard.get("session_source", "address")),
         session_queries=int(guard.get("session_queries") or 0),
         session_age_seconds=float(guard.get("session_age_seconds") or 0.0),
-        scores={str(k): float(v) for k, v in (guard.get("scores") or {}).items()},
+        scores={sys.intern(str(k)): float(v) for k, v in (guard.get("scores") or {}).items()},
         action=str(event.get("action", "allow")),
         rule=rule,
         matched=tuple(str(r) for r in guard.get("matched_rules") or ()),
@@ -162,7 +163,7 @@ def _decision(doc: Mapping[str, Any]) -> CapturedDecision | None:
         profile_revision=guard.get("profile_revision"),
         scoring_failure=_failure(guard, rule),
         exact_scores=bool(capture.get("exact_scores", False)),
-        sealed=capture.get("features") if isinstance(capture.get("features"), Mapping) else None,
+        sealed=capture.get("features") if with_features and isinstance(capture.get("features"), Mapping) else None,
     )
 
 
@@ -175,8 +176,11 @@ def _policy(capture: Mapping[str, Any]) -> PolicySnapshot | None:
                           profile_revision=capture.get("profile_revision"))
 
 
-def read_capture(paths: Iterable[str | Path]) -> Capture:
-    """Every decision and policy line in ``paths`` (files or directories), decisions sorted by time."""
+def read_capture(paths: Iterable[str | Path], *, with_features: bool = False) -> Capture:
+    """Every decision and policy line in ``paths`` (files or directories), decisions sorted by time.
+
+    Sealed features are kept only ``with_features`` (re-scoring needs them; they are most of a line's size).
+    """
     result = Capture()
     files = capture_files(paths)
     result.files = tuple(str(p) for p in files)
@@ -200,7 +204,7 @@ def read_capture(paths: Iterable[str | Path]) -> Capture:
                     if snap is not None:
                         result.policies[snap.revision] = snap
                     continue
-                decision = _decision(doc)
+                decision = _decision(doc, with_features)
                 if decision is not None:
                     result.decisions.append(decision)
     result.decisions.sort(key=lambda d: d.t)

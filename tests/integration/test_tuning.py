@@ -126,7 +126,7 @@ def captured(tmp_path_factory: pytest.TempPathFactory, mlserver: ModelServer, pr
 
     statuses = asyncio.run(run())
     alerts = sum(1 for e in events if (e.get("event") or {}).get("category") == ["intrusion_detection"])  # type: ignore[union-attr]
-    capture = read_capture([root / "capture"])
+    capture = read_capture([root / "capture"], with_features=True)
     return Captured(root, root / "capture", policy, key_file, len(statuses), alerts, statuses,
                     ("noise-key", "probe-key"), capture)
 

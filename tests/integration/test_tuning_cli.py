@@ -70,7 +70,7 @@ async def test_run_captures_every_decision_and_flushes_on_sigterm(tmp_path: Path
             proc.kill()
             await proc.wait()
         await runner.cleanup()
-    cap = read_capture([tmp_path / "cap"])
+    cap = read_capture([tmp_path / "cap"], with_features=True)
     assert [d.request_id for d in cap.decisions] == [f"cli-{i}" for i in range(len(sent))]
     assert len(cap.policies) == 1
     key = derive_key(key_file.read_text())

@@ -104,7 +104,8 @@ class TestCaptureWriter:
         w = CaptureWriter(tmp_path, max_bytes=1 << 20, max_files=2, key=key)
         w.record(fields("r1"), x)
         w.close()
-        (d,) = read_capture([tmp_path]).decisions
+        assert read_capture([tmp_path]).decisions[0].sealed is None  # only kept when asked for
+        (d,) = read_capture([tmp_path], with_features=True).decisions
         assert d.sealed is not None
         assert np.array_equal(open_features(d.sealed, key, associated="r1"), x)
 
@@ -201,4 +202,4 @@ class TestMakeCapture:
         cap = read_capture([tmp_path])
         assert set(cap.policies) == {state.policies.current.revision}
         assert cap.policies[state.policies.current.revision].document["version"] == 1
-        assert cap.decisions[0].sealed is not None
+        assert read_capture([tmp_path], with_features=True).decisions[0].sealed is not None
