@@ -122,7 +122,7 @@ class _SessionSim:
     blocked_until: float = 0.0
     blocked_rule: str | None = None
     diverged: bool = False
-    seen_block: bool = False
+    seen_rule_block: bool = False   # the capture shows this session blocked by a rule (not a cool-down)
 
 
 def _captured_rate_limited(d: CapturedDecision) -> bool | None:
@@ -193,7 +193,7 @@ class _Runner:
         rate_limited, retry_after = self._rate(d, eff, sim)
         blocked = sim.blocked_rule if d.t < sim.blocked_until else None
         carried = False
-        if blocked is None and _looks_like_cooldown(d) and not sim.seen_block and eff.block_cooldown > 0:
+        if blocked is None and _looks_like_cooldown(d) and not sim.seen_rule_block and eff.block_cooldown > 0:
             blocked, carried, exact = d.rule, True, False  # blocked before the capture began
         decision = decide(
             RequestFacts(model=d.model, protocol=d.protocol, rows=d.rows, body_bytes=d.body_bytes,
@@ -210,8 +210,8 @@ class _Runner:
             exact = False
         if sim.diverged and any(r in decision.matched or r in d.matched for r in self._session_rules(eff)):
             exact = False
-        if d.action == "block":
-            sim.seen_block = True
+        if d.action == "block" and not _looks_like_cooldown(d):
+            sim.seen_rule_block = True
         if decision.enforced and decision.action == "block" and eff.block_cooldown > 0 and blocked is None:
             sim.blocked_until, sim.blocked_rule = d.t + eff.block_cooldown, decision.rule
         if decision.refused != d.refused:

@@ -136,8 +136,13 @@ class TestReplay:
         """A session already in cool-down when the capture began keeps its block, counted as inexact."""
         r = Recorder(tmp_path / "cap.jsonl")
         r.add("blocked-already", 100.0, {"ood.combined": 0.1}, "block", "ood-block")
+        r.add("still-blocked", 110.0, {"ood.combined": 0.1}, "block", "ood-block")
+        r.add("released", 200.0, {"ood.combined": 0.1}, "allow")
+        r.add("blocked-by-rule", 210.0, {"ood.combined": 0.99999}, "block", "ood-block", ("ood-flag", "ood-block"))
+        r.add("cool-down", 220.0, {"ood.combined": 0.1}, "block", "ood-block")
         result = replay(read_capture([r.write()]), parse_policy(policy_text(BASE)).policy)
-        assert result.changes == [] and result.carried_cooldowns == 1 and result.inexact == 1
+        assert result.changes == [] and result.carried_cooldowns == 2 and result.inexact == 2
+        assert result.fidelity_mismatches == []
 
     def test_rounded_scores_at_a_threshold_follow_the_captured_match(self, tmp_path: Path) -> None:
         """A 0.9999996 score logged as 1.0 did not match `gte: 1.0`; replay must not pretend it did."""
