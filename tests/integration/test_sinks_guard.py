@@ -8,7 +8,11 @@ collector. Upstream is the demo v2 model server.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 import statistics
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -257,6 +261,59 @@ class TestHungReceivers:
             for srv in servers:
                 srv.close()
         assert stop_seconds < 8.0, "shutdown must not hang on a hung sink"
+
+
+class TestGuardProcess:
+    async def test_guard_agent_run_with_guard_sinks_env_flushes_on_sigterm(self, tmp_path: Path, upstream: str,
+                                                                           model: DigitsModel) -> None:
+        """`guard-agent run` configured only through GUARD_SINKS/GUARD_SPOOL_DIR delivers every event and,
+        on SIGTERM, flushes and exits 0 with an empty spool."""
+        receiver = HttpReceiver()
+        await receiver.start()
+        policy = tmp_path / "policy.yaml"
+        policy.write_text("version: 1\nmode: monitor\nrules: []\n")
+        listen, admin = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+        env = {**os.environ, "GUARD_LISTEN": listen, "GUARD_ADMIN_LISTEN": admin, "GUARD_UPSTREAM": upstream,
+               "GUARD_POLICY": str(policy), "GUARD_HMAC_KEY": "test-hmac-key", "GUARD_SPOOL_DIR": str(tmp_path / "sp"),
+               "GUARD_SINKS": f"[{{type: http, name: collector, url: '{receiver.url}', "
+                              "retry_initial: 0.05, retry_max: 0.3}]"}
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "guard_agent.cli", "run", env=env,
+                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        try:
+            async with aiohttp.ClientSession() as http:
+                deadline = time.monotonic() + 60
+                while True:
+                    assert proc.returncode is None and time.monotonic() < deadline, "guard did not become ready"
+                    with contextlib.suppress(aiohttp.ClientError):
+                        if (await http.get(f"http://{admin}/readyz")).status == 200:
+                            break
+                    await asyncio.sleep(0.1)
+                body = v2_body(model.X_test[:1])
+                for i in range(20):
+                    assert (await one_request(http, f"http://{listen}", body, f"req-{i}"))[1] == 200
+            proc.send_signal(signal.SIGTERM)
+            out, err = await asyncio.wait_for(proc.communicate(), 20)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            await receiver.stop()
+        assert proc.returncode == 0, err.decode()[-2000:]
+        assert numbered(ids_of(receiver.events)) == [f"req-{i}" for i in range(20)]
+        assert numbered(ids_of([orjson.loads(x) for x in out.splitlines() if x.startswith(b"{")])) == \
+            [f"req-{i}" for i in range(20)], "stdout stays the primary sink"
+        segments = list((tmp_path / "sp" / "collector").glob("*.seg"))
+        assert sum(p.stat().st_size for p in segments) <= max(p.stat().st_size for p in segments)
+
+    async def test_bad_guard_sinks_refuses_to_start(self, tmp_path: Path) -> None:
+        """A mistake in GUARD_SINKS stops `guard-agent run` with exit 2 and a message naming the sink and key."""
+        env = {**os.environ, "GUARD_SPOOL_DIR": str(tmp_path),
+               "GUARD_SINKS": "[{type: syslog, name: siem, host: h, port: 6514, tls: true, ca_fil: /x}]"}
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "guard_agent.cli", "run", env=env,
+                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 2
+        assert "sinks[0] (siem): unknown key(s) ca_fil" in err.decode()
 
 
 def _renumber(ids: list[str], reference: list[str]) -> list[str | None]:
