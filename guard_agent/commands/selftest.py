@@ -1,10 +1,11 @@
 """``guard-agent selftest --target URL``: a bounded red-team test of a running guard, one line per defence.
 
-Sends at most ``--max-requests`` requests within ``--time-limit`` seconds, each check
-under its own random API key: benign reference rows (must be answered), OOD
-inputs (must be refused), a black-box evasion attack (HopSkipJump from the
-``[attack]`` extra; must be refused before its budget ends) and synthetic
-extraction queries (must be refused before their budget ends).
+Sends at most ``--max-requests`` Open Inference Protocol v2 requests within
+``--time-limit`` seconds, each check under its own random API key (``X-API-Key``):
+benign reference rows (must be answered), OOD inputs (must be refused), a
+black-box evasion attack (HopSkipJump from the ``[attack]`` extra) and a
+Jacobian-augmentation extraction attack (both must be refused, 403, before their
+budget ends). The attacks are the attack benchmark's (``guard_agent.attacks``).
 Exit 0 when every defence passes, 1 when one fails, 2 when the test cannot run.
 Attack sessions stay blocked for the policy's cool-down: run it against a
 deployment, not with a key real clients use.
@@ -24,11 +25,8 @@ __all__ = ["add_arguments", "format_results", "run"]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", required=True, help="the guard's URL, e.g. http://127.0.0.1:8080")
     parser.add_argument("--model", default="digits", help="model name in the inference route (default digits)")
-    parser.add_argument("--protocol", choices=("v2", "v1"), default="v2", help="inference protocol (default v2)")
     parser.add_argument("--data", help="benign reference rows (.npy or numeric CSV, as for `fit`); "
                                        "default: sklearn's digits, the demo model's data")
-    parser.add_argument("--session-header", dest="session_header", default="X-API-Key",
-                        help="header carrying the session key (GUARD_SESSION_HEADER)")
     parser.add_argument("--max-requests", dest="max_requests", type=int, default=400,
                         help="upper bound on requests for the whole test (default 400)")
     parser.add_argument("--time-limit", dest="time_limit", type=float, default=120.0,
@@ -69,12 +67,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         data = _data(args.data)
-        cfg = SelftestConfig(target=args.target, model=args.model, data=data, protocol=args.protocol,
-                             session_header=args.session_header, max_requests=args.max_requests,
+        cfg = SelftestConfig(target=args.target, model=args.model, data=data, max_requests=args.max_requests,
                              time_limit=args.time_limit, rate=args.rate, seed=args.seed)
         started = time.monotonic()
-        print(f"selftest against {args.target} (model {args.model}, {args.protocol}; at most {args.max_requests} "
-              f"requests, {args.time_limit:g} s)", flush=True)
+        print(f"selftest against {args.target} (model {args.model}; at most {args.max_requests} requests, "
+              f"{args.time_limit:g} s)", flush=True)
         results = run_checks(cfg, progress=lambda m: print(f"  {m}", flush=True))
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -3,14 +3,17 @@
 - benign traffic allowed: held-out reference rows at a human pace must be answered.
 - OOD inputs refused: uniform noise over the reference range and far out-of-range rows must be refused.
 - black-box evasion blocked: HopSkipJump (ART, the ``[attack]`` extra) against the guarded model must be
-  stopped (403) within its query budget; without ART a boundary-walking loop of the same query pattern
-  (near-duplicates around one input) stands in.
+  stopped (403) within its query budget.
 - model extraction blocked: Jacobian-based dataset augmentation (a few natural seeds, then synthetic points
-  stepped along a surrogate's gradient) must be stopped within its budget.
+  stepped along a substitute's gradient) must be stopped (403) within its budget.
+
+The attacks are the attack benchmark's (``guard_agent.attacks``), run through its client with pacing and a
+shared request budget added (``PacedGuardClient``). Sessions are API keys in ``X-API-Key``.
 """
 
 from __future__ import annotations
 
+import secrets
 import time
 import warnings
 from collections.abc import Callable
@@ -18,9 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from guard_agent.selftest._client import Answer, Budget, BudgetExhausted, InferenceClient
+from guard_agent.selftest._client import Budget, BudgetExhausted, InferenceClient, PacedGuardClient
 
-__all__ = ["CheckResult", "Refused", "SelftestConfig", "run_checks"]
+__all__ = ["CheckResult", "SelftestConfig", "run_checks"]
 
 
 @dataclass(frozen=True)
@@ -28,8 +31,6 @@ class SelftestConfig:
     target: str
     model: str
     data: np.ndarray                      # reference rows (benign inputs for this model)
-    protocol: str = "v2"
-    session_header: str = "X-API-Key"
     max_requests: int = 400
     time_limit: float = 120.0
     rate: float = 20.0                    # requests per second per check (stay under the policy's rate limit)
@@ -48,17 +49,11 @@ class CheckResult:
     request_ids: tuple[str, ...] = ()
 
 
-class Refused(Exception):
-    """The guard refused the attacker: the attack loop stops here."""
-
-    def __init__(self, answer: Answer) -> None:
-        super().__init__(f"refused with {answer.status}")
-        self.answer = answer
-
-
-def _benign(cfg: SelftestConfig, budget: Budget, rng: np.random.Generator) -> CheckResult:
-    client = InferenceClient(cfg.target, cfg.model, budget=budget, protocol=cfg.protocol,
-                             session_header=cfg.session_header, rate=min(cfg.rate, 10.0), label="selftest-benign")
+def _benign(cfg: SelftestConfig, budget: Budget,
+            rng: np.random.Generator) -> tuple[CheckResult, tuple[np.ndarray, np.ndarray]]:
+    """The check, and the answered rows with the model's labels (the extraction check measures its thief on
+    them)."""
+    client = InferenceClient(cfg.target, cfg.model, budget=budget, rate=min(cfg.rate, 10.0), label="selftest-benign")
     rows = cfg.data[rng.choice(len(cfg.data), size=min(cfg.benign_requests, len(cfg.data)), replace=False)]
     answers = [client.send(x) for x in rows]
     ok = sum(a.status == 200 for a in answers)
@@ -67,13 +62,16 @@ def _benign(cfg: SelftestConfig, budget: Budget, rng: np.random.Generator) -> Ch
     detail = f"{ok}/{len(answers)} answered"
     if refused:
         detail += f"; refused: {', '.join(f'{a.request_id} ({a.status})' for a in refused[:3])}"
+    answered = [(x, int(np.argmax(a.scores[0]))) for x, a in zip(rows, answers, strict=True)
+                if a.status == 200 and a.scores is not None]
+    reference = (np.array([x for x, _ in answered]).reshape(len(answered), -1),
+                 np.array([y for _, y in answered], dtype=np.int64))
     return CheckResult("benign traffic allowed", passed, len(answers), len(refused), detail,
-                       tuple(a.request_id for a in refused))
+                       tuple(a.request_id for a in refused)), reference
 
 
 def _ood(cfg: SelftestConfig, budget: Budget, rng: np.random.Generator) -> CheckResult:
-    client = InferenceClient(cfg.target, cfg.model, budget=budget, protocol=cfg.protocol,
-                             session_header=cfg.session_header, rate=cfg.rate, label="selftest-ood")
+    client = InferenceClient(cfg.target, cfg.model, budget=budget, rate=cfg.rate, label="selftest-ood")
     lo, hi = cfg.data.min(axis=0), cfg.data.max(axis=0)
     span = np.where(hi > lo, hi - lo, 1.0)
     answers = []
@@ -91,148 +89,115 @@ def _ood(cfg: SelftestConfig, budget: Budget, rng: np.random.Generator) -> Check
     return CheckResult("OOD inputs refused", passed, len(answers), len(refused), detail, tuple(allowed))
 
 
-def _predict_fn(client: InferenceClient, n_classes: int) -> Callable[[np.ndarray], np.ndarray]:
-    """What an attack library sees: labels as one-hot rows, one request per row; stops on refusal."""
-
-    def predict(X: np.ndarray) -> np.ndarray:
-        out = np.zeros((len(X), n_classes))
-        for i, row in enumerate(np.asarray(X, dtype=np.float64).reshape(len(X), -1)):
-            answer = client.send(row)
-            if answer.refused:
-                raise Refused(answer)
-            if answer.scores is None:
-                raise RuntimeError(f"unexpected answer {answer.status} from the guard")
-            scores = answer.scores[0]
-            out[i, int(np.argmax(scores)) if scores.size > 1 else int(scores[0])] = 1.0
-        return out
-
-    return predict
-
-
 def _n_classes(cfg: SelftestConfig, budget: Budget) -> int:
-    probe = InferenceClient(cfg.target, cfg.model, budget=budget, protocol=cfg.protocol,
-                            session_header=cfg.session_header, label="selftest-probe")
+    probe = InferenceClient(cfg.target, cfg.model, budget=budget, label="selftest-probe")
     answer = probe.send(cfg.data[0])
     if answer.scores is None:
         raise RuntimeError(f"the model did not answer a reference row (status {answer.status}); "
-                           "check --model, --protocol and --data")
+                           "check --target, --model and --data")
     return max(2, int(answer.scores.shape[1]))
+
+
+def _attacker(cfg: SelftestConfig, budget: Budget, name: str) -> PacedGuardClient:
+    return PacedGuardClient(url=cfg.target, keys=[f"selftest-{name}-{secrets.token_hex(8)}"],
+                            run_id=f"selftest-{name}-{secrets.token_hex(3)}", model=cfg.model,
+                            interval=1.0 / cfg.rate, budget=budget)
+
+
+def _verdict(defence: str, client: PacedGuardClient, method: str, stopped: bool, extra: str = "") -> CheckResult:
+    """PASS only when a 403 stopped the attack: a 429 is the rate limit, not the defence under test."""
+    refused = sum(client.refused.values())
+    last = f"{client.run_id}-{client.sent - 1}"
+    if stopped and client.refused.get(403):
+        return CheckResult(defence, True, client.sent, refused,
+                           f"{method}: refused (403) after {client.sent} queries{extra}", (last,))
+    if stopped:
+        return CheckResult(defence, False, client.sent, refused,
+                           f"{method}: stopped by {sorted(client.refused)} after {client.sent} queries, not by a "
+                           f"detector (403): lower --rate below the policy's rate limit{extra}", (last,))
+    return CheckResult(defence, False, client.sent, refused,
+                       f"{method}: {client.answered} of {client.sent} queries answered, never refused{extra}")
 
 
 def _evasion(cfg: SelftestConfig, budget: Budget, rng: np.random.Generator, n_classes: int,
              share: int) -> CheckResult:
-    client = InferenceClient(cfg.target, cfg.model, budget=Budget(share, budget.deadline), protocol=cfg.protocol,
-                             session_header=cfg.session_header, rate=cfg.rate, label="selftest-evasion")
-    predict = _predict_fn(client, n_classes)
+    """HopSkipJump through the guard, at most ``share`` queries, started from a natural input of another class.
+
+    ``guard_agent.attacks.black_box_evasion`` starts HopSkipJump from uniform noise, which the OOD detectors
+    stop within a few queries; starting from a natural input keeps every query near the data, so what is
+    tested here is the session trackers, the defence meant for this attack.
+    """
+    defence = "black-box evasion blocked"
+    try:
+        with warnings.catch_warnings():  # ART warns about optional deep-learning back ends it does not need
+            warnings.simplefilter("ignore")
+            from art.attacks.evasion import HopSkipJump
+            from art.estimators.classification import BlackBoxClassifier
+    except ImportError:
+        return CheckResult(defence, False, 0, 0, "ART is not installed: pip install 'inference-guard[attack]'")
+    from guard_agent.attacks import AttackBlocked
+
+    client = _attacker(cfg, Budget(share, budget.deadline), "evasion")
     x0 = cfg.data[rng.integers(len(cfg.data))]
     lo, hi = float(cfg.data.min()), float(cfg.data.max())
-    method = "HopSkipJump (ART)"
-    found = False
+    best = start_l2 = float("inf")
+    stopped = False
+
+    def predict(X: np.ndarray) -> np.ndarray:
+        nonlocal best
+        rows = np.asarray(X, dtype=np.float64).reshape(len(X), -1)
+        labels = client.predict(rows).labels
+        adv = labels != y0
+        if adv.any():
+            best = min(best, float(np.min(np.linalg.norm(rows[adv] - x0, axis=1))))
+        onehot: np.ndarray = np.eye(n_classes)[np.clip(labels, 0, n_classes - 1)]
+        return onehot
+
     try:
-        try:
-            with warnings.catch_warnings():  # ART warns about optional deep-learning back ends it does not need here
-                warnings.simplefilter("ignore")
-                from art.attacks.evasion import HopSkipJump
-                from art.estimators.classification import BlackBoxClassifier
-        except ImportError:
-            method = "boundary walk (ART not installed)"
-            found = _boundary_walk(predict, x0, cfg.data, rng)
-        else:
+        y0 = int(client.predict(x0[None, :]).labels[0])
+        start = next((x for x in cfg.data[rng.permutation(len(cfg.data))[:20]]
+                      if int(client.predict(x[None, :]).labels[0]) != y0), None)
+        if start is not None:
+            start_l2 = float(np.linalg.norm(start - x0))
             clf = BlackBoxClassifier(predict, input_shape=x0.shape, nb_classes=n_classes, clip_values=(lo, hi))
-            attack = HopSkipJump(clf, targeted=False, max_iter=10, max_eval=200, init_eval=20, init_size=50,
-                                 verbose=False)
-            start = _other_class(predict, x0, cfg.data, rng)  # a natural input of another class, not noise
-            if start is None:
-                raise RuntimeError("no reference row of another class found for the evasion start")
-            np.random.seed(cfg.seed)  # ART draws from the global RNG: repeatable runs
-            adv = attack.generate(x=x0[None, :], x_adv_init=start[None, :])
-            found = bool(np.argmax(predict(adv)) != np.argmax(predict(x0[None, :])))
-    except Refused as exc:
+            attack = HopSkipJump(clf, targeted=False, max_iter=max(1, share // 100), max_eval=100, init_eval=20,
+                                 init_size=20, verbose=False)
+            np.random.seed(cfg.seed)  # ART draws from numpy's global generator: repeatable runs
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                attack.generate(x=x0[None, :], x_adv_init=start[None, :])
+    except AttackBlocked:
+        stopped = True
+    except BudgetExhausted:
+        pass
+    finally:
         budget.used += client.sent
-        return CheckResult("black-box evasion blocked", True, client.sent, 1,
-                           f"{method}: refused ({exc.answer.status}) after {client.sent} queries",
-                           (exc.answer.request_id,))
-    except BudgetExhausted as exc:
-        budget.used += client.sent
-        return CheckResult("black-box evasion blocked", False, client.sent, 0,
-                           f"{method}: not refused within {client.sent} queries ({exc})")
-    budget.used += client.sent
-    outcome = "found an adversarial example" if found else "finished"
-    return CheckResult("black-box evasion blocked", False, client.sent, 0,
-                       f"{method}: {outcome} after {client.sent} queries without being refused")
+        client.close()
+    found = (f"; closest adversarial answered at L2 {best:.3g} (the natural start: {start_l2:.3g})"
+             if np.isfinite(best) and np.isfinite(start_l2) else "")
+    return _verdict(defence, client, "HopSkipJump (ART)", stopped, found)
 
 
-def _other_class(predict: Callable[[np.ndarray], np.ndarray], x0: np.ndarray, data: np.ndarray,
-                 rng: np.random.Generator) -> np.ndarray | None:
-    y0 = int(np.argmax(predict(x0[None, :])))
-    for x in data[rng.permutation(len(data))[:10]]:
-        if int(np.argmax(predict(x[None, :]))) != y0:
-            return np.asarray(x, dtype=np.float64)
-    return None
+def _extraction(cfg: SelftestConfig, budget: Budget, rng: np.random.Generator, n_classes: int, share: int,
+                reference: tuple[np.ndarray, np.ndarray]) -> CheckResult:
+    """Jacobian-based dataset augmentation (``guard_agent.attacks.extraction_attack``), ``share`` queries."""
+    from guard_agent.attacks import extraction_attack
 
-
-def _boundary_walk(predict: Callable[[np.ndarray], np.ndarray], x0: np.ndarray, data: np.ndarray,
-                   rng: np.random.Generator) -> bool:
-    """A decision-based attack without ART: binary search to the boundary, then small random steps along it."""
-    y0 = int(np.argmax(predict(x0[None, :])))
-    far = _other_class(predict, x0, data, rng)
-    if far is None:
-        return False
-    a, b = 0.0, 1.0
-    for _ in range(10):
-        mid = (a + b) / 2
-        if int(np.argmax(predict(((1 - mid) * x0 + mid * far)[None, :]))) != y0:
-            b = mid
-        else:
-            a = mid
-    best = (1 - b) * x0 + b * far
-    scale = float(np.std(data)) * 0.05
-    while True:  # until refused or the budget runs out
-        step = best + rng.normal(0, scale, size=best.shape)
-        towards = step + 0.05 * (x0 - step)
-        if int(np.argmax(predict(towards[None, :]))) != y0:
-            best = towards
-
-
-def _extraction(cfg: SelftestConfig, budget: Budget, rng: np.random.Generator, n_classes: int,
-                share: int) -> CheckResult:
-    """Jacobian-based dataset augmentation (Papernot et al.): a few natural seeds, then synthetic points
-    stepped along the gradient of a surrogate trained on the answers, doubling every round."""
-    from sklearn.linear_model import LogisticRegression
-
-    client = InferenceClient(cfg.target, cfg.model, budget=Budget(share, budget.deadline), protocol=cfg.protocol,
-                             session_header=cfg.session_header, rate=cfg.rate, label="selftest-extraction")
-    predict = _predict_fn(client, n_classes)
-    lo, hi = cfg.data.min(axis=0), cfg.data.max(axis=0)
-    step = 0.1 * np.maximum(hi - lo, 0.0)
-    queried = cfg.data[rng.choice(len(cfg.data), size=min(10, len(cfg.data)), replace=False)]
-    labels = np.empty(0, dtype=int)
-    new = queried
+    client = _attacker(cfg, Budget(share, budget.deadline), "extraction")
+    seeds = cfg.data[rng.choice(len(cfg.data), size=min(10, len(cfg.data)), replace=False)]
+    X_eval, y_victim = reference
     try:
-        for round_ in range(12):
-            labels = np.r_[labels, np.argmax(predict(new), axis=1)]
-            surrogate = LogisticRegression(max_iter=500).fit(queried, labels) if len(set(labels)) > 1 else None
-            if surrogate is None:
-                grads = rng.normal(size=queried.shape)
-            else:
-                index = {c: i for i, c in enumerate(surrogate.classes_)}
-                coef = surrogate.coef_ if len(surrogate.classes_) > 2 else np.r_[-surrogate.coef_, surrogate.coef_]
-                grads = np.stack([coef[index[y]] for y in labels])
-            sign = 1.0 if round_ % 2 == 0 else -1.0  # Papernot's periodic step sign
-            new = np.clip(queried + sign * step * np.sign(grads), lo, hi)
-            queried = np.r_[queried, new]
-    except Refused as exc:
+        result = extraction_attack(client, "jbda", n_queries=share, pool=seeds, X_eval=X_eval, y_victim=y_victim,
+                                   goal_fidelity=0.9, n_classes=n_classes,
+                                   clip=(float(cfg.data.min()), float(cfg.data.max())), seed=cfg.seed)
+        stopped, fid = result.stopped, result.detail.get("fidelity")
+    except BudgetExhausted:
+        stopped, fid = False, None
+    finally:
         budget.used += client.sent
-        return CheckResult("model extraction blocked", True, client.sent, 1,
-                           f"Jacobian augmentation refused ({exc.answer.status}) after {client.sent} queries",
-                           (exc.answer.request_id,))
-    except BudgetExhausted as exc:
-        budget.used += client.sent
-        return CheckResult("model extraction blocked", False, client.sent, 0,
-                           f"not refused within {client.sent} Jacobian-augmentation queries ({exc})")
-    budget.used += client.sent
-    return CheckResult("model extraction blocked", False, client.sent, 0,
-                       f"{len(queried)} queries answered without being refused")
+        client.close()
+    extra = f"; stolen-model agreement {fid:.0%} on the benign rows" if fid is not None and len(y_victim) else ""
+    return _verdict("model extraction blocked", client, "Jacobian augmentation", stopped, extra)
 
 
 def run_checks(cfg: SelftestConfig, *, progress: Callable[[str], None] | None = None) -> list[CheckResult]:
@@ -243,12 +208,14 @@ def run_checks(cfg: SelftestConfig, *, progress: Callable[[str], None] | None = 
     n_classes = _n_classes(cfg, budget)
     results = []
     say("benign traffic ...")
-    results.append(_benign(cfg, budget, rng))
+    benign, reference = _benign(cfg, budget, rng)
+    results.append(benign)
     say("out-of-distribution inputs ...")
     results.append(_ood(cfg, budget, rng))
     remaining = max(0, cfg.max_requests - budget.used)
     say("black-box evasion ...")
     results.append(_evasion(cfg, budget, rng, n_classes, share=remaining // 2))
     say("model extraction ...")
-    results.append(_extraction(cfg, budget, rng, n_classes, share=max(0, cfg.max_requests - budget.used)))
+    results.append(_extraction(cfg, budget, rng, n_classes, share=max(0, cfg.max_requests - budget.used),
+                               reference=reference))
     return results

@@ -15,7 +15,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import orjson
 
-__all__ = ["Answer", "Budget", "BudgetExhausted", "InferenceClient"]
+from guard_agent.attacks import Answer as AttackAnswer
+from guard_agent.attacks import GuardClient
+
+__all__ = ["Answer", "Budget", "BudgetExhausted", "InferenceClient", "PacedGuardClient"]
 
 
 class BudgetExhausted(Exception):
@@ -48,18 +51,16 @@ class Answer:
 
 
 class InferenceClient:
-    """Sends one row (or a batch) per request to a v2 or v1 inference route, under one API key."""
+    """Sends one row (or a batch) per request to an Open Inference Protocol v2 route, under one API key
+    (status-level checks: benign and OOD traffic; the attacks use ``PacedGuardClient``)."""
 
-    def __init__(self, target: str, model: str, *, budget: Budget, protocol: str = "v2",
-                 session_header: str = "X-API-Key", key: str | None = None, rate: float = 20.0,
+    def __init__(self, target: str, model: str, *, budget: Budget, key: str | None = None, rate: float = 20.0,
                  timeout: float = 10.0, label: str = "selftest") -> None:
         if not target.startswith(("http://", "https://")):
             raise ValueError(f"the target must be an http(s) URL, not {target[:40]!r}")
         self.base = target.rstrip("/")
         self.model = model
         self.budget = budget
-        self.protocol = protocol
-        self.session_header = session_header
         self.key = key or f"{label}-{secrets.token_hex(8)}"
         self.interval = 1.0 / rate if rate > 0 else 0.0
         self.timeout = timeout
@@ -70,13 +71,9 @@ class InferenceClient:
 
     @property
     def url(self) -> str:
-        if self.protocol == "v1":
-            return f"{self.base}/v1/models/{self.model}:predict"
         return f"{self.base}/v2/models/{self.model}/infer"
 
     def _body(self, X: np.ndarray) -> bytes:
-        if self.protocol == "v1":
-            return orjson.dumps({"instances": X.tolist()})
         return orjson.dumps({"inputs": [{"name": "input-0", "shape": list(X.shape), "datatype": "FP64",
                                          "data": X.ravel().tolist()}],
                              "outputs": [{"name": "predict_proba"}]})
@@ -84,10 +81,7 @@ class InferenceClient:
     def _parse(self, payload: bytes, rows: int) -> np.ndarray | None:
         try:
             doc = orjson.loads(payload)
-            if self.protocol == "v1":
-                data = np.asarray(doc["predictions"], dtype=np.float64)
-            else:
-                data = np.asarray(doc["outputs"][0]["data"], dtype=np.float64)
+            data = np.asarray(doc["outputs"][0]["data"], dtype=np.float64)
         except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, ValueError):
             return None
         return data.reshape(rows, -1)
@@ -104,10 +98,39 @@ class InferenceClient:
         rid = f"{self.label}-{self.sent}-{secrets.token_hex(3)}"
         self.request_ids.append(rid)
         request = urllib.request.Request(self.url, data=self._body(X), method="POST", headers={  # noqa: S310
-            "Content-Type": "application/json", self.session_header: self.key, "X-Request-Id": rid})
+            "Content-Type": "application/json", "X-API-Key": self.key, "X-Request-Id": rid})
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as resp:  # noqa: S310 - http(s) checked above
                 return Answer(resp.status, rid, self._parse(resp.read(), X.shape[0]))
         except urllib.error.HTTPError as exc:
             exc.read()
             return Answer(exc.code, rid)
+
+
+
+@dataclass
+class PacedGuardClient(GuardClient):
+    """The attack benchmark's client (``guard_agent.attacks.GuardClient``) with pacing and the shared budget:
+    one request per row, at most one per ``interval`` seconds, each charged to ``budget``."""
+
+    interval: float = 0.05
+    budget: Budget | None = None
+    _last_sent: float = 0.0
+
+    def predict(self, X: np.ndarray) -> AttackAnswer:
+        rows = np.asarray(X, dtype=np.float64).reshape(np.asarray(X).shape[0], -1)
+        labels: list[np.ndarray] = []
+        probas: list[np.ndarray] = []
+        for row in rows:
+            if self.budget is not None:
+                self.budget.spend()
+            wait = self._last_sent + self.interval - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            self._last_sent = time.monotonic()
+            answer = super().predict(row[None, :])
+            labels.append(answer.labels)
+            if answer.probabilities is not None:
+                probas.append(answer.probabilities)
+        proba = np.concatenate(probas) if probas and len(probas) == len(labels) else None
+        return AttackAnswer(np.concatenate(labels) if labels else np.empty(0, dtype=np.int64), proba)
