@@ -305,6 +305,31 @@ class TestSelftest:
             await runner.cleanup()
 
 
+class TestSelftestVerdicts:
+    async def test_rate_limit_is_not_mistaken_for_a_defence(self, start_guard, tmp_path: Path,
+                                                            profile_dir: str) -> None:
+        """Attacks stopped only by 429s (a tight rate limit, no rules) fail the check and say why."""
+        from aiohttp import web
+
+        from guard_agent.demo import DigitsModel, make_model_app
+
+        runner = web.AppRunner(make_model_app(DigitsModel()))
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        try:
+            policy = tmp_path / "tight.yaml"
+            policy.write_text("version: 1\nrate_limit: {requests_per_second: 1, burst: 3}\n")
+            guard = await start_guard(f"http://127.0.0.1:{port}", policy=str(policy), profile=profile_dir)
+            code, out, _ = await asyncio.to_thread(cli, "selftest", "--target", guard.url, "--max-requests", "80",
+                                                   "--time-limit", "60", "--rate", "50")
+        finally:
+            await runner.cleanup()
+        assert code == 1
+        evasion = next(x for x in out.splitlines() if x.startswith("black-box"))
+        assert " FAIL " in evasion and "not by a detector (403)" in evasion and "[429]" in evasion
+
+
 def test_capture_settings_reach_the_hook(tmp_path: Path) -> None:
     """GUARD_CAPTURE_* settings configure the hook: size, file count and sealing."""
     from guard_agent.app import build_state
