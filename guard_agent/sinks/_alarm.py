@@ -23,13 +23,15 @@ from guard_agent.events import EventSink
 __all__ = ["Alarm", "Scope"]
 
 Scope = Literal["stdout", "others", "all"]
+_LEVELS = {"debug": 0, "info": 1, "warning": 2, "error": 3, "critical": 4}
 
 
 class Alarm:
     """Renders and writes sink status events; drop announcements are aggregated per interval."""
 
-    def __init__(self, primary: EventSink, *, drop_interval: float = 10.0) -> None:
+    def __init__(self, primary: EventSink, *, drop_interval: float = 10.0, min_level: str = "info") -> None:
         self._primary = primary
+        self._min_level = _LEVELS.get(min_level, 1)
         self._interval = drop_interval
         self._lock = threading.Lock()
         self._drops: dict[tuple[str, str], int] = {}
@@ -41,7 +43,12 @@ class Alarm:
         self._sinks[name] = offer
 
     def emit(self, level: str, message: str, action: str, *, scope: Scope = "others", **guard: Any) -> None:
-        """One status line (never raw events, never tokens): stdout, plus the other sinks or all of them."""
+        """One status line (never raw events, never tokens): stdout, plus the other sinks or all of them.
+
+        Lines below the configured ``log_level`` are not written (losses are errors: always written).
+        """
+        if _LEVELS.get(level, 1) < self._min_level:
+            return
         outcome = "failure" if level in ("warning", "error", "critical") else "success"
         doc = {
             "@timestamp": datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z"),

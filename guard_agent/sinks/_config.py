@@ -186,6 +186,8 @@ def _syslog(r: _Reader, name: str, spool_root: str) -> SyslogSinkConfig:
         raise r.fail(f"unknown key(s) {', '.join(unknown)} for a syslog sink "
                      f"(known: {', '.join(sorted(_SYSLOG_KEYS))})")
     host = r.string("host", required=True)
+    if "port" not in r.raw:
+        raise r.fail("port is required (6514 is the usual syslog-over-TLS port, 514 or 601 for plain TCP)")
     port = r.number("port", 0, integer=True, maximum=65535)
     facility = r.raw.get("facility", "local0")
     if isinstance(facility, str) and facility in FACILITIES:

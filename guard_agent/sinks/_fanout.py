@@ -69,7 +69,7 @@ def make_sink(settings: Settings, metrics: Metrics, *, primary: EventSink | None
         primary = StreamSink(on_drop=metrics.events_dropped.inc)
     if not configs:
         return primary
-    alarm = Alarm(primary)
+    alarm = Alarm(primary, min_level=settings.log_level)
     sink_metrics = SinkMetrics(metrics.registry)
     workers: list[SinkWorker] = []
     spools: list[Spool] = []

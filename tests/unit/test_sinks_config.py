@@ -57,6 +57,7 @@ class TestParseSinks:
         ({"type": "kafka"}, "type must be syslog or http"),
         ({"type": "syslog", "host": "h", "port": 514, "hots": 1}, "unknown key.*hots"),
         ({"type": "syslog", "port": 514}, "host is required"),
+        ({"type": "syslog", "host": "h"}, "port is required"),
         ({"type": "syslog", "host": "h", "port": 70000}, "port must be"),
         ({"type": "syslog", "host": "h", "port": "514"}, "port must be an integer"),
         ({"type": "syslog", "host": "h", "port": 514, "facility": "local9"}, "facility"),

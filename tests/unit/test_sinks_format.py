@@ -120,3 +120,11 @@ class TestAlarm:
         alarm.tick()
         assert [e["guard"]["dropped"] for e in lines] == [1, 3]
 
+    def test_status_lines_follow_the_log_level_but_losses_always_show(self) -> None:
+        """With log_level=warning an info status line is not written; a drop announcement (error) is."""
+        lines: list[dict[str, Any]] = []
+        alarm = Alarm(CallbackSink(lambda line: lines.append(orjson.loads(line))), min_level="warning")
+        alarm.emit("info", "sink s delivering again", "sink_up", sink="s")
+        alarm.dropped("s", "spool_full", 2)
+        assert [e["event"]["action"] for e in lines] == ["sink_events_dropped"]
+
