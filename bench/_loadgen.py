@@ -164,8 +164,10 @@ class OpenLoop:
         max_conns: int,
         initial_conns: int,
         drain: float,
+        offset: int = 0,
     ) -> None:
         self.host, self.port = host, port
+        self.offset = offset
         self.heads, self.tails = heads, tails
         self.period_ns = round(1e9 / rate)
         self.total = int(rate * duration)
@@ -187,7 +189,8 @@ class OpenLoop:
         self.tick_lag: list[int] = []
 
     def request(self, idx: int) -> bytes:
-        return self.heads[idx % len(self.heads)] + self.tails[idx % len(self.tails)]
+        n = idx + self.offset
+        return self.heads[n % len(self.heads)] + self.tails[n % len(self.tails)]
 
     async def _open(self) -> _Conn | None:
         self.conns += 1
@@ -344,6 +347,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--requests", required=True, help="JSON file: {path, keys: [...], bodies: [...], headers: [...]}")
     p.add_argument("--max-conns", type=int, default=512)
     p.add_argument("--initial-conns", type=int, default=32)
+    p.add_argument(
+        "--offset", type=int, default=0, help="start at this request of the pool's sequence (continue a session)"
+    )
     p.add_argument("--drain", type=float, default=3.0, help="seconds to wait for answers after the last send")
     return p.parse_args(argv)
 
@@ -360,6 +366,7 @@ async def _main(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, Any
         max_conns=args.max_conns,
         initial_conns=args.initial_conns,
         drain=args.drain,
+        offset=args.offset,
     )
     await gen.run()
     return gen.summary(args.warmup)

@@ -133,9 +133,20 @@ def parse_wrk(text: str) -> dict[str, Any]:
 
 
 def run_wrk(
-    target: Target, *, seconds: float, conns: int, load_core: int, proxy_core: int, quiet: Sequence[int] = ()
+    target: Target,
+    *,
+    seconds: float,
+    conns: int,
+    load_core: int,
+    proxy_core: int,
+    quiet: Sequence[int] = (),
+    offset: int = 0,
 ) -> dict[str, Any]:
-    """Closed loop: ``conns`` keep-alive connections, one wrk thread, as fast as the target answers."""
+    """Closed loop: ``conns`` keep-alive connections, one wrk thread, as fast as the target answers.
+
+    ``offset``: where in the request pool's sequence to start, so that each session keeps walking
+    through new rows across runs instead of replaying the same ones (replays look like probing).
+    """
     argv = [
         "taskset",
         "-c",
@@ -151,7 +162,8 @@ def run_wrk(
     ]
 
     def run() -> dict[str, Any]:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30, check=False)
+        env = {**os.environ, "BENCH_OFFSET": str(offset)}
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30, check=False, env=env)
         if done.returncode != 0:
             raise RuntimeError(f"wrk failed against {target.name}: {done.stderr.strip()}")
         return parse_wrk(done.stdout)
@@ -168,6 +180,7 @@ def run_open_loop(
     load_core: int,
     proxy_core: int,
     quiet: Sequence[int] = (),
+    offset: int = 0,
 ) -> dict[str, Any]:
     """Open loop at ``rate`` req/s for ``seconds`` (+ warm-up), latency from each scheduled send time."""
     argv = [
@@ -186,6 +199,8 @@ def run_open_loop(
         f"{warmup:g}",
         "--requests",
         str(target.spec),
+        "--offset",
+        str(offset),
     ]
 
     def run() -> dict[str, Any]:

@@ -232,28 +232,48 @@ def _sanity(targets: dict[str, Target]) -> list[str]:
 def _measure_all(targets: dict[str, Target], args: argparse.Namespace, seconds: float) -> list[dict[str, Any]]:
     names = list(targets)
     quiet = sorted({t.pid for t in targets.values()})  # every server idle before each run starts
+    # per (server, request pool): where the next run continues the sequence, so no session replays rows
+    cursor: dict[tuple[int, str], int] = {}
+
+    def wrk(t: Target, secs: float) -> dict[str, Any]:
+        key = (t.pid, str(t.spec))
+        res = run_wrk(
+            t,
+            seconds=secs,
+            conns=args.connections,
+            offset=cursor.get(key, 0),
+            load_core=LOAD_CORE,
+            proxy_core=PROXY_CORE,
+            quiet=quiet,
+        )
+        cursor[key] = cursor.get(key, 0) + int(res["requests"]) + args.connections
+        return res
+
+    def open_loop(t: Target, rate: int) -> dict[str, Any]:
+        key = (t.pid, str(t.spec))
+        res = run_open_loop(
+            t,
+            rate=rate,
+            seconds=seconds,
+            warmup=0.5,
+            offset=cursor.get(key, 0),
+            load_core=LOAD_CORE,
+            proxy_core=PROXY_CORE,
+            quiet=quiet,
+        )
+        cursor[key] = cursor.get(key, 0) + int(rate * (seconds + 0.5))
+        return res
+
     runs: list[dict[str, Any]] = []
     for t in targets.values():  # warm-up: connection pools, first-call costs; not recorded
-        run_wrk(t, seconds=1, conns=args.connections, load_core=LOAD_CORE, proxy_core=PROXY_CORE, quiet=quiet)
+        wrk(t, 1.0)
     for rep in range(args.repeats):
         order = names[rep % len(names) :] + names[: rep % len(names)]
         for name in order:
             t = targets[name]
-            res = run_wrk(
-                t, seconds=seconds, conns=args.connections, load_core=LOAD_CORE, proxy_core=PROXY_CORE, quiet=quiet
-            )
-            runs.append({"config": name, "rep": rep, "kind": "wrk", **res})
+            runs.append({"config": name, "rep": rep, "kind": "wrk", **wrk(t, seconds)})
             for rate in args.rates:
-                res = run_open_loop(
-                    t,
-                    rate=rate,
-                    seconds=seconds,
-                    warmup=0.5,
-                    load_core=LOAD_CORE,
-                    proxy_core=PROXY_CORE,
-                    quiet=quiet,
-                )
-                runs.append({"config": name, "rep": rep, "kind": f"open{rate}", **res})
+                runs.append({"config": name, "rep": rep, "kind": f"open{rate}", **open_loop(t, rate)})
             last = runs[-(1 + len(args.rates)) :]
             print(
                 f"  repeat {rep + 1}/{args.repeats} {name:<28} wrk {last[0]['rps']:8.0f} req/s  "
