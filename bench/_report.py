@@ -125,6 +125,17 @@ def ratio_lines(runs: Sequence[Run], proxies: Sequence[str], rates: Sequence[int
                 else ""
             )
         )
+    nginx_us = med(select(runs, "nginx", "wrk"), "cpu_us_per_req")
+    if nginx_us:
+        parts = [f"nginx {1e6 / nginx_us:.0f} req/s"]
+        for cfg in proxies:
+            us = med(select(runs, cfg, "wrk"), "cpu_us_per_req")
+            if us and cfg != "nginx":
+                parts.append(f"{cfg} {1e6 / us:.0f} req/s ({nginx_us / us:.3f}x nginx)")
+        lines.append(
+            "CPU-bound capacity on a core of its own (1e6 / CPU us per request under wrk; robust to other "
+            "processes sharing the core, not to a slow core): " + "; ".join(parts)
+        )
     for rate in rates:
         for key in ("p50_ms", "p99_ms"):
             parts = []
