@@ -42,6 +42,10 @@ class Alarm:
         """Let status lines reach the SIEM sink ``name`` too (its non-blocking ``offer``)."""
         self._sinks[name] = offer
 
+    def detach_all(self) -> None:
+        """Status lines to stdout only (the sinks are shutting down)."""
+        self._sinks = {}
+
     def emit(self, level: str, message: str, action: str, *, scope: Scope = "others", **guard: Any) -> None:
         """One status line (never raw events, never tokens): stdout, plus the other sinks or all of them.
 

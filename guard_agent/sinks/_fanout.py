@@ -38,6 +38,7 @@ class FanoutSink:
     def close(self, timeout: float = 5.0) -> None:
         """Spool what is queued, deliver what can be delivered within ``timeout``, then close stdout."""
         deadline = time.monotonic() + timeout
+        self._alarm.detach_all()   # from here on status lines go to stdout only: the sinks take no more
         for worker in self.workers:
             worker.stop_intake(max(0.1, deadline - time.monotonic()))
         for worker in self.workers:
