@@ -14,17 +14,18 @@ retry tells an attacker nothing new), each tracker turns an observation into a l
   ``nn_threshold`` (the 1 % quantile of benign streams): benign rate ``p0_near`` (0.05: clients
   that legitimately resend edited inputs), attack 0.5.
 - coverage: (a) rare region, i.e. off-manifold (PCA residual or whitened norm beyond the reference
-  99.5 % quantile) or a grid cell the reference hardly visits, benign rate ``p0_rare`` (measured on
-  held-out reference data), attack 0.5; (b) growth: a query in a cell the session has not visited,
+  99.5 % quantile) or a grid cell the reference hardly visits, benign rate ``p0_rare`` (twice the
+  rate measured on held-out reference data), attack 0.9; (b) growth: a query in a cell the session has not visited,
   benign probability = reference mass of unvisited cells, attack probability halfway to 1.
 - margin: top-1 minus top-2 probability below ``margin_threshold``, benign ``p0_margin``, attack 0.5.
 - prada (every distinct query, as in the paper): at each Shapiro-Wilk check, W < prada_delta
   (calibrated per session on benign streams) has benign rate 1 %, attack rate 50 %.
 - rate: a leaky bucket (``rate_leak`` queries/s allowance), not evidence, score 1 - 2^(-level/rate_half).
-- risk: the maximum of every tracker's CUSUM, a CUSUM over ``global_fingerprint`` events (when the
-  caller passes the global index's score) and a joint CUSUM of the summed per-query evidence. The
-  maximum keeps an attack that only one tracker sees from being diluted by the others' benign
-  evidence; the joint term lets several weak signals add up. Union bound: the false-alarm bound is
+- risk: the maximum of every tracker's CUSUM, a CUSUM over ``global_fingerprint`` >= 0.8 events
+  (benign 5 %: popular inputs edited by many clients; attack 90 %; when the caller passes the score)
+  and a joint CUSUM of the summed per-query evidence. The maximum keeps an attack that only one
+  tracker sees from being diluted by the others' benign evidence; the joint term lets several weak
+  signals add up. Union bound: the false-alarm bound is
   at most 7 times a single tracker's.
 
 All evidence decays with ``half_life`` seconds of wall time between updates.
@@ -47,7 +48,8 @@ SCORE_NAMES = frozenset({"session.prada", "session.fingerprint", "session.neighb
                          "session.margin", "session.rate", "session.risk"})
 
 _FP_ATTACK = (0.2, 0.3, 0.5)
-_GLOBAL_P0, _GLOBAL_P1 = 0.01, 0.5
+_RARE_P1 = 0.9  # attack model for rare regions: a run of rare queries, not an occasional one
+_GLOBAL_EVENT, _GLOBAL_P0, _GLOBAL_P1 = 0.8, 0.05, 0.9
 
 
 class SessionTrackers:
@@ -64,7 +66,7 @@ class SessionTrackers:
         self._fp_llr = tuple(
             min(max(math.log(a / b), ev.LLR_MIN), ev.LLR_MAX) for a, b in zip(_FP_ATTACK, fp_benign, strict=True))
         self._nn_llr = ev.bernoulli_llr(config.p0_near, 0.5)
-        self._rare_llr = ev.bernoulli_llr(config.p0_rare, 0.5) if config.p0_rare > 0 else (0.0, 0.0)
+        self._rare_llr = ev.bernoulli_llr(config.p0_rare, _RARE_P1) if config.p0_rare > 0 else (0.0, 0.0)
         self._margin_llr = ev.bernoulli_llr(config.p0_margin, 0.5)
         self._prada_llr = ev.bernoulli_llr(0.01, 0.5)
         self._global_llr = ev.bernoulli_llr(_GLOBAL_P0, _GLOBAL_P1)
@@ -128,7 +130,7 @@ class SessionTrackers:
         ``labels``: predicted class per row, or None (then argmax of ``probabilities``, else class 0).
         ``probabilities``: (rows, classes) model scores, or None (margin tracker then learns nothing).
         ``global_fingerprint``: optional score from GlobalFingerprintIndex.observe for this request;
-        a value >= 0.5 counts as one near-duplicate event in ``session.risk``.
+        a value >= 0.8 counts as one cross-session near-duplicate event in ``session.risk``.
         The input state is not modified.
         """
         X = self._check(X)
@@ -159,7 +161,8 @@ class SessionTrackers:
         fps = _hashing.compact(self.fingerprints(X))
         feats = project(cfg, X)
         if global_fingerprint is not None and math.isfinite(global_fingerprint):
-            st.s_global = ev.cusum(st.s_global, self._global_llr[0 if global_fingerprint >= 0.5 else 1])
+            event = global_fingerprint >= _GLOBAL_EVENT
+            st.s_global = ev.cusum(st.s_global, self._global_llr[0 if event else 1])
         for i in range(tracked):
             st.n_queries += 1
             if np.any(st.exact[: st.n_exact] == digests[i]):
