@@ -130,14 +130,21 @@ def write_profile(out: Path, X: np.ndarray, y: np.ndarray) -> None:
     save_profile(fit_profile(X, labels=y, fpr=0.01, seed=0, extra_components={"trackers": trackers}), out)
 
 
-def write_policy(path: Path, keep_rate_limit: bool) -> None:
+SESSION_RULES = ("session-", "black-box-attack", "distributed-black-box-attack", "model-extraction")
+
+
+def write_policy(path: Path, which: str, keep_rate_limit: bool) -> None:
+    """The default policy, or (``sessions``) only its session-tracker rules; rate limit raised unless kept."""
+    import yaml
+
     import guard_agent
 
-    text = (Path(guard_agent.__file__).parent / "default_policy.yaml").read_text()
+    doc = yaml.safe_load((Path(guard_agent.__file__).parent / "default_policy.yaml").read_text())
+    if which == "sessions":
+        doc["rules"] = [r for r in doc["rules"] if str(r["id"]).startswith(SESSION_RULES)]
     if not keep_rate_limit:
-        text = text.replace("requests_per_second: 50", "requests_per_second: 5000")
-        text = text.replace("burst: 100", "burst: 10000")
-    path.write_text(text)
+        doc["rate_limit"] = {"requests_per_second": 5000, "burst": 10000}
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
 
 
 def exe(name: str) -> str:
@@ -337,6 +344,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer runs and benign sessions (smoke run)")
     ap.add_argument("--benign", type=int, default=None, help="benign sessions (default 3000; --quick 200)")
     ap.add_argument("--keep-rate-limit", action="store_true", help="keep the default policy's rate limit")
+    ap.add_argument("--policy", choices=("default", "sessions"), default="default",
+                    help="the shipped default policy, or only its session-tracker rules (measures the trackers)")
     ap.add_argument("--concurrency", type=int, default=16)
     args = ap.parse_args()
     quick = args.quick
@@ -356,7 +365,8 @@ def main() -> None:
     ml_port, g_port, a_port = free_port(), free_port(), free_port()
     clf = write_mlserver_repo(work / "mlserver", X_train, y_train, ml_port)
     write_profile(work / "profile", X_train, y_train)
-    write_policy(work / "policy.yaml", args.keep_rate_limit)
+    write_policy(work / "policy.yaml", args.policy, args.keep_rate_limit)
+    print(f"# policy: {args.policy}", flush=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("GUARD_")}
     env.update({"GUARD_LISTEN": f"127.0.0.1:{g_port}", "GUARD_ADMIN_LISTEN": f"127.0.0.1:{a_port}",
                 "GUARD_UPSTREAM": f"http://127.0.0.1:{ml_port}", "GUARD_POLICY": str(work / "policy.yaml"),
