@@ -169,7 +169,7 @@ def _sessions_figure(rows: list[_SessionRow]) -> str | None:
 
     if not rows:
         return None
-    fig, ax = plt.subplots(figsize=(11, 0.35 * len(rows) + 1.2))
+    fig, ax = plt.subplots(figsize=(11, max(3.0, 0.35 * len(rows) + 1.4)))
     labels = [f"{r.session[:12]}{' (attack)' if r.labelled else ''}" for r in rows][::-1]
     values = [r.risk for r in rows][::-1]
     colours = ["#c8423b" if r.refused else "#4c78a8" for r in rows][::-1]
@@ -182,8 +182,7 @@ def _sessions_figure(rows: list[_SessionRow]) -> str | None:
     ax.set_xlim(0, 1)
     ax.set_xlabel("highest session score seen (max over session.*); red = some requests refused")
     ax.set_title("Top sessions by risk", fontsize=12)
-    fig.tight_layout()
-    return _png(fig)
+    return _png(fig)  # savefig(bbox_inches="tight") fits the labels
 
 
 def _roc_figure(benign: Mapping[str, np.ndarray],
