@@ -135,6 +135,7 @@ class TestExample:
         import yaml
 
         example = Path(__file__).resolve().parents[2] / "examples" / "sinks" / "guard-sinks.yaml"
+        assert len(load_settings(example, env={}).sinks) == 4   # valid as a guard-agent --config file
         doc = yaml.safe_load(example.read_text())
         existing = tmp_path / "secret"
         existing.write_text("value")
