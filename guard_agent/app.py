@@ -32,7 +32,7 @@ __all__ = ["build_state", "make_admin_app", "make_app"]
 def build_state(settings: Settings, *, sink: EventSink | None = None) -> GuardState:
     """Everything that does not need a running loop; raises on a bad first policy or profile."""
     metrics = Metrics()
-    events = EventLogger(sink or _make_sink(settings, metrics),
+    events = EventLogger(_make_sink(settings, metrics, primary=sink),
                          sample_allow=settings.log_sample_allow, min_level=settings.log_level)
     key = settings.hmac_key.encode() if settings.hmac_key else secrets.token_bytes(32)
     if not settings.hmac_key:
@@ -75,13 +75,13 @@ def build_state(settings: Settings, *, sink: EventSink | None = None) -> GuardSt
     return state
 
 
-def _make_sink(settings: Settings, metrics: Metrics) -> EventSink:
-    """stdout, plus the configured SIEM sinks (syslog, HTTP) when the sinks module is present."""
+def _make_sink(settings: Settings, metrics: Metrics, *, primary: EventSink | None = None) -> EventSink:
+    """stdout (or ``primary``, a stand-in for stdout in tests and the demo), plus the configured SIEM sinks."""
     factory = _optional_factory("guard_agent.sinks", "make_sink")
     if factory is not None:
-        sink: EventSink = factory(settings, metrics)
+        sink: EventSink = factory(settings, metrics, primary=primary)
         return sink
-    return StreamSink(on_drop=metrics.events_dropped.inc)
+    return primary or StreamSink(on_drop=metrics.events_dropped.inc)
 
 
 def _optional_factory(module: str, name: str):  # type: ignore[no-untyped-def]

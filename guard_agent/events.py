@@ -16,6 +16,7 @@ import random
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping, MutableMapping
 from datetime import UTC, datetime
 from typing import IO, Any, Protocol
@@ -208,6 +209,7 @@ def build_decision_event(
         guard.update(extra_guard)
     fields: dict[str, Any] = {
         "ecs_event": {
+            "id": uuid.uuid4().hex,
             "kind": kind,
             "category": ["intrusion_detection"],
             "type": ["denied"] if outcome == "failure" else ["allowed"],
