@@ -50,6 +50,8 @@ def to_score(s: float | np.floating[Any]) -> float:
     v = float(s)
     if not math.isfinite(v) or v <= 0.0:
         return 0.0
+    if v >= 40.0 * S_HALF:  # 1 - 2**-1600 is 1.0 in floating point; avoid overflow on huge evidence
+        return 1.0
     return float(-math.expm1(-math.log(2.0) * (v / S_HALF) ** 2))
 
 

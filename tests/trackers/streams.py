@@ -11,6 +11,10 @@ from collections.abc import Callable
 
 import numpy as np
 
+from guard_agent.attacks import natural_patches
+
+__all__ = ["benign_stream", "hsj_like", "jbda_like", "jbda_stream", "natural_patches", "uniform_stream"]
+
 
 def benign_stream(
     X: np.ndarray,
@@ -114,17 +118,3 @@ def jbda_stream(
 def uniform_stream(d: int, rng: np.random.Generator, n: int, *, lo: float = 0.0, hi: float = 1.0) -> np.ndarray:
     """Uniform random queries over the input box."""
     return rng.uniform(lo, hi, size=(n, d))
-
-
-def natural_patches(rng: np.random.Generator, n: int, *, side: int = 8, hi: float = 16.0) -> np.ndarray:
-    """Grey side x side patches of scikit-learn's sample photographs, scaled to [0, hi] (another distribution)."""
-    from sklearn.datasets import load_sample_images
-
-    imgs = [im.mean(axis=2) for im in load_sample_images().images]
-    out = np.empty((n, side * side))
-    for i in range(n):
-        im = imgs[int(rng.integers(len(imgs)))]
-        r, c = rng.integers(0, im.shape[0] - 4 * side), rng.integers(0, im.shape[1] - 4 * side)
-        block = im[r : r + 4 * side, c : c + 4 * side].reshape(side, 4, side, 4).mean(axis=(1, 3))
-        out[i] = block.reshape(-1) / 255.0 * hi
-    return out
