@@ -34,9 +34,9 @@ from typing import Any
 
 import yaml
 
-from guard_agent.policy.decide import RequestFacts, SessionFacts, decide
+from guard_agent.policy.decide import RequestFacts, SessionFacts, decide, facts_for
 from guard_agent.policy.loader import parse_policy
-from guard_agent.policy.model import SEVERITY, Decision, EffectivePolicy, Policy
+from guard_agent.policy.model import SEVERITY, Condition, Decision, EffectivePolicy, Policy
 from guard_agent.ratelimit import Bucket, take
 from guard_agent.tuning.records import Capture, CapturedDecision, PolicySnapshot
 
@@ -148,32 +148,52 @@ def _short_circuited(d: CapturedDecision) -> bool:
             or (d.action == "block" and d.rule in ("model-integrity", "scoring-error", "scoring-budget")))
 
 
+def _near(value: float | None, c: Condition) -> bool:
+    """Rounding to 6 decimals may have moved ``value`` across this condition's threshold."""
+    return (value is not None and c.op in ("gte", "gt", "lte", "lt") and isinstance(c.value, int | float)
+            and abs(value - float(c.value)) <= _ROUNDING)
+
+
+def _placed(c: Condition, held: bool) -> float:
+    """A value on the side of ``c``'s threshold that makes the condition hold (or not)."""
+    t = float(c.value)
+    if c.op in ("gte", "gt"):
+        return (t if c.op == "gte" else t + _NUDGE) if held else (t - _NUDGE if c.op == "gte" else t)
+    return (t if c.op == "lte" else t - _NUDGE) if held else (t + _NUDGE if c.op == "lte" else t)
+
+
 def disambiguate(d: CapturedDecision, captured: EffectivePolicy | None) -> Mapping[str, float]:
     """Scores rounded to 6 decimals, corrected where rounding hides a threshold comparison.
 
-    A score within rounding distance of a threshold of a single-condition rule of the captured policy is
-    moved to the side of the threshold that the captured ``matched_rules`` prove it was on.
+    For a rule of the captured policy with exactly one condition within rounding distance of its threshold
+    and every other condition clearly true, the captured ``matched_rules`` tell which side of the threshold
+    the score was on; the score is moved there.
     """
     if d.exact_scores or captured is None or _short_circuited(d):
         return d.scores
     scores = dict(d.scores)
+    facts: dict[str, Any] | None = None
     for rule in captured.rules:
-        if len(rule.conditions) != 1:
+        near = [c for c in rule.conditions if _near(scores.get(c.fact), c)]
+        if len(near) != 1:
             continue
-        c = rule.conditions[0]
-        value = scores.get(c.fact)
-        if value is None or not isinstance(c.value, int | float) or abs(value - c.value) > _ROUNDING:
-            continue
-        held = rule.id in d.matched
-        t = float(c.value)
-        if c.op in ("gte", "gt"):
-            above = (t if c.op == "gte" else t + _NUDGE) if held else (t - _NUDGE if c.op == "gte" else t)
-        elif c.op in ("lte", "lt"):
-            above = (t if c.op == "lte" else t - _NUDGE) if held else (t + _NUDGE if c.op == "lte" else t)
-        else:
-            continue
-        scores[c.fact] = above
+        if len(rule.conditions) > 1:
+            if facts is None:
+                facts = facts_for(_request_facts(d), scores, _session_facts(d))
+            if not all(c.holds(facts) for c in rule.conditions if c is not near[0]):
+                continue  # the rule failed on another condition: it says nothing about this one
+        scores[near[0].fact] = _placed(near[0], rule.id in d.matched)
     return scores
+
+
+def _request_facts(d: CapturedDecision) -> RequestFacts:
+    return RequestFacts(model=d.model, protocol=d.protocol, rows=d.rows, body_bytes=d.body_bytes,
+                        features=d.features, source_ip=d.ip)
+
+
+def _session_facts(d: CapturedDecision, **state: Any) -> SessionFacts:
+    return SessionFacts(id=d.session, source=d.session_source, queries=d.session_queries,
+                        age_seconds=d.session_age_seconds, **state)
 
 
 class _Runner:
@@ -196,12 +216,8 @@ class _Runner:
         if blocked is None and _looks_like_cooldown(d) and not sim.seen_rule_block and eff.block_cooldown > 0:
             blocked, carried, exact = d.rule, True, False  # blocked before the capture began
         decision = decide(
-            RequestFacts(model=d.model, protocol=d.protocol, rows=d.rows, body_bytes=d.body_bytes,
-                         features=d.features, source_ip=d.ip),
-            scores,
-            SessionFacts(id=d.session, source=d.session_source, queries=d.session_queries,
-                         age_seconds=d.session_age_seconds, blocked_rule=blocked, rate_limited=rate_limited,
-                         retry_after=retry_after),
+            _request_facts(d), scores,
+            _session_facts(d, blocked_rule=blocked, rate_limited=rate_limited, retry_after=retry_after),
             eff, scoring_failure=d.scoring_failure,  # type: ignore[arg-type]
         )
         self.last_cooldown = (blocked is not None and decision.action == "block" and not decision.matched

@@ -56,10 +56,10 @@ class Recorder:
         if doc is not None:
             self.lines.append(orjson.dumps({"capture": {
                 "v": 1, "kind": "policy", "revision": self.revision, "document": doc,
-                "available_scores": ["input.schema", "ood.combined", "session.risk"]}}))
+                "available_scores": ["input.schema", "ood.combined", "ood.knn", "session.risk"]}}))
 
     def add(self, rid: str, t: float, scores: dict[str, float], action: str, rule: str = "default",
-            matched: tuple[str, ...] = (), session: str = SESSION, exact: bool = False) -> None:
+            matched: tuple[str, ...] = (), session: str = SESSION, exact: bool = False, rows: int = 1) -> None:
         refused = action in ("block", "throttle")
         extra: dict[str, Any] = {"protocol": "v2", "body_bytes": 200, "features": 64, "session_source": "header",
                                  "session_queries": 0, "session_age_seconds": 0.0}
@@ -67,7 +67,7 @@ class Recorder:
             extra["matched_rules"] = list(matched)
         f = build_decision_event(
             action=action, outcome="failure" if refused else "success", rule=rule, mode="enforce", enforced=True,
-            session=session, model="digits", rows=1, scores=scores, policy_revision=self.revision,
+            session=session, model="digits", rows=rows, scores=scores, policy_revision=self.revision,
             profile_revision="p", request_id=rid, method="POST", status=403 if refused else 200,
             path="/v2/models/digits/infer", source_ip="10.1.2.3", technique=None, started=time.perf_counter(),
             extra_guard=extra)
