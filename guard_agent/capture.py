@@ -97,6 +97,7 @@ class CaptureWriter(CaptureHook):
         # files left by an earlier run count against the limit too, so restarts cannot grow the directory
         self._mine: list[Path] = sorted(self.directory.glob("capture-*.jsonl"), key=lambda p: p.stat().st_mtime)
         self._closed = False
+        self._failing = False
         self._thread = threading.Thread(target=self._run, name="guard-capture", daemon=True)
         self._thread.start()
 
@@ -152,8 +153,12 @@ class CaptureWriter(CaptureHook):
                 except OSError as exc:
                     self.dropped += 1
                     self._close_file()
-                    if self._on_error is not None:
-                        self._on_error(f"capture write failed: {exc.strerror or exc}")
+                    if not self._failing and self._on_error is not None:  # once per outage, not per record
+                        self._on_error(f"capture write failed: {exc.strerror or exc}; dropping records until "
+                                       "writes succeed again")
+                    self._failing = True
+                else:
+                    self._failing = False
             if wrote and self._file is not None:
                 try:
                     self._file.flush()

@@ -168,6 +168,19 @@ class TestCaptureWriter:
         assert w.dropped >= 40
         assert w.written + w.dropped == 50
 
+    def test_write_failures_drop_and_report_once(self, tmp_path: Path) -> None:
+        """When the directory is gone, records are dropped and counted, and the error is reported once."""
+        import shutil
+
+        errors: list[str] = []
+        w = CaptureWriter(tmp_path / "cap", max_bytes=1 << 20, max_files=2, on_error=errors.append)
+        shutil.rmtree(tmp_path / "cap")
+        for i in range(10):
+            w.record(fields(f"r{i}"), None)
+        w.close()
+        assert w.dropped == 10 and w.written == 0
+        assert len(errors) == 1 and "capture write failed" in errors[0]
+
     def test_close_flushes_and_is_idempotent(self, tmp_path: Path) -> None:
         """Everything recorded before close() is on disk after it; a second close() is harmless."""
         w = CaptureWriter(tmp_path, max_bytes=1 << 20, max_files=2)
