@@ -73,7 +73,8 @@ class CaptureWriter(CaptureHook):
 
     def __init__(self, directory: str | Path, *, max_bytes: int, max_files: int, key: bytes | None = None,
                  policy_line: PolicyLine | None = None, max_queue: int = 65536,
-                 on_error: Callable[[str], None] | None = None) -> None:
+                 on_error: Callable[[str], None] | None = None,
+                 on_drop: Callable[[], None] | None = None) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.max_bytes = max(4096, int(max_bytes))
@@ -81,6 +82,7 @@ class CaptureWriter(CaptureHook):
         self._key = key
         self._policy_line = policy_line or (lambda _rev: None)
         self._on_error = on_error
+        self._on_drop = on_drop
         # a deque, not queue.Queue: append/popleft are atomic and the request path never pays for waking the
         # writer (Queue's condition variable costs more than rendering the line); the writer polls instead
         self._buf: deque[tuple[str, bytes]] = deque()
@@ -130,13 +132,13 @@ class CaptureWriter(CaptureHook):
             if revision and revision not in self._policies:
                 self._remember_policy(revision)
         except Exception:  # a capture bug must never fail a request
-            self.dropped += 1
+            self._drop()
             return
         self._put((revision, line))
 
     def _put(self, item: tuple[str, bytes]) -> None:
         if len(self._buf) >= self._max_queue:
-            self.dropped += 1
+            self._drop()
             return
         self._buf.append(item)
 
@@ -151,7 +153,7 @@ class CaptureWriter(CaptureHook):
                 try:
                     self._write(revision, line)
                 except OSError as exc:
-                    self.dropped += 1
+                    self._drop()
                     self._close_file()
                     if not self._failing and self._on_error is not None:  # once per outage, not per record
                         self._on_error(f"capture write failed: {exc.strerror or exc}; dropping records until "
@@ -222,6 +224,11 @@ class CaptureWriter(CaptureHook):
                 self._file.close()
             self._file = None
 
+    def _drop(self) -> None:
+        self.dropped += 1
+        if self._on_drop is not None:
+            self._on_drop()
+
     # ---- lifecycle ---------------------------------------------------------------------------------------
     @property
     def files(self) -> list[Path]:
@@ -264,9 +271,11 @@ def make_capture(state: GuardState) -> CaptureHook | None:
     if not s.capture_dir:
         return None
     key = derive_key(s.capture_key) if s.capture_key else None
+    dropped = getattr(state.metrics, "capture_dropped", None)  # inference_guard_capture_dropped_total, if defined
     writer = CaptureWriter(s.capture_dir, max_bytes=s.capture_max_bytes, max_files=s.capture_max_files, key=key,
                            policy_line=_policy_line_for(state),
-                           on_error=lambda message: state.events.log("error", message))
+                           on_error=lambda message: state.events.log("error", message),
+                           on_drop=dropped.inc if dropped is not None else None)
     state.events.log("info", "decision capture enabled", guard={
         "capture_dir": s.capture_dir, "capture_features": key is not None,
         "capture_max_bytes": s.capture_max_bytes, "capture_max_files": s.capture_max_files})

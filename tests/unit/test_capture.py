@@ -173,12 +173,14 @@ class TestCaptureWriter:
         import shutil
 
         errors: list[str] = []
-        w = CaptureWriter(tmp_path / "cap", max_bytes=1 << 20, max_files=2, on_error=errors.append)
+        drops: list[int] = []
+        w = CaptureWriter(tmp_path / "cap", max_bytes=1 << 20, max_files=2, on_error=errors.append,
+                          on_drop=lambda: drops.append(1))
         shutil.rmtree(tmp_path / "cap")
         for i in range(10):
             w.record(fields(f"r{i}"), None)
         w.close()
-        assert w.dropped == 10 and w.written == 0
+        assert w.dropped == 10 and w.written == 0 and len(drops) == 10
         assert len(errors) == 1 and "capture write failed" in errors[0]
 
     def test_close_flushes_and_is_idempotent(self, tmp_path: Path) -> None:
