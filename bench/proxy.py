@@ -19,8 +19,8 @@ core 1. Each repeat runs every configuration in turn (rotated order): closed-loo
 the open-loop generator at 500 and 1000 req/s (latency from the scheduled send time). CPU per request
 comes from /proc/<pid>/stat. Decision events go to /dev/null.
 
-    python bench/proxy.py            # full: 3 repeats, ~8 minutes
-    python bench/proxy.py --quick    # ~1.5 minutes, smaller figures' confidence
+    python bench/proxy.py            # full: 3 repeats, ~10 minutes while the guard saturates
+    python bench/proxy.py --quick    # 2 s runs, no extras: ~3-5 minutes
     python bench/proxy.py --profile 15   # also py-spy the guard (all checks on) at 1000 req/s
 """
 
