@@ -62,7 +62,7 @@ RATES = (500, 1000)  # issue 2's fixed rates; --rates adds others (e.g. one the 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="guard vs nginx vs direct: throughput, latency, CPU per request")
-    p.add_argument("--quick", action="store_true", help="2 s runs, no extra configurations (~1.5 min)")
+    p.add_argument("--quick", action="store_true", help="2 s runs, no extra configurations (~3-5 min)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats of every configuration (>= 3)")
     p.add_argument("--seconds", type=float, default=None, help="length of each run (default 5, quick 2)")
     p.add_argument(
