@@ -314,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     seconds = args.seconds or (2.0 if args.quick else 5.0)
     extras = not args.quick
-    work = Path(tempfile.mkdtemp(prefix="guard-bench-"))
+    work = Path(tempfile.mkdtemp(prefix="guard-proxybench-"))
     started = time.monotonic()
     print("\n".join(_header(args, seconds)), flush=True)
     try:
