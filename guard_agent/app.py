@@ -158,7 +158,9 @@ async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     s = state.settings
     connector = aiohttp.TCPConnector(limit=s.upstream_pool_size, keepalive_timeout=30, ttl_dns_cache=300)
-    timeout = aiohttp.ClientTimeout(total=None, connect=s.connect_timeout, sock_connect=s.connect_timeout,
+    # no `connect` timeout: in aiohttp it includes waiting for a pool slot, which would turn the guard's own
+    # overload into "504 upstream too slow"; sock_connect bounds the TCP connect itself
+    timeout = aiohttp.ClientTimeout(total=None, connect=None, sock_connect=s.connect_timeout,
                                     sock_read=s.read_timeout)
     state.client = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
                                          cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=("User-Agent",))

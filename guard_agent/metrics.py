@@ -42,5 +42,7 @@ class Metrics:
                                 ["score"], buckets=(0.5, 0.9, 0.99, 0.999, 0.9999, 1.0), registry=r)
         self.events_dropped = Counter("inference_guard_events_dropped_total",
                                       "Decision events dropped because the sink queue was full", registry=r)
+        self.capture_dropped = Counter("inference_guard_capture_dropped_total",
+                                       "Captured decisions dropped because the capture queue was full", registry=r)
         self.rejects = Counter("inference_guard_rejects_total", "Invalid requests refused before scoring",
                                ["reason"], registry=r)

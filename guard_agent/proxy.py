@@ -179,7 +179,7 @@ def _emit(state: GuardState, request: web.Request, policy: Policy, out: _Outcome
         source_ip=out.source_ip, technique=out.technique, started=started, extra_guard=out.fields,
     )
     if state.capture is not None and out.features is not None:
-        state.capture.record(fields, out.features)  # unsampled, before allow sampling
+        state.capture.record(fields, out.features, scores=out.scores)  # unsampled, before allow sampling
     level = "warning" if out.action in ("block", "throttle", "integrity_violation") else "info"
     state.events.decision(fields, f"{out.action} {request.method} {request.path}", level=level)
 
@@ -316,33 +316,40 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
         out.rule = "invalid-input"
         return _reject(state, out, 400, "invalid_input", str(exc), request_id), 0.0
 
-    ctx = ScoringContext(features=parsed.features, row_shape=parsed.row_shape, model=match.model,
-                         protocol=parsed.protocol, body=body, policy=eff,
-                         extra={"request": request, "parsed": parsed})
-    scores, failure = await run_scorers(ctx, (_declared_scorer, state.profile.score),
-                                        state.async_scorers if eff.squeeze.enabled else ())
-    if failure is not None:
-        state.metrics.scoring_failures.labels(failure).inc()
-    integrity = state.integrity.score(match.model)
-    if integrity is not None:
-        scores["integrity.canary"] = integrity
-
     record = await state.sessions.get(identity.session, now)
-    scores.update(await state.trackers.peek(identity.session, record, parsed.features, match.model, now))
     rate_limited, retry_after = False, 0.0
     limit = identity.rate_limit or eff.rate_limit
     if limit is not None:
         record.bucket, allowed, retry_after = take(record.bucket, now, rate=limit.rate, burst=limit.burst)
         rate_limited = not allowed
-    decision = decide(
-        RequestFacts(model=match.model, protocol=parsed.protocol, rows=parsed.rows, body_bytes=len(body),
-                     features=int(parsed.features.shape[1]), source_ip=identity.ip),
-        scores,
-        SessionFacts(id=identity.session, source=identity.source, queries=record.queries,
-                     age_seconds=now - record.first_seen, blocked_rule=record.blocked(now),
-                     rate_limited=rate_limited, retry_after=retry_after),
-        eff, scoring_failure=failure,
-    )
+    request_facts = RequestFacts(model=match.model, protocol=parsed.protocol, rows=parsed.rows,
+                                 body_bytes=len(body), features=int(parsed.features.shape[1]),
+                                 source_ip=identity.ip)
+    session_facts = SessionFacts(id=identity.session, source=identity.source, queries=record.queries,
+                                 age_seconds=now - record.first_seen, blocked_rule=record.blocked(now),
+                                 rate_limited=rate_limited, retry_after=retry_after)
+    decision: Decision | None = None
+    scores: dict[str, float] = {}
+    failure = None
+    if eff.mode == "enforce" and (session_facts.blocked_rule is not None or rate_limited):
+        # a blocked or throttled session is refused before any scoring: refusals must stay cheap under abuse
+        early = decide(request_facts, scores, session_facts, eff)
+        decision = early if early.refused else None
+    if decision is None:
+        ctx = ScoringContext(features=parsed.features, row_shape=parsed.row_shape, model=match.model,
+                             protocol=parsed.protocol, body=body, policy=eff,
+                             extra={"request": request, "parsed": parsed})
+        scores, failure = await run_scorers(ctx, (_declared_scorer, state.profile.score),
+                                            state.async_scorers if eff.squeeze.enabled else ())
+        if failure is not None:
+            state.metrics.scoring_failures.labels(failure).inc()
+            out.fields["scoring_failure"] = failure
+        integrity = state.integrity.score(match.model)
+        if integrity is not None:
+            scores["integrity.canary"] = integrity
+        if eff.needs_session_scores:  # the trackers cost more than all detectors together: only when read
+            scores.update(await state.trackers.peek(identity.session, record, parsed.features, match.model, now))
+        decision = decide(request_facts, scores, session_facts, eff, scoring_failure=failure)
     out.scores, out.action, out.rule, out.technique = scores, decision.action, decision.rule, decision.technique
     if decision.matched:
         out.fields["matched_rules"] = list(decision.matched)
@@ -350,8 +357,9 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
                       session_source=identity.source, session_queries=record.queries,
                       session_age_seconds=round(now - record.first_seen, 3))
     out.features = parsed.features
-    if decision.enforced and decision.action == "block" and eff.block_cooldown > 0 and record.blocked(now) is None:
-        record.blocked_until, record.blocked_rule = now + eff.block_cooldown, decision.rule
+    cooldown = eff.block_cooldown if decision.cooldown is None else decision.cooldown
+    if decision.enforced and decision.action == "block" and cooldown > 0 and record.blocked(now) is None:
+        record.blocked_until, record.blocked_rule = now + cooldown, decision.rule
     record.queries += parsed.rows
     for name, value in scores.items():
         state.metrics.scores.labels(name).observe(value)
@@ -382,11 +390,12 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
     state.metrics.upstream_latency.labels(match.route).observe(upstream_time)
 
     if 200 <= status < 300:
-        answered = parse_response(parsed.protocol, payload, parsed.rows)
-        tracker_scores = await state.trackers.update(identity.session, record, parsed.features, match.model,
-                                                     answered, now, scores)
-        if tracker_scores:
-            record.scores = dict(tracker_scores)
+        if eff.needs_session_scores:
+            answered = parse_response(parsed.protocol, payload, parsed.rows)
+            tracker_scores = await state.trackers.update(identity.session, record, parsed.features, match.model,
+                                                         answered, now, scores)
+            if tracker_scores:
+                record.scores = dict(tracker_scores)
         if decision.action == "harden" and decision.enforced and decision.hardening is not None:
             hardened = _harden(parsed.protocol, payload, decision, out)
             if hardened is None:  # never leak the full answer because it could not be degraded

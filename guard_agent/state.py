@@ -69,7 +69,8 @@ class IntegrityHook:
 class CaptureHook:
     """The decision-capture seam: receives every inference decision event, unsampled."""
 
-    def record(self, fields: Mapping[str, Any], features: Any) -> None:
+    def record(self, fields: Mapping[str, Any], features: Any, scores: Mapping[str, float] | None = None) -> None:
+        """``fields`` is the decision event; ``scores`` the unrounded scores (the event rounds them)."""
         return None
 
     def close(self) -> None:

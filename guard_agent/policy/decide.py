@@ -99,12 +99,13 @@ def decide(
     best_action: Action = "allow"
     best_rule = "default"
     technique: str | None = None
+    cooldown: float | None = None
     matched: list[str] = []
     for rule in policy.rules:
         if rule.matches(facts):
             matched.append(rule.id)
             if SEVERITY[rule.action] > SEVERITY[best_action]:
-                best_action, best_rule, technique = rule.action, rule.id, rule.technique
+                best_action, best_rule, technique, cooldown = rule.action, rule.id, rule.technique, rule.cooldown
     if integrity_failed and policy.integrity_action == "flag" and SEVERITY["flag"] > SEVERITY[best_action]:
         best_action, best_rule, technique = "flag", INTEGRITY_RULE, "AML.T0018"
         matched.append(INTEGRITY_RULE)
@@ -121,4 +122,5 @@ def decide(
         enforced=enforced,
         hardening=policy.hardening if best_action == "harden" else None,
         retry_after=max(1.0, session.retry_after) if best_action == "throttle" else None,
+        cooldown=cooldown if best_action == "block" else None,
     )

@@ -249,7 +249,7 @@ def _compile_section(r: _Reader, sec: Mapping[str, Any], path: Path_, base: Effe
 
 
 def _compile_rule(r: _Reader, raw: Any, path: Path_) -> Rule:
-    m = r.mapping(raw, path, {"id", "action", "when", "technique", "description"})
+    m = r.mapping(raw, path, {"id", "action", "when", "technique", "description", "cooldown_seconds"})
     rid = m.get("id")
     if not isinstance(rid, str) or not rid.strip():
         raise r.doc.error((*path, "id"), "every rule needs a non-empty string id")
@@ -281,8 +281,11 @@ def _compile_rule(r: _Reader, raw: Any, path: Path_) -> Rule:
     if technique is None:
         technique = _implied_technique(conditions)
     description = m.get("description", "")
+    cooldown = m.get("cooldown_seconds")
+    if cooldown is not None:
+        cooldown = r.number(cooldown, (*path, "cooldown_seconds"), minimum=0)
     return Rule(id=rid, action=action, conditions=tuple(conditions), technique=technique,  # type: ignore[arg-type]
-                description=str(description))
+                description=str(description), cooldown=cooldown)
 
 
 def _implied_technique(conditions: list[Condition]) -> str | None:

@@ -83,6 +83,7 @@ class Rule:
     conditions: tuple[Condition, ...]
     technique: str | None = None
     description: str = ""
+    cooldown: float | None = None   # seconds a block by this rule keeps the session blocked; None = policy default
 
     def matches(self, facts: Mapping[str, Any]) -> bool:
         return all(c.holds(facts) for c in self.conditions)
@@ -161,6 +162,16 @@ class EffectivePolicy:
     require_credentials: bool = False
     integrity_action: Literal["monitor", "flag", "block"] = "monitor"
 
+    @property
+    def needs_session_scores(self) -> bool:
+        """True when a rule reads a session.* score: only then do the session trackers run."""
+        return self._needs_session_scores
+
+    def __post_init__(self) -> None:
+        needed = any(c.fact.startswith("session.") and c.fact in SCORE_NAMES
+                     for rule in self.rules for c in rule.conditions)
+        object.__setattr__(self, "_needs_session_scores", needed)
+
 
 @dataclass(frozen=True)
 class Policy:
@@ -191,6 +202,7 @@ class Decision:
     hardening: Hardening | None = None
     retry_after: float | None = None
     reason: str = ""
+    cooldown: float | None = None   # the winning rule's own block cool-down, when it sets one
 
     @property
     def refused(self) -> bool:

@@ -205,6 +205,18 @@ class TestDecide:
         assert decide(req(ip="203.0.113.9"), {}, sess(), p).rule == "deny-list"
         assert decide(req(ip="2001:db8::1"), {}, sess(), p).action == "allow"
 
+    def test_rule_cooldown_overrides_policy_default(self) -> None:
+        """A block rule's own cooldown_seconds travels with the decision; other rules leave it unset."""
+        text = BASE.replace("    action: block\n", "    action: block\n    cooldown_seconds: 0\n", 1)
+        d = decide(req(), {"ood.combined": 1.0}, sess(), policy(text).default)
+        assert (d.action, d.cooldown) == ("block", 0.0)
+        assert decide(req(), {"ood.combined": 1.0}, sess(), policy().default).cooldown is None
+
+    def test_session_scores_needed_only_when_read(self) -> None:
+        """The trackers run only when a loaded rule reads a session score."""
+        assert policy().default.needs_session_scores
+        assert not policy(available=BUILTIN_SCORES).default.needs_session_scores
+
     def test_blocked_session_stays_blocked(self) -> None:
         """During the cool-down, the session is blocked by the rule that blocked it."""
         d = decide(req(), {}, sess(blocked_rule="ood-block"), policy().default)
