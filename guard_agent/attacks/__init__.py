@@ -5,13 +5,14 @@ KnockoffNets, JBDA, uniform random, natural data of another distribution). ART i
 install the ``[attack]`` extra to run them; importing this package does not need it.
 """
 
-from ._client import Answer, AttackBlocked, GuardClient
+from ._client import REFUSED, Answer, AttackBlocked, GuardClient
 from ._data import natural_patches, uniform_queries
 from ._evasion import black_box_evasion
 from ._extraction import Extraction, extraction_attack, fidelity
 from ._result import AttackResult
 
 __all__ = [
+    "REFUSED",
     "Answer",
     "AttackBlocked",
     "AttackResult",

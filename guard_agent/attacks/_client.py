@@ -1,9 +1,10 @@
 """A synchronous Open Inference Protocol v2 client that attacks send their queries through.
 
 One persistent HTTP/1.1 connection per client (attacks are sequential, like ART's predict loop), one
-request per row by default, each under an API key from a pool. A refused answer (403 block, 429
-throttle, anything but 200) gives the attack nothing: the key is retired (403) or the query fails
-(429 after ``max_retries``), and when no key is left the attack is stopped with :class:`AttackBlocked`.
+request per row by default, each under an API key from a pool. A refused answer (403, or 429 after
+``max_retries`` retries) gives the attack nothing: its rows come back with label ``REFUSED`` (-1) and
+no probabilities, and the attacker moves on. A key refused ``refusals_to_retire`` times in a row is
+taken to be blocked and retired; when no key is left the attack stops with :class:`AttackBlocked`.
 Every request carries ``X-Request-Id: {run_id}-{n}`` so a benchmark can join the guard's decision
 events to the attack's queries.
 """
@@ -18,7 +19,10 @@ from urllib.parse import urlsplit
 import numpy as np
 import orjson
 
-__all__ = ["Answer", "AttackBlocked", "GuardClient"]
+__all__ = ["REFUSED", "Answer", "AttackBlocked", "GuardClient"]
+
+#: Label of a row whose request was refused.
+REFUSED = -1
 
 
 class AttackBlocked(RuntimeError):
@@ -43,6 +47,7 @@ class GuardClient:
     model: str = "digits"
     batch_size: int = 1
     max_retries: int = 3
+    refusals_to_retire: int = 3
     timeout: float = 30.0
     sent: int = 0
     answered: int = 0
@@ -51,6 +56,7 @@ class GuardClient:
     answered_rows: list[np.ndarray] = field(default_factory=list)
     answered_labels: list[int] = field(default_factory=list)
     _next: int = 0
+    _streak: dict[str, int] = field(default_factory=dict)
     _conn: http.client.HTTPConnection | None = None
 
     def __post_init__(self) -> None:
@@ -94,6 +100,7 @@ class GuardClient:
             status, payload = self._post(body, key, f"{self.run_id}-{self.sent}")
             self.sent += rows.shape[0]
             if status == 200:
+                self._streak[key] = 0
                 ans = _parse(payload, rows.shape[0])
                 self.answered += rows.shape[0]
                 self.answered_rows.extend(rows)
@@ -104,7 +111,12 @@ class GuardClient:
                 throttled += 1
                 time.sleep(0.05 * throttled)
                 continue
-            self.retired.append(key)
+            self._streak[key] = self._streak.get(key, 0) + 1
+            if self._streak[key] >= self.refusals_to_retire:
+                self.retired.append(key)
+                if len(self.retired) >= len(self.keys):
+                    raise AttackBlocked(f"{self.run_id}: all {len(self.keys)} keys refused")
+            return Answer(np.full(rows.shape[0], REFUSED, dtype=np.int64), None)
 
     def _post(self, body: bytes, key: str, request_id: str) -> tuple[int, bytes]:
         headers = {"Content-Type": "application/json", "X-API-Key": key, "X-Request-Id": request_id}

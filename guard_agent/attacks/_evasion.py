@@ -8,7 +8,7 @@ from typing import Literal
 import numpy as np
 
 from ._art import black_box_classifier
-from ._client import AttackBlocked, GuardClient
+from ._client import REFUSED, AttackBlocked, GuardClient
 from ._result import AttackResult
 
 __all__ = ["black_box_evasion"]
@@ -36,11 +36,14 @@ def black_box_evasion(
         y0 = int(client.predict(x0[None, :]).labels[0])
     except AttackBlocked:
         return _result(client, method, True, math.inf, goal_l2)
+    if y0 == REFUSED:
+        return _result(client, method, False, math.inf, goal_l2)
 
     def predict(x: np.ndarray) -> np.ndarray:
         nonlocal best
         rows = np.asarray(x, dtype=np.float64).reshape(np.asarray(x).shape[0], -1)
         labels = client.predict(rows).labels
+        labels = np.where(labels == REFUSED, y0, labels)  # a refused answer tells the attack nothing new
         adv = labels != y0
         if adv.any():
             best = min(best, float(np.min(np.linalg.norm(rows[adv] - x0, axis=1))))

@@ -14,7 +14,7 @@ from typing import Literal
 import numpy as np
 
 from ._art import black_box_classifier, sklearn_thief
-from ._client import AttackBlocked, GuardClient
+from ._client import REFUSED, AttackBlocked, GuardClient
 from ._result import AttackResult
 
 __all__ = ["Extraction", "extraction_attack", "fidelity"]
@@ -109,7 +109,10 @@ def _jbda(client: GuardClient, seeds: np.ndarray, n_queries: int, *, lam: float,
     pts = np.asarray(seeds, dtype=np.float64)[:n_queries]
     labels = client.predict(pts).labels
     spent = pts.shape[0]
+    pts, labels = pts[labels != REFUSED], labels[labels != REFUSED]
     while spent < n_queries:
+        if pts.shape[0] == 0:
+            return
         if np.unique(labels).size < 2:
             grad = np.sign(np.random.default_rng(spent).normal(size=pts.shape))
         else:
@@ -118,6 +121,7 @@ def _jbda(client: GuardClient, seeds: np.ndarray, n_queries: int, *, lam: float,
             grad = np.sign(sub.coef_[idx]) if sub.coef_.shape[0] > 1 else np.sign(sub.coef_[[0] * len(pts)])
         new = np.clip(pts + lam * grad, clip[0], clip[1])[: n_queries - spent]
         new_labels = client.predict(new).labels
-        pts = np.concatenate([pts, new])
-        labels = np.concatenate([labels, new_labels])
+        ok = new_labels != REFUSED  # the attacker knows which queries were refused and drops them
+        pts = np.concatenate([pts, new[ok]])
+        labels = np.concatenate([labels, new_labels[ok]])
         spent += new.shape[0]

@@ -11,7 +11,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from guard_agent.attacks import AttackBlocked, GuardClient, black_box_evasion, extraction_attack, natural_patches
+from guard_agent.attacks import (
+    REFUSED,
+    AttackBlocked,
+    GuardClient,
+    black_box_evasion,
+    extraction_attack,
+    natural_patches,
+)
 
 from .conftest import Digits
 
@@ -103,15 +110,24 @@ class TestGuardClient:
         assert ans.probabilities is None
         assert np.array_equal(ans.labels, digits.model.predict(digits.X_held[:3]))
 
-    def test_refused_keys_are_retired_then_attack_stops(self, server_factory, digits: Digits) -> None:  # type: ignore[no-untyped-def]
-        """A 403 retires the key and the query moves to the next key; with none left AttackBlocked is raised."""
+    def test_refused_query_is_unusable_not_fatal(self, server_factory, digits: Digits) -> None:  # type: ignore[no-untyped-def]
+        """A refused request gives REFUSED labels and no probabilities; the attack goes on."""
         srv = server_factory(3)
-        client = GuardClient(srv.url, ["a", "b"], "r")
+        client = GuardClient(srv.url, ["k"], "r")
+        ans = client.predict(digits.X_held[:4])
+        assert ans.labels[-1] == REFUSED and ans.probabilities is None
+        assert np.array_equal(ans.labels[:3], digits.model.predict(digits.X_held[:3]))
+        assert client.retired == []
+
+    def test_refused_keys_are_retired_then_attack_stops(self, server_factory, digits: Digits) -> None:  # type: ignore[no-untyped-def]
+        """A key refused refusals_to_retire times in a row is retired; with none left AttackBlocked is raised."""
+        srv = server_factory(3)
+        client = GuardClient(srv.url, ["a", "b"], "r", refusals_to_retire=3)
         with pytest.raises(AttackBlocked):
-            client.predict(digits.X_held[:10])
+            client.predict(digits.X_held[:20])
         assert client.answered == 6
         assert client.retired == ["a", "b"]
-        assert client.refused == {403: 2}
+        assert client.refused == {403: 6}
 
     def test_rejects_bad_setup(self) -> None:
         """No keys or a non-http URL are refused."""
