@@ -6,7 +6,8 @@ model with the default policy (rate limit raised so that the trackers, not the t
 measured; see --keep-rate-limit), then:
 
 - black-box evasion with ART: HopSkipJump and BoundaryAttack through a BlackBoxClassifier whose predict
-  calls the guard (a refused query gives the attack nothing; when all its keys are refused it stops);
+  calls the guard (a refused query gives the attack nothing; a key refused 3 times in a row is given
+  up, and when all its keys are given up the attack stops);
 - extraction: ART CopycatCNN and KnockoffNets (random sampling) with a scikit-learn thief, a
   Jacobian-augmentation (JBDA) attacker, uniform random queries, and a natural-data attacker using
   8x8 grey patches of scikit-learn's sample photographs (another distribution than digits);
@@ -17,7 +18,7 @@ measured; see --keep-rate-limit), then:
 Queries go one row per request. Decision events (the guard's stdout, allow events not sampled) are
 joined to queries by X-Request-Id. Per attack the table shows: runs, runs detected (any alert), median
 and worst queries until the first alert (flag/harden/throttle/block) and the first block, runs stopped
-(every key refused), attacker success (goal reached with the answers it got before being stopped):
+(every key given up), attacker success (goal reached with the answers it got before being stopped):
 evasion = an adversarial example within 1.5x the L2 distance the same attack reaches unguarded;
 extraction = a thief (logistic regression on the answered queries) agreeing with the victim on >= 80 %
 of the test split. Benign: false-positive rate per session (any alert / any block) and per query.
