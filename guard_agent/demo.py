@@ -226,11 +226,15 @@ async def _traffic(http: aiohttp.ClientSession, url: str, model: DigitsModel,
         if await _send(http, url, v2_body(x), k) == 403:
             break
         await asyncio.sleep(0.02)  # stay under the rate limit: the session trackers should catch it
-    # A model-extraction attempt: many synthetic queries covering the input space.
+    # A model-extraction attempt: synthetic queries around known digits (augmentation, as in JBDA-style
+    # attacks), to map the decision boundaries; stops once the guard refuses it three times in a row.
     k = key("extract", "model extraction (synthetic queries)")
+    refused = 0
+    varies = model.X_train.std(axis=0) > 0  # a careful attacker leaves the always-blank pixels blank
     for _ in range(400):
-        x = np.clip(model.X_train[rng.integers(len(model.X_train))] + rng.normal(0, 3, size=64), 0, 16)
-        if await _send(http, url, v2_body(x), k) == 403:
+        x = np.clip(model.X_train[rng.integers(len(model.X_train))] + rng.normal(0, 3.0, size=64) * varies, 0, 16)
+        refused = refused + 1 if await _send(http, url, v2_body(x), k) == 403 else 0
+        if refused >= 3:
             break
         await asyncio.sleep(0.02)
     # A flood from one key: the rate limit answers 429.
