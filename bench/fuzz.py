@@ -450,9 +450,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--passes", type=int, default=1,
                    help="repeat on the same guard (RSS after each pass tells a high-water mark from a leak)")
     p.add_argument("--cases", nargs="*", help=f"only these cases, of: {' '.join(n for n, _ in CASES)}")
+    p.add_argument("--no-profile", action="store_true", help="built-in checks only (no detectors or trackers)")
     p.add_argument("--json", help="also write the result here")
     args = p.parse_args(argv)
-    with start_stack(env={"GUARD_CLIENT_READ_TIMEOUT": READ_TIMEOUT, "GUARD_LOG_SAMPLE_ALLOW": "0"}) as stack:
+    with start_stack(profile=not args.no_profile,
+                     env={"GUARD_CLIENT_READ_TIMEOUT": READ_TIMEOUT, "GUARD_LOG_SAMPLE_ALLOW": "0"}) as stack:
         rss = [rss_kib(stack.guard.pid)]
         passes = []
         for i in range(args.passes):
