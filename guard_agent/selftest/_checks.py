@@ -1,7 +1,8 @@
 """The self-test's checks: one bounded attack (or benign stream) per defence, each under its own session.
 
 - benign traffic allowed: held-out reference rows at a human pace must be answered.
-- OOD inputs refused: uniform noise over the reference range and far out-of-range rows must be refused.
+- OOD inputs refused: far out-of-range rows must be refused or answered with a hardened (top-1 / label-only)
+  answer; uniform noise over the reference range is sent too and counted, but may only be flagged.
 - black-box evasion blocked: HopSkipJump (ART, the ``[attack]`` extra) against the guarded model must be
   stopped (403) within its query budget.
 - model extraction blocked: Jacobian-based dataset augmentation (a few natural seeds, then synthetic points
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from guard_agent.selftest._client import Budget, BudgetExhausted, InferenceClient, PacedGuardClient
+from guard_agent.selftest._client import Answer, Budget, BudgetExhausted, InferenceClient, PacedGuardClient
 
 __all__ = ["CheckResult", "SelftestConfig", "run_checks"]
 
@@ -70,6 +71,13 @@ def _benign(cfg: SelftestConfig, budget: Budget,
                        tuple(a.request_id for a in refused)), reference
 
 
+def _degraded(answer: Answer) -> bool:
+    """A 200 whose scores carry at most one non-zero class per row (top-1 or label-only hardening)."""
+    if answer.status != 200 or answer.scores is None or answer.scores.ndim != 2 or answer.scores.shape[1] < 2:
+        return False
+    return bool(((answer.scores > 0).sum(axis=1) <= 1).all())
+
+
 def _ood(cfg: SelftestConfig, budget: Budget, rng: np.random.Generator) -> CheckResult:
     client = InferenceClient(cfg.target, cfg.model, budget=budget, rate=cfg.rate, label="selftest-ood")
     lo, hi = cfg.data.min(axis=0), cfg.data.max(axis=0)
@@ -79,10 +87,15 @@ def _ood(cfg: SelftestConfig, budget: Budget, rng: np.random.Generator) -> Check
         # even: noise over the reference range; odd: far outside every reference value
         x = rng.uniform(lo, hi) if i % 2 == 0 else hi + span * rng.uniform(5, 20, size=lo.shape)
         answers.append(client.send(x))
-    refused = [a for a in answers if a.refused]
-    passed = len(refused) >= 0.8 * len(answers)  # mild noise may only be flagged, which a client cannot see
-    allowed = [a.request_id for a in answers if not a.refused]
-    detail = f"{len(refused)}/{len(answers)} refused"
+    # refused, or answered with a hardened (top-1 / label-only) answer: the default policy hardens far-OOD
+    # rows instead of blocking them, since legitimate distribution shift lands there too
+    refused = [a for a in answers if a.refused or _degraded(a)]
+    # far-out rows must all be stopped; noise inside every feature's range may only be flagged (a client cannot
+    # see a flag; the session trackers stop a client that keeps sending it)
+    far = answers[1::2]
+    passed = all(a.refused or _degraded(a) for a in far)
+    allowed = [a.request_id for a in answers if not (a.refused or _degraded(a))]
+    detail = f"{len(refused)}/{len(answers)} refused or hardened"
     if allowed:
         detail += (f"; answered: {', '.join(allowed[:3])} (a 'flag' decision answers the client: "
                    "look these request ids up in the decision events)")
