@@ -37,6 +37,7 @@ DEFAULT_MAX_CONNECTIONS = 1024
 DEFAULT_HEADER_TIMEOUT = 10.0
 TLS_HANDSHAKE_TIMEOUT = 10.0
 LINGER_SECONDS = 1.0
+CLEANUP_MARGIN = 5.0
 
 
 def _canned(status: int, reason: str, code: str, message: str) -> bytes:
@@ -284,9 +285,15 @@ async def serve(settings: Settings) -> int:
     while state.in_flight > 0 and loop.time() < deadline:
         await asyncio.sleep(0.05)
     drained = state.in_flight == 0
-    await guard_runner.cleanup()
-    await admin_runner.cleanup()
-    state.events.log("info" if drained else "warning", "guard stopped",
-                     guard={"in_flight": state.in_flight, "drained": drained})
+    cleaned = True
+    try:  # a component whose teardown never finishes must not keep the pod alive past its grace period
+        async with asyncio.timeout(settings.shutdown_grace + CLEANUP_MARGIN):
+            await guard_runner.cleanup()
+            await admin_runner.cleanup()
+    except TimeoutError:
+        cleaned = False
+        state.events.log("error", "guard shutdown: cleanup did not finish in time, exiting anyway")
+    state.events.log("info" if drained and cleaned else "warning", "guard stopped",
+                     guard={"in_flight": state.in_flight, "drained": drained, "cleaned_up": cleaned})
     state.events.close()
-    return 0
+    return 0 if cleaned else 1
