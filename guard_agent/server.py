@@ -33,8 +33,6 @@ from guard_agent.tls import TlsError, TlsReloader
 
 __all__ = ["ConnectionGuard", "GuardSite", "attach_credentials", "serve", "start_listeners"]
 
-DEFAULT_MAX_CONNECTIONS = 1024
-DEFAULT_HEADER_TIMEOUT = 10.0
 TLS_HANDSHAKE_TIMEOUT = 10.0
 LINGER_SECONDS = 1.0
 CLEANUP_MARGIN = 5.0
@@ -239,8 +237,8 @@ async def start_listeners(state: GuardState) -> tuple[web.AppRunner, web.AppRunn
         raise ConfigError("tls_client_ca_file needs tls_cert_file and tls_key_file")
     metrics = _ListenerMetrics(state)
     guard = ConnectionGuard(
-        max_connections=int(getattr(s, "max_connections", DEFAULT_MAX_CONNECTIONS)),
-        header_timeout=float(getattr(s, "header_read_timeout", min(DEFAULT_HEADER_TIMEOUT, s.client_read_timeout))),
+        max_connections=s.max_connections,
+        header_timeout=min(s.header_read_timeout, s.client_read_timeout),
         on_refuse=lambda reason: metrics.refused.labels(reason).inc())
     metrics.open.set_function(lambda: guard.open)
     app = make_app(state)

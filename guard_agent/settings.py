@@ -67,6 +67,8 @@ class Settings:
     max_json_depth: int = 32
     max_batch_rows: int = 4096
     client_read_timeout: float = 15.0
+    header_read_timeout: float = 10.0   # a client must send its request head within this (slowloris)
+    max_connections: int = 1024         # open client connections on the guard port; more get 503
     upstream_pool_size: int = 256
     log_sample_allow: float = 1.0
     log_level: str = "info"          # minimum level of operational logs; decision events are always written
@@ -225,6 +227,7 @@ def _validate(s: Settings) -> None:
         raise ConfigError("log_sample_allow must be within [0, 1]")
     for positive in ("connect_timeout", "read_timeout", "max_body_bytes", "max_header_bytes",
                      "max_json_depth", "max_batch_rows", "client_read_timeout", "session_max",
+                     "header_read_timeout", "max_connections",
                      "session_ttl", "canary_interval", "upstream_pool_size", "capture_max_bytes",
                      "capture_max_files"):
         if getattr(s, positive) <= 0:

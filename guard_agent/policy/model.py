@@ -162,15 +162,13 @@ class EffectivePolicy:
     require_credentials: bool = False
     integrity_action: Literal["monitor", "flag", "block"] = "monitor"
 
-    @property
-    def needs_session_scores(self) -> bool:
-        """True when a rule reads a session.* score: only then do the session trackers run."""
-        return self._needs_session_scores
+    needs_session_scores: bool = field(init=False, default=False)
+    """True when a rule reads a session.* score: only then do the session trackers run (derived)."""
 
     def __post_init__(self) -> None:
         needed = any(c.fact.startswith("session.") and c.fact in SCORE_NAMES
                      for rule in self.rules for c in rule.conditions)
-        object.__setattr__(self, "_needs_session_scores", needed)
+        object.__setattr__(self, "needs_session_scores", needed)
 
 
 @dataclass(frozen=True)

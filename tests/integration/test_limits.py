@@ -11,7 +11,6 @@ import orjson
 import pytest
 from aiohttp import web
 
-from guard_agent import server as guard_server
 from tests.conftest import free_port
 
 
@@ -163,8 +162,7 @@ class TestConcurrency:
 
     async def test_connection_cap(self, upstream: Upstream, start_guard, monkeypatch: pytest.MonkeyPatch) -> None:
         """Beyond the connection cap new connections get 503 and are closed; capacity returns when others close."""
-        monkeypatch.setattr(guard_server, "DEFAULT_MAX_CONNECTIONS", 3)
-        guard = await start_guard(upstream.url)
+        guard = await start_guard(upstream.url, max_connections=3)
         port = port_of(guard.url)
         held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
         await asyncio.sleep(0.1)
@@ -209,8 +207,7 @@ class TestSlowClients:
                                              monkeypatch: pytest.MonkeyPatch) -> None:
         """A request head dribbled byte by byte is answered 408 and closed after the header timeout, while a
         normal client on another connection is served meanwhile."""
-        monkeypatch.setattr(guard_server, "DEFAULT_HEADER_TIMEOUT", 1.0)
-        guard = await start_guard(upstream.url)
+        guard = await start_guard(upstream.url, header_read_timeout=1.0)
         port = port_of(guard.url)
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         head = b"POST /v2/models/m/infer HTTP/1.1\r\nHost: guard\r\nX-Padding: " + b"a" * 200
@@ -235,8 +232,7 @@ class TestSlowClients:
     async def test_keepalive_connection_not_cut_between_requests(self, upstream: Upstream, start_guard,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
         """An idle keep-alive connection outlives the header timeout and serves its next request."""
-        monkeypatch.setattr(guard_server, "DEFAULT_HEADER_TIMEOUT", 0.5)
-        guard = await start_guard(upstream.url)
+        guard = await start_guard(upstream.url, header_read_timeout=0.5)
         reader, writer = await asyncio.open_connection("127.0.0.1", port_of(guard.url))
         data = request_bytes(body_for())
         writer.write(data[:20])  # a head in two parts, both well within the timeout
