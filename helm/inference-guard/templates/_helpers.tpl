@@ -140,6 +140,7 @@ ConfigMap and the checksum/config pod annotation render it from here, so they al
 }}
 {{- $profile := include "inference-guard.profilePath" . }}
 {{- if $profile }}{{ $_ := set $owned "profile" $profile }}{{ end }}
+{{- $owned = merge $owned (include "inference-guard.accessConfig" . | fromYaml) }}
 {{- $config := merge $owned (deepCopy .Values.guard.config) }}
 {{ toYaml $config }}
 {{- end }}

@@ -76,6 +76,7 @@ prometheus.io/path: /metrics
       value: {{ include "inference-guard.secretsDir" . }}/{{ .Values.secrets.keys.redisUrl }}
     {{- end }}
     {{- include "inference-guard.integrityEnv" . | nindent 4 }}
+    {{- include "inference-guard.accessEnv" . | nindent 4 }}
     {{- with .Values.guard.env }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
@@ -118,6 +119,7 @@ prometheus.io/path: /metrics
       readOnly: true
     {{- end }}
     {{- include "inference-guard.integrityMounts" . | nindent 4 }}
+    {{- include "inference-guard.accessMounts" . | nindent 4 }}
     - name: guard-tmp
       mountPath: /tmp
     {{- with .Values.guard.volumeMounts }}
@@ -201,6 +203,7 @@ prometheus.io/path: /metrics
     sizeLimit: {{ $p.sizeLimit }}
 {{- end }}
 {{- include "inference-guard.integrityVolumes" . }}
+{{- include "inference-guard.accessVolumes" . }}
 {{- end }}
 
 {{/* The model container of the standalone Deployment: loopback-only, no declared ports. */}}

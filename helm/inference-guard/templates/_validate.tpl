@@ -33,7 +33,7 @@ relate keys to each other. Every rendered file includes this, so `helm template`
 {{- fail "injection.podSelector is required in injection mode (workload.enabled=false) with networkPolicy, metrics.service or metrics.serviceMonitor: an empty selector would select every pod in the namespace" }}
 {{- end }}
 {{- end }}
-{{- $owned := dict "GUARD_LISTEN" "guard.port" "GUARD_ADMIN_LISTEN" "guard.adminPort" "GUARD_UPSTREAM" "model.port" "GUARD_POLICY" "policy or existingPolicyConfigMap" "GUARD_PROFILE" "profile" "GUARD_HMAC_KEY" "secrets" "GUARD_ADMIN_TOKEN" "secrets" "GUARD_REDIS_URL" "redis" }}
+{{- $owned := dict "GUARD_LISTEN" "guard.port" "GUARD_ADMIN_LISTEN" "guard.adminPort" "GUARD_UPSTREAM" "model.port" "GUARD_POLICY" "policy or existingPolicyConfigMap" "GUARD_PROFILE" "profile" "GUARD_HMAC_KEY" "secrets" "GUARD_ADMIN_TOKEN" "secrets" "GUARD_REDIS_URL" "redis" "GUARD_API_KEYS_FILE" "guard.access.apiKeys" "GUARD_JWT_JWKS_FILE" "guard.access.jwt" "GUARD_TLS_CERT_FILE" "guard.tls" "GUARD_TLS_KEY_FILE" "guard.tls" "GUARD_TLS_CLIENT_CA_FILE" "guard.tls" "GUARD_SINKS" "siem.sinks" "GUARD_SPOOL_DIR" "siem.spool" }}
 {{- range $v.guard.env }}
 {{- if hasKey $owned .name }}
 {{- fail (printf "guard.env sets %s: use %s instead (the chart derives it; plain env would override the config file or put a secret in the pod spec)" .name (get $owned .name)) }}
@@ -97,4 +97,5 @@ relate keys to each other. Every rendered file includes this, so `helm template`
 {{- if and $v.workload.enabled (lt (int $v.workload.terminationGracePeriodSeconds) (add (int $v.guard.preStopSleepSeconds) $grace)) }}
 {{- fail (printf "workload.terminationGracePeriodSeconds (%d) is shorter than guard.preStopSleepSeconds (%d) + shutdown_grace (%d): the pod would be killed mid-drain" (int $v.workload.terminationGracePeriodSeconds) (int $v.guard.preStopSleepSeconds) $grace) }}
 {{- end }}
+{{- include "inference-guard.accessValidate" . }}
 {{- end }}
