@@ -5,17 +5,26 @@ combinations that cannot work fail at render time."""
 from __future__ import annotations
 
 import json
+import secrets
+import shutil
+import ssl
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 import yaml
+from cryptography.hazmat.primitives.asymmetric import ec
 
+from guard_agent.auth import JwtVerifier, KeyStore
 from guard_agent.settings import load_settings
 from guard_agent.sinks import HttpSinkConfig, SyslogSinkConfig, parse_sinks
 from guard_agent.sinks import _config as sink_config
+from guard_agent.tls import TlsReloader
 from tests.chart._tools import CHART, CI_VALUES, REPO, by_kind, container, helm_template, parse_docs, pod_spec
+from tests.integration.test_sinks_support import make_certs
 
 Render = Callable[..., list[dict[str, Any]]]
 VALUES = CHART / "ci" / "access-tls-sinks-values.yaml"
@@ -123,6 +132,39 @@ class TestRendered:
         assert isinstance(syslog, SyslogSinkConfig) and isinstance(http, HttpSinkConfig)
         assert syslog.spool_dir == f"{root}/spool/rsyslog"
         assert http.read_token() == "placeholder-token"
+
+    def test_rendered_paths_work_with_the_real_credential_loaders(self, render: Render, tmp_path: Path) -> None:
+        """Real files at the rendered paths load in KeyStore, JwtVerifier (verifying a token) and TlsReloader."""
+        docs = render(VALUES)
+        root = tmp_path / "root"
+        (tmp_path / "config.yaml").write_text(config_text(docs).replace(ETC, f"{root}{ETC}")
+                                              .replace(SPOOL, f"{root}/spool"))
+        env = {"GUARD_API_KEYS_FILE": guard_env(docs)["GUARD_API_KEYS_FILE"].replace(ETC, f"{root}{ETC}")}
+        for sub in ("api-keys", "jwks", "tls", "tls-client-ca"):
+            (root / ETC.strip("/") / sub).mkdir(parents=True)
+        s = load_settings(tmp_path / "config.yaml", env=env)
+        assert s.api_keys_file and s.jwt_jwks_file and s.tls_cert_file and s.tls_key_file and s.tls_client_ca_file
+
+        key = "k" * 8 + secrets.token_hex(16)
+        Path(s.api_keys_file).write_text(yaml.safe_dump({"keys": [{"name": "team-a", "key": key}]}))
+        found = KeyStore(s.api_keys_file).lookup(key)
+        assert found is not None and found.name == "team-a"
+
+        signer = ec.generate_private_key(ec.SECP256R1())
+        jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(signer.public_key()))
+        Path(s.jwt_jwks_file).write_text(json.dumps({"keys": [{**jwk, "kid": "k1", "alg": "ES256", "use": "sig"}]}))
+        token = jwt.encode({"iss": s.jwt_issuer, "aud": s.jwt_audience, "client_id": "svc-7",
+                            "exp": int(time.time()) + 60}, signer, algorithm="ES256", headers={"kid": "k1"})
+        verifier = JwtVerifier(s.jwt_jwks_file, issuer=s.jwt_issuer, audience=s.jwt_audience,
+                               session_claim=s.jwt_session_claim)
+        assert verifier.verify(token).subject == "svc-7"
+
+        certs = make_certs(tmp_path)
+        shutil.copy(certs.cert, s.tls_cert_file)
+        shutil.copy(certs.key, s.tls_key_file)
+        shutil.copy(certs.ca, s.tls_client_ca_file)
+        ctx = TlsReloader(s.tls_cert_file, s.tls_key_file, s.tls_client_ca_file).current
+        assert ctx.verify_mode == ssl.CERT_REQUIRED
 
     def test_jwks_from_a_config_map_and_spool_on_a_pvc(self, render: Render) -> None:
         """A JWKS ConfigMap and a PVC spool render as those volume kinds."""
