@@ -71,7 +71,7 @@ class CaptureHook:
 
     def record(self, fields: Mapping[str, Any], features: Any, scores: Mapping[str, float] | None = None) -> None:
         """``fields`` is the decision event; ``scores`` the unrounded scores (the event rounds them)."""
-        return None
+        return
 
     def close(self) -> None:
         return None
