@@ -41,6 +41,10 @@ rules:
     when:
       request.rows: {gte: 3}
     action: block
+  - id: spread-attack        # a rule reading a session score: the trackers run only when one does
+    when:
+      session.global_fingerprint: {gte: 0.99}
+    action: flag
   - id: too-many
     when:
       session.queries: {gte: 8}
