@@ -32,6 +32,7 @@ import jwt
 import orjson
 import yaml
 
+from guard_agent.filewatch import file_identity
 from guard_agent.policy.model import RateLimit
 
 __all__ = ["ASYMMETRIC_ALGORITHMS", "ApiKey", "AuthError", "CredentialFile", "JwtPrincipal", "JwtVerifier",
@@ -53,14 +54,6 @@ def key_digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def _file_identity(path: Path) -> tuple[int, int, int, int] | None:
-    try:
-        st = path.stat()  # follows symlinks: a Secret's ..data swap changes the target
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
-
-
 class CredentialFile:
     """A file whose parsed contents are swapped in only when the new version parses."""
 
@@ -71,7 +64,7 @@ class CredentialFile:
 
     def load(self) -> None:
         """Read and activate the file now; raises ``AuthError`` and keeps the old contents on failure."""
-        identity = _file_identity(self.path)
+        identity = file_identity(self.path)
         try:
             text = self.path.read_text()
         except (OSError, UnicodeDecodeError) as exc:
@@ -80,13 +73,13 @@ class CredentialFile:
         self._identity = identity
 
     def changed_on_disk(self) -> bool:
-        return _file_identity(self.path) != self._identity
+        return file_identity(self.path) != self._identity
 
     def maybe_reload(self) -> bool:
         """Reload when the file changed; True when new contents became active. Raises ``AuthError``."""
         if not self.changed_on_disk():
             return False
-        identity = _file_identity(self.path)
+        identity = file_identity(self.path)
         try:
             self.load()
         except AuthError:

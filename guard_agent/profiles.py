@@ -10,7 +10,6 @@ profile stays. Every decision event carries the active profile revision.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from detectors import Profile, ProfileError, load_profile
+from guard_agent.filewatch import file_identity
 from guard_agent.scoring import ScoringContext
 
 if TYPE_CHECKING:
@@ -26,14 +26,6 @@ if TYPE_CHECKING:
 __all__ = ["ProfileStore"]
 
 _ANY_MODEL = ""
-
-
-def _identity(path: Path) -> tuple[int, int, int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 class ProfileStore:
@@ -59,7 +51,7 @@ class ProfileStore:
         files = [self.path / "profile.json"]
         if self.path.is_dir():
             files += [d / "profile.json" for d in self.path.iterdir() if d.is_dir()]
-        return {f: _identity(f) for f in files}
+        return {f: file_identity(f) for f in files}
 
     def _load(self) -> None:
         identities = self._watched()

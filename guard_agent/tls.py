@@ -14,7 +14,8 @@ With a client CA file the guard requires and verifies client certificates
 from __future__ import annotations
 
 import ssl
-from pathlib import Path
+
+from guard_agent.filewatch import file_identity
 
 __all__ = ["TlsError", "TlsReloader", "build_context"]
 
@@ -42,16 +43,6 @@ def build_context(cert_file: str, key_file: str, client_ca_file: str | None = No
     return ctx
 
 
-def _identity(path: str | None) -> tuple[int, int, int, int] | None:
-    if path is None:
-        return None
-    try:
-        st = Path(path).stat()
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
-
-
 class TlsReloader:
     """Owns the listener's context and swaps in new certificates when their files change."""
 
@@ -64,7 +55,7 @@ class TlsReloader:
         self.reloads = 0
 
     def _identities(self) -> tuple[object, ...]:
-        return (_identity(self.cert_file), _identity(self.key_file), _identity(self.client_ca_file))
+        return (file_identity(self.cert_file), file_identity(self.key_file), file_identity(self.client_ca_file))
 
     def _pick(self, sslobj: ssl.SSLObject, server_name: str | None, ctx: ssl.SSLContext) -> None:
         if self.current is not ctx:

@@ -9,12 +9,11 @@ path is the same.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
 
+from guard_agent.filewatch import file_identity
 from guard_agent.policy.loader import LoadedPolicy, PolicyError, load_policy_file, parse_policy, resolve_policy_path
 from guard_agent.policy.model import BUILTIN_SCORES, Policy
 
@@ -37,14 +36,6 @@ class ReloadResult:
     warnings: tuple[str, ...] = ()
 
 
-def _identity(path: Path) -> tuple[int, int, int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-
 class PolicyStore:
     """Holds the active policy; ``current`` is read on every request (one attribute read)."""
 
@@ -64,14 +55,14 @@ class PolicyStore:
             self._text = default_policy_text()
             return parse_policy(self._text, source=DEFAULT_POLICY_SOURCE, available_scores=self.available_scores)
         target = resolve_policy_path(self.path)
-        self._identity = _identity(target)
+        self._identity = file_identity(target)
         return load_policy_file(target, available_scores=self.available_scores)
 
     def changed_on_disk(self) -> bool:
         """Cheap check for the watcher: has the file behind the path changed identity?"""
         if self.path is None:
             return False
-        return _identity(resolve_policy_path(self.path)) != self._identity
+        return file_identity(resolve_policy_path(self.path)) != self._identity
 
     def reload(self, *, available_scores: frozenset[str] | None = None) -> ReloadResult:
         """Validate the file again and swap it in; on any error keep the current policy."""
