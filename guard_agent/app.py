@@ -14,17 +14,24 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from guard_agent.admin import make_admin_app, reload_policy
-from guard_agent.events import EventLogger, EventSink, StreamSink
+from guard_agent.capture import make_capture
+from guard_agent.events import EventLogger, EventSink
 from guard_agent.identity import IdentityResolver
+from guard_agent.integrity import make_integrity
 from guard_agent.metrics import Metrics
 from guard_agent.policy.model import BUILTIN_SCORES
 from guard_agent.policy.store import PolicyStore
+from guard_agent.profiles import ProfileStore
+from guard_agent.protocols import ParseLimits
 from guard_agent.proxy import error_response, handle
 from guard_agent.routes import RouteTable
 from guard_agent.sessions.base import SessionStore
 from guard_agent.sessions.memory import MemorySessionStore
 from guard_agent.settings import Settings
-from guard_agent.state import STATE, GuardState
+from guard_agent.sinks import make_sink
+from guard_agent.squeezing import SqueezeScorer
+from guard_agent.state import STATE, GuardState, ProfileSource
+from guard_agent.tracking import SessionTracking
 
 __all__ = ["build_state", "make_admin_app", "make_app"]
 
@@ -39,7 +46,7 @@ def build_state(settings: Settings, *, sink: EventSink | None = None) -> GuardSt
         events.log("warning", "no GUARD_HMAC_KEY set: using a random key, session ids change on restart "
                               "and differ between replicas")
     profile = _load_profile_source(settings, events, metrics)
-    trackers = _tracker_hook(settings, profile, key)
+    trackers = _tracker_hook(profile, key)
     sessions: SessionStore
     if settings.redis_url:  # imported only here: redis is an optional extra
         from guard_agent.sessions.factory import make_global_observer, make_session_store
@@ -49,11 +56,9 @@ def build_state(settings: Settings, *, sink: EventSink | None = None) -> GuardSt
     else:
         sessions = MemorySessionStore(max_sessions=settings.session_max, ttl=settings.session_ttl,
                                       on_evict=lambda reason: metrics.session_evictions.labels(reason).inc())
-    available = BUILTIN_SCORES | profile.score_names | trackers.score_names
-    policies = PolicyStore(settings.policy, available_scores=available)
-    for warning in policies.warnings:
-        events.log("warning", f"policy: {warning}")
-    metrics.policy_info.labels(policies.current.revision).set(1)
+    # a first validation (a broken policy stops start-up here); compiled again below against every score
+    # the assembled guard provides (squeezing, integrity), so no rule is skipped for a score it does have
+    policies = PolicyStore(settings.policy, available_scores=BUILTIN_SCORES)
     state = GuardState(
         settings=settings,
         routes=RouteTable(custom=settings.routes, allowed=settings.allow_routes),
@@ -66,49 +71,27 @@ def build_state(settings: Settings, *, sink: EventSink | None = None) -> GuardSt
         profile=profile,
         trackers=trackers,
     )
-    state.async_scorers = _async_scorers(state)
-    state.capture = _optional("guard_agent.capture", "make_capture", state)
-    integrity = _optional("guard_agent.integrity", "make_integrity", state)
+    state.parse_limits = ParseLimits(max_depth=settings.max_json_depth, max_rows=settings.max_batch_rows)
+    state.async_scorers = (SqueezeScorer(state),)
+    state.capture = make_capture(state)
+    integrity = make_integrity(state)
     if integrity is not None:
         state.integrity = integrity
-        state.policies.reload(available_scores=state.available_scores())
+    policies.reload(available_scores=state.available_scores())
+    for warning in policies.warnings:
+        events.log("warning", f"policy: {warning}")
+    metrics.policy_info.labels(policies.current.revision).set(1)
     return state
 
 
 def _make_sink(settings: Settings, metrics: Metrics, *, primary: EventSink | None = None) -> EventSink:
     """stdout (or ``primary``, a stand-in for stdout in tests and the demo), plus the configured SIEM sinks."""
-    factory = _optional_factory("guard_agent.sinks", "make_sink")
-    if factory is not None:
-        sink: EventSink = factory(settings, metrics, primary=primary)
-        return sink
-    return primary or StreamSink(on_drop=metrics.events_dropped.inc)
+    return make_sink(settings, metrics, primary=primary)
 
 
-def _optional_factory(module: str, name: str):  # type: ignore[no-untyped-def]
-    """A factory from an optional module (None when the module does not exist in this build)."""
-    import importlib
-
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name != module:
-            raise
-        return None
-    return getattr(mod, name)
-
-
-def _optional(module: str, name: str, state: GuardState):  # type: ignore[no-untyped-def]
-    factory = _optional_factory(module, name)
-    return None if factory is None else factory(state)
-
-
-def _load_profile_source(settings: Settings, events: EventLogger, metrics: Metrics):  # type: ignore[no-untyped-def]
-    from guard_agent.state import ProfileSource
-
+def _load_profile_source(settings: Settings, events: EventLogger, metrics: Metrics) -> ProfileSource:
     if not settings.profile:
         return ProfileSource()
-    from guard_agent.profiles import ProfileStore
-
     store = ProfileStore(settings.profile)
     events.log("info", "profile loaded", guard={"profile_revision": store.revision,
                                                 "scores": sorted(store.score_names)})
@@ -116,24 +99,10 @@ def _load_profile_source(settings: Settings, events: EventLogger, metrics: Metri
     return store
 
 
-def _tracker_hook(settings: Settings, profile: object, key: bytes):  # type: ignore[no-untyped-def]
-    from guard_agent.state import TrackerHook
-
-    try:
-        from guard_agent.tracking import SessionTracking
-    except ImportError:
-        return TrackerHook()
+def _tracker_hook(profile: ProfileSource, key: bytes) -> SessionTracking:
     # a derived salt: the fingerprint hashes never use the session-id key itself, and any key length works
     salt = hashlib.sha256(b"inference-guard/fingerprint-salt\x00" + key).digest()
     return SessionTracking.from_profile(profile, salt=salt)
-
-
-def _async_scorers(state: GuardState):  # type: ignore[no-untyped-def]
-    try:
-        from guard_agent.squeezing import SqueezeScorer
-    except ImportError:
-        return ()
-    return (SqueezeScorer(state),)
 
 
 @web.middleware

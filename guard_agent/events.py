@@ -151,13 +151,21 @@ class EventLogger:
             ],
         )
 
+    def keep(self, action: str) -> bool:
+        """Whether an event with this action is written: alerts always, allow events at ``sample_allow``.
+        Callers ask first, so a sampled-out event is never built."""
+        return action != "allow" or self.sample_allow >= 1.0 or self._rng.random() < self.sample_allow
+
     def decision(self, fields: Mapping[str, Any], message: str, *, level: str = "info") -> bool:
         """Emit one decision event; returns False when an allow event was sampled out."""
-        action = fields.get("ecs_event", {}).get("action")
-        if action == "allow" and self.sample_allow < 1.0 and self._rng.random() >= self.sample_allow:
+        if not self.keep(fields.get("ecs_event", {}).get("action", "")):
             return False
-        getattr(self._log, level)(message, **fields)
+        self.write(fields, message, level=level)
         return True
+
+    def write(self, fields: Mapping[str, Any], message: str, *, level: str = "info") -> None:
+        """Emit one decision event already past sampling."""
+        getattr(self._log, level)(message, **fields)
 
     def log(self, level: str, message: str, **fields: Any) -> None:
         """Operational events (reloads, start, errors) in the same stream, same shape."""

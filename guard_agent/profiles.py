@@ -19,6 +19,7 @@ import numpy as np
 from detectors import Profile, ProfileError, load_profile
 from guard_agent.filewatch import file_identity
 from guard_agent.scoring import ScoringContext
+from guard_agent.state import ProfileSource
 
 if TYPE_CHECKING:
     from guard_agent.state import GuardState
@@ -28,7 +29,7 @@ __all__ = ["ProfileStore"]
 _ANY_MODEL = ""
 
 
-class ProfileStore:
+class ProfileStore(ProfileSource):
     """Implements the ``ProfileSource`` seam of ``guard_agent.state``."""
 
     def __init__(self, path: str) -> None:

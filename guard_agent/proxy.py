@@ -28,7 +28,6 @@ from guard_agent.protocols import (
     Hardening as WireHardening,
 )
 from guard_agent.protocols import (
-    ParseLimits,
     ProtocolError,
     harden_response,
     parse_request,
@@ -169,6 +168,9 @@ def _reject(state: GuardState, out: _Outcome, status: int, code: str, message: s
 
 def _emit(state: GuardState, request: web.Request, policy: Policy, out: _Outcome, request_id: str,
           started: float) -> None:
+    keep = state.events.keep(out.action)
+    if not keep and (state.capture is None or out.features is None):
+        return  # a sampled-out allow event that nothing captures: do not build it at all
     eff = policy.for_model(out.model)
     fields = build_decision_event(
         action=out.action, outcome=out.outcome, rule=out.rule, mode=eff.mode,
@@ -180,8 +182,9 @@ def _emit(state: GuardState, request: web.Request, policy: Policy, out: _Outcome
     )
     if state.capture is not None and out.features is not None:
         state.capture.record(fields, out.features, scores=out.scores)  # unsampled, before allow sampling
-    level = "warning" if out.action in ("block", "throttle", "integrity_violation") else "info"
-    state.events.decision(fields, f"{out.action} {request.method} {request.path}", level=level)
+    if keep:
+        level = "warning" if out.action in ("block", "throttle", "integrity_violation") else "info"
+        state.events.write(fields, f"{out.action} {request.method} {request.path}", level=level)
 
 
 class SlowClient(Exception):
@@ -307,7 +310,7 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
         parsed = parse_request(
             match.protocol or "v2", body, content_type=request.headers.get("Content-Type"),
             content_encoding=request.headers.get("Content-Encoding"), pointer=match.pointer,
-            limits=ParseLimits(max_depth=settings.max_json_depth, max_rows=settings.max_batch_rows),
+            limits=state.parse_limits,
             inference_header_length=_header_length(header_len),
         )
         out.rows = parsed.rows

@@ -14,6 +14,7 @@ from guard_agent.events import EventLogger
 from guard_agent.identity import IdentityResolver
 from guard_agent.metrics import Metrics
 from guard_agent.policy.store import PolicyStore
+from guard_agent.protocols import ParseLimits
 from guard_agent.routes import RouteTable
 from guard_agent.scoring import ScoringContext
 from guard_agent.sessions.base import SessionStore
@@ -25,8 +26,13 @@ __all__ = ["STATE", "GuardState", "ProfileSource", "TrackerHook"]
 class ProfileSource:
     """What the guard needs from a profile store (real one in profiles.py; None = built-in checks only)."""
 
-    revision: str | None = None
-    score_names: frozenset[str] = frozenset()
+    @property
+    def revision(self) -> str | None:
+        return None
+
+    @property
+    def score_names(self) -> frozenset[str]:
+        return frozenset()
 
     def expected_features(self, model: str | None) -> int | None:
         return None
@@ -96,6 +102,7 @@ class GuardState:
     shutting_down: bool = False
     started: float = field(default_factory=time.time)
     in_flight: int = 0
+    parse_limits: ParseLimits = field(default_factory=ParseLimits)
 
     def available_scores(self) -> frozenset[str]:
         from guard_agent.policy.model import BUILTIN_SCORES

@@ -18,13 +18,14 @@ import numpy as np
 
 from detectors.trackers import GlobalFingerprintIndex, SessionTrackers, TrackerConfig
 from guard_agent.sessions.base import SessionRecord
+from guard_agent.state import TrackerHook
 
 __all__ = ["SessionTracking"]
 
 GLOBAL = "session.global_fingerprint"
 
 
-class SessionTracking:
+class SessionTracking(TrackerHook):
     """Implements the ``TrackerHook`` seam of ``guard_agent.state``."""
 
     def __init__(self, configs: Mapping[str, TrackerConfig], *, salt: bytes,
