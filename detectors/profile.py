@@ -28,7 +28,7 @@ from ._base import BaseDetector, check_tail_scale, conformal_threshold, loo_p_va
 from ._errors import ProfileError
 from ._npz import npz_bytes, read_npz
 from ._reference import load_reference
-from ._validation import FloatArray, as_rows, as_rows32
+from ._validation import FloatArray, as_rows, as_rows32, finite_scores
 from .combine import METHODS, PValueCombiner, combine_statistic
 from .iforest import IsolationForestDetector
 from .knn import KNNDistance
@@ -106,7 +106,7 @@ class Profile:
         # huge finite inputs may overflow float32 to inf (a p-value at the floor): no warning spam on stderr
         with np.errstate(over="ignore", invalid="ignore"):
             for j, (_, det) in enumerate(items):
-                P[:, j] = det.p_values(det._score(X32))
+                P[:, j] = det.p_values(finite_scores(det._score(X32)))
             P[:, -1] = self.combiner.p_values(P[:, :-1])
         return P
 
@@ -131,7 +131,7 @@ class Profile:
     def raw_scores(self, X: npt.ArrayLike) -> dict[str, FloatArray]:
         """Uncalibrated detector scores (and the combined statistic) for benchmarks and debugging."""
         X32 = self._rows(X)
-        raw = {name: det._score(X32) for name, det in self.detectors.items()}
+        raw = {name: finite_scores(det._score(X32)) for name, det in self.detectors.items()}
         p_matrix = np.stack([det.p_values(raw[name]) for name, det in self.detectors.items()], axis=1)
         raw[COMBINED] = combine_statistic(p_matrix, self.combiner.method)
         return raw

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from detectors import Profile, ProfileError, load_profile
+from detectors import Profile, ProfileError, load_profiles
 from guard_agent.filewatch import file_identity
 from guard_agent.scoring import ScoringContext
 from guard_agent.state import ProfileSource
@@ -38,26 +38,15 @@ class ProfileStore(ProfileSource):
         self._identities: dict[Path, tuple[int, int, int, int] | None] = {}
         self._load()  # the first load must succeed
 
-    def _profile_files(self) -> dict[str, Path]:
-        single = self.path / "profile.json"
-        if single.exists():
-            return {_ANY_MODEL: self.path}
-        found = {d.name: d for d in sorted(self.path.iterdir()) if (d / "profile.json").exists()} \
-            if self.path.is_dir() else {}
-        if not found:
-            raise ProfileError(f"{self.path}: no profile.json here nor in any <model>/ subdirectory")
-        return found
-
     def _watched(self) -> dict[Path, tuple[int, int, int, int] | None]:
         files = [self.path / "profile.json"]
-        if self.path.is_dir():
-            files += [d / "profile.json" for d in self.path.iterdir() if d.is_dir()]
+        if self.path.is_dir():  # per-model profiles; dot entries are the kubelet's ..data / ..<timestamp>
+            files += [d / "profile.json" for d in self.path.iterdir() if d.is_dir() and not d.name.startswith(".")]
         return {f: file_identity(f) for f in files}
 
     def _load(self) -> None:
         identities = self._watched()
-        loaded = {model: load_profile(directory) for model, directory in self._profile_files().items()}
-        self.profiles = loaded
+        self.profiles = load_profiles(self.path)
         self._identities = identities
 
     @property

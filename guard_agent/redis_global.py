@@ -144,7 +144,9 @@ class RedisGlobalIndex:
         result = await self.link.run("global", lambda c: self._observe_script(c)(args=args, client=c))
         if result is FALLBACK:
             return local
-        return float(1.0 - 2.0 ** (-int(result) / self.m_half))  # type: ignore[call-overload]
+        remote = float(1.0 - 2.0 ** (-int(result) / self.m_half))  # type: ignore[call-overload]
+        # Redis checks only the first rows of a batch; the local mirror saw every row: both are lower bounds
+        return max(local, remote)
 
     def _observe_script(self, client: Any) -> Any:
         if self._script is None:

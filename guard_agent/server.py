@@ -92,6 +92,8 @@ class _GuardedProtocol(asyncio.Protocol):
         self._guard.open += 1
         self._counted = True
         self._inner.connection_made(transport)
+        # a connection that never sends a byte must meet the same head deadline as a slow one
+        self._timer = asyncio.get_running_loop().call_later(self._guard.header_timeout, self._deadline)
 
     def _parsed(self) -> int:
         return int(getattr(self._inner, "_request_count", 0))

@@ -23,6 +23,7 @@ from guard_agent.state import TrackerHook
 __all__ = ["SessionTracking"]
 
 GLOBAL = "session.global_fingerprint"
+_MAX_DEFAULT_ENGINES = 8
 
 
 class SessionTracking(TrackerHook):
@@ -51,6 +52,8 @@ class SessionTracking(TrackerHook):
         if engine is not None and engine.config.n_features == n_features:
             return engine
         if n_features not in self._defaults:
+            if len(self._defaults) >= _MAX_DEFAULT_ENGINES:  # the width is client-controlled: bound the cache
+                self._defaults.pop(next(iter(self._defaults)))
             self._defaults[n_features] = SessionTrackers(TrackerConfig.default(n_features), salt=self._salt)
         return self._defaults[n_features]
 

@@ -204,7 +204,11 @@ def read_capture(paths: Iterable[str | Path], *, with_features: bool = False) ->
                     if snap is not None:
                         result.policies[snap.revision] = snap
                     continue
-                decision = _decision(doc, with_features)
+                try:
+                    decision = _decision(doc, with_features)
+                except (TypeError, ValueError, AttributeError, KeyError):  # a malformed line: counted, not fatal
+                    result.skipped_lines += 1
+                    continue
                 if decision is not None:
                     result.decisions.append(decision)
     result.decisions.sort(key=lambda d: d.t)

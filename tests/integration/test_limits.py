@@ -229,6 +229,16 @@ class TestSlowClients:
         registry = guard.state.metrics.registry
         assert registry.get_sample_value("inference_guard_connections_refused_total", {"reason": "slow_headers"}) == 1
 
+    async def test_silent_connection_cut_off(self, upstream: Upstream, start_guard) -> None:
+        """A connection that never sends a byte is answered 408 and closed after the header timeout too."""
+        guard = await start_guard(upstream.url, header_read_timeout=0.5)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(guard.url))
+        started = time.monotonic()
+        answer = await closed_within(reader, 4)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 408")
+        assert time.monotonic() - started < 3
+
     async def test_keepalive_connection_not_cut_between_requests(self, upstream: Upstream, start_guard,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
         """An idle keep-alive connection outlives the header timeout and serves its next request."""

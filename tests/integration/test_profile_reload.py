@@ -65,3 +65,18 @@ class TestProfileReload:
         (event,) = guard.events_for("after")
         assert event["guard"]["profile_revision"] == second
         assert "ood.combined" in event["guard"]["scores"]
+
+
+class TestPerModelProfiles:
+    def test_kubelet_dot_entries_are_not_models(self, tmp_path: Path, digits: DigitsData) -> None:
+        """In a mounted per-model directory, the kubelet's ..data and ..<timestamp> entries are not models."""
+        from guard_agent.profiles import ProfileStore
+
+        root = tmp_path / "profiles"
+        version = root / "..2026_11_29"
+        fit_to(version / "digits", digits.X_train, seed=0)
+        (root / "..data").symlink_to(version.name)
+        (root / "digits").symlink_to("..data/digits")
+        store = ProfileStore(str(root))
+        assert set(store.profiles) == {"digits"}
+        assert store.profile_for(None) is store.profiles["digits"]
