@@ -295,6 +295,12 @@ class IntegrityChecker(IntegrityHook):
         self._sets = group_by_model(sets)
         for gone in set(self._passing) - set(self._sets):
             del self._passing[gone]
+            self._unreachable.discard(gone)
+            for labels in (("canary", gone), ("metadata", gone)):  # a removed model's alert must not stay at 1
+                with contextlib.suppress(KeyError):
+                    self.metrics.failing.remove(*labels)
+            with contextlib.suppress(KeyError):
+                self.metrics.canary_mismatches.remove(gone)
         self._publish_sets()
         self.metrics.reloads.labels("ok").inc()
         self._state.events.log("info", "canary set reloaded", guard={"canary_sets": self.revisions,

@@ -190,9 +190,12 @@ class Spool:
     def _rotate(self, *, sync: bool = True) -> None:
         if sync:
             os.fsync(self._wfd)
+        # open the next segment first: if that fails (ENOSPC, EMFILE) the current one stays the writer's
+        new_seq = self._wseq + 1
+        new_fd = os.open(self.dir / _seg_name(new_seq), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         os.close(self._wfd)
-        self._wseq += 1
-        self._open_writer()
+        self._wfd, self._wseq = new_fd, new_seq
+        self._sizes.setdefault(new_seq, 0)
 
     # reader side --------------------------------------------------------------------------------------
     def read(self, max_events: int, max_bytes: int, timeout: float) -> Batch | None:
@@ -275,7 +278,8 @@ class Spool:
     @property
     def size_bytes(self) -> int:
         """Bytes of segment files on disk (delivered lines in the head segment included)."""
-        return sum(self._sizes.values())
+        with self._cond:  # read by the metrics scrape while the intake and sender threads change the map
+            return sum(self._sizes.values())
 
     def close(self) -> None:
         """Flush and sync what was written; the files stay for the next start."""
