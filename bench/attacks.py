@@ -25,6 +25,7 @@ of the test split. Benign: false-positive rate per session (any alert / any bloc
 
 Run:  /work/venv/bin/python bench/attacks.py            (about 10-15 minutes on 2 cores)
       /work/venv/bin/python bench/attacks.py --quick    (smaller, for a smoke run)
+      /work/venv/bin/python bench/attacks.py --only benign --policy default   (benign false positives only)
 """
 
 from __future__ import annotations
@@ -348,6 +349,8 @@ def main() -> None:
     ap.add_argument("--policy", choices=("default", "sessions"), default="default",
                     help="the shipped default policy, or only its session-tracker rules (measures the trackers)")
     ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--only", choices=("all", "attacks", "benign"), default="all",
+                    help="run only the attacks or only the benign sessions")
     args = ap.parse_args()
     quick = args.quick
     n_benign = args.benign if args.benign is not None else (200 if quick else 3000)
@@ -382,7 +385,7 @@ def main() -> None:
             setup = Setup(f"http://127.0.0.1:{g_port}", f"http://127.0.0.1:{ml_port}", X_test,
                           clf.predict(X_test), np.random.default_rng(0))
             results: list[tuple[str, list[AttackResult]]] = []
-            for method in ("hsj", "boundary"):
+            for method in ("hsj", "boundary") if args.only != "benign" else ():
                 goals = evasion_goals(setup, images + sybil[10] + sybil[50], method, budget)
                 print(f"# {method}: unguarded median best L2 {statistics.median(g / 1.5 for g in goals.values()):.2f}",
                       flush=True)
@@ -390,12 +393,14 @@ def main() -> None:
                 for k in (10, 50):
                     results.append((f"{method} (ART) sybil", run_evasion(setup, method, sybil[k], goals, k, budget)))
             for method, n_q in (("copycat", 500), ("knockoff", 500), ("natural", 500), ("jbda", 300),
-                                ("uniform", 300)):
+                                ("uniform", 300)) if args.only != "benign" else ():
                 results.append((method, run_extraction(setup, method, ext_runs, 1, n_q)))
                 for k in (10, 50):
                     results.append((f"{method} sybil", run_extraction(setup, method, max(1, ext_runs // 5), k, n_q)))
             print(f"# attacks done in {time.monotonic() - t0:.0f}s; benign sessions: {n_benign}", flush=True)
             tb = time.monotonic()
+            if args.only == "attacks":
+                n_benign = 0
             total, statuses = asyncio.run(run_benign(setup, n_benign, args.concurrency))
             print(f"# benign: {total} queries in {time.monotonic() - tb:.0f}s, statuses {dict(statuses)}", flush=True)
             time.sleep(1.0)
@@ -416,7 +421,8 @@ def main() -> None:
             rules[rule] += c
     print()
     print(f"benign: {n_benign} sessions, {total} queries; sessions with any alert {flagged} "
-          f"({100 * flagged / n_benign:.2f} %), sessions blocked {blocked} ({100 * blocked / n_benign:.2f} %); "
+          f"({100 * flagged / max(1, n_benign):.2f} %), sessions blocked {blocked} "
+          f"({100 * blocked / max(1, n_benign):.2f} %); "
           f"alerted queries {alert_q} ({100 * alert_q / max(1, total):.3f} %); rules {dict(rules)}")
     print(f"work dir (events, logs): {work}")
 
