@@ -29,9 +29,10 @@ from guard_agent.protocols import (
 )
 from guard_agent.protocols import (
     ProtocolError,
-    harden_response,
+    harden_document,
+    parse_document,
     parse_request,
-    parse_response,
+    read_response,
 )
 from guard_agent.ratelimit import take
 from guard_agent.routes import RouteMatch
@@ -393,14 +394,18 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
     state.metrics.upstream_latency.labels(match.route).observe(upstream_time)
 
     if 200 <= status < 300:
+        hardening = _wire_hardening(decision)
+        # the answer is decoded once, for the trackers and the hardening alike
+        doc = read_response(payload) if eff.needs_session_scores or hardening is not None else None
         if eff.needs_session_scores:
-            answered = parse_response(parsed.protocol, payload, parsed.rows)
+            answered = parse_document(parsed.protocol, doc, parsed.rows)
             tracker_scores = await state.trackers.update(identity.session, record, parsed.features, match.model,
                                                          answered, now, scores)
             if tracker_scores:
                 record.scores = dict(tracker_scores)
-        if decision.action == "harden" and decision.enforced and decision.hardening is not None:
-            hardened = _harden(parsed.protocol, payload, decision, out)
+        if hardening is not None:
+            hardened = harden_document(parsed.protocol, doc, hardening)
+            out.fields["hardening"] = "failed" if hardened is None else "applied"
             if hardened is None:  # never leak the full answer because it could not be degraded
                 await state.sessions.put(identity.session, record, now)
                 out.outcome = "failure"
@@ -424,11 +429,10 @@ def _declared_scorer(ctx: ScoringContext) -> Mapping[str, float]:
     return {"input.schema": declared_schema_score(ctx.features, ctx.policy.input)}
 
 
-def _harden(protocol: str, payload: bytes, decision: Decision, out: _Outcome) -> bytes | None:
+def _wire_hardening(decision: Decision) -> WireHardening | None:
+    """What an enforced ``harden`` decision asks of the answer; None when the answer stays as it is."""
     h = decision.hardening
-    assert h is not None
-    rewritten = harden_response(protocol, payload, WireHardening(round_digits=h.round_digits, top_k=h.top_k,
-                                                                 label_only=h.label_only))
-    out.fields["hardening"] = "failed" if rewritten is None else "applied"
-    return rewritten
-
+    if decision.action != "harden" or not decision.enforced or h is None:
+        return None
+    wire = WireHardening(round_digits=h.round_digits, top_k=h.top_k, label_only=h.label_only)
+    return wire if wire.active else None

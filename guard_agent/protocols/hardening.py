@@ -13,6 +13,8 @@ integer, boolean and string outputs are left as they are. Everything else in the
 
 ``harden_response`` returns the new body, or None when the body could not be read or rewritten
 (the caller decides whether to fail closed). With nothing to do it returns the body unchanged.
+``harden_document`` does the same from an answer already decoded by ``read_response`` (the proxy
+decodes once for the session trackers and hardening alike); it never modifies the document.
 """
 
 from __future__ import annotations
@@ -23,10 +25,9 @@ from typing import Any
 import numpy as np
 import orjson
 
-from guard_agent.protocols._json import loads_response
-from guard_agent.protocols.responses import numbers, v2_output_array
+from guard_agent.protocols.responses import numbers, read_response, v2_output_array
 
-__all__ = ["Hardening", "harden_matrix", "harden_response"]
+__all__ = ["Hardening", "harden_document", "harden_matrix", "harden_response"]
 
 _FLOAT_TYPES = frozenset({"FP16", "FP32", "FP64"})
 
@@ -150,14 +151,15 @@ def _predictions(doc: Any, h: Hardening) -> Any:
     raise _Unreadable
 
 
-def harden_response(protocol: str, body: bytes, hardening: Hardening) -> bytes | None:
-    """Rewrite the probability outputs of a response; None when it could not be rewritten. Never raises."""
-    if not hardening.active:
-        return body
+def harden_document(protocol: str, doc: Any, hardening: Hardening) -> bytes | None:
+    """The hardened body for an answer decoded by ``read_response``; None when it could not be rewritten.
+
+    ``hardening`` must be active (an inactive one has nothing to rewrite: the caller keeps its body).
+    Never raises and never modifies ``doc``.
+    """
+    if doc is None:
+        return None
     try:
-        doc = loads_response(body)
-        if doc is None:
-            return None
         if protocol == "v2":
             new = _v2(doc, hardening)
         elif protocol in ("v1", "mlflow"):
@@ -167,3 +169,10 @@ def harden_response(protocol: str, body: bytes, hardening: Hardening) -> bytes |
         return orjson.dumps(new)
     except Exception:  # _Unreadable, or anything unexpected: the caller decides, we never raise
         return None
+
+
+def harden_response(protocol: str, body: bytes, hardening: Hardening) -> bytes | None:
+    """Rewrite the probability outputs of a response; None when it could not be rewritten. Never raises."""
+    if not hardening.active:
+        return body
+    return harden_document(protocol, read_response(body), hardening)

@@ -27,7 +27,7 @@ import numpy as np
 from guard_agent.protocols._base import ProtocolError, numeric_array
 from guard_agent.protocols._json import loads_response
 
-__all__ = ["ParsedResponse", "numbers", "parse_response", "v2_output_array"]
+__all__ = ["ParsedResponse", "numbers", "parse_document", "parse_response", "read_response", "v2_output_array"]
 
 _FLOAT_TYPES = frozenset({"FP16", "FP32", "FP64"})
 _INT_TYPES = frozenset({"INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"})
@@ -152,12 +152,25 @@ def _predictions(doc: Any, rows: int) -> ParsedResponse | None:
     return None
 
 
-def parse_response(protocol: str, body: bytes, rows: int) -> ParsedResponse | None:
-    """Labels/probabilities from an upstream response body; None when it cannot be read. Never raises."""
+def read_response(body: bytes) -> Any:
+    """Decode an upstream answer once, for ``parse_document`` and ``harden_document`` to share.
+
+    None when the body is not JSON. Never raises: a bad answer must not fail the request path.
+    """
     try:
-        doc = loads_response(body)
-        if doc is None:
-            return None
+        return loads_response(body)
+    except Exception:
+        return None
+
+
+def parse_document(protocol: str, doc: Any, rows: int) -> ParsedResponse | None:
+    """Labels/probabilities from an already decoded answer (``read_response``); None when unreadable.
+
+    Never raises, and never modifies ``doc`` (hardening may read it afterwards).
+    """
+    if doc is None:
+        return None
+    try:
         if protocol == "v2":
             return _v2(doc, rows)
         if protocol in ("v1", "mlflow"):
@@ -165,3 +178,8 @@ def parse_response(protocol: str, body: bytes, rows: int) -> ParsedResponse | No
         return None
     except Exception:  # the contract is "never raise": a bad answer must not fail the request path
         return None
+
+
+def parse_response(protocol: str, body: bytes, rows: int) -> ParsedResponse | None:
+    """Labels/probabilities from an upstream response body; None when it cannot be read. Never raises."""
+    return parse_document(protocol, read_response(body), rows)

@@ -1,0 +1,100 @@
+"""The model's answer on the way back: decoded once for trackers and hardening, hardened where it can be."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import orjson
+import pytest
+from aiohttp import web
+
+import guard_agent.protocols._json as protocols_json
+import guard_agent.protocols.hardening as protocols_hardening
+import guard_agent.protocols.responses as protocols_responses
+from guard_agent.demo import DigitsModel, make_model_app
+from guard_agent.protocols import ParsedResponse
+from guard_agent.state import TrackerHook
+from tests.conftest import free_port, v2_body
+
+JSON = {"Content-Type": "application/json"}
+# a session-score rule that never matches (so the trackers run and read the answer) and a harden rule that
+# always does (so the answer is rewritten too)
+POLICY = """version: 1
+mode: enforce
+hardening: {round_digits: 1}
+rules:
+  - id: watch-sessions
+    when: {session.rate: {gte: 2.0}}
+    action: block
+  - id: harden-all
+    when: {request.rows: {gte: 1}}
+    action: harden
+"""
+
+
+@pytest.fixture(scope="module")
+def digits_model() -> DigitsModel:
+    return DigitsModel()
+
+
+@pytest.fixture
+async def model_url(digits_model: DigitsModel) -> AsyncIterator[str]:
+    """The built-in digits v2 model server on a free loopback port."""
+    runner = web.AppRunner(make_model_app(digits_model), access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    yield f"http://127.0.0.1:{port}"
+    await runner.cleanup()
+
+
+class RecordingTrackers(TrackerHook):
+    """Stands in for the session trackers: keeps what the proxy handed them as the model's answer."""
+
+    def __init__(self) -> None:
+        self.answers: list[Any] = []
+
+    async def update(self, session: str, record: Any, features: Any, model: str | None, response: Any, now: float,
+                     scores: Any) -> dict[str, float]:
+        self.answers.append(response)
+        return {}
+
+
+class TestAnswerDecodedOnce:
+    async def test_trackers_and_hardening_share_one_decode(self, tmp_path: Path, model_url: str, start_guard,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+        """With session trackers and hardening both active, the upstream JSON is decoded once per request, and
+        the client still gets the rounded answer."""
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(POLICY)
+        guard = await start_guard(model_url, policy=str(policy))
+        assert guard.state.policies.current.default.needs_session_scores
+        trackers = RecordingTrackers()
+        guard.state.trackers = trackers
+        calls: list[bytes] = []
+        real = protocols_json.loads_response
+
+        def counting(body: bytes) -> Any:
+            calls.append(body)
+            return real(body)
+
+        for module in (protocols_json, protocols_responses, protocols_hardening):
+            monkeypatch.setattr(module, "loads_response", counting, raising=False)
+        x = np.random.default_rng(0).uniform(0, 16, (2, 64))
+        async with aiohttp.ClientSession() as http, http.post(
+                guard.url + "/v2/models/digits/infer", data=v2_body(x),
+                headers={**JSON, "X-Request-Id": "once-1"}) as r:
+            assert r.status == 200
+            doc = orjson.loads(await r.read())
+        assert len(calls) == 1, f"the answer was decoded {len(calls)} times"
+        (answer,) = trackers.answers
+        assert isinstance(answer, ParsedResponse) and answer.probabilities is not None
+        assert answer.probabilities.shape == (2, 10)
+        data = next(o["data"] for o in doc["outputs"] if o["name"] == "predict_proba")
+        assert data == [round(v, 1) for v in data]
+        (event,) = guard.events_for("once-1")
+        assert event["event"]["action"] == "harden" and event["guard"]["hardening"] == "applied"
