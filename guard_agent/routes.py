@@ -17,7 +17,8 @@ Path rules (checked on the *raw*, undecoded path, after dropping the query strin
 Routes from config:
 
 * ``CustomRoute``: exact path and method; scored with protocol ``custom`` and the route's JSON pointer.
-  Custom routes take precedence over built-in routes.
+  Custom routes take precedence over built-in routes. The guard cannot harden a custom route's answer
+  (its shape is unknown), so ``check_policy`` refuses a policy that could decide ``harden`` there.
 * ``AllowedRoute``: exact path and method, passed through unscored. A final segment that is exactly
   ``*`` is a wildcard for exactly one further non-empty segment (``/v2/repository/models/*`` matches
   ``/v2/repository/models/m`` but neither ``/v2/repository/models/m/load`` nor
@@ -32,6 +33,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from guard_agent.policy.loader import PolicyError
+from guard_agent.policy.model import Policy
+from guard_agent.protocols import HARDENABLE_PROTOCOLS
 from guard_agent.settings import AllowedRoute, ConfigError, CustomRoute
 
 __all__ = ["MAX_PATH_LENGTH", "RouteMatch", "RouteTable", "check_path"]
@@ -166,6 +170,26 @@ class RouteTable:
         self._exact = exact
         self._known = frozenset(known)
         self._wildcard = wildcard
+
+    def check_policy(self, policy: Policy) -> None:
+        """Raise PolicyError when an enforced rule could answer ``harden`` on a route whose answers cannot be
+        hardened: every such answer would become a 502, so the combination is refused when it is loaded."""
+        for (method, path), route in sorted(self._exact.items()):
+            if route.kind != "inference" or route.protocol in HARDENABLE_PROTOCOLS:
+                continue
+            eff = policy.for_model(route.model)
+            hardening = [rule.id for rule in eff.rules if rule.action == "harden"]
+            if eff.mode != "enforce" or not hardening:
+                continue
+            overridden = route.model is not None and route.model in policy.models
+            where = f"models.{route.model}.rules" if overridden else "rules"
+            model = f"model {route.model!r}" if route.model else "no model"
+            raise PolicyError(
+                policy.source, None, where,
+                f"rule(s) {', '.join(map(repr, hardening))} may answer 'harden', but the custom route "
+                f"{method} {path} ({model}) has protocol {route.protocol!r}, whose answers the guard cannot harden "
+                "(each would be refused with 502): name a model on the route and disable those rules for it "
+                "(models.<model>.disable_rules), or run that model in monitor mode")
 
     @staticmethod
     def _check_config_path(path: str, setting: str) -> None:

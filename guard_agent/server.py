@@ -224,8 +224,13 @@ def _reload_watcher(state: GuardState, metrics: _ListenerMetrics, reloadables: l
 
 
 async def start_listeners(state: GuardState) -> tuple[web.AppRunner, web.AppRunner]:
-    """Start both listeners; returns their runners (the caller cleans them up)."""
+    """Start both listeners; returns their runners (the caller cleans them up).
+
+    Raises ConfigError for bad listener/credential settings and PolicyError for a policy the route table refuses.
+    """
     s = state.settings
+    # a policy that could harden answers on a route that cannot be hardened is refused now and on every reload
+    state.policies.add_check(state.routes.check_policy)
     keys, verifier = attach_credentials(state)
     tls: TlsReloader | None = None
     if s.tls_cert_file or s.tls_key_file:

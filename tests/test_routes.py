@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from guard_agent.policy import PolicyError, parse_policy
 from guard_agent.routes import MAX_PATH_LENGTH, RouteTable, check_path
 from guard_agent.settings import AllowedRoute, ConfigError, CustomRoute
 
@@ -221,6 +222,49 @@ class TestConfigRoutes:
         """A custom route's pointer must be a JSON pointer."""
         with pytest.raises(ConfigError, match="pointer"):
             RouteTable(custom=[CustomRoute(path="/score", pointer="x")])
+
+
+HARDEN = """version: 1
+mode: enforce
+rules:
+  - id: extraction
+    when: {request.rows: {gte: 100}}
+    action: harden
+"""
+
+
+class TestHardeningOnCustomRoutes:
+    def test_harden_rule_over_a_custom_route_is_refused(self) -> None:
+        """An enforced rule that may answer 'harden' while a custom route exists is refused, naming the rule,
+        the route and the way out: a custom route's answer cannot be hardened (it would always be a 502)."""
+        table = RouteTable(custom=[CustomRoute(path="/score", pointer="/x")])
+        with pytest.raises(PolicyError, match=r"rules: rule\(s\) 'extraction' may answer 'harden'.*POST /score"):
+            table.check_policy(parse_policy(HARDEN).policy)
+
+    @pytest.mark.parametrize("policy", [
+        HARDEN.replace("mode: enforce", "mode: monitor"),
+        HARDEN.replace("action: harden", "action: flag"),
+        HARDEN + "models:\n  fraud: {disable_rules: [extraction]}\n",
+        HARDEN + "models:\n  fraud: {mode: monitor}\n",
+    ], ids=["monitor", "flag", "disabled-for-the-model", "model-in-monitor"])
+    def test_policies_that_cannot_harden_there_are_accepted(self, policy: str) -> None:
+        """Monitor mode, other actions, or a per-model override that drops the rule for the route's model pass."""
+        RouteTable(custom=[CustomRoute(path="/score", pointer="/x", model="fraud")]).check_policy(
+            parse_policy(policy).policy)
+
+    def test_override_that_adds_harden_for_the_route_model_is_refused(self) -> None:
+        """A per-model override that adds a harden rule for the custom route's model is refused, at its field."""
+        policy = "version: 1\nmodels:\n  fraud:\n    rules:\n      - id: h\n        when: {request.rows: {gte: 1}}\n" \
+                 "        action: harden\n"
+        table = RouteTable(custom=[CustomRoute(path="/score", pointer="/x", model="fraud")])
+        with pytest.raises(PolicyError, match=r"models\.fraud\.rules: rule\(s\) 'h'"):
+            table.check_policy(parse_policy(policy).policy)
+        RouteTable(custom=[CustomRoute(path="/score", pointer="/x", model="other")]).check_policy(
+            parse_policy(policy).policy)
+
+    def test_builtin_routes_can_be_hardened(self) -> None:
+        """Without custom routes a harden rule is fine: v2, v1 and MLflow answers can be rewritten."""
+        RouteTable().check_policy(parse_policy(HARDEN).policy)
 
 
 class TestProperties:

@@ -1,10 +1,13 @@
 """The policy store: validate, then swap one immutable policy; keep the last good one.
 
 Reload triggers (the watcher task, SIGHUP, ``POST /admin/reload``) all call
-``reload()``. The watcher polls the resolved target of the policy path, so a
-Kubernetes ConfigMap update (an atomic swap of the ``..data`` symlink) is seen
-as a change of the file's identity (device, inode, size, mtime) even though the
-path is the same.
+``reload()``. Checks that need more than the file (e.g. the route table: a policy that
+could harden answers on a route whose protocol cannot be hardened) are added with
+``add_check`` and run before every swap, like the file's own validation.
+
+The watcher polls the resolved target of the policy path, so a Kubernetes
+ConfigMap update (an atomic swap of the ``..data`` symlink) is seen as a change
+of the file's identity (device, inode, size, mtime) even though the path is the same.
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ from guard_agent.filewatch import file_identity
 from guard_agent.policy.loader import LoadedPolicy, PolicyError, load_policy_file, parse_policy, resolve_policy_path
 from guard_agent.policy.model import BUILTIN_SCORES, Policy
 
-__all__ = ["PolicyStore", "ReloadResult", "default_policy_text"]
+__all__ = ["PolicyCheck", "PolicyStore", "ReloadResult", "default_policy_text"]
+
+PolicyCheck = Callable[[Policy], None]
+"""Raises ``PolicyError`` when a compiled policy must not be activated in this guard."""
 
 DEFAULT_POLICY_SOURCE = "<built-in default policy>"
 
@@ -46,17 +52,28 @@ class PolicyStore:
         self._on_result = on_result
         self._identity: tuple[int, int, int, int] | None = None
         self._text: str | None = None
+        self._checks: list[PolicyCheck] = []
         loaded = self._load()  # the first load must succeed: raise PolicyError otherwise
         self.current: Policy = loaded.policy
         self.warnings = loaded.warnings
 
+    def add_check(self, check: PolicyCheck) -> None:
+        """Apply ``check`` to the active policy now (its PolicyError propagates: refuse to start) and to every
+        later reload (a failing policy is rejected and the last good one stays)."""
+        check(self.current)
+        self._checks.append(check)
+
     def _load(self) -> LoadedPolicy:
         if self.path is None:
             self._text = default_policy_text()
-            return parse_policy(self._text, source=DEFAULT_POLICY_SOURCE, available_scores=self.available_scores)
-        target = resolve_policy_path(self.path)
-        self._identity = file_identity(target)
-        return load_policy_file(target, available_scores=self.available_scores)
+            loaded = parse_policy(self._text, source=DEFAULT_POLICY_SOURCE, available_scores=self.available_scores)
+        else:
+            target = resolve_policy_path(self.path)
+            self._identity = file_identity(target)
+            loaded = load_policy_file(target, available_scores=self.available_scores)
+        for check in self._checks:
+            check(loaded.policy)
+        return loaded
 
     def changed_on_disk(self) -> bool:
         """Cheap check for the watcher: has the file behind the path changed identity?"""

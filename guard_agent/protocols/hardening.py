@@ -27,7 +27,10 @@ import orjson
 
 from guard_agent.protocols.responses import numbers, read_response, v2_output_array
 
-__all__ = ["Hardening", "harden_document", "harden_matrix", "harden_response"]
+__all__ = ["HARDENABLE_PROTOCOLS", "Hardening", "harden_document", "harden_matrix", "harden_response"]
+
+HARDENABLE_PROTOCOLS = frozenset({"v2", "v1", "mlflow"})
+"""Protocols whose answers can be rewritten; a custom route's answer has no known shape."""
 
 _FLOAT_TYPES = frozenset({"FP16", "FP32", "FP64"})
 
@@ -162,7 +165,7 @@ def harden_document(protocol: str, doc: Any, hardening: Hardening) -> bytes | No
     try:
         if protocol == "v2":
             new = _v2(doc, hardening)
-        elif protocol in ("v1", "mlflow"):
+        elif protocol in HARDENABLE_PROTOCOLS:
             new = _predictions(doc, hardening)
         else:
             return None

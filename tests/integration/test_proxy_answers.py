@@ -16,7 +16,9 @@ import guard_agent.protocols._json as protocols_json
 import guard_agent.protocols.hardening as protocols_hardening
 import guard_agent.protocols.responses as protocols_responses
 from guard_agent.demo import DigitsModel, make_model_app
+from guard_agent.policy import PolicyError
 from guard_agent.protocols import ParsedResponse
+from guard_agent.settings import CustomRoute
 from guard_agent.state import TrackerHook
 from tests.conftest import free_port, v2_body
 
@@ -98,3 +100,33 @@ class TestAnswerDecodedOnce:
         assert data == [round(v, 1) for v in data]
         (event,) = guard.events_for("once-1")
         assert event["event"]["action"] == "harden" and event["guard"]["hardening"] == "applied"
+
+
+HARDEN_ROWS = "version: 1\nmode: enforce\nrules:\n  - id: many-rows\n    when: {request.rows: {gte: 1}}\n" \
+              "    action: harden\n"
+FLAG_ROWS = HARDEN_ROWS.replace("action: harden", "action: flag")
+
+
+class TestHardeningOnCustomRoutes:
+    async def test_guard_refuses_to_start_with_harden_over_a_custom_route(self, tmp_path: Path, model_url: str,
+                                                                         start_guard) -> None:
+        """A custom route's answer cannot be hardened, so a policy that may harden there stops the start with
+        an error naming the rule and the route (instead of a guard that answers 502 to every hardened request)."""
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(HARDEN_ROWS)
+        with pytest.raises(PolicyError, match=r"'many-rows' may answer 'harden'.*POST /score"):
+            await start_guard(model_url, policy=str(policy), routes=(CustomRoute(path="/score", pointer="/x"),))
+
+    async def test_reload_to_harden_over_a_custom_route_is_rejected(self, tmp_path: Path, model_url: str,
+                                                                   start_guard) -> None:
+        """Reloading into such a policy answers 422 with the reason, and the last good policy stays active."""
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(FLAG_ROWS)
+        guard = await start_guard(model_url, policy=str(policy), routes=(CustomRoute(path="/score", pointer="/x"),))
+        good = guard.state.policies.current.revision
+        policy.write_text(HARDEN_ROWS)
+        async with aiohttp.ClientSession() as http, http.post(
+                guard.admin_url + "/admin/reload", headers={"Authorization": "Bearer test-admin-token"}) as r:
+            assert r.status == 422
+            assert "cannot harden" in (await r.json())["error"]["message"]
+        assert guard.state.policies.current.revision == good
