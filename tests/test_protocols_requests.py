@@ -439,12 +439,21 @@ class TestMlflow:
             (b"a,b\n1,1_000\n", "non-numeric"),
             (b"a\n\xff\n", "UTF-8"),
             (b"a\n1\x00\n", "NUL"),
+            (b'a,b\n1,2\n"1,5",2\n', r"row 2, column 1: a quoted cell holds a comma"),
+            (b'a,b,c\n1,"2,5",3\n', r"row 1, column 2: a quoted cell holds a comma"),
+            (b'a,b\n"1,5"\n', "has 1 cells, header has 2"),
         ],
     )
     def test_csv_errors(self, body: bytes, message: str) -> None:
         """Malformed CSV bodies are refused with a precise message."""
         with pytest.raises(ProtocolError, match=message):
             parse("mlflow", body, content_type="text/csv")
+
+    def test_csv_quoting(self) -> None:
+        """CSV is read with RFC 4180 quoting: quoted numbers are numbers, a quoted header may hold a comma."""
+        r = parse("mlflow", b'"a,x",b\n"1.5",2\n', content_type="text/csv")
+        assert r.input_names == ("a,x", "b")
+        assert r.features.tolist() == [[1.5, 2.0]]
 
 
 class TestCustomPointer:

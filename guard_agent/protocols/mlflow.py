@@ -12,7 +12,9 @@ count; cells must be numbers. ``dataframe_records``: every record has the same k
 numbers; columns follow the first record's key order.
 
 ``Content-Type: text/csv`` is accepted too: UTF-8, a header row (pandas ``read_csv`` semantics, as
-MLflow uses), then numeric rows of the same width. ``nan``/``inf`` cells parse as floats and are
+MLflow uses: RFC 4180 quoting, so a quoted header name may hold a comma), then numeric rows of the
+same width. A quoted number (``"1.5"``) is a number; a quoted cell holding a comma (``"1,5"``) is
+not, and is refused with a message that says so. ``nan``/``inf`` cells parse as floats and are
 left to the NaN/Inf policy.
 """
 
@@ -121,7 +123,12 @@ def _csv(body: bytes, limits: ParseLimits) -> tuple[list[np.ndarray], tuple[str,
     for i, row in enumerate(rows):
         if len(row) != width:
             raise ProtocolError(f"CSV row {i + 1} has {len(row)} cells, header has {width}")
-        if _ROW.fullmatch(",".join(row)) is None:
+        joined = ",".join(row)  # one regex per row: cells without commas are separated by exactly these commas
+        if joined.count(",") != width - 1:
+            column = next(j for j, cell in enumerate(row) if "," in cell)
+            raise ProtocolError(f"CSV row {i + 1}, column {column + 1}: a quoted cell holds a comma, which is not a "
+                                "number (use '.' as the decimal separator, without thousands separators)")
+        if _ROW.fullmatch(joined) is None:
             raise ProtocolError(f"CSV row {i + 1}: non-numeric cell")
     values = np.array(rows, dtype=np.float64)
     return [values], tuple(header)
