@@ -15,24 +15,37 @@ start from 0.5 (Xu et al. report L1 thresholds near 1.0, i.e. 0.5 here, at a
 under the policy's time budget, and supports Open Inference Protocol v2
 requests with a single input tensor; other requests get no ``adv.squeeze``.
 The extra call is never counted in any session and never reaches the client.
+
+Tabular squeezing is done here, per request, so that a single row is squeezed like a batch: rounding to
+two significant digits, and bit-depth reduction of each feature over its *reference* range (the profile's
+input-schema bounds), the same grid for every request. (``detectors.squeeze`` quantises over the batch's own
+range, which is empty for one row, so that copy was always the request itself.) Without a profile the batch's
+range is the only one known: a single row is then squeezed by rounding only, since any other grid would be
+a guess (rounding to one significant digit instead flagged 44% of benign wine rows at 0.5). Image squeezing uses
+``detectors.squeeze`` as is. The squeezed copies go to the model in the client's own datatype: integer
+tensors get integers within the datatype's range (rounded, clipped), so a UINT8 or FP32 model is asked
+exactly as the client asks it; BOOL inputs are not squeezed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
 
-from detectors.squeeze import squeeze_distance, squeeze_variants
+from detectors.squeeze import round_significant, squeeze_distance, squeeze_variants
 from guard_agent.protocols import parse_response
+from guard_agent.protocols.v2 import DATATYPES
 from guard_agent.scoring import ScoringContext
 
 if TYPE_CHECKING:
     from guard_agent.state import GuardState
 
-__all__ = ["SqueezeScorer", "as_probabilities"]
+__all__ = ["SqueezeScorer", "as_probabilities", "in_datatype", "tabular_variants"]
+
+FeatureRange = tuple[np.ndarray, np.ndarray]
 
 
 def as_probabilities(labels: np.ndarray | None, probabilities: np.ndarray | None) -> np.ndarray | None:
@@ -49,6 +62,43 @@ def as_probabilities(labels: np.ndarray | None, probabilities: np.ndarray | None
     return out
 
 
+def tabular_variants(rows: np.ndarray, bit_depth: int, feature_range: FeatureRange | None) -> list[np.ndarray]:
+    """Two squeezed copies of a (rows, features) batch: the same grid whatever the batch size.
+
+    [rounding to two significant digits, bit-depth reduction of each feature to ``2**bit_depth`` levels over
+    ``feature_range`` (low, high per feature: the reference data's; None = the batch's own range), clipped to
+    that range]. A feature whose range is empty (constant in the reference, or one row without a reference)
+    keeps its value in the second copy: there is no grid to put it on.
+    """
+    x = np.asarray(rows, dtype=np.float64)
+    if feature_range is None:
+        low, high = x.min(axis=0), x.max(axis=0)
+    else:
+        low, high = (np.asarray(b, dtype=np.float64).reshape(-1) for b in feature_range)
+    span = high - low
+    usable = span > 0
+    levels = 2**bit_depth - 1
+    safe = np.where(usable, span, 1.0)
+    unit = np.clip((x - low) / safe, 0.0, 1.0)
+    quantised = np.where(usable, np.round(unit * levels) / levels * safe + low, x)
+    return [round_significant(x, 2), quantised]
+
+
+def in_datatype(batch: np.ndarray, datatype: str) -> list[float] | list[int]:
+    """The batch as JSON values of a v2 datatype: integers (rounded, clipped to the type's range) for INT/UINT."""
+    spec = DATATYPES.get(datatype)
+    if spec is not None and spec[0] == "int":
+        _, _, low, high = spec
+        top = float(high)
+        if top > high:  # 2**63 - 1 and 2**64 - 1 round up in float64: stay below, or the cast would wrap
+            top = float(np.nextafter(top, -np.inf))
+        clipped = np.clip(np.rint(batch), float(low), top)
+        ints: list[int] = clipped.astype(np.int64 if low < 0 else np.uint64).ravel().tolist()
+        return ints
+    floats: list[float] = batch.ravel().tolist()
+    return floats
+
+
 class SqueezeScorer:
     """An async scorer (see ``guard_agent.scoring``): one extra batched model call per request."""
 
@@ -57,30 +107,52 @@ class SqueezeScorer:
     def __init__(self, state: GuardState) -> None:
         self._state = state
 
+    def _schema(self, model: str | None) -> Any:
+        """The profile's input-schema detector for ``model`` (its low_/high_ bounds); None without one."""
+        profile_for = getattr(self._state.profile, "profile_for", None)
+        profile = profile_for(model) if profile_for is not None else None
+        return None if profile is None else profile.detectors.get("input.schema")
+
     def _value_range(self, model: str | None) -> tuple[float, float] | None:
         """The reference data's value range (from the profile's schema detector), so that bit-depth
         reduction uses the same grid for every request; None without a profile (the batch's range)."""
-        profile_for = getattr(self._state.profile, "profile_for", None)
-        profile = profile_for(model) if profile_for is not None else None
-        schema = None if profile is None else profile.detectors.get("input.schema")
+        schema = self._schema(model)
         if schema is None:
             return None
         low, high = float(np.min(schema.low_)), float(np.max(schema.high_))
         return (low, high) if high > low else None
+
+    def _feature_range(self, model: str | None, features: int) -> FeatureRange | None:
+        """The reference data's per-feature range (the profile's schema bounds), for tabular bit-depth reduction;
+        None without a profile or when it describes a different number of features."""
+        schema = self._schema(model)
+        if schema is None or np.size(schema.low_) != features or np.size(schema.high_) != features:
+            return None
+        return np.asarray(schema.low_, dtype=np.float64), np.asarray(schema.high_, dtype=np.float64)
 
     async def __call__(self, ctx: ScoringContext) -> Mapping[str, float]:
         parsed = ctx.extra.get("parsed")
         request = ctx.extra.get("request")
         if ctx.protocol != "v2" or parsed is None or request is None or len(parsed.input_names) != 1:
             return {}
+        datatype = parsed.input_datatypes[0] if parsed.input_datatypes else "FP64"
+        if datatype == "BOOL":
+            return {}  # nothing to squeeze in true/false
         settings = ctx.policy.squeeze
         rows = ctx.features.shape[0]
-        variants = squeeze_variants(ctx.features, ctx.row_shape, kind=settings.kind, bit_depth=settings.bit_depth,
-                                    value_range=self._value_range(ctx.model))
+        kind = settings.kind
+        if kind == "auto":
+            kind = "image" if len(ctx.row_shape) in (2, 3) else "tabular"
+        if kind == "tabular":
+            variants = tabular_variants(ctx.features, settings.bit_depth,
+                                        self._feature_range(ctx.model, ctx.features.shape[1]))
+        else:
+            variants = squeeze_variants(ctx.features, ctx.row_shape, kind=kind, bit_depth=settings.bit_depth,
+                                        value_range=self._value_range(ctx.model))
         batch = np.vstack([ctx.features, *[v.reshape(rows, -1) for v in variants]])
         doc: dict[str, object] = {"inputs": [{
-            "name": parsed.input_names[0], "shape": [batch.shape[0], *ctx.row_shape], "datatype": "FP64",
-            "data": batch.ravel().tolist()}]}
+            "name": parsed.input_names[0], "shape": [batch.shape[0], *ctx.row_shape], "datatype": datatype,
+            "data": in_datatype(batch, datatype)}]}
         if parsed.requested_outputs:
             doc["outputs"] = [{"name": name} for name in parsed.requested_outputs]
         client = self._state.client

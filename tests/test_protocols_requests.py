@@ -159,6 +159,7 @@ class TestV2:
         np.testing.assert_array_equal(r.features, [[1, 2, 1, 0.5], [3, 4, 0, 1.5]])
         assert r.row_shape == (4,)
         assert r.input_names == ("a", "b", "c")
+        assert r.input_datatypes == ("INT32", "BOOL", "FP16")
 
     def test_one_dimensional_shape_is_a_batch_of_scalars(self) -> None:
         """shape [n] means n rows with one feature each."""

@@ -46,6 +46,7 @@ class ParsedRequest:
     protocol: str
     input_names: tuple[str, ...]
     requested_outputs: tuple[str, ...]  # v2 "outputs":[{"name":...}] if present
+    input_datatypes: tuple[str, ...] = ()  # v2 datatype per input (e.g. "FP32", "UINT8"); empty for JSON protocols
 
 
 Kind = Literal["float", "int", "bool"]
@@ -131,6 +132,7 @@ def build_request(
     names: tuple[str, ...],
     outputs: tuple[str, ...],
     limits: ParseLimits,
+    datatypes: tuple[str, ...] = (),
 ) -> ParsedRequest:
     """Concatenate per-row flattened parts (each shaped (rows, ...)) into the final 2-D feature matrix.
 
@@ -165,4 +167,5 @@ def build_request(
         protocol=protocol,
         input_names=names,
         requested_outputs=outputs,
+        input_datatypes=datatypes,
     )

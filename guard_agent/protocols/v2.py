@@ -212,6 +212,7 @@ def parse_v2(
         raise ProtocolError("inputs must be a non-empty list")
     parts: list[np.ndarray] = []
     names: list[str] = []
+    datatypes: list[str] = []
     offset = 0
     for i, inp in enumerate(inputs):
         where = f"inputs[{i}]"
@@ -224,8 +225,9 @@ def parse_v2(
             raise ProtocolError(f"{where}: duplicate input name")
         arr, offset = _tensor(inp, where, binary, offset, limits)
         names.append(name)
+        datatypes.append(inp["datatype"])
         parts.append(arr)
     if binary is not None and offset != len(binary):
         raise ProtocolError("binary data longer than the inputs declare")
     return build_request(parts, protocol="v2", row_shape=None, names=tuple(names), outputs=outputs,
-                         limits=limits)
+                         limits=limits, datatypes=tuple(datatypes))
