@@ -3,10 +3,14 @@
 Formats: ``ndjson`` (one event per line: Vector/Fluent Bit/Logstash http inputs),
 ``splunk_hec`` (``/services/collector/event``: ``{"time", "event"}`` objects) and
 ``elastic_bulk`` (``_bulk`` with ``create`` and an id derived from the event, so a batch
-sent twice is stored once). A 2xx acknowledges the batch. 400/413 are bisected down to
-the single events the receiver refuses (counted as rejected) unless it refuses everything
-(then it is a configuration problem and the events wait in the spool); 401/403 re-read the
-token file; everything else is retried with backoff while the spool holds the events.
+sent twice is stored once). A 2xx acknowledges the batch. Only 400 and 413 say "something
+in this batch": such a batch is bisected to find the events the receiver refuses (counted
+as rejected), within a budget of ``4 * ceil(log2 n)`` more POSTs (enough to isolate two bad
+events in any batch of n). If no part of the batch is accepted, the receiver refuses
+everything (a configuration problem: url, index, format), so nothing is discarded: the
+batch waits in the spool and is retried with backoff; parts still unresolved when the budget
+runs out after some were accepted are counted as rejected. 401/403 re-read the token file;
+every other status refuses the batch as a whole and is retried with backoff, never bisected.
 """
 
 from __future__ import annotations
@@ -14,10 +18,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import http.client
+import math
 import ssl
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 import orjson
@@ -29,6 +35,8 @@ from guard_agent.sinks._transport import DeliveryError, client_tls_context
 __all__ = ["HttpTransport", "encode_batch"]
 
 REJECT_STREAK_LIMIT = 10   # more refused events in a row than this: stop discarding, retry instead
+BISECT_POSTS_PER_LEVEL = 4  # each halving level may cost this many POSTs: isolates two bad events exactly
+_PER_EVENT = (400, 413)     # the only statuses that may concern single events; all others refuse the batch
 _CONTENT_TYPE = {"ndjson": "application/x-ndjson", "splunk_hec": "application/json",
                  "elastic_bulk": "application/x-ndjson"}
 
@@ -79,6 +87,14 @@ def _retry_after(resp: http.client.HTTPResponse) -> float | None:
         return float(value) if value is not None else None
     except ValueError:
         return None
+
+
+@dataclass
+class _Bisection:
+    """The search for refused events in one batch: POSTs left, and whether any part was accepted."""
+
+    budget: int
+    accepted: bool = False
 
 
 class _HTTPSConnection(http.client.HTTPConnection):
@@ -152,14 +168,44 @@ class HttpTransport:
         return rejected
 
     def _send(self, lines: Sequence[bytes]) -> int:
-        status, data, retry_after = self._post(encode_batch(self.config, lines))
+        status, data, retry_after = self._answer(lines)
         if 200 <= status < 300:
-            return self._bulk_rejections(data) if self.config.format == "elastic_bulk" else 0
-        if status in (400, 413):          # some event(s) refused: find them, deliver the rest
-            if len(lines) == 1:
-                return 1
-            half = len(lines) // 2
-            return self._send(lines[:half]) + self._send(lines[half:])
+            return self._accepted(data)
+        if status not in _PER_EVENT:
+            self._refused(status, retry_after)
+        if len(lines) == 1:
+            return 1
+        bisection = _Bisection(budget=BISECT_POSTS_PER_LEVEL * math.ceil(math.log2(len(lines))))
+        half = len(lines) // 2
+        rejected = self._bisect(lines[:half], bisection) + self._bisect(lines[half:], bisection)
+        if not bisection.accepted:     # no part got through: the receiver refuses everything, not some events
+            raise DeliveryError(f"receiver refused the whole batch of {len(lines)} events and every part of it "
+                                f"tried (HTTP {status}): check url, index and format; keeping events spooled")
+        return rejected
+
+    def _bisect(self, lines: Sequence[bytes], bisection: _Bisection) -> int:
+        """Deliver ``lines`` (part of a refused batch), returning how many events the receiver refuses."""
+        if bisection.budget <= 0:
+            return len(lines)   # unresolved: rejected if another part was accepted, else the batch is retried
+        bisection.budget -= 1
+        status, data, retry_after = self._answer(lines)
+        if 200 <= status < 300:
+            bisection.accepted = True
+            return self._accepted(data)
+        if status not in _PER_EVENT:
+            self._refused(status, retry_after)   # a part refused as a whole (429, 5xx...): resend it all later
+        if len(lines) == 1:
+            return 1
+        half = len(lines) // 2
+        return self._bisect(lines[:half], bisection) + self._bisect(lines[half:], bisection)
+
+    def _answer(self, lines: Sequence[bytes]) -> tuple[int, bytes, float | None]:
+        return self._post(encode_batch(self.config, lines))
+
+    def _accepted(self, data: bytes) -> int:
+        return self._bulk_rejections(data) if self.config.format == "elastic_bulk" else 0
+
+    def _refused(self, status: int, retry_after: float | None) -> NoReturn:
         if status in (401, 403):
             with contextlib.suppress(ConfigError):
                 self._token = self.config.read_token()   # a rotated Secret

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -13,6 +14,9 @@ from pathlib import Path
 import pytest
 
 from guard_agent.settings import ConfigError
+from guard_agent.sinks._config import HttpSinkConfig, parse_sinks
+from guard_agent.sinks._http import HttpTransport
+from guard_agent.sinks._transport import DeliveryError
 from tests.integration.test_sinks_support import (
     HttpReceiver,
     event_line,
@@ -32,6 +36,13 @@ async def receiver() -> HttpReceiver:
     await r.start()
     yield r  # type: ignore[misc]
     await r.stop()
+
+
+def http_transport(receiver: HttpReceiver, tmp_path: Path, **extra: object) -> HttpTransport:
+    """The transport alone (blocking; run it in a thread), configured as the sink would be."""
+    (config,) = parse_sinks([http_sink(receiver, tmp_path, **extra)], str(tmp_path / "spool"))
+    assert isinstance(config, HttpSinkConfig)
+    return HttpTransport(config)
 
 
 def http_sink(receiver: HttpReceiver, tmp_path: Path, **extra: object) -> dict[str, object]:
@@ -166,21 +177,57 @@ class TestHttpOutage:
 
     async def test_a_collector_refusing_everything_keeps_events_spooled(self, receiver: HttpReceiver,
                                                                          tmp_path: Path) -> None:
-        """If every event is refused (a wrong index or mapping, not bad events), at most a few are counted as
-        rejected, the sink goes down and the rest wait in the spool until the collector accepts again."""
+        """If every event is refused (a wrong index or mapping, not bad events), no batch of several events is
+        discarded (only a batch of one event is indistinguishable from a bad event), the sink goes down and the
+        rest wait in the spool until the collector accepts again."""
         receiver.reject_marker = b"req-"
         f = make_fanout(tmp_path / "spool", http_sink(receiver, tmp_path, batch_max_events=4))
         for i in range(100):
             f.sink.write(event_line(i))
         await wait_for(lambda: bool(f.status_events("sink_down")))
+        await wait_for(lambda: receiver.requests >= 30)   # several retries of the refused batch
         rejected = sink_count(f.metrics, "collector", "rejected")
-        assert 0 < rejected <= 12
-        assert "refused each of the last" in f.status_events("sink_down")[0]["guard"]["reason"]
+        assert rejected <= 2
+        reason = f.status_events("sink_down")[0]["guard"]["reason"]
+        assert "refused the whole batch" in reason or "refused each of the last" in reason
         receiver.reject_marker = None
         await wait_for(lambda: len(receiver.ids()) == 100 - rejected)
         f.sink.close(5)
         assert receiver.ids() == [f"req-{i}" for i in range(int(rejected), 100)]
         assert sink_count(f.metrics, "collector", "rejected") == rejected
+
+    async def test_a_refusing_collector_costs_a_bounded_number_of_posts(self, receiver: HttpReceiver,
+                                                                        tmp_path: Path) -> None:
+        """A batch of 64 refused with 400 as a whole is not bisected into 127 POSTs: at most 1 + 4*log2(64) = 25,
+        then it stays for a retry (DeliveryError) and nothing is counted as rejected."""
+        receiver.reject_marker = b"req-"
+        transport = http_transport(receiver, tmp_path)
+        with pytest.raises(DeliveryError, match="refused the whole batch of 64 events"):
+            await asyncio.to_thread(transport.send, [event_line(i) for i in range(64)])
+        transport.close()
+        assert 3 <= receiver.requests <= 25
+
+    @pytest.mark.parametrize("status", [404, 422, 429, 500, 503])
+    async def test_statuses_about_the_whole_batch_are_never_bisected(self, receiver: HttpReceiver, tmp_path: Path,
+                                                                     status: int) -> None:
+        """Any refusal other than 400/413 concerns the batch as a whole: one POST, then a retry later."""
+        receiver.fail_status, receiver.fail_times = status, 1
+        transport = http_transport(receiver, tmp_path)
+        with pytest.raises(DeliveryError, match=f"HTTP {status}"):
+            await asyncio.to_thread(transport.send, [event_line(i) for i in range(64)])
+        transport.close()
+        assert receiver.requests == 1
+
+    async def test_two_bad_events_are_isolated_within_the_budget(self, receiver: HttpReceiver,
+                                                                 tmp_path: Path) -> None:
+        """Two refused events anywhere in a batch of 64 are found and rejected; the other 62 are delivered."""
+        receiver.reject_markers = (b'"req-3"', b'"req-50"')
+        transport = http_transport(receiver, tmp_path)
+        rejected = await asyncio.to_thread(transport.send, [event_line(i) for i in range(64)])
+        transport.close()
+        assert rejected == 2
+        assert receiver.ids() == [f"req-{i}" for i in range(64) if i not in (3, 50)]
+        assert receiver.requests <= 25
 
     async def test_an_unforeseen_answer_does_not_stop_the_sink(self, tmp_path: Path) -> None:
         """A 200 whose body makes no sense is a failed attempt (retried), not a dead sender thread."""

@@ -101,6 +101,7 @@ class HttpReceiver:
     fail_times: int = 0
     retry_after: str | None = None
     reject_marker: bytes | None = None
+    reject_markers: tuple[bytes, ...] = ()
     garbage_times: int = 0
     events: list[dict[str, Any]] = field(default_factory=list)
     auth_seen: list[str | None] = field(default_factory=list)
@@ -136,7 +137,8 @@ class HttpReceiver:
         if self.garbage_times > 0:          # 200 with an answer no client expects
             self.garbage_times -= 1
             return web.json_response({"errors": True, "items": ["?", 7]})
-        if self.reject_marker is not None and self.reject_marker in body:
+        if (self.reject_marker is not None and self.reject_marker in body) or \
+                any(marker in body for marker in self.reject_markers):
             return web.json_response({"error": "invalid event"}, status=400)
         if self.fmt == "ndjson":
             assert request.content_type == "application/x-ndjson"
