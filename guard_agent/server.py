@@ -210,6 +210,11 @@ def _reload_watcher(state: GuardState, metrics: _ListenerMetrics, reloadables: l
                         metrics.reloads.labels(name, "failed").inc()
                         state.events.log("error", f"{name} rejected: last good kept", error={"message": str(exc)})
                         continue
+                    except Exception as exc:  # a bug or an unforeseen error must not end reloads for good
+                        metrics.reloads.labels(name, "failed").inc()
+                        state.events.log("error", f"{name} reload failed unexpectedly: last good kept, retrying",
+                                         error={"message": f"{type(exc).__name__}: {exc}"[:500]})
+                        continue
                     if changed:
                         metrics.reloads.labels(name, "ok").inc()
                         state.events.log("info", f"{name} reloaded")

@@ -282,6 +282,47 @@ class TestApiKeysOnTheGuard:
             assert (await infer(http, guard.url, body, {"X-API-Key": KEY_B}))[0] == 200
 
 
+    async def test_unexpected_reload_error_keeps_the_reload_loop(self, tmp_path: Path, model_url: str,
+                                                                  start_guard, digits_model: DigitsModel,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+        """An exception other than AuthError/TlsError while reloading is logged and counted, the guard keeps
+        serving, and the next key rotation is still picked up."""
+        (tmp_path / "policy.yaml").write_text(POLICY_REQUIRE)
+        path = write_keys(tmp_path / "keys.yaml", [{"name": "a", "key": KEY_A}])
+        guard = await start_guard(model_url, policy=str(tmp_path / "policy.yaml"), api_keys_file=str(path))
+        real = KeyStore.maybe_reload
+        failures = [RuntimeError("unforeseen"), KeyError("bug")]
+
+        def flaky(self: KeyStore) -> bool:
+            if failures:
+                raise failures.pop(0)
+            return real(self)
+
+        monkeypatch.setattr(KeyStore, "maybe_reload", flaky)
+        body = v2_body(digits_model.X_test[0])
+
+        def failed() -> float:
+            value = guard.state.metrics.registry.get_sample_value(
+                "inference_guard_credential_reloads_total", {"file": "api_keys", "result": "failed"})
+            return value or 0.0
+
+        async with aiohttp.ClientSession() as http:
+            for _ in range(100):
+                if not failures and failed() >= 2:
+                    break
+                await asyncio.sleep(0.05)
+            assert failed() == 2
+            assert (await infer(http, guard.url, body, {"X-API-Key": KEY_A}))[0] == 200
+            write_keys(path, [{"name": "b", "key": KEY_B}])
+            for _ in range(100):
+                if (await infer(http, guard.url, body, {"X-API-Key": KEY_B}))[0] == 200:
+                    break
+                await asyncio.sleep(0.05)
+            assert (await infer(http, guard.url, body, {"X-API-Key": KEY_B}))[0] == 200
+        logged = [e for e in guard.events if e["message"].startswith("api_keys reload failed unexpectedly")]
+        assert [e["error"]["message"] for e in logged] == ["RuntimeError: unforeseen", "KeyError: 'bug'"]
+
+
 class TestJwtOnTheGuard:
     async def test_jwt_session_from_claim(self, tmp_path: Path, model_url: str, start_guard,
                                           digits_model: DigitsModel) -> None:
