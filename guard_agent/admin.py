@@ -14,6 +14,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from guard_agent.integrity import IntegrityChecker
 from guard_agent.state import STATE, GuardState
 
 __all__ = ["make_admin_app", "reload_policy"]
@@ -28,10 +29,13 @@ async def livez(request: web.Request) -> web.Response:
 
 
 def readiness(state: GuardState) -> dict[str, bool]:
+    """Each condition for serving; ``integrity`` waits for the first canary verdicts when canaries are set."""
+    integrity = state.integrity
     return {
         "policy": state.policies.current is not None,
         "profile": state.settings.profile is None or state.profile.revision is not None,
         "upstream": state.upstream_ok,
+        "integrity": not isinstance(integrity, IntegrityChecker) or integrity.ready,
         "accepting": not state.shutting_down,
     }
 

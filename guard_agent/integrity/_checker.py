@@ -88,6 +88,7 @@ class IntegrityChecker(IntegrityHook):
         self._signature_ok: bool | None = None
         self._snapshot: frozenset[Any] | None = None
         self._last_verify = 0.0
+        self._first_verdicts = not self._sets  # readiness latch: every model with canaries has had a verdict
         self._wake: asyncio.Event | None = None
         self.metrics = IntegrityMetrics(state.metrics.registry)
         self._publish_sets()
@@ -107,6 +108,16 @@ class IntegrityChecker(IntegrityHook):
         if passing or self._signature_ok:
             return 0.0
         return None
+
+    @property
+    def ready(self) -> bool:
+        """False until every model with canaries has its first verdict (pass or fail), then True for good.
+
+        ``/readyz`` waits for it: before the first replay the guard cannot tell a tampered model from a good
+        one, so traffic should not be routed to it yet. Later reloads and outages do not unset it (a failing or
+        unreachable model is answered by the policy and the upstream check, not by dropping out of the Service).
+        """
+        return self._first_verdicts
 
     @property
     def models(self) -> tuple[str, ...]:
@@ -239,6 +250,7 @@ class IntegrityChecker(IntegrityHook):
         self._unreachable.discard(model)
         previous = self._passing.get(model)
         self._passing[model] = passing
+        self._latch_ready()
         m = self.metrics
         m.last_check.labels("canary").set(time.time())
         best = results[-1] if passing else min(results, key=lambda r: (r.differed, len(r.metadata_changed)))
@@ -267,6 +279,12 @@ class IntegrityChecker(IntegrityHook):
                     {"model": model, "check": check, "canary_set_revision": best.revision,
                      "canaries": best.as_dict(), "canary_sets": differed,
                      "on_violation": self._on_violation(model)})
+
+    def _latch_ready(self) -> None:
+        if not self._first_verdicts and all(m in self._passing for m in self._sets):
+            self._first_verdicts = True
+            self._state.events.log("info", "integrity: first canary verdicts in, ready",
+                                   guard={"check": "canary", "models": sorted(self._sets)})
 
     def _on_violation(self, model: str | None) -> str:
         return str(self._state.policies.current.for_model(model).integrity_action)
@@ -302,6 +320,7 @@ class IntegrityChecker(IntegrityHook):
             with contextlib.suppress(KeyError):
                 self.metrics.canary_mismatches.remove(gone)
         self._publish_sets()
+        self._latch_ready()  # the models still waiting for a first verdict may have been removed
         self.metrics.reloads.labels("ok").inc()
         self._state.events.log("info", "canary set reloaded", guard={"canary_sets": self.revisions,
                                                                      "previous": before})
