@@ -22,8 +22,9 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from guard_agent.events import build_decision_event
+from guard_agent.identity import Identity
 from guard_agent.policy.decide import INTEGRITY_RULE, RequestFacts, SessionFacts, decide
-from guard_agent.policy.model import Decision, Policy
+from guard_agent.policy.model import Decision, EffectivePolicy, Policy
 from guard_agent.protocols import (
     Hardening as WireHardening,
 )
@@ -246,10 +247,33 @@ def _upstream_failure(state: GuardState, out: _Outcome, exc: BaseException, requ
     return error_response(502, "upstream_unavailable", "the model server is unreachable or broken", request_id)
 
 
+def _access_refusal(state: GuardState, out: _Outcome, identity: Identity, eff: EffectivePolicy,
+                    request_id: str, *, model_required: bool) -> web.Response | None:
+    """401 without valid credentials when the policy requires them; 403 for a model outside the credential's
+    list (``model_required``: also when the route names no model). None when the request may go on."""
+    if identity.credential_error is not None:
+        out.fields["credential_error"] = identity.credential_error
+    if identity.principal is not None:
+        out.fields["principal"] = identity.principal
+    if eff.require_credentials and not identity.authenticated:
+        out.rule = "credentials-required"
+        return _reject(state, out, 401, "unauthorized", "a valid API key or bearer token is required", request_id,
+                       {"WWW-Authenticate": 'Bearer realm="inference-guard"'})
+    if identity.models is not None and (model_required or out.model is not None) and out.model not in identity.models:
+        out.rule = "model-not-allowed"
+        return _reject(state, out, 403, "model_not_allowed", "this credential may not call this model", request_id)
+    return None
+
+
 async def _passthrough(request: web.Request, state: GuardState, out: _Outcome,
                        request_id: str) -> tuple[web.StreamResponse, float]:
     identity = state.identity.resolve(request.headers, request.remote)
     out.session, out.source_ip = identity.session, identity.ip.compressed if identity.ip else None
+    # unscored is not unauthenticated: metadata and health answers need the same credentials as inference
+    refusal = _access_refusal(state, out, identity, state.policies.current.for_model(out.model), request_id,
+                              model_required=False)
+    if refusal is not None:
+        return refusal, 0.0
     if request.method not in ("GET", "HEAD") and (request.content_length or request.can_read_body):
         body = await _read_body(request, state.settings.max_body_bytes, state.settings.client_read_timeout)
         if body is None:
@@ -289,18 +313,9 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
     policy = state.policies.current
     eff = policy.for_model(match.model)
     out.enforced = eff.mode == "enforce"
-    if identity.credential_error is not None:
-        out.fields["credential_error"] = identity.credential_error
-    if identity.principal is not None:
-        out.fields["principal"] = identity.principal
-    if eff.require_credentials and not identity.authenticated:
-        out.rule = "credentials-required"
-        return _reject(state, out, 401, "unauthorized", "a valid API key or bearer token is required", request_id,
-                       {"WWW-Authenticate": 'Bearer realm="inference-guard"'}), 0.0
-    if identity.models is not None and match.model not in identity.models:
-        out.rule = "model-not-allowed"
-        return _reject(state, out, 403, "model_not_allowed", "this credential may not call this model",
-                       request_id), 0.0
+    refusal = _access_refusal(state, out, identity, eff, request_id, model_required=True)
+    if refusal is not None:
+        return refusal, 0.0
 
     body = await _read_body(request, settings.max_body_bytes, settings.client_read_timeout)
     if body is None:

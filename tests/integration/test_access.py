@@ -282,6 +282,42 @@ class TestApiKeysOnTheGuard:
             assert (await infer(http, guard.url, body, {"X-API-Key": KEY_B}))[0] == 200
 
 
+    async def test_passthrough_routes_require_credentials_too(self, tmp_path: Path, model_url: str,
+                                                              start_guard) -> None:
+        """With require_credentials, unscored metadata and health routes also need a valid key (401 otherwise);
+        a key scoped to other models may not read this model's metadata (403) but may read server health."""
+        (tmp_path / "policy.yaml").write_text(POLICY_REQUIRE)
+        keys = write_keys(tmp_path / "keys.yaml", [{"name": "a", "key": KEY_A},
+                                                   {"name": "scoped", "key": KEY_B, "models": ["other-model"]}])
+        guard = await start_guard(model_url, policy=str(tmp_path / "policy.yaml"), api_keys_file=str(keys))
+
+        async def get(path: str, headers: dict[str, str]) -> int:
+            async with http.get(guard.url + path, headers=headers) as r:
+                await r.read()
+                return r.status
+
+        async with aiohttp.ClientSession() as http:
+            assert await get("/v2/models/digits", {"X-Request-Id": "meta-anon"}) == 401
+            assert await get("/v2/health/ready", {}) == 401
+            assert await get("/v2/models/digits", {"X-API-Key": f"invented-{0:020d}"}) == 401
+            assert await get("/v2/models/digits", {"X-API-Key": KEY_A}) == 200
+            assert await get("/v2/health/ready", {"Authorization": f"Bearer {KEY_A}"}) == 200
+            assert await get("/v2/models/digits", {"X-API-Key": KEY_B}) == 403
+            assert await get("/v2/health/ready", {"X-API-Key": KEY_B}) == 200
+        (event,) = guard.events_for("meta-anon")
+        assert event["rule"]["name"] == "credentials-required"
+        assert event["http"]["response"]["status_code"] == 401 and event["event"]["action"] == "reject"
+
+    async def test_passthrough_without_required_credentials_stays_open(self, tmp_path: Path, model_url: str,
+                                                                       start_guard) -> None:
+        """Without require_credentials, metadata and health routes answer without a key, as before."""
+        keys = write_keys(tmp_path / "keys.yaml", [{"name": "a", "key": KEY_A}])
+        guard = await start_guard(model_url, api_keys_file=str(keys))
+        async with aiohttp.ClientSession() as http:
+            for path in ("/v2/models/digits", "/v2/health/ready"):
+                async with http.get(guard.url + path) as r:
+                    assert r.status == 200
+
     async def test_unexpected_reload_error_keeps_the_reload_loop(self, tmp_path: Path, model_url: str,
                                                                   start_guard, digits_model: DigitsModel,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
