@@ -75,7 +75,7 @@ async def memory(n_sessions: int, n_real: int) -> None:
             templates.append(encoded)
         else:
             record.tracker_state = tracking.decode_state(templates[i % len(templates)])
-            record.scores = dict(engine.peek(record.tracker_state[1], now))
+            record.scores = dict(engine.peek(record.tracker_state[engine.config.layout_id], now))
     real_ms = (time.perf_counter() - t0) / max(1, n_sessions) * 1e3
     gc.collect()
     grown = rss_bytes() - before
@@ -131,11 +131,12 @@ async def redis_latency(n: int) -> None:
         wall = time.perf_counter() - t0
         print(f"  32 concurrent: p50 {_pct(conc, 50):.2f} ms  p99 {_pct(conc, 99):.2f} ms  "
               f"throughput {n / wall:,.0f} round trips/s (one process, one core)")
-        fps = [engine.fingerprints(rng.integers(0, 17, size=(1, 64)).astype(np.float64)) for _ in range(n)]
+        rows1 = [rng.integers(0, 17, size=(1, 64)).astype(np.float64) for _ in range(n)]
+        fps = [(engine.fingerprints(r), engine.row_keys(r)) for r in rows1]
         obs = []
-        for i, fp in enumerate(fps):
+        for i, (fp, dg) in enumerate(fps):
             t0 = time.perf_counter()
-            await index.observe(f"k{i % 200}", fp, now + i * 1e-3)
+            await index.observe(f"k{i % 200}", fp, dg, now + i * 1e-3)
             obs.append(time.perf_counter() - t0)
         print(f"redis global index observe (1 row, incl. local mirror): p50 {_pct(obs, 50):.2f} ms  "
               f"p99 {_pct(obs, 99):.2f} ms")
@@ -250,7 +251,7 @@ async def global_fill(n: int) -> None:
         t0 = time.perf_counter()
         for i in range(0, n, 32):
             rows = rng.integers(0, 17, size=(min(32, n - i), 64)).astype(np.float64)
-            await index.observe(f"k{i}", engine.fingerprints(rows), time.time())
+            await index.observe(f"k{i}", engine.fingerprints(rows), engine.row_keys(rows), time.time())
         fill = time.perf_counter() - t0
         keys = [k async for k in client.scan_iter(match=f"{prefix}*", count=5000)]
         total = 0

@@ -1,18 +1,22 @@
 """The global near-duplicate fingerprint index on Redis: one attack spread over many keys *and* replicas.
 
 Same algorithm and score scale as ``detectors.trackers.GlobalFingerprintIndex.observe``
-(``1 - 2^(-m / m_half)``, m = earlier near-duplicates of the row from *other* sessions within
-``window_s``; identical fingerprints are neither stored twice nor counted), run by one Lua script per
-request so that a request's lookup and insertion are atomic across replicas:
+(``1 - 2^(-m / m_half)``, m = distinct earlier inputs near the row from *other* sessions within
+``window_s``; exact repeats of an input count once), run by one Lua script per request so that a
+request's lookup and insertion are atomic across replicas:
 
 - entries: a ring of ``max_entries`` string keys ``{prefix}ge:{slot}`` = session hash (8 bytes) + time
-  (20 chars) + the fingerprint's non-zero hashes (8 bytes each), with TTL ``window_s``;
+  (20 chars) + weight (10 digits: distinct inputs merged into this entry) + the fingerprint's
+  non-zero hashes (8 bytes each), with TTL ``window_s``; a new input near a live entry is merged into
+  the closest one, others get an entry of their own;
 - buckets: each entry is filed under the ``n_index`` smallest of its hashes (mod ``n_buckets``) in
   ``{prefix}gb:{bucket // 64}`` hashes (field = bucket, value = the newest ``bucket_size`` slots), TTL
-  ``window_s``; candidates from the buckets are verified by counting shared hashes.
+  ``window_s``; candidates from the buckets are verified by counting shared hashes;
+- exact-input digests (salted, 8 bytes): a ring of ``max_entries`` keys ``{prefix}gd:{slot}`` and
+  ``{prefix}gd:m:{group}`` hashes (digest -> time last seen); overwriting a ring slot removes its digest.
 
-Memory is bounded: about ``max_entries * ~280`` bytes of entries plus ``n_buckets * ~32`` bytes of
-buckets (~50 MB at the default 100k entries). Keys are computed inside the script: standalone Redis or
+Memory is bounded: about ``max_entries * ~400`` bytes of entries and digests plus ``n_buckets * ~32``
+bytes of buckets (~60 MB at the default 100k entries). Keys are computed inside the script: standalone Redis or
 Sentinel, not Redis Cluster. At most ``max_rows`` rows of a request go to Redis (the first ones of a
 larger batch), which bounds how long one script blocks the server. Redis down or slow: the replica's own
 in-memory index answers (it mirrors every query) and the call is counted; entries seen during an outage
@@ -35,21 +39,33 @@ __all__ = ["RedisGlobalIndex"]
 _GROUP = 64
 
 # ARGV: 1 prefix, 2 now (20 chars), 3 window_s, 4 session hash (8 bytes), 5 max_entries, 6 bucket_size,
-# 7 ttl seconds, then per row: need, fingerprint (packed non-zero hashes), bucket ids (comma separated).
+# 7 ttl seconds, 8 current volume bin, 9 number of bins, then per row: need, fingerprint (packed non-zero
+# hashes), bucket ids (comma separated), row digest (8 bytes), digest group, reference density.
+# Returns the best discounted count as a string (Lua numbers would be truncated to integers).
+# Entry value: session hash (8) + time (20) + weight (10, distinct inputs merged into it) + fingerprint.
 _OBSERVE = """
 local prefix, tnow = ARGV[1], ARGV[2]
 local oldest = tonumber(tnow) - tonumber(ARGV[3])
 local sid, max_entries, bsize, ttl = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local best = 0
-local gep, gbp = prefix .. 'ge:', prefix .. 'gb:'
-local i = 8
-while i + 2 <= #ARGV do
-  local need, fp, blist = tonumber(ARGV[i]), ARGV[i + 1], ARGV[i + 2]
-  i = i + 3
+local gep, gbp, gdp, gwp = prefix .. 'ge:', prefix .. 'gb:', prefix .. 'gd:', prefix .. 'gw:'
+local bin, nbins = tonumber(ARGV[8]), tonumber(ARGV[9])
+-- W: distinct inputs within the window, from per-bin counters
+local wkeys = {}
+for k = 0, nbins - 1 do wkeys[#wkeys + 1] = gwp .. tostring(bin - k) end
+local volume = 0
+for _, v in ipairs(redis.call('MGET', unpack(wkeys))) do
+  if v then volume = volume + tonumber(v) end
+end
+local i = 10
+while i + 5 <= #ARGV do
+  local need, fp, blist, digest, dgroup = tonumber(ARGV[i]), ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+  local density = tonumber(ARGV[i + 5])
+  i = i + 6
   local mine = {}
   for p = 1, #fp, 8 do mine[string.sub(fp, p, p + 7)] = true end
   local buckets, seen = {}, {}
-  local identical, m = false, 0
+  local merge_slot, merge_entry, merge_shared, m = nil, nil, -1, 0
   for b in string.gmatch(blist, '%d+') do
     buckets[#buckets + 1] = b
     local cell = redis.call('HGET', gbp .. math.floor(tonumber(b) / 64), b)
@@ -58,43 +74,71 @@ while i + 2 <= #ARGV do
         if not seen[slot] then
           seen[slot] = true
           local e = redis.call('GET', gep .. slot)
-          if e then
-            if #e == #fp + 28 and string.sub(e, 29) == fp then
-              identical = true
-            elseif string.sub(e, 1, 8) ~= sid and tonumber(string.sub(e, 9, 28)) >= oldest then
-              local shared = 0
-              for p = 29, #e, 8 do
-                if mine[string.sub(e, p, p + 7)] then shared = shared + 1 end
+          if e and #e > 38 and tonumber(string.sub(e, 9, 28)) >= oldest then
+            local shared = 0
+            for p = 39, #e, 8 do
+              if mine[string.sub(e, p, p + 7)] then shared = shared + 1 end
+            end
+            if shared >= need then
+              if string.sub(e, 1, 8) ~= sid then m = m + tonumber(string.sub(e, 29, 38)) end
+              -- the closest entry; ties go to the lowest slot, as in the in-memory index
+              if shared > merge_shared or (shared == merge_shared and tonumber(slot) < tonumber(merge_slot)) then
+                merge_slot, merge_entry, merge_shared = slot, e, shared
               end
-              if shared >= need then m = m + 1 end
             end
           end
         end
       end
     end
   end
+  m = m / (1 + volume * density)
   if m > best then best = m end
-  if not identical and #fp > 0 then
-    local slot = tostring((redis.call('INCR', prefix .. 'gh') - 1) % max_entries)
-    redis.call('EXPIRE', prefix .. 'gh', ttl)
-    redis.call('SET', gep .. slot, sid .. tnow .. fp, 'EX', ttl)
-    for _, b in ipairs(buckets) do
-      local gk = gbp .. math.floor(tonumber(b) / 64)
-      local cell = redis.call('HGET', gk, b)
-      local out, n = slot, 1
-      if cell then
-        for s in string.gmatch(cell, '%d+') do
-          if n >= bsize then break end
-          if s ~= slot then out = out .. ',' .. s; n = n + 1 end
+  -- exact repeats of an input count once: a ring of max_entries digests, filed by group for lookup
+  local gmap = gdp .. 'm:' .. dgroup
+  local last = redis.call('HGET', gmap, digest)
+  local repeat_ = last and tonumber(last) >= oldest
+  if not last then
+    local dslot = tostring((redis.call('INCR', gdp .. 'h') - 1) % max_entries)
+    redis.call('EXPIRE', gdp .. 'h', ttl)
+    local old = redis.call('GET', gdp .. dslot)
+    if old then redis.call('HDEL', gdp .. 'm:' .. string.sub(old, 10), string.sub(old, 1, 8)) end
+    redis.call('SET', gdp .. dslot, digest .. ':' .. dgroup)  -- no TTL: the ring itself bounds it
+  end
+  redis.call('HSET', gmap, digest, tnow)
+  redis.call('EXPIRE', gmap, ttl)
+  if not repeat_ then
+    redis.call('INCR', gwp .. tostring(bin))
+    redis.call('EXPIRE', gwp .. tostring(bin), 2 * ttl)
+  end
+  if not repeat_ and #fp > 0 then
+    if merge_slot then
+      local weight = tonumber(string.sub(merge_entry, 29, 38)) + 1
+      redis.call('SET', gep .. merge_slot, string.sub(merge_entry, 1, 8) .. tnow .. string.format('%010d', weight)
+        .. string.sub(merge_entry, 39), 'EX', ttl)
+    else
+      local slot = tostring((redis.call('INCR', prefix .. 'gh') - 1) % max_entries)
+      redis.call('EXPIRE', prefix .. 'gh', ttl)
+      redis.call('SET', gep .. slot, sid .. tnow .. string.format('%010d', 1) .. fp, 'EX', ttl)
+      for _, b in ipairs(buckets) do
+        local gk = gbp .. math.floor(tonumber(b) / 64)
+        local cell = redis.call('HGET', gk, b)
+        local out, n = slot, 1
+        if cell then
+          for s in string.gmatch(cell, '%d+') do
+            if n >= bsize then break end
+            if s ~= slot then out = out .. ',' .. s; n = n + 1 end
+          end
         end
+        redis.call('HSET', gk, b, out)
+        redis.call('EXPIRE', gk, ttl)
       end
-      redis.call('HSET', gk, b, out)
-      redis.call('EXPIRE', gk, ttl)
     end
   end
 end
-return best
+return tostring(best)
 """
+
+_DIGEST_GROUPS = 1024
 
 
 class RedisGlobalIndex:
@@ -122,29 +166,38 @@ class RedisGlobalIndex:
         """Make ``tracking.observe_global`` (the SessionTracking hook) go through this index."""
         tracking.observe_global = self.observe
 
-    def _args(self, session: str, fingerprints: np.ndarray, now: float) -> list[Any]:
+    def _args(self, session: str, fingerprints: np.ndarray, digests: np.ndarray, density: np.ndarray,
+              now: float) -> list[Any]:
         sid = hashlib.blake2b(session.encode(), digest_size=8).digest()
         args: list[Any] = [self.link.prefix, f"{now:20.6f}"[:20], repr(self.window_s), sid, self.max_entries,
-                           self.bucket_size, max(1, math.ceil(self.window_s))]
-        for row in np.atleast_2d(np.asarray(fingerprints, dtype=np.uint64))[: self.max_rows]:
+                           self.bucket_size, max(1, math.ceil(self.window_s)),
+                           math.floor(now / (self.window_s / self.local.volume_bins)), self.local.volume_bins]
+        fps = np.atleast_2d(np.asarray(fingerprints, dtype=np.uint64))[: self.max_rows]
+        dens = np.asarray(density, dtype=np.float64).reshape(-1)
+        for row, digest, rho in zip(fps, np.asarray(digests, dtype=np.uint64).reshape(-1), dens, strict=False):
             nz = np.sort(row[row != 0])
             if nz.size == 0:
                 continue
             buckets = np.unique(nz[: self.n_index] % np.uint64(self.n_buckets))
             need = max(1, math.ceil(self.match_threshold * nz.size))
-            args += [need, nz.astype("<u8").tobytes(), ",".join(str(int(b)) for b in buckets)]
+            args += [need, nz.astype("<u8").tobytes(), ",".join(str(int(b)) for b in buckets),
+                     int(digest).to_bytes(8, "little"), int(digest) % _DIGEST_GROUPS, repr(max(0.0, float(rho)))]
         return args
 
-    async def observe(self, session: str, fingerprints: np.ndarray, now: float) -> float:
-        """Insert the request's fingerprints; the score of its row with most near-duplicates elsewhere."""
-        local = float(self.local.observe(session, fingerprints, now))  # mirror: the fallback stays warm
-        args = self._args(session, fingerprints, now)
-        if len(args) == 7:
+    async def observe(self, session: str, fingerprints: np.ndarray, digests: np.ndarray, now: float,
+                      density: np.ndarray | None = None) -> float:
+        """Insert the request's rows; the score of its row with most near-duplicate inputs elsewhere."""
+        # mirror: the fallback stays warm
+        local = float(self.local.observe(session, fingerprints, digests, now, density))
+        if density is None:
+            density = np.zeros(np.atleast_2d(fingerprints).shape[0])
+        args = self._args(session, fingerprints, digests, density, now)
+        if len(args) == 9:
             return local
         result = await self.link.run("global", lambda c: self._observe_script(c)(args=args, client=c))
         if result is FALLBACK:
             return local
-        remote = float(1.0 - 2.0 ** (-int(result) / self.m_half))  # type: ignore[call-overload]
+        remote = self.local.score(float(result))  # type: ignore[arg-type]
         # Redis checks only the first rows of a batch; the local mirror saw every row: both are lower bounds
         return max(local, remote)
 

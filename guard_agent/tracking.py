@@ -11,6 +11,7 @@ class and probabilities are known.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,6 +25,12 @@ __all__ = ["SessionTracking"]
 
 GLOBAL = "session.global_fingerprint"
 _MAX_DEFAULT_ENGINES = 8
+# One state per layout (model profile or feature width): a session alternating between two models keeps
+# both histories instead of resetting them on every switch (which would hide an attack).
+_MAX_LAYOUTS = 4
+_MAX_DEFAULT_FEATURES = 1 << 16  # widths a stored state may make this process build a default engine for
+_STATE_VERSION = b"\x02"
+_MAX_PENDING = 4096  # requests between peek and update (in flight to the model)
 
 
 class SessionTracking(TrackerHook):
@@ -36,6 +43,7 @@ class SessionTracking(TrackerHook):
         self._defaults: dict[int, SessionTrackers] = {}
         self.global_index = global_index or GlobalFingerprintIndex()
         self.score_names = frozenset(SessionTrackers.score_names | {GLOBAL})
+        self._pending: dict[int, tuple[np.ndarray, SessionTrackers, np.ndarray]] = {}
 
     @classmethod
     def from_profile(cls, profile: Any, *, salt: bytes) -> SessionTracking:
@@ -58,21 +66,37 @@ class SessionTracking(TrackerHook):
         return self._defaults[n_features]
 
     def _state(self, record: SessionRecord, engine: SessionTrackers) -> Any:
-        held = record.tracker_state  # (layout id, state): a state of another config is never reused
-        if held is None or held[0] != engine.config.layout_id:
-            return engine.new_state()
-        return held[1]
+        """The session's state for this engine's layout (a state of another config is never reused)."""
+        held = record.tracker_state  # Mapping[layout id, state]
+        state = held.get(engine.config.layout_id) if held is not None else None
+        return state if state is not None else engine.new_state()
 
     async def peek(self, session: str, record: SessionRecord, features: np.ndarray, model: str | None,
              now: float) -> Mapping[str, float]:
         engine = self.engine(model, features.shape[1])
         scores = dict(engine.peek(self._state(record, engine), now))
-        scores[GLOBAL] = await self.observe_global(session, engine.fingerprints(features), now)
+        fingerprints = engine.fingerprints(features)
+        self._remember(features, engine, fingerprints)
+        density = engine.reference_density(fingerprints, self.global_index.match_threshold)
+        scores[GLOBAL] = await self.observe_global(session, fingerprints, engine.row_keys(features), now, density)
         return scores
 
-    async def observe_global(self, session: str, fingerprints: np.ndarray, now: float) -> float:
+    async def observe_global(self, session: str, fingerprints: np.ndarray, digests: np.ndarray, now: float,
+                             density: np.ndarray | None = None) -> float:
         """This query against earlier queries of every session (a shared store may override this)."""
-        return float(self.global_index.observe(session, fingerprints, now))
+        return float(self.global_index.observe(session, fingerprints, digests, now, density))
+
+    def _remember(self, features: np.ndarray, engine: SessionTrackers, fingerprints: np.ndarray) -> None:
+        """Keep the request's fingerprints for its ``update`` (the same array object), so they are hashed
+        once per request; bounded, since refused requests never reach ``update``."""
+        if len(self._pending) >= _MAX_PENDING:
+            self._pending.pop(next(iter(self._pending)))
+        self._pending[id(features)] = (features, engine, fingerprints)
+
+    def _recall(self, features: np.ndarray, engine: SessionTrackers) -> np.ndarray | None:
+        """The fingerprints ``peek`` computed for this very array with this very engine, else None."""
+        held = self._pending.pop(id(features), None)
+        return held[2] if held is not None and held[0] is features and held[1] is engine else None
 
     def _engine_by_layout(self, layout: int) -> SessionTrackers | None:
         for engine in (*self._engines.values(), *self._defaults.values()):
@@ -81,24 +105,43 @@ class SessionTracking(TrackerHook):
         return None
 
     def encode_state(self, held: Any) -> bytes | None:
-        """``(layout id, state)`` as 8 bytes of layout id + the engine's compact encoding."""
+        """``{layout id: state}`` as a version byte, then per layout: 8 bytes of layout id, 4 of feature count,
+        4 of length, and the engine's compact encoding. Layouts no engine here knows are left out."""
         if held is None:
             return None
-        layout, state = held
-        engine = self._engine_by_layout(layout)
-        if engine is None:
-            return None
-        return int(layout).to_bytes(8, "little") + engine.encode(state)
+        parts = [_STATE_VERSION]
+        for layout, state in held.items():
+            engine = self._engine_by_layout(layout)
+            if engine is None or state is None:
+                continue
+            body = engine.encode(state)
+            parts.append(struct.pack("<QII", int(layout), engine.config.n_features, len(body)) + body)
+        return b"".join(parts) if len(parts) > 1 else None
 
     def decode_state(self, data: bytes) -> Any:
-        """Inverse of ``encode_state``; ValueError for garbage or a layout this process does not know."""
-        if len(data) < 8:
-            raise ValueError("tracker state too short")
-        layout = int.from_bytes(data[:8], "little")
-        engine = self._engine_by_layout(layout)
-        if engine is None:
-            raise ValueError("tracker state of an unknown layout")
-        return (layout, engine.decode(data[8:]))
+        """Inverse of ``encode_state``; ValueError for garbage or a layout this process cannot build (a
+        default layout is built for its feature count, as a request of that width would)."""
+        if data[:1] != _STATE_VERSION:
+            raise ValueError("tracker state of an unknown version")
+        states: dict[int, Any] = {}
+        pos = 1
+        while pos < len(data):
+            if len(data) - pos < 16 or len(states) >= _MAX_LAYOUTS:
+                raise ValueError("tracker state truncated or too many layouts")
+            layout, n_features, size = struct.unpack_from("<QII", data, pos)
+            pos += 16
+            body = data[pos : pos + size]
+            pos += size
+            if len(body) != size:
+                raise ValueError("tracker state truncated")
+            engine = self._engine_by_layout(layout)
+            if engine is None and 0 < n_features <= _MAX_DEFAULT_FEATURES:
+                default = self.engine(None, n_features)
+                engine = default if default.config.layout_id == layout else None
+            if engine is None:
+                raise ValueError("tracker state of an unknown layout")
+            states[layout] = engine.decode(body)
+        return states
 
     async def update(self, session: str, record: SessionRecord, features: np.ndarray, model: str | None,
                response: Any, now: float, scores: Mapping[str, float]) -> Mapping[str, float]:
@@ -109,7 +152,18 @@ class SessionTracking(TrackerHook):
             labels = None
         if probabilities is not None and probabilities.shape[0] != features.shape[0]:
             probabilities = None
+        fingerprints = self._recall(features, engine)
         state, new_scores = engine.update(self._state(record, engine), features, labels, probabilities, now,
-                                          global_fingerprint=scores.get(GLOBAL))
-        record.tracker_state = (engine.config.layout_id, state)
+                                          global_fingerprint=scores.get(GLOBAL), fingerprints=fingerprints)
+        record.tracker_state = _with_state(record.tracker_state, engine.config.layout_id, state)
         return new_scores
+
+
+def _with_state(held: Mapping[int, Any] | None, layout: int, state: Any) -> dict[int, Any]:
+    """A new ``{layout: state}`` with this layout's state the newest; at most ``_MAX_LAYOUTS`` layouts, so a
+    client that sends requests of many widths cannot grow a session without bound (the oldest goes)."""
+    states = {k: v for k, v in (held or {}).items() if k != layout}
+    states[layout] = state
+    while len(states) > _MAX_LAYOUTS:
+        states.pop(next(iter(states)))
+    return states

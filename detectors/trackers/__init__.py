@@ -12,7 +12,7 @@ CUSUM statistic S in nats; 0.5 means the per-session false-alarm bound (1,000 be
 0.8 means 7e-7 and 0.95 means 3e-10 (see ``_evidence``).
 ``session.rate`` is ``1 - 2 ** (-level / rate_half)`` of a leaky bucket.
 ``session.global_fingerprint`` (GlobalFingerprintIndex.observe) is ``1 - 2 ** (-m / 8)`` of the number
-m of near-duplicate earlier queries from any session.
+m of distinct near-duplicate earlier inputs from other sessions (exact repeats count once).
 
 Suggested thresholds (flag / harden / block):
 

@@ -19,7 +19,9 @@ import numpy as np
 SCHEMA_VERSION = 1
 
 _ARRAY_FIELDS = ("center", "scale", "components", "whiten", "grid_edges", "cell_probs", "quant_step",
-                 "quant_offsets", "prada_proj")
+                 "quant_offsets", "prada_proj", "ref_rows")
+# arrays a profile written before they existed lacks: rebuilt empty (the feature they serve is then off)
+_OPTIONAL_ARRAYS = frozenset({"ref_rows"})
 
 
 @dataclass(frozen=True, eq=False)
@@ -42,6 +44,9 @@ class TrackerConfig:
     quant_step: np.ndarray
     quant_offsets: np.ndarray
     prada_proj: np.ndarray
+    # a sample of reference rows: the global fingerprint index discounts near-duplicates in regions where
+    # benign inputs are dense (their fingerprints depend on the secret salt, so rows are stored, not hashes)
+    ref_rows: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 0)))
     residual_threshold: float = math.inf
     norm_threshold: float = math.inf
     rare_cell_prob: float = 0.0
@@ -81,6 +86,10 @@ class TrackerConfig:
             raise ValueError("quant_offsets must be (grids, n_features)")
         if self.prada_proj.ndim != 2 or self.prada_proj.shape[0] != d or not 1 <= self.prada_proj.shape[1] <= 256:
             raise ValueError("prada_proj must be (n_features, k) with 1 <= k <= 256")
+        if self.ref_rows.size == 0:
+            object.__setattr__(self, "ref_rows", np.zeros((0, d)))
+        if self.ref_rows.ndim != 2 or self.ref_rows.shape[1] != d:
+            raise ValueError("ref_rows must be (rows, n_features)")
         g = self.grid_edges.shape[0]
         if self.grid_edges.ndim != 2 or g > p or self.cell_probs.shape != (self.n_cells,):
             raise ValueError("grid_edges must be (g<=p, bins-1) and cell_probs (bins**g,)")
@@ -151,6 +160,8 @@ class TrackerConfig:
         kwargs: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             if f.name in _ARRAY_FIELDS:
+                if f.name not in arrays and f.name in _OPTIONAL_ARRAYS:
+                    continue
                 if f.name not in arrays:
                     raise ValueError(f"missing tracker array {f.name!r}")
                 arr = np.asarray(arrays[f.name])

@@ -22,6 +22,7 @@ _ALPHAS = tuple(float(2.0 ** (1 - k / 2)) for k in range(11))  # 2 down to 1/16 
 _TARGET = 0.01
 _STREAM = 600
 _BINS = 4
+_REF_ROWS, _REF_BYTES = 2048, 2 << 20  # reference sample for the global index's density discount
 
 
 def fit_tracker_config(X: np.ndarray, labels: np.ndarray | None = None, *, seed: int = 0) -> TrackerConfig:
@@ -90,7 +91,8 @@ def fit_tracker_config(X: np.ndarray, labels: np.ndarray | None = None, *, seed:
     nn_thr = _fit_nn_threshold(cfg, project(cfg, stream).z)
     cfg = dataclasses.replace(cfg, nn_threshold=nn_thr)
     delta = _fit_prada_delta(cfg, Xc, yc, rng)
-    return dataclasses.replace(cfg, prada_delta=delta)
+    n_ref = int(min(n, _REF_ROWS, max(32, _REF_BYTES // (8 * d))))
+    return dataclasses.replace(cfg, prada_delta=delta, ref_rows=X[perm[:n_ref]])
 
 
 def _labels(labels: np.ndarray | None, n: int) -> np.ndarray:

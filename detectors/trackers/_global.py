@@ -1,13 +1,45 @@
 """GlobalFingerprintIndex: near-duplicate queries across all sessions, bounded by ``max_entries``.
 
 Catches one attack spread over many API keys: each key alone may send too few near-duplicates, but
-together they form a tight cluster. Entries live in a ring (oldest overwritten first); a bucketed
-table over the ``n_index`` smallest hashes of each fingerprint finds candidates, which are verified
-by counting shared hashes. Only matches from *other* sessions within ``window_s`` seconds count (a
-session's own near-duplicates are the per-session tracker's job), and identical fingerprints are not
-stored twice nor counted (many clients sending the same public input is not an attack signal).
-Memory: about ``max_entries * (8 * n_hashes + 24) + 8 * max_entries * n_index / bucket_size * 2``
-bytes, e.g. ~45 MB for 200k entries of 20 hashes. Share the SessionTrackers salt across replicas.
+together they form a tight cluster. For each row the score counts m, the number of *distinct earlier
+inputs* from other sessions within ``window_s`` seconds whose fingerprints share at least
+``match_threshold`` of the row's hashes, and maps it to ``1 - 2^(-m / m_half)``.
+
+What is counted, and why:
+
+- Exact repeats of an input (same bytes, recognised by a salted row digest the caller passes) are
+  counted once, whoever sends them: many clients sending the same public input is not an attack signal.
+- Distinct near-duplicate inputs all count. Query-based attacks (HopSkipJump, Boundary) perturb an
+  input by less than a quantisation step, so many of their queries share one fingerprint, and their
+  clusters hold hundreds of queries; an earlier version stored identical fingerprints once and kept
+  only the newest ``bucket_size`` candidates per bucket, which undercounted these clusters several-fold.
+  Now a new input that is a near-duplicate of a stored entry (within the window) is merged into the
+  closest one, whose weight (distinct inputs it stands for) grows; only inputs unlike every stored
+  entry are stored. Clusters stay a few entries whatever their size, so the candidate cap does not
+  bound the count, and an attack flood does not evict the rest of the index.
+- Only entries first stored by *another* session count (a session's own near-duplicates are the
+  per-session tracker's job); an entry's weight may include rows of several sessions.
+
+Dense benign regions: where benign inputs crowd (smooth image patches, coarse tabular values), many
+distinct benign inputs are near-duplicates of each other, more so the more traffic there is. The
+caller passes each row's reference density (the share of a reference sample near it); m is divided by
+``1 + W * density``, W being the distinct inputs seen in the window, i.e. by one plus the count benign
+traffic of this volume would put there. Attack queries around one input are near no reference row
+(density 0) and keep their full count.
+
+An attacker who is blocked and opens a new key is recognised by the same count: the new key's first
+query lands in the cluster the earlier keys built, for as long as it is inside the window.
+
+Entries live in a ring (oldest overwritten first); a bucketed table over the ``n_index`` smallest
+hashes of each fingerprint finds candidates (the newest ``bucket_size`` per bucket), which are verified
+by counting shared hashes. Row digests live in a second ring of ``max_entries`` slots. Memory: about
+``max_entries * (8 * n_hashes + 60) + 8 * max_entries * n_index / bucket_size * 2`` bytes plus a dict of
+up to ``max_entries`` digests, e.g. ~60 MB for 200k entries of 20 hashes. Share the SessionTrackers salt
+across replicas.
+
+Known weakness (measured in ``bench/attacks.py``): many benign clients sending slightly different copies
+of one popular input (re-encoded images, edited texts) form a cluster too; ``m_half`` sets how many
+distinct copies per ``window_s`` it takes to alert.
 """
 
 from __future__ import annotations
@@ -17,9 +49,14 @@ import math
 
 import numpy as np
 
+#: time bins over the window for the traffic volume W
+VOLUME_BINS = 64
+
 
 class GlobalFingerprintIndex:
     """In-memory index shared by all sessions of one process."""
+
+    volume_bins: int = VOLUME_BINS
 
     def __init__(
         self,
@@ -32,7 +69,8 @@ class GlobalFingerprintIndex:
         m_half: float = 8.0,
     ) -> None:
         """``match_threshold``: share of a fingerprint's hashes two queries must have in common."""
-        if max_entries < 1 or not 0.0 < match_threshold <= 1.0 or n_index < 1 or bucket_size < 1 or m_half <= 0:
+        if (max_entries < 1 or not 0.0 < match_threshold <= 1.0 or n_index < 1 or bucket_size < 1 or m_half <= 0
+                or not window_s > 0):
             raise ValueError("invalid GlobalFingerprintIndex parameters")
         self.max_entries = int(max_entries)
         self.match_threshold = float(match_threshold)
@@ -46,24 +84,59 @@ class GlobalFingerprintIndex:
         self._fps: np.ndarray | None = None
         self._session = np.zeros(self.max_entries, dtype=np.uint64)
         self._time = np.full(self.max_entries, -np.inf)
+        self._weight = np.zeros(self.max_entries, dtype=np.float64)
         self._head = 0
         self._count = 0
+        # distinct inputs per time bin (``VOLUME_BINS`` bins over the window): the traffic volume W
+        self._bin_count = np.zeros(VOLUME_BINS)
+        self._bin_id = np.full(VOLUME_BINS, -1, dtype=np.int64)
+        # exact-input dedup: digest -> time last seen, evicted in insertion order through a ring
+        self._digests: dict[int, float] = {}
+        self._digest_ring = np.zeros(self.max_entries, dtype=np.uint64)
+        self._digest_head = 0
 
     def __len__(self) -> int:
         """Number of stored fingerprints."""
         return self._count
 
-    def observe(self, session_id: str, fingerprints: np.ndarray, now: float) -> float:
-        """Insert the request's fingerprints and return ``session.global_fingerprint``: 1 - 2^(-m/m_half)
-        for the row with most matches m (near-duplicate earlier queries of other sessions)."""
+    def score(self, m: float) -> float:
+        """The score for m near-duplicate earlier inputs."""
+        return float(1.0 - 2.0 ** (-m / self.m_half))
+
+    def volume(self, now: float) -> float:
+        """W: distinct inputs stored or merged within the window (up to one bin's width of slack)."""
+        current = math.floor(now / (self.window_s / VOLUME_BINS))
+        return float(self._bin_count[self._bin_id > current - VOLUME_BINS].sum())
+
+    def _count_input(self, now: float) -> None:
+        current = math.floor(now / (self.window_s / VOLUME_BINS))
+        slot = current % VOLUME_BINS
+        if self._bin_id[slot] != current:
+            self._bin_id[slot], self._bin_count[slot] = current, 0.0
+        self._bin_count[slot] += 1.0
+
+    def observe(self, session_id: str, fingerprints: np.ndarray, digests: np.ndarray, now: float,
+                density: np.ndarray | None = None) -> float:
+        """Insert the request's rows and return ``session.global_fingerprint`` for the row with the most
+        near-duplicate earlier inputs of other sessions. ``digests``: one salted digest per row
+        (``SessionTrackers.row_keys``), which recognises exact repeats. ``density``: per row, the share of
+        the reference sample near it (``SessionTrackers.reference_density``); m is divided by
+        ``1 + W * density``, W the distinct inputs in the window: where benign inputs are dense, many
+        near-duplicates are expected from volume alone."""
         fps = np.atleast_2d(np.asarray(fingerprints, dtype=np.uint64))
+        dig = np.asarray(digests, dtype=np.uint64).reshape(-1)
+        dens = np.zeros(fps.shape[0]) if density is None else np.asarray(density, dtype=np.float64).reshape(-1)
+        if dig.shape[0] != fps.shape[0] or dens.shape[0] != fps.shape[0]:
+            raise ValueError("one digest and one density per fingerprint row are needed")
         if self._fps is None:
             self._fps = np.zeros((self.max_entries, fps.shape[1]), dtype=np.uint64)
         if fps.shape[1] != self._fps.shape[1]:
             raise ValueError("fingerprint width differs from the index's")
-        sid = np.uint64(int.from_bytes(hashlib.blake2b(session_id.encode(), digest_size=8).digest(), "little"))
-        best = 0
-        for row in fps:
+        sid = session_hash(session_id)
+        best = 0.0
+        oldest = now - self.window_s
+        volume = self.volume(now)
+        for row, digest, rho in zip(fps, dig, dens, strict=True):
             nz = row[row != 0]
             if nz.size == 0:
                 continue
@@ -71,26 +144,49 @@ class GlobalFingerprintIndex:
             buckets = (keys % np.uint64(self._table.shape[0])).astype(np.int64)
             cand = np.unique(self._table[buckets].ravel())
             cand = cand[cand >= 0]
-            identical = False
+            merge = -1
             if cand.size:
                 stored = self._fps[cand]
                 shared = np.isin(stored, nz).sum(axis=1) - np.sum(stored == 0, axis=1) * int(0 in nz)
                 need = max(1, math.ceil(self.match_threshold * nz.size))
-                same = np.all(stored == row, axis=1)
-                identical = bool(np.any(same))
-                recent = self._time[cand] >= now - self.window_s
-                other = self._session[cand] != sid
-                best = max(best, int(np.sum((shared >= need) & ~same & recent & other)))
-            if not identical:
-                self._insert(row, keys, buckets, sid, now)
-        return float(1.0 - 2.0 ** (-best / self.m_half))
+                near = (shared >= need) & (self._time[cand] >= oldest)
+                counted = near & (self._session[cand] != sid)
+                m = float(np.sum(self._weight[cand][counted]))
+                best = max(best, m / (1.0 + volume * max(0.0, float(rho))))
+                if near.any():
+                    merge = int(cand[np.argmax(np.where(near, shared, -1))])
+            if self._seen_recently(int(digest), now):
+                continue
+            self._count_input(now)
+            if merge >= 0:
+                self._weight[merge] += 1.0
+                self._time[merge] = now
+            else:
+                self._insert(row, buckets, sid, now)
+        return self.score(best)
 
-    def _insert(self, row: np.ndarray, keys: np.ndarray, buckets: np.ndarray, sid: np.uint64, now: float) -> None:
+    def _seen_recently(self, digest: int, now: float) -> bool:
+        """Whether this exact input was seen within the window; records it either way."""
+        last = self._digests.get(digest)
+        if last is not None and last >= now - self.window_s:
+            self._digests[digest] = now
+            return True
+        if last is None:
+            old = int(self._digest_ring[self._digest_head])
+            if old and old != digest:
+                self._digests.pop(old, None)
+            self._digest_ring[self._digest_head] = digest
+            self._digest_head = (self._digest_head + 1) % self.max_entries
+        self._digests[digest] = now
+        return False
+
+    def _insert(self, row: np.ndarray, buckets: np.ndarray, sid: np.uint64, now: float) -> None:
         assert self._fps is not None
         slot = self._head
         self._fps[slot] = row
         self._session[slot] = sid
         self._time[slot] = now
+        self._weight[slot] = 1.0
         self._head = (self._head + 1) % self.max_entries
         self._count = min(self._count + 1, self.max_entries)
         width = self._table.shape[1]
@@ -98,3 +194,8 @@ class GlobalFingerprintIndex:
             h = int(self._bucket_head[b])
             self._table[b, h] = slot
             self._bucket_head[b] = (h + 1) % width
+
+
+def session_hash(session_id: str) -> np.uint64:
+    """64-bit id of a session for the index (never the session string itself)."""
+    return np.uint64(int.from_bytes(hashlib.blake2b(session_id.encode(), digest_size=8).digest(), "little"))

@@ -60,7 +60,7 @@ class SessionTrackers:
     def __init__(self, config: TrackerConfig, *, salt: bytes) -> None:
         """``salt`` keys the fingerprint hashes; share it across replicas that share an index."""
         self.config = config
-        self._keys = _hashing.derive_keys(salt, config.n_grids + config.window)
+        self._keys = _hashing.derive_keys(salt, config.n_grids + config.window + 1)  # the last keys row_keys
         p_near = min(max(config.p0_near, 1e-4), 0.5)
         fp_benign = (1.0 - p_near - 0.01, p_near, 0.01)
         self._fp_llr = tuple(
@@ -72,6 +72,7 @@ class SessionTrackers:
         self._global_llr = ev.bernoulli_llr(_GLOBAL_P0, _GLOBAL_P1)
         self._coverage_on = config.p0_rare > 0 and config.grid_edges.shape[0] > 0
         self._nn_on = config.nn_threshold > 0
+        self._ref_hashes, self._ref_ids = self._reference_table(config.ref_rows)
 
     # ---- state -----------------------------------------------------------------------------------
     def new_state(self) -> SessionState:
@@ -97,6 +98,43 @@ class SessionTrackers:
         cfg = self.config
         h = _hashing.window_hashes(X, cfg.center, cfg.quant_step, cfg.quant_offsets, cfg.window, self._keys)
         return _hashing.bottom_k(h, cfg.n_hashes)
+
+    def _reference_table(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(sorted hashes, reference row of each) over the reference sample's fingerprints."""
+        if rows.shape[0] == 0:
+            return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64)
+        fps = self.fingerprints(rows)
+        ids = np.repeat(np.arange(fps.shape[0]), fps.shape[1])
+        flat = fps.ravel()
+        keep = flat != 0
+        order = np.argsort(flat[keep], kind="stable")
+        return flat[keep][order], ids[keep][order]
+
+    def reference_density(self, fingerprints: np.ndarray, match_threshold: float = 0.5) -> np.ndarray:
+        """Per row, the share of the reference sample that are near-duplicates of it (same rule as the
+        global index): how often benign inputs land this close to each other there. 0 without a sample."""
+        fps = np.atleast_2d(fingerprints)
+        n_ref = self.config.ref_rows.shape[0]
+        out = np.zeros(fps.shape[0])
+        if n_ref == 0:
+            return out
+        for i, row in enumerate(fps):
+            nz = row[row != 0]
+            if nz.size == 0:
+                continue
+            lo = np.searchsorted(self._ref_hashes, nz, side="left")
+            hi = np.searchsorted(self._ref_hashes, nz, side="right")
+            hits = [self._ref_ids[a:b] for a, b in zip(lo, hi, strict=True) if b > a]
+            if not hits:
+                continue
+            counts = np.bincount(np.concatenate(hits), minlength=n_ref)
+            out[i] = np.count_nonzero(counts >= max(1, math.ceil(match_threshold * nz.size))) / n_ref
+        return out
+
+    def row_keys(self, X: np.ndarray) -> np.ndarray:
+        """Per-row salted 64-bit digests of the exact input bytes (exact repeats share one), never 0."""
+        X = self._check(X)
+        return _hashing.mix(_hashing.row_digest(X) ^ self._keys[-1]) | np.uint64(1)
 
     def peek(self, state: SessionState, now: float) -> dict[str, float]:
         """Scores as of the last update, decayed to ``now`` (never earlier than the last update)."""
@@ -124,6 +162,7 @@ class SessionTrackers:
         now: float,
         *,
         global_fingerprint: float | None = None,
+        fingerprints: np.ndarray | None = None,
     ) -> tuple[SessionState, dict[str, float]]:
         """Feed a request's rows (and the model's answers) and return the new state and its scores.
 
@@ -131,11 +170,14 @@ class SessionTrackers:
         ``probabilities``: (rows, classes) model scores, or None (margin tracker then learns nothing).
         ``global_fingerprint``: optional score from GlobalFingerprintIndex.observe for this request;
         a value >= 0.8 counts as one cross-session near-duplicate event in ``session.risk``.
+        ``fingerprints``: ``self.fingerprints(X)`` when the caller already computed them (saves the hashing).
         The input state is not modified.
         """
         X = self._check(X)
         cfg = self.config
         rows = X.shape[0]
+        if fingerprints is not None and fingerprints.shape != (rows, cfg.n_hashes):
+            raise ValueError("fingerprints must have one row per input row")
         lab = self._labels(labels, probabilities, rows)
         margins = self._margins(probabilities, rows)
         st = state.copy()
@@ -147,6 +189,7 @@ class SessionTrackers:
             st.n_queries += rows - keep.size
             st.n_distinct += rows - keep.size
             X, lab = X[keep], lab[keep]
+            fingerprints = fingerprints[keep] if fingerprints is not None else None
             margins = margins[keep] if margins is not None else None
         tracked = X.shape[0]
         f = self._decay(st, now)
@@ -158,7 +201,7 @@ class SessionTrackers:
             st.first_t = float(now)
         st.last_t = float(max(now, st.last_t)) if math.isfinite(st.last_t) else float(now)
         digests = _hashing.row_digest(X)
-        fps = _hashing.compact(self.fingerprints(X))
+        fps = _hashing.compact(self.fingerprints(X) if fingerprints is None else fingerprints)
         feats = project(cfg, X)
         if global_fingerprint is not None and math.isfinite(global_fingerprint):
             event = global_fingerprint >= _GLOBAL_EVENT

@@ -41,7 +41,7 @@ import random
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, TypeVar
 
@@ -242,13 +242,13 @@ class StateCodec:
         raise ValueError("no tracker state codec")
 
 
-class _PendingState:
-    """Tracker state read from Redis and decoded on first use, as ``(layout id, state)``.
+class _PendingState(Mapping[int, Any]):
+    """Tracker state read from Redis, ``{layout id: state}``, decoded on first use.
 
     ``SessionTracking`` creates the engine of a default layout only when it first sees a request with that
-    feature count, so a fresh replica cannot decode another replica's state at ``get`` time; by the time the
-    trackers look at the record (``peek``), the engine exists. If it still cannot be decoded, index 0 answers
-    a layout that matches nothing, so the trackers start afresh for the session instead of failing.
+    feature count, so a fresh replica may not decode another replica's state at ``get`` time; by the time the
+    trackers look at the record (``peek``), the engine exists. If it still cannot be decoded, the mapping is
+    empty, so the trackers start afresh for the session instead of failing (counted as a decode error).
     """
 
     __slots__ = ("_codec", "_decoded", "_on_error", "data")
@@ -256,26 +256,27 @@ class _PendingState:
     def __init__(self, data: bytes, codec: Any, on_error: Callable[[], None]) -> None:
         self.data = data
         self._on_error = on_error
-        self._decoded: tuple[int, Any] | None = None
+        self._decoded: dict[int, Any] | None = None
         self._codec: Any = codec
 
-    def __len__(self) -> int:
-        return 2
-
-    def __getitem__(self, i: int) -> Any:
-        if i not in (0, 1):
-            raise IndexError(i)
+    def _states(self) -> dict[int, Any]:
         if self._decoded is None:
             try:
-                layout, state = self._codec.decode_state(self.data)
+                decoded = self._codec.decode_state(self.data)
             except ValueError:
                 self._on_error()
-                self._decoded = (-1, None)
-            else:
-                self._decoded = (int(layout), state)
-        if i == 1 and self._decoded[0] == -1:
-            raise ValueError("undecodable tracker state")
-        return self._decoded[i]
+                decoded = {}
+            self._decoded = dict(decoded)
+        return self._decoded
+
+    def __getitem__(self, layout: int) -> Any:
+        return self._states()[layout]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._states())
+
+    def __len__(self) -> int:
+        return len(self._states())
 
 
 @dataclass(slots=True)

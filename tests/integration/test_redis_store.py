@@ -243,7 +243,8 @@ class TestSharedSessions:
             await serve((a, b)[i % 2], "s2", near(base, rng), now + i)
         record = await a.store.get("s2", now + 21)
         assert record.queries == 20
-        assert record.tracker_state[1].n_queries == 20  # each replica alone would have seen 10
+        (state,) = record.tracker_state.values()
+        assert state.n_queries == 20  # each replica alone would have seen 10
 
     async def test_concurrent_requests_merge_counts_and_bucket(self, replicas: tuple[Replica, Replica]) -> None:
         """Two replicas reading the same state and writing after each other lose no query and no token."""
@@ -392,9 +393,9 @@ class TestGlobalIndex:
         got, want = [], []
         for i in range(60):
             x = near(bases[i % 3], rng) if i % 4 else digits_like(rng)
-            fps = engine.fingerprints(x)
-            got.append(await a.index.observe(f"key-{i % 7}", fps, now + i))
-            want.append(reference.observe(f"key-{i % 7}", fps, now + i))
+            fps, dg = engine.fingerprints(x), engine.row_keys(x)
+            got.append(await a.index.observe(f"key-{i % 7}", fps, dg, now + i))
+            want.append(reference.observe(f"key-{i % 7}", fps, dg, now + i))
         assert got == pytest.approx(want)
         assert max(got) >= 0.5
 
@@ -408,11 +409,14 @@ class TestGlobalIndex:
         for i in range(20):
             r, name = (a, "a") if i % 2 == 0 else (b, "b")
             x = near(base, rng)
-            scores[name].append(await r.index.observe(f"sybil-{i}", engine.fingerprints(x), now + i))
+            fps, dg = engine.fingerprints(x), engine.row_keys(x)
+            scores[name].append(await r.index.observe(f"sybil-{i}", fps, dg, now + i))
         assert scores["b"][0] > 0  # B's first query matches what A saw
         assert scores["a"][-1] > 0.3 and scores["b"][-1] > 0.3
-        benign = [await a.index.observe(f"user-{i}", engine.fingerprints(digits_like(rng)), now + 30)
-                  for i in range(20)]
+        benign = []
+        for i in range(20):
+            x = digits_like(rng)
+            benign.append(await a.index.observe(f"user-{i}", engine.fingerprints(x), engine.row_keys(x), now + 30))
         assert max(benign) == 0.0
 
     async def test_large_batch_sends_at_most_max_rows(self, replicas: tuple[Replica, Replica], prefix: str) -> None:
@@ -421,7 +425,7 @@ class TestGlobalIndex:
         a, _ = replicas
         engine = a.tracking.engine(None, 64)
         rows = digits_like(np.random.default_rng(7), 100)
-        await a.index.observe("batch", engine.fingerprints(rows), time.time())
+        await a.index.observe("batch", engine.fingerprints(rows), engine.row_keys(rows), time.time())
         assert len(keys_under(6379, prefix + "ge:")) == a.index.max_rows == 8
         assert len(a.index.local) == 100
 
@@ -433,7 +437,8 @@ class TestGlobalIndex:
             engine = r.tracking.engine(None, 64)
             rng, now = np.random.default_rng(5), time.time()
             for i in range(30):
-                await r.index.observe(f"k{i}", engine.fingerprints(digits_like(rng, 8)), now)
+                x = digits_like(rng, 8)
+                await r.index.observe(f"k{i}", engine.fingerprints(x), engine.row_keys(x), now)
             entries = keys_under(6379, prefix + "ge:")
             assert 40 <= len(entries) <= 50
             for group in keys_under(6379, prefix + "gb:"):

@@ -8,7 +8,15 @@ import pytest
 from detectors.trackers import GlobalFingerprintIndex, SessionTrackers
 
 from .conftest import Digits
-from .streams import hsj_like
+from .streams import benign_stream, hsj_like
+
+
+def observe_stream(index: GlobalFingerprintIndex, trackers: SessionTrackers, rows: np.ndarray,
+                   sessions: list[str], t0: float = 0.0) -> list[float]:
+    """One row per request, the sessions taking turns; one second between requests."""
+    fps, digests = trackers.fingerprints(rows), trackers.row_keys(rows)
+    return [index.observe(sessions[i % len(sessions)], fps[i : i + 1], digests[i : i + 1], t0 + i)
+            for i in range(rows.shape[0])]
 
 
 class TestGlobalIndex:
@@ -17,46 +25,99 @@ class TestGlobalIndex:
         while no single session sees more than 6 of those queries."""
         index = GlobalFingerprintIndex(max_entries=10_000)
         rows = hsj_like(digits.X_held[3], np.random.default_rng(3), 60, hi=16.0)
-        fps = trackers.fingerprints(rows)
-        scores = [index.observe(f"attacker-{i % 10}", fps[i : i + 1], float(i)) for i in range(len(rows))]
+        scores = observe_stream(index, trackers, rows, [f"attacker-{i}" for i in range(10)])
         assert max(scores) >= 0.5
         assert min(scores) >= 0.0 and max(scores) <= 1.0
 
-    def test_benign_sessions_do_not_match(self, trackers: SessionTrackers, digits: Digits) -> None:
-        """300 distinct held-out images from 10 sessions and exact repeats across sessions score < 0.5."""
+    def test_distinct_inputs_with_one_fingerprint_all_count(self, trackers: SessionTrackers,
+                                                            digits: Digits) -> None:
+        """Perturbations far below a quantisation step share one fingerprint (as many HopSkipJump probes do);
+        each distinct input counts, so 50 keys sending one each push a 51st key's probe past 0.95."""
         index = GlobalFingerprintIndex(max_entries=10_000)
-        fps = trackers.fingerprints(digits.X_held[:300])
-        scores = [index.observe(f"user-{i % 10}", fps[i : i + 1], float(i)) for i in range(300)]
-        scores += [index.observe(f"other-{i}", fps[:1], 400.0 + i) for i in range(20)]
-        assert max(scores) < 0.5
+        rng = np.random.default_rng(11)
+        x = digits.X_held[7]
+        rows = np.stack([x + rng.normal(0, 1e-6, x.shape) for _ in range(51)])
+        fps = trackers.fingerprints(rows)
+        assert len({r.tobytes() for r in fps}) <= 3  # essentially one fingerprint
+        scores = observe_stream(index, trackers, rows, [f"sybil-{i}" for i in range(51)])
+        assert scores[-1] >= 0.95
+        assert len(index) <= 3  # stored once, with a weight
+
+    def test_exact_repeats_from_many_sessions_count_once(self, trackers: SessionTrackers, digits: Digits) -> None:
+        """A popular public input sent verbatim by 200 clients is one input: the 201st client scores as if
+        one other client had sent it."""
+        index = GlobalFingerprintIndex(max_entries=10_000)
+        rows = np.repeat(digits.X_held[:1], 201, axis=0)
+        scores = observe_stream(index, trackers, rows, [f"user-{i}" for i in range(201)])
+        assert scores[-1] == pytest.approx(index.score(1))
+        assert scores[-1] < 0.2
+
+    def test_new_key_of_a_blocked_attacker_is_recognised(self, trackers: SessionTrackers, digits: Digits) -> None:
+        """After one key sent an attack's queries, a fresh key continuing the attack reaches 0.95 (the default
+        policy's block) within its first 3 queries, and on most of its next 10 (the per-session trackers
+        know nothing of the new key)."""
+        index = GlobalFingerprintIndex(max_entries=10_000)
+        rows = hsj_like(digits.X_held[9], np.random.default_rng(9), 130, hi=16.0)
+        observe_stream(index, trackers, rows[:120], ["attacker-key-1"])
+        fresh = np.array(observe_stream(index, trackers, rows[120:], ["attacker-key-2"], t0=200.0))
+        assert fresh[:3].max() >= 0.95
+        assert np.mean(fresh >= 0.95) >= 0.5
+
+    def test_benign_sessions_do_not_match(self, trackers: SessionTrackers, digits: Digits) -> None:
+        """300 benign sessions (held-out digits with retries, noise near-duplicates and shifts, all drawn from
+        the same 500 images) never reach 0.8, the level at which the global score counts as evidence."""
+        index = GlobalFingerprintIndex(max_entries=20_000)
+        rng = np.random.default_rng(12)
+        worst, t = 0.0, 0.0
+        for s in range(300):
+            rows = benign_stream(digits.X_held[:500], rng, 24, hi=16.0, image_shape=(8, 8))
+            scores = observe_stream(index, trackers, rows, [f"user-{s}"], t0=t)
+            t += len(scores)
+            worst = max(worst, *scores)
+        assert worst < 0.8
 
     def test_own_session_and_old_entries_do_not_count(self, trackers: SessionTrackers, digits: Digits) -> None:
         """Near-duplicates from the same session, or older than the window, do not raise the global score."""
         index = GlobalFingerprintIndex(max_entries=1000, window_s=100.0)
         rows = hsj_like(digits.X_held[5], np.random.default_rng(5), 60, hi=16.0)
-        fps = trackers.fingerprints(rows)
-        assert max(index.observe("one", fps[i : i + 1], float(i)) for i in range(40)) == 0.0
-        assert index.observe("late", fps[40:41], 1000.0) == 0.0
-        assert index.observe("fresh", fps[41:42], 1001.0) > 0.0
+        assert max(observe_stream(index, trackers, rows[:40], ["one"])) == 0.0
+        assert observe_stream(index, trackers, rows[40:41], ["late"], t0=1000.0)[0] == 0.0
+        assert observe_stream(index, trackers, rows[41:42], ["fresh"], t0=1001.0)[0] > 0.0
 
-    def test_bounded_entries(self, trackers: SessionTrackers) -> None:
-        """The index never holds more than max_entries fingerprints."""
+    def test_bounded_entries_and_digests(self, trackers: SessionTrackers) -> None:
+        """The index never holds more than max_entries fingerprints, nor more than max_entries digests."""
         index = GlobalFingerprintIndex(max_entries=50)
-        fps = trackers.fingerprints(np.random.default_rng(0).uniform(0, 16, size=(200, 64)))
-        for i in range(200):
-            index.observe("s", fps[i : i + 1], float(i))
+        rows = np.random.default_rng(0).uniform(0, 16, size=(200, 64))
+        observe_stream(index, trackers, rows, ["s"])
         assert len(index) == 50
+        assert len(index._digests) <= 50
 
     def test_rejects_bad_parameters_and_widths(self, trackers: SessionTrackers) -> None:
-        """Invalid parameters and a fingerprint width change raise ValueError."""
+        """Invalid parameters, a fingerprint width change or missing digests raise ValueError."""
         with pytest.raises(ValueError, match="invalid"):
             GlobalFingerprintIndex(max_entries=0)
         with pytest.raises(ValueError, match="invalid"):
             GlobalFingerprintIndex(match_threshold=1.5)
         index = GlobalFingerprintIndex(max_entries=10)
-        index.observe("s", np.ones((1, 20), dtype=np.uint64), 0.0)
+        one = np.ones(1, dtype=np.uint64)
+        index.observe("s", np.ones((1, 20), dtype=np.uint64), one, 0.0)
         with pytest.raises(ValueError, match="width"):
-            index.observe("s", np.ones((1, 8), dtype=np.uint64), 1.0)
+            index.observe("s", np.ones((1, 8), dtype=np.uint64), one, 1.0)
+        with pytest.raises(ValueError, match="digest"):
+            index.observe("s", np.ones((2, 20), dtype=np.uint64), one, 1.0)
+
+    def test_row_keys_are_salted_and_exact(self, config: object, digits: Digits) -> None:
+        """Equal rows share a key, a one-ulp change does not, and another salt gives other keys."""
+        from detectors.trackers import TrackerConfig
+
+        assert isinstance(config, TrackerConfig)
+        a, b = SessionTrackers(config, salt=b"salt-one-123"), SessionTrackers(config, salt=b"salt-two-456")
+        x = digits.X_held[:2].astype(np.float64)
+        y = x.copy()
+        y[1, 0] = np.nextafter(y[1, 0], np.inf)
+        ka = a.row_keys(np.vstack([x, y]))
+        assert ka[0] == ka[2] and ka[1] != ka[3]
+        assert not np.any(a.row_keys(x) == b.row_keys(x))
 
     def test_global_score_feeds_risk(self, trackers: SessionTrackers, digits: Digits) -> None:
         """Passing global_fingerprint >= 0.5 to update raises session.risk without other evidence."""
@@ -66,3 +127,66 @@ class TestGlobalIndex:
             state, scores = trackers.update(state, x, None, None, float(t), global_fingerprint=0.9)
         assert scores["session.risk"] >= 0.5
         assert scores["session.fingerprint"] == 0.0
+
+    def test_update_with_precomputed_fingerprints_is_identical(self, trackers: SessionTrackers,
+                                                                digits: Digits) -> None:
+        """Passing the fingerprints the caller already computed changes nothing but the work done."""
+        rows = hsj_like(digits.X_held[2], np.random.default_rng(2), 30, hi=16.0)
+        s1, s2 = trackers.new_state(), trackers.new_state()
+        for i in range(rows.shape[0]):
+            x = rows[i : i + 1]
+            s1, a = trackers.update(s1, x, None, None, float(i))
+            s2, b = trackers.update(s2, x, None, None, float(i), fingerprints=trackers.fingerprints(x))
+            assert a == b
+        with pytest.raises(ValueError, match="fingerprints"):
+            trackers.update(s1, rows[:2], None, None, 99.0, fingerprints=trackers.fingerprints(rows[:1]))
+
+
+@pytest.fixture(scope="module")
+def dense() -> tuple[SessionTrackers, np.ndarray]:
+    """A reference where half the rows crowd around one point (as smooth image patches or coarse
+    tabular values do) and half are spread out; trackers fitted on it."""
+    from detectors.trackers import fit_tracker_config
+
+    rng = np.random.default_rng(21)
+    crowd = 5.0 + rng.normal(0, 0.01, size=(1500, 16))
+    spread = rng.uniform(0, 10, size=(1500, 16))
+    X = np.vstack([crowd, spread])[rng.permutation(3000)]
+    return SessionTrackers(fit_tracker_config(X, seed=0), salt=b"density-salt"), crowd
+
+
+class TestReferenceDensity:
+    def test_density_is_high_in_the_crowd_and_zero_far_away(self, dense: tuple[SessionTrackers, np.ndarray]) -> None:
+        """A row in the crowded region is near a large share of the reference sample; a row far from every
+        reference row is near none of it."""
+        trackers, crowd = dense
+        fps = trackers.fingerprints(np.vstack([crowd[:1], np.full((1, 16), 50.0)]))
+        density = trackers.reference_density(fps)
+        assert density[0] >= 0.2
+        assert density[1] == 0.0
+
+    def test_benign_crowd_is_discounted(self, dense: tuple[SessionTrackers, np.ndarray]) -> None:
+        """1,000 clients sending distinct rows from the crowded region: with the density discount the global
+        score stays below 0.8; without it (density 0) the same traffic looks like a spread attack."""
+        trackers, _ = dense
+        rng = np.random.default_rng(22)
+        rows = 5.0 + rng.normal(0, 0.01, size=(1000, 16))
+        fps, digests = trackers.fingerprints(rows), trackers.row_keys(rows)
+        density = trackers.reference_density(fps)
+        with_density, without = GlobalFingerprintIndex(), GlobalFingerprintIndex()
+        scored = [with_density.observe(f"u{i}", fps[i : i + 1], digests[i : i + 1], float(i), density[i : i + 1])
+                  for i in range(1000)]
+        naive = [without.observe(f"u{i}", fps[i : i + 1], digests[i : i + 1], float(i)) for i in range(1000)]
+        assert max(scored) < 0.8
+        assert max(naive) >= 0.95
+
+    def test_volume_counts_distinct_inputs_in_the_window(self, trackers: SessionTrackers, digits: Digits) -> None:
+        """W counts each distinct input once and forgets inputs older than the window."""
+        index = GlobalFingerprintIndex(window_s=64.0)
+        rows = digits.X_held[:10]
+        fps, digests = trackers.fingerprints(rows), trackers.row_keys(rows)
+        for i in range(10):
+            index.observe("s", fps[i : i + 1], digests[i : i + 1], float(i))
+            index.observe("t", fps[i : i + 1], digests[i : i + 1], float(i))  # an exact repeat
+        assert index.volume(10.0) == 10.0
+        assert index.volume(200.0) == 0.0

@@ -30,7 +30,8 @@ class TestScoreScale:
         v = to_score(s)
         assert 0.0 <= v <= 1.0
         if 0.0 < v < 1.0:
-            assert from_score(v) == pytest.approx(s, rel=1e-6)
+            # near 1.0 the float spacing of v (1e-16) limits how exactly it can be inverted
+            assert from_score(v) == pytest.approx(s, rel=1e-6 if v < 1.0 - 1e-9 else 1e-3)
         assert to_score(from_score(0.5)) == pytest.approx(0.5)
         assert from_score(0.95) == pytest.approx(2.08 * from_score(0.5), rel=0.01)
 

@@ -1,0 +1,63 @@
+"""SessionTracking keeps one tracker state per layout, so switching models cannot reset a session."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from guard_agent.sessions.base import SessionRecord
+from guard_agent.tracking import SessionTracking
+
+
+class _Answer:
+    labels = None
+    probabilities = None
+
+
+async def _query(tracking: SessionTracking, record: SessionRecord, x: np.ndarray, now: float) -> dict[str, float]:
+    scores = await tracking.peek("s", record, x, None, now)
+    return dict(await tracking.update("s", record, x, None, _Answer(), now, scores))
+
+
+async def test_alternating_widths_keep_both_histories() -> None:
+    """A client alternating 64- and 16-feature requests (two models) accumulates evidence on both: the
+    64-feature state has seen all its queries, not only those since the last switch."""
+    tracking = SessionTracking({}, salt=b"layout-test-salt")
+    record = SessionRecord(first_seen=0.0, last_seen=0.0)
+    rng = np.random.default_rng(0)
+    base64, base16 = rng.uniform(0, 1, 64), rng.uniform(0, 1, 16)
+    for i in range(20):
+        await _query(tracking, record, (base64 + rng.normal(0, 1e-3, 64))[None, :], float(i))
+        await _query(tracking, record, (base16 + rng.normal(0, 1e-3, 16))[None, :], float(i))
+    states = dict(record.tracker_state)
+    assert len(states) == 2
+    assert sorted(s.n_queries for s in states.values()) == [20, 20]
+
+
+async def test_encoding_round_trips_every_layout_and_builds_default_engines() -> None:
+    """The Redis encoding carries every layout; a fresh process that has seen no request of those widths
+    decodes it (building the default engines), and garbage is refused."""
+    a = SessionTracking({}, salt=b"layout-test-salt")
+    record = SessionRecord(first_seen=0.0, last_seen=0.0)
+    for width in (64, 16, 8):
+        await _query(a, record, np.linspace(0, 1, width)[None, :], 1.0)
+    data = a.encode_state(record.tracker_state)
+    assert data is not None
+    b = SessionTracking({}, salt=b"layout-test-salt")
+    decoded = b.decode_state(data)
+    assert set(decoded) == set(record.tracker_state)
+    assert b.encode_state(decoded) == data
+    with pytest.raises(ValueError, match="truncated"):
+        b.decode_state(data[:-5])
+    with pytest.raises(ValueError, match="version"):
+        b.decode_state(b"\x01" + data[1:])
+
+
+async def test_layouts_per_session_are_bounded() -> None:
+    """A client sending many widths keeps at most 4 states; the oldest goes first."""
+    tracking = SessionTracking({}, salt=b"layout-test-salt")
+    record = SessionRecord(first_seen=0.0, last_seen=0.0)
+    for width in range(2, 9):
+        await _query(tracking, record, np.ones((1, width)), 1.0)
+    assert len(record.tracker_state) == 4
+    assert tracking.engine(None, 8).config.layout_id in record.tracker_state
