@@ -21,7 +21,7 @@ and worst queries until the first alert (flag/harden/throttle/block) and the fir
 (every key given up), attacker success (goal reached with the answers it got before being stopped):
 evasion = an adversarial example within 1.5x the L2 distance the same attack reaches unguarded;
 extraction = a thief (logistic regression on the answered queries) agreeing with the victim on >= 80 %
-of the test split. Benign: false-positive rate per session (any alert / any block) and per query.
+of the test split; for evasion the result column also gives the query at which the goal was first reached. Benign: false-positive rate per session (any alert / any block) and per query.
 
 Run:  /work/venv/bin/python bench/attacks.py            (about 10-15 minutes on 2 cores)
       /work/venv/bin/python bench/attacks.py --quick    (smaller, for a smoke run)
@@ -329,6 +329,9 @@ def table_row(name: str, results: list[AttackResult], events: dict[str, RunEvent
     metric = "best_l2" if "best_l2" in results[0].detail else "fidelity"
     vals = [r.detail[metric] for r in results]
     metric_txt = f"{metric} {statistics.median(vals):.2f}"
+    reached = [int(r.detail["goal_at"]) for r in results if "goal_at" in r.detail]
+    if reached:
+        metric_txt += f"; goal reached at query {_med(reached)}"
     rules: dict[str, int] = defaultdict(int)
     for r in results:
         for rule, c in events.get(r.run_id, RunEvents()).rules.items():

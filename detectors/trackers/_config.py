@@ -8,6 +8,7 @@ state can only be decoded by trackers with the same layout.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 from collections.abc import Mapping
@@ -134,9 +135,10 @@ class TrackerConfig:
         """Shared hashes needed for two fingerprints to be near-duplicates."""
         return max(1, math.ceil(self.match_fraction * self.n_hashes))
 
-    @property
+    @functools.cached_property
     def layout_id(self) -> int:
-        """32-bit tag of everything that shapes the encoded state; decode refuses a mismatch."""
+        """32-bit tag of everything that shapes the encoded state; decode refuses a mismatch (computed once:
+        it is read on every request)."""
         parts = (self.n_components, self.prada_dim, self.n_hashes, self.n_class_slots, self.ring_exact, self.ring_fp,
                  self.ring_nn, self.ring_prada, self.ring_pool, self.n_cells)
         return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=4).digest(), "little")

@@ -32,6 +32,7 @@ def black_box_evasion(
 
     x0 = np.asarray(x0, dtype=np.float64).reshape(-1)
     best = math.inf
+    goal_at: int | None = None  # queries sent when the goal was first reached
     try:
         y0 = int(client.predict(x0[None, :]).labels[0])
     except AttackBlocked:
@@ -40,13 +41,15 @@ def black_box_evasion(
         return _result(client, method, False, math.inf, goal_l2)
 
     def predict(x: np.ndarray) -> np.ndarray:
-        nonlocal best
+        nonlocal best, goal_at
         rows = np.asarray(x, dtype=np.float64).reshape(np.asarray(x).shape[0], -1)
         labels = client.predict(rows).labels
         labels = np.where(labels == REFUSED, y0, labels)  # a refused answer tells the attack nothing new
         adv = labels != y0
         if adv.any():
             best = min(best, float(np.min(np.linalg.norm(rows[adv] - x0, axis=1))))
+            if goal_at is None and best <= goal_l2:
+                goal_at = client.sent
         onehot: np.ndarray = np.eye(n_classes)[np.clip(labels, 0, n_classes - 1)]
         return onehot
 
@@ -63,11 +66,15 @@ def black_box_evasion(
         attack.generate(x0[None, :].astype(np.float32))
     except AttackBlocked:
         stopped = True
-    return _result(client, method, stopped, best, goal_l2)
+    return _result(client, method, stopped, best, goal_l2, goal_at)
 
 
-def _result(client: GuardClient, method: str, stopped: bool, best: float, goal: float) -> AttackResult:
+def _result(client: GuardClient, method: str, stopped: bool, best: float, goal: float,
+            goal_at: int | None = None) -> AttackResult:
+    detail = {"best_l2": best, "goal_l2": goal}
+    if goal_at is not None:
+        detail["goal_at"] = float(goal_at)
     return AttackResult(
         name=method, run_id=client.run_id, keys=len(client.keys), sent=client.sent, answered=client.answered,
-        stopped=stopped, success=best <= goal, detail={"best_l2": best, "goal_l2": goal},
+        stopped=stopped, success=best <= goal, detail=detail,
     )
