@@ -140,14 +140,15 @@ class GlobalFingerprintIndex:
             nz = row[row != 0]
             if nz.size == 0:
                 continue
-            keys = np.sort(nz)[: self.n_index]
+            keys_all = np.sort(nz)
+            keys = keys_all[: self.n_index]
             buckets = (keys % np.uint64(self._table.shape[0])).astype(np.int64)
             cand = np.unique(self._table[buckets].ravel())
             cand = cand[cand >= 0]
             merge = -1
             if cand.size:
                 stored = self._fps[cand]
-                shared = np.isin(stored, nz).sum(axis=1) - np.sum(stored == 0, axis=1) * int(0 in nz)
+                shared = _shared(stored, keys_all)
                 need = max(1, math.ceil(self.match_threshold * nz.size))
                 near = (shared >= need) & (self._time[cand] >= oldest)
                 counted = near & (self._session[cand] != sid)
@@ -194,6 +195,14 @@ class GlobalFingerprintIndex:
             h = int(self._bucket_head[b])
             self._table[b, h] = slot
             self._bucket_head[b] = (h + 1) % width
+
+
+def _shared(stored: np.ndarray, sorted_row: np.ndarray) -> np.ndarray:
+    """Per stored fingerprint, how many of the (sorted, non-zero) row's hashes it holds; padding zeros
+    never match. A binary search per stored hash: several times faster than ``np.isin`` at these sizes."""
+    idx = np.searchsorted(sorted_row, stored)
+    np.minimum(idx, sorted_row.size - 1, out=idx)
+    return np.asarray(np.count_nonzero(sorted_row[idx] == stored, axis=1))
 
 
 def session_hash(session_id: str) -> np.uint64:
