@@ -13,6 +13,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from detectors.trackers import GlobalFingerprintIndex
 from guard_agent.admin import make_admin_app, reload_policy
 from guard_agent.capture import make_capture
 from guard_agent.events import EventLogger, EventSink
@@ -46,7 +47,7 @@ def build_state(settings: Settings, *, sink: EventSink | None = None) -> GuardSt
         events.log("warning", "no GUARD_HMAC_KEY set: using a random key, session ids change on restart "
                               "and differ between replicas")
     profile = _load_profile_source(settings, events, metrics)
-    trackers = _tracker_hook(profile, key)
+    trackers = _tracker_hook(profile, key, settings)
     sessions: SessionStore
     if settings.redis_url:  # imported only here: redis is an optional extra
         from guard_agent.sessions.factory import make_global_observer, make_session_store
@@ -99,10 +100,12 @@ def _load_profile_source(settings: Settings, events: EventLogger, metrics: Metri
     return store
 
 
-def _tracker_hook(profile: ProfileSource, key: bytes) -> SessionTracking:
+def _tracker_hook(profile: ProfileSource, key: bytes, settings: Settings) -> SessionTracking:
     # a derived salt: the fingerprint hashes never use the session-id key itself, and any key length works
     salt = hashlib.sha256(b"inference-guard/fingerprint-salt\x00" + key).digest()
-    return SessionTracking.from_profile(profile, salt=salt)
+    index = GlobalFingerprintIndex(max_entries=settings.global_max_entries, window_s=settings.global_window,
+                                   m_half=settings.global_half_count)
+    return SessionTracking.from_profile(profile, salt=salt, global_index=index)
 
 
 @web.middleware

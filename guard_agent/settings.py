@@ -74,6 +74,11 @@ class Settings:
     log_level: str = "info"          # minimum level of operational logs; decision events are always written
     session_max: int = 100_000
     session_ttl: float = 3600.0
+    # the global near-duplicate index (one attack spread over many keys): how far back it looks, how many
+    # distinct near-duplicate inputs from other sessions make a score of 0.5, and how many fingerprints it holds
+    global_window: float = 600.0
+    global_half_count: float = 8.0
+    global_max_entries: int = 200_000
     routes: tuple[CustomRoute, ...] = ()
     allow_routes: tuple[AllowedRoute, ...] = ()
     reload_interval: float = 1.0
@@ -229,7 +234,7 @@ def _validate(s: Settings) -> None:
                      "max_json_depth", "max_batch_rows", "client_read_timeout", "session_max",
                      "header_read_timeout", "max_connections",
                      "session_ttl", "canary_interval", "upstream_pool_size", "capture_max_bytes",
-                     "capture_max_files"):
+                     "capture_max_files", "global_window", "global_half_count", "global_max_entries"):
         if getattr(s, positive) <= 0:
             raise ConfigError(f"{positive} must be positive")
     for route in s.routes:

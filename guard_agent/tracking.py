@@ -41,18 +41,19 @@ class SessionTracking(TrackerHook):
         self._salt = salt
         self._engines: dict[str, SessionTrackers] = {k: SessionTrackers(c, salt=salt) for k, c in configs.items()}
         self._defaults: dict[int, SessionTrackers] = {}
-        self.global_index = global_index or GlobalFingerprintIndex()
+        self.global_index = global_index if global_index is not None else GlobalFingerprintIndex()  # len() 0 is falsy
         self.score_names = frozenset(SessionTrackers.score_names | {GLOBAL})
         self._pending: dict[int, tuple[np.ndarray, SessionTrackers, np.ndarray]] = {}
 
     @classmethod
-    def from_profile(cls, profile: Any, *, salt: bytes) -> SessionTracking:
+    def from_profile(cls, profile: Any, *, salt: bytes,
+                     global_index: GlobalFingerprintIndex | None = None) -> SessionTracking:
         configs: dict[str, TrackerConfig] = {}
         for model, p in (getattr(profile, "profiles", None) or {}).items():
             part = p.components.get("trackers")
             if part is not None:
                 configs[model] = TrackerConfig.from_parts(*part)
-        return cls(configs, salt=salt)
+        return cls(configs, salt=salt, global_index=global_index)
 
     def engine(self, model: str | None, n_features: int) -> SessionTrackers:
         """The engine for this model: its profile's config, else a default one for the feature count."""

@@ -84,6 +84,7 @@ def make_global_observer(settings: Settings, *, metrics: Metrics, events: EventL
     from guard_agent.redis_global import RedisGlobalIndex
 
     observer = RedisGlobalIndex(redis_link(settings, metrics=metrics, events=events),
-                                local=getattr(tracking, "global_index", None))
+                                local=getattr(tracking, "global_index", None),
+                                max_entries=settings.global_max_entries)
     observer.install(tracking)
     return observer

@@ -61,3 +61,18 @@ async def test_layouts_per_session_are_bounded() -> None:
         await _query(tracking, record, np.ones((1, width)), 1.0)
     assert len(record.tracker_state) == 4
     assert tracking.engine(None, 8).config.layout_id in record.tracker_state
+
+
+def test_global_index_settings_reach_the_index() -> None:
+    """GUARD_GLOBAL_* set the index's look-back, half count and size; zero or negative values are refused."""
+    from guard_agent.app import build_state
+    from guard_agent.events import CallbackSink
+    from guard_agent.settings import ConfigError, load_settings
+
+    settings = load_settings(env={"GUARD_GLOBAL_WINDOW": "60", "GUARD_GLOBAL_HALF_COUNT": "3",
+                                  "GUARD_GLOBAL_MAX_ENTRIES": "1000", "GUARD_HMAC_KEY": "k" * 32})
+    state = build_state(settings, sink=CallbackSink(lambda _: None))
+    index = state.trackers.global_index  # type: ignore[attr-defined]
+    assert (index.window_s, index.m_half, index.max_entries) == (60.0, 3.0, 1000)
+    with pytest.raises(ConfigError, match="global_window"):
+        load_settings(env={"GUARD_GLOBAL_WINDOW": "0"})
