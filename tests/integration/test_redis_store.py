@@ -430,7 +430,8 @@ class TestGlobalIndex:
         assert len(a.index.local) == 100
 
     async def test_memory_is_bounded(self, prefix: str) -> None:
-        """Entries stay within max_entries and each bucket within bucket_size, however much arrives."""
+        """Entries and exact-input digests stay within max_entries and each bucket within bucket_size, however
+        much arrives."""
         r = make_replica(SHARED_URL, prefix)
         r.index = RedisGlobalIndex(r.store.link, max_entries=50, bucket_size=3)
         try:
@@ -446,6 +447,11 @@ class TestGlobalIndex:
                 cells = [c for c in raw.split(b"\r\n") if c and not c.startswith((b"*", b"$"))]
                 assert cells and all(len(c.split(b",")) <= 3 for c in cells)
             assert int(redis_cmd(6379, "TTL", entries[0])[1:].split(b"\r")[0]) <= 600
+            slots = [k for k in keys_under(6379, prefix + "gd:") if k[len(prefix) + 3 :].isdigit()]
+            assert 40 <= len(slots) <= 50  # the digest ring: 240 distinct inputs, 50 slots
+            groups = keys_under(6379, prefix + "gd:m:")
+            fields = sum(int(redis_cmd(6379, "HLEN", g)[1:].split(b"\r")[0]) for g in groups)
+            assert fields <= 50  # an overwritten slot takes its digest out of the lookup
         finally:
             await r.store.aclose()
 
