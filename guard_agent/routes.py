@@ -18,7 +18,8 @@ Routes from config:
 
 * ``CustomRoute``: exact path and method; scored with protocol ``custom`` and the route's JSON pointer.
   Custom routes take precedence over built-in routes. The guard cannot harden a custom route's answer
-  (its shape is unknown), so ``check_policy`` refuses a policy that could decide ``harden`` there.
+  (its shape is unknown): such a request is blocked instead, and ``check_policy`` names the rules that could
+  decide ``harden`` there (the server logs it at start and on every reload).
 * ``AllowedRoute``: exact path and method, passed through unscored. A final segment that is exactly
   ``*`` is a wildcard for exactly one further non-empty segment (``/v2/repository/models/*`` matches
   ``/v2/repository/models/m`` but neither ``/v2/repository/models/m/load`` nor
@@ -173,7 +174,7 @@ class RouteTable:
 
     def check_policy(self, policy: Policy) -> None:
         """Raise PolicyError when an enforced rule could answer ``harden`` on a route whose answers cannot be
-        hardened: every such answer would become a 502, so the combination is refused when it is loaded."""
+        hardened (such requests are blocked instead; the server logs this error as a warning)."""
         for (method, path), route in sorted(self._exact.items()):
             if route.kind != "inference" or route.protocol in HARDENABLE_PROTOCOLS:
                 continue
@@ -188,7 +189,7 @@ class RouteTable:
                 policy.source, None, where,
                 f"rule(s) {', '.join(map(repr, hardening))} may answer 'harden', but the custom route "
                 f"{method} {path} ({model}) has protocol {route.protocol!r}, whose answers the guard cannot harden "
-                "(each would be refused with 502): name a model on the route and disable those rules for it "
+                "(each such request is blocked): name a model on the route and disable those rules for it "
                 "(models.<model>.disable_rules), or run that model in monitor mode")
 
     @staticmethod

@@ -27,6 +27,8 @@ from prometheus_client import Counter, Gauge
 from guard_agent.admin import make_admin_app, reload_policy
 from guard_agent.app import build_state, make_app
 from guard_agent.auth import AuthError, JwtVerifier, KeyStore
+from guard_agent.policy import PolicyError
+from guard_agent.policy.model import Policy
 from guard_agent.settings import ConfigError, Settings, parse_hostport
 from guard_agent.state import GuardState
 from guard_agent.tls import TlsError, TlsReloader
@@ -228,14 +230,23 @@ def _reload_watcher(state: GuardState, metrics: _ListenerMetrics, reloadables: l
     return ctx
 
 
+def _warn_unhardenable(state: GuardState, policy: Policy) -> None:
+    try:
+        state.routes.check_policy(policy)
+    except PolicyError as exc:
+        state.events.log("warning", "policy hardens on a route whose answers cannot be hardened: those requests "
+                                    "are blocked (403) instead", error={"message": exc.message})
+
+
 async def start_listeners(state: GuardState) -> tuple[web.AppRunner, web.AppRunner]:
     """Start both listeners; returns their runners (the caller cleans them up).
 
-    Raises ConfigError for bad listener/credential settings and PolicyError for a policy the route table refuses.
+    Raises ConfigError for bad listener/credential settings.
     """
     s = state.settings
-    # a policy that could harden answers on a route that cannot be hardened is refused now and on every reload
-    state.policies.add_check(state.routes.check_policy)
+    # a policy that could harden answers on a route that cannot be hardened is accepted (the default policy
+    # hardens), but said at start and on every reload: such requests are blocked instead (proxy.py)
+    state.policies.add_check(lambda policy: _warn_unhardenable(state, policy))
     keys, verifier = attach_credentials(state)
     tls: TlsReloader | None = None
     if s.tls_cert_file or s.tls_key_file:

@@ -16,7 +16,6 @@ import guard_agent.protocols._json as protocols_json
 import guard_agent.protocols.hardening as protocols_hardening
 import guard_agent.protocols.responses as protocols_responses
 from guard_agent.demo import DigitsModel, make_model_app
-from guard_agent.policy import PolicyError
 from guard_agent.protocols import ParsedResponse
 from guard_agent.settings import CustomRoute
 from guard_agent.state import TrackerHook
@@ -108,25 +107,40 @@ FLAG_ROWS = HARDEN_ROWS.replace("action: harden", "action: flag")
 
 
 class TestHardeningOnCustomRoutes:
-    async def test_guard_refuses_to_start_with_harden_over_a_custom_route(self, tmp_path: Path, model_url: str,
-                                                                         start_guard) -> None:
-        """A custom route's answer cannot be hardened, so a policy that may harden there stops the start with
-        an error naming the rule and the route (instead of a guard that answers 502 to every hardened request)."""
+    async def test_harden_on_a_custom_route_blocks_that_request(self, tmp_path: Path, model_url: str,
+                                                               start_guard) -> None:
+        """A custom route's answer cannot be hardened: the guard starts (with a warning naming the rule and the
+        route), a request decided 'harden' there is refused with 403 before reaching the model, and the
+        session gets no cool-down (the rule asked for less than a block)."""
         policy = tmp_path / "policy.yaml"
         policy.write_text(HARDEN_ROWS)
-        with pytest.raises(PolicyError, match=r"'many-rows' may answer 'harden'.*POST /score"):
-            await start_guard(model_url, policy=str(policy), routes=(CustomRoute(path="/score", pointer="/x"),))
+        guard = await start_guard(model_url, policy=str(policy), routes=(CustomRoute(path="/score", pointer="/x"),))
+        warnings = [e for e in guard.events if "cannot be hardened" in e.get("message", "")]
+        assert warnings and "'many-rows'" in warnings[0]["error"]["message"]
+        assert "POST /score" in warnings[0]["error"]["message"]
+        async with aiohttp.ClientSession() as http:
+            for i in range(2):
+                async with http.post(guard.url + "/score", json={"x": [[1.0, 2.0]]},
+                                     headers={"X-Request-Id": f"custom-{i}"}) as r:
+                    assert r.status == 403
+                    assert (await r.json())["error"]["code"] == "blocked"
+        for i in range(2):
+            (event,) = guard.events_for(f"custom-{i}")
+            assert event["event"]["action"] == "block" and event["rule"]["name"] == "many-rows"
+            assert event["guard"]["hardening"] == "unsupported"
 
-    async def test_reload_to_harden_over_a_custom_route_is_rejected(self, tmp_path: Path, model_url: str,
-                                                                   start_guard) -> None:
-        """Reloading into such a policy answers 422 with the reason, and the last good policy stays active."""
+    async def test_reload_to_harden_over_a_custom_route_is_accepted_with_a_warning(
+            self, tmp_path: Path, model_url: str, start_guard) -> None:
+        """Reloading into such a policy succeeds (the default policy hardens) and says why requests there will be
+        blocked."""
         policy = tmp_path / "policy.yaml"
         policy.write_text(FLAG_ROWS)
         guard = await start_guard(model_url, policy=str(policy), routes=(CustomRoute(path="/score", pointer="/x"),))
+        assert not [e for e in guard.events if "cannot be hardened" in e.get("message", "")]
         good = guard.state.policies.current.revision
         policy.write_text(HARDEN_ROWS)
         async with aiohttp.ClientSession() as http, http.post(
                 guard.admin_url + "/admin/reload", headers={"Authorization": "Bearer test-admin-token"}) as r:
-            assert r.status == 422
-            assert "cannot harden" in (await r.json())["error"]["message"]
-        assert guard.state.policies.current.revision == good
+            assert r.status == 200
+        assert guard.state.policies.current.revision != good
+        assert [e for e in guard.events if "cannot be hardened" in e.get("message", "")]
