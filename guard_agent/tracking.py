@@ -43,7 +43,7 @@ class SessionTracking(TrackerHook):
         self._defaults: dict[int, SessionTrackers] = {}
         self.global_index = global_index if global_index is not None else GlobalFingerprintIndex()  # len() 0 is falsy
         self.score_names = frozenset(SessionTrackers.score_names | {GLOBAL})
-        self._pending: dict[int, tuple[np.ndarray, SessionTrackers, np.ndarray]] = {}
+        self._pending: dict[int, tuple[np.ndarray, SessionTrackers, np.ndarray, np.ndarray]] = {}
 
     @classmethod
     def from_profile(cls, profile: Any, *, salt: bytes,
@@ -76,10 +76,10 @@ class SessionTracking(TrackerHook):
              now: float) -> Mapping[str, float]:
         engine = self.engine(model, features.shape[1])
         scores = dict(engine.peek(self._state(record, engine), now))
-        fingerprints = engine.fingerprints(features)
-        self._remember(features, engine, fingerprints)
+        fingerprints, keys, digests = engine.request_hashes(features)  # features checked and hashed once
+        self._remember(features, engine, fingerprints, digests)
         density = engine.reference_density(fingerprints, self.global_index.match_threshold)
-        scores[GLOBAL] = await self.observe_global(session, fingerprints, engine.row_keys(features), now, density)
+        scores[GLOBAL] = await self.observe_global(session, fingerprints, keys, now, density)
         return scores
 
     async def observe_global(self, session: str, fingerprints: np.ndarray, digests: np.ndarray, now: float,
@@ -87,17 +87,20 @@ class SessionTracking(TrackerHook):
         """This query against earlier queries of every session (a shared store may override this)."""
         return float(self.global_index.observe(session, fingerprints, digests, now, density))
 
-    def _remember(self, features: np.ndarray, engine: SessionTrackers, fingerprints: np.ndarray) -> None:
-        """Keep the request's fingerprints for its ``update`` (the same array object), so they are hashed
-        once per request; bounded, since refused requests never reach ``update``."""
+    def _remember(self, features: np.ndarray, engine: SessionTrackers, fingerprints: np.ndarray,
+                  digests: np.ndarray) -> None:
+        """Keep the request's fingerprints and row digests for its ``update`` (the same array object), so
+        they are hashed once per request; bounded, since refused requests never reach ``update``."""
         if len(self._pending) >= _MAX_PENDING:
             self._pending.pop(next(iter(self._pending)))
-        self._pending[id(features)] = (features, engine, fingerprints)
+        self._pending[id(features)] = (features, engine, fingerprints, digests)
 
-    def _recall(self, features: np.ndarray, engine: SessionTrackers) -> np.ndarray | None:
-        """The fingerprints ``peek`` computed for this very array with this very engine, else None."""
+    def _recall(self, features: np.ndarray, engine: SessionTrackers) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The fingerprints and digests ``peek`` computed for this very array with this very engine, else Nones."""
         held = self._pending.pop(id(features), None)
-        return held[2] if held is not None and held[0] is features and held[1] is engine else None
+        if held is not None and held[0] is features and held[1] is engine:
+            return held[2], held[3]
+        return None, None
 
     def _engine_by_layout(self, layout: int) -> SessionTrackers | None:
         for engine in (*self._engines.values(), *self._defaults.values()):
@@ -153,9 +156,10 @@ class SessionTracking(TrackerHook):
             labels = None
         if probabilities is not None and probabilities.shape[0] != features.shape[0]:
             probabilities = None
-        fingerprints = self._recall(features, engine)
+        fingerprints, digests = self._recall(features, engine)
         state, new_scores = engine.update(self._state(record, engine), features, labels, probabilities, now,
-                                          global_fingerprint=scores.get(GLOBAL), fingerprints=fingerprints)
+                                          global_fingerprint=scores.get(GLOBAL), fingerprints=fingerprints,
+                                          digests=digests)
         record.tracker_state = _with_state(record.tracker_state, engine.config.layout_id, state)
         return new_scores
 

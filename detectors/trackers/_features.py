@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass
 
 import numpy as np
 
 from ._config import TrackerConfig
+
+_U_CLIP = 6.0e4
 
 
 @dataclass(frozen=True)
@@ -20,6 +23,56 @@ class RowFeatures:
     rare: np.ndarray
 
 
+class Projector:
+    """:func:`project` for one config, with its constants read once (a request has one row or a few, so
+    per-call overhead, not arithmetic, is the cost). Results are bit-identical to the plain formulas: every
+    floating-point operation is the same numpy call on the same shapes."""
+
+    def __init__(self, cfg: TrackerConfig) -> None:
+        self.cfg = cfg
+        self._center, self._scale, self._whiten = cfg.center, cfg.scale, cfg.whiten
+        self._comp, self._comp_t, self._prada = cfg.components, cfg.components.T, cfg.prada_proj
+        self._d, self._p = float(cfg.n_features), float(cfg.n_components)
+        self._resid_t, self._norm_t = cfg.residual_threshold, cfg.norm_threshold
+        self._n_cells, self._rare_p = cfg.n_cells, cfg.rare_cell_prob
+        self._edges = [row.tolist() for row in cfg.grid_edges]  # bisect_right == searchsorted(side="right")
+        self._base = cfg.grid_edges.shape[1] + 1
+        self._cell_probs = cfg.cell_probs.tolist()
+
+    def __call__(self, X: np.ndarray) -> RowFeatures:
+        """Whitened PCA coordinates, grid cell and rare-region flag for every row of 2-D float64 ``X``."""
+        xc = X - self._center
+        xs = xc / self._scale
+        coef = xs @ self._comp_t
+        z = coef * self._whiten
+        r = xs - coef @ self._comp
+        r *= r
+        resid = np.add.reduce(r, axis=1) / self._d  # == np.mean(r ** 2, axis=1)
+        norm2 = np.add.reduce(z * z, axis=1) / self._p
+        off = (resid > self._resid_t) | (norm2 > self._norm_t)
+        u = xc @ self._prada
+        np.maximum(u, -_U_CLIP, out=u)
+        np.minimum(u, _U_CLIP, out=u)  # == np.clip(u, -6e4, 6e4)
+        g = len(self._edges)
+        if X.shape[0] <= 8:
+            cells, rares = [], []
+            lead = z[:, :g].tolist()
+            for zr, o in zip(lead, off.tolist(), strict=True):
+                c = 0
+                for j in range(g):
+                    c = c * self._base + bisect_right(self._edges[j], zr[j])
+                rares.append(o or self._cell_probs[c] < self._rare_p)
+                cells.append(self._n_cells if o else c)
+            return RowFeatures(z=z, u=u, cell=np.array(cells, dtype=np.int64), rare=np.array(rares, dtype=bool))
+        cfg = self.cfg
+        cell = np.zeros(X.shape[0], dtype=np.int64)
+        for j in range(g):
+            cell = cell * self._base + np.searchsorted(cfg.grid_edges[j], z[:, j], side="right")
+        rare_cell = cfg.cell_probs[cell] < self._rare_p
+        cell = np.where(off, self._n_cells, cell)
+        return RowFeatures(z=z, u=u, cell=cell, rare=off | rare_cell)
+
+
 def standardise(cfg: TrackerConfig, X: np.ndarray) -> np.ndarray:
     """(X - center) / scale."""
     out: np.ndarray = (X - cfg.center) / cfg.scale
@@ -28,21 +81,7 @@ def standardise(cfg: TrackerConfig, X: np.ndarray) -> np.ndarray:
 
 def project(cfg: TrackerConfig, X: np.ndarray) -> RowFeatures:
     """Whitened PCA coordinates, grid cell and rare-region flag for every row."""
-    xs = standardise(cfg, X)
-    coef = xs @ cfg.components.T
-    z = coef * cfg.whiten
-    resid = np.mean((xs - coef @ cfg.components) ** 2, axis=1)
-    norm2 = np.mean(z**2, axis=1)
-    off = (resid > cfg.residual_threshold) | (norm2 > cfg.norm_threshold)
-    g, _ = cfg.grid_edges.shape
-    cell = np.zeros(X.shape[0], dtype=np.int64)
-    base = cfg.grid_edges.shape[1] + 1
-    for j in range(g):
-        cell = cell * base + np.searchsorted(cfg.grid_edges[j], z[:, j], side="right")
-    rare_cell = cfg.cell_probs[cell] < cfg.rare_cell_prob
-    cell = np.where(off, cfg.n_cells, cell)
-    u = np.clip((X - cfg.center) @ cfg.prada_proj, -6.0e4, 6.0e4)
-    return RowFeatures(z=z, u=u, cell=cell, rare=off | rare_cell)
+    return Projector(cfg)(np.asarray(X, dtype=np.float64))
 
 
 def residual_and_norm(cfg: TrackerConfig, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

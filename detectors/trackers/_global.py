@@ -51,6 +51,15 @@ import numpy as np
 
 #: time bins over the window for the traffic volume W
 VOLUME_BINS = 64
+_TRUE = np.ones(1, dtype=bool)
+# hash membership table of ``_shared``: 2**11 slots keep 20 hashes apart in most bit ranges; bit 0 of a
+# window hash is always 1, so ranges start at bit 1
+_SLOT_BITS = 11
+_SLOT_MASK = (1 << _SLOT_BITS) - 1
+_SHIFTS = (1, 12, 23, 34, 45, 53)
+_TABLE_MAX_VALUES = 64
+_SLOT_MASK_U64 = np.uint64(_SLOT_MASK)
+_ONES: dict[int, np.ndarray] = {}
 
 
 class GlobalFingerprintIndex:
@@ -80,6 +89,7 @@ class GlobalFingerprintIndex:
         self.bucket_size = int(bucket_size)
         n_buckets = 1 << max(4, math.ceil(math.log2(max(1, max_entries * n_index // bucket_size) * 2)))
         self._table = np.full((n_buckets, bucket_size), -1, dtype=np.int32)
+        self._bucket_mask = np.uint64(n_buckets - 1)  # n_buckets is a power of two
         self._bucket_head = np.zeros(n_buckets, dtype=np.uint8)
         self._fps: np.ndarray | None = None
         self._session = np.zeros(self.max_entries, dtype=np.uint64)
@@ -136,27 +146,30 @@ class GlobalFingerprintIndex:
         best = 0.0
         oldest = now - self.window_s
         volume = self.volume(now)
-        for row, digest, rho in zip(fps, dig, dens, strict=True):
-            nz = row[row != 0]
-            if nz.size == 0:
+        for row, digest, rho in zip(fps, dig.tolist(), dens.tolist(), strict=True):
+            keys_all = np.sort(row)
+            n_nz = int(np.count_nonzero(keys_all))
+            if n_nz == 0:
                 continue
-            keys_all = np.sort(nz)
-            keys = keys_all[: self.n_index]
-            buckets = (keys % np.uint64(self._table.shape[0])).astype(np.int64)
-            cand = np.unique(self._table[buckets].ravel())
-            cand = cand[cand >= 0]
+            keys_all = keys_all[keys_all.size - n_nz :]  # the zeros (padding) sort first
+            buckets = (keys_all[: self.n_index] & self._bucket_mask).astype(np.int64)  # == % n_buckets
+            slots = self._table[buckets].ravel()
+            slots = slots[slots >= 0]
             merge = -1
-            if cand.size:
+            if slots.size:
+                slots.sort()
+                cand = slots[np.concatenate((_TRUE, slots[1:] != slots[:-1]))]  # == np.unique
                 stored = self._fps[cand]
                 shared = _shared(stored, keys_all)
-                need = max(1, math.ceil(self.match_threshold * nz.size))
-                near = (shared >= need) & (self._time[cand] >= oldest)
+                need = max(1, math.ceil(self.match_threshold * n_nz))
+                near = shared >= need
+                near &= self._time[cand] >= oldest
                 counted = near & (self._session[cand] != sid)
-                m = float(np.sum(self._weight[cand][counted]))
+                m = float(self._weight[cand][counted].sum())
                 best = max(best, m / (1.0 + volume * max(0.0, float(rho))))
                 if near.any():
                     merge = int(cand[np.argmax(np.where(near, shared, -1))])
-            if self._seen_recently(int(digest), now):
+            if self._seen_recently(digest, now):
                 continue
             self._count_input(now)
             if merge >= 0:
@@ -191,7 +204,7 @@ class GlobalFingerprintIndex:
         self._head = (self._head + 1) % self.max_entries
         self._count = min(self._count + 1, self.max_entries)
         width = self._table.shape[1]
-        for b in np.unique(buckets):
+        for b in sorted(set(buckets.tolist())):
             h = int(self._bucket_head[b])
             self._table[b, h] = slot
             self._bucket_head[b] = (h + 1) % width
@@ -199,10 +212,40 @@ class GlobalFingerprintIndex:
 
 def _shared(stored: np.ndarray, sorted_row: np.ndarray) -> np.ndarray:
     """Per stored fingerprint, how many of the (sorted, non-zero) row's hashes it holds; padding zeros
-    never match. A binary search per stored hash: several times faster than ``np.isin`` at these sizes."""
-    idx = np.searchsorted(sorted_row, stored)
-    np.minimum(idx, sorted_row.size - 1, out=idx)
-    return np.asarray(np.count_nonzero(sorted_row[idx] == stored, axis=1))
+    never match.
+
+    Looked up in a small direct-address table: ``_SLOT_BITS`` bits of each hash (a bit range where the row's
+    hashes do not collide) pick a slot that holds the row's hash with those bits, or a value that cannot be
+    there; a stored hash is in the row exactly when its slot holds it. Branch-free, faster than a binary
+    search per stored hash (the fallback, when no bit range separates the row's hashes). Matches are
+    counted per stored fingerprint by a product with ones (exact: small integers in float64), which is
+    quicker than a reduction along the short axis."""
+    values = sorted_row.tolist()
+    n = len(set(values))
+    found = None
+    for shift in _SHIFTS if n <= _TABLE_MAX_VALUES else ():
+        slots = [(v >> shift) & _SLOT_MASK for v in values]
+        if len(set(slots)) == n:
+            table = np.zeros(_SLOT_MASK + 1, dtype=np.uint64)
+            table[slots] = sorted_row
+            if 0 not in slots:
+                table[0] = 1 << shift  # its own slot is 1: a stored 0 (padding, slot 0) never matches it
+            found = table.take((stored >> np.uint64(shift)) & _SLOT_MASK_U64) == stored
+            break
+    if found is None:
+        idx = sorted_row.searchsorted(stored)
+        np.minimum(idx, sorted_row.size - 1, out=idx)
+        found = sorted_row.take(idx) == stored
+    counts: np.ndarray = (found @ _ones(found.shape[1])).astype(np.intp)
+    return counts
+
+
+def _ones(width: int) -> np.ndarray:
+    ones = _ONES.get(width)
+    if ones is None:
+        ones = _ONES[width] = np.ones(width)
+        ones.flags.writeable = False
+    return ones
 
 
 def session_hash(session_id: str) -> np.uint64:

@@ -12,9 +12,14 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 _U64 = np.uint64
+_M64 = (1 << 64) - 1
+_C0, _C1, _C2 = _U64(0x9E3779B97F4A7C15), _U64(0xBF58476D1CE4E5B9), _U64(0x94D049BB133111EB)
+_S27, _S30, _S31, _S48 = _U64(27), _U64(30), _U64(31), _U64(48)
+_ONE = _U64(1)
+_MAX = _U64(_M64)
+_TRUE = np.ones(1, dtype=bool)
 _MASK_CLIP = 1e12
 _SALT_DOMAIN = b"inference-guard/fingerprint/v1"
 
@@ -29,11 +34,21 @@ def derive_keys(salt: bytes, count: int) -> np.ndarray:
 
 def mix(z: np.ndarray) -> np.ndarray:
     """splitmix64 finaliser, vectorised (uint64 arithmetic wraps by design)."""
-    z = z + _U64(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> _U64(27))) * _U64(0x94D049BB133111EB)
-    out: np.ndarray = z ^ (z >> _U64(31))
-    return out
+    z = z + _C0
+    z ^= z >> _S30
+    z *= _C1
+    z ^= z >> _S27
+    z *= _C2
+    z ^= z >> _S31
+    return z
+
+
+def mix_int(z: int) -> int:
+    """:func:`mix` of one value as a Python int (no array round trip for a single row)."""
+    z = (z + 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
 
 
 def window_hashes(
@@ -44,27 +59,51 @@ def window_hashes(
     window: int,
     keys: np.ndarray,
 ) -> np.ndarray:
-    """Hashes of every (grid, window) of every row: shape (rows, grids * n_windows), all non-zero."""
-    z = np.clip((X - center) / step, -_MASK_CLIP, _MASK_CLIP)
+    """Hashes of every (grid, window) of every row: shape (rows, grids * n_windows), all non-zero.
+
+    A window's hash is ``mix(sum_j q[i + j] * keys[grids + j] ^ keys[g])`` in wrapping uint64 arithmetic;
+    the sum is taken as ``window`` shifted slices (addition mod 2^64 is exact in any order), which costs a
+    few ufunc calls instead of a strided window view."""
+    z = (X - center) / step
+    np.clip(z, -_MASK_CLIP, _MASK_CLIP, out=z)
     grids = offsets.shape[0]
-    mult = keys[grids : grids + window]
-    parts = []
+    n_win = X.shape[1] - window + 1
+    out = np.empty((X.shape[0], grids * n_win), dtype=_U64)
+    tmp = np.empty((X.shape[0], n_win), dtype=_U64)
     for g in range(grids):
         q = np.floor(z + offsets[g]).astype(np.int64).view(_U64)
-        w = sliding_window_view(q, window, axis=1)
-        h = (w * mult).sum(axis=2, dtype=_U64)
-        parts.append(mix(h ^ keys[g]))
-    return np.concatenate(parts, axis=1) | _U64(1)
+        h = out[:, g * n_win : (g + 1) * n_win]
+        np.multiply(q[:, :n_win], keys[grids], out=h)
+        for j in range(1, window):
+            np.multiply(q[:, j : j + n_win], keys[grids + j], out=tmp)
+            h += tmp
+        h ^= keys[g]
+    out = mix(out)
+    out |= _ONE
+    return out
 
 
 def bottom_k(hashes: np.ndarray, k: int) -> np.ndarray:
-    """The k smallest distinct hashes per row, padded with 0 when a row has fewer than k."""
+    """The k smallest distinct hashes per row, padded with 0 when a row has fewer than k.
+
+    The all-ones value is the sorting sentinel for duplicates: a hash equal to it is dropped too (becomes
+    padding), in the one-row shortcut as in the general case."""
+    if hashes.shape[0] == 1:
+        s = np.sort(hashes[0])
+        distinct = s[np.concatenate((_TRUE, s[1:] != s[:-1]))] if s.size > 1 else s
+        out = np.zeros((1, k), dtype=_U64)
+        top = distinct[:k]
+        out[0, : top.size] = top
+        if top.size and top[-1] == _MAX:
+            out[out == _MAX] = 0
+        return out
     s = np.sort(hashes, axis=1)
     dup = np.zeros_like(s, dtype=bool)
     dup[:, 1:] = s[:, 1:] == s[:, :-1]
-    s = np.where(dup, np.iinfo(np.uint64).max, s)
-    s = np.sort(s, axis=1)[:, :k]
-    s = np.where(s == np.iinfo(np.uint64).max, _U64(0), s)
+    s[dup] = _MAX
+    s.sort(axis=1)
+    s = s[:, :k].copy() if s.shape[1] > k else s
+    s[s == _MAX] = 0
     if s.shape[1] < k:
         s = np.concatenate([s, np.zeros((s.shape[0], k - s.shape[1]), dtype=_U64)], axis=1)
     return s
@@ -72,22 +111,35 @@ def bottom_k(hashes: np.ndarray, k: int) -> np.ndarray:
 
 def compact(fps: np.ndarray) -> np.ndarray:
     """Keep the top 16 bits of each hash for per-session storage (0 stays 0 = padding)."""
-    c = (fps >> _U64(48)).astype(np.uint16)
-    return np.where((fps != 0) & (c == 0), np.uint16(1), c)
+    c = (fps >> _S48).astype(np.uint16)
+    if not c.all():  # a non-zero hash below 2**48 keeps a non-zero compact value
+        c[(fps != 0) & (c == 0)] = 1
+    return c
 
 
 def shared_counts(query: np.ndarray, stored: np.ndarray) -> np.ndarray:
-    """For each stored fingerprint (rows of ``stored``), how many non-padding hashes it shares with query."""
+    """For each stored fingerprint (rows of ``stored``), how many non-padding hashes it shares with query.
+
+    Every stored hash is looked up in the sorted non-zero query hashes (binary search), which gives the
+    same count as comparing every pair."""
     if stored.shape[0] == 0:
         return np.zeros(0, dtype=np.int64)
-    eq = (stored[:, :, None] == query[None, None, :]) & (query[None, None, :] != 0)
-    return np.asarray(eq.any(axis=2).sum(axis=1), dtype=np.int64)
+    q = np.sort(query[query != 0])
+    if q.size == 0:
+        return np.zeros(stored.shape[0], dtype=np.int64)
+    idx = q.searchsorted(stored)
+    np.minimum(idx, q.size - 1, out=idx)
+    found = q.take(idx) == stored
+    counts: np.ndarray = (found @ np.ones(found.shape[1])).astype(np.int64)  # exact; faster than a short-axis sum
+    return counts
 
 
 def row_digest(X: np.ndarray) -> np.ndarray:
     """Exact-repeat detector: a 64-bit hash of each row's float64 bytes (not salted, not stored raw)."""
+    return np.array(row_digest_ints(X), dtype=_U64)
+
+
+def row_digest_ints(X: np.ndarray) -> list[int]:
+    """:func:`row_digest` as Python ints."""
     xs = np.ascontiguousarray(X, dtype=np.float64)
-    out = np.empty(xs.shape[0], dtype=_U64)
-    for i in range(xs.shape[0]):
-        out[i] = int.from_bytes(hashlib.blake2b(xs[i].tobytes(), digest_size=8).digest(), "little") | 1
-    return out
+    return [int.from_bytes(hashlib.blake2b(r.data, digest_size=8).digest(), "little") | 1 for r in xs]

@@ -52,21 +52,24 @@ def shapiro_w(pool: np.ndarray) -> float:
 def step(cfg: TrackerConfig, st: SessionState, z: np.ndarray, slot: int) -> float | None:
     """Process one query (mutates ``st``); return W when a Shapiro-Wilk check ran, else None."""
     n = st.n_prada
-    members = st.prada_cls[:n] == slot
+    members = np.flatnonzero(st.prada_cls[:n] == slot)
     zf = z.astype(np.float16).astype(np.float64)
-    if members.any():
-        vecs = st.prada_vec[:n][members].astype(np.float64)
-        dmin = float(np.sqrt(np.min(np.sum((vecs - zf) ** 2, axis=1))))
+    found = members.size > 0
+    if found:
+        diff = st.prada_vec[members].astype(np.float64)
+        diff -= zf
+        diff *= diff
+        dmin = math.sqrt(float(np.add.reduce(diff, axis=1).min()))
         st.pool[st.head_pool] = min(dmin, 6.0e4)
         st.head_pool = (st.head_pool + 1) % cfg.ring_pool
         st.n_pool = min(st.n_pool + 1, cfg.ring_pool)
         st.n_pool_total += 1
-        cnt, s1, s2 = st.cls_stats[slot]
+        cnt, s1, s2 = st.cls_stats[slot].tolist()
         mean = s1 / cnt if cnt > 0 else 0.0
         sd = math.sqrt(max(s2 / cnt - mean * mean, 0.0)) if cnt > 1 else 0.0
         accept = dmin > max(cfg.prada_min_threshold, mean - sd)
         if accept:
-            st.cls_stats[slot] += (1.0, dmin, dmin * dmin)
+            st.cls_stats[slot] = (cnt + 1.0, s1 + dmin, s2 + dmin * dmin)
     else:
         accept = True
     if accept:
@@ -74,7 +77,7 @@ def step(cfg: TrackerConfig, st: SessionState, z: np.ndarray, slot: int) -> floa
         st.prada_cls[st.head_prada] = slot
         st.head_prada = (st.head_prada + 1) % cfg.ring_prada
         st.n_prada = min(st.n_prada + 1, cfg.ring_prada)
-    if members.any() and st.n_pool_total > cfg.prada_min_pool and st.n_pool_total % cfg.prada_every == 0:
+    if found and st.n_pool_total > cfg.prada_min_pool and st.n_pool_total % cfg.prada_every == 0:
         st.last_w = shapiro_w(st.pool[: st.n_pool])
         return st.last_w
     return None

@@ -41,7 +41,7 @@ import numpy as np
 from . import _evidence as ev
 from . import _hashing, _prada
 from ._config import TrackerConfig
-from ._features import project
+from ._features import Projector
 from ._state import SessionState, decode, encode, encoded_size, new_state
 
 SCORE_NAMES = frozenset({"session.prada", "session.fingerprint", "session.neighbors", "session.coverage",
@@ -72,6 +72,11 @@ class SessionTrackers:
         self._global_llr = ev.bernoulli_llr(_GLOBAL_P0, _GLOBAL_P1)
         self._coverage_on = config.p0_rare > 0 and config.grid_edges.shape[0] > 0
         self._nn_on = config.nn_threshold > 0
+        # per-request constants, read once (a request is typically one row: call overhead is the cost)
+        self._project = Projector(config)
+        self._match_count = config.match_count
+        self._cell_probs = config.cell_probs.tolist()
+        self._row_key = int(self._keys[-1])
         self._ref_hashes, self._ref_ids = self._reference_table(config.ref_rows)
 
     # ---- state -----------------------------------------------------------------------------------
@@ -94,10 +99,19 @@ class SessionTrackers:
     # ---- scoring ---------------------------------------------------------------------------------
     def fingerprints(self, X: np.ndarray) -> np.ndarray:
         """Per-row salted bottom-N window hashes, shape (rows, n_hashes) uint64, 0 = padding."""
-        X = self._check(X)
+        return self._fingerprints(self._check(X))
+
+    def _fingerprints(self, X: np.ndarray) -> np.ndarray:
         cfg = self.config
         h = _hashing.window_hashes(X, cfg.center, cfg.quant_step, cfg.quant_offsets, cfg.window, self._keys)
         return _hashing.bottom_k(h, cfg.n_hashes)
+
+    def request_hashes(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(fingerprints(X), row_keys(X), digests)`` with X checked once; ``digests`` are the unsalted exact-row
+        digests :meth:`update` takes (so a request's rows are hashed once between peek and update)."""
+        X = self._check(X)
+        digests = _hashing.row_digest_ints(X)
+        return self._fingerprints(X), self._keys_of(digests), np.array(digests, dtype=np.uint64)
 
     def _reference_table(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(sorted hashes, reference row of each) over the reference sample's fingerprints."""
@@ -112,29 +126,49 @@ class SessionTrackers:
 
     def reference_density(self, fingerprints: np.ndarray, match_threshold: float = 0.5) -> np.ndarray:
         """Per row, the share of the reference sample that are near-duplicates of it (same rule as the
-        global index): how often benign inputs land this close to each other there. 0 without a sample."""
+        global index): how often benign inputs land this close to each other there. 0 without a sample.
+
+        Vectorised over rows: every (row, non-zero hash, matching reference entry) triple is listed once
+        and counted per (row, reference row), in blocks of 64 rows to bound the count table."""
         fps = np.atleast_2d(fingerprints)
         n_ref = self.config.ref_rows.shape[0]
         out = np.zeros(fps.shape[0])
         if n_ref == 0:
             return out
-        for i, row in enumerate(fps):
-            nz = row[row != 0]
-            if nz.size == 0:
+        for a in range(0, fps.shape[0], 64):
+            block = fps[a : a + 64]
+            rows, cols = np.nonzero(block)
+            if rows.size == 0:
                 continue
-            lo = np.searchsorted(self._ref_hashes, nz, side="left")
-            hi = np.searchsorted(self._ref_hashes, nz, side="right")
-            hits = [self._ref_ids[a:b] for a, b in zip(lo, hi, strict=True) if b > a]
-            if not hits:
+            vals = block[rows, cols]
+            lo = self._ref_hashes.searchsorted(vals, side="left")
+            cnt = self._ref_hashes.searchsorted(vals, side="right") - lo
+            total = int(cnt.sum())
+            if total == 0:
                 continue
-            counts = np.bincount(np.concatenate(hits), minlength=n_ref)
-            out[i] = np.count_nonzero(counts >= max(1, math.ceil(match_threshold * nz.size))) / n_ref
+            # the reference entries lo[j] .. lo[j] + cnt[j] - 1 of every hash j, concatenated
+            ends = np.cumsum(cnt)
+            idx = np.arange(total) + np.repeat(lo - (ends - cnt), cnt)
+            ids = self._ref_ids[idx]
+            n_rows = block.shape[0]
+            need = np.maximum(1.0, np.ceil(match_threshold * np.count_nonzero(block, axis=1)))
+            if n_rows == 1:
+                counts = np.bincount(ids, minlength=n_ref)
+                out[a] = np.count_nonzero(counts >= need[0]) / n_ref
+                continue
+            counts = np.bincount(np.repeat(rows, cnt) * n_ref + ids, minlength=n_rows * n_ref).reshape(n_rows, n_ref)
+            out[a : a + n_rows] = np.count_nonzero(counts >= need[:, None], axis=1) / n_ref
         return out
 
     def row_keys(self, X: np.ndarray) -> np.ndarray:
         """Per-row salted 64-bit digests of the exact input bytes (exact repeats share one), never 0."""
-        X = self._check(X)
-        return _hashing.mix(_hashing.row_digest(X) ^ self._keys[-1]) | np.uint64(1)
+        return self._keys_of(_hashing.row_digest_ints(self._check(X)))
+
+    def _keys_of(self, digests: list[int]) -> np.ndarray:
+        if len(digests) <= 4:
+            key = self._row_key
+            return np.array([_hashing.mix_int(d ^ key) | 1 for d in digests], dtype=np.uint64)
+        return _hashing.mix(np.array(digests, dtype=np.uint64) ^ self._keys[-1]) | np.uint64(1)
 
     def peek(self, state: SessionState, now: float) -> dict[str, float]:
         """Scores as of the last update, decayed to ``now`` (never earlier than the last update)."""
@@ -163,6 +197,7 @@ class SessionTrackers:
         *,
         global_fingerprint: float | None = None,
         fingerprints: np.ndarray | None = None,
+        digests: np.ndarray | None = None,
     ) -> tuple[SessionState, dict[str, float]]:
         """Feed a request's rows (and the model's answers) and return the new state and its scores.
 
@@ -170,7 +205,8 @@ class SessionTrackers:
         ``probabilities``: (rows, classes) model scores, or None (margin tracker then learns nothing).
         ``global_fingerprint``: optional score from GlobalFingerprintIndex.observe for this request;
         a value >= 0.8 counts as one cross-session near-duplicate event in ``session.risk``.
-        ``fingerprints``: ``self.fingerprints(X)`` when the caller already computed them (saves the hashing).
+        ``fingerprints``, ``digests``: ``request_hashes(X)``'s first and last parts when the caller already
+        computed them (saves the hashing; they must be of this very X).
         The input state is not modified.
         """
         X = self._check(X)
@@ -178,51 +214,58 @@ class SessionTrackers:
         rows = X.shape[0]
         if fingerprints is not None and fingerprints.shape != (rows, cfg.n_hashes):
             raise ValueError("fingerprints must have one row per input row")
+        if digests is not None and digests.shape != (rows,):
+            raise ValueError("digests must have one entry per input row")
         lab = self._labels(labels, probabilities, rows)
         margins = self._margins(probabilities, rows)
         st = state.copy()
+        dig = np.array(_hashing.row_digest_ints(X), dtype=np.uint64) if digests is None else digests
         if rows > cfg.max_rows_tracked:
             # bounded work per request: a secret-keyed choice of rows the client cannot predict; the
             # rest count for volume and rate only
-            keyed = _hashing.mix(_hashing.row_digest(X) ^ self._keys[0])
+            keyed = _hashing.mix(dig ^ self._keys[0])
             keep = np.sort(np.argsort(keyed, kind="stable")[: cfg.max_rows_tracked])
             st.n_queries += rows - keep.size
             st.n_distinct += rows - keep.size
-            X, lab = X[keep], lab[keep]
+            X, lab, dig = X[keep], lab[keep], dig[keep]
             fingerprints = fingerprints[keep] if fingerprints is not None else None
             margins = margins[keep] if margins is not None else None
-        tracked = X.shape[0]
         f = self._decay(st, now)
         dt = max(0.0, now - st.last_t) if math.isfinite(st.last_t) else 0.0
-        for name in ("s_fingerprint", "s_neighbors", "s_coverage", "s_margin", "s_prada", "s_global", "s_joint"):
-            setattr(st, name, getattr(st, name) * f)
+        st.s_fingerprint *= f
+        st.s_neighbors *= f
+        st.s_coverage *= f
+        st.s_margin *= f
+        st.s_prada *= f
+        st.s_global *= f
+        st.s_joint *= f
         st.rate_level = max(0.0, st.rate_level - cfg.rate_leak * dt) + rows
         if not math.isfinite(st.first_t):
             st.first_t = float(now)
         st.last_t = float(max(now, st.last_t)) if math.isfinite(st.last_t) else float(now)
-        digests = _hashing.row_digest(X)
-        fps = _hashing.compact(self.fingerprints(X) if fingerprints is None else fingerprints)
-        feats = project(cfg, X)
+        fps = _hashing.compact(self._fingerprints(X) if fingerprints is None else fingerprints)
+        feats = self._project(X)
         if global_fingerprint is not None and math.isfinite(global_fingerprint):
             event = global_fingerprint >= _GLOBAL_EVENT
             st.s_global = ev.cusum(st.s_global, self._global_llr[0 if event else 1])
-        for i in range(tracked):
+        cells, rares, labs = feats.cell.tolist(), feats.rare.tolist(), lab.tolist()
+        margin_list = margins.tolist() if margins is not None else None
+        for i, digest in enumerate(dig.tolist()):
             st.n_queries += 1
-            if np.any(st.exact[: st.n_exact] == digests[i]):
+            if digest in st.exact[: st.n_exact].tolist():
                 st.n_repeats += 1
                 continue
             st.n_distinct += 1
-            st.exact[st.head_exact] = digests[i]
+            st.exact[st.head_exact] = digest
             st.head_exact = (st.head_exact + 1) % cfg.ring_exact
             st.n_exact = min(st.n_exact + 1, cfg.ring_exact)
-            llr_fp, _near_dup = self._fingerprint_step(st, fps[i])
-            total = llr_fp + self._neighbor_step(st, feats.z[i])
-            total += self._coverage_step(st, int(feats.cell[i]), bool(feats.rare[i]))
-            if margins is not None:
-                llr = self._margin_llr[0 if margins[i] < cfg.margin_threshold else 1]
+            total = self._fingerprint_step(st, fps[i]) + self._neighbor_step(st, feats.z[i])
+            total += self._coverage_step(st, cells[i], rares[i])
+            if margin_list is not None:
+                llr = self._margin_llr[0 if margin_list[i] < cfg.margin_threshold else 1]
                 st.s_margin = ev.cusum(st.s_margin, llr)
                 total += llr
-            w = _prada.step(cfg, st, feats.u[i], _prada.class_slot(cfg, int(lab[i])))
+            w = _prada.step(cfg, st, feats.u[i], _prada.class_slot(cfg, labs[i]))
             if w is not None:
                 llr = self._prada_llr[0 if w < cfg.prada_delta else 1]
                 st.s_prada = ev.cusum(st.s_prada, llr)
@@ -242,27 +285,32 @@ class SessionTrackers:
                 "duration_s": float(state.last_t - state.first_t) if math.isfinite(state.first_t) else 0.0}
 
     # ---- trackers --------------------------------------------------------------------------------
-    def _fingerprint_step(self, st: SessionState, fp: np.ndarray) -> tuple[float, bool]:
-        """Accumulate near-duplicate evidence; return it and whether this query matched an earlier one."""
+    def _fingerprint_step(self, st: SessionState, fp: np.ndarray) -> float:
+        """Accumulate near-duplicate evidence for this query and return it."""
         cfg = self.config
-        shared = _hashing.shared_counts(fp, st.fp[: st.n_fp])
-        m = int(np.sum(shared >= min(cfg.match_count, int(np.count_nonzero(fp))))) if shared.size else 0
+        m = 0
+        if st.n_fp:
+            shared = _hashing.shared_counts(fp, st.fp[: st.n_fp])
+            m = int(np.count_nonzero(shared >= min(self._match_count, int(np.count_nonzero(fp)))))
         llr = self._fp_llr[0 if m == 0 else 1 if m < 4 else 2]
         st.s_fingerprint = ev.cusum(st.s_fingerprint, llr)
         st.fp[st.head_fp] = fp
         st.head_fp = (st.head_fp + 1) % cfg.ring_fp
         st.n_fp = min(st.n_fp + 1, cfg.ring_fp)
-        return llr, m > 0
+        return llr
 
     def _neighbor_step(self, st: SessionState, z: np.ndarray) -> float:
         cfg = self.config
         llr = 0.0
         if self._nn_on and st.n_nn >= cfg.nn_k:
-            d = np.sqrt(np.sum((st.nn[: st.n_nn].astype(np.float64) - z) ** 2, axis=1))
-            mean_k = float(np.mean(np.partition(d, cfg.nn_k - 1)[: cfg.nn_k]))
+            diff = st.nn[: st.n_nn].astype(np.float64)
+            diff -= z
+            diff *= diff
+            d = np.sqrt(np.add.reduce(diff, axis=1))
+            mean_k = float(np.add.reduce(np.partition(d, cfg.nn_k - 1)[: cfg.nn_k]) / cfg.nn_k)
             llr = self._nn_llr[0 if mean_k < cfg.nn_threshold else 1]
             st.s_neighbors = ev.cusum(st.s_neighbors, llr)
-        st.nn[st.head_nn] = np.clip(z, -6.0e4, 6.0e4)
+        st.nn[st.head_nn] = np.minimum(np.maximum(z, -6.0e4), 6.0e4)
         st.head_nn = (st.head_nn + 1) % cfg.ring_nn
         st.n_nn = min(st.n_nn + 1, cfg.ring_nn)
         return llr
@@ -270,17 +318,18 @@ class SessionTrackers:
     def _coverage_step(self, st: SessionState, cell: int, rare: bool) -> float:
         if not self._coverage_on:
             return 0.0
-        cfg = self.config
         llr = self._rare_llr[0 if rare else 1]
         byte, bit = divmod(cell, 8)
-        seen = bool(st.cells[byte] & (0x80 >> bit))
-        if cell < cfg.n_cells:
+        mask = 0x80 >> bit
+        bits = int(st.cells[byte])
+        seen = bool(bits & mask)
+        if cell < self.config.n_cells:
             p0 = min(max(1.0 - st.visited_mass, 0.01), 0.99)
             p1 = p0 + 0.5 * (1.0 - p0)
             llr += math.log((1.0 - p1) / (1.0 - p0)) if seen else math.log(p1 / p0)
             if not seen:
-                st.visited_mass = min(1.0, st.visited_mass + float(cfg.cell_probs[cell]))
-        st.cells[byte] |= np.uint8(0x80 >> bit)
+                st.visited_mass = min(1.0, st.visited_mass + self._cell_probs[cell])
+        st.cells[byte] = bits | mask
         st.s_coverage = ev.cusum(st.s_coverage, llr)
         return llr
 
@@ -304,7 +353,7 @@ class SessionTrackers:
             X = X.reshape(1, -1)
         if X.ndim != 2 or X.shape[1] != self.config.n_features:
             raise ValueError(f"X must have shape (rows, {self.config.n_features}), got {X.shape}")
-        if not np.all(np.isfinite(X)):
+        if not np.isfinite(X).all():
             raise ValueError("X must be finite")
         return X
 
@@ -329,7 +378,7 @@ class SessionTrackers:
         if probabilities is None:
             return None
         pr = np.asarray(probabilities, dtype=np.float64).reshape(rows, -1)
-        if not np.all(np.isfinite(pr)):
+        if not np.isfinite(pr).all():
             return None
         if pr.shape[1] == 1:
             return np.abs(2.0 * pr[:, 0] - 1.0)

@@ -8,7 +8,6 @@ decode checks magic, version, layout tag, exact length and value ranges and rais
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import struct
 from dataclasses import dataclass
@@ -66,13 +65,21 @@ class SessionState:
     cells: np.ndarray  # (ceil((n_cells + 1) / 8),) uint8 visited-cell bitset (last bit = off-manifold)
 
     def copy(self) -> SessionState:
-        """Deep copy (arrays included)."""
-        arrays: dict[str, Any] = {f: np.array(getattr(self, f), copy=True) for f in _array_layout_names()}
-        return dataclasses.replace(self, **arrays)
+        """Deep copy (arrays included). Written out rather than ``dataclasses.replace``, which re-runs
+        ``__init__`` through keyword arguments: this runs on every request."""
+        new = object.__new__(SessionState)
+        fields = self.__dict__.copy()
+        for name in _ARRAY_NAMES:
+            fields[name] = fields[name].copy()
+        new.__dict__.update(fields)
+        return new
+
+
+_ARRAY_NAMES = ("exact", "fp", "nn", "prada_vec", "prada_cls", "cls_stats", "pool", "cells")
 
 
 def _array_layout_names() -> tuple[str, ...]:
-    return ("exact", "fp", "nn", "prada_vec", "prada_cls", "cls_stats", "pool", "cells")
+    return _ARRAY_NAMES
 
 
 def array_layout(cfg: TrackerConfig) -> tuple[tuple[str, tuple[int, ...], str], ...]:
