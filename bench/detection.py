@@ -1,10 +1,15 @@
 """Detection-quality benchmark (not a test): AUROC and TPR at 1% FPR for every detector and the combined score,
-on data the fit never saw. Run: /work/venv/bin/python bench/detection.py [--quick]
+on data the fit never saw, and what the default policy's stateless rules do to benign perturbations.
+Run: /work/venv/bin/python bench/detection.py [--quick]
 
 * AUROC uses the raw scores (ties in the calibrated scale would blur the ranking).
 * TPR@1% is the real operating point: the share of anomalous rows with calibrated score > 0.99, the policy
   threshold for a 1% false-positive rate; `FPR` shows what that threshold did on the in-distribution test rows.
 * Adversarial rows are only counted when the attack succeeded (the prediction changed).
+* "benign perturbations": the share of rows at or above each stateless threshold of the shipped default policy
+  (guard_agent/default_policy.yaml, read at run time) for held-out rows, one-pixel shifts, small noise and
+  rounding, next to far-out rows for contrast. Flags on perturbed rows are expected; hardening or blocking them
+  is what the thresholds must avoid.
 """
 
 from __future__ import annotations
@@ -13,8 +18,10 @@ import argparse
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
+import yaml
 from sklearn.datasets import load_breast_cancer, load_digits
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
@@ -25,6 +32,74 @@ from detectors import COMBINED, Profile, fit_profile
 warnings.filterwarnings("ignore")
 NAMES = ("input.schema", "ood.mahalanobis", "ood.knn", "ood.pca", "ood.iforest", COMBINED)
 SHORT = {n: n.split(".")[-1] for n in NAMES}
+POLICY = Path(__file__).resolve().parent.parent / "guard_agent" / "default_policy.yaml"
+STATELESS_RULES = ("ood-suspicious", "ood-extreme", "input-out-of-range")
+
+
+def policy_thresholds(path: Path = POLICY) -> list[tuple[str, str, float, str]]:
+    """(rule id, score, gte threshold, action) of the default policy's stateless detector rules."""
+    doc = yaml.safe_load(path.read_text())
+    out = []
+    for rule in doc["rules"]:
+        if rule["id"] in STATELESS_RULES:
+            ((score, cond),) = rule["when"].items()
+            out.append((rule["id"], score, float(cond["gte"]), rule["action"]))
+    return out
+
+
+def threshold_header(title: str, rules: list[tuple[str, str, float, str]]) -> list[str]:
+    cols = " ".join(f"{f'{rid} ({action})':>28}" for rid, _, _, action in rules)
+    line = f"{'rows at or above the threshold':<34} {'n':>5} {cols}"
+    sub = f"{'':<34} {'':>5} " + " ".join(f"{f'{score} >= {t:.10g}':>28}" for _, score, t, _ in rules)
+    return [f"\n== {title}", line, sub, "-" * len(line)]
+
+
+def threshold_row(profile: Profile, X: np.ndarray, label: str, rules: list[tuple[str, str, float, str]]) -> str:
+    """Share of rows each stateless rule would fire on (the policy's gte on the calibrated score)."""
+    scores = profile.score(X)
+    cells = [f"{float(np.mean(scores[score] >= t)):>28.4f}" for _, score, t, _ in rules]
+    return f"{label:<34} {len(X):>5} " + " ".join(cells)
+
+
+def benign_digits(profile: Profile, X_te: np.ndarray, seed: int, rules: list[tuple[str, str, float, str]]) -> list[str]:
+    """Held-out digits and benign perturbations of them (the traffic bench/attacks.py sends), far-out rows below."""
+    rng = np.random.default_rng(seed + 1)
+    imgs = X_te.reshape(-1, 8, 8)
+    cases = {
+        "held-out digits (in-distribution)": X_te,
+        "one-pixel shift right": np.roll(imgs, 1, axis=2).reshape(-1, 64),
+        "one-pixel shift left": np.roll(imgs, -1, axis=2).reshape(-1, 64),
+        "one-pixel shift down": np.roll(imgs, 1, axis=1).reshape(-1, 64),
+        "one-pixel shift up": np.roll(imgs, -1, axis=1).reshape(-1, 64),
+        "small noise (sigma=0.3, clipped)": np.clip(X_te + rng.normal(0, 0.3, X_te.shape), 0, 16),
+        "noise (sigma=1, clipped)": np.clip(X_te + rng.normal(0, 1.0, X_te.shape), 0, 16),
+        "shift left + small noise": np.clip(np.roll(imgs, -1, axis=2).reshape(-1, 64)
+                                            + rng.normal(0, 0.3, X_te.shape), 0, 16),
+        "two-pixel shift left (not benign)": np.roll(imgs, -2, axis=2).reshape(-1, 64),
+        "uniform noise [0,16] (far out)": rng.uniform(0, 16, size=X_te.shape),
+        "inverted 16 - x (far out)": 16.0 - X_te,
+        "uniform [0,16] x 50 (far out)": rng.uniform(0, 16, size=X_te.shape) * 50,
+    }
+    return [threshold_row(profile, X, label, rules) for label, X in cases.items()]
+
+
+def benign_tabular(profile: Profile, X_tr: np.ndarray, X_te: np.ndarray, seed: int,
+                   rules: list[tuple[str, str, float, str]]) -> list[str]:
+    """Held-out rows, small measurement noise and rounding; far-out rows below."""
+    rng = np.random.default_rng(seed + 2)
+    std = X_tr.std(axis=0)
+    low, high = X_tr.min(axis=0), X_tr.max(axis=0)
+    span = high - low
+    rounded = np.vectorize(lambda v: float(f"{v:.2g}"))(X_te)
+    cases = {
+        "held-out rows (in-distribution)": X_te,
+        "noise 0.1 std": X_te + rng.normal(0, 0.1, X_te.shape) * std,
+        "noise 0.2 std": X_te + rng.normal(0, 0.2, X_te.shape) * std,
+        "rounded to 2 significant digits": rounded,
+        "uniform over 1.5x ranges (far out)": rng.uniform(low - span / 2, high + span / 2, size=X_te.shape),
+        "feature 0 unit error x10 (far out)": np.where(np.arange(X_te.shape[1]) == 0, X_te * 10, X_te),
+    }
+    return [threshold_row(profile, X, label, rules) for label, X in cases.items()]
 
 
 def report_row(profile: Profile, X_in: np.ndarray, X_out: np.ndarray, label: str) -> list[str]:
@@ -122,7 +197,7 @@ def art_attacks(
     return lines, notes
 
 
-def tabular(seed: int) -> list[str]:
+def tabular(seed: int, rules: list[tuple[str, str, float, str]]) -> list[str]:
     data = load_breast_cancer()
     X_tr, X_te = train_test_split(data.data, test_size=0.3, random_state=seed, stratify=data.target)
     profile = fit_profile(X_tr, fpr=0.01, seed=seed)
@@ -146,6 +221,8 @@ def tabular(seed: int) -> list[str]:
     lines = header(f"breast_cancer (30 features): fit on {len(X_tr)} rows, in-distribution = {n} test rows")
     for label, X_out in cases.items():
         lines += report_row(profile, X_te, X_out, label)
+    lines += threshold_header("benign perturbations, breast_cancer: default policy's stateless rules", rules)
+    lines += benign_tabular(profile, X_tr, X_te, seed, rules)
     return lines
 
 
@@ -169,12 +246,15 @@ def main() -> None:
     profile = fit_profile(X_tr, labels=y_tr, fpr=0.01, seed=args.seed)
     out += header(f"digits: fit on {len(X_tr)} training rows (with labels), in-distribution = {len(X_te)} test rows")
     out += digits_ood(profile, X_te, args.seed)
+    rules = policy_thresholds()
+    out += threshold_header("benign perturbations, digits: default policy's stateless rules", rules)
+    out += benign_digits(profile, X_te, args.seed, rules)
 
     clf = LogisticRegression(max_iter=2000).fit(X_tr, y_tr)
     adv_lines, notes = art_attacks(profile, clf, X_te, y_te, args.quick)
     out += header(f"digits adversarial (ART) vs LogisticRegression, test accuracy {clf.score(X_te, y_te):.3f}")
     out += adv_lines
-    out += tabular(args.seed)
+    out += tabular(args.seed, rules)
     print("\n".join(out))
     print("\nattacks:")
     print("\n".join(f"  {n}" for n in notes))

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ._base import BaseDetector, check_tail_scale, conformal_threshold, loo_p_values
+from ._base import BaseDetector, conformal_threshold, loo_p_values
 from ._errors import ProfileError
 from ._npz import npz_bytes, read_npz
 from ._reference import load_reference
@@ -51,7 +51,7 @@ __all__ = [
     "save_profile",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: generalised Pareto tails (`tail`), combined top rows, pooled schema scales
 FORMAT = "inference-guard-profile"
 COMBINED = "ood.combined"
 MIN_REFERENCE_ROWS = 10
@@ -120,9 +120,11 @@ class Profile:
 
         A threshold t fires on about (1 - t) of in-distribution rows for every detector and for `ood.combined`
         (the smallest detector p-value, re-calibrated on the calibration split; see `PValueCombiner`), whatever
-        the model. Rows beyond every calibration score get an exponential-tail p-value below 1/(n_cal + 1)
-        (floored at 1e-300), so thresholds above 1 - 1/(n_cal + 1) rely on that tail model; a score of exactly
-        1.0 means p < 1.1e-16 (far beyond every calibration row).
+        the model. Rows beyond every calibration score get a p-value below 1/(n_cal + 1) from each detector's
+        fitted tail (conservative: at least exponential, heavier where the calibration scores are heavy-tailed;
+        floored at 1e-300) and, for `ood.combined`, the dependence-free Bonferroni bound over the detectors, so
+        thresholds above 1 - 1/(n_cal + 1) rely on that tail model; a score of exactly 1.0 means p < 1.1e-16
+        (far beyond every calibration row).
         Raises ValueError on NaN/Inf, a wrong feature count or a non-numeric input.
         """
         S = 1.0 - self._p_matrix(X)
@@ -186,7 +188,7 @@ def fit_profile(
 
     Needs at least MIN_REFERENCE_ROWS rows. With few calibration rows a low `fpr` cannot be reached: the
     threshold is then +inf (recorded as null), and below 20 calibration rows no tail is fitted either, so
-    scores stay at or below 1 - 1/(n_cal + 1) except for the schema detector's fixed tail.
+    scores stay at or below 1 - 1/(n_cal + 1) except for the schema detector's unit tail.
     `clock` (e.g. time.perf_counter), when given, records each detector's fit time in `fit_seconds`;
     the library itself reads no clock.
     """
@@ -302,8 +304,9 @@ def _assemble(
             "calibration_fpr": _calibration_fpr(det.calibration_scores_, det.threshold_),
         }
     comb_threshold = conformal_threshold(combiner.calibration_scores_, fpr)
-    comb_params = {"method": combiner.method, "tail_scale": combiner.tail_scale_}
-    add(COMBINED, comb_params, {"calibration_scores": combiner.calibration_scores_}, f"{COMBINED}.npz")
+    comb_params = {"method": combiner.method}
+    comb_arrays = {"calibration_scores": combiner.calibration_scores_, "top_rows": combiner.top_rows_}
+    add(COMBINED, comb_params, comb_arrays, f"{COMBINED}.npz")
     extras_doc: dict[str, Any] = {}
     for name, (extra_params, extra_arrays) in extras.items():
         if not _COMPONENT_NAME.match(name) or name in fitted or name == COMBINED:
@@ -419,7 +422,7 @@ def load_profile(directory: str | Path) -> Profile:
     _expect(
         version == SCHEMA_VERSION,
         doc_path,
-        f"schema_version {version!r} is not supported (expected {SCHEMA_VERSION})",
+        f"schema_version {version!r} is not supported (expected {SCHEMA_VERSION}; re-fit it with guard-agent fit)",
     )
     n_features = doc.get("n_features")
     _expect(
@@ -485,13 +488,20 @@ def load_profile(directory: str | Path) -> Profile:
         root / comb["file"],
         "calibration_scores must be sorted and finite",
     )
+    top = comb_arrays.get("top_rows")
+    _expect(
+        top is not None
+        and top.shape == (len(doc["detectors"]),)
+        and top.dtype.kind == "i"
+        and bool(np.all((top >= -1) & (top < (cal.size if cal is not None else 0)))),
+        root / comb["file"],
+        "top_rows must hold one calibration row index (or -1) per detector",
+    )
     combiner = PValueCombiner(method=str(method))
     assert cal is not None
+    assert top is not None
     combiner.calibration_scores_ = cal.astype(np.float64)
-    try:
-        combiner.tail_scale_ = check_tail_scale(comb["params"].get("tail_scale"), "combined")
-    except ValueError as exc:
-        raise ProfileError(f"{doc_path}: {exc}") from exc
+    combiner.top_rows_ = top.astype(np.int64)
     components[COMBINED] = (comb["params"], comb_arrays)
     extras: dict[str, tuple[Mapping[str, Any], Mapping[str, np.ndarray]]] = {}
     for name, entry in doc["components"].items():

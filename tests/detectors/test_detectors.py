@@ -4,6 +4,7 @@ checks."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from detectors import (
     PCAReconstruction,
     SchemaRange,
 )
+from detectors._base import Tail, conformal_p_values, fit_tail, gpd_fit
 
 from .conftest import Gaussian
 
@@ -156,6 +158,39 @@ class TestSchemaRange:
         assert det.score_samples([[0.0, 0.0]])[0] == 0.0
         assert det.score_samples([[1e-3, 0.0]])[0] >= 1.0
 
+    def test_constant_feature_excess_is_in_pooled_range_units(self) -> None:
+        """Ink on a never-inked pixel counts one feature plus its value in typical-range units, not raw units."""
+        rng = np.random.default_rng(0)
+        X = np.column_stack([np.zeros(500), rng.uniform(0, 16, size=(500, 3))])
+        det = SchemaRange().fit(X)
+        assert det.score_samples([[8.0, 5.0, 5.0, 5.0]])[0] == pytest.approx(1.0 + 8.0 / 16.0, abs=0.02)
+
+    def test_rarely_moving_feature_range_is_shrunk_toward_the_pooled_range(self) -> None:
+        """A range set by 3 rows is widened toward the typical range (prior_rows=0 keeps the raw range)."""
+        rng = np.random.default_rng(0)
+        X = np.column_stack([np.zeros(1000), rng.uniform(0, 16, size=(1000, 3))])
+        X[:3, 0] = [1.0, 2.0, 3.0]
+        row = [[16.0, 5.0, 5.0, 5.0]]
+        shrunk = 3.0 ** (3 / 13) * 16.0 ** (10 / 13)  # own range^(k/(k+prior_rows)) * pooled^(prior_rows/(k+...))
+        assert SchemaRange().fit(X).score_samples(row)[0] == pytest.approx(1.0 + 13.0 / shrunk, abs=0.02)
+        assert SchemaRange(prior_rows=0).fit(X).score_samples(row)[0] == pytest.approx(1.0 + 13.0 / 3.0, abs=0.02)
+
+    def test_well_observed_features_keep_their_own_units(self) -> None:
+        """Features that move in most rows are measured in their own range, whatever the other features' units."""
+        rng = np.random.default_rng(0)
+        X = np.column_stack([rng.uniform(0, 0.01, 1000), rng.uniform(0, 1000, 1000)])
+        det = SchemaRange().fit(X)
+        assert 1.85 < det.score_samples([[0.02, 500.0]])[0] <= 2.0  # about one own range width of excess (+1)
+
+    def test_prior_rows_round_trip_and_validation(self) -> None:
+        """prior_rows is stored with the state; a negative or non-integer value is refused at fit."""
+        X = np.random.default_rng(0).normal(size=(100, 3))
+        det = SchemaRange(prior_rows=4).fit(X)
+        assert SchemaRange.from_state(*det.get_state()).prior_rows == 4
+        for bad in (-1, 2.5, True):
+            with pytest.raises(ValueError, match="prior_rows"):
+                SchemaRange(prior_rows=bad).fit(X)  # type: ignore[arg-type]
+
 
 class TestMahalanobisLabels:
     def test_class_conditional_means_see_gaps_between_classes(self) -> None:
@@ -177,14 +212,15 @@ class TestMahalanobisLabels:
 
 class TestTail:
     def test_far_rows_get_p_values_below_the_empirical_floor(self, reference: np.ndarray) -> None:
-        """Beyond the largest calibration score p keeps falling (exponential tail), down to the 1e-300 floor."""
+        """Beyond the largest calibration score p keeps falling from 1/(n + 1), down to the 1e-300 floor."""
         det = Mahalanobis().fit(reference[:2000])
         det.infer_threshold(reference[2000:], fpr=0.01)
         n_cal = 1000
         top = det.calibration_scores_[-1]
         p = det.p_values([top * 1.01, top * 2, top * 100, 1e300])
-        assert p[0] < 1 / (n_cal + 1)
+        assert p[0] <= 1 / (n_cal + 1)
         assert p[0] > p[1] > p[2] >= 1e-300
+        assert p[2] < 1e-9
         assert p[3] == 1e-300
 
     def test_tail_keeps_fpr_at_extreme_thresholds(self, gauss: Gaussian, reference: np.ndarray) -> None:
@@ -194,21 +230,67 @@ class TestTail:
         p = det.p_values(det.score_samples(gauss.sample(20000, seed=41)))
         assert float(np.mean(p < 0.0005)) < 0.0015
 
-    def test_schema_uses_a_fixed_unit_tail(self, reference: np.ndarray) -> None:
-        """Beyond its calibration max the schema p-value divides by e per extra feature out of range."""
+    @pytest.mark.parametrize(
+        "draw",
+        [lambda r, n: r.lognormal(0.0, 1.0, n), lambda r, n: np.abs(r.standard_t(3, n)), lambda r, n: r.pareto(2.0, n)],
+        ids=["lognormal", "student-t3", "pareto"],
+    )
+    def test_heavy_tailed_scores_keep_their_rate_beyond_the_calibration(self, draw: Any) -> None:
+        """Heavy-tailed scores (1000 calibration rows): p <= 1e-5 fires on at most ~1e-5 of fresh scores, where
+        an exponential tail fitted to the same top scores fires 15-40 times too often."""
+        fitted, exponential = [], []
+        for seed in range(3):
+            rng = np.random.default_rng(seed)
+            cal, fresh = np.sort(draw(rng, 1000)), draw(rng, 200_000)
+            fitted.append(np.mean(conformal_p_values(cal, fresh, fit_tail(cal)) <= 1e-5))
+            top10 = cal[-101:]
+            plain = Tail(float(cal[-1]), float(np.mean(top10[1:] - top10[0])))  # the former exponential tail
+            exponential.append(np.mean(conformal_p_values(cal, fresh, plain) <= 1e-5))
+        assert float(np.mean(fitted)) <= 2e-5
+        assert float(np.mean(exponential)) > 1e-4  # the test can fail: the old tail does
+
+    def test_gpd_fit_recovers_the_shape(self) -> None:
+        """The generalised Pareto estimate finds shape 0 for exponential and 0.5 for Lomax(2) excesses."""
+        rng = np.random.default_rng(0)
+        assert gpd_fit(rng.exponential(2.0, 5000))[0] == pytest.approx(0.0, abs=0.05)
+        shape, scale = gpd_fit(rng.pareto(2.0, 5000))
+        assert shape == pytest.approx(0.5, abs=0.08)
+        assert scale == pytest.approx(0.5, rel=0.15)
+
+    def test_light_tails_are_exponential_heavy_tails_polynomial(self) -> None:
+        """A bounded (uniform) score gets an exponential tail, never a bounded one; a Pareto score a heavy one."""
+        rng = np.random.default_rng(1)
+        light = fit_tail(np.sort(rng.uniform(0.0, 1.0, 1000)))
+        heavy = fit_tail(np.sort(rng.pareto(2.0, 1000)))
+        assert light is not None and light.shape == 0.0
+        assert heavy is not None and heavy.shape >= 0.5
+        assert fit_tail(np.sort(rng.normal(size=15))) is None  # too few rows
+        assert fit_tail(np.zeros(500)) is None  # no positive excesses
+
+    def test_schema_tail_is_never_lighter_than_a_unit_exponential(self, reference: np.ndarray) -> None:
+        """Beyond its calibration max each further feature out of range divides the schema p by at most e."""
         det = SchemaRange().fit(reference[:2000])
         det.infer_threshold(reference[2000:], fpr=0.01)
-        assert det.get_state()[0]["tail_scale"] == 1.0
         top = det.calibration_scores_[-1]
-        p = det.p_values([top + 1.0, top + 3.0, top + 1000.0])
-        assert p[0] == pytest.approx(np.exp(-1.0) / 1001)
-        assert p[1] == pytest.approx(np.exp(-3.0) / 1001)
-        assert 1.0 - p[2] == 1.0
+        p = det.p_values([top + 1.0, top + 3.0, top + 30.0, top + 1000.0])
+        for extra, value in zip([1.0, 3.0, 30.0], p[:3], strict=False):
+            assert value >= np.exp(-extra) / 1001 * (1 - 1e-9)
+        assert 1.0 - p[3] == 1.0  # far beyond: the calibrated score is exactly 1.0
+        assert det.get_state()[0]["tail"]["scale"] >= 1.0
 
-    def test_tampered_tail_scale_refused(self, reference: np.ndarray) -> None:
-        """A negative or non-numeric tail_scale in the state is refused."""
+    def test_tampered_tail_refused(self, reference: np.ndarray) -> None:
+        """A tail with a negative scale or shape, missing fields or a non-integer count is refused."""
         det = PCAReconstruction().fit(reference[:2000])
         det.infer_threshold(reference[2000:], fpr=0.01)
         params, arrays = det.get_state()
-        with pytest.raises(ValueError, match="tail_scale"):
-            PCAReconstruction.from_state({**params, "tail_scale": -1.0}, arrays)
+        good = params["tail"]
+        assert PCAReconstruction.from_state(params, arrays).tail_ == det.tail_
+        for bad in (
+            {**good, "scale": -1.0},
+            {**good, "shape": -0.5},
+            {**good, "exceedances": True},
+            {"scale": 1.0, "shape": 0.0},
+            1.0,
+        ):
+            with pytest.raises(ValueError, match="tail"):
+                PCAReconstruction.from_state({**params, "tail": bad}, arrays)

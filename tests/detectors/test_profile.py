@@ -84,13 +84,16 @@ class TestCalibratedScores:
 
     def test_far_out_of_range_rows_score_exactly_one(self, profile: Profile, fresh_scores: dict[str,
     np.ndarray]) -> None:
-        """Rows far beyond every calibration row reach 1.0 (p < 1e-16); no fresh inlier does."""
+        """Rows far beyond every calibration row reach 1.0 (p < 1e-16) on the schema and the combination, and
+        p < 1e-9 on every distance detector (their fitted tails are heavy); no fresh inlier reaches 1 - 1e-6."""
         far = np.full((2, 8), 1e4)
         scores = profile.score(far)
-        for name in ("input.schema", "ood.mahalanobis", "ood.knn", "ood.pca", COMBINED):
+        for name in ("input.schema", COMBINED):
             assert scores[name].min() == 1.0, name
+        for name in ("ood.mahalanobis", "ood.knn", "ood.pca"):
+            assert scores[name].min() > 1.0 - 1e-9, name
         for values in fresh_scores.values():
-            assert values.max() < 1.0
+            assert values.max() < 1.0 - 1e-6
 
     def test_rejects_bad_rows(self, profile: Profile) -> None:
         """score() refuses NaN and a wrong feature count with ValueError."""
@@ -121,10 +124,14 @@ class TestFitEdgeCases:
             fit_profile(np.zeros((3, 4)))
 
     def test_small_reference_never_fires_at_low_fpr(self) -> None:
-        """12 rows give 3 calibration rows: 1% is unreachable, so thresholds are null and scores stay low."""
+        """12 rows give 3 calibration rows: 1% is unreachable, so thresholds are null and the distance scores
+        stay low; only the schema's unit tail extrapolates (and the combination's Bonferroni bound with it)."""
         prof = fit_profile(np.random.default_rng(0).normal(size=(12, 3)), fpr=0.01)
         assert prof.document["detectors"]["ood.knn"]["threshold"] is None
-        assert prof.score(np.full((1, 3), 100.0))[COMBINED][0] <= 0.75
+        scores = prof.score(np.full((1, 3), 100.0))
+        for name in ("ood.mahalanobis", "ood.knn", "ood.pca", "ood.iforest"):
+            assert scores[name][0] <= 0.75, name
+        assert scores["input.schema"][0] == scores[COMBINED][0] == 1.0
 
     def test_constant_features_do_not_crash(self) -> None:
         """All-constant reference data fits; the constant value is normal, anything else is flagged."""
@@ -191,7 +198,8 @@ class TestPersistence:
         """profile.json holds version, features, params, thresholds, calibration FPR, kNN index kind,
         hashes."""
         doc = json.loads((saved / "profile.json").read_text())
-        assert doc["schema_version"] == 1
+        assert doc["schema_version"] == 2
+        assert set(doc["detectors"]["ood.knn"]["params"]["tail"]) == {"base", "scale", "shape", "exceedances"}
         assert doc["n_features"] == 8
         assert len(doc["feature_names"]) == 8
         for entry in doc["detectors"].values():
@@ -276,7 +284,8 @@ class TestPersistence:
     @pytest.mark.parametrize(
         ("edit", "message"),
         [
-            (lambda d: d.update(schema_version=2), "schema_version 2"),
+            (lambda d: d.update(schema_version=1), "schema_version 1 is not supported.*re-fit"),
+            (lambda d: d.update(schema_version=3), "schema_version 3"),
             (lambda d: d.update(n_features=9), "feature_names|n_features"),
             (lambda d: d["files"].update({"../evil.npz": {"sha256": "0" * 64, "arrays": {}}}), "files index"),
             (lambda d: d["detectors"]["ood.knn"].update(file="../x.npz"), "files index|not allowed"),
@@ -295,7 +304,7 @@ class TestPersistence:
     def test_duplicate_json_keys_refused(self, saved: Path) -> None:
         """Duplicate keys in profile.json are an error (no last-one-wins ambiguity)."""
         text = (saved / "profile.json").read_text()
-        (saved / "profile.json").write_text(text.replace('"schema_version": 1', '"schema_version": 1, "fpr": 0.5', 1))
+        (saved / "profile.json").write_text(text.replace('"schema_version": 2', '"schema_version": 2, "fpr": 0.5', 1))
         with pytest.raises(ProfileError, match="duplicate key"):
             load_profile(saved)
 
@@ -378,3 +387,110 @@ class TestHugeInputs:
             scores = profile.score(np.full((1, 8), 3e38))
         assert scores[COMBINED][0] == 1.0
         assert all(np.isfinite(v).all() for v in scores.values())
+
+
+class TestCombinedTail:
+    def test_far_beyond_the_top_the_combination_is_the_bonferroni_bound(self, profile: Profile) -> None:
+        """Past every detector's calibration maximum ood.combined is min(1/(n+1), k * min(detector p))."""
+        far = np.full((3, 8), 40.0) * np.array([[1.0], [3.0], [10.0]])
+        p = profile.p_values(far)
+        detector_p = np.stack([p[name] for name in profile.detectors], axis=1)
+        n = profile.combiner.calibration_scores_.size
+        assert (detector_p <= 1 / (n + 1)).all()
+        expected = np.minimum(1 / (n + 1), detector_p.shape[1] * detector_p.min(axis=1))
+        np.testing.assert_allclose(p[COMBINED], np.maximum(expected, 1e-300))
+
+    def test_a_row_past_one_maximum_ties_with_the_other_top_rows(self) -> None:
+        """Full-conformal ties at the top: past one of 3 detector maxima p = 3/(n+1), past all 1/(n+1); deeper in
+        a detector's tail the Bonferroni bound 3 * p takes over."""
+        from detectors import PValueCombiner
+
+        n = 100
+        loo = np.random.default_rng(0).uniform(2 / n, 1.0, size=(n, 3))
+        loo[[0, 1, 2], [0, 1, 2]] = 1 / n  # rows 0, 1, 2 hold the maxima of detectors 0, 1, 2
+        comb = PValueCombiner().fit(loo)
+        assert comb.top_rows_.tolist() == [0, 1, 2]
+        edge = 1 / (n + 1)
+        p = comb.p_values([[edge, 0.5, 0.5], [edge, edge, 0.5], [edge, edge, edge], [1e-9, 0.5, 0.5]])
+        np.testing.assert_allclose(p, [3 * edge, 2 * edge, edge, 3e-9])
+        loo[5, 0] = 1 / n  # a shared maximum: no single top row for detector 0
+        assert PValueCombiner().fit(loo).top_rows_.tolist() == [-1, 1, 2]
+
+    def test_no_overfiring_at_the_calibration_edge(self, profile: Profile, gauss: Gaussian) -> None:
+        """A fresh row past one detector's maximum ties with the calibration rows at the top (one per detector),
+        so p <= 1/(n_cal + 1) fires on at most ~1/(n_cal + 1) of inliers; ranking it alone overfired."""
+        from detectors import combine_statistic
+        from detectors._base import conformal_p_values
+
+        p = profile.p_values(gauss.sample(20000, seed=21))
+        edge = 1.0 / (profile.combiner.calibration_scores_.size + 1)
+        assert float(np.mean(p[COMBINED] <= edge)) <= edge
+        stat = combine_statistic(np.stack([p[name] for name in profile.detectors], axis=1), "min")
+        alone = conformal_p_values(profile.combiner.calibration_scores_, stat)  # the former rule
+        assert float(np.mean(alone <= edge)) > 1.3 * edge  # the test can fail: the former rule does
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[Profile, np.ndarray]:
+    """A profile fitted on the digits training split (as bench/attacks.py does) and the held-out test rows."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    X, y = load_digits(return_X_y=True)
+    X_tr, X_te, y_tr, _ = train_test_split(X, y, test_size=0.3, random_state=0, stratify=y)
+    return fit_profile(X_tr, labels=y_tr, fpr=0.01, seed=0), X_te
+
+
+@pytest.fixture(scope="module")
+def thresholds() -> dict[str, tuple[str, float]]:
+    """(score, gte threshold) of the default policy's stateless detector rules, by rule id."""
+    import yaml
+
+    policy = Path(__file__).resolve().parents[2] / "guard_agent" / "default_policy.yaml"
+    out = {}
+    for rule in yaml.safe_load(policy.read_text())["rules"]:
+        if rule["id"] in ("ood-suspicious", "ood-extreme", "input-out-of-range"):
+            ((score, cond),) = rule["when"].items()
+            out[rule["id"]] = (score, float(cond["gte"]))
+    assert len(out) == 3
+    return out
+
+
+class TestBenignPerturbations:
+    """The default policy's stateless thresholds against digits: benign perturbations stay below the harden and
+    block thresholds, noise mostly and far-out rows always reach them (the goal bench/attacks.py measures)."""
+
+    def fired(self, profile: Profile, X: np.ndarray, rule: tuple[str, float]) -> float:
+        score, threshold = rule
+        return float(np.mean(profile.score(X)[score] >= threshold))
+
+    def test_shifts_and_small_noise_are_never_hardened_or_blocked(
+        self, digits: tuple[Profile, np.ndarray], thresholds: dict[str, tuple[str, float]]
+    ) -> None:
+        """One-pixel shifts (4 directions) and sigma=0.3 noise of held-out digits never reach ood-extreme or
+        input-out-of-range (the former tails put 52% of right shifts at 1.0)."""
+        profile, X_te = digits
+        imgs = X_te.reshape(-1, 8, 8)
+        shifts = np.vstack([np.roll(imgs, s, axis=a).reshape(-1, 64) for s in (-1, 1) for a in (1, 2)])
+        noisy = np.clip(X_te + np.random.default_rng(0).normal(0, 0.3, X_te.shape), 0, 16)
+        for X in (X_te, shifts, noisy):
+            assert self.fired(profile, X, thresholds["ood-extreme"]) == 0.0
+            assert self.fired(profile, X, thresholds["input-out-of-range"]) == 0.0
+        assert self.fired(profile, X_te, thresholds["ood-suspicious"]) <= 0.005
+
+    def test_noise_mostly_and_far_out_rows_always_reach_the_block_thresholds(
+        self, digits: tuple[Profile, np.ndarray], thresholds: dict[str, tuple[str, float]]
+    ) -> None:
+        """Uniform noise images: at least half blocked by a stateless rule; values 50x the range: all, at 1.0."""
+        profile, X_te = digits
+        rng = np.random.default_rng(1)
+        noise = rng.uniform(0, 16, size=X_te.shape)
+        scores = profile.score(noise)
+        blocked = np.zeros(len(noise), dtype=bool)
+        for rule in ("ood-extreme", "input-out-of-range"):
+            score, threshold = thresholds[rule]
+            blocked |= scores[score] >= threshold
+        assert float(np.mean(blocked)) >= 0.5
+        assert float(np.mean(scores["ood.combined"] >= thresholds["ood-suspicious"][1])) == 1.0
+        far = profile.score(noise * 50)
+        assert far["ood.combined"].min() == far["input.schema"].min() == 1.0
