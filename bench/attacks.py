@@ -21,7 +21,8 @@ and worst queries until the first alert (flag/harden/throttle/block) and the fir
 (every key given up), attacker success (goal reached with the answers it got before being stopped):
 evasion = an adversarial example within 1.5x the L2 distance the same attack reaches unguarded;
 extraction = a thief (logistic regression on the answered queries) agreeing with the victim on >= 80 %
-of the test split; for evasion the result column also gives the query at which the goal was first reached. Benign: false-positive rate per session (any alert / any block) and per query.
+of the test split; for evasion the result column also gives the query at which the goal was first
+reached. Benign: false-positive rate per session (any alert / any block) and per query.
 
 Run:  /work/venv/bin/python bench/attacks.py            (about 10-15 minutes on 2 cores)
       /work/venv/bin/python bench/attacks.py --quick    (smaller, for a smoke run)
