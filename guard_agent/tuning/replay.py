@@ -228,8 +228,9 @@ class _Runner:
             exact = False
         if d.action == "block" and not _looks_like_cooldown(d):
             sim.seen_rule_block = True
-        if decision.enforced and decision.action == "block" and eff.block_cooldown > 0 and blocked is None:
-            sim.blocked_until, sim.blocked_rule = d.t + eff.block_cooldown, decision.rule
+        cooldown = eff.block_cooldown if decision.cooldown is None else decision.cooldown  # a rule's own wins
+        if decision.enforced and decision.action == "block" and cooldown > 0 and blocked is None:
+            sim.blocked_until, sim.blocked_rule = d.t + cooldown, decision.rule
         if decision.refused != d.refused:
             sim.diverged = True
         return decision, exact, carried

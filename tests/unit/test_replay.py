@@ -132,6 +132,16 @@ class TestReplay:
         shorter = replay(cap, parse_policy(policy_text(variant({"block/cooldown_seconds": 10}))).policy)
         assert [(c.request_id, c.after) for c in shorter.changes] == [("during", "allow")]
 
+    def test_a_rules_own_cooldown_is_simulated(self, tmp_path: Path) -> None:
+        """A rule with ``cooldown_seconds: 0`` blocks only its request: the next one of the session is re-decided
+        on its own scores, not blocked by the policy-wide cool-down."""
+        r = Recorder(tmp_path / "cap.jsonl")
+        r.add("first", 100.0, {"ood.combined": 0.99999}, "block", "ood-block", ("ood-flag", "ood-block"))
+        r.add("next", 101.0, {"ood.combined": 0.1}, "block", "ood-block")
+        cap = read_capture([r.write()])
+        per_request = replay(cap, parse_policy(policy_text(variant({"rules/1/cooldown_seconds": 0}))).policy)
+        assert [(c.request_id, c.after) for c in per_request.changes] == [("next", "allow")]
+
     def test_cooldown_from_before_the_capture_is_carried(self, tmp_path: Path) -> None:
         """A session already in cool-down when the capture began keeps its block, counted as inexact."""
         r = Recorder(tmp_path / "cap.jsonl")
