@@ -8,8 +8,8 @@ a global index warmed to ``--entries`` stored fingerprints (default 20,000), for
 
 Lines: ``total`` is ``SessionTracking.peek`` + ``update`` as the proxy calls them; the other lines time the
 same steps one by one (their sum is close to the total): ``peek scores`` (``SessionTrackers.peek``),
-``fingerprints``, ``row keys``, ``density`` (``reference_density``), ``global observe``
-(``GlobalFingerprintIndex.observe``) and ``update`` (``SessionTrackers.update`` with the fingerprints passed in).
+``hashes`` (fingerprints and exact-row keys), ``density`` (``reference_density``), ``global observe``
+(``GlobalFingerprintIndex.observe``) and ``update`` (``SessionTrackers.update`` with the hashes passed in).
 Figures are the median and the mean over every timed call, in microseconds per request; the machine has
 2 cores shared with other work, so run it twice and compare medians.
 
@@ -118,7 +118,8 @@ class Bench:
             total.append(time.perf_counter() - start)
 
     def parts(self, i: int, n: int, out: dict[str, list[float]]) -> None:
-        """The same request, its steps timed one by one (as ``SessionTracking`` runs them)."""
+        """The same request, its steps timed one by one as ``SessionTracking`` runs them (``hashes``: the
+        fingerprints and exact-row keys, by ``request_hashes`` where the engine has it, else separately)."""
         x = self.rows(n)
         proba = self.model.predict_proba(x)
         rec = self.records[i]
@@ -126,12 +127,15 @@ class Bench:
         eng, now = self.engine, self.now
         state = rec.tracker_state[eng.config.layout_id]
         _timed(lambda: eng.peek(state, now), out["peek scores"])
-        fps = _timed(lambda: eng.fingerprints(x), out["fingerprints"])
-        keys = _timed(lambda: eng.row_keys(x), out["row keys"])
+        extra: dict[str, Any] = {}
+        if hasattr(eng, "request_hashes"):
+            fps, keys, extra["digests"] = _timed(lambda: eng.request_hashes(x), out["hashes"])
+        else:
+            fps, keys = _timed(lambda: (eng.fingerprints(x), eng.row_keys(x)), out["hashes"])
         dens = _timed(lambda: eng.reference_density(fps, self.index.match_threshold), out["density"])
         g = _timed(lambda: self.index.observe(f"s{i}", fps, keys, now, dens), out["global observe"])
-        new, _ = _timed(lambda: eng.update(state, x, None, proba, now, global_fingerprint=g, fingerprints=fps),
-                        out["update"])
+        new, _ = _timed(lambda: eng.update(state, x, None, proba, now, global_fingerprint=g, fingerprints=fps,
+                                           **extra), out["update"])
         rec.tracker_state = {eng.config.layout_id: new}
 
 
@@ -148,8 +152,8 @@ def main() -> None:
     print(f"{'rows':>4}  {'part':<16} {'median us':>10} {'mean us':>10}")
     for rows, count in ((1, args.requests), (64, max(20, args.requests // 10))):
         total: list[float] = []
-        parts: dict[str, list[float]] = {k: [] for k in ("peek scores", "fingerprints", "row keys", "density",
-                                                           "global observe", "update")}
+        parts: dict[str, list[float]] = {k: [] for k in ("peek scores", "hashes", "density", "global observe",
+                                                           "update")}
         for k in range(count):  # interleaved, so both see the same machine load
             bench.request(k % args.sessions, rows, total)
             bench.parts((k + 1) % args.sessions, rows, parts)

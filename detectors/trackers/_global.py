@@ -145,8 +145,9 @@ class GlobalFingerprintIndex:
         sid = session_hash(session_id)
         best = 0.0
         oldest = now - self.window_s
-        volume = self.volume(now)
-        for row, digest, rho in zip(fps, dig.tolist(), dens.tolist(), strict=True):
+        volume: float | None = None  # W as of this call's start: computed when first needed
+        last = fps.shape[0] - 1
+        for i, (row, digest, rho) in enumerate(zip(fps, dig.tolist(), dens.tolist(), strict=True)):
             keys_all = np.sort(row)
             n_nz = int(np.count_nonzero(keys_all))
             if n_nz == 0:
@@ -159,18 +160,27 @@ class GlobalFingerprintIndex:
             if slots.size:
                 slots.sort()
                 cand = slots[np.concatenate((_TRUE, slots[1:] != slots[:-1]))]  # == np.unique
-                stored = self._fps[cand]
-                shared = _shared(stored, keys_all)
+                shared = _shared(self._fps[cand], keys_all)
                 need = max(1, math.ceil(self.match_threshold * n_nz))
-                near = shared >= need
-                near &= self._time[cand] >= oldest
-                counted = near & (self._session[cand] != sid)
-                m = float(self._weight[cand][counted].sum())
-                best = max(best, m / (1.0 + volume * max(0.0, float(rho))))
-                if near.any():
-                    merge = int(cand[np.argmax(np.where(near, shared, -1))])
+                # near-duplicates within the window are few (merged clusters): visit them one by one, in
+                # candidate order; the weights are whole numbers, so their sum is exact in any order
+                m, top = 0.0, -1
+                for j in np.flatnonzero(shared >= need).tolist():
+                    c = int(cand[j])
+                    if self._time[c] >= oldest:
+                        if shared[j] > top:  # the first candidate sharing the most hashes
+                            top, merge = int(shared[j]), c
+                        if self._session[c] != sid:
+                            m += float(self._weight[c])
+                if m > 0.0:
+                    r = max(0.0, rho)
+                    if r > 0.0 and volume is None:
+                        volume = self.volume(now)
+                    best = max(best, m / (1.0 + (volume if volume is not None else 0.0) * r))
             if self._seen_recently(digest, now):
                 continue
+            if volume is None and i < last:
+                volume = self.volume(now)  # before this call's own inputs change the bins
             self._count_input(now)
             if merge >= 0:
                 self._weight[merge] += 1.0

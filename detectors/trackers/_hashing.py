@@ -65,7 +65,8 @@ def window_hashes(
     the sum is taken as ``window`` shifted slices (addition mod 2^64 is exact in any order), which costs a
     few ufunc calls instead of a strided window view."""
     z = (X - center) / step
-    np.clip(z, -_MASK_CLIP, _MASK_CLIP, out=z)
+    np.maximum(z, -_MASK_CLIP, out=z)
+    np.minimum(z, _MASK_CLIP, out=z)  # == np.clip
     grids = offsets.shape[0]
     n_win = X.shape[1] - window + 1
     out = np.empty((X.shape[0], grids * n_win), dtype=_U64)
@@ -81,6 +82,49 @@ def window_hashes(
     out = mix(out)
     out |= _ONE
     return out
+
+
+class WindowHasher:
+    """:func:`window_hashes` for fixed parameters, with its constants prepared once. A single row (the usual
+    request) takes each grid's window sums as one wrapping uint64 product with a banded key matrix, instead
+    of ``2 * window - 1`` array operations (same values: addition and multiplication mod 2^64)."""
+
+    _BANDED_MAX_BYTES = 1 << 20
+
+    def __init__(self, center: np.ndarray, step: np.ndarray, offsets: np.ndarray, window: int,
+                 keys: np.ndarray) -> None:
+        self._args = (center, step, offsets, window, keys)
+        self._center, self._step, self._offsets, self._keys = center, step, offsets, keys
+        d, grids = center.shape[0], offsets.shape[0]
+        n_win = d - window + 1
+        self._n_win = n_win
+        self._grid_keys = [keys[g] for g in range(grids)]
+        self._banded: np.ndarray | None = None
+        if 8 * d * n_win <= self._BANDED_MAX_BYTES:
+            banded = np.zeros((d, n_win), dtype=_U64)
+            cols = np.arange(n_win)
+            for j in range(window):
+                banded[cols + j, cols] = keys[grids + j]
+            banded.flags.writeable = False
+            self._banded = banded
+
+    def __call__(self, X: np.ndarray) -> np.ndarray:
+        """Hashes of every (grid, window) of every row of 2-D float64 ``X``, as :func:`window_hashes`."""
+        if X.shape[0] != 1 or self._banded is None:
+            return window_hashes(X, *self._args)
+        z = (X - self._center) / self._step
+        np.maximum(z, -_MASK_CLIP, out=z)
+        np.minimum(z, _MASK_CLIP, out=z)  # == np.clip
+        n_win = self._n_win
+        out = np.empty((1, len(self._grid_keys) * n_win), dtype=_U64)
+        for g, key in enumerate(self._grid_keys):
+            q = np.floor(z + self._offsets[g]).astype(np.int64).view(_U64)
+            h = out[:, g * n_win : (g + 1) * n_win]
+            np.matmul(q, self._banded, out=h)
+            h ^= key
+        out = mix(out)
+        out |= _ONE
+        return out
 
 
 def bottom_k(hashes: np.ndarray, k: int) -> np.ndarray:
@@ -112,24 +156,30 @@ def bottom_k(hashes: np.ndarray, k: int) -> np.ndarray:
 def compact(fps: np.ndarray) -> np.ndarray:
     """Keep the top 16 bits of each hash for per-session storage (0 stays 0 = padding)."""
     c = (fps >> _S48).astype(np.uint16)
-    if not c.all():  # a non-zero hash below 2**48 keeps a non-zero compact value
-        c[(fps != 0) & (c == 0)] = 1
+    np.maximum(c, fps != 0, out=c)  # a non-zero hash below 2**48 keeps a non-zero compact value, 1
     return c
 
 
 def shared_counts(query: np.ndarray, stored: np.ndarray) -> np.ndarray:
     """For each stored fingerprint (rows of ``stored``), how many non-padding hashes it shares with query.
 
-    Every stored hash is looked up in the sorted non-zero query hashes (binary search), which gives the
-    same count as comparing every pair."""
+    Compact (uint16) hashes are looked up in a table over every 16-bit value that marks the query's
+    non-zero hashes; others by binary search in the sorted non-zero query hashes. Both count what comparing
+    every pair counts."""
     if stored.shape[0] == 0:
         return np.zeros(0, dtype=np.int64)
-    q = np.sort(query[query != 0])
-    if q.size == 0:
-        return np.zeros(stored.shape[0], dtype=np.int64)
-    idx = q.searchsorted(stored)
-    np.minimum(idx, q.size - 1, out=idx)
-    found = q.take(idx) == stored
+    if query.dtype == np.uint16 and stored.dtype == np.uint16:
+        table = np.zeros(1 << 16, dtype=bool)
+        table[query] = True
+        table[0] = False  # padding never matches
+        found = table.take(stored)
+    else:
+        q = np.sort(query[query != 0])
+        if q.size == 0:
+            return np.zeros(stored.shape[0], dtype=np.int64)
+        idx = q.searchsorted(stored)
+        np.minimum(idx, q.size - 1, out=idx)
+        found = q.take(idx) == stored
     counts: np.ndarray = (found @ np.ones(found.shape[1])).astype(np.int64)  # exact; faster than a short-axis sum
     return counts
 

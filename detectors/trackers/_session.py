@@ -74,6 +74,8 @@ class SessionTrackers:
         self._nn_on = config.nn_threshold > 0
         # per-request constants, read once (a request is typically one row: call overhead is the cost)
         self._project = Projector(config)
+        self._hasher = _hashing.WindowHasher(config.center, config.quant_step, config.quant_offsets, config.window,
+                                             self._keys)
         self._match_count = config.match_count
         self._cell_probs = config.cell_probs.tolist()
         self._row_key = int(self._keys[-1])
@@ -102,9 +104,7 @@ class SessionTrackers:
         return self._fingerprints(self._check(X))
 
     def _fingerprints(self, X: np.ndarray) -> np.ndarray:
-        cfg = self.config
-        h = _hashing.window_hashes(X, cfg.center, cfg.quant_step, cfg.quant_offsets, cfg.window, self._keys)
-        return _hashing.bottom_k(h, cfg.n_hashes)
+        return _hashing.bottom_k(self._hasher(X), self.config.n_hashes)
 
     def request_hashes(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(fingerprints(X), row_keys(X), digests)`` with X checked once; ``digests`` are the unsalted exact-row
@@ -126,38 +126,27 @@ class SessionTrackers:
 
     def reference_density(self, fingerprints: np.ndarray, match_threshold: float = 0.5) -> np.ndarray:
         """Per row, the share of the reference sample that are near-duplicates of it (same rule as the
-        global index): how often benign inputs land this close to each other there. 0 without a sample.
-
-        Vectorised over rows: every (row, non-zero hash, matching reference entry) triple is listed once
-        and counted per (row, reference row), in blocks of 64 rows to bound the count table."""
+        global index): how often benign inputs land this close to each other there. 0 without a sample."""
         fps = np.atleast_2d(fingerprints)
         n_ref = self.config.ref_rows.shape[0]
         out = np.zeros(fps.shape[0])
         if n_ref == 0:
             return out
-        for a in range(0, fps.shape[0], 64):
-            block = fps[a : a + 64]
-            rows, cols = np.nonzero(block)
-            if rows.size == 0:
+        for i, row in enumerate(fps):
+            nz = row[row != 0]
+            if nz.size == 0:
                 continue
-            vals = block[rows, cols]
-            lo = self._ref_hashes.searchsorted(vals, side="left")
-            cnt = self._ref_hashes.searchsorted(vals, side="right") - lo
-            total = int(cnt.sum())
-            if total == 0:
+            lo = self._ref_hashes.searchsorted(nz, side="left")
+            cnt = self._ref_hashes.searchsorted(nz, side="right") - lo
+            need = max(1, math.ceil(match_threshold * nz.size))
+            # a reference row holds each hash at most once, so it shares at most as many hashes with this row
+            # as there are hashes found at all: fewer than needed means no near-duplicate
+            if np.count_nonzero(cnt) < need:
                 continue
-            # the reference entries lo[j] .. lo[j] + cnt[j] - 1 of every hash j, concatenated
+            # the reference rows of every hash found, concatenated: entries lo[j] .. lo[j] + cnt[j] - 1
             ends = np.cumsum(cnt)
-            idx = np.arange(total) + np.repeat(lo - (ends - cnt), cnt)
-            ids = self._ref_ids[idx]
-            n_rows = block.shape[0]
-            need = np.maximum(1.0, np.ceil(match_threshold * np.count_nonzero(block, axis=1)))
-            if n_rows == 1:
-                counts = np.bincount(ids, minlength=n_ref)
-                out[a] = np.count_nonzero(counts >= need[0]) / n_ref
-                continue
-            counts = np.bincount(np.repeat(rows, cnt) * n_ref + ids, minlength=n_rows * n_ref).reshape(n_rows, n_ref)
-            out[a : a + n_rows] = np.count_nonzero(counts >= need[:, None], axis=1) / n_ref
+            ids = self._ref_ids[np.arange(int(ends[-1])) + np.repeat(lo - (ends - cnt), cnt)]
+            out[i] = np.count_nonzero(np.bincount(ids, minlength=n_ref) >= need) / n_ref
         return out
 
     def row_keys(self, X: np.ndarray) -> np.ndarray:
@@ -244,11 +233,15 @@ class SessionTrackers:
             st.first_t = float(now)
         st.last_t = float(max(now, st.last_t)) if math.isfinite(st.last_t) else float(now)
         fps = _hashing.compact(self._fingerprints(X) if fingerprints is None else fingerprints)
-        feats = self._project(X)
+        if X.shape[0] <= 8:
+            z, u, cells, rares = self._project.rows(X)
+        else:
+            feats = self._project(X)
+            z, u, cells, rares = feats.z, feats.u, feats.cell.tolist(), feats.rare.tolist()
         if global_fingerprint is not None and math.isfinite(global_fingerprint):
             event = global_fingerprint >= _GLOBAL_EVENT
             st.s_global = ev.cusum(st.s_global, self._global_llr[0 if event else 1])
-        cells, rares, labs = feats.cell.tolist(), feats.rare.tolist(), lab.tolist()
+        labs = lab.tolist()
         margin_list = margins.tolist() if margins is not None else None
         for i, digest in enumerate(dig.tolist()):
             st.n_queries += 1
@@ -259,13 +252,13 @@ class SessionTrackers:
             st.exact[st.head_exact] = digest
             st.head_exact = (st.head_exact + 1) % cfg.ring_exact
             st.n_exact = min(st.n_exact + 1, cfg.ring_exact)
-            total = self._fingerprint_step(st, fps[i]) + self._neighbor_step(st, feats.z[i])
+            total = self._fingerprint_step(st, fps[i]) + self._neighbor_step(st, z[i])
             total += self._coverage_step(st, cells[i], rares[i])
             if margin_list is not None:
                 llr = self._margin_llr[0 if margin_list[i] < cfg.margin_threshold else 1]
                 st.s_margin = ev.cusum(st.s_margin, llr)
                 total += llr
-            w = _prada.step(cfg, st, feats.u[i], _prada.class_slot(cfg, labs[i]))
+            w = _prada.step(cfg, st, u[i], _prada.class_slot(cfg, labs[i]))
             if w is not None:
                 llr = self._prada_llr[0 if w < cfg.prada_delta else 1]
                 st.s_prada = ev.cusum(st.s_prada, llr)
