@@ -2,7 +2,8 @@
 
 Requests with more than ``max_rows_tracked`` rows (64) are tracked on that many rows, chosen by a
 salted hash the client cannot predict; all rows count for volume and rate. This bounds the work per
-request (about 0.5 ms per tracked row).
+request (about 70 us per tracked row for peek and update together with a warm global index, and about
+170 us for a one-row request: ``bench/tracker_cost.py``).
 
 Per distinct query (exact repeats of one of the last ``ring_exact`` rows only count for the rate: a
 retry tells an attacker nothing new), each tracker turns an observation into a log-likelihood ratio
