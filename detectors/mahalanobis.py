@@ -61,7 +61,7 @@ class Mahalanobis(BaseDetector):
             means = X.mean(axis=0, keepdims=True)
             centered = X - means
         if X.shape[0] >= 2:
-            cov = LedoitWolf(assume_centered=True).fit(centered).covariance_
+            cov = LedoitWolf(assume_centered=True, store_precision=False).fit(centered).covariance_  # eigh below
         else:
             cov = np.zeros((X.shape[1], X.shape[1]))
         eigvals, eigvecs = np.linalg.eigh(cov)
