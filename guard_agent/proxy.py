@@ -9,7 +9,6 @@ rather refuse. The upstream receives exactly the bytes that were scored.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import re
 import time
 import uuid
@@ -27,15 +26,14 @@ from guard_agent.identity import Identity
 from guard_agent.policy.decide import INTEGRITY_RULE, RequestFacts, SessionFacts, decide
 from guard_agent.policy.model import Decision, EffectivePolicy, Policy
 from guard_agent.protocols import (
-    HARDENABLE_PROTOCOLS,
+    Hardening as WireHardening,
+)
+from guard_agent.protocols import (
     ProtocolError,
     harden_document,
     parse_document,
     parse_request,
     read_response,
-)
-from guard_agent.protocols import (
-    Hardening as WireHardening,
 )
 from guard_agent.ratelimit import take
 from guard_agent.routes import RouteMatch
@@ -371,11 +369,7 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
         if eff.needs_session_scores:  # the trackers cost more than all detectors together: only when read
             scores.update(await state.trackers.peek(identity.session, record, parsed.features, match.model, now))
         decision = decide(request_facts, scores, session_facts, eff, scoring_failure=failure)
-    if decision.enforced and decision.action == "harden" and parsed.protocol not in HARDENABLE_PROTOCOLS:
-        # this route's answers cannot be degraded (their shape is unknown): refuse this request rather than
-        # leak the full answer or spend a model call; no cool-down, the rule asked for less than a block
-        decision = dataclasses.replace(decision, action="block", cooldown=0.0,
-                                       reason="the answer on this route cannot be hardened")
+    if decision.unhardenable:  # decide() turned a harden into a block: this route's answers have no known shape
         out.fields["hardening"] = "unsupported"
     out.scores, out.action, out.rule, out.technique = scores, decision.action, decision.rule, decision.technique
     if decision.matched:

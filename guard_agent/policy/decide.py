@@ -6,7 +6,9 @@ model integrity check under ``integrity.on_violation: block`` and a fail-closed
 scoring failure short-circuit to block. Otherwise every rule is
 evaluated, the rate limit adds a throttle candidate, and the most severe
 action wins (block > throttle > harden > flag > allow). ``rule`` names the
-winning rule, ``default`` when none matched.
+winning rule, ``default`` when none matched. A ``harden`` on a protocol whose
+answers cannot be degraded (custom routes) becomes a block of that request
+only, here rather than in the proxy, so replays see what the guard did.
 """
 
 from __future__ import annotations
@@ -17,11 +19,15 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from guard_agent.policy.model import SEVERITY, Action, Decision, EffectivePolicy
+from guard_agent.protocols import HARDENABLE_PROTOCOLS
 
-__all__ = ["INTEGRITY_RULE", "RequestFacts", "SessionFacts", "decide", "facts_for"]
+__all__ = ["INTEGRITY_RULE", "UNHARDENABLE_REASON", "RequestFacts", "SessionFacts", "decide", "facts_for"]
 
 INTEGRITY_RULE = "model-integrity"
 """Rule name of decisions taken because the model failed its integrity check (canaries, signatures)."""
+
+UNHARDENABLE_REASON = "the answer on this route cannot be hardened"
+"""Reason of a ``harden`` turned into a block because the route's answers have no known shape."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +120,11 @@ def decide(
         matched.append("rate-limit")
     if best_action == "allow" and scoring_failure is not None:
         best_rule = f"scoring-{scoring_failure}"
+    if best_action == "harden" and request.protocol not in HARDENABLE_PROTOCOLS:
+        # refuse this request rather than leak the full answer or spend a model call on it; no cool-down, the
+        # rule asked for less than a block. Monitor mode reports the same, as enforcing would do it.
+        return Decision("block", best_rule, matched=tuple(matched), technique=technique, enforced=enforced,
+                        reason=UNHARDENABLE_REASON, cooldown=0.0, unhardenable=True)
     return Decision(
         action=best_action,
         rule=best_rule,

@@ -201,6 +201,7 @@ class Decision:
     retry_after: float | None = None
     reason: str = ""
     cooldown: float | None = None   # the winning rule's own block cool-down, when it sets one
+    unhardenable: bool = False      # a harden turned into a block: the route's answers cannot be hardened
 
     @property
     def refused(self) -> bool:

@@ -16,9 +16,11 @@ import guard_agent.protocols._json as protocols_json
 import guard_agent.protocols.hardening as protocols_hardening
 import guard_agent.protocols.responses as protocols_responses
 from guard_agent.demo import DigitsModel, make_model_app
+from guard_agent.policy import parse_policy
 from guard_agent.protocols import ParsedResponse
 from guard_agent.settings import CustomRoute
 from guard_agent.state import TrackerHook
+from guard_agent.tuning import read_capture, replay
 from tests.conftest import free_port, v2_body
 
 JSON = {"Content-Type": "application/json"}
@@ -43,9 +45,29 @@ def digits_model() -> DigitsModel:
 
 
 @pytest.fixture
-async def model_url(digits_model: DigitsModel) -> AsyncIterator[str]:
-    """The built-in digits v2 model server on a free loopback port."""
-    runner = web.AppRunner(make_model_app(digits_model), access_log=None)
+def model_calls() -> list[str]:
+    """The paths of every request the model server received, in order."""
+    return []
+
+
+@pytest.fixture
+async def model_url(digits_model: DigitsModel, model_calls: list[str]) -> AsyncIterator[str]:
+    """The built-in digits v2 model server on a free loopback port, plus a custom ``/score`` route; every
+    request it receives is recorded in ``model_calls``."""
+    app = make_model_app(digits_model)
+
+    @web.middleware
+    async def record(request: web.Request, handler: Any) -> web.StreamResponse:
+        model_calls.append(request.path)
+        return await handler(request)
+
+    async def score(request: web.Request) -> web.Response:
+        x = np.asarray((await request.json())["x"], dtype=np.float64)
+        return web.json_response({"y": x.sum(axis=1).tolist()})
+
+    app.middlewares.append(record)
+    app.router.add_post("/score", score)
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
@@ -108,13 +130,14 @@ FLAG_ROWS = HARDEN_ROWS.replace("action: harden", "action: flag")
 
 class TestHardeningOnCustomRoutes:
     async def test_harden_on_a_custom_route_blocks_that_request(self, tmp_path: Path, model_url: str,
-                                                               start_guard) -> None:
+                                                               model_calls: list[str], start_guard) -> None:
         """A custom route's answer cannot be hardened: the guard starts (with a warning naming the rule and the
         route), a request decided 'harden' there is refused with 403 before reaching the model, and the
         session gets no cool-down (the rule asked for less than a block)."""
         policy = tmp_path / "policy.yaml"
         policy.write_text(HARDEN_ROWS)
         guard = await start_guard(model_url, policy=str(policy), routes=(CustomRoute(path="/score", pointer="/x"),))
+        model_calls.clear()  # the guard's own start-up probes
         warnings = [e for e in guard.events if "cannot be hardened" in e.get("message", "")]
         assert warnings and "'many-rows'" in warnings[0]["error"]["message"]
         assert "POST /score" in warnings[0]["error"]["message"]
@@ -128,6 +151,29 @@ class TestHardeningOnCustomRoutes:
             (event,) = guard.events_for(f"custom-{i}")
             assert event["event"]["action"] == "block" and event["rule"]["name"] == "many-rows"
             assert event["guard"]["hardening"] == "unsupported"
+        assert "/score" not in model_calls, "a request decided 'harden' on a custom route reached the model"
+
+    async def test_replaying_the_same_policy_over_a_custom_route_capture_changes_nothing(
+            self, tmp_path: Path, model_url: str, model_calls: list[str], start_guard) -> None:
+        """The capture of those blocks, replayed under the policy that produced them, re-decides every request
+        identically (replay uses the same decide() as the proxy, so no 'block -> harden' differences)."""
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(HARDEN_ROWS.replace("{gte: 1}", "{gte: 2}"))  # harden batches only: both outcomes seen
+        guard = await start_guard(model_url, policy=str(policy), routes=(CustomRoute(path="/score", pointer="/x"),),
+                                  capture_dir=str(tmp_path / "capture"))
+        async with aiohttp.ClientSession() as http:
+            for i, rows in enumerate((1, 2, 1, 3)):
+                async with http.post(guard.url + "/score", json={"x": [[1.0, 2.0]] * rows},
+                                     headers={"X-Request-Id": f"cap-{i}"}) as r:
+                    assert r.status == (200 if rows == 1 else 403)
+        assert model_calls.count("/score") == 2
+        assert guard.state.capture is not None
+        guard.state.capture.close()  # flushes the capture file, as on shutdown
+        capture = read_capture([tmp_path / "capture"])
+        assert [d.action for d in capture.decisions] == ["allow", "block", "allow", "block"]
+        result = replay(capture, parse_policy(policy.read_text()).policy)
+        assert result.total == 4
+        assert result.changes == [] and result.fidelity_mismatches == []
 
     async def test_reload_to_harden_over_a_custom_route_is_accepted_with_a_warning(
             self, tmp_path: Path, model_url: str, start_guard) -> None:

@@ -61,8 +61,9 @@ def policy(text: str = BASE, available: frozenset[str] = SCORE_NAMES):  # type: 
     return parse_policy(text, source="test.yaml", available_scores=available).policy
 
 
-def req(model: str | None = "digits", rows: int = 1, ip: str | None = "10.0.0.1") -> RequestFacts:
-    return RequestFacts(model=model, protocol="v2", rows=rows, body_bytes=100, features=64,
+def req(model: str | None = "digits", rows: int = 1, ip: str | None = "10.0.0.1",
+        protocol: str = "v2") -> RequestFacts:
+    return RequestFacts(model=model, protocol=protocol, rows=rows, body_bytes=100, features=64,
                         source_ip=ipaddress.ip_address(ip) if ip else None)
 
 
@@ -171,6 +172,22 @@ class TestDecide:
         assert d.action == "harden"
         assert d.hardening is not None and d.hardening.top_k == 3
         assert d.technique == "AML.T0024.002"
+
+    def test_harden_where_answers_cannot_be_hardened_blocks_without_cooldown(self) -> None:
+        """On a route whose answers cannot be degraded (custom), harden becomes a block of this request only:
+        no cool-down, a reason that says why, the harden rule still named; monitor mode reports the same."""
+        d = decide(req(protocol="custom"), {"session.risk": 0.85}, sess(), policy().default)
+        assert (d.action, d.rule, d.cooldown, d.hardening) == ("block", "risk-harden", 0.0, None)
+        assert d.refused and d.unhardenable and "cannot be hardened" in d.reason
+        assert d.technique == "AML.T0024.002"
+        for protocol in ("v2", "v1", "mlflow"):
+            assert decide(req(protocol=protocol), {"session.risk": 0.85}, sess(), policy().default).action == "harden"
+        shadow = decide(req(protocol="custom"), {"session.risk": 0.85}, sess(),
+                        policy(BASE.replace("mode: enforce", "mode: monitor")).default)
+        assert (shadow.action, shadow.enforced, shadow.refused) == ("block", False, False)
+        blocked = decide(req(protocol="custom"), {"ood.combined": 1.0, "session.risk": 0.85}, sess(),
+                         policy().default)
+        assert (blocked.rule, blocked.cooldown, blocked.unhardenable) == ("ood-block", None, False)
 
     def test_properties_and_in_operator(self) -> None:
         """Rules can test request properties; all conditions must hold."""
