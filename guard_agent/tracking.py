@@ -12,6 +12,7 @@ class and probabilities are known.
 from __future__ import annotations
 
 import struct
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -43,7 +44,7 @@ class SessionTracking(TrackerHook):
         self._defaults: dict[int, SessionTrackers] = {}
         self.global_index = global_index if global_index is not None else GlobalFingerprintIndex()  # len() 0 is falsy
         self.score_names = frozenset(SessionTrackers.score_names | {GLOBAL})
-        self._pending: dict[int, tuple[np.ndarray, SessionTrackers, np.ndarray, np.ndarray]] = {}
+        self._pending: dict[int, tuple[weakref.ref[np.ndarray], SessionTrackers, np.ndarray, np.ndarray]] = {}
 
     @classmethod
     def from_profile(cls, profile: Any, *, salt: bytes,
@@ -89,16 +90,25 @@ class SessionTracking(TrackerHook):
 
     def _remember(self, features: np.ndarray, engine: SessionTrackers, fingerprints: np.ndarray,
                   digests: np.ndarray) -> None:
-        """Keep the request's fingerprints and row digests for its ``update`` (the same array object), so
-        they are hashed once per request; bounded, since refused requests never reach ``update``."""
-        if len(self._pending) >= _MAX_PENDING:
-            self._pending.pop(next(iter(self._pending)))
-        self._pending[id(features)] = (features, engine, fingerprints, digests)
+        """Keep the request's hashes (tracked rows only: at most ``max_rows_tracked``) for its ``update``, so
+        they are computed once per request. The entry holds the features array only weakly and goes when the
+        array does: a request refused before ``update`` (blocked, upstream error) leaves nothing behind."""
+        key = id(features)
+        pending = self._pending
+
+        def forget(_ref: weakref.ref[np.ndarray]) -> None:
+            held = pending.get(key)
+            if held is not None and held[0] is _ref:
+                del pending[key]
+
+        if len(pending) >= _MAX_PENDING:  # only requests in flight at once: a backstop, never reached in use
+            pending.pop(next(iter(pending)))
+        pending[key] = (weakref.ref(features, forget), engine, fingerprints, digests)
 
     def _recall(self, features: np.ndarray, engine: SessionTrackers) -> tuple[np.ndarray | None, np.ndarray | None]:
         """The fingerprints and digests ``peek`` computed for this very array with this very engine, else Nones."""
         held = self._pending.pop(id(features), None)
-        if held is not None and held[0] is features and held[1] is engine:
+        if held is not None and held[0]() is features and held[1] is engine:
             return held[2], held[3]
         return None, None
 

@@ -137,10 +137,11 @@ class TrackerConfig:
 
     @functools.cached_property
     def layout_id(self) -> int:
-        """32-bit tag of everything that shapes the encoded state; decode refuses a mismatch (computed once:
-        it is read on every request)."""
+        """32-bit tag of everything that shapes the encoded state, and of the input width (two widths are two
+        input spaces: their histories must not mix); decode refuses a mismatch (computed once: it is read on
+        every request)."""
         parts = (self.n_components, self.prada_dim, self.n_hashes, self.n_class_slots, self.ring_exact, self.ring_fp,
-                 self.ring_nn, self.ring_prada, self.ring_pool, self.n_cells)
+                 self.ring_nn, self.ring_prada, self.ring_pool, self.n_cells, self.n_features)
         return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=4).digest(), "little")
 
     def to_parts(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

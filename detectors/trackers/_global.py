@@ -9,13 +9,17 @@ What is counted, and why:
 
 - Exact repeats of an input (same bytes, recognised by a salted row digest the caller passes) are
   counted once, whoever sends them: many clients sending the same public input is not an attack signal.
+  A repeat also scores 0 itself: it tells its sender nothing new, and scoring it would let anyone who
+  seeds near-copies of a popular input get the clients who send that input verbatim blocked.
 - Distinct near-duplicate inputs all count. Query-based attacks (HopSkipJump, Boundary) perturb an
   input by less than a quantisation step, so many of their queries share one fingerprint, and their
   clusters hold hundreds of queries; an earlier version stored identical fingerprints once and kept
   only the newest ``bucket_size`` candidates per bucket, which undercounted these clusters several-fold.
-  Now a new input that is a near-duplicate of a stored entry (within the window) is merged into the
-  closest one, whose weight (distinct inputs it stands for) grows; only inputs unlike every stored
-  entry are stored. Clusters stay a few entries whatever their size, so the candidate cap does not
+  Now a new input that is a near-duplicate of a live entry is merged into the closest one, whose
+  weight (distinct inputs it stands for) grows; only inputs unlike every live entry are stored. An
+  entry lives ``window_s`` from its creation (merges do not extend it), so a weight only ever counts
+  inputs that arrived within one window: a slowly but steadily edited popular input does not add up
+  over hours. Clusters stay a few entries whatever their size, so the candidate cap does not
   bound the count, and an attack flood does not evict the rest of the index.
 - Only entries first stored by *another* session count (a session's own near-duplicates are the
   per-session tracker's job); an entry's weight may include rows of several sessions.
@@ -34,7 +38,7 @@ Entries live in a ring (oldest overwritten first); a bucketed table over the ``n
 hashes of each fingerprint finds candidates (the newest ``bucket_size`` per bucket), which are verified
 by counting shared hashes. Row digests live in a second ring of ``max_entries`` slots. Memory: about
 ``max_entries * (8 * n_hashes + 60) + 8 * max_entries * n_index / bucket_size * 2`` bytes plus a dict of
-up to ``max_entries`` digests, e.g. ~60 MB for 200k entries of 20 hashes. Share the SessionTrackers salt
+up to ``max_entries`` digests, e.g. ~85 MB for 200k entries of 20 hashes (measured). Share the SessionTrackers salt
 across replicas.
 
 Known weakness (measured in ``bench/attacks.py``): many benign clients sending slightly different copies
@@ -153,6 +157,8 @@ class GlobalFingerprintIndex:
             if n_nz == 0:
                 continue
             keys_all = keys_all[keys_all.size - n_nz :]  # the zeros (padding) sort first
+            if self._seen_recently(digest, now):
+                continue  # an exact repeat tells nobody anything new: it neither scores nor counts
             buckets = (keys_all[: self.n_index] & self._bucket_mask).astype(np.int64)  # == % n_buckets
             slots = self._table[buckets].ravel()
             slots = slots[slots >= 0]
@@ -177,14 +183,11 @@ class GlobalFingerprintIndex:
                     if r > 0.0 and volume is None:
                         volume = self.volume(now)
                     best = max(best, m / (1.0 + (volume if volume is not None else 0.0) * r))
-            if self._seen_recently(digest, now):
-                continue
             if volume is None and i < last:
                 volume = self.volume(now)  # before this call's own inputs change the bins
             self._count_input(now)
             if merge >= 0:
-                self._weight[merge] += 1.0
-                self._time[merge] = now
+                self._weight[merge] += 1.0  # the entry keeps its creation time: it counts for one window
             else:
                 self._insert(row, buckets, sid, now)
         return self.score(best)

@@ -108,11 +108,25 @@ class SessionTrackers:
         return _hashing.bottom_k(self._hasher(X), self.config.n_hashes)
 
     def request_hashes(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(fingerprints(X), row_keys(X), digests)`` with X checked once; ``digests`` are the unsalted exact-row
-        digests :meth:`update` takes (so a request's rows are hashed once between peek and update)."""
+        """``(fingerprints, row keys, digests)`` with X checked once. Fingerprints and row keys are of the
+        *tracked* rows only (:meth:`tracked_rows`: all rows up to ``max_rows_tracked``, else a salted choice),
+        so a large batch costs no more than ``max_rows_tracked`` rows; ``digests`` are the unsalted exact-row
+        digests of every row, which :meth:`update` takes (a request's rows are hashed once)."""
         X = self._check(X)
         digests = _hashing.row_digest_ints(X)
-        return self._fingerprints(X), self._keys_of(digests), np.array(digests, dtype=np.uint64)
+        dig = np.array(digests, dtype=np.uint64)
+        keep = self.tracked_rows(dig)
+        if keep is None:
+            return self._fingerprints(X), self._keys_of(digests), dig
+        return self._fingerprints(X[keep]), self._keys_of([digests[i] for i in keep]), dig
+
+    def tracked_rows(self, digests: np.ndarray) -> np.ndarray | None:
+        """Indices of the rows the trackers look at when a request has more than ``max_rows_tracked`` rows (a
+        choice keyed by the secret salt, so the client cannot hide probes among them), else None (all rows)."""
+        if digests.shape[0] <= self.config.max_rows_tracked:
+            return None
+        keyed = _hashing.mix(digests ^ self._keys[0])
+        return np.sort(np.argsort(keyed, kind="stable")[: self.config.max_rows_tracked])
 
     def _reference_table(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(sorted hashes, reference row of each) over the reference sample's fingerprints."""
@@ -195,30 +209,32 @@ class SessionTrackers:
         ``probabilities``: (rows, classes) model scores, or None (margin tracker then learns nothing).
         ``global_fingerprint``: optional score from GlobalFingerprintIndex.observe for this request;
         a value >= 0.8 counts as one cross-session near-duplicate event in ``session.risk``.
-        ``fingerprints``, ``digests``: ``request_hashes(X)``'s first and last parts when the caller already
+        ``fingerprints`` (of every row, or of the tracked rows only), ``digests`` (of every row):
+        ``request_hashes(X)``'s first and last parts when the caller already
         computed them (saves the hashing; they must be of this very X).
         The input state is not modified.
         """
         X = self._check(X)
         cfg = self.config
         rows = X.shape[0]
-        if fingerprints is not None and fingerprints.shape != (rows, cfg.n_hashes):
-            raise ValueError("fingerprints must have one row per input row")
+        if fingerprints is not None and fingerprints.shape not in ((rows, cfg.n_hashes),
+                                                                   (min(rows, cfg.max_rows_tracked), cfg.n_hashes)):
+            raise ValueError("fingerprints must have one row per input row, or per tracked row")
         if digests is not None and digests.shape != (rows,):
             raise ValueError("digests must have one entry per input row")
         lab = self._labels(labels, probabilities, rows)
         margins = self._margins(probabilities, rows)
         st = state.copy()
         dig = np.array(_hashing.row_digest_ints(X), dtype=np.uint64) if digests is None else digests
-        if rows > cfg.max_rows_tracked:
+        keep = self.tracked_rows(dig)
+        if keep is not None:
             # bounded work per request: a secret-keyed choice of rows the client cannot predict; the
             # rest count for volume and rate only
-            keyed = _hashing.mix(dig ^ self._keys[0])
-            keep = np.sort(np.argsort(keyed, kind="stable")[: cfg.max_rows_tracked])
             st.n_queries += rows - keep.size
             st.n_distinct += rows - keep.size
             X, lab, dig = X[keep], lab[keep], dig[keep]
-            fingerprints = fingerprints[keep] if fingerprints is not None else None
+            if fingerprints is not None and fingerprints.shape[0] == rows:
+                fingerprints = fingerprints[keep]
             margins = margins[keep] if margins is not None else None
         f = self._decay(st, now)
         dt = max(0.0, now - st.last_t) if math.isfinite(st.last_t) else 0.0

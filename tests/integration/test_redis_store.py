@@ -384,20 +384,31 @@ class TestSharedSessions:
 # ---- the global index ------------------------------------------------------------------------------
 class TestGlobalIndex:
     async def test_scores_equal_the_in_memory_index(self, replicas: tuple[Replica, Replica]) -> None:
-        """Same traffic, same scores: the Redis index speaks on the scale of GlobalFingerprintIndex.observe."""
+        """Same traffic, same scores: the Redis index speaks on the scale of GlobalFingerprintIndex.observe, with
+        near-duplicate clusters, exact repeats, densities, batches and entries outliving the window."""
         a, _ = replicas
         engine = a.tracking.engine(None, 64)
         reference = GlobalFingerprintIndex()
         rng, now = np.random.default_rng(3), time.time()
         bases = digits_like(rng, 3)
+        sent: list[np.ndarray] = []
         got, want = [], []
-        for i in range(60):
-            x = near(bases[i % 3], rng) if i % 4 else digits_like(rng)
+        for i in range(90):
+            if i % 9 == 4 and sent:
+                x = sent[-1 - int(rng.integers(min(10, len(sent))))]  # an exact repeat within the window
+            elif i % 11 == 5:
+                x = np.vstack([near(bases[i % 3], rng), digits_like(rng)])  # a batch of two rows
+            else:
+                x = near(bases[i % 3], rng) if i % 4 else digits_like(rng)
+            sent.append(x)
             fps, dg = engine.fingerprints(x), engine.row_keys(x)
-            got.append(await a.index.observe(f"key-{i % 7}", fps, dg, now + i))
-            want.append(reference.observe(f"key-{i % 7}", fps, dg, now + i))
+            density = rng.choice([0.0, 0.0, 0.002, 0.05], size=fps.shape[0])
+            t = now + 20.0 * i  # 1,800 s in all: entries created early age out of the 600 s window
+            got.append(await a.index.observe(f"key-{i % 7}", fps, dg, t, density))
+            want.append(reference.observe(f"key-{i % 7}", fps, dg, t, density))
         assert got == pytest.approx(want)
         assert max(got) >= 0.5
+        assert all(got[i] == 0.0 for i in range(90) if i % 9 == 4)  # exact repeats score nothing
 
     async def test_spread_attack_is_seen_across_replicas(self, replicas: tuple[Replica, Replica]) -> None:
         """Near-duplicates sent under many keys to two replicas raise the global score on both."""

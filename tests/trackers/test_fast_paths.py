@@ -248,7 +248,7 @@ class TestReferenceDensity:
 
 
 class _ReferenceIndex(GlobalFingerprintIndex):
-    """The global index's observe as first written (np.unique candidates, dense arithmetic throughout)."""
+    """The global index's observe in plain numpy (np.unique candidates, dense arithmetic throughout)."""
 
     def observe(self, session_id: str, fingerprints: np.ndarray, digests: np.ndarray, now: float,
                 density: np.ndarray | None = None) -> float:
@@ -263,6 +263,8 @@ class _ReferenceIndex(GlobalFingerprintIndex):
             nz = row[row != 0]
             if nz.size == 0:
                 continue
+            if self._seen_recently(int(digest), now):
+                continue  # exact repeats neither score nor count
             keys_all = np.sort(nz)
             buckets = (keys_all[: self.n_index] % np.uint64(self._table.shape[0])).astype(np.int64)
             cand = np.unique(self._table[buckets].ravel())
@@ -277,12 +279,9 @@ class _ReferenceIndex(GlobalFingerprintIndex):
                 best = max(best, m / (1.0 + volume * max(0.0, float(rho))))
                 if near.any():
                     merge = int(cand[np.argmax(np.where(near, shared, -1))])
-            if self._seen_recently(int(digest), now):
-                continue
             self._count_input(now)
             if merge >= 0:
-                self._weight[merge] += 1.0
-                self._time[merge] = now
+                self._weight[merge] += 1.0  # entries keep their creation time
             else:
                 self._insert(row, buckets, sid, now)
         return self.score(best)

@@ -19,16 +19,19 @@ async def _query(tracking: SessionTracking, record: SessionRecord, x: np.ndarray
     return dict(await tracking.update("s", record, x, None, _Answer(), now, scores))
 
 
-async def test_alternating_widths_keep_both_histories() -> None:
-    """A client alternating 64- and 16-feature requests (two models) accumulates evidence on both: the
-    64-feature state has seen all its queries, not only those since the last switch."""
+@pytest.mark.parametrize("widths", [(64, 16), (64, 100)])
+async def test_alternating_widths_keep_both_histories(widths: tuple[int, int]) -> None:
+    """A client alternating requests of two widths (two models) accumulates evidence on both: each state has
+    seen all its queries, not only those since the last switch, and the two never mix (64 and 100 features
+    have default configs of the same shape)."""
     tracking = SessionTracking({}, salt=b"layout-test-salt")
     record = SessionRecord(first_seen=0.0, last_seen=0.0)
     rng = np.random.default_rng(0)
-    base64, base16 = rng.uniform(0, 1, 64), rng.uniform(0, 1, 16)
+    a, b = widths
+    base_a, base_b = rng.uniform(0, 1, a), rng.uniform(0, 1, b)
     for i in range(20):
-        await _query(tracking, record, (base64 + rng.normal(0, 1e-3, 64))[None, :], float(i))
-        await _query(tracking, record, (base16 + rng.normal(0, 1e-3, 16))[None, :], float(i))
+        await _query(tracking, record, (base_a + rng.normal(0, 1e-3, a))[None, :], float(i))
+        await _query(tracking, record, (base_b + rng.normal(0, 1e-3, b))[None, :], float(i))
     states = dict(record.tracker_state)
     assert len(states) == 2
     assert sorted(s.n_queries for s in states.values()) == [20, 20]
@@ -76,3 +79,32 @@ def test_global_index_settings_reach_the_index() -> None:
     assert (index.window_s, index.m_half, index.max_entries) == (60.0, 3.0, 1000)
     with pytest.raises(ConfigError, match="global_window"):
         load_settings(env={"GUARD_GLOBAL_WINDOW": "0"})
+
+
+async def test_refused_requests_leave_nothing_behind() -> None:
+    """peek keeps the request's hashes for its update, but holds the features only weakly: when a request is
+    refused (update never runs) and its array goes, so does the entry."""
+    import gc
+
+    tracking = SessionTracking({}, salt=b"layout-test-salt")
+    record = SessionRecord(first_seen=0.0, last_seen=0.0)
+    for i in range(50):
+        x = np.random.default_rng(i).uniform(0, 1, (512, 64))
+        await tracking.peek("s", record, x, None, float(i))
+        del x
+    gc.collect()
+    assert tracking._pending == {}
+
+
+async def test_large_batches_cost_at_most_the_tracked_rows() -> None:
+    """A 1,000-row request feeds at most max_rows_tracked rows to the global index (a salted choice), so a
+    big batch cannot make peek proportionally expensive; update still counts every row."""
+    tracking = SessionTracking({}, salt=b"layout-test-salt")
+    record = SessionRecord(first_seen=0.0, last_seen=0.0)
+    x = np.random.default_rng(0).uniform(0, 1, (1000, 64))
+    await tracking.peek("s", record, x, None, 1.0)
+    limit = tracking.engine(None, 64).config.max_rows_tracked
+    assert 0 < len(tracking.global_index) <= limit
+    await tracking.update("s", record, x, None, _Answer(), 1.0, {})
+    (state,) = record.tracker_state.values()
+    assert state.n_queries == 1000
