@@ -58,14 +58,22 @@ class SessionTracking(TrackerHook):
 
     def engine(self, model: str | None, n_features: int) -> SessionTrackers:
         """The engine for this model: its profile's config, else a default one for the feature count."""
-        engine = self._engines.get("") or self._engines.get(model or "")
-        if engine is not None and engine.config.n_features == n_features:
+        engine = self.existing_engine(model, n_features)
+        if engine is not None:
             return engine
         if n_features not in self._defaults:
             if len(self._defaults) >= _MAX_DEFAULT_ENGINES:  # the width is client-controlled: bound the cache
                 self._defaults.pop(next(iter(self._defaults)))
             self._defaults[n_features] = SessionTrackers(TrackerConfig.default(n_features), salt=self._salt)
         return self._defaults[n_features]
+
+    def existing_engine(self, model: str | None, n_features: int) -> SessionTrackers | None:
+        """The engine for this model and width if it exists already (building a default one costs up to
+        ~0.1 s for very wide inputs)."""
+        engine = self._engines.get("") or self._engines.get(model or "")
+        if engine is not None and engine.config.n_features == n_features:
+            return engine
+        return self._defaults.get(n_features)
 
     def _state(self, record: SessionRecord, engine: SessionTrackers) -> Any:
         """The session's state for this engine's layout (a state of another config is never reused)."""
@@ -75,7 +83,15 @@ class SessionTracking(TrackerHook):
 
     async def peek(self, session: str, record: SessionRecord, features: np.ndarray, model: str | None,
              now: float) -> Mapping[str, float]:
-        engine = self.engine(model, features.shape[1])
+        engine = self.existing_engine(model, features.shape[1])
+        if engine is None and len(self._defaults) < _MAX_DEFAULT_ENGINES:
+            engine = self.engine(model, features.shape[1])
+        if engine is None:
+            # a new width while the default-engine cache is full: only ``update`` (after the model accepted a
+            # request of that width) evicts one to build it, so a client cycling widths the model refuses
+            # cannot make every request build an engine (~0.1 s for very wide inputs); the session has no
+            # history at this width yet anyway
+            return dict.fromkeys(self.score_names, 0.0)
         scores = dict(engine.peek(self._state(record, engine), now))
         fingerprints, keys, digests = engine.request_hashes(features)  # features checked and hashed once
         self._remember(features, engine, fingerprints, digests)

@@ -108,3 +108,20 @@ async def test_large_batches_cost_at_most_the_tracked_rows() -> None:
     await tracking.update("s", record, x, None, _Answer(), 1.0, {})
     (state,) = record.tracker_state.values()
     assert state.n_queries == 1000
+
+
+async def test_cycling_refused_widths_does_not_rebuild_engines() -> None:
+    """Once the default-engine cache is full, requests of new widths (which the model never answered) get
+    zero session scores instead of evicting and building an engine each; an answered width still gets one."""
+    tracking = SessionTracking({}, salt=b"layout-test-salt")
+    record = SessionRecord(first_seen=0.0, last_seen=0.0)
+    for width in range(10, 18):  # fills the cache (8 engines)
+        await tracking.peek("s", record, np.ones((1, width)), None, 1.0)
+    built = dict(tracking._defaults)
+    for width in range(100, 140):
+        scores = await tracking.peek("s", record, np.ones((1, width)), None, 2.0)
+        assert set(scores.values()) == {0.0}
+    assert tracking._defaults == built
+    x = np.ones((1, 64))
+    await tracking.update("s", record, x, None, _Answer(), 3.0, {})  # the model answered width 64
+    assert tracking.existing_engine(None, 64) is not None
