@@ -15,7 +15,8 @@ algorithms are accepted (no ``none``, no HMAC with a public key), the header's
 claim, so every token of one subject shares one session.
 
 Both stores reload when their file changes and keep the last good contents when
-the new file is broken.
+the new file is broken. Errors name the file, the entry and the line, never a piece
+of the file: they are logged, and the file holds secrets.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,7 @@ import yaml
 
 from guard_agent.filewatch import file_identity
 from guard_agent.policy.model import RateLimit
+from guard_agent.settings import decode_error_summary, yaml_error_summary
 
 __all__ = ["ASYMMETRIC_ALGORITHMS", "ApiKey", "AuthError", "CredentialFile", "JwtPrincipal", "JwtVerifier",
            "KeyStore", "key_digest"]
@@ -43,6 +46,7 @@ ASYMMETRIC_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", 
 _MIN_KEY_CHARS = 16
 _MAX_KEY_CHARS = 4096
 _MAX_TOKEN_CHARS = 16384
+_FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,14}")  # shorter than any accepted key
 
 
 class AuthError(ValueError):
@@ -67,8 +71,10 @@ class CredentialFile:
         identity = file_identity(self.path)
         try:
             text = self.path.read_text()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise AuthError(f"cannot read {self.path}: {exc}") from exc
+        except OSError as exc:
+            raise AuthError(f"cannot read {self.path}: {exc.strerror}") from exc
+        except UnicodeDecodeError as exc:
+            raise AuthError(f"{self.path}: {decode_error_summary(exc)}") from None
         self._activate(self._parse(text))
         self._identity = identity
 
@@ -112,8 +118,8 @@ def _parse_rate_limit(raw: Any, where: str) -> RateLimit | None:
     try:
         rate = float(raw["rate"])
         burst = float(raw.get("burst", max(1.0, rate)))
-    except (TypeError, ValueError) as exc:
-        raise AuthError(f"{where}.rate_limit: {exc}") from exc
+    except (TypeError, ValueError):
+        raise AuthError(f"{where}.rate_limit: rate and burst must be numbers") from None
     if not (0 < rate < float("inf") and 1 <= burst < float("inf")):
         raise AuthError(f"{where}.rate_limit: rate must be > 0 and burst >= 1")
     return RateLimit(rate=rate, burst=burst)
@@ -126,7 +132,10 @@ def _parse_entry(raw: Any, index: int) -> ApiKey:
         raise AuthError(f"{where}: expected a mapping")
     unknown = set(raw) - allowed
     if unknown:
-        raise AuthError(f"{where}: unknown field(s) {sorted(unknown)}")
+        # a key pasted where a field name belongs ({name: a, <key>}) must not be echoed: show only short names
+        shown = sorted(str(f) for f in unknown if isinstance(f, str) and _FIELD_NAME.fullmatch(f))
+        hidden = f" and {len(unknown) - len(shown)} not shown" if len(shown) < len(unknown) else ""
+        raise AuthError(f"{where}: unknown field(s) {shown}{hidden}")
     name = raw.get("name")
     if not isinstance(name, str) or not name.strip():
         raise AuthError(f"{where}.name: required, a non-empty string")
@@ -167,8 +176,8 @@ class KeyStore(CredentialFile):
     def _parse(self, text: str) -> tuple[ApiKey, ...]:
         try:
             doc = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise AuthError(f"{self.path}: not YAML/JSON: {exc}") from exc
+        except yaml.YAMLError as exc:  # PyYAML's message quotes the bad line, a key: problem and place only
+            raise AuthError(f"{self.path}: not YAML/JSON: {yaml_error_summary(exc)}") from None
         if not isinstance(doc, Mapping) or not isinstance(doc.get("keys"), list) or set(doc) - {"keys"}:
             raise AuthError(f"{self.path}: expected a mapping with one field, keys: [...]")
         keys = tuple(_parse_entry(entry, i) for i, entry in enumerate(doc["keys"]))
@@ -219,7 +228,7 @@ class JwtVerifier(CredentialFile):
         try:
             doc = orjson.loads(text)
         except orjson.JSONDecodeError as exc:
-            raise AuthError(f"{self.path}: not JSON: {exc}") from exc
+            raise AuthError(f"{self.path}: not JSON (line {exc.lineno}, column {exc.colno})") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
             raise AuthError(f"{self.path}: expected a JWKS document {{\"keys\": [...]}}")
         keys: list[jwt.PyJWK] = []
@@ -228,14 +237,15 @@ class JwtVerifier(CredentialFile):
                 raise AuthError(f"{self.path}: keys[{i}] is not an object")
             if entry.get("use", "sig") != "sig":
                 continue
-            if entry.get("kty") == "oct":
+            if entry.get("kty") == "oct" or "k" in entry:
                 raise AuthError(f"{self.path}: keys[{i}] is a symmetric key; only public keys belong in a JWKS")
             if "d" in entry:
                 raise AuthError(f"{self.path}: keys[{i}] holds a private key; publish only the public part")
             try:
                 keys.append(jwt.PyJWK(entry))
-            except jwt.PyJWTError as exc:
-                raise AuthError(f"{self.path}: keys[{i}]: {exc}") from exc
+            except jwt.PyJWTError as exc:  # PyJWT's messages may print the whole entry
+                raise AuthError(f"{self.path}: keys[{i}] is not a usable public key ({type(exc).__name__}): "
+                                "check its kty, crv and alg") from None
         if not keys:
             raise AuthError(f"{self.path}: no usable signing keys")
         return tuple(keys)

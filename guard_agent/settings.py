@@ -3,7 +3,8 @@
 Every setting has an environment name ``GUARD_<NAME>`` (upper case of the field
 name) and the same lower-case key in the YAML config file. Secrets can come from
 ``GUARD_<NAME>_FILE`` so that Kubernetes Secrets mount as files, never as
-ConfigMap values.
+ConfigMap values. Errors about a file that may hold secrets never quote it (see
+``yaml_error_summary``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,8 @@ from typing import Any
 
 import yaml
 
-__all__ = ["AllowedRoute", "ConfigError", "CustomRoute", "Settings", "load_settings", "parse_hostport"]
+__all__ = ["AllowedRoute", "ConfigError", "CustomRoute", "Settings", "decode_error_summary", "load_settings",
+           "parse_hostport", "yaml_error_summary"]
 
 
 class ConfigError(ValueError):
@@ -119,6 +122,43 @@ _SECRETS = ("hmac_key", "admin_token", "redis_url", "capture_key")
 _TUPLE_OF_STR = ("session_sources", "trusted_proxies")
 
 
+_SAFE_QUOTED = re.compile(r"'(\\?.|<[a-z ]+>)'|\"(\\?.|<[a-z ]+>)\"")  # one character ('\t') or a token: '<scalar>'
+
+
+def _without_content(text: str) -> str:
+    """A parser message cut at the first quoted piece of the document (a tag, an alias) it would repeat; quoted
+    single characters and token names ('<scalar>') stay, they say what is wrong without saying much."""
+    out: list[str] = []
+    pos = 0
+    for m in [*_SAFE_QUOTED.finditer(text), None]:
+        chunk = text[pos:] if m is None else text[pos:m.start()]
+        quote = min((i for i in (chunk.find("'"), chunk.find('"')) if i >= 0), default=-1)
+        if quote >= 0:
+            return "".join(out) + chunk[:quote] + "'...'"
+        out.append(chunk if m is None else chunk + m.group(0))
+        if m is not None:
+            pos = m.end()
+    return "".join(out)
+
+
+def yaml_error_summary(exc: yaml.YAMLError) -> str:
+    """The problem and its line/column, never a snippet: PyYAML's own message quotes the offending line, and in
+    a key file, a config file or a Secret that line is a secret (which then reaches the logs)."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        problem = _without_content(exc.problem or exc.context or "syntax error")
+        mark = exc.problem_mark or exc.context_mark
+        return problem if mark is None else f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    position = getattr(exc, "position", None)
+    if isinstance(position, int):  # yaml.reader.ReaderError: a character YAML does not accept
+        return f"a character YAML does not accept at offset {position}"
+    return f"not valid YAML ({type(exc).__name__})"
+
+
+def decode_error_summary(exc: UnicodeDecodeError) -> str:
+    """Where a file stops being UTF-8, without the bytes around it (``str(exc)`` shows the byte)."""
+    return f"not UTF-8 text (byte offset {exc.start})"
+
+
 def parse_hostport(value: str) -> tuple[str, int]:
     """``host:port`` or ``[v6]:port`` to a pair; a clear error otherwise."""
     host, sep, port = value.rpartition(":")
@@ -157,6 +197,8 @@ def _read_secret_file(name: str, path: str) -> str:
         return Path(path).read_text().strip()
     except OSError as exc:
         raise ConfigError(f"setting {name}: cannot read {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"setting {name}: {path}: {decode_error_summary(exc)}") from None
 
 
 def _from_mapping(source: Mapping[str, Any], origin: str) -> dict[str, Any]:
@@ -179,7 +221,10 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
             picked[name + "_file"] = env[env_name + "_FILE"]
         if env_name in env and env[env_name] != "":
             if name in ("routes", "allow_routes", "sinks"):
-                picked[name] = yaml.safe_load(env[env_name])
+                try:
+                    picked[name] = yaml.safe_load(env[env_name])
+                except yaml.YAMLError as exc:  # sinks may carry tokens: no snippet
+                    raise ConfigError(f"{env_name}: not YAML: {yaml_error_summary(exc)}") from None
             else:
                 picked[name] = env[env_name]
     return _from_mapping(picked, "environment")
@@ -197,8 +242,10 @@ def load_settings(
             data = yaml.safe_load(Path(config_file).read_text()) or {}
         except OSError as exc:
             raise ConfigError(f"cannot read config {config_file}: {exc.strerror}") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config {config_file}: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config {config_file}: {decode_error_summary(exc)}") from None
+        except yaml.YAMLError as exc:  # the file may hold secrets inline: no snippet
+            raise ConfigError(f"config {config_file}: not YAML: {yaml_error_summary(exc)}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config {config_file}: expected a mapping at the top level")
         merged.update(_from_mapping(data, str(config_file)))

@@ -22,6 +22,7 @@ from tests.conftest import free_port, v2_body
 
 KEY_A = "ka-" + "a1b2c3d4e5f6a7b8c9d0"
 KEY_B = "kb-" + "0f9e8d7c6b5a4f3e2d1c"
+KEY_C = "kc-" + "5e6f7a8b9c0d1e2f3a4b"
 POLICY_REQUIRE = "version: 1\nmode: enforce\naccess:\n  require_credentials: true\n"
 
 
@@ -111,6 +112,31 @@ class TestKeyStore:
         with pytest.raises(AuthError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
             KeyStore(write_keys(tmp_path / "k.yaml", entries))
 
+    @pytest.mark.parametrize(("text", "where"), [
+        (f"keys:\n  - name: a\n    key: {KEY_C}: oops\n", "line 3, column"),      # mapping value on the line
+        (f"keys:\n  - {{name: a, key: '{KEY_C}}}\n", "line"),                       # unterminated quote
+        (f'{{"keys": [{{"name": "a", "key": "{KEY_C}"}}', "line 1"),                  # JSON cut short
+        (f"keys: [{{name: a, {KEY_C}}}]\n", "unknown field"),                         # the key as a field name
+        (f"keys:\n  - name: a\n    key: !!python/name:{KEY_C}\n", "line 3"),      # a tag safe_load refuses
+    ])
+    def test_errors_never_quote_the_file(self, tmp_path: Path, text: str, where: str) -> None:
+        """A broken key file is refused with the problem and its line/column, never with a piece of the file
+        (the bad line holds a key)."""
+        path = tmp_path / "k.yaml"
+        path.write_text(text)
+        with pytest.raises(AuthError) as info:
+            KeyStore(path)
+        message = str(info.value)
+        assert where in message and KEY_C not in message and KEY_C[3:] not in message
+
+    def test_undecodable_file_is_not_quoted(self, tmp_path: Path) -> None:
+        """A key file that is not UTF-8 is refused without the bytes around the bad one."""
+        path = tmp_path / "k.yaml"
+        path.write_bytes(f"keys: [{{name: a, key: {KEY_C}".encode() + b"\xff\xfe}]\n")
+        with pytest.raises(AuthError, match="UTF-8") as info:
+            KeyStore(path)
+        assert KEY_C not in str(info.value) and "0xff" not in str(info.value)
+
     def test_reload_swaps_and_keeps_last_good(self, tmp_path: Path) -> None:
         """A changed file is reloaded; a broken one raises and the previous keys stay active."""
         path = write_keys(tmp_path / "k.yaml", [{"name": "a", "key": KEY_A}])
@@ -187,6 +213,22 @@ class TestJwtVerifier:
         (tmp_path / "priv.json").write_text(json.dumps({"keys": [private]}))
         with pytest.raises(AuthError, match="private"):
             JwtVerifier(tmp_path / "priv.json")
+
+    def test_jwks_errors_never_quote_the_file(self, tmp_path: Path) -> None:
+        """A broken JWKS, or an entry PyJWT rejects (whose message would print the whole entry), is refused
+        without quoting the file: a secret pasted there by mistake stays out of the logs."""
+        secret = "c2VjcmV0LXNoYXJlZC1rZXktMTIzNDU2"
+        cases = {
+            "cut.json": '{"keys": [{"kty": "RSA", "n": "' + secret + '"',
+            "nokty.json": json.dumps({"keys": [{"k": secret, "kid": "s"}]}),
+            "badkty.json": json.dumps({"keys": [{"kty": "RSA", "n": secret, "e": "AQAB", "alg": "HS256"}]}),
+            "nocrv.json": json.dumps({"keys": [{"kty": "EC", "x": secret, "y": secret}]}),
+        }
+        for name, text in cases.items():
+            (tmp_path / name).write_text(text)
+            with pytest.raises(AuthError) as info:
+                JwtVerifier(tmp_path / name)
+            assert secret not in str(info.value), name
 
     def test_missing_session_claim_is_refused(self, tmp_path: Path) -> None:
         """A token without the configured session claim does not authenticate."""
@@ -273,13 +315,15 @@ class TestApiKeysOnTheGuard:
                 await asyncio.sleep(0.05)
             assert (await infer(http, guard.url, body, {"X-API-Key": KEY_B}))[0] == 200
             assert (await infer(http, guard.url, body, {"X-API-Key": KEY_A}))[0] == 401
-            path.write_text("keys: {broken")
+            path.write_text(f"keys:\n  - name: c\n    key: {KEY_C}: oops\n")  # broken, a new key on the bad line
             for _ in range(50):
                 if any(e["message"].startswith("api_keys rejected") for e in guard.events):
                     break
                 await asyncio.sleep(0.05)
-            assert any(e["message"].startswith("api_keys rejected") for e in guard.events)
+            (rejected,) = [e for e in guard.events if e["message"].startswith("api_keys rejected")]
+            assert "line 3" in rejected["error"]["message"]
             assert (await infer(http, guard.url, body, {"X-API-Key": KEY_B}))[0] == 200
+        assert KEY_C not in "\n".join(json.dumps(e) for e in guard.events), "a key from the broken file was logged"
 
 
     async def test_passthrough_routes_require_credentials_too(self, tmp_path: Path, model_url: str,

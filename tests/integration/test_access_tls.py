@@ -168,6 +168,20 @@ class TestTls:
                                          {"file": "tls", "result": "ok"}) >= 1
 
 
+    def test_broken_key_file_is_not_quoted(self, tmp_path: Path) -> None:
+        """A damaged or foreign key file is refused naming the files, never with a piece of the key."""
+        from guard_agent.tls import TlsError, build_context
+
+        srv = issue(make_ca("test-ca"), "guard", server=True)
+        lines = srv.key.decode().splitlines()
+        body = lines[1]
+        damaged = "\n".join([lines[0], "!" + body[1:], *lines[2:]]) + "\n"
+        for name, text in (("damaged.key", damaged), ("text.key", f"hmac: {body}\n")):
+            with pytest.raises(TlsError, match="cannot load certificate") as info:
+                build_context(write(tmp_path / "s.crt", srv.cert), write(tmp_path / name, text.encode()))
+            assert body[1:20] not in str(info.value), name
+
+
 class TestMutualTls:
     async def test_client_certificates_required(self, tmp_path: Path, model_url: str, start_guard,
                                                 digits_model: DigitsModel) -> None:

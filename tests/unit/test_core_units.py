@@ -54,6 +54,33 @@ class TestSettings:
             load_settings(cfg, env={})
 
 
+    @pytest.mark.parametrize("text", [
+        "upstream: http://127.0.0.1:1\nhmac_key: s3cret-SENTINEL-value: x\n",      # a mapping value on that line
+        "hmac_key: 's3cret-SENTINEL-value\n",                                        # unterminated quote
+    ])
+    def test_config_syntax_errors_never_quote_the_file(self, tmp_path: Path, text: str) -> None:
+        """A config file may hold secrets inline: a syntax error gives the problem and the line, no snippet."""
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(text)
+        with pytest.raises(ConfigError, match="line") as info:
+            load_settings(cfg, env={})
+        assert "SENTINEL" not in str(info.value)
+
+    def test_undecodable_secret_file_is_not_quoted(self, tmp_path: Path) -> None:
+        """A secret file that is not UTF-8 is refused naming the setting, without its bytes."""
+        (tmp_path / "k").write_bytes(b"s3cret-SENTINEL-\xff\xfe-value\n")
+        with pytest.raises(ConfigError, match="hmac_key") as info:
+            load_settings(env={"GUARD_HMAC_KEY_FILE": str(tmp_path / "k")})
+        assert "SENTINEL" not in str(info.value) and "0xff" not in str(info.value)
+
+    def test_bad_yaml_in_an_environment_setting_is_a_clear_error(self) -> None:
+        """GUARD_SINKS / GUARD_ROUTES hold YAML (sinks may carry tokens): a syntax error there is a ConfigError
+        naming the variable, without a snippet."""
+        with pytest.raises(ConfigError, match="GUARD_SINKS") as info:
+            load_settings(env={"GUARD_SINKS": "[{type: http, token: SENTINEL-token: x}]"})
+        assert "SENTINEL" not in str(info.value)
+
+
 class TestIdentity:
     def resolver(self, sources: tuple[str, ...] = ("header", "bearer", "address"),
                  trusted: tuple[str, ...] = ()) -> IdentityResolver:
