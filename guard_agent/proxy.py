@@ -26,14 +26,15 @@ from guard_agent.identity import Identity
 from guard_agent.policy.decide import INTEGRITY_RULE, RequestFacts, SessionFacts, decide
 from guard_agent.policy.model import Decision, EffectivePolicy, Policy
 from guard_agent.protocols import (
-    Hardening as WireHardening,
-)
-from guard_agent.protocols import (
+    HARDENABLE_PROTOCOLS,
     ProtocolError,
     harden_document,
     parse_document,
     parse_request,
     read_response,
+)
+from guard_agent.protocols import (
+    Hardening as WireHardening,
 )
 from guard_agent.ratelimit import take
 from guard_agent.routes import RouteMatch
@@ -412,10 +413,12 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
 
     if 200 <= status < 300:
         hardening = _wire_hardening(decision)
-        # the answer is decoded once, for the trackers and the hardening alike
-        doc = read_response(payload) if eff.needs_session_scores or hardening is not None else None
+        # the answer is decoded once, for the trackers and the hardening alike, and only when its shape is known:
+        # parse_document and harden_document read exactly the hardenable protocols (a custom route's is opaque)
+        readable = parsed.protocol in HARDENABLE_PROTOCOLS
+        doc = read_response(payload) if readable and (eff.needs_session_scores or hardening is not None) else None
         if eff.needs_session_scores:
-            answered = parse_document(parsed.protocol, doc, parsed.rows)
+            answered = parse_document(parsed.protocol, doc, parsed.rows)  # None without doc
             tracker_scores = await state.trackers.update(identity.session, record, parsed.features, match.model,
                                                          answered, now, scores)
             if tracker_scores:

@@ -123,6 +123,35 @@ class TestAnswerDecodedOnce:
         assert event["event"]["action"] == "harden" and event["guard"]["hardening"] == "applied"
 
 
+    async def test_custom_route_answer_is_not_decoded(self, tmp_path: Path, model_url: str, start_guard,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+        """A custom route's answer has no known shape (neither the trackers nor hardening can read it): with
+        session rules on it is passed through undecoded, and the trackers are told there is no answer."""
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(POLICY.split("  - id: harden-all")[0])  # the session rule only
+        guard = await start_guard(model_url, policy=str(policy), routes=(CustomRoute(path="/score", pointer="/x"),))
+        assert guard.state.policies.current.default.needs_session_scores
+        trackers = RecordingTrackers()
+        guard.state.trackers = trackers
+        calls: list[bytes] = []
+        real = protocols_json.loads_response
+
+        def counting(body: bytes) -> Any:
+            calls.append(body)
+            return real(body)
+
+        for module in (protocols_json, protocols_responses, protocols_hardening):
+            monkeypatch.setattr(module, "loads_response", counting, raising=False)
+        async with aiohttp.ClientSession() as http, http.post(
+                guard.url + "/score", json={"x": [[1.0, 2.0]]}, headers={"X-Request-Id": "custom-once"}) as r:
+            assert r.status == 200
+            assert await r.json() == {"y": [3.0]}
+        assert calls == [], "a custom route's answer was decoded"
+        assert trackers.answers == [None]
+        (event,) = guard.events_for("custom-once")
+        assert event["event"]["action"] == "allow"
+
+
 HARDEN_ROWS = "version: 1\nmode: enforce\nrules:\n  - id: many-rows\n    when: {request.rows: {gte: 1}}\n" \
               "    action: harden\n"
 FLAG_ROWS = HARDEN_ROWS.replace("action: harden", "action: flag")
