@@ -231,6 +231,8 @@ def _reload_watcher(state: GuardState, metrics: _ListenerMetrics, reloadables: l
 
 
 def _warn_unhardenable(state: GuardState, policy: Policy) -> None:
+    """A policy check that only warns: such a policy is accepted (the default policy hardens), and decide()
+    blocks the requests it would harden on routes whose answers cannot be hardened."""
     try:
         state.routes.check_policy(policy)
     except PolicyError as exc:
@@ -245,7 +247,7 @@ async def start_listeners(state: GuardState) -> tuple[web.AppRunner, web.AppRunn
     """
     s = state.settings
     # a policy that could harden answers on a route that cannot be hardened is accepted (the default policy
-    # hardens), but said at start and on every reload: such requests are blocked instead (proxy.py)
+    # hardens), but said at start and whenever a reload activates such a policy: those requests are blocked
     state.policies.add_check(lambda policy: _warn_unhardenable(state, policy))
     keys, verifier = attach_credentials(state)
     tls: TlsReloader | None = None

@@ -3,7 +3,9 @@
 Reload triggers (the watcher task, SIGHUP, ``POST /admin/reload``) all call
 ``reload()``. Checks that need more than the file (e.g. the route table: a policy that
 could harden answers on a route whose protocol cannot be hardened) are added with
-``add_check`` and run before every swap, like the file's own validation.
+``add_check`` and run before a reload activates a different policy, like the file's own
+validation: a check may refuse the policy (``PolicyError``) or only log about it, and a
+reload that yields the active policy again does not repeat it.
 
 The watcher polls the resolved target of the policy path, so a Kubernetes
 ConfigMap update (an atomic swap of the ``..data`` symlink) is seen as a change
@@ -23,7 +25,8 @@ from guard_agent.policy.model import BUILTIN_SCORES, Policy
 __all__ = ["PolicyCheck", "PolicyStore", "ReloadResult", "default_policy_text"]
 
 PolicyCheck = Callable[[Policy], None]
-"""Raises ``PolicyError`` when a compiled policy must not be activated in this guard."""
+"""Looks at a compiled policy about to become active in this guard: raises ``PolicyError`` to refuse it, or
+returns (after logging a warning, for a policy that is accepted but deserves one)."""
 
 DEFAULT_POLICY_SOURCE = "<built-in default policy>"
 
@@ -58,8 +61,12 @@ class PolicyStore:
         self.warnings = loaded.warnings
 
     def add_check(self, check: PolicyCheck) -> None:
-        """Apply ``check`` to the active policy now (its PolicyError propagates: refuse to start) and to every
-        later reload (a failing policy is rejected and the last good one stays)."""
+        """Apply ``check`` to the active policy now (a PolicyError propagates: the caller refuses to start) and
+        to each policy a later reload would activate (a PolicyError rejects it and the last good one stays).
+
+        Runs once per change of the compiled policy (revision or available scores), not on every reload of
+        the same one, so a check that only logs a warning says it once per policy activated.
+        """
         check(self.current)
         self._checks.append(check)
 
@@ -71,8 +78,6 @@ class PolicyStore:
             target = resolve_policy_path(self.path)
             self._identity = file_identity(target)
             loaded = load_policy_file(target, available_scores=self.available_scores)
-        for check in self._checks:
-            check(loaded.policy)
         return loaded
 
     def changed_on_disk(self) -> bool:
@@ -87,11 +92,14 @@ class PolicyStore:
             self.available_scores = available_scores
         try:
             loaded = self._load()
+            changed = (loaded.policy.revision != self.current.revision
+                       or loaded.policy.default.score_names != self.current.default.score_names)
+            if changed:  # the active policy has passed the checks already
+                for check in self._checks:
+                    check(loaded.policy)
         except PolicyError as exc:
             result = ReloadResult(ok=False, changed=False, revision=self.current.revision, error=str(exc))
         else:
-            changed = (loaded.policy.revision != self.current.revision
-                       or loaded.policy.default.score_names != self.current.default.score_names)
             self.current = loaded.policy
             self.warnings = loaded.warnings
             result = ReloadResult(ok=True, changed=changed, revision=loaded.policy.revision,

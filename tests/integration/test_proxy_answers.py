@@ -218,4 +218,11 @@ class TestHardeningOnCustomRoutes:
                 guard.admin_url + "/admin/reload", headers={"Authorization": "Bearer test-admin-token"}) as r:
             assert r.status == 200
         assert guard.state.policies.current.revision != good
-        assert [e for e in guard.events if "cannot be hardened" in e.get("message", "")]
+        assert len([e for e in guard.events if "cannot be hardened" in e.get("message", "")]) == 1
+        policy.write_text(HARDEN_ROWS)  # the same policy again: the watcher sees a new file identity
+        for _ in range(2):
+            async with aiohttp.ClientSession() as http, http.post(
+                    guard.admin_url + "/admin/reload", headers={"Authorization": "Bearer test-admin-token"}) as r:
+                assert r.status == 200
+        assert len([e for e in guard.events if "cannot be hardened" in e.get("message", "")]) == 1, \
+            "the warning was repeated for an unchanged policy"

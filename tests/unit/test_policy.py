@@ -10,7 +10,9 @@ import pytest
 from guard_agent.policy import (
     BUILTIN_SCORES,
     SCORE_NAMES,
+    Policy,
     PolicyError,
+    PolicyStore,
     RequestFacts,
     SessionFacts,
     decide,
@@ -266,3 +268,34 @@ class TestDecide:
         loaded = parse_policy(BASE, source="t.yaml", available_scores=BUILTIN_SCORES)
         assert {"ood-flag", "ood-block", "risk-harden"} <= set(loaded.policy.skipped_rules)
         assert [r.id for r in loaded.policy.default.rules] == ["big-batch"]
+
+
+class TestPolicyStoreChecks:
+    def test_checks_run_once_per_policy_and_may_refuse(self, tmp_path: Path) -> None:
+        """A check sees the active policy when added and each policy a reload would activate, not the same
+        policy again on every reload (a warning it logs is not repeated); its PolicyError rejects a reload and
+        the last good policy stays."""
+        path = tmp_path / "policy.yaml"
+        path.write_text(BASE)
+        store = PolicyStore(str(path), available_scores=SCORE_NAMES)
+        seen: list[str] = []
+
+        def check(p: Policy) -> None:
+            seen.append(p.revision)
+            if any(r.id == "forbidden" for r in p.default.rules):
+                raise PolicyError(str(path), None, "rules", "forbidden rule")
+
+        store.add_check(check)
+        first = store.current.revision
+        assert seen == [first]
+        for _ in range(2):
+            assert store.reload().ok and not store.reload().changed
+        assert seen == [first], "an unchanged policy was checked again"
+        path.write_text(BASE.replace("gte: 0.99}", "gte: 0.98}"))
+        result = store.reload()
+        assert result.ok and result.changed and seen == [first, result.revision]
+        second = result.revision
+        path.write_text(BASE.replace("id: big-batch", "id: forbidden"))
+        rejected = store.reload()
+        assert not rejected.ok and "forbidden rule" in (rejected.error or "")
+        assert store.current.revision == second and len(seen) == 3
