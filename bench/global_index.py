@@ -38,9 +38,24 @@ from detectors.trackers import GlobalFingerprintIndex, TrackerConfig, fit_tracke
 from guard_agent.sessions.base import SessionRecord
 from guard_agent.tracking import SessionTracking
 
-BLOCK_RULES = (("session.risk", 0.95), ("session.fingerprint", 0.95), ("session.global_fingerprint", 0.95),
-               ("session.prada", 0.95))
-ALERT_RULES = (("session.risk", 0.5), *BLOCK_RULES[1:])
+
+def _session_rules(actions: frozenset[str]) -> tuple[tuple[str, float], ...]:
+    """(score, gte threshold) of the shipped default policy's rules on one session score with these actions."""
+    import yaml
+
+    import guard_agent
+
+    doc = yaml.safe_load((Path(guard_agent.__file__).parent / "default_policy.yaml").read_text())
+    out = []
+    for rule in doc["rules"]:
+        (name, cond), *more = rule["when"].items()
+        if not more and name.startswith("session.") and "gte" in cond and rule["action"] in actions:
+            out.append((str(name), float(cond["gte"])))
+    return tuple(out)
+
+
+BLOCK_RULES = _session_rules(frozenset({"block"}))
+ALERT_RULES = _session_rules(frozenset({"flag", "harden", "throttle", "block"}))
 SALT = b"bench-global-index-salt"
 
 
