@@ -5,12 +5,14 @@ Formats: ``ndjson`` (one event per line: Vector/Fluent Bit/Logstash http inputs)
 ``elastic_bulk`` (``_bulk`` with ``create`` and an id derived from the event, so a batch
 sent twice is stored once). A 2xx acknowledges the batch. Only 400 and 413 say "something
 in this batch": such a batch is bisected to find the events the receiver refuses (counted
-as rejected), within a budget of ``4 * ceil(log2 n)`` more POSTs (enough to isolate two bad
-events in any batch of n). If no part of the batch is accepted, the receiver refuses
-everything (a configuration problem: url, index, format), so nothing is discarded: the
-batch waits in the spool and is retried with backoff; parts still unresolved when the budget
-runs out after some were accepted are counted as rejected. 401/403 re-read the token file;
-every other status refuses the batch as a whole and is retried with backoff, never bisected.
+as rejected), within a budget of ``1 + 4 * ceil(log2 n)`` POSTs per attempt (enough to isolate
+two bad events in any batch of n in one attempt). Parts still unresolved when the budget runs
+out are never counted as rejected: the batch stays in the spool, and the next attempt (after
+backoff) resumes the bisection where it stopped, without resending what was accepted. If no
+part of the batch is accepted, the receiver refuses everything (a configuration problem: url,
+index, format), so nothing is discarded: the batch waits in the spool and is retried with
+backoff. 401/403 re-read the token file; every other status refuses the batch (or the part
+being tried) as a whole and is retried with backoff, never bisected.
 """
 
 from __future__ import annotations
@@ -91,9 +93,15 @@ def _retry_after(resp: http.client.HTTPResponse) -> float | None:
 
 @dataclass
 class _Bisection:
-    """The search for refused events in one batch: POSTs left, and whether any part was accepted."""
+    """The search for refused events in one batch, kept across attempts so a spent budget loses nothing.
 
-    budget: int
+    ``parts``: index ranges not resolved yet, in batch order; ``rejected``: events refused alone (or
+    bulk item errors) so far; ``accepted``: whether any part got through.
+    """
+
+    lines: tuple[bytes, ...]
+    parts: list[tuple[int, int]]
+    rejected: int = 0
     accepted: bool = False
 
 
@@ -126,6 +134,7 @@ class HttpTransport:
         self._conn: http.client.HTTPConnection | None = None
         self._token = config.read_token()
         self._reject_streak = 0
+        self._pending: _Bisection | None = None   # the batch being bisected, resumed when it is sent again
 
     def _connection(self) -> http.client.HTTPConnection:
         if self._conn is None:
@@ -156,7 +165,7 @@ class HttpTransport:
         return resp.status, data, _retry_after(resp)
 
     def send(self, lines: Sequence[bytes]) -> int:
-        rejected = self._send(lines)
+        rejected = self._send(tuple(lines))
         if rejected < len(lines):
             self._reject_streak = 0
         else:
@@ -167,37 +176,53 @@ class HttpTransport:
                                     "keeping events spooled")
         return rejected
 
-    def _send(self, lines: Sequence[bytes]) -> int:
-        status, data, retry_after = self._answer(lines)
-        if 200 <= status < 300:
-            return self._accepted(data)
-        if status not in _PER_EVENT:
-            self._refused(status, retry_after)
-        if len(lines) == 1:
-            return 1
-        bisection = _Bisection(budget=BISECT_POSTS_PER_LEVEL * math.ceil(math.log2(len(lines))))
-        half = len(lines) // 2
-        rejected = self._bisect(lines[:half], bisection) + self._bisect(lines[half:], bisection)
-        if not bisection.accepted:     # no part got through: the receiver refuses everything, not some events
-            raise DeliveryError(f"receiver refused the whole batch of {len(lines)} events and every part of it "
-                                f"tried (HTTP {status}): check url, index and format; keeping events spooled")
-        return rejected
+    def _send(self, lines: tuple[bytes, ...]) -> int:
+        n = len(lines)
+        posts = 1 + BISECT_POSTS_PER_LEVEL * math.ceil(math.log2(max(n, 1)))   # per attempt
+        budget = posts
+        pending = self._pending
+        if pending is None or pending.lines != lines:   # a new batch (the worker resends the same tuple)
+            self._pending = None
+            budget -= 1
+            status, data, retry_after = self._answer(lines)
+            if 200 <= status < 300:
+                return self._accepted(data)
+            if status not in _PER_EVENT:
+                self._refused(status, retry_after)
+            if n == 1:
+                return 1
+            pending = self._pending = _Bisection(lines, [(0, n // 2), (n // 2, n)])
+        self._bisect(pending, budget)   # raises on a refusal of a whole part (429, 5xx...): the state is kept
+        if pending.parts:               # budget spent: resolve the rest on the next attempt, never discard it
+            left = sum(hi - lo for lo, hi in pending.parts)
+            raise DeliveryError(f"receiver refused parts of a batch of {n} events (HTTP 400/413); {left} events "
+                                f"not resolved within {posts} POSTs: keeping them spooled, resuming later")
+        self._pending = None
+        if not pending.accepted:     # no part got through: the receiver refuses everything, not some events
+            raise DeliveryError(f"receiver refused the whole batch of {n} events and every part of it "
+                                "(HTTP 400/413): check url, index and format; keeping events spooled")
+        return pending.rejected
 
-    def _bisect(self, lines: Sequence[bytes], bisection: _Bisection) -> int:
-        """Deliver ``lines`` (part of a refused batch), returning how many events the receiver refuses."""
-        if bisection.budget <= 0:
-            return len(lines)   # unresolved: rejected if another part was accepted, else the batch is retried
-        bisection.budget -= 1
-        status, data, retry_after = self._answer(lines)
-        if 200 <= status < 300:
-            bisection.accepted = True
-            return self._accepted(data)
-        if status not in _PER_EVENT:
-            self._refused(status, retry_after)   # a part refused as a whole (429, 5xx...): resend it all later
-        if len(lines) == 1:
-            return 1
-        half = len(lines) // 2
-        return self._bisect(lines[:half], bisection) + self._bisect(lines[half:], bisection)
+    def _bisect(self, bisection: _Bisection, budget: int) -> None:
+        """Resolve the unresolved parts in order (depth first, so what is accepted arrives in order)."""
+        parts = bisection.parts
+        while parts and budget > 0:
+            budget -= 1
+            lo, hi = parts[0]
+            status, data, retry_after = self._answer(bisection.lines[lo:hi])
+            if 200 <= status < 300:
+                bisection.rejected += self._accepted(data)
+                bisection.accepted = True
+                parts.pop(0)
+                continue
+            if status not in _PER_EVENT:
+                self._refused(status, retry_after)   # a part refused as a whole (429, 5xx...): resend it later
+            parts.pop(0)
+            if hi - lo == 1:
+                bisection.rejected += 1
+            else:
+                mid = (lo + hi) // 2
+                parts[0:0] = [(lo, mid), (mid, hi)]
 
     def _answer(self, lines: Sequence[bytes]) -> tuple[int, bytes, float | None]:
         return self._post(encode_batch(self.config, lines))

@@ -198,14 +198,17 @@ class TestHttpOutage:
 
     async def test_a_refusing_collector_costs_a_bounded_number_of_posts(self, receiver: HttpReceiver,
                                                                         tmp_path: Path) -> None:
-        """A batch of 64 refused with 400 as a whole is not bisected into 127 POSTs: at most 1 + 4*log2(64) = 25,
-        then it stays for a retry (DeliveryError) and nothing is counted as rejected."""
+        """A batch of 64 refused with 400 as a whole is not bisected into 127 POSTs in one go: at most
+        1 + 4*log2(64) = 25 per attempt, then it stays for a retry (DeliveryError) and nothing is rejected."""
         receiver.reject_marker = b"req-"
         transport = http_transport(receiver, tmp_path)
-        with pytest.raises(DeliveryError, match="refused the whole batch of 64 events"):
+        with pytest.raises(DeliveryError, match="refused parts of a batch of 64 events"):
+            await asyncio.to_thread(transport.send, [event_line(i) for i in range(64)])
+        assert 3 <= receiver.requests <= 25
+        with pytest.raises(DeliveryError):
             await asyncio.to_thread(transport.send, [event_line(i) for i in range(64)])
         transport.close()
-        assert 3 <= receiver.requests <= 25
+        assert receiver.requests <= 50
 
     @pytest.mark.parametrize("status", [404, 422, 429, 500, 503])
     async def test_statuses_about_the_whole_batch_are_never_bisected(self, receiver: HttpReceiver, tmp_path: Path,
@@ -228,6 +231,49 @@ class TestHttpOutage:
         assert rejected == 2
         assert receiver.ids() == [f"req-{i}" for i in range(64) if i not in (3, 50)]
         assert receiver.requests <= 25
+
+    async def test_parts_left_when_the_budget_runs_out_are_retried_not_rejected(self, receiver: HttpReceiver,
+                                                                                tmp_path: Path) -> None:
+        """16 refused events (8..23) in a batch of 64 exhaust one attempt's budget; the parts not resolved yet
+        (with 40 good events) are resolved on the next attempts of the same batch, never counted as rejected."""
+        bad = set(range(8, 24))
+        receiver.reject_markers = tuple(f'"req-{i}"'.encode() for i in bad)
+        transport = http_transport(receiver, tmp_path)
+        lines = tuple(event_line(i) for i in range(64))
+        reasons: list[str] = []
+        rejected = None
+        while rejected is None and len(reasons) < 20:
+            try:
+                rejected = await asyncio.to_thread(transport.send, lines)
+            except DeliveryError as exc:
+                reasons.append(exc.reason)
+        transport.close()
+        assert reasons, "the first attempt must not resolve this batch (else the test proves nothing)"
+        assert all("not resolved within 25 POSTs" in r for r in reasons)
+        assert rejected == 16
+        assert receiver.ids() == [f"req-{i}" for i in range(64) if i not in bad]
+        assert receiver.requests <= 127
+
+    async def test_a_spent_budget_loses_no_alert_through_the_sink(self, tmp_path: Path) -> None:
+        """The same through the sink (the 64 events spooled while the collector was down, so they go as one
+        batch): every good event is delivered in order, only the 16 bad ones are rejected."""
+        bad = set(range(8, 24))
+        receiver = HttpReceiver(reject_markers=tuple(f'"req-{i}"'.encode() for i in bad))
+        f = make_fanout(tmp_path / "spool", http_sink(receiver, tmp_path, batch_max_events=64))
+        for i in range(64):
+            f.sink.write(event_line(i))
+        await wait_for(lambda: sink_count(f.metrics, "collector", "spooled") == 64)
+        f.sink.close(1)
+        await receiver.start()
+        try:
+            g = make_fanout(tmp_path / "spool", http_sink(receiver, tmp_path, batch_max_events=64))
+            await wait_for(lambda: len(receiver.ids()) == 48 and sink_count(g.metrics, "collector", "rejected") == 16)
+            g.sink.close(5)
+        finally:
+            await receiver.stop()
+        assert receiver.ids() == [f"req-{i}" for i in range(64) if i not in bad]
+        assert sink_count(g.metrics, "collector", "rejected") == 16
+        assert "not resolved within" in g.status_events("sink_down")[0]["guard"]["reason"]
 
     async def test_an_unforeseen_answer_does_not_stop_the_sink(self, tmp_path: Path) -> None:
         """A 200 whose body makes no sense is a failed attempt (retried), not a dead sender thread."""
