@@ -8,11 +8,15 @@ in this batch": such a batch is bisected to find the events the receiver refuses
 as rejected), within a budget of ``1 + 4 * ceil(log2 n)`` POSTs per attempt (enough to isolate
 two bad events in any batch of n in one attempt). Parts still unresolved when the budget runs
 out are never counted as rejected: the batch stays in the spool, and the next attempt (after
-backoff) resumes the bisection where it stopped, without resending what was accepted. If no
-part of the batch is accepted, the receiver refuses everything (a configuration problem: url,
-index, format), so nothing is discarded: the batch waits in the spool and is retried with
-backoff. 401/403 re-read the token file; every other status refuses the batch (or the part
-being tried) as a whole and is retried with backoff, never bisected.
+backoff) resumes the bisection where it stopped, without resending what was accepted. A batch
+whose every event the receiver refuses is rejected at once while no more than 10 events in a
+row were refused (bad events, like a single bad event); beyond that the receiver seems to refuse
+everything (a configuration problem: url, index, format), so the batch is held: resent whole
+with backoff up to ``HELD_ATTEMPTS`` times, then its events are counted as rejected, so the
+spool behind it is never blocked for good. 401/403 re-read the token file; every other status
+(5xx, 429, connection errors: a receiver that is down or busy) refuses the batch (or the part
+being tried) as a whole and is retried with backoff for as long as it takes, never bisected,
+and never counts as a refusal of the events.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ from guard_agent.sinks._transport import DeliveryError, client_tls_context
 
 __all__ = ["HttpTransport", "encode_batch"]
 
-REJECT_STREAK_LIMIT = 10   # more refused events in a row than this: stop discarding, retry instead
+REJECT_STREAK_LIMIT = 10   # more refused events in a row than this: hold a wholly refused batch, retry it
+HELD_ATTEMPTS = 10         # a held batch refused this many times in a row is counted as rejected: never stuck
 BISECT_POSTS_PER_LEVEL = 4  # each halving level may cost this many POSTs: isolates two bad events exactly
 _PER_EVENT = (400, 413)     # the only statuses that may concern single events; all others refuse the batch
 _CONTENT_TYPE = {"ndjson": "application/x-ndjson", "splunk_hec": "application/json",
@@ -96,13 +101,13 @@ class _Bisection:
     """The search for refused events in one batch, kept across attempts so a spent budget loses nothing.
 
     ``parts``: index ranges not resolved yet, in batch order; ``rejected``: events refused alone (or
-    bulk item errors) so far; ``accepted``: whether any part got through.
+    bulk item errors) so far.
     """
 
     lines: tuple[bytes, ...]
     parts: list[tuple[int, int]]
     rejected: int = 0
-    accepted: bool = False
+    held: int = 0    # every event refused, beyond the streak limit: attempts so far (then resent whole)
 
 
 class _HTTPSConnection(http.client.HTTPConnection):
@@ -165,16 +170,45 @@ class HttpTransport:
         return resp.status, data, _retry_after(resp)
 
     def send(self, lines: Sequence[bytes]) -> int:
-        rejected = self._send(tuple(lines))
-        if rejected < len(lines):
+        batch = tuple(lines)
+        pending = self._pending
+        if pending is not None and pending.held and pending.lines == batch:
+            return self._resend_held(pending)
+        rejected = self._send(batch)
+        if rejected < len(batch):
             self._reject_streak = 0
-        else:
-            self._reject_streak += rejected
-            if self._reject_streak > REJECT_STREAK_LIMIT:   # not bad events: a bad url, index or mapping
-                raise DeliveryError(f"receiver refused each of the last {self._reject_streak} events "
-                                    "(HTTP 400/413 or bulk item errors): check url, index and format; "
-                                    "keeping events spooled")
-        return rejected
+            return rejected
+        self._reject_streak += rejected
+        if self._reject_streak <= REJECT_STREAK_LIMIT:   # bad events: rejected like a single bad event
+            return rejected
+        # the receiver refuses everything (a bad url, index or mapping?): hold the batch a while, not forever
+        held = self._pending = _Bisection(batch, [], rejected=rejected, held=1)
+        raise self._held_error(held)
+
+    def _resend_held(self, held: _Bisection) -> int:
+        """One more whole attempt of a held batch; its events are rejected after ``HELD_ATTEMPTS`` refusals."""
+        n = len(held.lines)
+        status, data, retry_after = self._answer(held.lines)
+        if 200 <= status < 300:
+            rejected = self._accepted(data)
+            if rejected < n:        # the receiver takes events again
+                self._pending = None
+                self._reject_streak = 0
+                return rejected
+        elif status not in _PER_EVENT:
+            self._refused(status, retry_after)   # down or busy (5xx, 429...): not a refusal, kept spooled
+        held.held += 1
+        self._reject_streak += n
+        if held.held >= HELD_ATTEMPTS:
+            self._pending = None
+            return n                # counted as rejected and announced by the worker; the spool moves on
+        raise self._held_error(held)
+
+    def _held_error(self, held: _Bisection) -> DeliveryError:
+        return DeliveryError(f"receiver refused every event of a batch of {len(held.lines)} and each of the last "
+                             f"{self._reject_streak} events (HTTP 400/413 or bulk item errors): check url, index "
+                             f"and format; retrying the batch (attempt {held.held} of {HELD_ATTEMPTS}), then "
+                             "counting its events as rejected")
 
     def _send(self, lines: tuple[bytes, ...]) -> int:
         n = len(lines)
@@ -198,9 +232,6 @@ class HttpTransport:
             raise DeliveryError(f"receiver refused parts of a batch of {n} events (HTTP 400/413); {left} events "
                                 f"not resolved within {posts} POSTs: keeping them spooled, resuming later")
         self._pending = None
-        if not pending.accepted:     # no part got through: the receiver refuses everything, not some events
-            raise DeliveryError(f"receiver refused the whole batch of {n} events and every part of it "
-                                "(HTTP 400/413): check url, index and format; keeping events spooled")
         return pending.rejected
 
     def _bisect(self, bisection: _Bisection, budget: int) -> None:
@@ -212,7 +243,6 @@ class HttpTransport:
             status, data, retry_after = self._answer(bisection.lines[lo:hi])
             if 200 <= status < 300:
                 bisection.rejected += self._accepted(data)
-                bisection.accepted = True
                 parts.pop(0)
                 continue
             if status not in _PER_EVENT:

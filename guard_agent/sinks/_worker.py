@@ -153,7 +153,8 @@ class SinkWorker:
                 delay = min(delay * 2, self.config.retry_max)
                 continue
             self._spool.commit(batch)
-            self._mark_up()
+            if rejected < len(batch.lines) or not batch.lines:   # a batch refused entirely is not "delivering"
+                self._mark_up()
             if rejected:
                 self._m_rejected.inc(rejected)
                 self._alarm.dropped(self.name, "rejected_by_receiver", rejected)

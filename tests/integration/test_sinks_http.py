@@ -175,26 +175,73 @@ class TestHttpOutage:
         assert sink_count(f.metrics, "collector", "rejected") == 1
         assert f.status_events("sink_events_dropped")[0]["guard"]["reason"] == "rejected_by_receiver"
 
-    async def test_a_collector_refusing_everything_keeps_events_spooled(self, receiver: HttpReceiver,
-                                                                         tmp_path: Path) -> None:
-        """If every event is refused (a wrong index or mapping, not bad events), no batch of several events is
-        discarded (only a batch of one event is indistinguishable from a bad event), the sink goes down and the
-        rest wait in the spool until the collector accepts again."""
+    async def test_a_collector_refusing_everything_holds_each_batch_a_bounded_time(self, receiver: HttpReceiver,
+                                                                                   tmp_path: Path) -> None:
+        """If every event is refused (a wrong index or mapping, or only bad events), the first 10 in a row are
+        rejected like bad events; after that each batch is held (sink down, retried with backoff) for
+        HELD_ATTEMPTS attempts, then rejected, so the spool keeps moving; once the collector accepts again, the
+        rest arrives in order and every event is either delivered or counted as rejected."""
         receiver.reject_marker = b"req-"
         f = make_fanout(tmp_path / "spool", http_sink(receiver, tmp_path, batch_max_events=4))
         for i in range(100):
             f.sink.write(event_line(i))
         await wait_for(lambda: bool(f.status_events("sink_down")))
-        await wait_for(lambda: receiver.requests >= 30)   # several retries of the refused batch
-        rejected = sink_count(f.metrics, "collector", "rejected")
-        assert rejected <= 2
-        reason = f.status_events("sink_down")[0]["guard"]["reason"]
-        assert "refused the whole batch" in reason or "refused each of the last" in reason
+        assert "refused every event of a batch" in f.status_events("sink_down")[0]["guard"]["reason"]
+        await wait_for(lambda: sink_count(f.metrics, "collector", "rejected") > 10)   # a held batch ended
+        assert gauge(f.metrics, "inference_guard_sink_up", "collector") == 0
+        assert not f.status_events("sink_up"), "rejecting a whole batch is not delivering again"
         receiver.reject_marker = None
-        await wait_for(lambda: len(receiver.ids()) == 100 - rejected)
+        await wait_for(lambda: len(receiver.ids()) + sink_count(f.metrics, "collector", "rejected") == 100)
         f.sink.close(5)
-        assert receiver.ids() == [f"req-{i}" for i in range(int(rejected), 100)]
-        assert sink_count(f.metrics, "collector", "rejected") == rejected
+        rejected = int(sink_count(f.metrics, "collector", "rejected"))
+        assert receiver.ids() == [f"req-{i}" for i in range(rejected, 100)]
+        assert f.status_events("sink_events_dropped")[0]["guard"]["reason"] == "rejected_by_receiver"
+
+    async def test_a_batch_of_only_bad_events_does_not_block_later_alerts(self, tmp_path: Path) -> None:
+        """20 events the receiver refuses even alone fill one batch (spooled while it was down); it is held for a
+        bounded number of attempts, then counted as rejected (metric and log line), and the alerts behind it
+        are delivered."""
+        receiver = HttpReceiver(reject_marker=b"poison")
+        f = make_fanout(tmp_path / "spool", http_sink(receiver, tmp_path, batch_max_events=20))
+        for i in range(20):
+            f.sink.write(event_line(i, action="poison"))
+        for i in range(20, 25):
+            f.sink.write(event_line(i, action="deny", level="warning"))
+        await wait_for(lambda: sink_count(f.metrics, "collector", "spooled") == 25)
+        f.sink.close(1)
+        await receiver.start()
+        try:
+            g = make_fanout(tmp_path / "spool", http_sink(receiver, tmp_path, batch_max_events=20))
+            await wait_for(lambda: len(receiver.ids()) == 5)
+            g.sink.close(5)
+        finally:
+            await receiver.stop()
+        assert receiver.ids() == [f"req-{i}" for i in range(20, 25)]
+        assert sink_count(g.metrics, "collector", "rejected") == 20
+        dropped = g.status_events("sink_events_dropped")
+        assert dropped[0]["guard"] == {"sink": "collector", "reason": "rejected_by_receiver", "dropped": 20}
+
+    async def test_a_held_batch_waits_out_a_dead_receiver(self, receiver: HttpReceiver, tmp_path: Path) -> None:
+        """Single bad events: the 11th in a row is held; 503s while it is held are retried without counting as
+        refusals (nothing is rejected because the receiver is down); HELD_ATTEMPTS refusals reject it."""
+        receiver.reject_marker = b"poison"
+        transport = http_transport(receiver, tmp_path)
+        for i in range(10):
+            assert await asyncio.to_thread(transport.send, [event_line(i, action="poison")]) == 1
+        held = (event_line(10, action="poison"),)
+        with pytest.raises(DeliveryError, match="attempt 1 of 10"):
+            await asyncio.to_thread(transport.send, held)
+        receiver.fail_status, receiver.fail_times = 503, 30
+        for _ in range(30):
+            with pytest.raises(DeliveryError, match="HTTP 503"):
+                await asyncio.to_thread(transport.send, held)
+        for attempt in range(2, 10):
+            with pytest.raises(DeliveryError, match=f"attempt {attempt} of 10"):
+                await asyncio.to_thread(transport.send, held)
+        assert await asyncio.to_thread(transport.send, held) == 1
+        assert await asyncio.to_thread(transport.send, [event_line(11)]) == 0   # good events: delivered
+        transport.close()
+        assert receiver.ids() == ["req-11"]
 
     async def test_a_refusing_collector_costs_a_bounded_number_of_posts(self, receiver: HttpReceiver,
                                                                         tmp_path: Path) -> None:
