@@ -75,6 +75,21 @@ async def model_url(digits_model: DigitsModel, model_calls: list[str]) -> AsyncI
     await runner.cleanup()
 
 
+@pytest.fixture
+def decodes(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """Every upstream answer the guard decodes (``loads_response`` wherever the protocols import it)."""
+    calls: list[bytes] = []
+    real = protocols_json.loads_response
+
+    def counting(body: bytes) -> Any:
+        calls.append(body)
+        return real(body)
+
+    for module in (protocols_json, protocols_responses, protocols_hardening):
+        monkeypatch.setattr(module, "loads_response", counting, raising=False)
+    return calls
+
+
 class RecordingTrackers(TrackerHook):
     """Stands in for the session trackers: keeps what the proxy handed them as the model's answer."""
 
@@ -89,7 +104,7 @@ class RecordingTrackers(TrackerHook):
 
 class TestAnswerDecodedOnce:
     async def test_trackers_and_hardening_share_one_decode(self, tmp_path: Path, model_url: str, start_guard,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+                                                           decodes: list[bytes]) -> None:
         """With session trackers and hardening both active, the upstream JSON is decoded once per request, and
         the client still gets the rounded answer."""
         policy = tmp_path / "policy.yaml"
@@ -98,22 +113,13 @@ class TestAnswerDecodedOnce:
         assert guard.state.policies.current.default.needs_session_scores
         trackers = RecordingTrackers()
         guard.state.trackers = trackers
-        calls: list[bytes] = []
-        real = protocols_json.loads_response
-
-        def counting(body: bytes) -> Any:
-            calls.append(body)
-            return real(body)
-
-        for module in (protocols_json, protocols_responses, protocols_hardening):
-            monkeypatch.setattr(module, "loads_response", counting, raising=False)
         x = np.random.default_rng(0).uniform(0, 16, (2, 64))
         async with aiohttp.ClientSession() as http, http.post(
                 guard.url + "/v2/models/digits/infer", data=v2_body(x),
                 headers={**JSON, "X-Request-Id": "once-1"}) as r:
             assert r.status == 200
             doc = orjson.loads(await r.read())
-        assert len(calls) == 1, f"the answer was decoded {len(calls)} times"
+        assert len(decodes) == 1, f"the answer was decoded {len(decodes)} times"
         (answer,) = trackers.answers
         assert isinstance(answer, ParsedResponse) and answer.probabilities is not None
         assert answer.probabilities.shape == (2, 10)
@@ -124,7 +130,7 @@ class TestAnswerDecodedOnce:
 
 
     async def test_custom_route_answer_is_not_decoded(self, tmp_path: Path, model_url: str, start_guard,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+                                                      decodes: list[bytes]) -> None:
         """A custom route's answer has no known shape (neither the trackers nor hardening can read it): with
         session rules on it is passed through undecoded, and the trackers are told there is no answer."""
         policy = tmp_path / "policy.yaml"
@@ -133,20 +139,11 @@ class TestAnswerDecodedOnce:
         assert guard.state.policies.current.default.needs_session_scores
         trackers = RecordingTrackers()
         guard.state.trackers = trackers
-        calls: list[bytes] = []
-        real = protocols_json.loads_response
-
-        def counting(body: bytes) -> Any:
-            calls.append(body)
-            return real(body)
-
-        for module in (protocols_json, protocols_responses, protocols_hardening):
-            monkeypatch.setattr(module, "loads_response", counting, raising=False)
         async with aiohttp.ClientSession() as http, http.post(
                 guard.url + "/score", json={"x": [[1.0, 2.0]]}, headers={"X-Request-Id": "custom-once"}) as r:
             assert r.status == 200
             assert await r.json() == {"y": [3.0]}
-        assert calls == [], "a custom route's answer was decoded"
+        assert decodes == [], "a custom route's answer was decoded"
         assert trackers.answers == [None]
         (event,) = guard.events_for("custom-once")
         assert event["event"]["action"] == "allow"
