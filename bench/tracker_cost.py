@@ -7,8 +7,9 @@ on digits (64 features), probabilities from a LogisticRegression, 64 sessions wa
 a global index warmed to ``--entries`` stored fingerprints (default 20,000), for 1-row and 64-row requests.
 
 Lines: ``total`` is ``SessionTracking.peek`` + ``update`` as the proxy calls them; the other lines time the
-same steps one by one (their sum is close to the total): ``peek scores`` (``SessionTrackers.peek``),
-``hashes`` (fingerprints and exact-row keys), ``density`` (``reference_density``), ``global observe``
+same steps one by one: ``peek scores`` (``SessionTrackers.peek``), ``hashes`` (fingerprints and exact-row
+keys), ``density`` (``reference_density`` of every row; ``peek`` computes it only for rows that have
+near-duplicates, so the sum of the parts exceeds the total by about this line), ``global observe``
 (``GlobalFingerprintIndex.observe``) and ``update`` (``SessionTrackers.update`` with the hashes passed in).
 Figures are the median and the mean over every timed call, in microseconds per request; the machine has
 2 cores shared with other work, so run it twice and compare medians.

@@ -27,6 +27,7 @@ counted; entries seen during an outage are not pushed to Redis (they age out wit
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -194,12 +195,15 @@ class RedisGlobalIndex:
         return args
 
     async def observe(self, session: str, fingerprints: np.ndarray, digests: np.ndarray, now: float,
-                      density: np.ndarray | None = None) -> float:
+                      density: np.ndarray | Callable[[int], float] | None = None) -> float:
         """Insert the request's rows; the score of its row with most near-duplicate inputs elsewhere."""
         # mirror: the fallback stays warm
         local = float(self.local.observe(session, fingerprints, digests, now, density))
+        rows = np.atleast_2d(fingerprints).shape[0]
         if density is None:
-            density = np.zeros(np.atleast_2d(fingerprints).shape[0])
+            density = np.zeros(rows)
+        elif callable(density):  # the script needs every row's value up front
+            density = np.array([density(i) for i in range(rows)])
         args = self._args(session, fingerprints, digests, density, now)
         if len(args) == 9:
             return local

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import struct
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -95,12 +95,16 @@ class SessionTracking(TrackerHook):
         scores = dict(engine.peek(self._state(record, engine), now))
         fingerprints, keys, digests = engine.request_hashes(features)  # features checked and hashed once
         self._remember(features, engine, fingerprints, digests)
-        density = engine.reference_density(fingerprints, self.global_index.match_threshold)
+        threshold = self.global_index.match_threshold
+
+        def density(i: int) -> float:  # the index asks only for rows that have near-duplicates
+            return float(engine.reference_density(fingerprints[i : i + 1], threshold)[0])
+
         scores[GLOBAL] = await self.observe_global(session, fingerprints, keys, now, density)
         return scores
 
     async def observe_global(self, session: str, fingerprints: np.ndarray, digests: np.ndarray, now: float,
-                             density: np.ndarray | None = None) -> float:
+                             density: np.ndarray | Callable[[int], float] | None = None) -> float:
         """This query against earlier queries of every session (a shared store may override this)."""
         return float(self.global_index.observe(session, fingerprints, digests, now, density))
 

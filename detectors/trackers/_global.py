@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -130,18 +131,19 @@ class GlobalFingerprintIndex:
         self._bin_count[slot] += 1.0
 
     def observe(self, session_id: str, fingerprints: np.ndarray, digests: np.ndarray, now: float,
-                density: np.ndarray | None = None) -> float:
+                density: np.ndarray | Callable[[int], float] | None = None) -> float:
         """Insert the request's rows and return ``session.global_fingerprint`` for the row with the most
         near-duplicate earlier inputs of other sessions. ``digests``: one salted digest per row
-        (``SessionTrackers.row_keys``), which recognises exact repeats. ``density``: per row, the share of
-        the reference sample near it (``SessionTrackers.reference_density``); m is divided by
+        (``SessionTrackers.row_keys``), which recognises exact repeats. ``density``: per row (an array, or a
+        function of the row index, called only for rows with near-duplicates), the share of the reference
+        sample near it (``SessionTrackers.reference_density``); m is divided by
         ``1 + W * density``, W the distinct inputs in the window: where benign inputs are dense, many
         near-duplicates are expected from volume alone."""
         fps = np.atleast_2d(np.asarray(fingerprints, dtype=np.uint64))
         dig = np.asarray(digests, dtype=np.uint64).reshape(-1)
-        dens = np.zeros(fps.shape[0]) if density is None else np.asarray(density, dtype=np.float64).reshape(-1)
-        if dig.shape[0] != fps.shape[0] or dens.shape[0] != fps.shape[0]:
-            raise ValueError("one digest and one density per fingerprint row are needed")
+        density_of = _density_lookup(density, fps.shape[0])
+        if dig.shape[0] != fps.shape[0]:
+            raise ValueError("one digest per fingerprint row is needed")
         if self._fps is None:
             self._fps = np.zeros((self.max_entries, fps.shape[1]), dtype=np.uint64)
         if fps.shape[1] != self._fps.shape[1]:
@@ -151,7 +153,7 @@ class GlobalFingerprintIndex:
         oldest = now - self.window_s
         volume: float | None = None  # W as of this call's start: computed when first needed
         last = fps.shape[0] - 1
-        for i, (row, digest, rho) in enumerate(zip(fps, dig.tolist(), dens.tolist(), strict=True)):
+        for i, (row, digest) in enumerate(zip(fps, dig.tolist(), strict=True)):
             keys_all = np.sort(row)
             n_nz = int(np.count_nonzero(keys_all))
             if n_nz == 0:
@@ -179,7 +181,7 @@ class GlobalFingerprintIndex:
                         if self._session[c] != sid:
                             m += float(self._weight[c])
                 if m > 0.0:
-                    r = max(0.0, rho)
+                    r = max(0.0, density_of(i))  # needed only here: rows with no match never pay for it
                     if r > 0.0 and volume is None:
                         volume = self.volume(now)
                     best = max(best, m / (1.0 + (volume if volume is not None else 0.0) * r))
@@ -221,6 +223,19 @@ class GlobalFingerprintIndex:
             h = int(self._bucket_head[b])
             self._table[b, h] = slot
             self._bucket_head[b] = (h + 1) % width
+
+
+def _density_lookup(density: np.ndarray | Callable[[int], float] | None, rows: int) -> Callable[[int], float]:
+    """Row index -> reference density, from an array (one per row), a function of the row index (evaluated
+    only for rows that have near-duplicates), or None (0 everywhere)."""
+    if density is None:
+        return lambda _i: 0.0
+    if callable(density):
+        return density
+    values = np.asarray(density, dtype=np.float64).reshape(-1)
+    if values.shape[0] != rows:
+        raise ValueError("one density per fingerprint row is needed")
+    return lambda i: float(values[i])
 
 
 def _shared(stored: np.ndarray, sorted_row: np.ndarray) -> np.ndarray:

@@ -216,3 +216,25 @@ class TestReferenceDensity:
             index.observe("t", fps[i : i + 1], digests[i : i + 1], float(i))  # an exact repeat
         assert index.volume(10.0) == 10.0
         assert index.volume(200.0) == 0.0
+
+    def test_density_function_is_asked_only_for_rows_with_matches(self, dense: tuple[SessionTrackers, np.ndarray]
+                                                                  ) -> None:
+        """Given as a function of the row index, the density is computed only for rows that have near-duplicates
+        from other sessions, and the scores equal those from a precomputed array."""
+        trackers, _ = dense
+        rng = np.random.default_rng(23)
+        rows = np.vstack([5.0 + rng.normal(0, 0.01, size=(40, 16)), rng.uniform(20, 30, size=(40, 16))])
+        rows = rows[rng.permutation(80)]
+        fps, digests = trackers.fingerprints(rows), trackers.row_keys(rows)
+        eager, lazy = GlobalFingerprintIndex(), GlobalFingerprintIndex()
+        asked: list[int] = []
+        for i in range(80):
+            fp, dg = fps[i : i + 1], digests[i : i + 1]
+
+            def density(j: int, fp: np.ndarray = fp) -> float:
+                asked.append(j)
+                return float(trackers.reference_density(fp[j : j + 1])[0])
+
+            assert lazy.observe(f"u{i}", fp, dg, float(i), density) == eager.observe(
+                f"u{i}", fp, dg, float(i), trackers.reference_density(fp))
+        assert 0 < len(asked) < 80
