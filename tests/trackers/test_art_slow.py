@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -14,14 +16,28 @@ pytestmark = pytest.mark.slow
 art = pytest.importorskip("art")
 
 
+MAX_RECORDED = 120
+
+
+class _Enough(Exception):
+    """Raised from the attack's predict once MAX_RECORDED queries are recorded: the tests need no more."""
+
+
 def _recorded_attack(digits: Digits, make_attack: str, index: int) -> np.ndarray:
-    """Run one ART attack on held-out image ``index`` and return every row it queried, in order."""
+    """Run one ART attack on held-out image ``index`` and return the first MAX_RECORDED rows it queried, in order.
+
+    The attacks get ART's default trust-region patience (num_trial=25) and enough iterations that they
+    cannot give up or finish before MAX_RECORDED queries: with num_trial=5 BoundaryAttack sometimes
+    stopped after 25 queries ("adversarial example found but not optimal") on another CPU, where the
+    logistic regression comes out a little different."""
     from art.attacks.evasion import BoundaryAttack, HopSkipJump
     from art.estimators.classification import BlackBoxClassifier
 
     queries: list[np.ndarray] = []
 
     def predict(x: np.ndarray) -> np.ndarray:
+        if len(queries) >= MAX_RECORDED:
+            raise _Enough
         x = np.asarray(x, dtype=np.float64).reshape(-1, 64)
         queries.extend(x)
         return np.eye(10)[digits.model.predict(x)]
@@ -29,12 +45,13 @@ def _recorded_attack(digits: Digits, make_attack: str, index: int) -> np.ndarray
     clf = BlackBoxClassifier(predict, input_shape=(64,), nb_classes=10, clip_values=(0.0, 16.0))
     np.random.seed(index)  # ART draws from numpy's global generator
     if make_attack == "hsj":
-        attack = HopSkipJump(clf, targeted=False, max_iter=1, max_eval=100, init_eval=100, verbose=False)
+        attack = HopSkipJump(clf, targeted=False, max_iter=10, max_eval=100, init_eval=100, verbose=False)
     else:
-        attack = BoundaryAttack(clf, targeted=False, max_iter=5, num_trial=5, sample_size=5, init_size=20,
+        attack = BoundaryAttack(clf, targeted=False, max_iter=50, num_trial=25, sample_size=5, init_size=20,
                                 verbose=False)
-    attack.generate(digits.X_held[index : index + 1].astype(np.float32))
-    return np.asarray(queries)
+    with contextlib.suppress(_Enough):
+        attack.generate(digits.X_held[index : index + 1].astype(np.float32))
+    return np.asarray(queries[:MAX_RECORDED])
 
 
 @pytest.mark.parametrize("attack", ["hsj", "boundary"])
