@@ -141,7 +141,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
             response = _reject(state, out, 403, "route_not_allowed", "route not allowed", request_id)
         elif match.kind == "passthrough":
             out.rule = "passthrough"
-            response, upstream_time = await _passthrough(request, state, out, request_id)
+            response, upstream_time = await _passthrough(request, state, match, out, request_id)
         else:
             response, upstream_time = await _inference(request, state, match, out, request_id, started)
     except BadBody as exc:
@@ -249,14 +249,15 @@ def _upstream_failure(state: GuardState, out: _Outcome, exc: BaseException, requ
 
 
 def _access_refusal(state: GuardState, out: _Outcome, identity: Identity, eff: EffectivePolicy,
-                    request_id: str, *, model_required: bool) -> web.Response | None:
-    """401 without valid credentials when the policy requires them; 403 for a model outside the credential's
-    list (``model_required``: also when the route names no model). None when the request may go on."""
+                    request_id: str, *, model_required: bool, health: bool = False) -> web.Response | None:
+    """401 without valid credentials when the policy requires them (on a plain ``health`` route only when it
+    asks for that too); 403 for a model outside the credential's list (``model_required``: also when the route
+    names no model). None when the request may go on."""
     if identity.credential_error is not None:
         out.fields["credential_error"] = identity.credential_error
     if identity.principal is not None:
         out.fields["principal"] = identity.principal
-    if eff.require_credentials and not identity.authenticated:
+    if eff.credentials_required(health=health) and not identity.authenticated:
         out.rule = "credentials-required"
         return _reject(state, out, 401, "unauthorized", "a valid API key or bearer token is required", request_id,
                        {"WWW-Authenticate": 'Bearer realm="inference-guard"'})
@@ -266,13 +267,14 @@ def _access_refusal(state: GuardState, out: _Outcome, identity: Identity, eff: E
     return None
 
 
-async def _passthrough(request: web.Request, state: GuardState, out: _Outcome,
+async def _passthrough(request: web.Request, state: GuardState, match: RouteMatch, out: _Outcome,
                        request_id: str) -> tuple[web.StreamResponse, float]:
     identity = state.identity.resolve(request.headers, request.remote)
     out.session, out.source_ip = identity.session, identity.ip.compressed if identity.ip else None
-    # unscored is not unauthenticated: metadata and health answers need the same credentials as inference
+    # unscored is not unauthenticated: model metadata needs the same credentials as inference; plain health stays
+    # open for probes unless the policy's access.health_requires_credentials says otherwise
     refusal = _access_refusal(state, out, identity, state.policies.current.for_model(out.model), request_id,
-                              model_required=False)
+                              model_required=False, health=match.health)
     if refusal is not None:
         return refusal, 0.0
     if request.method not in ("GET", "HEAD") and (request.content_length or request.can_read_body):

@@ -57,6 +57,11 @@ class RouteMatch:
     pointer: str | None
     route: str
     reason: str
+    health: bool = False
+    """A plain health route (``GET /v2``, ``/v2/health/*``, ``/ping``, ``/health``): it names no model, so probes
+    reach it without credentials unless the policy's ``access.health_requires_credentials`` says otherwise.
+    Model metadata (``/v2/models/{m}[/ready]``, ``/v1/models/{m}``) is not health: it needs credentials whenever
+    that model's policy requires them."""
 
 
 # RFC 3986 pchar minus "%" (no percent-encoding at all) and ";" (path parameters).
@@ -159,7 +164,8 @@ class RouteTable:
                 known.add(a.path)
         for path, (kind, protocol, methods, label) in _STATIC_ROUTES.items():
             for method in methods:
-                exact[(method, path)] = RouteMatch(kind, protocol, None, None, None, label, "built-in route")
+                exact[(method, path)] = RouteMatch(kind, protocol, None, None, None, label, "built-in route",
+                                                   health=kind == "passthrough")
             known.add(path)
         for c in custom:
             self._check_config_path(c.path, "routes")

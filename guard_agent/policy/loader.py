@@ -244,6 +244,7 @@ def _compile_section(r: _Reader, sec: Mapping[str, Any], path: Path_, base: Effe
         squeeze=_squeeze(r, sec, sub, base),
         score_names=available,
         require_credentials=_access(r, sec, sub, base),
+        health_requires_credentials=_health_access(r, sec, sub, base),
         integrity_action=_integrity(r, sec, sub, base),  # type: ignore[arg-type]
     )
 
@@ -404,11 +405,30 @@ def _squeeze(r: _Reader, sec: Mapping[str, Any], sub: Any, base: EffectivePolicy
     )
 
 
+_ACCESS_KEYS = {"require_credentials", "health_requires_credentials"}
+
+
 def _access(r: _Reader, sec: Mapping[str, Any], sub: Any, base: EffectivePolicy | None) -> bool:
     if "access" not in sec:
         return base.require_credentials if base else False
-    m = r.mapping(sec["access"], sub("access"), {"require_credentials"})
+    m = r.mapping(sec["access"], sub("access"), _ACCESS_KEYS)
     return r.boolean(m.get("require_credentials", False), (*sub("access"), "require_credentials"))
+
+
+def _health_access(r: _Reader, sec: Mapping[str, Any], sub: Any, base: EffectivePolicy | None) -> bool:
+    """``access.health_requires_credentials``: top level only (health routes name no model), and only with
+    ``require_credentials: true`` there (without it no route needs credentials, and the setting would mislead)."""
+    m = sec.get("access")
+    if not isinstance(m, Mapping) or "health_requires_credentials" not in m:
+        return base.health_requires_credentials if base else False
+    path = (*sub("access"), "health_requires_credentials")
+    if base is not None:
+        raise r.doc.error(path, "set only at the top level: health routes name no model, so a model's policy "
+                                "cannot apply to them")
+    value = r.boolean(m["health_requires_credentials"], path)
+    if value and m.get("require_credentials") is not True:
+        raise r.doc.error(path, "has no effect without access.require_credentials: true at the top level")
+    return value
 
 
 def _integrity(r: _Reader, sec: Mapping[str, Any], sub: Any, base: EffectivePolicy | None) -> str:

@@ -160,10 +160,17 @@ class EffectivePolicy:
     squeeze: SqueezeSettings
     score_names: frozenset[str]
     require_credentials: bool = False
+    health_requires_credentials: bool = False
+    """Top level only: with ``require_credentials``, plain health routes need credentials too (default: open)."""
     integrity_action: Literal["monitor", "flag", "block"] = "monitor"
 
     needs_session_scores: bool = field(init=False, default=False)
     """True when a rule reads a session.* score: only then do the session trackers run (derived)."""
+
+    def credentials_required(self, *, health: bool = False) -> bool:
+        """Whether a request needs valid credentials: every route when ``require_credentials``, except plain
+        health routes (load-balancer and probe targets), which stay open unless ``health_requires_credentials``."""
+        return self.require_credentials and (not health or self.health_requires_credentials)
 
     def __post_init__(self) -> None:
         needed = any(c.fact.startswith("session.") and c.fact in SCORE_NAMES

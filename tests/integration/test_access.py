@@ -328,9 +328,10 @@ class TestApiKeysOnTheGuard:
 
     async def test_passthrough_routes_require_credentials_too(self, tmp_path: Path, model_url: str,
                                                               start_guard) -> None:
-        """With require_credentials, unscored metadata and health routes also need a valid key (401 otherwise);
-        a key scoped to other models may not read this model's metadata (403) but may read server health."""
-        (tmp_path / "policy.yaml").write_text(POLICY_REQUIRE)
+        """With require_credentials (and health_requires_credentials), unscored metadata and health routes also
+        need a valid key (401 otherwise); a key scoped to other models may not read this model's metadata (403)
+        but may read server health. (Health open by default: tests/integration/test_metadata_auth.py.)"""
+        (tmp_path / "policy.yaml").write_text(POLICY_REQUIRE + "  health_requires_credentials: true\n")
         keys = write_keys(tmp_path / "keys.yaml", [{"name": "a", "key": KEY_A},
                                                    {"name": "scoped", "key": KEY_B, "models": ["other-model"]}])
         guard = await start_guard(model_url, policy=str(tmp_path / "policy.yaml"), api_keys_file=str(keys))
