@@ -40,9 +40,30 @@ def readiness(state: GuardState) -> dict[str, bool]:
     }
 
 
+_NOT_READY = {
+    "policy": "no policy loaded yet",
+    "profile": "the detector profile is not loaded",
+    "upstream": "the model server does not accept connections",
+    "integrity": "waiting for the first integrity verdict",
+    "accepting": "shutting down: draining in-flight requests",
+}
+
+
+def not_ready_reasons(state: GuardState, checks: dict[str, bool]) -> dict[str, str]:
+    """One sentence per failing check, for people reading ``/readyz`` (probes only look at the status)."""
+    reasons = {name: _NOT_READY[name] for name, ok in checks.items() if not ok}
+    integrity = state.integrity
+    if "integrity" in reasons and isinstance(integrity, IntegrityChecker):
+        reasons["integrity"] = integrity.waiting_reason() or reasons["integrity"]
+    return reasons
+
+
 async def readyz(request: web.Request) -> web.Response:
-    checks = readiness(request.app[STATE])
-    return _json({"ready": all(checks.values()), "checks": checks}, 200 if all(checks.values()) else 503)
+    state = request.app[STATE]
+    checks = readiness(state)
+    ready = all(checks.values())
+    return _json({"ready": ready, "checks": checks, "reasons": not_ready_reasons(state, checks)},
+                 200 if ready else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:

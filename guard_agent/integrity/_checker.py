@@ -55,6 +55,10 @@ BATCH_ROWS = 256
 JITTER = 0.1
 MAX_BACKOFF = 10.0
 """Longest wait between replays while the model does not answer: a restarted model is checked promptly."""
+WAIT_ALERT_AFTER = 60.0
+"""Seconds without a first canary verdict before the guard logs an error saying it stays not ready."""
+WAIT_ALERT_EVERY = 600.0
+"""Then the error repeats this often (bounded log volume) until the first verdict comes in."""
 _ALL_MODELS = "*"
 
 
@@ -89,6 +93,12 @@ class IntegrityChecker(IntegrityHook):
         self._snapshot: frozenset[Any] | None = None
         self._last_verify = 0.0
         self._first_verdicts = not self._sets  # readiness latch: every model with canaries has had a verdict
+        self._errors: dict[str, str] = {}  # why a model's last replay got no answer (cleared by a verdict)
+        self._attempts = 0  # replays tried before the first verdicts (for /readyz and the still-waiting error)
+        self._started = time.monotonic()
+        self._next_wait_alert = 0.0  # monotonic seconds since start before which no still-waiting error
+        self.wait_alert_after = WAIT_ALERT_AFTER
+        self.wait_alert_every = WAIT_ALERT_EVERY
         self._wake: asyncio.Event | None = None
         self.metrics = IntegrityMetrics(state.metrics.registry)
         self._publish_sets()
@@ -119,6 +129,20 @@ class IntegrityChecker(IntegrityHook):
         """
         return self._first_verdicts
 
+    def waiting_reason(self) -> str | None:
+        """Why ``ready`` is still False, for the ``/readyz`` body; None once ready. Safe to show: model names,
+        counts and the upstream's error status, never canary data."""
+        if self._first_verdicts:
+            return None
+        pending = sorted(m for m in self._sets if m not in self._passing)
+        elapsed = time.monotonic() - self._started
+        text = (f"waiting for the first canary verdict of model(s) {', '.join(map(repr, pending))} "
+                f"({self._attempts} replay(s) in {elapsed:.0f} s)")
+        errors = [f"{m}: {self._errors[m]}" for m in pending if m in self._errors]
+        if errors:
+            return f"{text}; no answer, retrying: {'; '.join(errors)}"
+        return f"{text}; replay in progress" if self._attempts == 0 else text
+
     @property
     def models(self) -> tuple[str, ...]:
         return tuple(self._sets)
@@ -132,6 +156,7 @@ class IntegrityChecker(IntegrityHook):
     async def cleanup_ctx(self, app: web.Application) -> AsyncIterator[None]:
         """Verify the signed files before serving, then run the canary and watch loops until cleanup."""
         self._wake = asyncio.Event()
+        self._started = time.monotonic()
         if self._model_dir:
             await self.verify_signature("start")
         tasks = [asyncio.create_task(self._watch_loop(), name="integrity-watch")]
@@ -155,6 +180,9 @@ class IntegrityChecker(IntegrityHook):
                 self._state.events.log("error", "integrity: canary check failed unexpectedly",
                                        error={"message": f"{type(exc).__name__}: {exc}"})
                 answered = False
+            if not self._first_verdicts:
+                self._attempts += 1
+                self._alert_still_waiting()
             interval = self._state.settings.canary_interval
             if answered:
                 delay, backoff = interval * self._rng.uniform(1 - JITTER, 1 + JITTER), 0.25
@@ -238,7 +266,22 @@ class IntegrityChecker(IntegrityHook):
                 return True, results, None
         return False, results, None
 
+    def _alert_still_waiting(self) -> None:
+        """Log an error when the first verdict is overdue, then every ``wait_alert_every`` seconds: the guard
+        stays not ready (fail closed) for as long as the canaries cannot be replayed, and someone should know."""
+        elapsed = time.monotonic() - self._started
+        if elapsed < max(self.wait_alert_after, self._next_wait_alert):
+            return
+        self._next_wait_alert = elapsed + self.wait_alert_every
+        self._state.events.log("error", "integrity: still no canary verdict, the guard stays not ready (/readyz 503) "
+                                        "until the model answers its canaries",
+                               guard={"check": "canary", "models": sorted(m for m in self._sets
+                                                                          if m not in self._passing),
+                                      "attempts": self._attempts, "waited_seconds": round(elapsed, 1),
+                                      "errors": dict(self._errors)})
+
     def _record_unreachable(self, model: str, error: str) -> None:
+        self._errors[model] = error[:200]
         self.metrics.checks.labels("canary", "error").inc()
         if model not in self._unreachable:
             self._unreachable.add(model)
@@ -248,6 +291,7 @@ class IntegrityChecker(IntegrityHook):
 
     def _record_verdict(self, model: str, passing: bool, results: list[CanaryResult]) -> None:
         self._unreachable.discard(model)
+        self._errors.pop(model, None)
         previous = self._passing.get(model)
         self._passing[model] = passing
         self._latch_ready()
@@ -314,6 +358,8 @@ class IntegrityChecker(IntegrityHook):
         for gone in set(self._passing) - set(self._sets):
             del self._passing[gone]
             self._unreachable.discard(gone)
+        for gone in set(self._errors) - set(self._sets):
+            del self._errors[gone]
             for labels in (("canary", gone), ("metadata", gone)):  # a removed model's alert must not stay at 1
                 with contextlib.suppress(KeyError):
                     self.metrics.failing.remove(*labels)
