@@ -58,6 +58,12 @@ MAX_BACKOFF = 10.0
 WAIT_ALERT_AFTER = 60.0
 """Seconds without a first canary verdict before the guard logs an error saying it stays not ready."""
 WAIT_ALERT_EVERY = 600.0
+REFUSED_FOR = 30.0
+"""Seconds a model that has had a verdict may refuse its canaries (HTTP 4xx) before that is a violation: long
+enough for a model reload's brief 404s, short enough that a swapped model cannot keep its old passing verdict by
+refusing the canaries it would fail."""
+REFUSED_ATTEMPTS = 3
+"""...and at least this many replays in a row refused (a single slow replay is not 30 s of refusals)."""
 """Then the error repeats this often (bounded log volume) until the first verdict comes in."""
 _ALL_MODELS = "*"
 
@@ -94,6 +100,8 @@ class IntegrityChecker(IntegrityHook):
         self._last_verify = 0.0
         self._first_verdicts = not self._sets  # readiness latch: every model with canaries has had a verdict
         self._errors: dict[str, str] = {}  # why a model's last replay got no answer (cleared by a verdict)
+        self._refused: dict[str, tuple[float, int]] = {}  # model -> (monotonic first refusal, refusals in a row)
+        self.refused_for = REFUSED_FOR
         self._attempts = 0  # replays tried before the first verdicts (for /readyz and the still-waiting error)
         self._started = time.monotonic()
         self._next_wait_alert = 0.0  # monotonic seconds since start before which no still-waiting error
@@ -216,12 +224,31 @@ class IntegrityChecker(IntegrityHook):
             verdict, results, error = await self._check_model(model, sets)
             if self._sets.get(model) is not sets:
                 continue  # the sets were reloaded meanwhile: this verdict is about sets no longer active
+            if verdict is not None:
+                self._refused.pop(model, None)
+            elif error is not None and self._refused_too_long(model, error):
+                verdict = False
+                results = [*results, CanaryResult(revision=sets[0].revision, checked=0, differed=0,
+                                                  label_mismatches=0, max_probability_diff=0.0,
+                                                  reason=f"the model refuses its canaries ({error})")]
             if verdict is None:
                 answered = False
-                self._record_unreachable(model, error or "no answer")
+                self._record_unreachable(model, str(error) if error is not None else "no answer")
             else:
                 self._record_verdict(model, verdict, results)
         return answered
+
+    def _refused_too_long(self, model: str, error: UpstreamError) -> bool:
+        """True once a model that has had a verdict has refused its canaries (HTTP 4xx) for ``refused_for``
+        seconds and REFUSED_ATTEMPTS replays in a row. Before the first verdict a refusal only keeps the guard not
+        ready (fail closed); an outage (no answer, 5xx, 408, 429) never counts: the last verdict stays."""
+        if not error.refused or model not in self._passing:
+            self._refused.pop(model, None)
+            return False
+        now = time.monotonic()
+        since, count = self._refused.get(model, (now, 0))
+        self._refused[model] = (since, count + 1)
+        return count + 1 >= REFUSED_ATTEMPTS and now - since >= self.refused_for
 
     async def _ask(self, cs: CanarySet) -> Answer:
         assert self._state.client is not None
@@ -243,7 +270,7 @@ class IntegrityChecker(IntegrityHook):
                       np.concatenate(probs) if len(probs) == n_chunks else None, readable=True)
 
     async def _check_model(self, model: str, sets: Sequence[CanarySet]
-                           ) -> tuple[bool | None, list[CanaryResult], str | None]:
+                           ) -> tuple[bool | None, list[CanaryResult], UpstreamError | None]:
         results: list[CanaryResult] = []
         for cs in sets:
             try:
@@ -254,7 +281,7 @@ class IntegrityChecker(IntegrityHook):
                                                     cs.model, protocol=cs.protocol,
                                                     timeout=self._state.settings.read_timeout)
             except UpstreamError as exc:
-                return None, results, str(exc)
+                return None, results, exc
             result = compare_answers(cs, answer.labels, answer.probabilities)
             if not answer.readable:
                 result = dataclasses.replace(result, reason="the model's answer could not be read")
@@ -316,7 +343,8 @@ class IntegrityChecker(IntegrityHook):
         if previous is not False:
             m.violations.labels(check).inc()
         differed = [r.as_dict() for r in results]
-        summary = (f"{best.differed} of {best.checked} canaries differ" if canary_bad
+        summary = (best.reason if best.reason is not None and best.differed == 0
+                   else f"{best.differed} of {best.checked} canaries differ" if canary_bad
                    else f"metadata changed: {', '.join(best.metadata_changed)}")
         self._alert("error" if previous is not False else "warning",
                     f"model integrity violation: {model} ({summary})",

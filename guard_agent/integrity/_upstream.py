@@ -27,6 +27,17 @@ _INT_TYPES = ("INT64", "INT32", "INT16", "INT8", "UINT8")
 class UpstreamError(Exception):
     """The model server could not be asked (unreachable, timed out, or answered with an error status)."""
 
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        """The HTTP status when the server answered with an error; None when no answer came back."""
+
+    @property
+    def refused(self) -> bool:
+        """The server answered and refused the request itself (a 4xx other than 408 timeout / 429 overload): the
+        model no longer accepts what its approved version answered, unlike an outage or a busy server."""
+        return self.status is not None and 400 <= self.status < 500 and self.status not in (408, 429)
+
 
 @dataclass(frozen=True)
 class Answer:
@@ -74,7 +85,7 @@ async def infer(client: aiohttp.ClientSession, upstream: str, model: str, X: np.
     except (TimeoutError, aiohttp.ClientError) as exc:
         raise UpstreamError(f"{type(exc).__name__}: {exc}".strip(": ")) from exc
     if not 200 <= status < 300:
-        raise UpstreamError(f"HTTP {status} from {infer_path(protocol, model)}")
+        raise UpstreamError(f"HTTP {status} from {infer_path(protocol, model)}", status=status)
     parsed = parse_response(protocol, payload, X.shape[0])
     if parsed is None:
         return Answer(None, None, readable=False)
@@ -93,7 +104,7 @@ async def fetch_metadata(client: aiohttp.ClientSession, upstream: str, model: st
     except (TimeoutError, aiohttp.ClientError) as exc:
         raise UpstreamError(f"{type(exc).__name__}: {exc}".strip(": ")) from exc
     if status >= 500:
-        raise UpstreamError(f"HTTP {status} from {metadata_path(protocol, model)}")
+        raise UpstreamError(f"HTTP {status} from {metadata_path(protocol, model)}", status=status)
     if status != 200:
         return None
     try:
