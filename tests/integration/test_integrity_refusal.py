@@ -9,6 +9,7 @@ import asyncio
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import numpy as np
@@ -38,11 +39,17 @@ async def _repository(http: aiohttp.ClientSession, upstream: str, action: str) -
         assert r.status == 200, await r.text()
 
 
-async def _recorded(tmp_path: Path, upstream: str, digits: DigitsData) -> str:
+async def _passing_guard(tmp_path: Path, upstream: str, digits: DigitsData, start_guard: GuardFactory) -> Any:
+    """Canaries recorded against ``upstream``, a guard (on_violation: block, 0.5 s interval, the short grace)
+    checking them, returned once the model has passed."""
     ref = tmp_path / "ref.npy"
     np.save(ref, digits.X_test)
     await record(upstream, ref, tmp_path / "canaries" / "approved")
-    return str(tmp_path / "canaries")
+    guard = await start_guard(upstream, policy=policy(tmp_path, "block"), canaries=str(tmp_path / "canaries"),
+                              canary_interval=0.5)
+    guard.state.integrity.refused_for = REFUSED_FOR
+    assert await wait_for(lambda: guard.state.integrity.score("digits") == 0.0, 10 + SLACK)
+    return guard
 
 
 async def test_refusing_the_canaries_becomes_a_violation_then_restores(
@@ -52,11 +59,8 @@ async def test_refusing_the_canaries_becomes_a_violation_then_restores(
     the grace period, then the guard alerts (integrity_violation, reason naming the refusal) and answers 503
     under on_violation: block; loading the model back restores it."""
     upstream, _ = private_model
-    canaries = await _recorded(tmp_path, upstream, digits)
-    guard = await start_guard(upstream, policy=policy(tmp_path, "block"), canaries=canaries, canary_interval=0.5)
+    guard = await _passing_guard(tmp_path, upstream, digits, start_guard)
     integrity = guard.state.integrity
-    integrity.refused_for = REFUSED_FOR
-    assert await wait_for(lambda: integrity.score("digits") == 0.0, 10 + SLACK)
     async with aiohttp.ClientSession() as http:
         await _repository(http, upstream, "unload")
         unloaded = time.monotonic()
@@ -85,11 +89,8 @@ async def test_an_outage_keeps_the_last_verdict(
     """The model server stopped (connections refused) for longer than the grace period is an outage, not a
     refusal: the passing verdict stays and nothing is alerted."""
     upstream, proc = private_model
-    canaries = await _recorded(tmp_path, upstream, digits)
-    guard = await start_guard(upstream, policy=policy(tmp_path, "block"), canaries=canaries, canary_interval=0.5)
+    guard = await _passing_guard(tmp_path, upstream, digits, start_guard)
     integrity = guard.state.integrity
-    integrity.refused_for = REFUSED_FOR
-    assert await wait_for(lambda: integrity.score("digits") == 0.0, 10 + SLACK)
     await asyncio.to_thread(stop, proc)
     assert await wait_for(lambda: "digits" in integrity._errors, 5 + SLACK)
     await asyncio.sleep(REFUSED_FOR + 3.0)
