@@ -1,7 +1,6 @@
 """Feature squeezing (Xu, Evans, Qi, NDSS 2018): the pure parts. The guard sends the squeezed copies to the
-model
-and compares its predictions; a large change between original and squeezed predictions suggests an adversarial
-input. Costs extra model calls, so it is opt-in per route (wired in the guard, not here)."""
+model and compares its predictions; a large change between original and squeezed predictions suggests an
+adversarial input. Costs extra model calls, so it is opt-in per route (wired in the guard, not here)."""
 
 from __future__ import annotations
 
@@ -15,6 +14,7 @@ from scipy.ndimage import median_filter
 from ._validation import FloatArray, as_rows
 
 SqueezeKind = Literal["auto", "image", "tabular"]
+FeatureRange = tuple[npt.ArrayLike, npt.ArrayLike]
 
 
 def _value_range(X: FloatArray, value_range: tuple[float, float] | None) -> tuple[float, float]:
@@ -73,6 +73,33 @@ def round_significant(X: npt.ArrayLike, digits: int) -> FloatArray:
     return np.asarray(np.round(X64 * factor) / factor, dtype=np.float64)
 
 
+def tabular_variants(
+    rows: npt.ArrayLike, bit_depth: int, feature_range: FeatureRange | None = None, digits: int = 2
+) -> list[FloatArray]:
+    """Two squeezed copies of a (rows, features) batch: [rounding to `digits` significant digits, bit-depth
+    reduction of each feature to ``2**bit_depth`` levels over `feature_range`, clipped to it].
+
+    `feature_range` (low, high per feature) should be the reference data's (a profile's input-schema bounds):
+    then every request is put on the same grid whatever its size. None uses the batch's own range, which is
+    empty for a single row. A feature whose range is empty (constant in the reference, or one row without a
+    reference) keeps its value in the second copy: there is no grid to put it on.
+    """
+    x = np.asarray(rows, dtype=np.float64)
+    if feature_range is None:
+        low, high = x.min(axis=0), x.max(axis=0)
+    else:
+        low, high = (np.asarray(b, dtype=np.float64).reshape(-1) for b in feature_range)
+        if low.shape != (x.shape[1],) or high.shape != (x.shape[1],):
+            raise ValueError(f"feature_range has {low.size}/{high.size} bounds for {x.shape[1]} features")
+    span = high - low
+    usable = span > 0
+    levels = 2**bit_depth - 1
+    safe = np.where(usable, span, 1.0)
+    unit = np.clip((x - low) / safe, 0.0, 1.0)
+    quantised = np.where(usable, np.round(unit * levels) / levels * safe + low, x)
+    return [round_significant(x, digits), np.asarray(quantised, dtype=np.float64)]
+
+
 def squeeze_variants(
     X: npt.ArrayLike,
     row_shape: Sequence[int],
@@ -82,12 +109,13 @@ def squeeze_variants(
     median_size: int = 2,
     digits: int = 2,
     value_range: tuple[float, float] | None = None,
+    feature_range: FeatureRange | None = None,
 ) -> list[FloatArray]:
     """Squeezed copies of the batch `X` (rows flattened or shaped `row_shape`), each shaped like `X`.
 
-    "image" (auto when `row_shape` is 2-D or 3-D): [bit-depth reduction, median smoothing], as in Xu et al.
-    "tabular" (auto otherwise): [rounding to `digits` significant digits, bit-depth reduction per feature
-    range]. NaN/Inf are refused like everywhere in the library.
+    "image" (auto when `row_shape` is 2-D or 3-D): [bit-depth reduction over `value_range`, median smoothing],
+    as in Xu et al. "tabular" (auto otherwise): :func:`tabular_variants` over `feature_range`. NaN/Inf are
+    refused like everywhere in the library.
     """
     shape = tuple(int(s) for s in row_shape)
     arr = np.asarray(X)
@@ -105,11 +133,7 @@ def squeeze_variants(
             median_smooth(rows, shape, median_size).reshape(rows.shape),
         ]
     elif kind == "tabular":
-        low, high = rows.min(axis=0), rows.max(axis=0)
-        span = np.where(high > low, high - low, 1.0)
-        unit = (rows - low) / span
-        levels = 2**bit_depth - 1
-        variants = [round_significant(rows, digits), np.round(unit * levels) / levels * span + low]
+        variants = tabular_variants(rows, bit_depth, feature_range, digits)
     else:
         raise ValueError(f"kind must be 'auto', 'image' or 'tabular', got {kind!r}")
     return [v.reshape(original_shape) for v in variants]

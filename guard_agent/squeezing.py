@@ -16,15 +16,13 @@ under the policy's time budget, and supports Open Inference Protocol v2
 requests with a single input tensor; other requests get no ``adv.squeeze``.
 The extra call is never counted in any session and never reaches the client.
 
-Tabular squeezing is done here, per request, so that a single row is squeezed like a batch: rounding to
-two significant digits, and bit-depth reduction of each feature over its *reference* range (the profile's
-input-schema bounds), the same grid for every request. (``detectors.squeeze`` quantises over the batch's own
-range, which is empty for one row, so that copy was always the request itself.) Without a profile the batch's
-range is the only one known: a single row is then squeezed by rounding only, since any other grid would be
-a guess (rounding to one significant digit instead flagged 44% of benign wine rows at 0.5). Image squeezing uses
-``detectors.squeeze`` as is. The squeezed copies go to the model in the client's own datatype: integer
-tensors get integers within the datatype's range (rounded, clipped), so a UINT8 or FP32 model is asked
-exactly as the client asks it; BOOL inputs are not squeezed.
+Tabular squeezing (rounding to two significant digits, and bit-depth reduction of each feature) puts every
+request on the grid of the *reference* range (the profile's input-schema bounds), so a single row is squeezed
+like a batch. Without a profile the batch's range is the only one known: a single row is then squeezed by
+rounding only, since any other grid would be a guess (rounding to one significant digit instead flagged 44% of
+benign wine rows at 0.5). Both kinds come from ``detectors.squeeze``. The squeezed copies go to the model in the
+client's own datatype: integer tensors get integers within the datatype's range (rounded, clipped), so a UINT8
+or FP32 model is asked exactly as the client asks it; BOOL inputs are not squeezed.
 """
 
 from __future__ import annotations
@@ -35,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import orjson
 
-from detectors.squeeze import round_significant, squeeze_distance, squeeze_variants
+from detectors.squeeze import FeatureRange, squeeze_distance, squeeze_variants, tabular_variants
 from guard_agent.protocols import parse_response
 from guard_agent.protocols.v2 import DATATYPES
 from guard_agent.scoring import ScoringContext
@@ -44,8 +42,6 @@ if TYPE_CHECKING:
     from guard_agent.state import GuardState
 
 __all__ = ["SqueezeScorer", "as_probabilities", "in_datatype", "tabular_variants"]
-
-FeatureRange = tuple[np.ndarray, np.ndarray]
 
 
 def as_probabilities(labels: np.ndarray | None, probabilities: np.ndarray | None) -> np.ndarray | None:
@@ -60,28 +56,6 @@ def as_probabilities(labels: np.ndarray | None, probabilities: np.ndarray | None
     out = np.zeros((lab.size, int(lab.max()) + 1))
     out[np.arange(lab.size), lab] = 1.0
     return out
-
-
-def tabular_variants(rows: np.ndarray, bit_depth: int, feature_range: FeatureRange | None) -> list[np.ndarray]:
-    """Two squeezed copies of a (rows, features) batch: the same grid whatever the batch size.
-
-    [rounding to two significant digits, bit-depth reduction of each feature to ``2**bit_depth`` levels over
-    ``feature_range`` (low, high per feature: the reference data's; None = the batch's own range), clipped to
-    that range]. A feature whose range is empty (constant in the reference, or one row without a reference)
-    keeps its value in the second copy: there is no grid to put it on.
-    """
-    x = np.asarray(rows, dtype=np.float64)
-    if feature_range is None:
-        low, high = x.min(axis=0), x.max(axis=0)
-    else:
-        low, high = (np.asarray(b, dtype=np.float64).reshape(-1) for b in feature_range)
-    span = high - low
-    usable = span > 0
-    levels = 2**bit_depth - 1
-    safe = np.where(usable, span, 1.0)
-    unit = np.clip((x - low) / safe, 0.0, 1.0)
-    quantised = np.where(usable, np.round(unit * levels) / levels * safe + low, x)
-    return [round_significant(x, 2), quantised]
 
 
 def in_datatype(batch: np.ndarray, datatype: str) -> list[float] | list[int]:
@@ -140,15 +114,9 @@ class SqueezeScorer:
             return {}  # nothing to squeeze in true/false
         settings = ctx.policy.squeeze
         rows = ctx.features.shape[0]
-        kind = settings.kind
-        if kind == "auto":
-            kind = "image" if len(ctx.row_shape) in (2, 3) else "tabular"
-        if kind == "tabular":
-            variants = tabular_variants(ctx.features, settings.bit_depth,
-                                        self._feature_range(ctx.model, ctx.features.shape[1]))
-        else:
-            variants = squeeze_variants(ctx.features, ctx.row_shape, kind=kind, bit_depth=settings.bit_depth,
-                                        value_range=self._value_range(ctx.model))
+        variants = squeeze_variants(ctx.features, ctx.row_shape, kind=settings.kind, bit_depth=settings.bit_depth,
+                                    value_range=self._value_range(ctx.model),
+                                    feature_range=self._feature_range(ctx.model, ctx.features.shape[1]))
         batch = np.vstack([ctx.features, *[v.reshape(rows, -1) for v in variants]])
         doc: dict[str, object] = {"inputs": [{
             "name": parsed.input_names[0], "shape": [batch.shape[0], *ctx.row_shape], "datatype": datatype,
