@@ -16,18 +16,6 @@ INFER = "/v2/models/digits/infer"
 JSON = {"Content-Type": "application/json"}
 
 
-@pytest.fixture(scope="module")
-def profile_dir(tmp_path_factory: pytest.TempPathFactory, digits: DigitsData) -> str:
-    from detectors import fit_profile, save_profile
-    from detectors.trackers import fit_tracker_config
-
-    out = tmp_path_factory.mktemp("profile") / "digits"
-    trackers = fit_tracker_config(digits.X_train, digits.y_train, seed=0).to_parts()
-    save_profile(fit_profile(digits.X_train, labels=digits.y_train, fpr=0.01, seed=0,
-                             extra_components={"trackers": trackers}), out)
-    return str(out)
-
-
 async def post(http: aiohttp.ClientSession, url: str, body: bytes, key: str, rid: str) -> int:
     async with http.post(url + INFER, data=body, headers={**JSON, "X-API-Key": key, "X-Request-Id": rid}) as r:
         await r.read()
@@ -36,12 +24,12 @@ async def post(http: aiohttp.ClientSession, url: str, body: bytes, key: str, rid
 
 class TestProfileInTheGuard:
     async def test_ood_blocked_in_distribution_passes(self, mlserver: ModelServer, start_guard, tmp_path: Path,
-                                                      profile_dir: str, digits: DigitsData) -> None:
+                                                      digits_profile: str, digits: DigitsData) -> None:
         """With a fitted profile, a noise image is blocked and held-out digits pass, on the real MLServer."""
         policy = tmp_path / "policy.yaml"
         policy.write_text("version: 1\nrules:\n  - id: ood\n    when: {ood.combined: {gte: 0.99}}\n"
                           "    action: block\n")
-        guard = await start_guard(mlserver.url, policy=str(policy), profile=profile_dir)
+        guard = await start_guard(mlserver.url, policy=str(policy), profile=digits_profile)
         rng = np.random.default_rng(0)
         async with aiohttp.ClientSession() as http:
             ok = [await post(http, guard.url, v2_body(x), f"benign-{i}", f"in-{i}")
@@ -58,9 +46,9 @@ class TestProfileInTheGuard:
             set(event["guard"]["scores"])
 
     async def test_profile_mismatched_feature_count_is_400(self, mlserver: ModelServer, start_guard,
-                                                           profile_dir: str) -> None:
+                                                           digits_profile: str) -> None:
         """A request whose feature count differs from the profile's is invalid (400), not scored."""
-        guard = await start_guard(mlserver.url, profile=profile_dir)
+        guard = await start_guard(mlserver.url, profile=digits_profile)
         async with aiohttp.ClientSession() as http, http.post(guard.url + INFER, data=v2_body(np.ones(63)),
                                                               headers=JSON) as r:
             assert r.status == 400
@@ -69,10 +57,10 @@ class TestProfileInTheGuard:
 
 class TestSessionTrackersInTheGuard:
     async def test_near_duplicate_probing_is_blocked(self, mlserver: ModelServer, start_guard,
-                                                     profile_dir: str, digits: DigitsData) -> None:
+                                                     digits_profile: str, digits: DigitsData) -> None:
         """A HopSkipJump-like stream of near-duplicates from one key is blocked within a few dozen queries,
         while a benign key sending held-out digits is not."""
-        guard = await start_guard(mlserver.url, profile=profile_dir)
+        guard = await start_guard(mlserver.url, profile=digits_profile)
         rng = np.random.default_rng(1)
         base = digits.X_test[3]
         async with aiohttp.ClientSession() as http:

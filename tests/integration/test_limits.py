@@ -11,7 +11,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from tests.conftest import free_port
+from tests._support.servers import serve_app
 
 
 @dataclass
@@ -49,13 +49,9 @@ async def upstream() -> AsyncIterator[Upstream]:
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app.router.add_post("/v2/models/m/infer", infer)
     app.router.add_get("/v2/health/ready", ready)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    up.url = f"http://127.0.0.1:{port}"
-    yield up
-    await runner.cleanup()
+    async with serve_app(app) as url:
+        up.url = url
+        yield up
 
 
 def body_for(rows: int = 1, first: float = 1.0, features: int = 4) -> bytes:
