@@ -1,12 +1,15 @@
-"""Fixtures the integration tests share: the demo model server, a profile fitted on the digits data."""
+"""Fixtures the integration tests share: the demo model server, a profile fitted on the digits data, Redis."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
 from guard_agent.demo import DigitsModel, make_model_app
+from tests._support.redis import RedisServer, delete_prefix, redis_cmd
 from tests._support.servers import serve_app
 from tests.conftest import DigitsData
 
@@ -36,3 +39,23 @@ def digits_profile(tmp_path_factory: pytest.TempPathFactory, digits: DigitsData)
                              extra_components={"trackers": trackers}), out)
     return str(out)
 
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A private redis-server on a free port that a test may stop, pause and restart; always stopped after."""
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    """A unique key prefix on the shared Redis (127.0.0.1:6379), whose keys are deleted after the test."""
+    try:
+        assert redis_cmd(6379, "PING").startswith(b"+PONG")
+    except OSError as exc:
+        raise RuntimeError("these tests need the Redis server on 127.0.0.1:6379") from exc
+    p = f"ig-test-{uuid.uuid4().hex[:12]}:"
+    yield p
+    delete_prefix(6379, p)
