@@ -11,7 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.conftest import free_port
+from tests._support.servers import free_port
 
 
 def redis_cmd(port: int, *args: str, timeout: float = 1.0) -> bytes:

@@ -1,8 +1,9 @@
-"""Serve an aiohttp app on a loopback port for the length of a ``with`` block (a model stub, a collector)."""
+"""Loopback servers for tests: free ports, an aiohttp app served for a ``with`` block, waiting for readiness."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -11,15 +12,21 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from tests.conftest import free_port
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (tests bind it moments later)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 @asynccontextmanager
 async def serve_app(app: web.Application, *, port: int | None = None, **runner: Any) -> AsyncIterator[str]:
     """Run ``app`` on 127.0.0.1 (a free port unless ``port`` is given); yields its base URL, cleaned up after.
 
-    Unlike pytest-aiohttp's ``aiohttp_server`` this keeps aiohttp's defaults (no handler cancellation on client
-    disconnect), which the concurrency and drain tests rely on.
+    Unlike pytest-aiohttp's ``aiohttp_server`` this keeps aiohttp's defaults (a handler is not cancelled when its
+    client disconnects), as the hand-written runners it replaced did; stubs that count in-flight requests see
+    every handler run to its end.
     """
     app_runner = web.AppRunner(app, access_log=None, **runner)
     await app_runner.setup()

@@ -1,30 +1,15 @@
-"""Fixtures the integration tests share: the demo model server, a profile fitted on the digits data, Redis."""
+"""Fixtures the integration tests share: a profile fitted on the digits data, and Redis."""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from guard_agent.demo import DigitsModel, make_model_app
 from tests._support.redis import RedisServer, delete_prefix, redis_cmd
-from tests._support.servers import serve_app
 from tests.conftest import DigitsData
-
-
-@pytest.fixture(scope="session")
-def demo_model() -> DigitsModel:
-    """The demo's digits model, fitted once (it is deterministic and never changed by a test)."""
-    return DigitsModel()
-
-
-@pytest.fixture
-async def demo_model_url(demo_model: DigitsModel) -> AsyncIterator[str]:
-    """The built-in digits v2 model server (``guard_agent.demo``) on a free loopback port."""
-    async with serve_app(make_model_app(demo_model)) as url:
-        yield url
 
 
 @pytest.fixture(scope="session")
