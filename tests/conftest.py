@@ -22,7 +22,8 @@ import pytest
 from guard_agent.demo import DigitsModel, make_model_app
 from guard_agent.events import CallbackSink
 from guard_agent.settings import Settings
-from tests._support.servers import free_port, serve_app
+from tests._support.servers import free_port as free_port  # re-exported: tests import it from here
+from tests._support.servers import serve_app
 
 
 def wait_http(url: str, timeout: float = 60.0, proc: subprocess.Popen[bytes] | None = None) -> None:

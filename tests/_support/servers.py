@@ -5,12 +5,16 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
 from aiohttp import web
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+ServePost = Callable[[str, Handler], Awaitable[str]]
+"""The ``serve_post`` fixture: ``await serve_post(path, handler)`` -> the stub's base URL."""
 
 
 def free_port() -> int:

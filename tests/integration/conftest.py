@@ -1,14 +1,17 @@
-"""Fixtures the integration tests share: a profile fitted on the digits data, and Redis."""
+"""Fixtures the integration tests share: a profile fitted on the digits data, Redis, upstream stubs."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiohttp import web
 
 from tests._support.redis import RedisServer, delete_prefix, redis_cmd
+from tests._support.servers import Handler, ServePost
 from tests.conftest import DigitsData
 
 
@@ -44,3 +47,17 @@ def redis_prefix() -> Iterator[str]:
     p = f"ig-test-{uuid.uuid4().hex[:12]}:"
     yield p
     delete_prefix(6379, p)
+
+
+@pytest.fixture
+def serve_post(aiohttp_server: Any) -> ServePost:
+    """``await serve_post(path, handler)``: an upstream stub answering POST ``path`` with ``handler`` on a loopback
+    port (pytest-aiohttp's test server, closed after the test); returns its base URL."""
+
+    async def serve(path: str, handler: Handler) -> str:
+        app = web.Application()
+        app.router.add_post(path, handler)
+        server = await aiohttp_server(app)
+        return f"http://127.0.0.1:{server.port}"
+
+    return serve

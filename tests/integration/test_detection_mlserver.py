@@ -8,6 +8,7 @@ import aiohttp
 import numpy as np
 import pytest
 
+from tests._support.servers import ServePost
 from tests.conftest import DigitsData, ModelServer, v2_body
 
 pytestmark = pytest.mark.slow
@@ -95,7 +96,8 @@ class TestSqueezing:
         (event,) = guard.events_for("sq-1")
         assert 0.0 <= event["guard"]["scores"]["adv.squeeze"] < 0.5
 
-    async def test_squeeze_budget_overrun_fails_closed(self, start_guard, tmp_path: Path, aiohttp_server) -> None:  # type: ignore[no-untyped-def]
+    async def test_squeeze_budget_overrun_fails_closed(self, start_guard, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                       serve_post: ServePost) -> None:
         """When the squeeze call overruns the budget, a fail-closed policy blocks the request."""
         import asyncio
 
@@ -105,12 +107,10 @@ class TestSqueezing:
             await asyncio.sleep(1.0)
             return web.json_response({"outputs": []})
 
-        app = web.Application()
-        app.router.add_post(INFER, slow_infer)
-        server = await aiohttp_server(app)
+        upstream = await serve_post(INFER, slow_infer)
         policy = tmp_path / "policy.yaml"
         policy.write_text("version: 1\nsqueeze: {enabled: true}\nfailure: {on_budget: closed, budget_ms: 50}\n")
-        guard = await start_guard(f"http://127.0.0.1:{server.port}", policy=str(policy))
+        guard = await start_guard(upstream, policy=str(policy))
         async with aiohttp.ClientSession() as http, http.post(
                 guard.url + INFER, data=v2_body(np.ones(4)), headers={**JSON, "X-Request-Id": "sq-2"}) as r:
             assert r.status == 403
