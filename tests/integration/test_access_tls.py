@@ -12,6 +12,7 @@ import pytest
 from cryptography import x509
 
 from guard_agent.demo import DigitsModel
+from tests._support.rawhttp import port_of
 from tests._support.tls import Pem, issue, make_ca
 from tests._support.waiting import wait_for
 from tests.conftest import v2_body
@@ -75,7 +76,7 @@ class TestTls:
         cert, key = tmp_path / "s.crt", tmp_path / "s.key"
         guard = await start_guard(demo_model_url, tls_cert_file=write(cert, first.cert),
                                   tls_key_file=write(key, first.key))
-        port = int(guard.url.rsplit(":", 1)[1])
+        port = port_of(guard.url)
         assert await served_serial(port, ca) == first.obj.serial_number
         write(key, second.key)
         write(cert, second.cert)

@@ -12,8 +12,8 @@ import orjson
 import pytest
 from aiohttp import web
 
+from tests._support.rawhttp import exchange, port_of, read_response
 from tests._support.servers import serve_app
-from tests.integration.test_limits import exchange, port_of, read_response
 
 ROW = [0.5, 1.5, 2.5, 3.5]
 

@@ -25,15 +25,15 @@ from guard_agent.demo import DigitsModel, v2_body
 from guard_agent.settings import Settings
 from guard_agent.sinks import Spool
 from tests._support.servers import wait_http_ready
-from tests.conftest import free_port
-from tests.integration.test_sinks_support import (
+from tests._support.sinks import (
     HttpReceiver,
     Rsyslog,
+    in_order_without_gaps,
     needs_rsyslog,
     sink_count,
     wait_for,
 )
-from tests.integration.test_sinks_syslog import in_order_without_gaps
+from tests.conftest import free_port
 
 pytestmark = [needs_rsyslog, pytest.mark.slow]
 INFER = "/v2/models/digits/infer"

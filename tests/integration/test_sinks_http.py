@@ -18,7 +18,7 @@ from guard_agent.settings import ConfigError
 from guard_agent.sinks._config import HttpSinkConfig, parse_sinks
 from guard_agent.sinks._http import HttpTransport
 from guard_agent.sinks._transport import DeliveryError
-from tests.integration.test_sinks_support import (
+from tests._support.sinks import (
     HttpReceiver,
     event_line,
     gauge,
@@ -400,7 +400,7 @@ def spool_in_child_then_sigkill(spool: Path, sink: dict[str, object], n: int) ->
     script = textwrap.dedent(f"""
         import time
         from pathlib import Path
-        from tests.integration.test_sinks_support import make_fanout, event_line, sink_count
+        from tests._support.sinks import make_fanout, event_line, sink_count
         f = make_fanout(Path({str(spool)!r}), {sink!r})
         for i in range({n}):
             f.sink.write(event_line(i))
@@ -424,7 +424,7 @@ def spool_with_file_size_limit(spool: Path, sink: dict[str, object], n: int, lim
     script = textwrap.dedent(f"""
         import json, resource, signal, time
         from pathlib import Path
-        from tests.integration.test_sinks_support import make_fanout, event_line, sink_count
+        from tests._support.sinks import make_fanout, event_line, sink_count
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.RLIM_INFINITY))
         f = make_fanout(Path({str(spool)!r}), {sink!r})

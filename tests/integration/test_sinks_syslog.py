@@ -10,17 +10,18 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.conftest import free_port
-from tests.integration.test_sinks_support import (
+from tests._support.sinks import (
     Rsyslog,
     event_line,
     gauge,
+    in_order_without_gaps,
     make_certs,
     make_fanout,
     needs_rsyslog,
     sink_count,
     wait_for,
 )
+from tests.conftest import free_port
 
 pytestmark = [needs_rsyslog, pytest.mark.slow]
 RECEIVER_EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "sinks" / "rsyslog-receiver.conf"
@@ -36,17 +37,6 @@ def rsyslog(tmp_path: Path) -> Iterator[Rsyslog]:
 
 def syslog_sink(port: int, **extra: object) -> dict[str, object]:
     return {"type": "syslog", "name": "rsyslog", "host": "127.0.0.1", "port": port, **FAST, **extra}
-
-
-def in_order_without_gaps(ids: list[str | None], n: int) -> bool:
-    """Every req-0..req-(n-1) present, first occurrences in order (at least once allows repeats)."""
-    first: list[str | None] = []
-    seen: set[str | None] = set()
-    for i in ids:
-        if i not in seen:
-            seen.add(i)
-            first.append(i)
-    return first == [f"req-{i}" for i in range(n)]
 
 
 class TestSyslogTcp:

@@ -1,6 +1,6 @@
 """Real receivers for the sink tests: an aiohttp HTTP collector and rsyslog processes the test starts.
 
-No tests here; the other ``test_sinks_*`` modules import these helpers and fixtures.
+The ``test_sinks_*`` modules (and the chart tests, for certificates) import these helpers.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from guard_agent.events import CallbackSink
 from guard_agent.metrics import Metrics
 from guard_agent.settings import Settings
 from guard_agent.sinks import FanoutSink, make_sink
+from tests._support.servers import free_port
 from tests._support.tls import issue, make_ca
 from tests._support.waiting import wait_for as poll
-from tests.conftest import free_port
 
 
 def sink_count(metrics: Metrics, sink: str, state: str) -> float:
@@ -61,6 +61,17 @@ def is_status(event: dict[str, Any]) -> bool:
 
 def request_id(event: dict[str, Any]) -> str | None:
     return ((event.get("http") or {}).get("request") or {}).get("id")
+
+
+def in_order_without_gaps(ids: list[str | None], n: int) -> bool:
+    """Every req-0..req-(n-1) present, first occurrences in order (at least once allows repeats)."""
+    first: list[str | None] = []
+    seen: set[str | None] = set()
+    for i in ids:
+        if i not in seen:
+            seen.add(i)
+            first.append(i)
+    return first == [f"req-{i}" for i in range(n)]
 
 
 @dataclass
