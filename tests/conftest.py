@@ -1,11 +1,11 @@
-"""Shared fixtures: a real MLServer serving a digits model, and a real guard on loopback ports."""
+"""Shared fixtures: a real MLServer serving a digits model, the demo model server, and a real guard on loopback
+ports."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,14 +19,11 @@ import numpy as np
 import orjson
 import pytest
 
+from guard_agent.demo import DigitsModel, make_model_app
 from guard_agent.events import CallbackSink
 from guard_agent.settings import Settings
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests._support.servers import free_port as free_port  # re-exported: tests import it from here
+from tests._support.servers import serve_app
 
 
 def wait_http(url: str, timeout: float = 60.0, proc: subprocess.Popen[bytes] | None = None) -> None:
@@ -112,6 +109,19 @@ def mlserver(tmp_path_factory: pytest.TempPathFactory, digits: DigitsData) -> It
         proc.wait(15)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+@pytest.fixture(scope="session")
+def demo_model() -> DigitsModel:
+    """The demo's digits model, fitted once (it is deterministic and never changed by a test)."""
+    return DigitsModel()
+
+
+@pytest.fixture
+async def demo_model_url(demo_model: DigitsModel) -> AsyncIterator[str]:
+    """The built-in digits v2 model server (``guard_agent.demo``) on a free loopback port."""
+    async with serve_app(make_model_app(demo_model)) as url:
+        yield url
 
 
 def v2_body(X: np.ndarray, *, proba: bool = True, datatype: str = "FP64") -> bytes:

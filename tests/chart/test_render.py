@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.chart._tools import CHART, CI_VALUES, CRD_KINDS, KUBE_VERSIONS, by_kind, find_tool, one, run
+from tests.chart._tools import CHART, CI_VALUES, CRD_KINDS, KUBE_VERSIONS, by_kind, one, run, tool_or_skip
 
 EXPECTED_VARIANTS = {
     "standalone", "injection", "redis", "native-sidecar", "existing-secret", "networkpolicy-off",
@@ -19,10 +19,7 @@ EXPECTED_VARIANTS = {
 @pytest.fixture(scope="module")
 def kubernetes_validate() -> str:
     """The kubernetes-validate CLI (a test dependency of the project)."""
-    path = find_tool("kubernetes-validate")
-    if path is None:
-        pytest.skip("kubernetes-validate not installed (pip install -e '.[test]')")
-    return path
+    return tool_or_skip("kubernetes-validate", "kubernetes-validate not installed (pip install -e '.[test]')")
 
 
 def _ids(paths: list[Path]) -> list[str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +12,11 @@ import aiohttp
 import jwt
 import numpy as np
 import pytest
-from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from guard_agent.auth import AuthError, JwtVerifier, KeyStore, key_digest
-from guard_agent.demo import DigitsModel, make_model_app
-from tests.conftest import free_port, v2_body
+from guard_agent.demo import DigitsModel
+from tests.conftest import v2_body
 
 KEY_A = "ka-" + "a1b2c3d4e5f6a7b8c9d0"
 KEY_B = "kb-" + "0f9e8d7c6b5a4f3e2d1c"
@@ -26,20 +24,17 @@ KEY_C = "kc-" + "5e6f7a8b9c0d1e2f3a4b"
 POLICY_REQUIRE = "version: 1\nmode: enforce\naccess:\n  require_credentials: true\n"
 
 
-@pytest.fixture(scope="module")
-def digits_model() -> DigitsModel:
-    return DigitsModel()
+# The shared demo-model fixtures under the names this module's tests use (tests/unit/test_credential_cache.py
+# imports these two as well).
+@pytest.fixture
+def digits_model(demo_model: DigitsModel) -> DigitsModel:
+    return demo_model
 
 
 @pytest.fixture
-async def model_url(digits_model: DigitsModel) -> AsyncIterator[str]:
+def model_url(demo_model_url: str) -> str:
     """The built-in digits v2 model server on a free loopback port."""
-    runner = web.AppRunner(make_model_app(digits_model), access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    yield f"http://127.0.0.1:{port}"
-    await runner.cleanup()
+    return demo_model_url
 
 
 def write_keys(path: Path, entries: list[dict[str, Any]]) -> Path:

@@ -4,68 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
-import ipaddress
 import ssl
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from guard_agent.demo import DigitsModel, make_model_app
-from tests.conftest import free_port, v2_body
-
-
-@dataclass
-class Pem:
-    cert: bytes
-    key: bytes
-    obj: x509.Certificate
-    private: Any
-
-
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def make_ca(cn: str) -> Pem:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(_name(cn)).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .sign(key, hashes.SHA256()))
-    return _pem(cert, key)
-
-
-def issue(ca: Pem, cn: str, *, server: bool) -> Pem:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(ca.obj.subject)
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-               .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server
-                                                     else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False))
-    if server:
-        builder = builder.add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-    return _pem(builder.sign(ca.private, hashes.SHA256()), key)
-
-
-def _pem(cert: x509.Certificate, key: Any) -> Pem:
-    return Pem(cert.public_bytes(serialization.Encoding.PEM),
-               key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                 serialization.NoEncryption()), cert, key)
+from guard_agent.demo import DigitsModel
+from tests._support.rawhttp import port_of
+from tests._support.tls import Pem, issue, make_ca
+from tests._support.waiting import wait_for
+from tests.conftest import v2_body
 
 
 def write(path: Path, data: bytes) -> str:
@@ -96,44 +46,16 @@ async def _serial_is(port: int, ca: Pem, serial: int) -> bool:
     return await served_serial(port, ca) == serial
 
 
-@pytest.fixture(scope="module")
-def digits_model() -> DigitsModel:
-    return DigitsModel()
-
-
-@pytest.fixture
-async def model_url(digits_model: DigitsModel) -> AsyncIterator[str]:
-    runner = web.AppRunner(make_model_app(digits_model), access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    yield f"http://127.0.0.1:{port}"
-    await runner.cleanup()
-
-
-async def wait_for(predicate, timeout: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        result = predicate()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return True
-        await asyncio.sleep(0.05)
-    return False
-
-
 class TestTls:
-    async def test_https_served_and_plain_http_refused(self, tmp_path: Path, model_url: str, start_guard,
-                                                       digits_model: DigitsModel) -> None:
+    async def test_https_served_and_plain_http_refused(self, tmp_path: Path, demo_model_url: str, start_guard,
+                                                       demo_model: DigitsModel) -> None:
         """A client trusting the CA gets 200 over HTTPS; plain HTTP on the TLS port gets no HTTP answer."""
         ca = make_ca("test-ca")
         srv = issue(ca, "guard", server=True)
-        guard = await start_guard(model_url, tls_cert_file=write(tmp_path / "s.crt", srv.cert),
+        guard = await start_guard(demo_model_url, tls_cert_file=write(tmp_path / "s.crt", srv.cert),
                                   tls_key_file=write(tmp_path / "s.key", srv.key))
         https = guard.url.replace("http://", "https://")
-        body = v2_body(digits_model.X_test[0])
+        body = v2_body(demo_model.X_test[0])
         async with aiohttp.ClientSession() as http:
             async with http.post(https + "/v2/models/digits/infer", data=body, ssl=client_context(ca),
                                  headers={"Content-Type": "application/json"}) as r:
@@ -146,14 +68,15 @@ class TestTls:
                 async with http.get(https + "/v2/health/ready", ssl=client_context(make_ca("other-ca"))) as r:
                     await r.read()
 
-    async def test_certificate_reload_and_broken_pair(self, tmp_path: Path, model_url: str, start_guard) -> None:
+    async def test_certificate_reload_and_broken_pair(self, tmp_path: Path, demo_model_url: str, start_guard) -> None:
         """A renewed certificate is served to new connections; a half-written one is refused, the last good
         stays, and the failure is logged and counted."""
         ca = make_ca("test-ca")
         first, second = issue(ca, "guard", server=True), issue(ca, "guard", server=True)
         cert, key = tmp_path / "s.crt", tmp_path / "s.key"
-        guard = await start_guard(model_url, tls_cert_file=write(cert, first.cert), tls_key_file=write(key, first.key))
-        port = int(guard.url.rsplit(":", 1)[1])
+        guard = await start_guard(demo_model_url, tls_cert_file=write(cert, first.cert),
+                                  tls_key_file=write(key, first.key))
+        port = port_of(guard.url)
         assert await served_serial(port, ca) == first.obj.serial_number
         write(key, second.key)
         write(cert, second.cert)
@@ -183,16 +106,16 @@ class TestTls:
 
 
 class TestMutualTls:
-    async def test_client_certificates_required(self, tmp_path: Path, model_url: str, start_guard,
-                                                digits_model: DigitsModel) -> None:
+    async def test_client_certificates_required(self, tmp_path: Path, demo_model_url: str, start_guard,
+                                                demo_model: DigitsModel) -> None:
         """With a client CA set, only clients presenting a certificate from that CA are served."""
         server_ca, client_ca, rogue_ca = make_ca("server-ca"), make_ca("client-ca"), make_ca("rogue-ca")
         srv = issue(server_ca, "guard", server=True)
-        guard = await start_guard(model_url, tls_cert_file=write(tmp_path / "s.crt", srv.cert),
+        guard = await start_guard(demo_model_url, tls_cert_file=write(tmp_path / "s.crt", srv.cert),
                                   tls_key_file=write(tmp_path / "s.key", srv.key),
                                   tls_client_ca_file=write(tmp_path / "clients.pem", client_ca.cert))
         https = guard.url.replace("http://", "https://") + "/v2/models/digits/infer"
-        body = v2_body(digits_model.X_test[0])
+        body = v2_body(demo_model.X_test[0])
         headers = {"Content-Type": "application/json"}
         good = client_context(server_ca, issue(client_ca, "svc", server=False), tmp_path)
         (tmp_path / "rogue").mkdir()
@@ -208,9 +131,9 @@ class TestMutualTls:
 
 
 class TestAdminToken:
-    async def test_admin_needs_the_exact_token(self, model_url: str, start_guard) -> None:
+    async def test_admin_needs_the_exact_token(self, demo_model_url: str, start_guard) -> None:
         """/admin/* answers 401 without or with a wrong token and 200 with the configured one; probes stay open."""
-        guard = await start_guard(model_url)
+        guard = await start_guard(demo_model_url)
         async with aiohttp.ClientSession() as http:
             for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "test-admin-token"}):
                 async with http.get(guard.admin_url + "/admin/policy", headers=headers) as r:

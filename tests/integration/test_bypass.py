@@ -12,8 +12,8 @@ import orjson
 import pytest
 from aiohttp import web
 
-from tests.conftest import free_port
-from tests.integration.test_limits import exchange, port_of, read_response
+from tests._support.rawhttp import exchange, port_of, read_response
+from tests._support.servers import serve_app
 
 ROW = [0.5, 1.5, 2.5, 3.5]
 
@@ -46,13 +46,9 @@ async def model() -> AsyncIterator[Recorder]:
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", any_route)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    rec.url = f"http://127.0.0.1:{port}"
-    yield rec
-    await runner.cleanup()
+    async with serve_app(app) as url:
+        rec.url = url
+        yield rec
 
 
 def good_body() -> bytes:

@@ -8,24 +8,13 @@ import aiohttp
 import numpy as np
 import pytest
 
+from tests._support.servers import ServePost
 from tests.conftest import DigitsData, ModelServer, v2_body
 
 pytestmark = pytest.mark.slow
 
 INFER = "/v2/models/digits/infer"
 JSON = {"Content-Type": "application/json"}
-
-
-@pytest.fixture(scope="module")
-def profile_dir(tmp_path_factory: pytest.TempPathFactory, digits: DigitsData) -> str:
-    from detectors import fit_profile, save_profile
-    from detectors.trackers import fit_tracker_config
-
-    out = tmp_path_factory.mktemp("profile") / "digits"
-    trackers = fit_tracker_config(digits.X_train, digits.y_train, seed=0).to_parts()
-    save_profile(fit_profile(digits.X_train, labels=digits.y_train, fpr=0.01, seed=0,
-                             extra_components={"trackers": trackers}), out)
-    return str(out)
 
 
 async def post(http: aiohttp.ClientSession, url: str, body: bytes, key: str, rid: str) -> int:
@@ -36,12 +25,12 @@ async def post(http: aiohttp.ClientSession, url: str, body: bytes, key: str, rid
 
 class TestProfileInTheGuard:
     async def test_ood_blocked_in_distribution_passes(self, mlserver: ModelServer, start_guard, tmp_path: Path,
-                                                      profile_dir: str, digits: DigitsData) -> None:
+                                                      digits_profile: str, digits: DigitsData) -> None:
         """With a fitted profile, a noise image is blocked and held-out digits pass, on the real MLServer."""
         policy = tmp_path / "policy.yaml"
         policy.write_text("version: 1\nrules:\n  - id: ood\n    when: {ood.combined: {gte: 0.99}}\n"
                           "    action: block\n")
-        guard = await start_guard(mlserver.url, policy=str(policy), profile=profile_dir)
+        guard = await start_guard(mlserver.url, policy=str(policy), profile=digits_profile)
         rng = np.random.default_rng(0)
         async with aiohttp.ClientSession() as http:
             ok = [await post(http, guard.url, v2_body(x), f"benign-{i}", f"in-{i}")
@@ -58,9 +47,9 @@ class TestProfileInTheGuard:
             set(event["guard"]["scores"])
 
     async def test_profile_mismatched_feature_count_is_400(self, mlserver: ModelServer, start_guard,
-                                                           profile_dir: str) -> None:
+                                                           digits_profile: str) -> None:
         """A request whose feature count differs from the profile's is invalid (400), not scored."""
-        guard = await start_guard(mlserver.url, profile=profile_dir)
+        guard = await start_guard(mlserver.url, profile=digits_profile)
         async with aiohttp.ClientSession() as http, http.post(guard.url + INFER, data=v2_body(np.ones(63)),
                                                               headers=JSON) as r:
             assert r.status == 400
@@ -69,10 +58,10 @@ class TestProfileInTheGuard:
 
 class TestSessionTrackersInTheGuard:
     async def test_near_duplicate_probing_is_blocked(self, mlserver: ModelServer, start_guard,
-                                                     profile_dir: str, digits: DigitsData) -> None:
+                                                     digits_profile: str, digits: DigitsData) -> None:
         """A HopSkipJump-like stream of near-duplicates from one key is blocked within a few dozen queries,
         while a benign key sending held-out digits is not."""
-        guard = await start_guard(mlserver.url, profile=profile_dir)
+        guard = await start_guard(mlserver.url, profile=digits_profile)
         rng = np.random.default_rng(1)
         base = digits.X_test[3]
         async with aiohttp.ClientSession() as http:
@@ -107,7 +96,8 @@ class TestSqueezing:
         (event,) = guard.events_for("sq-1")
         assert 0.0 <= event["guard"]["scores"]["adv.squeeze"] < 0.5
 
-    async def test_squeeze_budget_overrun_fails_closed(self, start_guard, tmp_path: Path, aiohttp_server) -> None:  # type: ignore[no-untyped-def]
+    async def test_squeeze_budget_overrun_fails_closed(self, start_guard, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                       serve_post: ServePost) -> None:
         """When the squeeze call overruns the budget, a fail-closed policy blocks the request."""
         import asyncio
 
@@ -117,12 +107,10 @@ class TestSqueezing:
             await asyncio.sleep(1.0)
             return web.json_response({"outputs": []})
 
-        app = web.Application()
-        app.router.add_post(INFER, slow_infer)
-        server = await aiohttp_server(app)
+        upstream = await serve_post(INFER, slow_infer)
         policy = tmp_path / "policy.yaml"
         policy.write_text("version: 1\nsqueeze: {enabled: true}\nfailure: {on_budget: closed, budget_ms: 50}\n")
-        guard = await start_guard(f"http://127.0.0.1:{server.port}", policy=str(policy))
+        guard = await start_guard(upstream, policy=str(policy))
         async with aiohttp.ClientSession() as http, http.post(
                 guard.url + INFER, data=v2_body(np.ones(4)), headers={**JSON, "X-Request-Id": "sq-2"}) as r:
             assert r.status == 403

@@ -14,6 +14,7 @@ import aiohttp
 import orjson
 import pytest
 
+from tests._support.servers import serve_app
 from tests.conftest import free_port
 
 BODY = orjson.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP64", "data": [1.0, 2.0, 3.0, 4.0]}]})
@@ -191,10 +192,5 @@ class TestUpstreamFaults:
         app.router.add_post("/v2/models/m/infer", infer)
         async with aiohttp.ClientSession() as http:
             assert (await post(http, guard.url))[0] == 502
-            runner = web.AppRunner(app, access_log=None)
-            await runner.setup()
-            await web.TCPSite(runner, "127.0.0.1", port).start()
-            try:
+            async with serve_app(app, port=port):
                 assert (await post(http, guard.url))[0] == 200
-            finally:
-                await runner.cleanup()

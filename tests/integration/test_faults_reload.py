@@ -7,7 +7,6 @@ truncated, deleted, or whose directory becomes a dangling symlink.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 from collections.abc import AsyncIterator
@@ -20,7 +19,8 @@ import orjson
 import pytest
 from aiohttp import web
 
-from tests.conftest import free_port
+from tests._support.servers import serve_app
+from tests._support.waiting import wait_for
 
 GOOD_POLICY = "version: 1\nmode: enforce\n"
 FEATURES = 6
@@ -35,12 +35,8 @@ async def model() -> AsyncIterator[str]:
 
     app = web.Application()
     app.router.add_post("/v2/models/m/infer", infer)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    yield f"http://127.0.0.1:{port}"
-    await runner.cleanup()
+    async with serve_app(app) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +47,6 @@ def reference() -> np.ndarray:
 def body(row: np.ndarray) -> bytes:
     return orjson.dumps({"inputs": [{"name": "x", "shape": [1, FEATURES], "datatype": "FP64",
                                      "data": [float(v) for v in row]}]})
-
-
-async def wait_for(predicate, timeout: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
-    for _ in range(int(timeout / 0.05)):
-        if predicate():
-            return True
-        await asyncio.sleep(0.05)
-    return False
 
 
 async def check_still_serving(guard: Any, row: np.ndarray, rid: str) -> dict[str, Any]:

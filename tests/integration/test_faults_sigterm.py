@@ -16,6 +16,7 @@ import orjson
 import pytest
 from aiohttp import web
 
+from tests._support.servers import serve_app, wait_http_ready
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
@@ -44,33 +45,14 @@ async def slow_model() -> AsyncIterator[tuple[str, list[int]]]:
     app = web.Application()
     app.router.add_post("/v2/models/m/infer", infer)
     app.router.add_get("/v2/health/ready", ready)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    yield f"http://127.0.0.1:{port}", reached
-    await runner.cleanup()
+    async with serve_app(app) as url:
+        yield url, reached
 
 
 def spawn_guard(env: dict[str, str], out_path: Path, err_path: Path) -> subprocess.Popen[bytes]:
     """`guard-agent run` with stdout (the events) and stderr in files, so no pipe can fill and block it."""
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         return subprocess.Popen([sys.executable, "-m", "guard_agent.cli", "run"], env=env, stdout=out, stderr=err)
-
-
-async def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-    async with aiohttp.ClientSession() as http:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, "guard exited before it was ready"
-            try:
-                async with http.get(url) as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-    raise TimeoutError(url)
 
 
 class TestSigterm:
@@ -86,7 +68,7 @@ class TestSigterm:
         err_path = tmp_path / "stderr.txt"
         proc = spawn_guard(env, out_path, err_path)
         try:
-            await wait_ready(f"http://127.0.0.1:{admin}/readyz", proc)
+            await wait_http_ready(f"http://127.0.0.1:{admin}/readyz", lambda: proc.poll() is None)
             url = f"http://127.0.0.1:{port}/v2/models/m/infer"
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
 

@@ -10,16 +10,15 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 
 from guard_agent.cli import main as cli_main
 from guard_agent.integrity import load_canaries
+from tests._support.waiting import wait_for
 from tests.conftest import DigitsData, GuardFactory, ModelServer
 
 pytestmark = pytest.mark.slow
@@ -44,15 +43,6 @@ def record(mlserver: ModelServer, ref: Path, out: Path, *extra: str,
            run: Callable[..., subprocess.CompletedProcess[str]] = cli_inline) -> subprocess.CompletedProcess[str]:
     return run("canary", "record", "--upstream", mlserver.url, "--model", "digits", "--data", str(ref),
                "--out", str(out), *extra)
-
-
-async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        await asyncio.sleep(0.05)
-    return False
 
 
 @pytest.fixture(scope="module")
@@ -155,13 +145,14 @@ class TestCanaryReload:
         guard = await start_guard(mlserver.url, canaries=str(live), canary_interval=60.0)
         integrity = guard.state.integrity
         first = integrity.revisions["digits"]
-        assert await wait_for(lambda: integrity.score("digits") == 0.0)
+        assert await wait_for(lambda: integrity.score("digits") == 0.0, timeout=10)
 
         npz = live / "canaries.npz"
         data = bytearray(npz.read_bytes())
         data[-64] ^= 0xFF
         npz.write_bytes(bytes(data))
-        assert await wait_for(lambda: any(e["message"].startswith("canary set rejected") for e in guard.events))
+        assert await wait_for(lambda: any(e["message"].startswith("canary set rejected") for e in guard.events),
+                              timeout=10)
         assert integrity.revisions["digits"] == first
         registry = guard.state.metrics.registry
         assert registry.get_sample_value("inference_guard_integrity_canary_reloads_total", {"result": "failed"}) == 1
@@ -171,9 +162,9 @@ class TestCanaryReload:
         shutil.copy(staged / "canaries.npz", live / "canaries.npz")
         shutil.copy(staged / "canaries.json", live / "canaries.json")
         second = load_canaries(staged).revision
-        assert await wait_for(lambda: integrity.revisions["digits"] == [second])
+        assert await wait_for(lambda: integrity.revisions["digits"] == [second], timeout=10)
         assert await wait_for(lambda: registry.get_sample_value(
-            "inference_guard_integrity_checks_total", {"check": "canary", "result": "pass"}) > passes)
+            "inference_guard_integrity_checks_total", {"check": "canary", "result": "pass"}) > passes, timeout=10)
         assert registry.get_sample_value("inference_guard_integrity_canary_set_info",
                                          {"model": "digits", "revision": second}) == 1
         assert registry.get_sample_value("inference_guard_integrity_canary_set_info",

@@ -4,9 +4,6 @@ violation of its own (check ``metadata``), even when every canary is still answe
 from __future__ import annotations
 
 import argparse
-import asyncio
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,18 +13,10 @@ import orjson
 from aiohttp import web
 
 from guard_agent.commands.canary import _record
+from tests._support.waiting import wait_for
 from tests.conftest import GuardFactory
 
 W = np.random.default_rng(0).normal(size=(4, 3))
-
-
-async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        await asyncio.sleep(0.05)
-    return False
 
 
 def linear_model_server(metadata: dict[str, Any]) -> web.Application:
@@ -75,10 +64,10 @@ class TestMetadata:
         guard = await start_guard(upstream, policy=str(policy), canaries=str(tmp_path / "canaries"),
                                   canary_interval=0.3)
         integrity = guard.state.integrity
-        assert await wait_for(lambda: integrity.score("lin") == 0.0)
+        assert await wait_for(lambda: integrity.score("lin") == 0.0, timeout=10)
 
         metadata["platform"] = "onnxruntime"
-        assert await wait_for(lambda: integrity.score("lin") == 1.0)
+        assert await wait_for(lambda: integrity.score("lin") == 1.0, timeout=10)
         alert = next(e for e in guard.events if e.get("event", {}).get("action") == "integrity_violation")
         assert alert["guard"]["check"] == "metadata"
         assert alert["guard"]["canaries"]["metadata_changed"] == ["platform"]
@@ -97,7 +86,7 @@ class TestMetadata:
                                              {"check": "canary", "model": "lin"}) == 0
 
             metadata["platform"] = "sklearn"
-            assert await wait_for(lambda: integrity.score("lin") == 0.0)
+            assert await wait_for(lambda: integrity.score("lin") == 0.0, timeout=10)
             async with client.post(guard.url + "/v2/models/lin/infer", data=body,
                                    headers={"Content-Type": "application/json"}) as resp:
                 assert resp.status == 200

@@ -11,7 +11,6 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import pytest
 
 from guard_agent.commands.canary import _record
 from guard_agent.integrity import load_canaries
+from tests._support.waiting import wait_for
 from tests.conftest import (
     DigitsData,
     GuardFactory,
@@ -38,15 +38,6 @@ JSON = {"Content-Type": "application/json"}
 INTERVAL = 2.0
 GUARD_AGENT = str(Path(sys.executable).parent / "guard-agent")
 SLACK = 3.0  # the box may be loaded: request time on top of one interval (+10% jitter)
-
-
-async def wait_for(predicate: Callable[[], Any], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        await asyncio.sleep(0.05)
-    return False
 
 
 def policy(tmp_path: Path, action: str) -> str:

@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 
 from guard_agent.integrity import CanarySet, save_canaries
-from tests.conftest import free_port
+from tests._support.servers import serve_app
 
 PROBS = [[0.9, 0.1], [0.2, 0.8]]
 
@@ -42,14 +42,10 @@ async def held_model() -> AsyncIterator[HeldModel]:
     model = HeldModel()
     app = web.Application()
     app.router.add_post("/v2/models/digits/infer", model.infer)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    model.url = f"http://127.0.0.1:{port}"
-    yield model
-    model.release.set()
-    await runner.cleanup()
+    async with serve_app(app, shutdown_timeout=0.5) as url:
+        model.url = url
+        yield model
+        model.release.set()
 
 
 def canaries(directory: Path) -> Path:

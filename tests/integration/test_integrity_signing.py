@@ -3,9 +3,7 @@ signed with another key are each detected, named in the alert and answered 503 u
 
 from __future__ import annotations
 
-import asyncio
 import shutil
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from guard_agent.integrity import MANIFEST_FILE, sign_directory
+from tests._support.waiting import wait_for
 from tests.conftest import DigitsData, GuardFactory, ModelServer, v2_body
 
 pytestmark = pytest.mark.slow
@@ -24,15 +23,6 @@ Restore = Callable[[], object]
 
 INFER = "/v2/models/digits/infer"
 JSON = {"Content-Type": "application/json"}
-
-
-async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        await asyncio.sleep(0.05)
-    return False
 
 
 def write_policy(tmp_path: Path, action: str) -> str:
@@ -111,7 +101,7 @@ class TestSignedModelFiles:
             async with client.post(guard.url + INFER, data=body, headers=JSON) as resp:
                 assert resp.status == 200
             restore = tamper(model_dir, key)
-            assert await wait_for(lambda: violations(guard.events)), "no alert"
+            assert await wait_for(lambda: violations(guard.events), timeout=10), "no alert"
             alert = violations(guard.events)[0]
             assert alert["rule"]["name"] == "model-integrity"
             assert alert["threat"]["technique"]["id"] == "AML.T0018"
@@ -126,7 +116,7 @@ class TestSignedModelFiles:
             assert registry.get_sample_value("inference_guard_integrity_failing",
                                              {"check": "signature", "model": "*"}) == 1
             restore()
-            assert await wait_for(lambda: guard.state.integrity.score("digits") == 0.0)
+            assert await wait_for(lambda: guard.state.integrity.score("digits") == 0.0, timeout=10)
             async with client.post(guard.url + INFER, data=body, headers=JSON) as resp:
                 assert resp.status == 200
         assert any(e.get("event", {}).get("action") == "integrity_restored" for e in guard.events)

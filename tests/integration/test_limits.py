@@ -11,7 +11,8 @@ import orjson
 import pytest
 from aiohttp import web
 
-from tests.conftest import free_port
+from tests._support.rawhttp import closed_within, exchange, port_of, read_response
+from tests._support.servers import serve_app
 
 
 @dataclass
@@ -49,13 +50,9 @@ async def upstream() -> AsyncIterator[Upstream]:
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app.router.add_post("/v2/models/m/infer", infer)
     app.router.add_get("/v2/health/ready", ready)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    up.url = f"http://127.0.0.1:{port}"
-    yield up
-    await runner.cleanup()
+    async with serve_app(app) as url:
+        up.url = url
+        yield up
 
 
 def body_for(rows: int = 1, first: float = 1.0, features: int = 4) -> bytes:
@@ -67,41 +64,6 @@ def request_bytes(body: bytes, *, path: str = "/v2/models/m/infer", extra: str =
     head = (f"POST {path} HTTP/1.1\r\nHost: guard\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n{extra}\r\n")
     return head.encode() + body
-
-
-async def read_response(reader: asyncio.StreamReader, timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:
-    """One HTTP/1.1 response (Content-Length framed, as the guard answers)."""
-    async with asyncio.timeout(timeout):
-        status_line = await reader.readline()
-        if not status_line:
-            raise ConnectionResetError("closed before a response")
-        status = int(status_line.split()[1])
-        headers: dict[str, str] = {}
-        while (line := await reader.readline()) not in (b"\r\n", b""):
-            name, _, value = line.decode().partition(":")
-            headers[name.strip().lower()] = value.strip()
-        body = await reader.readexactly(int(headers.get("content-length", "0")))
-    return status, headers, body
-
-
-async def exchange(port: int, data: bytes, timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(data)
-        await writer.drain()
-        return await read_response(reader, timeout)
-    finally:
-        writer.close()
-
-
-def port_of(url: str) -> int:
-    return int(url.rsplit(":", 1)[1])
-
-
-async def closed_within(reader: asyncio.StreamReader, seconds: float) -> bytes:
-    """Everything the guard sends until it closes the connection; fails if it stays open longer."""
-    async with asyncio.timeout(seconds):
-        return await reader.read()
 
 
 class TestSizes:

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import shutil
-import time
 from pathlib import Path
 
 import aiohttp
 import numpy as np
 import pytest
 
+from tests._support.waiting import wait_for
 from tests.conftest import DigitsData, ModelServer, v2_body
 
 pytestmark = pytest.mark.slow
@@ -20,15 +19,6 @@ def fit_to(directory: Path, X: np.ndarray, seed: int) -> None:
     from detectors import fit_profile, save_profile
 
     save_profile(fit_profile(X, fpr=0.01, seed=seed), directory, force=True)
-
-
-async def wait_for(predicate, timeout: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        await asyncio.sleep(0.05)
-    return False
 
 
 class TestProfileReload:

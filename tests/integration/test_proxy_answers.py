@@ -21,7 +21,8 @@ from guard_agent.protocols import ParsedResponse
 from guard_agent.settings import CustomRoute
 from guard_agent.state import TrackerHook
 from guard_agent.tuning import read_capture, replay
-from tests.conftest import free_port, v2_body
+from tests._support.servers import serve_app
+from tests.conftest import v2_body
 
 JSON = {"Content-Type": "application/json"}
 # a session-score rule that never matches (so the trackers run and read the answer) and a harden rule that
@@ -39,11 +40,6 @@ rules:
 """
 
 
-@pytest.fixture(scope="module")
-def digits_model() -> DigitsModel:
-    return DigitsModel()
-
-
 @pytest.fixture
 def model_calls() -> list[str]:
     """The paths of every request the model server received, in order."""
@@ -51,10 +47,10 @@ def model_calls() -> list[str]:
 
 
 @pytest.fixture
-async def model_url(digits_model: DigitsModel, model_calls: list[str]) -> AsyncIterator[str]:
+async def model_url(demo_model: DigitsModel, model_calls: list[str]) -> AsyncIterator[str]:
     """The built-in digits v2 model server on a free loopback port, plus a custom ``/score`` route; every
     request it receives is recorded in ``model_calls``."""
-    app = make_model_app(digits_model)
+    app = make_model_app(demo_model)
 
     @web.middleware
     async def record(request: web.Request, handler: Any) -> web.StreamResponse:
@@ -67,12 +63,8 @@ async def model_url(digits_model: DigitsModel, model_calls: list[str]) -> AsyncI
 
     app.middlewares.append(record)
     app.router.add_post("/score", score)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    yield f"http://127.0.0.1:{port}"
-    await runner.cleanup()
+    async with serve_app(app) as url:
+        yield url
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import numpy as np
 import orjson
 import pytest
 
+from tests._support.servers import ServePost
 from tests.conftest import DigitsData, ModelServer, v2_body
 
 pytestmark = pytest.mark.slow
@@ -45,7 +46,7 @@ class TestPassthrough:
         assert event["guard"]["policy_revision"] == guard.state.policies.current.revision
         assert "input.schema" in event["guard"]["scores"]
 
-    async def test_exact_bytes_reach_the_model(self, start_guard, aiohttp_server) -> None:  # type: ignore[no-untyped-def]
+    async def test_exact_bytes_reach_the_model(self, start_guard, serve_post: ServePost) -> None:  # type: ignore[no-untyped-def]
         """The upstream receives exactly the bytes that were scored (odd spacing and key order kept)."""
         from aiohttp import web
         from multidict import CIMultiDict
@@ -56,10 +57,8 @@ class TestPassthrough:
             seen.append((await request.read(), CIMultiDict(request.headers)))
             return web.json_response({"outputs": []})
 
-        app = web.Application()
-        app.router.add_post(INFER, echo)
-        server = await aiohttp_server(app)
-        guard = await start_guard(f"http://127.0.0.1:{server.port}")
+        upstream = await serve_post(INFER, echo)
+        guard = await start_guard(upstream)
         body = b'{ "outputs":[],  "inputs" : [ {"datatype":"FP32","name":"a","shape":[1,2],"data":[1.50, 2]} ] }'
         async with aiohttp.ClientSession() as http, http.post(
                 guard.url + INFER + "?trace=1", data=body,
@@ -122,7 +121,7 @@ class TestInvalidInput:
          {"Content-Encoding": "gzip"}, "Content-Encoding"),
     ])
     async def test_invalid_payloads_get_400_and_never_reach_the_model(
-            self, start_guard, aiohttp_server, body: bytes, headers: dict[str, str], fragment: str) -> None:  # type: ignore[no-untyped-def]
+            self, start_guard, serve_post: ServePost, body: bytes, headers: dict[str, str], fragment: str) -> None:  # type: ignore[no-untyped-def]
         """Invalid payloads get 400 naming the problem; nothing is forwarded; a reject event is logged."""
         from aiohttp import web
 
@@ -132,10 +131,8 @@ class TestInvalidInput:
             calls.append(await request.read())
             return web.json_response({"outputs": []})
 
-        app = web.Application()
-        app.router.add_post(INFER, infer)
-        server = await aiohttp_server(app)
-        guard = await start_guard(f"http://127.0.0.1:{server.port}")
+        upstream = await serve_post(INFER, infer)
+        guard = await start_guard(upstream)
         async with aiohttp.ClientSession() as http, http.post(
                 guard.url + INFER, data=body,
                 headers={"Content-Type": "application/json", "X-Request-Id": "bad-1", **headers}) as resp:
@@ -172,7 +169,7 @@ class TestUpstreamFaults:
             assert resp.status == 502
             assert (await resp.json())["error"]["code"] == "upstream_unavailable"
 
-    async def test_slow_upstream_is_504(self, start_guard, aiohttp_server) -> None:  # type: ignore[no-untyped-def]
+    async def test_slow_upstream_is_504(self, start_guard, serve_post: ServePost) -> None:  # type: ignore[no-untyped-def]
         """An upstream slower than read_timeout: 504 within the timeout."""
         import asyncio
         import time
@@ -183,10 +180,8 @@ class TestUpstreamFaults:
             await asyncio.sleep(5)
             return web.json_response({})
 
-        app = web.Application()
-        app.router.add_post(INFER, slow)
-        server = await aiohttp_server(app)
-        guard = await start_guard(f"http://127.0.0.1:{server.port}", read_timeout=0.3)
+        upstream = await serve_post(INFER, slow)
+        guard = await start_guard(upstream, read_timeout=0.3)
         t0 = time.monotonic()
         async with aiohttp.ClientSession() as http, http.post(guard.url + INFER, data=v2_body(np.ones(4)),
                                                               headers=JSON) as resp:

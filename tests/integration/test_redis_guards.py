@@ -10,21 +10,19 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import numpy as np
 import orjson
 import pytest
-from aiohttp import web
 
-from guard_agent.demo import DigitsModel, make_model_app
+from guard_agent.demo import DigitsModel
 from guard_agent.sessions.factory import make_global_observer, make_session_store
 from guard_agent.sessions.redis_store import RedisSessionStore
-from tests.conftest import RunningGuard, free_port, v2_body
-from tests.integration.test_redis_store import RedisServer, delete_prefix, keys_under, redis_cmd
+from tests._support.redis import RedisServer, keys_under, redis_cmd
+from tests.conftest import GuardFactory, RunningGuard, v2_body
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
@@ -54,23 +52,6 @@ rules:
 INFER = "/v2/models/digits/infer"
 
 
-@pytest.fixture(scope="module")
-def model() -> DigitsModel:
-    """The demo model (fitted once per module)."""
-    return DigitsModel()
-
-
-@pytest.fixture
-async def upstream(model: DigitsModel) -> AsyncIterator[str]:
-    """The demo v2 model server on a free loopback port."""
-    runner = web.AppRunner(make_model_app(model), access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    yield f"http://127.0.0.1:{port}"
-    await runner.cleanup()
-
-
 @pytest.fixture
 def policy(tmp_path: Path) -> str:
     path = tmp_path / "policy.yaml"
@@ -78,38 +59,31 @@ def policy(tmp_path: Path) -> str:
     return str(path)
 
 
-@pytest.fixture
-def shared_prefix() -> Iterator[str]:
-    """A unique prefix on the shared Redis, deleted afterwards."""
-    p = f"ig-guards-{uuid.uuid4().hex[:12]}:"
-    yield p
-    delete_prefix(6379, p)
+PairStarter = Callable[[str, str], Awaitable[list[RunningGuard]]]
 
 
 @pytest.fixture
-def own_server(tmp_path: Path) -> Iterator[RedisServer]:
-    """A private redis-server the test may stop and restart; always stopped afterwards."""
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    server.stop()
+async def start_pair(start_guard: GuardFactory, demo_model_url: str) -> AsyncIterator[PairStarter]:
+    """Starts two guards in front of the demo model with the same HMAC key and Redis URL, using the Redis-backed
+    store and global index; their Redis stores are closed after the test (before the guards stop).
 
+    Tests list it after ``redis_prefix`` / ``own_redis``, so the stores flush before those are torn down."""
+    started: list[RunningGuard] = []
 
-async def start_pair(start_guard: Any, upstream: str, policy: str, redis_url: str) -> list[RunningGuard]:
-    """Two guards with the same HMAC key and Redis URL, using the Redis-backed store and global index."""
-    guards = [await start_guard(upstream, policy=policy, redis_url=redis_url, hmac_key="shared-key")
-              for _ in range(2)]
-    for g in guards:
-        s = g.state
-        if not isinstance(s.sessions, RedisSessionStore):  # until app.build_state calls the factory itself
-            s.sessions = make_session_store(s.settings, metrics=s.metrics, events=s.events, tracking=s.trackers)
-            make_global_observer(s.settings, metrics=s.metrics, events=s.events, tracking=s.trackers)
-        assert isinstance(s.sessions, RedisSessionStore)
-    return guards
+    async def start(policy: str, redis_url: str) -> list[RunningGuard]:
+        guards = [await start_guard(demo_model_url, policy=policy, redis_url=redis_url, hmac_key="shared-key")
+                  for _ in range(2)]
+        started.extend(guards)
+        for g in guards:
+            s = g.state
+            if not isinstance(s.sessions, RedisSessionStore):  # until app.build_state calls the factory itself
+                s.sessions = make_session_store(s.settings, metrics=s.metrics, events=s.events, tracking=s.trackers)
+                make_global_observer(s.settings, metrics=s.metrics, events=s.events, tracking=s.trackers)
+            assert isinstance(s.sessions, RedisSessionStore)
+        return guards
 
-
-async def close_pair(guards: list[RunningGuard]) -> None:
-    for g in guards:
+    yield start
+    for g in started:
         await g.state.sessions.aclose()
 
 
@@ -136,96 +110,84 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 
 class TestTwoGuards:
-    async def test_block_from_one_guard_is_enforced_by_the_other(self, start_guard: Any, upstream: str,
-                                                                 policy: str, shared_prefix: str,
-                                                                 model: DigitsModel) -> None:
+    async def test_block_from_one_guard_is_enforced_by_the_other(self, policy: str, redis_prefix: str,
+                                                                 demo_model: DigitsModel,
+                                                                 start_pair: PairStarter) -> None:
         """A session blocked on guard A is refused by guard B for the cool-down; other sessions are not."""
-        a, b = await start_pair(start_guard, upstream, policy, f"redis://127.0.0.1:6379/0?key_prefix={shared_prefix}")
-        try:
-            X = model.X_test
-            async with aiohttp.ClientSession() as http:
-                assert (await infer(http, b, "attacker", X[:1]))[0] == 200
-                assert (await infer(http, a, "attacker", X[:3]))[0] == 403
-                status, rid = await infer(http, b, "attacker", X[1:2])
-                assert status == 403
-                assert b.events_for(rid)[0]["rule"]["name"] == "big-batch"
-                assert (await infer(http, b, "someone-else", X[1:2]))[0] == 200
-        finally:
-            await close_pair([a, b])
+        a, b = await start_pair(policy, f"redis://127.0.0.1:6379/0?key_prefix={redis_prefix}")
+        X = demo_model.X_test
+        async with aiohttp.ClientSession() as http:
+            assert (await infer(http, b, "attacker", X[:1]))[0] == 200
+            assert (await infer(http, a, "attacker", X[:3]))[0] == 403
+            status, rid = await infer(http, b, "attacker", X[1:2])
+            assert status == 403
+            assert b.events_for(rid)[0]["rule"]["name"] == "big-batch"
+            assert (await infer(http, b, "someone-else", X[1:2]))[0] == 200
 
-    async def test_alternating_guards_count_one_session(self, start_guard: Any, upstream: str, policy: str,
-                                                        shared_prefix: str, model: DigitsModel) -> None:
+    async def test_alternating_guards_count_one_session(self, policy: str, redis_prefix: str,
+                                                        demo_model: DigitsModel, start_pair: PairStarter) -> None:
         """Queries alternating between guards add up: the 9th is blocked (each guard alone saw only 4)."""
-        a, b = await start_pair(start_guard, upstream, policy, f"redis://127.0.0.1:6379/0?key_prefix={shared_prefix}")
-        try:
-            X = model.X_test
-            async with aiohttp.ClientSession() as http:
-                statuses = [(await infer(http, (a, b)[i % 2], "stepper", X[i:i + 1]))[0] for i in range(10)]
-            assert statuses == [200] * 8 + [403, 403]
-            assert keys_under(6379, shared_prefix + "s:") and len(keys_under(6379, shared_prefix + "s:")) == 1
-        finally:
-            await close_pair([a, b])
+        a, b = await start_pair(policy, f"redis://127.0.0.1:6379/0?key_prefix={redis_prefix}")
+        X = demo_model.X_test
+        async with aiohttp.ClientSession() as http:
+            statuses = [(await infer(http, (a, b)[i % 2], "stepper", X[i:i + 1]))[0] for i in range(10)]
+        assert statuses == [200] * 8 + [403, 403]
+        assert keys_under(6379, redis_prefix + "s:") and len(keys_under(6379, redis_prefix + "s:")) == 1
 
-    async def test_spread_attack_is_seen_by_the_other_guard(self, start_guard: Any, upstream: str, policy: str,
-                                                           shared_prefix: str, model: DigitsModel) -> None:
+    async def test_spread_attack_is_seen_by_the_other_guard(self, policy: str, redis_prefix: str,
+                                                           demo_model: DigitsModel, start_pair: PairStarter) -> None:
         """A near-duplicate sent to B under a new key matches queries A saw under other keys."""
-        a, b = await start_pair(start_guard, upstream, policy, f"redis://127.0.0.1:6379/0?key_prefix={shared_prefix}")
-        try:
-            rng = np.random.default_rng(0)
-            x = model.X_test[:1].copy()
-            async with aiohttp.ClientSession() as http:
-                for i in range(6):
-                    probe = x.copy()
-                    probe[0, rng.integers(0, 64, 2)] += 1.0
-                    assert (await infer(http, a, f"sybil-{i}", probe))[0] == 200
+        a, b = await start_pair(policy, f"redis://127.0.0.1:6379/0?key_prefix={redis_prefix}")
+        rng = np.random.default_rng(0)
+        x = demo_model.X_test[:1].copy()
+        async with aiohttp.ClientSession() as http:
+            for i in range(6):
                 probe = x.copy()
-                probe[0, 5] += 1.0
-                status, rid = await infer(http, b, "sybil-new", probe)
-            assert status == 200
-            seen = b.events_for(rid)[0]["guard"]["scores"]["session.global_fingerprint"]
-            assert seen > 0.2  # B alone has never seen this image: its local index would say 0
-            assert len(b.state.trackers.global_index) == 1
-        finally:
-            await close_pair([a, b])
+                probe[0, rng.integers(0, 64, 2)] += 1.0
+                assert (await infer(http, a, f"sybil-{i}", probe))[0] == 200
+            probe = x.copy()
+            probe[0, 5] += 1.0
+            status, rid = await infer(http, b, "sybil-new", probe)
+        assert status == 200
+        seen = b.events_for(rid)[0]["guard"]["scores"]["session.global_fingerprint"]
+        assert seen > 0.2  # B alone has never seen this image: its local index would say 0
+        assert len(b.state.trackers.global_index) == 1
 
 
 class TestOutage:
-    async def test_redis_stopped_mid_traffic_fails_no_request(self, start_guard: Any, upstream: str,
-                                                              tmp_path: Path, own_server: RedisServer,
-                                                              model: DigitsModel) -> None:
+    async def test_redis_stopped_mid_traffic_fails_no_request(self, tmp_path: Path, own_redis: RedisServer,
+                                                              demo_model: DigitsModel,
+                                                              start_pair: PairStarter) -> None:
         """Kill our own Redis mid-traffic and restart it: every request answered 200, the fallback counted,
         and afterwards the guards are back on Redis."""
         policy = tmp_path / "policy.yaml"
         policy.write_text(POLICY.split("  - id: too-many")[0])
-        server = own_server
-        guards = await start_pair(start_guard, upstream, str(policy), server.url + "?key_prefix=mid:&budget_ms=40")
-        try:
-            X = model.X_test
-            statuses, slowest = [], 0.0
-            async with aiohttp.ClientSession() as http:
-                for i in range(60):
-                    if i == 20:
-                        server.stop()
-                    if i == 40:
-                        server.start()
-                    t0 = time.perf_counter()
-                    statuses.append((await infer(http, guards[i % 2], f"user-{i % 3}", X[i:i + 1]))[0])
-                    slowest = max(slowest, time.perf_counter() - t0)
-                    await asyncio.sleep(0.02)
-                deadline = time.monotonic() + 10
-                while time.monotonic() < deadline and not all(g.state.sessions.link.up for g in guards):
-                    await asyncio.sleep(0.05)
-                assert (await infer(http, guards[0], "after", X[:1]))[0] == 200
-                async with http.get(guards[0].admin_url + "/metrics") as resp:
-                    text = await resp.text()
-            assert statuses == [200] * 60
-            assert slowest < 1.0
-            assert metric(text, "inference_guard_redis_fallbacks_total") > 0
-            assert metric(text, "inference_guard_redis_reconnects_total") >= 1
-            assert metric(text, "inference_guard_redis_up") == 1
-            assert redis_cmd(server.port, "EXISTS", "mid:s:" + guards[0].events[-1]["guard"]["session"]) \
-                .startswith(b":1")
-            ops = [orjson.dumps(e) for e in guards[0].events if "redis" in orjson.dumps(e).decode()]
-            assert any(b"unreachable" in o for o in ops) and any(b"reachable again" in o for o in ops)
-        finally:
-            await close_pair(guards)
+        server = own_redis
+        guards = await start_pair(str(policy), server.url + "?key_prefix=mid:&budget_ms=40")
+        X = demo_model.X_test
+        statuses, slowest = [], 0.0
+        async with aiohttp.ClientSession() as http:
+            for i in range(60):
+                if i == 20:
+                    server.stop()
+                if i == 40:
+                    server.start()
+                t0 = time.perf_counter()
+                statuses.append((await infer(http, guards[i % 2], f"user-{i % 3}", X[i:i + 1]))[0])
+                slowest = max(slowest, time.perf_counter() - t0)
+                await asyncio.sleep(0.02)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not all(g.state.sessions.link.up for g in guards):
+                await asyncio.sleep(0.05)
+            assert (await infer(http, guards[0], "after", X[:1]))[0] == 200
+            async with http.get(guards[0].admin_url + "/metrics") as resp:
+                text = await resp.text()
+        assert statuses == [200] * 60
+        assert slowest < 1.0
+        assert metric(text, "inference_guard_redis_fallbacks_total") > 0
+        assert metric(text, "inference_guard_redis_reconnects_total") >= 1
+        assert metric(text, "inference_guard_redis_up") == 1
+        assert redis_cmd(server.port, "EXISTS", "mid:s:" + guards[0].events[-1]["guard"]["session"]) \
+            .startswith(b":1")
+        ops = [orjson.dumps(e) for e in guards[0].events if "redis" in orjson.dumps(e).decode()]
+        assert any(b"unreachable" in o for o in ops) and any(b"reachable again" in o for o in ops)

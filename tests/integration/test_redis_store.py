@@ -7,13 +7,10 @@ server is never flushed or stopped). Outage tests start their own ``redis-server
 from __future__ import annotations
 
 import asyncio
-import socket
-import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,90 +28,13 @@ from guard_agent.sessions.memory import MemorySessionStore
 from guard_agent.sessions.redis_store import RedisSessionStore
 from guard_agent.settings import ConfigError, Settings
 from guard_agent.tracking import SessionTracking
-from tests.conftest import free_port
+from tests._support.redis import RedisServer, keys_under, redis_cmd
+from tests._support.waiting import wait_for
 
 pytestmark = pytest.mark.redis
 
 SHARED_URL = "redis://127.0.0.1:6379/0"
 SALT = b"test-hmac-key"
-
-
-# ---- helpers (also used by test_redis_guards.py) ------------------------------------------------------
-def redis_cmd(port: int, *args: str, timeout: float = 1.0) -> bytes:
-    """One RESP command over a raw socket (no client library, no pool): for setup and checks."""
-    payload = f"*{len(args)}\r\n".encode() + b"".join(f"${len(a.encode())}\r\n{a}\r\n".encode() for a in args)
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(payload)
-        return s.recv(65536)
-
-
-def delete_prefix(port: int, prefix: str) -> int:
-    """Delete every key under ``prefix`` on the server (SCAN + DEL through redis-cli; never FLUSH)."""
-    keys = subprocess.run(["redis-cli", "-p", str(port), "--scan", "--pattern", f"{prefix}*"],
-                          capture_output=True, text=True, timeout=10, check=True).stdout.split()
-    for i in range(0, len(keys), 500):
-        subprocess.run(["redis-cli", "-p", str(port), "DEL", *keys[i:i + 500]], capture_output=True,
-                       timeout=10, check=True)
-    return len(keys)
-
-
-def keys_under(port: int, prefix: str) -> list[str]:
-    return subprocess.run(["redis-cli", "-p", str(port), "--scan", "--pattern", f"{prefix}*"],
-                          capture_output=True, text=True, timeout=10, check=True).stdout.split()
-
-
-class RedisServer:
-    """Our own ``redis-server`` on a free port (no persistence), stoppable and restartable on that port."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.workdir = workdir
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                if redis_cmd(self.port, "PING").startswith(b"+PONG"):
-                    return
-            except OSError:
-                time.sleep(0.02)
-        self.stop()
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self.proc = None
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A private redis-server that a test may stop, pause and restart."""
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def prefix() -> Iterator[str]:
-    """A unique key prefix on the shared Redis, whose keys are deleted after the test."""
-    try:
-        assert redis_cmd(6379, "PING").startswith(b"+PONG")
-    except OSError as exc:
-        raise RuntimeError("these tests need the Redis server on 127.0.0.1:6379") from exc
-    p = f"ig-test-{uuid.uuid4().hex[:12]}:"
-    yield p
-    delete_prefix(6379, p)
 
 
 @dataclass
@@ -147,9 +67,9 @@ def make_replica(url: str, prefix: str, *, budget_ms: int = 50, ttl: float = 360
 
 
 @pytest.fixture
-async def replicas(prefix: str) -> AsyncIterator[tuple[Replica, Replica]]:
+async def replicas(redis_prefix: str) -> AsyncIterator[tuple[Replica, Replica]]:
     """Two replicas (separate pools, metrics, trackers) sharing one session namespace on the shared Redis."""
-    a, b = make_replica(SHARED_URL, prefix), make_replica(SHARED_URL, prefix)
+    a, b = make_replica(SHARED_URL, redis_prefix), make_replica(SHARED_URL, redis_prefix)
     yield a, b
     await a.store.aclose()
     await b.store.aclose()
@@ -286,7 +206,7 @@ class TestSharedSessions:
         seen = await b.store.get("s5", now + 1)
         assert seen.blocked(now + 1) == "extraction" and seen.queries == 2
 
-    async def test_fetch_reads_without_creating(self, replicas: tuple[Replica, Replica], prefix: str) -> None:
+    async def test_fetch_reads_without_creating(self, replicas: tuple[Replica, Replica], redis_prefix: str) -> None:
         """The admin read shows another replica's session and creates nothing for an unknown one."""
         a, b = replicas
         now = time.time()
@@ -294,7 +214,7 @@ class TestSharedSessions:
         shown = await b.store.fetch("s11", now + 1)
         assert shown is not None and shown.queries == 1 and shown.blocked_rule == "manual"
         assert await b.store.fetch("nobody", now + 1) is None
-        assert keys_under(6379, prefix + "s:") == [prefix + "s:s11"]
+        assert keys_under(6379, redis_prefix + "s:") == [redis_prefix + "s:s11"]
 
     async def test_unblock_is_not_undone_by_a_stale_writer(self, replicas: tuple[Replica, Replica]) -> None:
         """An operator unblock on A holds although B still writes a record read while blocked."""
@@ -310,58 +230,59 @@ class TestSharedSessions:
         assert after.blocked(now + 3) is None and after.queries == 2
         assert not await a.store.unblock("s6")
 
-    async def test_keys_have_prefix_and_ttl(self, prefix: str) -> None:
-        """Session keys live under the configured prefix and expire after session_ttl."""
-        r = make_replica(SHARED_URL, prefix, ttl=120.0)
+    async def test_keys_have_prefix_and_ttl(self, redis_prefix: str) -> None:
+        """Session keys live under the configured redis_prefix and expire after session_ttl."""
+        r = make_replica(SHARED_URL, redis_prefix, ttl=120.0)
         try:
             await serve(r, "s7", np.zeros((1, 64)), time.time())
-            assert keys_under(6379, prefix + "s:") == [prefix + "s:s7"]
-            pttl = int(redis_cmd(6379, "PTTL", prefix + "s:s7")[1:].split(b"\r")[0])
+            assert keys_under(6379, redis_prefix + "s:") == [redis_prefix + "s:s7"]
+            pttl = int(redis_cmd(6379, "PTTL", redis_prefix + "s:s7")[1:].split(b"\r")[0])
             assert 110_000 < pttl <= 120_000
         finally:
             await r.store.aclose()
 
-    async def test_garbage_state_is_reset_and_counted(self, replicas: tuple[Replica, Replica], prefix: str) -> None:
+    async def test_garbage_state_is_reset_and_counted(self, replicas: tuple[Replica, Replica],
+                                                      redis_prefix: str) -> None:
         """Undecodable tracker bytes give a fresh tracker state (counted), never an error."""
         a, _ = replicas
         now = time.time()
         await serve(a, "s8", np.zeros((1, 64)), now)
-        redis_cmd(6379, "HSET", prefix + "s:s8", "t", "not a tracker state")
+        redis_cmd(6379, "HSET", redis_prefix + "s:s8", "t", "not a tracker state")
         record = await a.store.get("s8", now + 1)
         scores = await a.tracking.peek("s8", record, np.zeros((1, 64)), None, now + 1)
         assert scores["session.risk"] == 0.0 and record.queries == 1
         assert a.metric("inference_guard_redis_state_errors_total", kind="decode") == 1
 
-    async def test_oversized_state_stays_local(self, prefix: str) -> None:
+    async def test_oversized_state_stays_local(self, redis_prefix: str) -> None:
         """A tracker state above max_state_bytes is not written to Redis (counted); counts still are."""
-        r = make_replica(SHARED_URL, prefix, max_state_bytes=100)
+        r = make_replica(SHARED_URL, redis_prefix, max_state_bytes=100)
         try:
             now = time.time()
             await serve(r, "s9", np.zeros((1, 64)), now)
-            assert b"-" not in redis_cmd(6379, "HEXISTS", prefix + "s:s9", "t")[:1]
-            assert redis_cmd(6379, "HEXISTS", prefix + "s:s9", "t").startswith(b":0")
-            assert redis_cmd(6379, "HGET", prefix + "s:s9", "q").endswith(b"1\r\n")
+            assert b"-" not in redis_cmd(6379, "HEXISTS", redis_prefix + "s:s9", "t")[:1]
+            assert redis_cmd(6379, "HEXISTS", redis_prefix + "s:s9", "t").startswith(b":0")
+            assert redis_cmd(6379, "HGET", redis_prefix + "s:s9", "q").endswith(b"1\r\n")
             assert r.metric("inference_guard_redis_state_errors_total", kind="oversize") == 1
         finally:
             await r.store.aclose()
 
-    async def test_delete_forgets_everywhere(self, replicas: tuple[Replica, Replica], prefix: str) -> None:
+    async def test_delete_forgets_everywhere(self, replicas: tuple[Replica, Replica], redis_prefix: str) -> None:
         """An operator reset on A removes the shared record; B then starts the session afresh."""
         a, b = replicas
         now = time.time()
         await serve(b, "s10", np.zeros((1, 64)), now)
         assert await a.store.delete("s10")
-        assert keys_under(6379, prefix + "s:") == []
+        assert keys_under(6379, redis_prefix + "s:") == []
         assert (await b.store.get("s10", now + 1)).queries == 0  # B's local copy is not restored
         assert b.store.peek("s10") is not None and b.store.peek("s10").queries == 0
 
     @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
     @given(schedule=st.lists(st.tuples(st.integers(0, 1), st.booleans()), min_size=1, max_size=12))
-    def test_any_interleaving_counts_every_query(self, prefix: str, schedule: list[tuple[int, bool]]) -> None:
+    def test_any_interleaving_counts_every_query(self, redis_prefix: str, schedule: list[tuple[int, bool]]) -> None:
         """However two replicas interleave reads and writes, the stored count equals the queries written."""
 
         async def run() -> int:
-            reps = [make_replica(SHARED_URL, prefix), make_replica(SHARED_URL, prefix)]
+            reps = [make_replica(SHARED_URL, redis_prefix), make_replica(SHARED_URL, redis_prefix)]
             session = uuid.uuid4().hex
             now = time.time()
             held: list[Any] = [None, None]
@@ -430,20 +351,21 @@ class TestGlobalIndex:
             benign.append(await a.index.observe(f"user-{i}", engine.fingerprints(x), engine.row_keys(x), now + 30))
         assert max(benign) == 0.0
 
-    async def test_large_batch_sends_at_most_max_rows(self, replicas: tuple[Replica, Replica], prefix: str) -> None:
+    async def test_large_batch_sends_at_most_max_rows(self, replicas: tuple[Replica, Replica],
+                                                      redis_prefix: str) -> None:
         """A 100-row request puts only max_rows entries into Redis (one script stays short); the local
         index still sees every row."""
         a, _ = replicas
         engine = a.tracking.engine(None, 64)
         rows = digits_like(np.random.default_rng(7), 100)
         await a.index.observe("batch", engine.fingerprints(rows), engine.row_keys(rows), time.time())
-        assert len(keys_under(6379, prefix + "ge:")) == a.index.max_rows == 8
+        assert len(keys_under(6379, redis_prefix + "ge:")) == a.index.max_rows == 8
         assert len(a.index.local) == 100
 
-    async def test_memory_is_bounded(self, prefix: str) -> None:
+    async def test_memory_is_bounded(self, redis_prefix: str) -> None:
         """Entries and exact-input digests stay within max_entries and each bucket within bucket_size, however
         much arrives."""
-        r = make_replica(SHARED_URL, prefix)
+        r = make_replica(SHARED_URL, redis_prefix)
         r.index = RedisGlobalIndex(r.store.link, max_entries=50, bucket_size=3)
         try:
             engine = r.tracking.engine(None, 64)
@@ -451,16 +373,16 @@ class TestGlobalIndex:
             for i in range(30):
                 x = digits_like(rng, 8)
                 await r.index.observe(f"k{i}", engine.fingerprints(x), engine.row_keys(x), now)
-            entries = keys_under(6379, prefix + "ge:")
+            entries = keys_under(6379, redis_prefix + "ge:")
             assert 40 <= len(entries) <= 50
-            for group in keys_under(6379, prefix + "gb:"):
+            for group in keys_under(6379, redis_prefix + "gb:"):
                 raw = redis_cmd(6379, "HVALS", group)
                 cells = [c for c in raw.split(b"\r\n") if c and not c.startswith((b"*", b"$"))]
                 assert cells and all(len(c.split(b",")) <= 3 for c in cells)
             assert int(redis_cmd(6379, "TTL", entries[0])[1:].split(b"\r")[0]) <= 600
-            slots = [k for k in keys_under(6379, prefix + "gd:") if k[len(prefix) + 3 :].isdigit()]
+            slots = [k for k in keys_under(6379, redis_prefix + "gd:") if k[len(redis_prefix) + 3 :].isdigit()]
             assert 40 <= len(slots) <= 50  # the digest ring: 240 distinct inputs, 50 slots
-            groups = keys_under(6379, prefix + "gd:m:")
+            groups = keys_under(6379, redis_prefix + "gd:m:")
             fields = sum(int(redis_cmd(6379, "HLEN", g)[1:].split(b"\r")[0]) for g in groups)
             assert fields <= 50  # an overwritten slot takes its digest out of the lookup
         finally:
@@ -468,13 +390,6 @@ class TestGlobalIndex:
 
 
 # ---- outages (own redis-server) -----------------------------------------------------------------------
-async def wait_until(predicate: Any, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        await asyncio.sleep(0.02)
-    return False
 
 
 class TestOutage:
@@ -499,7 +414,7 @@ class TestOutage:
             assert a.store.dirty() == 1 and a.metric("inference_guard_redis_dirty_sessions") == 1
             assert any(b"redis unreachable" in line for line in a.logs)
             own_redis.start()
-            assert await wait_until(lambda: a.store.link.up and a.store.dirty() == 0)
+            assert await wait_for(lambda: a.store.link.up and a.store.dirty() == 0, timeout=10, interval=0.02)
             assert a.metric("inference_guard_redis_reconnects_total") >= 1
             assert a.metric("inference_guard_redis_reconciled_total", result="merged") == 1
             assert a.metric("inference_guard_redis_dirty_sessions") == 0
@@ -524,7 +439,7 @@ class TestOutage:
             a.store.link.up = True  # what the probe does; its reconcile now races the requests below
             await asyncio.gather(a.store.reconcile(), a.store.get("r", now + 6), a.store.get("r", now + 6),
                                  a.store.reconcile())
-            assert await wait_until(lambda: a.store.link.up and a.store.dirty() == 0)
+            assert await wait_for(lambda: a.store.link.up and a.store.dirty() == 0, timeout=10, interval=0.02)
             assert (await b.store.get("r", now + 7)).queries == 5
         finally:
             await a.store.aclose()
@@ -594,7 +509,7 @@ class TestOutage:
                                  ("get", "down"): 1, ("put", "down"): 1, ("reconcile", "down"): 0}
             assert a.metric("inference_guard_redis_up") == 0
             assert record.queries == 1  # the local mirror still knew the session
-            assert await wait_until(lambda: a.store.link.up, timeout=10)
+            assert await wait_for(lambda: a.store.link.up, timeout=10, interval=0.02)
             assert (await a.store.get("s", now + 2)).queries == 1  # reconciled: delta 0, nothing doubled
         finally:
             await a.store.aclose()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
@@ -15,6 +14,7 @@ import aiohttp
 import orjson
 import pytest
 
+from tests._support.waiting import wait_for
 from tests.conftest import ModelServer, free_port, wait_http
 
 pytestmark = pytest.mark.slow
@@ -43,15 +43,6 @@ def swap_configmap(root: Path, text: str) -> None:
     tmp_link = root / "..data_tmp"
     os.symlink(version.name, tmp_link)
     os.replace(tmp_link, root / "..data")
-
-
-async def wait_for(predicate, timeout: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        await asyncio.sleep(0.05)
-    return False
 
 
 class TestWatchedDirectory:

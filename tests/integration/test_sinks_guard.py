@@ -8,13 +8,11 @@ collector. Upstream is the demo v2 model server.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import statistics
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,37 +21,23 @@ import orjson
 import pytest
 from aiohttp import web
 
-from guard_agent.demo import DigitsModel, make_model_app, v2_body
+from guard_agent.demo import DigitsModel, v2_body
 from guard_agent.settings import Settings
 from guard_agent.sinks import Spool
-from tests.conftest import free_port
-from tests.integration.test_sinks_support import (
+from tests._support.servers import wait_http_ready
+from tests._support.sinks import (
     HttpReceiver,
     Rsyslog,
+    in_order_without_gaps,
     needs_rsyslog,
     sink_count,
     wait_for,
 )
-from tests.integration.test_sinks_syslog import in_order_without_gaps
+from tests.conftest import free_port
 
 pytestmark = [needs_rsyslog, pytest.mark.slow]
 INFER = "/v2/models/digits/infer"
 FAST = {"retry_initial": 0.05, "retry_max": 0.3, "timeout": 2.0}
-
-
-@pytest.fixture(scope="module")
-def model() -> DigitsModel:
-    return DigitsModel()
-
-
-@pytest.fixture
-async def upstream(model: DigitsModel) -> AsyncIterator[str]:
-    runner = web.AppRunner(make_model_app(model), access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    yield f"http://127.0.0.1:{port}"
-    await runner.cleanup()
 
 
 class Guard:
@@ -116,7 +100,8 @@ def numbered(ids: list[str]) -> list[str]:
 
 
 class TestGuardWithSinks:
-    async def test_sinks_down_and_back_under_steady_traffic(self, tmp_path: Path, upstream: str, model: DigitsModel,
+    async def test_sinks_down_and_back_under_steady_traffic(self, tmp_path: Path, demo_model_url: str,
+                                                            demo_model: DigitsModel,
                                                             capfd: pytest.CaptureFixture[str]) -> None:
         """Both receivers down for 2 s of a 6 s, 50 req/s run: every request answered 200 without slowing down,
         and every request's event reaches rsyslog, the HTTP collector and stdout; nothing dropped."""
@@ -124,9 +109,9 @@ class TestGuardWithSinks:
         receiver = HttpReceiver()
         await asyncio.to_thread(rsyslog.start)
         await receiver.start()
-        guard = Guard(guard_settings(tmp_path, upstream, rsyslog, receiver))
+        guard = Guard(guard_settings(tmp_path, demo_model_url, rsyslog, receiver))
         await guard.start()
-        body = v2_body(model.X_test[:1])
+        body = v2_body(demo_model.X_test[:1])
         rate, duration, down_at, up_at = 50.0, 6.0, 1.5, 3.5
         tasks: list[asyncio.Task[tuple[str, int, float]]] = []
         sent_at: dict[str, float] = {}
@@ -184,12 +169,13 @@ class TestGuardWithSinks:
         assert in_order_without_gaps(_renumber(http_ids, stdout_ids), len(set(stdout_ids)))
         assert in_order_without_gaps(_renumber(syslog_ids, stdout_ids), len(set(stdout_ids)))
 
-    async def test_backlog_survives_a_guard_restart(self, tmp_path: Path, upstream: str, model: DigitsModel) -> None:
+    async def test_backlog_survives_a_guard_restart(self, tmp_path: Path, demo_model_url: str,
+                                                    demo_model: DigitsModel) -> None:
         """Events spooled while the receivers were down are delivered by the next guard process, before its own."""
         rsyslog = Rsyslog(tmp_path / "rsyslog")
         receiver = HttpReceiver()
-        settings = guard_settings(tmp_path, upstream, rsyslog, receiver)
-        body = v2_body(model.X_test[:1])
+        settings = guard_settings(tmp_path, demo_model_url, rsyslog, receiver)
+        body = v2_body(demo_model.X_test[:1])
         async with aiohttp.ClientSession() as http:
             first = Guard(settings)
             await first.start()
@@ -217,8 +203,8 @@ class TestGuardWithSinks:
 
 
 class TestHungReceivers:
-    async def test_requests_never_wait_on_a_hung_sink(self, tmp_path: Path, upstream: str,
-                                                      model: DigitsModel) -> None:
+    async def test_requests_never_wait_on_a_hung_sink(self, tmp_path: Path, demo_model_url: str,
+                                                      demo_model: DigitsModel) -> None:
         """Receivers that accept connections and never answer (3 s sink timeout): requests stay fast and all 200,
         and the events pile up in the spool instead of in the request path."""
         hung: list[asyncio.StreamWriter] = []
@@ -232,7 +218,7 @@ class TestHungReceivers:
         policy.write_text("version: 1\nmode: monitor\nrules: []\n")
         slow = {"retry_initial": 0.05, "retry_max": 0.3, "timeout": 3.0}
         settings = Settings(listen=f"127.0.0.1:{free_port()}", admin_listen=f"127.0.0.1:{free_port()}",
-                            upstream=upstream, policy=str(policy), hmac_key="test-hmac-key",
+                            upstream=demo_model_url, policy=str(policy), hmac_key="test-hmac-key",
                             sinks=({"type": "http", "name": "hung-http", "url": f"http://127.0.0.1:{ports[0]}/in",
                                     **slow},
                                    {"type": "syslog", "name": "hung-syslog", "host": "127.0.0.1", "port": ports[1],
@@ -240,7 +226,7 @@ class TestHungReceivers:
                             spool_dir=str(tmp_path / "spool"))
         guard = Guard(settings)
         await guard.start()
-        body = v2_body(model.X_test[:1])
+        body = v2_body(demo_model.X_test[:1])
         try:
             async with aiohttp.ClientSession() as http:
                 results = []
@@ -265,8 +251,8 @@ class TestHungReceivers:
 
 
 class TestGuardProcess:
-    async def test_guard_agent_run_with_guard_sinks_env_flushes_on_sigterm(self, tmp_path: Path, upstream: str,
-                                                                           model: DigitsModel) -> None:
+    async def test_guard_agent_run_with_guard_sinks_env_flushes_on_sigterm(self, tmp_path: Path, demo_model_url: str,
+                                                                           demo_model: DigitsModel) -> None:
         """`guard-agent run` configured only through GUARD_SINKS/GUARD_SPOOL_DIR delivers every event and,
         on SIGTERM, flushes and exits 0 with an empty spool."""
         receiver = HttpReceiver()
@@ -274,22 +260,16 @@ class TestGuardProcess:
         policy = tmp_path / "policy.yaml"
         policy.write_text("version: 1\nmode: monitor\nrules: []\n")
         listen, admin = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-        env = {**os.environ, "GUARD_LISTEN": listen, "GUARD_ADMIN_LISTEN": admin, "GUARD_UPSTREAM": upstream,
+        env = {**os.environ, "GUARD_LISTEN": listen, "GUARD_ADMIN_LISTEN": admin, "GUARD_UPSTREAM": demo_model_url,
                "GUARD_POLICY": str(policy), "GUARD_HMAC_KEY": "test-hmac-key", "GUARD_SPOOL_DIR": str(tmp_path / "sp"),
                "GUARD_SINKS": f"[{{type: http, name: collector, url: '{receiver.url}', "
                               "retry_initial: 0.05, retry_max: 0.3}]"}
         proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "guard_agent.cli", "run", env=env,
                                                     stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         try:
+            await wait_http_ready(f"http://{admin}/readyz", lambda: proc.returncode is None, timeout=60)
             async with aiohttp.ClientSession() as http:
-                deadline = time.monotonic() + 60
-                while True:
-                    assert proc.returncode is None and time.monotonic() < deadline, "guard did not become ready"
-                    with contextlib.suppress(aiohttp.ClientError):
-                        if (await http.get(f"http://{admin}/readyz")).status == 200:
-                            break
-                    await asyncio.sleep(0.1)
-                body = v2_body(model.X_test[:1])
+                body = v2_body(demo_model.X_test[:1])
                 for i in range(20):
                     assert (await one_request(http, f"http://{listen}", body, f"req-{i}"))[1] == 200
             proc.send_signal(signal.SIGTERM)

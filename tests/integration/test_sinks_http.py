@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from guard_agent.settings import ConfigError
 from guard_agent.sinks._config import HttpSinkConfig, parse_sinks
 from guard_agent.sinks._http import HttpTransport
 from guard_agent.sinks._transport import DeliveryError
-from tests.integration.test_sinks_support import (
+from tests._support.sinks import (
     HttpReceiver,
     event_line,
     gauge,
@@ -31,11 +32,10 @@ FAST = {"retry_initial": 0.05, "retry_max": 0.2, "timeout": 2.0}
 
 
 @pytest.fixture
-async def receiver() -> HttpReceiver:
-    r = HttpReceiver()
-    await r.start()
-    yield r  # type: ignore[misc]
-    await r.stop()
+async def receiver() -> AsyncIterator[HttpReceiver]:
+    """An ndjson collector on a free loopback port, up for the whole test."""
+    async with HttpReceiver() as r:
+        yield r
 
 
 def http_transport(receiver: HttpReceiver, tmp_path: Path, **extra: object) -> HttpTransport:
@@ -74,15 +74,12 @@ class TestHttpDelivery:
     async def test_splunk_and_elastic_formats(self, tmp_path: Path, fmt: str) -> None:
         """Splunk HEC gets {time, event} objects with 'Splunk <token>'; Elastic bulk gets create actions."""
         receiver = HttpReceiver(fmt=fmt, token="Splunk s3cret-token" if fmt == "splunk_hec" else "ApiKey s3cret-token")
-        await receiver.start()
-        try:
+        async with receiver:
             f = make_fanout(tmp_path / "spool", http_sink(receiver, tmp_path))
             for i in range(50):
                 f.sink.write(event_line(i))
             await wait_for(lambda: len(receiver.ids()) == 50)
             f.sink.close(5)
-        finally:
-            await receiver.stop()
         assert receiver.ids() == [f"req-{i}" for i in range(50)]
 
 
@@ -92,8 +89,7 @@ class TestHttps:
         events stay spooled."""
         certs = make_certs(tmp_path)
         receiver = HttpReceiver(tls=certs.server_context())
-        await receiver.start()
-        try:
+        async with receiver:
             bad = make_fanout(tmp_path / "spool-bad", http_sink(receiver, tmp_path, name="bad-ca",
                                                                 ca_file=str(certs.other_ca)))
             bad.sink.write(event_line(0))
@@ -105,8 +101,6 @@ class TestHttps:
                 good.sink.write(event_line(i))
             await wait_for(lambda: len(receiver.ids()) == 30)
             good.sink.close(5)
-        finally:
-            await receiver.stop()
         assert receiver.ids() == [f"req-{i}" for i in range(1, 31)]
         assert "certificate" in bad.status_events("sink_down")[0]["guard"]["reason"].lower()
         assert bad.status_events("sink_spool_kept")[0]["guard"]["backlog"] == {"bad-ca": 1}
@@ -124,19 +118,17 @@ class TestHttpOutage:
         assert sink_count(f.metrics, "collector", "delivered") == 0
         assert gauge(f.metrics, "inference_guard_sink_backlog_events", "collector") == 200
         assert f.status_events("sink_down"), "the outage must be announced on stdout"
-        await receiver.start()
-        try:
+        async with receiver:
             for i in range(200, 250):
                 f.sink.write(event_line(i))
             await wait_for(lambda: len(receiver.ids()) >= 250)
             f.sink.close(5)
-        finally:
-            await receiver.stop()
         assert receiver.ids() == [f"req-{i}" for i in range(250)]
         assert f.status_events("sink_up")
         assert sink_count(f.metrics, "collector", "dropped") == 0
-        assert f.metrics.registry.get_sample_value("inference_guard_sink_send_failures_total",
-                                                   {"sink": "collector"}) >= 1
+        failures = f.metrics.registry.get_sample_value("inference_guard_sink_send_failures_total",
+                                                       {"sink": "collector"})
+        assert failures is not None and failures >= 1
 
     async def test_retry_after_and_5xx_are_retried(self, receiver: HttpReceiver, tmp_path: Path) -> None:
         """Three 503s with Retry-After, then success: every event once, in order, nothing rejected."""
@@ -209,13 +201,10 @@ class TestHttpOutage:
             f.sink.write(event_line(i, action="deny", level="warning"))
         await wait_for(lambda: sink_count(f.metrics, "collector", "spooled") == 25)
         f.sink.close(1)
-        await receiver.start()
-        try:
+        async with receiver:
             g = make_fanout(tmp_path / "spool", http_sink(receiver, tmp_path, batch_max_events=20))
             await wait_for(lambda: len(receiver.ids()) == 5)
             g.sink.close(5)
-        finally:
-            await receiver.stop()
         assert receiver.ids() == [f"req-{i}" for i in range(20, 25)]
         assert sink_count(g.metrics, "collector", "rejected") == 20
         dropped = g.status_events("sink_events_dropped")
@@ -311,13 +300,10 @@ class TestHttpOutage:
             f.sink.write(event_line(i))
         await wait_for(lambda: sink_count(f.metrics, "collector", "spooled") == 64)
         f.sink.close(1)
-        await receiver.start()
-        try:
+        async with receiver:
             g = make_fanout(tmp_path / "spool", http_sink(receiver, tmp_path, batch_max_events=64))
             await wait_for(lambda: len(receiver.ids()) == 48 and sink_count(g.metrics, "collector", "rejected") == 16)
             g.sink.close(5)
-        finally:
-            await receiver.stop()
         assert receiver.ids() == [f"req-{i}" for i in range(64) if i not in bad]
         assert sink_count(g.metrics, "collector", "rejected") == 16
         assert "not resolved within" in g.status_events("sink_down")[0]["guard"]["reason"]
@@ -325,23 +311,19 @@ class TestHttpOutage:
     async def test_an_unforeseen_answer_does_not_stop_the_sink(self, tmp_path: Path) -> None:
         """A 200 whose body makes no sense is a failed attempt (retried), not a dead sender thread."""
         receiver = HttpReceiver(fmt="elastic_bulk", garbage_times=2)
-        await receiver.start()
-        try:
+        async with receiver:
             f = make_fanout(tmp_path / "spool", http_sink(receiver, tmp_path))
             for i in range(5):
                 f.sink.write(event_line(i))
             await wait_for(lambda: len(receiver.ids()) == 5)
             f.sink.close(5)
-        finally:
-            await receiver.stop()
         assert receiver.ids() == [f"req-{i}" for i in range(5)]
         assert "AttributeError" in f.status_events("sink_down")[0]["guard"]["reason"]
 
     async def test_elastic_resend_is_stored_once(self, tmp_path: Path) -> None:
         """Elastic bulk ids come from the event, so a batch resent after a 429 does not duplicate documents."""
         receiver = HttpReceiver(fmt="elastic_bulk")
-        await receiver.start()
-        try:
+        async with receiver:
             f = make_fanout(tmp_path / "spool", http_sink(receiver, tmp_path))
             lines = [event_line(i) for i in range(10)]
             for line in lines:
@@ -353,8 +335,6 @@ class TestHttpOutage:
                 g.sink.write(line)
             await wait_for(lambda: sink_count(g.metrics, "collector", "delivered") == 10)
             g.sink.close(5)
-        finally:
-            await receiver.stop()
         assert len(receiver.ids()) == 10
         assert sink_count(g.metrics, "collector", "rejected") == 0
 
@@ -372,15 +352,13 @@ class TestSpoolLimits:
         spooled = int(sink_count(f.metrics, "collector", "spooled"))
         dropped = int(sink_count(f.metrics, "collector", "dropped"))
         assert 0 < spooled < n and dropped == n - spooled
-        assert gauge(f.metrics, "inference_guard_sink_spool_bytes", "collector") <= 64 * 1024
+        spool_bytes = gauge(f.metrics, "inference_guard_sink_spool_bytes", "collector")
+        assert spool_bytes is not None and spool_bytes <= 64 * 1024
         loud = f.status_events("sink_events_dropped")
         assert loud and loud[0]["log"]["level"] == "error" and loud[0]["guard"]["reason"] == "spool_full"
-        await receiver.start()
-        try:
+        async with receiver:
             await wait_for(lambda: len(receiver.ids()) == spooled)
             f.sink.close(5)
-        finally:
-            await receiver.stop()
         assert receiver.ids() == [f"req-{i}" for i in range(spooled)], "the oldest events are the ones kept"
 
     async def test_losses_reach_the_other_sinks_and_the_recovered_one(self, tmp_path: Path) -> None:
@@ -422,7 +400,7 @@ def spool_in_child_then_sigkill(spool: Path, sink: dict[str, object], n: int) ->
     script = textwrap.dedent(f"""
         import time
         from pathlib import Path
-        from tests.integration.test_sinks_support import make_fanout, event_line, sink_count
+        from tests._support.sinks import make_fanout, event_line, sink_count
         f = make_fanout(Path({str(spool)!r}), {sink!r})
         for i in range({n}):
             f.sink.write(event_line(i))
@@ -446,7 +424,7 @@ def spool_with_file_size_limit(spool: Path, sink: dict[str, object], n: int, lim
     script = textwrap.dedent(f"""
         import json, resource, signal, time
         from pathlib import Path
-        from tests.integration.test_sinks_support import make_fanout, event_line, sink_count
+        from tests._support.sinks import make_fanout, event_line, sink_count
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.RLIM_INFINITY))
         f = make_fanout(Path({str(spool)!r}), {sink!r})
@@ -477,13 +455,10 @@ class TestDiskErrors:
         assert spooled > 0 and dropped > 0 and spooled + dropped == 400
         loud = result["loud"]
         assert isinstance(loud, list) and loud[0]["guard"]["reason"].startswith("spool_write_error")
-        await receiver.start()
-        try:
+        async with receiver:
             g = make_fanout(tmp_path / "spool", sink)
             await wait_for(lambda: len(receiver.ids()) == spooled)
             g.sink.close(5)
-        finally:
-            await receiver.stop()
         assert receiver.ids() == [f"req-{i}" for i in range(spooled)]
 
 
@@ -497,16 +472,13 @@ class TestRestarts:
         await wait_for(lambda: sink_count(f.metrics, "collector", "spooled") == 100)
         f.sink.close(1)
         assert f.status_events("sink_spool_kept")[0]["guard"]["backlog"] == {"collector": 100}
-        await receiver.start()
-        try:
+        async with receiver:
             g = make_fanout(tmp_path / "spool", http_sink(receiver, tmp_path))
             assert g.status_events("sink_spool_recovered")[0]["guard"]["backlog"] == 100
             for i in range(100, 120):
                 g.sink.write(event_line(i))
             await wait_for(lambda: len(receiver.ids()) == 120)
             g.sink.close(5)
-        finally:
-            await receiver.stop()
         assert receiver.ids() == [f"req-{i}" for i in range(120)]
 
     async def test_spool_survives_sigkill(self, tmp_path: Path) -> None:
@@ -514,11 +486,8 @@ class TestRestarts:
         receiver = HttpReceiver()
         sink = http_sink(receiver, tmp_path)
         spool_in_child_then_sigkill(tmp_path / "spool", sink, 500)
-        await receiver.start()
-        try:
+        async with receiver:
             g = make_fanout(tmp_path / "spool", sink)
             await wait_for(lambda: len(receiver.ids()) == 500)
             g.sink.close(5)
-        finally:
-            await receiver.stop()
         assert receiver.ids() == [f"req-{i}" for i in range(500)]

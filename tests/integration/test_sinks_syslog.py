@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
 import pytest
 
-from tests.conftest import free_port
-from tests.integration.test_sinks_support import (
+from tests._support.sinks import (
     Rsyslog,
     event_line,
     gauge,
+    in_order_without_gaps,
     make_certs,
     make_fanout,
     needs_rsyslog,
     sink_count,
     wait_for,
 )
+from tests.conftest import free_port
 
 pytestmark = [needs_rsyslog, pytest.mark.slow]
 RECEIVER_EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "sinks" / "rsyslog-receiver.conf"
@@ -27,26 +29,14 @@ FAST = {"retry_initial": 0.05, "retry_max": 0.3, "timeout": 2.0}
 
 
 @pytest.fixture
-def rsyslog(tmp_path: Path) -> Rsyslog:
-    r = Rsyslog(tmp_path / "rsyslog")
-    r.start()
-    yield r  # type: ignore[misc]
-    r.stop()
+def rsyslog(tmp_path: Path) -> Iterator[Rsyslog]:
+    """A plain-TCP rsyslogd on a free loopback port, up for the whole test."""
+    with Rsyslog(tmp_path / "rsyslog") as r:
+        yield r
 
 
 def syslog_sink(port: int, **extra: object) -> dict[str, object]:
     return {"type": "syslog", "name": "rsyslog", "host": "127.0.0.1", "port": port, **FAST, **extra}
-
-
-def in_order_without_gaps(ids: list[str | None], n: int) -> bool:
-    """Every req-0..req-(n-1) present, first occurrences in order (at least once allows repeats)."""
-    first: list[str | None] = []
-    seen: set[str | None] = set()
-    for i in ids:
-        if i not in seen:
-            seen.add(i)
-            first.append(i)
-    return first == [f"req-{i}" for i in range(n)]
 
 
 class TestSyslogTcp:
@@ -100,32 +90,26 @@ class TestSyslogTls:
         """RFC 5425: the sink verifies rsyslog's certificate against the given CA and delivers over TLS."""
         certs = make_certs(tmp_path)
         r = Rsyslog(tmp_path / "rsyslog-tls", certs=certs)
-        r.start()
-        try:
+        with r:
             f = make_fanout(tmp_path / "spool", syslog_sink(r.port, tls=True, ca_file=str(certs.ca),
                                                              server_name="localhost"))
             for i in range(300):
                 f.sink.write(event_line(i))
             await wait_for(lambda: len(r.ids()) >= 300)
             f.sink.close(5)
-        finally:
-            r.stop()
         assert r.ids() == [f"req-{i}" for i in range(300)]
 
     async def test_untrusted_certificate_is_refused_and_events_kept(self, tmp_path: Path) -> None:
         """With a CA that did not sign rsyslog's certificate nothing is sent; events stay spooled, sink is down."""
         certs = make_certs(tmp_path)
         r = Rsyslog(tmp_path / "rsyslog-tls", certs=certs)
-        r.start()
-        try:
+        with r:
             f = make_fanout(tmp_path / "spool", syslog_sink(r.port, tls=True, ca_file=str(certs.other_ca)))
             for i in range(10):
                 f.sink.write(event_line(i))
             await wait_for(lambda: bool(f.status_events("sink_down")))
             await asyncio.sleep(0.3)
             f.sink.close(1)
-        finally:
-            r.stop()
         assert r.records() == []
         assert "certificate" in f.status_events("sink_down")[0]["guard"]["reason"].lower()
         assert sink_count(f.metrics, "rsyslog", "delivered") == 0
@@ -135,8 +119,7 @@ class TestSyslogTls:
         """rsyslog requiring a client certificate (x509/certvalid) accepts the sink only with cert_file/key_file."""
         certs = make_certs(tmp_path)
         r = Rsyslog(tmp_path / "rsyslog-mtls", certs=certs, require_client_cert=True)
-        r.start()
-        try:
+        with r:
             without = make_fanout(tmp_path / "spool-a", syslog_sink(r.port, name="no-cert", tls=True,
                                                                     ca_file=str(certs.ca), server_name="localhost"))
             without.sink.write(event_line(0))
@@ -150,8 +133,6 @@ class TestSyslogTls:
                 with_cert.sink.write(event_line(i))
             await wait_for(lambda: len(r.ids()) >= 50)
             with_cert.sink.close(5)
-        finally:
-            r.stop()
         assert r.ids() == [f"req-{i}" for i in range(1, 51)], "the sink without a client certificate got nothing in"
         assert sink_count(without.metrics, "no-cert", "delivered") == 0
 

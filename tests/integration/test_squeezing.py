@@ -15,7 +15,7 @@ from sklearn.datasets import load_digits
 
 from guard_agent.demo import DigitsModel
 from guard_agent.squeezing import in_datatype, tabular_variants
-from tests.conftest import free_port
+from tests._support.servers import serve_app
 
 INFER = "/v2/models/digits/infer"
 POLICY = "version: 1\nsqueeze: {enabled: true, kind: tabular}\nfailure: {budget_ms: 5000}\n"
@@ -24,8 +24,8 @@ POLICY = "version: 1\nsqueeze: {enabled: true, kind: tabular}\nfailure: {budget_
 class RecordingModel:
     """A v2 digits model that keeps every request body it was sent (the client's and the guard's squeeze call)."""
 
-    def __init__(self) -> None:
-        self.model = DigitsModel()
+    def __init__(self, model: DigitsModel) -> None:
+        self.model = model
         self.bodies: list[dict[str, Any]] = []
 
     async def infer(self, request: web.Request) -> web.Response:
@@ -40,16 +40,12 @@ class RecordingModel:
 
 
 @pytest.fixture
-async def model() -> AsyncIterator[tuple[RecordingModel, str]]:
-    recording = RecordingModel()
+async def model(demo_model: DigitsModel) -> AsyncIterator[tuple[RecordingModel, str]]:
+    recording = RecordingModel(demo_model)
     app = web.Application()
     app.router.add_post(INFER, recording.infer)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    yield recording, f"http://127.0.0.1:{port}"
-    await runner.cleanup()
+    async with serve_app(app) as url:
+        yield recording, url
 
 
 @pytest.fixture(scope="module")

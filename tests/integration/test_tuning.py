@@ -29,18 +29,6 @@ INFER = "/v2/models/digits/infer"
 CAPTURE_KEY = "integration-test-capture-key-0123456789"
 
 
-@pytest.fixture(scope="module")
-def profile_dir(tmp_path_factory: pytest.TempPathFactory, digits: DigitsData) -> str:
-    from detectors import fit_profile, save_profile
-    from detectors.trackers import fit_tracker_config
-
-    out = tmp_path_factory.mktemp("profile") / "digits"
-    trackers = fit_tracker_config(digits.X_train, digits.y_train, seed=0).to_parts()
-    save_profile(fit_profile(digits.X_train, labels=digits.y_train, fpr=0.01, seed=0,
-                             extra_components={"trackers": trackers}), out)
-    return str(out)
-
-
 def cli(*argv: str) -> tuple[int, str, str]:
     """Run `guard-agent ...` in-process; returns (exit code, stdout, stderr)."""
     out, err = io.StringIO(), io.StringIO()
@@ -93,7 +81,7 @@ async def _drive(guard_url: str, digits: DigitsData) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def captured(tmp_path_factory: pytest.TempPathFactory, mlserver: ModelServer, profile_dir: str,
+def captured(tmp_path_factory: pytest.TempPathFactory, mlserver: ModelServer, digits_profile: str,
              digits: DigitsData) -> Captured:
     """A real guard (capture on, sealed features, allow events sampled out of the log) in front of MLServer."""
     from guard_agent.app import build_state
@@ -109,7 +97,7 @@ def captured(tmp_path_factory: pytest.TempPathFactory, mlserver: ModelServer, pr
 
     async def run() -> dict[str, int]:
         settings = Settings(listen=f"127.0.0.1:{free_port()}", admin_listen=f"127.0.0.1:{free_port()}",
-                            upstream=mlserver.url, policy=str(policy), profile=profile_dir,
+                            upstream=mlserver.url, policy=str(policy), profile=digits_profile,
                             hmac_key="test-hmac-key-for-tuning", capture_dir=str(root / "capture"),
                             capture_key=CAPTURE_KEY, log_sample_allow=0.0)
         state = build_state(settings, sink=CallbackSink(lambda line: events.append(orjson.loads(line))))
@@ -180,10 +168,10 @@ class TestReplayOnCapture:
         assert ids and all(by_id[i].scores["ood.combined"] >= 0.9 for i in ids)
         assert "allow -> block" in out
 
-    def test_rescoring_sealed_features_reproduces_the_scores(self, captured: Captured, profile_dir: str) -> None:
+    def test_rescoring_sealed_features_reproduces_the_scores(self, captured: Captured, digits_profile: str) -> None:
         """Decrypting the sealed features and re-scoring under the same profile changes no decision."""
         code, out, _ = cli("replay", "--capture", str(captured.capture_dir), "--policy", str(captured.policy),
-                           "--profile", profile_dir, "--capture-key-file", str(captured.key_file))
+                           "--profile", digits_profile, "--capture-key-file", str(captured.key_file))
         assert code == 0
         assert f"re-scored under the new profile: {captured.sent}; without usable sealed features " \
                "(kept captured scores): 0" in out
@@ -191,7 +179,7 @@ class TestReplayOnCapture:
         wrong = captured.root / "wrong.key"
         wrong.write_text("not the key")
         _, out, _ = cli("replay", "--capture", str(captured.capture_dir), "--policy", str(captured.policy),
-                        "--profile", profile_dir, "--capture-key-file", str(wrong))
+                        "--profile", digits_profile, "--capture-key-file", str(wrong))
         assert f"re-scored under the new profile: 0; without usable sealed features (kept captured scores): " \
                f"{captured.sent}" in out
 
@@ -273,60 +261,38 @@ class TestReport:
 
 class TestSelftest:
     async def test_selftest_passes_with_defences_and_fails_without(self, start_guard, tmp_path: Path,
-                                                                   profile_dir: str) -> None:
+                                                                   digits_profile: str, demo_model_url: str) -> None:
         """Against the default policy every defence passes (exit 0); against a policy without rules the attack
         checks fail (exit 1) while benign traffic still passes."""
-        from aiohttp import web
+        guard = await start_guard(demo_model_url, profile=digits_profile)
+        code, out, err = await asyncio.to_thread(cli, "selftest", "--target", guard.url, "--max-requests", "300",
+                                                 "--time-limit", "60")
+        assert code == 0, out + err
+        table = [x for x in out.splitlines() if x.startswith(("benign", "OOD", "black-box", "model extr"))]
+        assert len(table) == 4 and all(" PASS " in x for x in table)
+        sent = sum(1 for e in guard.events if e.get("guard", {}).get("protocol"))
+        assert sent <= 300
 
-        from guard_agent.demo import DigitsModel, make_model_app
-
-        runner = web.AppRunner(make_model_app(DigitsModel()))
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        try:
-            guard = await start_guard(f"http://127.0.0.1:{port}", profile=profile_dir)
-            code, out, err = await asyncio.to_thread(cli, "selftest", "--target", guard.url, "--max-requests", "300",
-                                                     "--time-limit", "60")
-            assert code == 0, out + err
-            table = [x for x in out.splitlines() if x.startswith(("benign", "OOD", "black-box", "model extr"))]
-            assert len(table) == 4 and all(" PASS " in x for x in table)
-            sent = sum(1 for e in guard.events if e.get("guard", {}).get("protocol"))
-            assert sent <= 300
-
-            open_policy = tmp_path / "open.yaml"
-            open_policy.write_text("version: 1\n")
-            guard2 = await start_guard(f"http://127.0.0.1:{port}", policy=str(open_policy), profile=profile_dir)
-            code, out, _ = await asyncio.to_thread(cli, "selftest", "--target", guard2.url, "--max-requests", "150",
-                                                   "--time-limit", "60", "--rate", "200")
-            assert code == 1
-            rows = {x.split()[0]: x for x in out.splitlines() if " PASS " in x or " FAIL " in x}
-            assert " PASS " in rows["benign"] and " FAIL " in rows["OOD"] and " FAIL " in rows["black-box"]
-            assert " FAIL " in rows["model"]
-        finally:
-            await runner.cleanup()
+        open_policy = tmp_path / "open.yaml"
+        open_policy.write_text("version: 1\n")
+        guard2 = await start_guard(demo_model_url, policy=str(open_policy), profile=digits_profile)
+        code, out, _ = await asyncio.to_thread(cli, "selftest", "--target", guard2.url, "--max-requests", "150",
+                                               "--time-limit", "60", "--rate", "200")
+        assert code == 1
+        rows = {x.split()[0]: x for x in out.splitlines() if " PASS " in x or " FAIL " in x}
+        assert " PASS " in rows["benign"] and " FAIL " in rows["OOD"] and " FAIL " in rows["black-box"]
+        assert " FAIL " in rows["model"]
 
 
 class TestSelftestVerdicts:
     async def test_rate_limit_is_not_mistaken_for_a_defence(self, start_guard, tmp_path: Path,
-                                                            profile_dir: str) -> None:
+                                                            digits_profile: str, demo_model_url: str) -> None:
         """Attacks stopped only by 429s (a tight rate limit, no rules) fail the check and say why."""
-        from aiohttp import web
-
-        from guard_agent.demo import DigitsModel, make_model_app
-
-        runner = web.AppRunner(make_model_app(DigitsModel()))
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        try:
-            policy = tmp_path / "tight.yaml"
-            policy.write_text("version: 1\nrate_limit: {requests_per_second: 1, burst: 3}\n")
-            guard = await start_guard(f"http://127.0.0.1:{port}", policy=str(policy), profile=profile_dir)
-            code, out, _ = await asyncio.to_thread(cli, "selftest", "--target", guard.url, "--max-requests", "80",
-                                                   "--time-limit", "60", "--rate", "50")
-        finally:
-            await runner.cleanup()
+        policy = tmp_path / "tight.yaml"
+        policy.write_text("version: 1\nrate_limit: {requests_per_second: 1, burst: 3}\n")
+        guard = await start_guard(demo_model_url, policy=str(policy), profile=digits_profile)
+        code, out, _ = await asyncio.to_thread(cli, "selftest", "--target", guard.url, "--max-requests", "80",
+                                               "--time-limit", "60", "--rate", "50")
         assert code == 1
         evasion = next(x for x in out.splitlines() if x.startswith("black-box"))
         assert " FAIL " in evasion and "not by a detector (403)" in evasion and "[429]" in evasion

@@ -11,9 +11,10 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 import pytest
-from aiohttp import web
 
+from guard_agent.demo import DigitsModel
 from guard_agent.tuning import derive_key, open_features, read_capture
+from tests._support.servers import wait_http_ready
 from tests.conftest import free_port, v2_body
 
 pytestmark = pytest.mark.slow
@@ -21,29 +22,11 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 
 
-async def _wait_ready(http: aiohttp.ClientSession, url: str, proc: asyncio.subprocess.Process) -> None:
-    for _ in range(200):
-        assert proc.returncode is None, "guard-agent run exited before it was ready"
-        try:
-            async with http.get(url) as r:
-                if r.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.1)
-    raise TimeoutError(url)
-
-
-async def test_run_captures_every_decision_and_flushes_on_sigterm(tmp_path: Path) -> None:
+async def test_run_captures_every_decision_and_flushes_on_sigterm(tmp_path: Path, demo_model_url: str,
+                                                                  demo_model: DigitsModel) -> None:
     """The env names configure capture in `guard-agent run`; after SIGTERM every decision is on disk with
     features that open with the key file and equal what was sent."""
-    from guard_agent.demo import DigitsModel, make_model_app
-
-    model = DigitsModel()
-    runner = web.AppRunner(make_model_app(model))
-    await runner.setup()
-    model_port, port, admin = free_port(), free_port(), free_port()
-    await web.TCPSite(runner, "127.0.0.1", model_port).start()
+    port, admin = free_port(), free_port()
     key_file = tmp_path / "capture.key"
     key_file.write_text("a-secret-from-a-kubernetes-secret-0123456789\n")
     env = {**os.environ, "GUARD_HMAC_KEY": "test-hmac-key-cli-run", "GUARD_CAPTURE_DIR": str(tmp_path / "cap"),
@@ -51,12 +34,12 @@ async def test_run_captures_every_decision_and_flushes_on_sigterm(tmp_path: Path
            "GUARD_LOG_SAMPLE_ALLOW": "0"}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "guard_agent.cli", "run", "--listen", f"127.0.0.1:{port}", "--admin-listen",
-        f"127.0.0.1:{admin}", "--upstream", f"http://127.0.0.1:{model_port}",
+        f"127.0.0.1:{admin}", "--upstream", demo_model_url,
         env=env, cwd=ROOT, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
-    sent = model.X_test[:25]
+    sent = demo_model.X_test[:25]
     try:
+        await wait_http_ready(f"http://127.0.0.1:{admin}/readyz", lambda: proc.returncode is None, timeout=20)
         async with aiohttp.ClientSession() as http:
-            await _wait_ready(http, f"http://127.0.0.1:{admin}/readyz", proc)
             for i, x in enumerate(sent):
                 async with http.post(f"http://127.0.0.1:{port}/v2/models/digits/infer", data=v2_body(x),
                                      headers={"Content-Type": "application/json", "X-Request-Id": f"cli-{i}",
@@ -69,7 +52,6 @@ async def test_run_captures_every_decision_and_flushes_on_sigterm(tmp_path: Path
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
-        await runner.cleanup()
     cap = read_capture([tmp_path / "cap"], with_features=True)
     assert [d.request_id for d in cap.decisions] == [f"cli-{i}" for i in range(len(sent))]
     assert len(cap.policies) == 1

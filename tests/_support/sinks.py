@@ -1,13 +1,11 @@
 """Real receivers for the sink tests: an aiohttp HTTP collector and rsyslog processes the test starts.
 
-No tests here; the other ``test_sinks_*`` modules import these helpers and fixtures.
+The ``test_sinks_*`` modules (and the chart tests, for certificates) import these helpers.
 """
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
-import ipaddress
 import shutil
 import signal
 import socket
@@ -27,7 +25,9 @@ from guard_agent.events import CallbackSink
 from guard_agent.metrics import Metrics
 from guard_agent.settings import Settings
 from guard_agent.sinks import FanoutSink, make_sink
-from tests.conftest import free_port
+from tests._support.servers import free_port
+from tests._support.tls import issue, make_ca
+from tests._support.waiting import wait_for as poll
 
 
 def sink_count(metrics: Metrics, sink: str, state: str) -> float:
@@ -42,12 +42,8 @@ def gauge(metrics: Metrics, name: str, sink: str) -> float | None:
 
 async def wait_for(predicate: Callable[[], bool], timeout: float = 15.0, interval: float = 0.05) -> None:
     """Poll until ``predicate()`` holds; fail the test with a clear message otherwise."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        await asyncio.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s")
+    if not await poll(predicate, timeout, interval):
+        raise AssertionError(f"condition not met within {timeout}s")
 
 
 def event_line(i: int, *, action: str = "allow", kind: str = "event", level: str = "info") -> bytes:
@@ -65,6 +61,17 @@ def is_status(event: dict[str, Any]) -> bool:
 
 def request_id(event: dict[str, Any]) -> str | None:
     return ((event.get("http") or {}).get("request") or {}).get("id")
+
+
+def in_order_without_gaps(ids: list[str | None], n: int) -> bool:
+    """Every req-0..req-(n-1) present, first occurrences in order (at least once allows repeats)."""
+    first: list[str | None] = []
+    seen: set[str | None] = set()
+    for i in ids:
+        if i not in seen:
+            seen.add(i)
+            first.append(i)
+    return first == [f"req-{i}" for i in range(n)]
 
 
 @dataclass
@@ -174,6 +181,14 @@ class HttpReceiver:
             await self._runner.cleanup()
             self._runner = None
 
+    async def __aenter__(self) -> HttpReceiver:
+        """``async with receiver:`` serves for the block and stops after it, however the block ends."""
+        await self.start()
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.stop()
+
 
 # rsyslog ---------------------------------------------------------------------------------------------
 RSYSLOGD = shutil.which("rsyslogd") or "/usr/sbin/rsyslogd"
@@ -199,62 +214,15 @@ class Certs:
 
 
 def make_certs(directory: Path) -> Certs:
-    """A CA, a server certificate for localhost/127.0.0.1 signed by it, and an unrelated CA."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = dt.datetime.now(dt.UTC)
-
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    def ca_cert(cn: str) -> tuple[Any, Any]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(name(cn))
-                .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
-                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-                .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
-                                             key_encipherment=False, data_encipherment=False, key_agreement=False,
-                                             key_cert_sign=True, crl_sign=True, encipher_only=False,
-                                             decipher_only=False), critical=True)
-                .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-                .sign(key, hashes.SHA256()))
-        return key, cert
-
-    ca_key, ca = ca_cert("sink-test-ca")
-    _, other = ca_cert("unrelated-ca")
-
-    def leaf(cn: str, usage: Any, san: list[Any]) -> tuple[Any, Any]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(ca.subject)
-                .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
-                .add_extension(x509.SubjectAlternativeName(san), critical=False)
-                .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                               critical=False)
-                .sign(ca_key, hashes.SHA256()))
-        return key, cert
-
-    key, cert = leaf("localhost", x509.oid.ExtendedKeyUsageOID.SERVER_AUTH,
-                     [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
-    client_key, client = leaf("guard-sink", x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH, [x509.DNSName("guard-sink")])
+    """A CA, a server certificate for localhost/127.0.0.1 and a client certificate signed by it, an unrelated CA."""
+    ca, other = make_ca("sink-test-ca"), make_ca("unrelated-ca")
+    server = issue(ca, "localhost", server=True)
+    client = issue(ca, "guard-sink", server=False, names=["guard-sink"])
     out = Certs(directory / "ca.pem", directory / "server.pem", directory / "server.key", directory / "other-ca.pem",
                 directory / "client.pem", directory / "client.key")
-
-    def pem_key(k: Any) -> bytes:
-        return bytes(k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                     serialization.NoEncryption()))
-
-    out.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    out.other_ca.write_bytes(other.public_bytes(serialization.Encoding.PEM))
-    out.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    out.key.write_bytes(pem_key(key))
-    out.client_cert.write_bytes(client.public_bytes(serialization.Encoding.PEM))
-    out.client_key.write_bytes(pem_key(client_key))
+    for path, data in ((out.ca, ca.cert), (out.other_ca, other.cert), (out.cert, server.cert), (out.key, server.key),
+                       (out.client_cert, client.cert), (out.client_key, client.key)):
+        path.write_bytes(data)
     out.key.chmod(0o600)
     out.client_key.chmod(0o600)
     return out
@@ -321,6 +289,14 @@ class Rsyslog:
                 self.proc.kill()
                 self.proc.wait(5)
         self.proc = None
+
+    def __enter__(self) -> Rsyslog:
+        """``with rsyslog:`` runs rsyslogd for the block and stops it after, however the block ends."""
+        self.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
 
     def records(self) -> list[dict[str, Any]]:
         """Each received message: header fields rsyslog parsed, and the event JSON."""
