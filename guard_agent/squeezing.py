@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import orjson
 
-from detectors.squeeze import FeatureRange, squeeze_distance, squeeze_variants, tabular_variants
+from detectors.squeeze import FeatureRange, squeeze_distance, squeeze_variants
 from guard_agent.protocols import parse_response
 from guard_agent.protocols.v2 import DATATYPES
 from guard_agent.scoring import ScoringContext
@@ -41,7 +41,7 @@ from guard_agent.scoring import ScoringContext
 if TYPE_CHECKING:
     from guard_agent.state import GuardState
 
-__all__ = ["SqueezeScorer", "as_probabilities", "in_datatype", "tabular_variants"]
+__all__ = ["SqueezeScorer", "as_probabilities", "in_datatype"]
 
 
 def as_probabilities(labels: np.ndarray | None, probabilities: np.ndarray | None) -> np.ndarray | None:

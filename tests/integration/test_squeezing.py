@@ -13,8 +13,9 @@ import pytest
 from aiohttp import web
 from sklearn.datasets import load_digits
 
+from detectors.squeeze import tabular_variants
 from guard_agent.demo import DigitsModel
-from guard_agent.squeezing import in_datatype, tabular_variants
+from guard_agent.squeezing import in_datatype
 from tests._support.servers import serve_app
 
 INFER = "/v2/models/digits/infer"
