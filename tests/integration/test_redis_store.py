@@ -414,7 +414,10 @@ class TestOutage:
             assert a.store.dirty() == 1 and a.metric("inference_guard_redis_dirty_sessions") == 1
             assert any(b"redis unreachable" in line for line in a.logs)
             own_redis.start()
-            assert await wait_for(lambda: a.store.link.up and a.store.dirty() == 0, timeout=10, interval=0.02)
+            # the session leaves the dirty set when its merge starts and is counted when the script answers
+            assert await wait_for(lambda: a.store.link.up and a.store.dirty() == 0
+                                  and a.metric("inference_guard_redis_reconciled_total", result="merged") >= 1,
+                                  timeout=10, interval=0.02)
             assert a.metric("inference_guard_redis_reconnects_total") >= 1
             assert a.metric("inference_guard_redis_reconciled_total", result="merged") == 1
             assert a.metric("inference_guard_redis_dirty_sessions") == 0
