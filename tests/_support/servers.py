@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -56,3 +59,9 @@ async def wait_http_ready(url: str, alive: Callable[[], bool], timeout: float = 
                 pass
             await asyncio.sleep(0.1)
     raise TimeoutError(url)
+
+
+def spawn_guard(env: dict[str, str], out_path: Path, err_path: Path) -> subprocess.Popen[bytes]:
+    """`guard-agent run` with stdout (the events) and stderr in files, so no pipe can fill and block it."""
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        return subprocess.Popen([sys.executable, "-m", "guard_agent.cli", "run"], env=env, stdout=out, stderr=err)

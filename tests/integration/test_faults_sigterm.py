@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,7 +14,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from tests._support.servers import serve_app, wait_http_ready
+from tests._support.servers import serve_app, spawn_guard, wait_http_ready
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
@@ -47,12 +45,6 @@ async def slow_model() -> AsyncIterator[tuple[str, list[int]]]:
     app.router.add_get("/v2/health/ready", ready)
     async with serve_app(app) as url:
         yield url, reached
-
-
-def spawn_guard(env: dict[str, str], out_path: Path, err_path: Path) -> subprocess.Popen[bytes]:
-    """`guard-agent run` with stdout (the events) and stderr in files, so no pipe can fill and block it."""
-    with open(out_path, "wb") as out, open(err_path, "wb") as err:
-        return subprocess.Popen([sys.executable, "-m", "guard_agent.cli", "run"], env=env, stdout=out, stderr=err)
 
 
 class TestSigterm:
