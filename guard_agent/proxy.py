@@ -269,7 +269,7 @@ def _access_refusal(state: GuardState, out: _Outcome, identity: Identity, eff: E
 async def _passthrough(request: web.Request, state: GuardState, out: _Outcome,
                        request_id: str) -> tuple[web.StreamResponse, float]:
     identity = state.identity.resolve(request.headers, request.remote)
-    out.session, out.source_ip = identity.session, identity.ip.compressed if identity.ip else None
+    out.session, out.source_ip = identity.session, identity.address
     # unscored is not unauthenticated: metadata and health answers need the same credentials as inference
     refusal = _access_refusal(state, out, identity, state.policies.current.for_model(out.model), request_id,
                               model_required=False)
@@ -310,7 +310,7 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
     settings = state.settings
     now = time.time()
     identity = state.identity.resolve(request.headers, request.remote)
-    out.session, out.source_ip = identity.session, identity.ip.compressed if identity.ip else None
+    out.session, out.source_ip = identity.session, identity.address
     policy = state.policies.current
     eff = policy.for_model(match.model)
     out.enforced = eff.mode == "enforce"
