@@ -11,11 +11,11 @@ structlog's own ``event`` key is renamed to ``message`` because ECS uses
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 import threading
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable, Mapping, MutableMapping
 from datetime import UTC, datetime
@@ -24,10 +24,18 @@ from typing import IO, Any, Protocol
 import orjson
 import structlog
 
-__all__ = ["ALERT_ACTIONS", "CallbackSink", "EventLogger", "EventSink", "StreamSink", "build_decision_event"]
+__all__ = ["ALERT_ACTIONS", "CallbackSink", "EventLogger", "EventSink", "StreamSink", "build_decision_event",
+           "random_id"]
 
 _LEVELS = {"debug": 0, "info": 1, "warning": 2, "error": 3, "critical": 4}
 ALERT_ACTIONS = frozenset({"flag", "harden", "throttle", "block", "integrity_violation"})
+_UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
+_UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
+
+
+def random_id() -> str:
+    """32 hex digits of a random version-4 UUID, as ``uuid.uuid4().hex`` (without building a UUID object)."""
+    return f"{(int.from_bytes(os.urandom(16)) & _UUID4_CLEAR) | _UUID4_SET:032x}"
 
 
 class EventSink(Protocol):
@@ -128,9 +136,28 @@ def _rename_keys(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> Mutab
     return event_dict
 
 
+class _Timestamps:
+    """ISO-8601 UTC with microseconds; the part up to the second is formatted once per second (one tuple
+    attribute, so a thread logging at the same time never pairs a second with another second's text)."""
+
+    __slots__ = ("_held",)
+
+    def __init__(self) -> None:
+        self._held = (-1, "")
+
+    def __call__(self, now: float) -> str:
+        second = int(now)
+        held = self._held
+        if held[0] != second:
+            held = self._held = (second, datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
+        return f"{held[1]}.{int((now - second) * 1e6):06d}Z"
+
+
+_timestamp = _Timestamps()
+
+
 def _timestamp_and_level(_: Any, method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    now = datetime.now(UTC)
-    event_dict["@timestamp"] = now.isoformat(timespec="microseconds").replace("+00:00", "Z")
+    event_dict["@timestamp"] = _timestamp(time.time())
     event_dict.setdefault("log", {})["level"] = method
     return event_dict
 
@@ -232,7 +259,7 @@ def build_decision_event(
         guard.update(extra_guard)
     fields: dict[str, Any] = {
         "ecs_event": {
-            "id": uuid.uuid4().hex,
+            "id": random_id(),
             "kind": kind,
             "category": ["intrusion_detection"],
             "type": ["denied"] if outcome == "failure" else ["allowed"],
