@@ -35,6 +35,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _HASH_CACHE_ENTRIES = 16384   # session hashes: one per live key, token subject or client address
 _ADDRESS_CACHE_ENTRIES = 4096  # (peer, X-Forwarded-For) -> client address
+_MAX_CACHED_FORWARDED = 512    # longer X-Forwarded-For values are walked every time, not kept
 
 
 @dataclass(frozen=True)
@@ -115,14 +116,23 @@ class IdentityResolver:
         return session
 
     def _client(self, peer: str | None, forwarded_for: str | None) -> tuple[IPAddress | None, str | None]:
-        """``client_address`` and its text, once per (peer, X-Forwarded-For) pair."""
-        key = (peer, forwarded_for)
-        held = self._addresses.get(key)
+        """``client_address`` and its text, once per peer (and per X-Forwarded-For value from a trusted proxy:
+        an untrusted client's header is ignored, so it cannot fill the cache with values of its own)."""
+        held = self._addresses.get((peer, None))
         if held is None:
-            ip = client_address(peer, forwarded_for, self._trusted)
+            ip = _parse_ip(peer)
             held = (ip, ip.compressed if ip is not None else None)
-            self._addresses.put(key, held)
-        return held
+            self._addresses.put((peer, None), held)
+        if not forwarded_for or held[0] is None or not self._trusted or not _trusted(held[0], self._trusted):
+            return held
+        key = (peer, forwarded_for)
+        found = self._addresses.get(key) if len(forwarded_for) <= _MAX_CACHED_FORWARDED else None
+        if found is None:
+            ip = client_address(peer, forwarded_for, self._trusted)
+            found = (ip, ip.compressed if ip is not None else None)
+            if len(forwarded_for) <= _MAX_CACHED_FORWARDED:  # entries stay small: the cache holds at most ~2 MB
+                self._addresses.put(key, found)
+        return found
 
     def resolve(self, headers: Mapping[str, str], peer: str | None) -> Identity:
         ip, address = self._client(peer, headers.get("X-Forwarded-For"))

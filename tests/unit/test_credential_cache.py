@@ -188,6 +188,19 @@ class TestIdentityCaches:
         assert a.session == again.session != c.session
         assert str(a.ip) == a.address
 
+    def test_untrusted_clients_cannot_fill_the_address_cache(self) -> None:
+        """X-Forwarded-For values from an untrusted peer are ignored, so they add no entries; a long chain
+        from a trusted proxy is walked (right to left) but not kept."""
+        r = resolver()
+        for i in range(200):
+            assert r.resolve({"X-Forwarded-For": f"198.51.100.{i % 250}, 192.0.2.{i}"}, "203.0.113.5").address \
+                == "203.0.113.5"
+        assert len(r._addresses) == 1
+        chain = ", ".join(["10.9.9.9"] * 120 + ["198.51.100.77", "10.1.1.1"])
+        assert len(chain) > 512
+        assert r.resolve({"X-Forwarded-For": chain}, "10.0.0.1").address == "198.51.100.77"
+        assert len(r._addresses) == 2  # the trusted peer itself, not the long chain
+
     def test_removed_key_stops_at_once_after_reload(self, tmp_path: Path) -> None:
         """A key resolved (and cached) before a reload that removes it falls through to the address at once."""
         path = write_keys(tmp_path / "k.yaml", [{"name": "a", "key": KEY_A}, {"name": "b", "key": KEY_B}])
