@@ -4,8 +4,8 @@ API keys come from a YAML/JSON file (a mounted Secret). Each entry gives the key
 itself (hashed at load, the raw value dropped) or, better, only its SHA-256, so
 the Secret holds nothing a client could send. A presented key is hashed and
 looked up by its digest in a dict: a timing difference could at most tell a
-client something about the digest of a key it chose, never about a stored key
-(finding a key from its digest needs a SHA-256 preimage). Keys must be
+client how the digest of a key it chose compares with stored digests, and even a
+whole stored digest does not give its key (that needs a SHA-256 preimage). Keys must be
 high-entropy random strings (>= 16 characters): SHA-256 is a lookup hash here,
 not a password hash.
 
