@@ -22,6 +22,7 @@ comes from /proc/<pid>/stat. Decision events go to /dev/null.
     python bench/proxy.py            # full: 3 repeats, ~10 minutes while the guard saturates
     python bench/proxy.py --quick    # 2 s runs, no extras: ~3-5 minutes
     python bench/proxy.py --profile 15   # also py-spy the guard (all checks on) at 1000 req/s
+    python bench/proxy.py --quick --profile 15 --profile-config guard-off   # ... or the guard without rules
 """
 
 from __future__ import annotations
@@ -80,6 +81,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=0.0,
         metavar="SECONDS",
         help="py-spy the guard (all checks on) at 1000 req/s for SECONDS and print hot spots",
+    )
+    p.add_argument(
+        "--profile-config",
+        default=None,
+        metavar="NAME",
+        help="the configuration --profile spies on, e.g. guard-off (default guard-on-monitor, with --quick guard-on)",
     )
     p.add_argument("--json", type=Path, default=None, help="also write every run's raw figures here")
     p.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs)")
@@ -320,6 +327,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with Fleet(work) as fleet:
             targets = _start(fleet, work, args, extras)
+            spied = args.profile_config or ("guard-on-monitor" if "guard-on-monitor" in targets else "guard-on")
+            if args.profile > 0 and spied not in targets:  # said before minutes of runs, not after
+                raise SetupError(f"--profile-config {spied}: not one of {', '.join(targets)}")
             print("\n".join(_sanity(targets)), flush=True)
             idle = idle_cpu({n: t.pid for n, t in targets.items() if t.core == PROXY_CORE})
             print("idle CPU (3 s, no traffic): " + ", ".join(f"{n} {v:.1%}" for n, v in idle.items()), flush=True)
@@ -328,7 +338,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.profile > 0:
                 from _profile import profile_guard
 
-                spied = "guard-on-monitor" if "guard-on-monitor" in targets else "guard-on"
                 print(f"\n== py-spy: {spied} at 1000 req/s for {args.profile:g} s ==")
                 print("\n".join(profile_guard(targets[spied], work, args.profile, LOAD_CORE)))
             if args.json:

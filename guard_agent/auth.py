@@ -3,8 +3,9 @@
 API keys come from a YAML/JSON file (a mounted Secret). Each entry gives the key
 itself (hashed at load, the raw value dropped) or, better, only its SHA-256, so
 the Secret holds nothing a client could send. A presented key is hashed and
-compared against every stored digest with ``hmac.compare_digest``, so the time
-taken does not depend on how much of a digest matched. Keys must be
+looked up by its digest in a dict: a timing difference could at most tell a
+client how the digest of a key it chose compares with stored digests, and even a
+whole stored digest does not give its key (that needs a SHA-256 preimage). Keys must be
 high-entropy random strings (>= 16 characters): SHA-256 is a lookup hash here,
 not a password hash.
 
@@ -12,7 +13,11 @@ JWTs are verified with PyJWT against keys from a JWKS file. Only asymmetric
 algorithms are accepted (no ``none``, no HMAC with a public key), the header's
 ``alg`` must agree with the key, ``exp`` is required, ``nbf`` honoured, and
 ``iss`` / ``aud`` checked when configured. The session comes from a configured
-claim, so every token of one subject shares one session.
+claim, so every token of one subject shares one session. A verified token is
+remembered (by its SHA-256, bounded) until its ``exp``, so a client re-sending
+its token is not re-verified on every request: the checks that depend on the
+clock (``nbf``, ``iat``) only ever turn from failing to passing, ``exp`` ends
+the entry, and a JWKS reload forgets every entry.
 
 Both stores reload when their file changes and keep the last good contents when
 the new file is broken. Errors name the file, the entry and the line, never a piece
@@ -22,13 +27,13 @@ of the file: they are logged, and the file holds secrets.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import os
 import re
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import jwt
 import orjson
@@ -38,8 +43,8 @@ from guard_agent.filewatch import file_identity
 from guard_agent.policy.model import RateLimit
 from guard_agent.settings import decode_error_summary, yaml_error_summary
 
-__all__ = ["ASYMMETRIC_ALGORITHMS", "ApiKey", "AuthError", "CredentialFile", "JwtPrincipal", "JwtVerifier",
-           "KeyStore", "key_digest"]
+__all__ = ["ASYMMETRIC_ALGORITHMS", "ApiKey", "AuthError", "BoundedCache", "CredentialFile", "JwtPrincipal",
+           "JwtVerifier", "KeyStore", "key_digest"]
 
 ASYMMETRIC_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
                                    "ES256", "ES384", "ES512", "EdDSA"})
@@ -47,6 +52,10 @@ _MIN_KEY_CHARS = 16
 _MAX_KEY_CHARS = 4096
 _MAX_TOKEN_CHARS = 16384
 _FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,14}")  # shorter than any accepted key
+_JWT_CACHE_ENTRIES = 4096
+
+K = TypeVar("K")
+V = TypeVar("V")
 
 
 class AuthError(ValueError):
@@ -56,6 +65,37 @@ class AuthError(ValueError):
 def key_digest(key: str) -> str:
     """The hex SHA-256 a key file may store instead of the key (``printf %s KEY | sha256sum``)."""
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+class BoundedCache(Generic[K, V]):
+    """A dict that forgets its oldest entry when full: per-request results computed once per credential.
+
+    First in, first out (a hit is one dict lookup, no reordering): a client spraying new credentials can
+    only evict entries, which then cost what they cost without a cache."""
+
+    __slots__ = ("_data", "max_entries")
+
+    def __init__(self, max_entries: int) -> None:
+        self.max_entries = max(1, int(max_entries))
+        self._data: dict[K, V] = {}
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def get(self, key: K) -> V | None:
+        return self._data.get(key)
+
+    def put(self, key: K, value: V) -> None:
+        data = self._data
+        if key not in data and len(data) >= self.max_entries:
+            del data[next(iter(data))]
+        data[key] = value
+
+    def pop(self, key: K) -> None:
+        self._data.pop(key, None)
+
+    def clear(self) -> None:
+        self._data.clear()
 
 
 class CredentialFile:
@@ -168,6 +208,7 @@ class KeyStore(CredentialFile):
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self._keys: tuple[ApiKey, ...] = ()
+        self._by_digest: dict[bytes, ApiKey] = {}
         super().__init__(path)
 
     def __len__(self) -> int:
@@ -187,18 +228,14 @@ class KeyStore(CredentialFile):
         return keys
 
     def _activate(self, parsed: tuple[ApiKey, ...]) -> None:
-        self._keys = parsed
+        # one assignment swaps the whole table: a key removed from the file stops working with this reload
+        self._keys, self._by_digest = parsed, {k.digest: k for k in parsed}
 
     def lookup(self, presented: str) -> ApiKey | None:
-        """The entry for a presented key, or None; compares against every digest in constant time each."""
+        """The entry for a presented key, or None: one SHA-256 and one dict lookup, whatever the number of keys."""
         if not presented or len(presented) > _MAX_KEY_CHARS:
             return None
-        digest = hashlib.sha256(presented.encode(errors="surrogateescape")).digest()
-        found: ApiKey | None = None
-        for entry in self._keys:  # no early exit: the time depends on the number of keys only
-            if hmac.compare_digest(entry.digest, digest):
-                found = entry
-        return found
+        return self._by_digest.get(hashlib.sha256(presented.encode(errors="surrogateescape")).digest())
 
 
 @dataclass(frozen=True)
@@ -215,13 +252,16 @@ class JwtVerifier(CredentialFile):
 
     def __init__(self, path: str | os.PathLike[str], *, issuer: str | None = None, audience: str | None = None,
                  session_claim: str = "sub", leeway: float = 30.0,
-                 algorithms: Sequence[str] = tuple(sorted(ASYMMETRIC_ALGORITHMS))) -> None:
+                 algorithms: Sequence[str] = tuple(sorted(ASYMMETRIC_ALGORITHMS)),
+                 cache_entries: int = _JWT_CACHE_ENTRIES) -> None:
         bad = set(algorithms) - ASYMMETRIC_ALGORITHMS
         if bad:
             raise AuthError(f"only asymmetric JWT algorithms are accepted, not {sorted(bad)}")
         self.issuer, self.audience, self.session_claim, self.leeway = issuer, audience, session_claim, leeway
         self._algorithms = frozenset(algorithms)
         self._keys: tuple[jwt.PyJWK, ...] = ()
+        # sha256(token) -> (principal, exp): a signature check costs tens of microseconds, a lookup one
+        self._verified: BoundedCache[bytes, tuple[JwtPrincipal, float]] = BoundedCache(cache_entries)
         super().__init__(path)
 
     def _parse(self, text: str) -> tuple[jwt.PyJWK, ...]:
@@ -252,6 +292,12 @@ class JwtVerifier(CredentialFile):
 
     def _activate(self, parsed: tuple[jwt.PyJWK, ...]) -> None:
         self._keys = parsed
+        self._verified.clear()  # a key removed from the JWKS: its tokens stop working with this reload
+
+    @property
+    def cached_tokens(self) -> int:
+        """Verified tokens remembered now (for tests and operators)."""
+        return len(self._verified)
 
     def _key_for(self, header: Mapping[str, Any]) -> jwt.PyJWK:
         alg = header.get("alg")
@@ -267,9 +313,27 @@ class JwtVerifier(CredentialFile):
         raise AuthError("no key in the JWKS matches the token's kid and alg")
 
     def verify(self, token: str) -> JwtPrincipal:
-        """The verified principal; raises ``AuthError`` (never a PyJWT error) on any failure."""
+        """The verified principal; raises ``AuthError`` (never a PyJWT error) on any failure.
+
+        A token verified before is answered from the cache until its ``exp`` (not ``exp`` + leeway: past
+        ``exp`` it is verified again, and the leeway applies as it always did). Failures are not cached."""
         if len(token) > _MAX_TOKEN_CHARS:
             raise AuthError("token too long")
+        digest = hashlib.sha256(token.encode(errors="surrogateescape")).digest()
+        held = self._verified.get(digest)
+        if held is not None:
+            if time.time() < held[1]:
+                return held[0]
+            self._verified.pop(digest)
+        principal = self._verify(token)
+        exp = principal.claims.get("exp")
+        if isinstance(exp, int | float) and not isinstance(exp, bool):
+            expires = float(int(exp))  # PyJWT compares int(exp): a fraction must not extend the entry
+            if time.time() < expires:
+                self._verified.put(digest, (principal, expires))
+        return principal
+
+    def _verify(self, token: str) -> JwtPrincipal:
         try:
             header = jwt.get_unverified_header(token)
             key = self._key_for(header)

@@ -10,6 +10,12 @@ tell good from bad). With either configured, only verified credentials
 authenticate and name the session; an unknown key or a bad token falls through
 to the next source (the address), so a client cannot mint fresh sessions by
 inventing keys.
+
+Everything ``resolve()`` derives from a credential or an address is a pure function
+of it (the HMAC, the parsed address), so it is computed once and kept in bounded
+caches keyed by a digest of the input (never the raw key or token); whether a
+credential is still valid is asked of the key store / JWT verifier every time
+(one dict lookup; a cached JWT ends at its ``exp`` and at a JWKS reload).
 """
 
 from __future__ import annotations
@@ -21,12 +27,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from guard_agent.auth import AuthError, JwtVerifier, KeyStore
+from guard_agent.auth import AuthError, BoundedCache, JwtVerifier, KeyStore
 
 __all__ = ["Identity", "IdentityResolver", "client_address"]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+_HASH_CACHE_ENTRIES = 16384   # session hashes: one per live key, token subject or client address
+_ADDRESS_CACHE_ENTRIES = 4096  # (peer, X-Forwarded-For) -> client address
+_MAX_CACHED_FORWARDED = 512    # longer X-Forwarded-For values are walked every time, not kept
 
 
 @dataclass(frozen=True)
@@ -39,6 +48,7 @@ class Identity:
     rate_limit: Any = None          # a per-key RateLimit override, when the key store sets one
     models: frozenset[str] | None = None  # the models a key may call (None = all)
     credential_error: str | None = None   # why a presented credential was not accepted (safe to log)
+    address: str | None = None            # ``ip`` as text (``source.ip``), formatted once per address
 
 
 def _parse_ip(value: str | None) -> IPAddress | None:
@@ -80,6 +90,10 @@ class IdentityResolver:
         self._trusted = tuple(ipaddress.ip_network(c, strict=False) for c in trusted_proxies)
         self.keys = keys
         self.jwt = jwt
+        self._hashes: BoundedCache[bytes, str] = BoundedCache(_HASH_CACHE_ENTRIES)  # sha256(input) -> session
+        self._addresses: BoundedCache[tuple[str | None, str | None], tuple[IPAddress | None, str | None]] = \
+            BoundedCache(_ADDRESS_CACHE_ENTRIES)
+        self._anonymous = self.hash("anonymous", "")
 
     def use_credentials(self, *, keys: KeyStore | None = None, jwt: JwtVerifier | None = None) -> None:
         """Attach verifiers after construction (the server does this from settings)."""
@@ -92,16 +106,42 @@ class IdentityResolver:
         return self.keys is not None or self.jwt is not None
 
     def hash(self, kind: str, value: str) -> str:
-        return hmac.new(self._key, f"{kind}\x00{value}".encode(), hashlib.sha256).hexdigest()[:32]
+        """The session id of a source: HMAC-SHA256, computed once per input (the cache holds its SHA-256)."""
+        data = f"{kind}\x00{value}".encode()
+        digest = hashlib.sha256(data).digest()
+        session = self._hashes.get(digest)
+        if session is None:
+            session = hmac.new(self._key, data, hashlib.sha256).hexdigest()[:32]
+            self._hashes.put(digest, session)
+        return session
+
+    def _client(self, peer: str | None, forwarded_for: str | None) -> tuple[IPAddress | None, str | None]:
+        """``client_address`` and its text, once per peer (and per X-Forwarded-For value from a trusted proxy:
+        an untrusted client's header is ignored, so it cannot fill the cache with values of its own)."""
+        held = self._addresses.get((peer, None))
+        if held is None:
+            ip = _parse_ip(peer)
+            held = (ip, ip.compressed if ip is not None else None)
+            self._addresses.put((peer, None), held)
+        if not forwarded_for or held[0] is None or not self._trusted or not _trusted(held[0], self._trusted):
+            return held
+        key = (peer, forwarded_for)
+        found = self._addresses.get(key) if len(forwarded_for) <= _MAX_CACHED_FORWARDED else None
+        if found is None:
+            ip = client_address(peer, forwarded_for, self._trusted)
+            found = (ip, ip.compressed if ip is not None else None)
+            if len(forwarded_for) <= _MAX_CACHED_FORWARDED:  # entries stay small: the cache holds at most ~2 MB
+                self._addresses.put(key, found)
+        return found
 
     def resolve(self, headers: Mapping[str, str], peer: str | None) -> Identity:
-        ip = client_address(peer, headers.get("X-Forwarded-For"), self._trusted)
+        ip, address = self._client(peer, headers.get("X-Forwarded-For"))
         error: str | None = None
         for source in self._sources:
             if source == "header":
                 value = headers.get(self._header, "").strip()
                 if value:
-                    found, why = self._from_key(value, "header", ip)
+                    found, why = self._from_key(value, "header", ip, address)
                     if found is not None:
                         return found
                     error = error or why
@@ -109,35 +149,38 @@ class IdentityResolver:
                 scheme, _, token = headers.get("Authorization", "").partition(" ")
                 token = token.strip()
                 if scheme.lower() == "bearer" and token:
-                    found, why = self._from_bearer(token, ip)
+                    found, why = self._from_bearer(token, ip, address)
                     if found is not None:
                         return found
                     error = error or why
-            elif source == "address" and ip is not None:
-                return Identity(self.hash("ip", ip.compressed), "address", ip, credential_error=error)
-        return Identity(self.hash("anonymous", ""), "anonymous", ip, credential_error=error)
+            elif source == "address" and address is not None:
+                return Identity(self.hash("ip", address), "address", ip, credential_error=error, address=address)
+        return Identity(self._anonymous, "anonymous", ip, credential_error=error, address=address)
 
-    def _from_key(self, value: str, source: str, ip: IPAddress | None) -> tuple[Identity | None, str | None]:
+    def _from_key(self, value: str, source: str, ip: IPAddress | None,
+                  address: str | None) -> tuple[Identity | None, str | None]:
         if self.keys is None:
             if self.verifying:  # a JWKS is set but no key store: a bare key proves nothing
                 return None, "api keys not configured"
-            return Identity(self.hash("key", value), source, ip, authenticated=True), None
-        entry = self.keys.lookup(value)
+            return Identity(self.hash("key", value), source, ip, authenticated=True, address=address), None
+        entry = self.keys.lookup(value)  # asked every time: a key removed by a reload fails at once
         if entry is None:
             return None, "unknown api key"
         return Identity(self.hash("principal", f"key:{entry.name}"), source, ip, authenticated=True,
-                        principal=entry.name, rate_limit=entry.rate_limit, models=entry.models), None
+                        principal=entry.name, rate_limit=entry.rate_limit, models=entry.models,
+                        address=address), None
 
-    def _from_bearer(self, token: str, ip: IPAddress | None) -> tuple[Identity | None, str | None]:
+    def _from_bearer(self, token: str, ip: IPAddress | None,
+                     address: str | None) -> tuple[Identity | None, str | None]:
         if not self.verifying:
-            return Identity(self.hash("bearer", token), "bearer", ip, authenticated=True), None
+            return Identity(self.hash("bearer", token), "bearer", ip, authenticated=True, address=address), None
         if self.jwt is not None and token.count(".") == 2:
             try:
                 principal = self.jwt.verify(token)
             except AuthError as exc:
                 return None, str(exc)
             return Identity(self.hash("principal", f"jwt:{principal.issuer or ''}\x00{principal.subject}"),
-                            "bearer", ip, authenticated=True, principal=principal.subject), None
+                            "bearer", ip, authenticated=True, principal=principal.subject, address=address), None
         if self.keys is not None:  # an API key sent as a bearer token
-            return self._from_key(token, "bearer", ip)
+            return self._from_key(token, "bearer", ip, address)
         return None, "bearer token is not a JWT"

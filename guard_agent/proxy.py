@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,7 +20,7 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from guard_agent.events import build_decision_event
+from guard_agent.events import build_decision_event, random_id
 from guard_agent.identity import Identity
 from guard_agent.policy.decide import INTEGRITY_RULE, RequestFacts, SessionFacts, decide
 from guard_agent.policy.model import Decision, EffectivePolicy, Policy
@@ -50,6 +49,50 @@ HOP_BY_HOP = frozenset(h.lower() for h in (
 _DIGITS = re.compile(r"[0-9]+")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _BLOCK_MESSAGE = "request refused by policy"
+_MAX_METRIC_SETS = 16  # apps per process (tests run several): their metric children are kept, the oldest dropped
+
+
+class _Children:
+    """``metric.labels(*values)`` looked up once per label tuple: prometheus_client validates the values and
+    takes a lock on every ``labels()`` call, and a request observes up to ~20 metrics (one per score). Label
+    values are the metrics' own low-cardinality ones, each child is held by prometheus_client anyway."""
+
+    __slots__ = ("_children", "_metric")
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
+
+
+class _RequestMetrics:
+    """The request path's metrics of one app, with their children cached."""
+
+    __slots__ = ("metrics", "overhead", "requests", "scores", "upstream_latency")
+
+    def __init__(self, metrics: Any) -> None:
+        self.metrics = metrics
+        self.requests = _Children(metrics.requests)
+        self.overhead = _Children(metrics.overhead)
+        self.upstream_latency = _Children(metrics.upstream_latency)
+        self.scores = _Children(metrics.scores)
+
+
+_METRIC_SETS: dict[int, _RequestMetrics] = {}
+
+
+def _metrics(state: GuardState) -> _RequestMetrics:
+    held = _METRIC_SETS.get(id(state.metrics))
+    if held is None or held.metrics is not state.metrics:
+        if len(_METRIC_SETS) >= _MAX_METRIC_SETS:
+            del _METRIC_SETS[next(iter(_METRIC_SETS))]
+        held = _METRIC_SETS[id(state.metrics)] = _RequestMetrics(state.metrics)
+    return held
 
 
 def error_response(status: int, code: str, message: str, request_id: str,
@@ -62,7 +105,7 @@ def error_response(status: int, code: str, message: str, request_id: str,
 
 def _request_id(request: web.Request) -> str:
     given = request.headers.get("X-Request-Id", "")
-    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+    return given if _REQUEST_ID.match(given) else random_id()
 
 
 def _upstream_headers(headers: CIMultiDictProxy[str], peer: str | None, request_id: str) -> CIMultiDict[str]:
@@ -155,8 +198,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
     out.status = response.status
     policy = state.policies.current
     _emit(state, request, policy, out, request_id, started)
-    state.metrics.requests.labels(match.route, out.action, str(out.status)).inc()
-    state.metrics.overhead.labels(match.route).observe(max(0.0, time.perf_counter() - started - upstream_time))
+    metrics = _metrics(state)
+    metrics.requests(match.route, out.action, str(out.status)).inc()
+    metrics.overhead(match.route).observe(max(0.0, time.perf_counter() - started - upstream_time))
     return response
 
 
@@ -210,11 +254,18 @@ async def _read_body(request: web.Request, limit: int, timeout: float) -> bytes 
         raise BadBody("unsupported Transfer-Encoding: only chunked framing is accepted")
     if request.content_length is not None and request.content_length > limit:
         return None
+    content = request.content
+    if content.is_eof():  # the whole body came with the head (the usual small request): no timer, no iterator
+        try:
+            body = content.read_nowait(-1)
+        except aiohttp.web_protocol.RequestPayloadError as exc:
+            raise BadBody("the request body could not be read (malformed framing)") from exc
+        return body if len(body) <= limit else None
     chunks: list[bytes] = []
     size = 0
     try:
         async with asyncio.timeout(timeout):
-            async for chunk in request.content.iter_chunked(65536):
+            async for chunk in content.iter_chunked(65536):
                 size += len(chunk)
                 if size > limit:
                     return None
@@ -270,7 +321,7 @@ def _access_refusal(state: GuardState, out: _Outcome, identity: Identity, eff: E
 async def _passthrough(request: web.Request, state: GuardState, match: RouteMatch, out: _Outcome,
                        request_id: str) -> tuple[web.StreamResponse, float]:
     identity = state.identity.resolve(request.headers, request.remote)
-    out.session, out.source_ip = identity.session, identity.ip.compressed if identity.ip else None
+    out.session, out.source_ip = identity.session, identity.address
     # unscored is not unauthenticated: model metadata needs the same credentials as inference; plain health stays
     # open for probes unless the policy's access.health_requires_credentials says otherwise
     refusal = _access_refusal(state, out, identity, state.policies.current.for_model(out.model), request_id,
@@ -312,7 +363,7 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
     settings = state.settings
     now = time.time()
     identity = state.identity.resolve(request.headers, request.remote)
-    out.session, out.source_ip = identity.session, identity.ip.compressed if identity.ip else None
+    out.session, out.source_ip = identity.session, identity.address
     policy = state.policies.current
     eff = policy.for_model(match.model)
     out.enforced = eff.mode == "enforce"
@@ -385,8 +436,9 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
     if decision.enforced and decision.action == "block" and cooldown > 0 and record.blocked(now) is None:
         record.blocked_until, record.blocked_rule = now + cooldown, decision.rule
     record.queries += parsed.rows
+    score_metric = _metrics(state).scores
     for name, value in scores.items():
-        state.metrics.scores.labels(name).observe(value)
+        score_metric(name).observe(value)
 
     if decision.refused:
         out.outcome = "failure"
@@ -411,7 +463,7 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
         await state.sessions.put(identity.session, record, now)
         return _upstream_failure(state, out, exc, request_id), time.perf_counter() - t0
     upstream_time = time.perf_counter() - t0
-    state.metrics.upstream_latency.labels(match.route).observe(upstream_time)
+    _metrics(state).upstream_latency(match.route).observe(upstream_time)
 
     if 200 <= status < 300:
         hardening = _wire_hardening(decision)

@@ -60,10 +60,13 @@ def v2_output_array(out: Any) -> np.ndarray | None:
     shape = out.get("shape")
     if type(shape) is not list or any(type(d) is not int or d < 0 for d in shape):
         return None
-    got = numbers(out.get("data"))
-    if got is None or got[0].size != math.prod(shape):
+    try:  # "float" accepts every JSON number: the same array ``numbers`` gives, without a failed int attempt
+        arr = numeric_array(out.get("data"), where="response", kind="float")
+    except ProtocolError:
         return None
-    return got[0].reshape(shape)
+    if arr.size != math.prod(shape):
+        return None
+    return arr.reshape(shape)
 
 
 def _labels_from(arr: np.ndarray, rows: int) -> np.ndarray | None:
