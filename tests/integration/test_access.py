@@ -24,19 +24,6 @@ KEY_C = "kc-" + "5e6f7a8b9c0d1e2f3a4b"
 POLICY_REQUIRE = "version: 1\nmode: enforce\naccess:\n  require_credentials: true\n"
 
 
-# The shared demo-model fixtures under the names this module's tests use (tests/unit/test_credential_cache.py
-# imports these two as well).
-@pytest.fixture
-def digits_model(demo_model: DigitsModel) -> DigitsModel:
-    return demo_model
-
-
-@pytest.fixture
-def model_url(demo_model_url: str) -> str:
-    """The built-in digits v2 model server on a free loopback port."""
-    return demo_model_url
-
-
 def write_keys(path: Path, entries: list[dict[str, Any]]) -> Path:
     path.write_text(json.dumps({"keys": entries}))
     return path
@@ -235,13 +222,13 @@ class TestJwtVerifier:
 
 
 class TestApiKeysOnTheGuard:
-    async def test_missing_unknown_and_valid_keys(self, tmp_path: Path, model_url: str, start_guard,
-                                                  digits_model: DigitsModel) -> None:
+    async def test_missing_unknown_and_valid_keys(self, tmp_path: Path, demo_model_url: str, start_guard,
+                                                  demo_model: DigitsModel) -> None:
         """No key and an unknown key get 401 with a JSON error; a listed key (header or bearer) gets 200."""
         (tmp_path / "policy.yaml").write_text(POLICY_REQUIRE)
         keys = write_keys(tmp_path / "keys.yaml", [{"name": "team-a", "sha256": key_digest(KEY_A)}])
-        guard = await start_guard(model_url, policy=str(tmp_path / "policy.yaml"), api_keys_file=str(keys))
-        body = v2_body(digits_model.X_test[0])
+        guard = await start_guard(demo_model_url, policy=str(tmp_path / "policy.yaml"), api_keys_file=str(keys))
+        body = v2_body(demo_model.X_test[0])
         async with aiohttp.ClientSession() as http:
             status, doc = await infer(http, guard.url, body, {"X-Request-Id": "none"})
             assert status == 401 and doc["error"]["code"] == "unauthorized"
@@ -261,12 +248,12 @@ class TestApiKeysOnTheGuard:
         text = "\n".join(json.dumps(e) for e in guard.events)
         assert KEY_A not in text and KEY_B not in text
 
-    async def test_unknown_keys_cannot_mint_sessions(self, tmp_path: Path, model_url: str, start_guard,
-                                                     digits_model: DigitsModel) -> None:
+    async def test_unknown_keys_cannot_mint_sessions(self, tmp_path: Path, demo_model_url: str, start_guard,
+                                                     demo_model: DigitsModel) -> None:
         """With a key store, invented keys fall back to the address: every one lands in the same session."""
         keys = write_keys(tmp_path / "keys.yaml", [{"name": "team-a", "key": KEY_A}])
-        guard = await start_guard(model_url, api_keys_file=str(keys))
-        body = v2_body(digits_model.X_test[0])
+        guard = await start_guard(demo_model_url, api_keys_file=str(keys))
+        body = v2_body(demo_model.X_test[0])
         async with aiohttp.ClientSession() as http:
             for i in range(3):
                 status, _ = await infer(http, guard.url, body, {"X-API-Key": f"invented-{i:020d}",
@@ -276,16 +263,16 @@ class TestApiKeysOnTheGuard:
         assert len(sessions) == 1
         assert guard.events_for("inv0")[0]["guard"]["session_source"] == "address"
 
-    async def test_per_key_rate_limit_and_models(self, tmp_path: Path, model_url: str, start_guard,
-                                                 digits_model: DigitsModel) -> None:
+    async def test_per_key_rate_limit_and_models(self, tmp_path: Path, demo_model_url: str, start_guard,
+                                                 demo_model: DigitsModel) -> None:
         """A key's own rate limit throttles it (429) while another key is unaffected; models outside its
         list get 403."""
         keys = write_keys(tmp_path / "keys.yaml", [
             {"name": "slow", "key": KEY_A, "rate_limit": {"rate": 0.01, "burst": 2}},
             {"name": "scoped", "key": KEY_B, "models": ["other-model"]},
         ])
-        guard = await start_guard(model_url, api_keys_file=str(keys))
-        body = v2_body(digits_model.X_test[0])
+        guard = await start_guard(demo_model_url, api_keys_file=str(keys))
+        body = v2_body(demo_model.X_test[0])
         async with aiohttp.ClientSession() as http:
             statuses = [(await infer(http, guard.url, body, {"X-API-Key": KEY_A}))[0] for _ in range(4)]
             assert statuses == [200, 200, 429, 429]
@@ -294,13 +281,13 @@ class TestApiKeysOnTheGuard:
             status, _ = await infer(http, guard.url, body, {})
             assert status == 200
 
-    async def test_key_file_reload_on_the_running_guard(self, tmp_path: Path, model_url: str, start_guard,
-                                                        digits_model: DigitsModel) -> None:
+    async def test_key_file_reload_on_the_running_guard(self, tmp_path: Path, demo_model_url: str, start_guard,
+                                                        demo_model: DigitsModel) -> None:
         """Rotating the key file takes effect within the reload interval; a broken file keeps the old keys."""
         (tmp_path / "policy.yaml").write_text(POLICY_REQUIRE)
         path = write_keys(tmp_path / "keys.yaml", [{"name": "a", "key": KEY_A}])
-        guard = await start_guard(model_url, policy=str(tmp_path / "policy.yaml"), api_keys_file=str(path))
-        body = v2_body(digits_model.X_test[0])
+        guard = await start_guard(demo_model_url, policy=str(tmp_path / "policy.yaml"), api_keys_file=str(path))
+        body = v2_body(demo_model.X_test[0])
         async with aiohttp.ClientSession() as http:
             assert (await infer(http, guard.url, body, {"X-API-Key": KEY_B}))[0] == 401
             write_keys(path, [{"name": "b", "key": KEY_B}])
@@ -321,7 +308,7 @@ class TestApiKeysOnTheGuard:
         assert KEY_C not in "\n".join(json.dumps(e) for e in guard.events), "a key from the broken file was logged"
 
 
-    async def test_passthrough_routes_require_credentials_too(self, tmp_path: Path, model_url: str,
+    async def test_passthrough_routes_require_credentials_too(self, tmp_path: Path, demo_model_url: str,
                                                               start_guard) -> None:
         """With require_credentials (and health_requires_credentials), unscored metadata and health routes also
         need a valid key (401 otherwise); a key scoped to other models may not read this model's metadata (403)
@@ -329,7 +316,7 @@ class TestApiKeysOnTheGuard:
         (tmp_path / "policy.yaml").write_text(POLICY_REQUIRE + "  health_requires_credentials: true\n")
         keys = write_keys(tmp_path / "keys.yaml", [{"name": "a", "key": KEY_A},
                                                    {"name": "scoped", "key": KEY_B, "models": ["other-model"]}])
-        guard = await start_guard(model_url, policy=str(tmp_path / "policy.yaml"), api_keys_file=str(keys))
+        guard = await start_guard(demo_model_url, policy=str(tmp_path / "policy.yaml"), api_keys_file=str(keys))
 
         async def get(path: str, headers: dict[str, str]) -> int:
             async with http.get(guard.url + path, headers=headers) as r:
@@ -348,24 +335,24 @@ class TestApiKeysOnTheGuard:
         assert event["rule"]["name"] == "credentials-required"
         assert event["http"]["response"]["status_code"] == 401 and event["event"]["action"] == "reject"
 
-    async def test_passthrough_without_required_credentials_stays_open(self, tmp_path: Path, model_url: str,
+    async def test_passthrough_without_required_credentials_stays_open(self, tmp_path: Path, demo_model_url: str,
                                                                        start_guard) -> None:
         """Without require_credentials, metadata and health routes answer without a key, as before."""
         keys = write_keys(tmp_path / "keys.yaml", [{"name": "a", "key": KEY_A}])
-        guard = await start_guard(model_url, api_keys_file=str(keys))
+        guard = await start_guard(demo_model_url, api_keys_file=str(keys))
         async with aiohttp.ClientSession() as http:
             for path in ("/v2/models/digits", "/v2/health/ready"):
                 async with http.get(guard.url + path) as r:
                     assert r.status == 200
 
-    async def test_unexpected_reload_error_keeps_the_reload_loop(self, tmp_path: Path, model_url: str,
-                                                                  start_guard, digits_model: DigitsModel,
+    async def test_unexpected_reload_error_keeps_the_reload_loop(self, tmp_path: Path, demo_model_url: str,
+                                                                  start_guard, demo_model: DigitsModel,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
         """An exception other than AuthError/TlsError while reloading is logged and counted, the guard keeps
         serving, and the next key rotation is still picked up."""
         (tmp_path / "policy.yaml").write_text(POLICY_REQUIRE)
         path = write_keys(tmp_path / "keys.yaml", [{"name": "a", "key": KEY_A}])
-        guard = await start_guard(model_url, policy=str(tmp_path / "policy.yaml"), api_keys_file=str(path))
+        guard = await start_guard(demo_model_url, policy=str(tmp_path / "policy.yaml"), api_keys_file=str(path))
         real = KeyStore.maybe_reload
         failures = [RuntimeError("unforeseen"), KeyError("bug")]
 
@@ -375,7 +362,7 @@ class TestApiKeysOnTheGuard:
             return real(self)
 
         monkeypatch.setattr(KeyStore, "maybe_reload", flaky)
-        body = v2_body(digits_model.X_test[0])
+        body = v2_body(demo_model.X_test[0])
 
         def failed() -> float:
             value = guard.state.metrics.registry.get_sample_value(
@@ -400,15 +387,15 @@ class TestApiKeysOnTheGuard:
 
 
 class TestJwtOnTheGuard:
-    async def test_jwt_session_from_claim(self, tmp_path: Path, model_url: str, start_guard,
-                                          digits_model: DigitsModel) -> None:
+    async def test_jwt_session_from_claim(self, tmp_path: Path, demo_model_url: str, start_guard,
+                                          demo_model: DigitsModel) -> None:
         """Valid tokens pass and share a session per subject; expired or foreign tokens get 401."""
         (tmp_path / "policy.yaml").write_text(POLICY_REQUIRE)
         idp = Issuer("ES256", "e1")
-        guard = await start_guard(model_url, policy=str(tmp_path / "policy.yaml"),
+        guard = await start_guard(demo_model_url, policy=str(tmp_path / "policy.yaml"),
                                   jwt_jwks_file=str(write_jwks(tmp_path / "jwks.json", idp)),
                                   jwt_issuer="https://idp.test", jwt_audience="guard")
-        body = v2_body(digits_model.X_test[0])
+        body = v2_body(demo_model.X_test[0])
         async with aiohttp.ClientSession() as http:
             for rid, token in (("a1", idp.token()), ("a2", idp.token(jti="other")), ("b1", idp.token(sub="bob"))):
                 status, _ = await infer(http, guard.url, body, {"Authorization": f"Bearer {token}",

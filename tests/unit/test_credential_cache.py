@@ -23,9 +23,7 @@ from tests.integration.test_access import (
     KEY_B,
     POLICY_REQUIRE,
     Issuer,
-    digits_model,  # noqa: F401  (fixture)
     infer,
-    model_url,  # noqa: F401  (fixture)
     write_jwks,
     write_keys,
 )
@@ -215,16 +213,16 @@ class TestIdentityCaches:
 
 
 class TestOnTheGuard:
-    async def test_jwks_rotation_refuses_a_cached_token(self, tmp_path: Path, model_url: str,  # noqa: F811
-                                                        start_guard: Any, digits_model: DigitsModel,  # noqa: F811
+    async def test_jwks_rotation_refuses_a_cached_token(self, tmp_path: Path, demo_model_url: str,
+                                                        start_guard: Any, demo_model: DigitsModel,
                                                         ) -> None:
         """A token accepted (and cached) by the running guard gets 401 once the JWKS no longer holds its key."""
         (tmp_path / "policy.yaml").write_text(POLICY_REQUIRE)
         old, new = Issuer("ES256", "old"), Issuer("ES256", "new")
         jwks = write_jwks(tmp_path / "jwks.json", old)
-        guard = await start_guard(model_url, policy=str(tmp_path / "policy.yaml"), jwt_jwks_file=str(jwks),
+        guard = await start_guard(demo_model_url, policy=str(tmp_path / "policy.yaml"), jwt_jwks_file=str(jwks),
                                   jwt_issuer="https://idp.test", jwt_audience="guard")
-        body = v2_body(digits_model.X_test[0])
+        body = v2_body(demo_model.X_test[0])
         token = {"Authorization": f"Bearer {old.token()}"}
         async with aiohttp.ClientSession() as http:
             for _ in range(3):
