@@ -38,6 +38,7 @@ __all__ = ["ConnectionGuard", "GuardSite", "attach_credentials", "serve", "start
 TLS_HANDSHAKE_TIMEOUT = 10.0
 LINGER_SECONDS = 1.0
 CLEANUP_MARGIN = 5.0
+READ_BUFFER_BYTES = 256 * 1024  # what asyncio's own transports ask of recv() per read
 
 
 def _canned(status: int, reason: str, code: str, message: str) -> bytes:
@@ -52,7 +53,10 @@ _SLOW_HEAD = _canned(408, "Request Timeout", "request_timeout", "the request hea
 
 
 class ConnectionGuard:
-    """Counts open connections and closes those whose request head does not arrive in time."""
+    """Counts open connections and closes those whose request head does not arrive in time.
+
+    It also owns the one read buffer every connection's socket reads go into (see ``_GuardedProtocol``).
+    """
 
     def __init__(self, *, max_connections: int, header_timeout: float,
                  on_refuse: Callable[[str], None] = lambda reason: None) -> None:
@@ -60,18 +64,27 @@ class ConnectionGuard:
         self.header_timeout = header_timeout
         self.open = 0
         self.on_refuse = on_refuse
+        self.read_buffer = memoryview(bytearray(READ_BUFFER_BYTES))
 
-    def wrap(self, factory: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
+    def wrap(self, factory: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.BufferedProtocol]:
         return lambda: _GuardedProtocol(factory(), self)
 
 
-class _GuardedProtocol(asyncio.Protocol):
+class _GuardedProtocol(asyncio.BufferedProtocol):
     """Forwards to aiohttp's request handler; adds the connection cap and the head deadline.
 
     A head is "in progress" when bytes arrived while the handler waits for a request
     (or before the first request on the connection was parsed). If no new request
     has been parsed ``header_timeout`` seconds later, the client gets 408 and the
     connection is closed. Bodies have their own timeout in the proxy.
+
+    Reads are buffered (``get_buffer``/``buffer_updated``) into the guard's one shared buffer and handed on
+    as bytes of exactly the size received. A plain ``Protocol`` makes asyncio allocate 256 KiB per read and
+    shrink it; glibc serves those from the heap (its mmap threshold rises past 256 KiB once a process has
+    freed a big block), and long-lived allocations made meanwhile (a new session's tracker arrays) land in
+    the freed tails: under header fuzzing with new sessions, RSS grew ~3.5 KB per request and was never
+    returned (docs/hardening.md). Sharing one buffer is safe: the transport fills it and calls
+    ``buffer_updated`` synchronously, on the loop's thread, before any other read.
     """
 
     def __init__(self, inner: Any, guard: ConnectionGuard) -> None:
@@ -103,6 +116,12 @@ class _GuardedProtocol(asyncio.Protocol):
     def _awaiting_head(self) -> bool:
         waiter = getattr(self._inner, "_waiter", None)
         return self._parsed() == 0 or (waiter is not None and not waiter.done())
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._guard.read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(bytes(self._guard.read_buffer[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
         if not self._counted or self._cut:
