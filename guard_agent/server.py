@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import ssl
 from collections.abc import AsyncIterator, Callable
@@ -22,6 +23,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import Counter, Gauge
 
 from guard_agent.admin import make_admin_app, reload_policy
@@ -33,7 +35,7 @@ from guard_agent.settings import ConfigError, Settings, parse_hostport
 from guard_agent.state import GuardState
 from guard_agent.tls import TlsError, TlsReloader
 
-__all__ = ["ConnectionGuard", "GuardSite", "attach_credentials", "serve", "start_listeners"]
+__all__ = ["ConnectionGuard", "GuardSite", "ParseErrorLog", "attach_credentials", "serve", "start_listeners"]
 
 TLS_HANDSHAKE_TIMEOUT = 10.0
 LINGER_SECONDS = 1.0
@@ -207,12 +209,32 @@ def attach_credentials(state: GuardState) -> tuple[KeyStore | None, JwtVerifier 
     return keys, verifier
 
 
+class ParseErrorLog(logging.LoggerAdapter[logging.Logger]):
+    """aiohttp's connection logger for the guard port: a request its HTTP parser refused is counted, not logged.
+
+    aiohttp logs each such request at ERROR with a traceback whose message quotes the offending raw header
+    line (an API key or bearer token included) or its first 100 bytes: raw client input in the logs, and one
+    traceback per malformed packet under fuzzing. The client still gets aiohttp's 400 and the connection is
+    closed. Every other record (a bug in a handler, say) goes to ``aiohttp.server`` as before.
+    """
+
+    def __init__(self, on_malformed: Callable[[], None]) -> None:
+        super().__init__(logging.getLogger("aiohttp.server"))
+        self._on_malformed = on_malformed
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        if isinstance(kwargs.get("exc_info"), HttpProcessingError):
+            self._on_malformed()
+            return
+        super().log(level, msg, *args, **kwargs)
+
+
 class _ListenerMetrics:
     def __init__(self, state: GuardState) -> None:
         r = state.metrics.registry
         self.refused = Counter("inference_guard_connections_refused_total",
-                               "Connections closed by the guard: over the cap or a request head too slow",
-                               ["reason"], registry=r)
+                               "Connections closed by the guard: over the cap, a request head too slow, "
+                               "or a request the HTTP parser refused", ["reason"], registry=r)
         self.reloads = Counter("inference_guard_credential_reloads_total",
                                "Reloads of TLS certificates, API keys and the JWKS", ["file", "result"], registry=r)
         self.open = Gauge("inference_guard_open_connections", "Open connections on the guard port", registry=r)
@@ -293,7 +315,8 @@ async def start_listeners(state: GuardState) -> tuple[web.AppRunner, web.AppRunn
     guard_runner = web.AppRunner(app, access_log=None, handle_signals=False,
                                  max_field_size=max(8190, s.max_header_bytes * 2),
                                  max_line_size=max(8190, s.max_header_bytes * 2),
-                                 keepalive_timeout=75, shutdown_timeout=s.shutdown_grace)
+                                 keepalive_timeout=75, shutdown_timeout=s.shutdown_grace,
+                                 logger=ParseErrorLog(lambda: metrics.refused.labels("malformed_request").inc()))
     admin_runner = web.AppRunner(make_admin_app(state), access_log=None, handle_signals=False)
     await guard_runner.setup()
     await admin_runner.setup()
