@@ -123,7 +123,8 @@ class _GuardedProtocol(asyncio.BufferedProtocol):
         return self._guard.read_buffer
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(bytes(self._guard.read_buffer[:nbytes]))
+        if self._counted and not self._cut:  # bytes after a refusal or a cut are dropped without a copy
+            self.data_received(bytes(self._guard.read_buffer[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
         if not self._counted or self._cut:
