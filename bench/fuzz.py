@@ -18,6 +18,7 @@ answered correctly. Growth that goes on pass after pass with no new sessions is 
 leak; new sessions cost about 9 KB each up to ``GUARD_SESSION_MAX``.
 
     python -m bench.fuzz [--requests 100000] [--workers 48] [--passes 1] [--seed 0] [--json out.json]
+                         [--cases headers ...] [--no-profile] [--guard-env GUARD_SESSION_MAX=1000 ...]
 """
 
 from __future__ import annotations
@@ -454,10 +455,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="repeat on the same guard (RSS after each pass tells a high-water mark from a leak)")
     p.add_argument("--cases", nargs="*", help=f"only these cases, of: {' '.join(n for n, _ in CASES)}")
     p.add_argument("--no-profile", action="store_true", help="built-in checks only (no detectors or trackers)")
+    p.add_argument("--guard-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="extra environment for the guard, e.g. GUARD_SESSION_MAX=1000 (repeatable)")
     p.add_argument("--json", help="also write the result here")
     args = p.parse_args(argv)
+    extra = dict(item.split("=", 1) for item in args.guard_env)
     with start_stack(profile=not args.no_profile,
-                     env={"GUARD_CLIENT_READ_TIMEOUT": READ_TIMEOUT, "GUARD_LOG_SAMPLE_ALLOW": "0"}) as stack:
+                     env={"GUARD_CLIENT_READ_TIMEOUT": READ_TIMEOUT, "GUARD_LOG_SAMPLE_ALLOW": "0", **extra}) as stack:
         rss = [rss_kib(stack.guard.pid)]
         passes = []
         for i in range(args.passes):
