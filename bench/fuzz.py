@@ -11,10 +11,14 @@ dribbles. Every 40th operation is a good request whose answer is checked.
 
 Reports: guard crashes (must be 0), hangs (a connection neither answered nor
 closed within the deadline: 0), 5xx produced by the guard itself (0), status
-counts, RSS before/after, open connections left, and good requests answered
-correctly.
+counts, RSS before/after and its growth per request in each pass, live sessions
+after each pass (every good request, and every scored request carrying the
+random-key trick, is a new client), open connections left, and good requests
+answered correctly. Growth that goes on pass after pass with no new sessions is a
+leak; new sessions cost about 9 KB each up to ``GUARD_SESSION_MAX``.
 
     python -m bench.fuzz [--requests 100000] [--workers 48] [--passes 1] [--seed 0] [--json out.json]
+                         [--cases headers ...] [--no-profile] [--guard-env GUARD_SESSION_MAX=1000 ...]
 """
 
 from __future__ import annotations
@@ -451,10 +455,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="repeat on the same guard (RSS after each pass tells a high-water mark from a leak)")
     p.add_argument("--cases", nargs="*", help=f"only these cases, of: {' '.join(n for n, _ in CASES)}")
     p.add_argument("--no-profile", action="store_true", help="built-in checks only (no detectors or trackers)")
+    p.add_argument("--guard-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="extra environment for the guard, e.g. GUARD_SESSION_MAX=1000 (repeatable)")
     p.add_argument("--json", help="also write the result here")
     args = p.parse_args(argv)
+    extra = dict(item.split("=", 1) for item in args.guard_env)
     with start_stack(profile=not args.no_profile,
-                     env={"GUARD_CLIENT_READ_TIMEOUT": READ_TIMEOUT, "GUARD_LOG_SAMPLE_ALLOW": "0"}) as stack:
+                     env={"GUARD_CLIENT_READ_TIMEOUT": READ_TIMEOUT, "GUARD_LOG_SAMPLE_ALLOW": "0", **extra}) as stack:
         rss = [rss_kib(stack.guard.pid)]
         passes = []
         for i in range(args.passes):
@@ -464,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
             if stack.guard.poll() is not None:
                 break
             rss.append(rss_kib(stack.guard.pid))
+            passes[-1]["rss_growth_bytes_per_request"] = round((rss[-1] - rss[-2]) * 1024 / passes[-1]["requests"])
             passes[-1]["active_sessions_after"] = _metric(stack.admin_url, "inference_guard_active_sessions")
         alive = stack.guard.poll() is None
         result: dict[str, Any] = passes[0] if len(passes) == 1 else {"passes": passes}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import ssl
 from collections.abc import AsyncIterator, Callable
@@ -22,6 +23,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import Counter, Gauge
 
 from guard_agent.admin import make_admin_app, reload_policy
@@ -33,11 +35,12 @@ from guard_agent.settings import ConfigError, Settings, parse_hostport
 from guard_agent.state import GuardState
 from guard_agent.tls import TlsError, TlsReloader
 
-__all__ = ["ConnectionGuard", "GuardSite", "attach_credentials", "serve", "start_listeners"]
+__all__ = ["ConnectionGuard", "GuardSite", "ParseErrorLog", "attach_credentials", "serve", "start_listeners"]
 
 TLS_HANDSHAKE_TIMEOUT = 10.0
 LINGER_SECONDS = 1.0
 CLEANUP_MARGIN = 5.0
+READ_BUFFER_BYTES = 256 * 1024  # what asyncio's own transports ask of recv() per read
 
 
 def _canned(status: int, reason: str, code: str, message: str) -> bytes:
@@ -52,7 +55,10 @@ _SLOW_HEAD = _canned(408, "Request Timeout", "request_timeout", "the request hea
 
 
 class ConnectionGuard:
-    """Counts open connections and closes those whose request head does not arrive in time."""
+    """Counts open connections and closes those whose request head does not arrive in time.
+
+    It also owns the one read buffer every connection's socket reads go into (see ``_GuardedProtocol``).
+    """
 
     def __init__(self, *, max_connections: int, header_timeout: float,
                  on_refuse: Callable[[str], None] = lambda reason: None) -> None:
@@ -60,18 +66,27 @@ class ConnectionGuard:
         self.header_timeout = header_timeout
         self.open = 0
         self.on_refuse = on_refuse
+        self.read_buffer = memoryview(bytearray(READ_BUFFER_BYTES))
 
-    def wrap(self, factory: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
+    def wrap(self, factory: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.BufferedProtocol]:
         return lambda: _GuardedProtocol(factory(), self)
 
 
-class _GuardedProtocol(asyncio.Protocol):
+class _GuardedProtocol(asyncio.BufferedProtocol):
     """Forwards to aiohttp's request handler; adds the connection cap and the head deadline.
 
     A head is "in progress" when bytes arrived while the handler waits for a request
     (or before the first request on the connection was parsed). If no new request
     has been parsed ``header_timeout`` seconds later, the client gets 408 and the
     connection is closed. Bodies have their own timeout in the proxy.
+
+    Reads are buffered (``get_buffer``/``buffer_updated``) into the guard's one shared buffer and handed on
+    as bytes of exactly the size received. A plain ``Protocol`` makes asyncio allocate 256 KiB per read and
+    shrink it; glibc serves those from the heap (its mmap threshold rises past 256 KiB once a process has
+    freed a big block), and long-lived allocations made meanwhile (a new session's tracker arrays) land in
+    the freed tails: under header fuzzing with new sessions, RSS grew ~3.5 KB per request and was never
+    returned (docs/hardening.md). Sharing one buffer is safe: the transport fills it and calls
+    ``buffer_updated`` synchronously, on the loop's thread, before any other read.
     """
 
     def __init__(self, inner: Any, guard: ConnectionGuard) -> None:
@@ -103,6 +118,13 @@ class _GuardedProtocol(asyncio.Protocol):
     def _awaiting_head(self) -> bool:
         waiter = getattr(self._inner, "_waiter", None)
         return self._parsed() == 0 or (waiter is not None and not waiter.done())
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._guard.read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._counted and not self._cut:  # bytes after a refusal or a cut are dropped without a copy
+            self.data_received(bytes(self._guard.read_buffer[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
         if not self._counted or self._cut:
@@ -188,12 +210,32 @@ def attach_credentials(state: GuardState) -> tuple[KeyStore | None, JwtVerifier 
     return keys, verifier
 
 
+class ParseErrorLog(logging.LoggerAdapter[logging.Logger]):
+    """aiohttp's connection logger for the guard port: a request its HTTP parser refused is counted, not logged.
+
+    aiohttp logs each such request at ERROR with a traceback whose message quotes the offending raw header
+    line (an API key or bearer token included) or its first 100 bytes: raw client input in the logs, and one
+    traceback per malformed packet under fuzzing. The client still gets aiohttp's 400 and the connection is
+    closed. Every other record (a bug in a handler, say) goes to ``aiohttp.server`` as before.
+    """
+
+    def __init__(self, on_malformed: Callable[[], None]) -> None:
+        super().__init__(logging.getLogger("aiohttp.server"))
+        self._on_malformed = on_malformed
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        if isinstance(kwargs.get("exc_info"), HttpProcessingError):
+            self._on_malformed()
+            return
+        super().log(level, msg, *args, **kwargs)
+
+
 class _ListenerMetrics:
     def __init__(self, state: GuardState) -> None:
         r = state.metrics.registry
         self.refused = Counter("inference_guard_connections_refused_total",
-                               "Connections closed by the guard: over the cap or a request head too slow",
-                               ["reason"], registry=r)
+                               "Connections closed by the guard: over the cap, a request head too slow, "
+                               "or a request the HTTP parser refused", ["reason"], registry=r)
         self.reloads = Counter("inference_guard_credential_reloads_total",
                                "Reloads of TLS certificates, API keys and the JWKS", ["file", "result"], registry=r)
         self.open = Gauge("inference_guard_open_connections", "Open connections on the guard port", registry=r)
@@ -274,7 +316,8 @@ async def start_listeners(state: GuardState) -> tuple[web.AppRunner, web.AppRunn
     guard_runner = web.AppRunner(app, access_log=None, handle_signals=False,
                                  max_field_size=max(8190, s.max_header_bytes * 2),
                                  max_line_size=max(8190, s.max_header_bytes * 2),
-                                 keepalive_timeout=75, shutdown_timeout=s.shutdown_grace)
+                                 keepalive_timeout=75, shutdown_timeout=s.shutdown_grace,
+                                 logger=ParseErrorLog(lambda: metrics.refused.labels("malformed_request").inc()))
     admin_runner = web.AppRunner(make_admin_app(state), access_log=None, handle_signals=False)
     await guard_runner.setup()
     await admin_runner.setup()
