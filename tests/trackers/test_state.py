@@ -151,3 +151,22 @@ class TestDecodeRejects:
         state.nn[0, 0] = np.nan
         with pytest.raises(ValueError, match="finite"):
             trackers.decode(trackers.encode(state))
+
+
+class TestCopy:
+    def test_copy_is_deep_and_complete(self, trackers: SessionTrackers, digits: Digits) -> None:
+        """copy() (written out field by field) carries every dataclass field: equal encoding, and no array
+        shared with the original, so an update of the copy cannot change the original."""
+        state = _feed(trackers, digits.X_held[:40], [1, 2, 3])
+        clone = state.copy()
+        for f in dataclasses.fields(state):
+            mine, theirs = getattr(state, f.name), getattr(clone, f.name)
+            if isinstance(mine, np.ndarray):
+                assert theirs is not mine and np.array_equal(theirs, mine) and theirs.dtype == mine.dtype, f.name
+            else:
+                assert theirs == mine or (mine != mine and theirs != theirs), f.name  # NaN times compare unequal
+        assert trackers.encode(clone) == trackers.encode(state)
+        before = trackers.encode(state)
+        trackers.update(clone, digits.X_held[40:41], np.array([4]), None, 100.0)
+        clone.fp[:] = 0
+        assert trackers.encode(state) == before
