@@ -29,8 +29,10 @@ from prometheus_client import Counter, Gauge
 from guard_agent.admin import make_admin_app, reload_policy
 from guard_agent.app import build_state, make_app
 from guard_agent.auth import AuthError, JwtVerifier, KeyStore
+from guard_agent.events import random_id
 from guard_agent.policy import PolicyError
 from guard_agent.policy.model import Policy
+from guard_agent.proxy import error_response
 from guard_agent.settings import ConfigError, Settings, parse_hostport
 from guard_agent.state import GuardState
 from guard_agent.tls import TlsError, TlsReloader
@@ -72,6 +74,36 @@ class ConnectionGuard:
         return lambda: _GuardedProtocol(factory(), self)
 
 
+_ERRORS = {
+    400: ("invalid_request", "malformed HTTP request"),
+    408: ("request_timeout", "request timed out"),
+    413: ("body_too_large", "request body too large"),
+    431: ("headers_too_large", "request headers too large"),
+    500: ("internal_error", "internal error"),
+    504: ("upstream_timeout", "the model server did not answer in time"),
+}
+"""Codes and messages of the errors aiohttp answers itself, as the proxy words them (never the client's bytes)."""
+
+
+class _JsonErrorHandler(web.RequestHandler):
+    """aiohttp's request handler, answering its own errors (a request its HTTP parser refused, a handler that
+    failed) in the JSON error format of DESIGN.md instead of aiohttp's plain text, which quotes the refused
+    header line back. Logging (see ParseErrorLog) and the refusal to answer twice are aiohttp's.
+
+    Adds no state (``__slots__ = ()``), so ``_GuardedProtocol`` can give aiohttp's handler this class."""
+
+    __slots__ = ()
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        super().handle_error(request, status, exc, message)  # logs; ConnectionError if a response was half sent
+        code, text = _ERRORS.get(status, ("invalid_request", "request refused") if status < 500
+                                 else ("internal_error", "internal error"))
+        response = error_response(status, code, text, random_id())
+        response.force_close()
+        return response
+
+
 class _GuardedProtocol(asyncio.BufferedProtocol):
     """Forwards to aiohttp's request handler; adds the connection cap and the head deadline.
 
@@ -90,6 +122,8 @@ class _GuardedProtocol(asyncio.BufferedProtocol):
     """
 
     def __init__(self, inner: Any, guard: ConnectionGuard) -> None:
+        if type(inner) is web.RequestHandler:
+            inner.__class__ = _JsonErrorHandler  # same layout, our handle_error (aiohttp has no hook for it)
         self._inner = inner
         self._guard = guard
         self._transport: asyncio.Transport | None = None

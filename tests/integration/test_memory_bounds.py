@@ -17,6 +17,7 @@ import tracemalloc
 from typing import Any
 
 import numpy as np
+import orjson
 import pytest
 
 from tests._support.rawhttp import exchange, port_of
@@ -130,6 +131,23 @@ class TestHostileHeaders:
         assert refused == 3
         assert key not in caplog.text and token not in caplog.text
         assert not [r for r in caplog.records if r.exc_info is not None]
+        # the answer is the JSON error of DESIGN.md and does not quote the refused line back
+        raw = await asyncio.to_thread(_raw_exchange_all, port, bad[0])
+        head, _, payload = raw.partition(b"\r\n\r\n")
+        assert head.split(b" ")[1] == b"400" and b"application/json" in head.lower(), head
+        error = orjson.loads(payload)["error"]
+        assert error["code"] == "invalid_request" and error["message"] == "malformed HTTP request"
+        assert len(error["request_id"]) == 32 and key.encode() not in raw
+
+
+def _raw_exchange_all(port: int, data: bytes) -> bytes:
+    """Send one request and read until the server closes the connection (it does after an error)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        out = b""
+        while chunk := sock.recv(4096):
+            out += chunk
+        return out
 
 
 def _raw_exchange(port: int, data: bytes) -> bytes:
