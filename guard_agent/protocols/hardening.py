@@ -27,7 +27,7 @@ import orjson
 
 from guard_agent.protocols.responses import numbers, read_response, v2_output_array
 
-__all__ = ["HARDENABLE_PROTOCOLS", "Hardening", "harden_document", "harden_matrix", "harden_response"]
+__all__ = ["HARDENABLE_PROTOCOLS", "Hardening", "harden_document", "harden_matrix", "harden_response", "round_values"]
 
 HARDENABLE_PROTOCOLS = frozenset({"v2", "v1", "mlflow"})
 """Protocols whose answers can be rewritten; a custom route's answer has no known shape."""
@@ -64,12 +64,22 @@ def harden_matrix(p: np.ndarray, hardening: Hardening) -> np.ndarray:
         np.put_along_axis(mask, order, True, axis=1)
         out = np.where(mask, out, 0.0)
     if hardening.round_digits is not None:
-        out = np.round(out, hardening.round_digits)
+        out = round_values(out, hardening.round_digits)
     return out
 
 
+def round_values(values: Any, digits: int) -> np.ndarray:
+    """``np.round`` for model answers of any magnitude: values of 1e15 or more (no digits after the point left
+    in float64) and non-finite ones are kept as they are, where ``np.round`` would scale them by 10**digits
+    first and overflow them to inf (serialised as null)."""
+    arr = np.array(values, dtype=np.float64)
+    small = np.abs(arr) < 1e15
+    arr[small] = np.round(arr[small], digits)
+    return arr
+
+
 def _round(arr: np.ndarray, hardening: Hardening) -> np.ndarray:
-    return arr if hardening.round_digits is None else np.round(arr, hardening.round_digits)
+    return arr if hardening.round_digits is None else round_values(arr, hardening.round_digits)
 
 
 def _argmax(p: np.ndarray) -> list[int]:
@@ -117,7 +127,7 @@ def _record(rec: dict[str, Any], h: Hardening) -> Any:
 def _value(value: Any, h: Hardening, *, in_row: bool = False) -> Any:
     """Harden a v1/MLflow predictions value; ``in_row`` means a 1-D list is one row of scores."""
     if type(value) is float:
-        return value if h.round_digits is None else float(np.round(value, h.round_digits))
+        return value if h.round_digits is None else float(round_values(value, h.round_digits))
     if type(value) is dict:
         return {k: _value(v, h) for k, v in value.items()}
     if type(value) is not list or not value:
