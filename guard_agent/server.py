@@ -249,8 +249,8 @@ class ParseErrorLog(logging.LoggerAdapter[logging.Logger]):
 
     aiohttp logs each such request at ERROR with a traceback whose message quotes the offending raw header
     line (an API key or bearer token included) or its first 100 bytes: raw client input in the logs, and one
-    traceback per malformed packet under fuzzing. The client still gets aiohttp's 400 and the connection is
-    closed. Every other record (a bug in a handler, say) goes to ``aiohttp.server`` as before.
+    traceback per malformed packet under fuzzing. The client still gets a 400 (JSON, see ``_JsonErrorHandler``)
+    and the connection is closed. Every other record (a bug in a handler, say) goes to ``aiohttp.server`` as before.
     """
 
     def __init__(self, on_malformed: Callable[[], None]) -> None:
