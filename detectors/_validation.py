@@ -68,8 +68,12 @@ def safe_scale(values: FloatArray) -> FloatArray:
     return np.asarray(np.where(values > floor, values, max(floor, _NEGLIGIBLE)), dtype=np.float64)
 
 
+_BIG = float(np.finfo(np.float64).max)
+
+
 def finite_scores(scores: FloatArray) -> FloatArray:
     """Map overflowed scores (inf, or NaN from inf - inf) to the largest float: they are maximally
     anomalous."""
-    big = float(np.finfo(np.float64).max)
-    return np.nan_to_num(scores, nan=big, posinf=big, neginf=0.0)
+    if np.isfinite(scores).all():  # the usual case, several times cheaper than nan_to_num on a few rows
+        return scores
+    return np.nan_to_num(scores, nan=_BIG, posinf=_BIG, neginf=0.0)
