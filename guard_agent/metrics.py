@@ -6,11 +6,32 @@ come from the route table, never from raw paths; sessions are never labels.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["Metrics"]
+__all__ = ["LabelledChildren", "Metrics"]
 
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class LabelledChildren:
+    """``metric.labels(*values)`` looked up once per label tuple: prometheus_client validates the values and
+    takes a lock on every ``labels()`` call, and a request observes up to ~20 metrics (one per score). Only for
+    metrics whose label values are the guard's own low-cardinality ones (routes, actions, score names), never
+    client input; prometheus_client holds every child anyway."""
+
+    __slots__ = ("_children", "_metric")
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
 
 
 class Metrics:
@@ -46,3 +67,8 @@ class Metrics:
                                        "Captured decisions dropped because the capture queue was full", registry=r)
         self.rejects = Counter("inference_guard_rejects_total", "Invalid requests refused before scoring",
                                ["reason"], registry=r)
+        # the request path's metrics, children cached per label tuple
+        self.requests_by = LabelledChildren(self.requests)
+        self.overhead_by = LabelledChildren(self.overhead)
+        self.upstream_latency_by = LabelledChildren(self.upstream_latency)
+        self.scores_by = LabelledChildren(self.scores)

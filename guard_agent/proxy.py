@@ -49,50 +49,6 @@ HOP_BY_HOP = frozenset(h.lower() for h in (
 _DIGITS = re.compile(r"[0-9]+")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _BLOCK_MESSAGE = "request refused by policy"
-_MAX_METRIC_SETS = 16  # apps per process (tests run several): their metric children are kept, the oldest dropped
-
-
-class _Children:
-    """``metric.labels(*values)`` looked up once per label tuple: prometheus_client validates the values and
-    takes a lock on every ``labels()`` call, and a request observes up to ~20 metrics (one per score). Label
-    values are the metrics' own low-cardinality ones, each child is held by prometheus_client anyway."""
-
-    __slots__ = ("_children", "_metric")
-
-    def __init__(self, metric: Any) -> None:
-        self._metric = metric
-        self._children: dict[tuple[str, ...], Any] = {}
-
-    def __call__(self, *values: str) -> Any:
-        child = self._children.get(values)
-        if child is None:
-            child = self._children[values] = self._metric.labels(*values)
-        return child
-
-
-class _RequestMetrics:
-    """The request path's metrics of one app, with their children cached."""
-
-    __slots__ = ("metrics", "overhead", "requests", "scores", "upstream_latency")
-
-    def __init__(self, metrics: Any) -> None:
-        self.metrics = metrics
-        self.requests = _Children(metrics.requests)
-        self.overhead = _Children(metrics.overhead)
-        self.upstream_latency = _Children(metrics.upstream_latency)
-        self.scores = _Children(metrics.scores)
-
-
-_METRIC_SETS: dict[int, _RequestMetrics] = {}
-
-
-def _metrics(state: GuardState) -> _RequestMetrics:
-    held = _METRIC_SETS.get(id(state.metrics))
-    if held is None or held.metrics is not state.metrics:
-        if len(_METRIC_SETS) >= _MAX_METRIC_SETS:
-            del _METRIC_SETS[next(iter(_METRIC_SETS))]
-        held = _METRIC_SETS[id(state.metrics)] = _RequestMetrics(state.metrics)
-    return held
 
 
 def error_response(status: int, code: str, message: str, request_id: str,
@@ -198,9 +154,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
     out.status = response.status
     policy = state.policies.current
     _emit(state, request, policy, out, request_id, started)
-    metrics = _metrics(state)
-    metrics.requests(match.route, out.action, str(out.status)).inc()
-    metrics.overhead(match.route).observe(max(0.0, time.perf_counter() - started - upstream_time))
+    metrics = state.metrics
+    metrics.requests_by(match.route, out.action, str(out.status)).inc()
+    metrics.overhead_by(match.route).observe(max(0.0, time.perf_counter() - started - upstream_time))
     return response
 
 
@@ -354,7 +310,7 @@ async def _passthrough(request: web.Request, state: GuardState, match: RouteMatc
             out.outcome = "failure"
             if request.transport is not None:  # the client must not take a truncated body for a whole one
                 request.transport.close()
-    state.metrics.upstream_latency.labels("passthrough").observe(time.perf_counter() - t0)
+    state.metrics.upstream_latency_by("passthrough").observe(time.perf_counter() - t0)
     return response, time.perf_counter() - t0
 
 
@@ -436,7 +392,7 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
     if decision.enforced and decision.action == "block" and cooldown > 0 and record.blocked(now) is None:
         record.blocked_until, record.blocked_rule = now + cooldown, decision.rule
     record.queries += parsed.rows
-    score_metric = _metrics(state).scores
+    score_metric = state.metrics.scores_by
     for name, value in scores.items():
         score_metric(name).observe(value)
 
@@ -463,7 +419,7 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
         await state.sessions.put(identity.session, record, now)
         return _upstream_failure(state, out, exc, request_id), time.perf_counter() - t0
     upstream_time = time.perf_counter() - t0
-    _metrics(state).upstream_latency(match.route).observe(upstream_time)
+    state.metrics.upstream_latency_by(match.route).observe(upstream_time)
 
     if 200 <= status < 300:
         hardening = _wire_hardening(decision)

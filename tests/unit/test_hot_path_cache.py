@@ -9,14 +9,6 @@ from prometheus_client import generate_latest
 
 from guard_agent.events import _Timestamps, random_id
 from guard_agent.metrics import Metrics
-from guard_agent.proxy import _metrics
-
-
-class _State:
-    """The one attribute ``_metrics`` reads."""
-
-    def __init__(self, metrics: Metrics) -> None:
-        self.metrics = metrics
 
 
 class TestRandomId:
@@ -56,11 +48,12 @@ class TestMetricChildren:
         """Two apps' metrics (as in tests running several guards) never share a cached child."""
         a, b = Metrics(), Metrics()
         for _ in range(3):
-            _metrics(_State(a)).requests("v2", "allow", "200").inc()  # type: ignore[arg-type]
-        _metrics(_State(b)).requests("v2", "allow", "200").inc()  # type: ignore[arg-type]
-        _metrics(_State(b)).scores("ood.knn").observe(0.95)  # type: ignore[arg-type]
+            a.requests_by("v2", "allow", "200").inc()
+        b.requests_by("v2", "allow", "200").inc()
+        b.scores_by("ood.knn").observe(0.95)
         text_a, text_b = generate_latest(a.registry).decode(), generate_latest(b.registry).decode()
         line = 'inference_guard_requests_total{action="allow",route="v2",status="200"}'
         assert f"{line} 3.0" in text_a and f"{line} 1.0" in text_b
         assert 'inference_guard_score_count{score="ood.knn"} 1.0' in text_b
         assert 'score="ood.knn"' not in text_a
+        assert a.requests_by("v2", "allow", "200") is a.requests.labels("v2", "allow", "200")
