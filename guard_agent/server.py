@@ -355,10 +355,15 @@ async def start_listeners(state: GuardState) -> tuple[web.AppRunner, web.AppRunn
     admin_runner = web.AppRunner(make_admin_app(state), access_log=None, handle_signals=False)
     await guard_runner.setup()
     await admin_runner.setup()
-    host, port = parse_hostport(s.listen)
-    await GuardSite(guard_runner, host, port, guard=guard, ssl_context=tls.context if tls else None).start()
-    ahost, aport = parse_hostport(s.admin_listen)
-    await web.TCPSite(admin_runner, ahost, aport, reuse_address=True).start()
+    try:
+        host, port = parse_hostport(s.listen)
+        await GuardSite(guard_runner, host, port, guard=guard, ssl_context=tls.context if tls else None).start()
+        ahost, aport = parse_hostport(s.admin_listen)
+        await web.TCPSite(admin_runner, ahost, aport, reuse_address=True).start()
+    except BaseException:  # a port in use, say: nothing of the half-started guard is left running
+        await admin_runner.cleanup()
+        await guard_runner.cleanup()
+        raise
     return guard_runner, admin_runner
 
 

@@ -3,6 +3,7 @@ ports."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -157,13 +158,20 @@ async def start_guard() -> AsyncIterator[GuardFactory]:
 
     async def _start(upstream: str, *, policy: str | None = None, profile: str | None = None,
                      wait_ready: bool = True, **overrides: Any) -> RunningGuard:
-        settings = Settings(listen=f"127.0.0.1:{free_port()}", admin_listen=f"127.0.0.1:{free_port()}",
-                            upstream=upstream, policy=policy, profile=profile, hmac_key="test-hmac-key",
-                            admin_token="test-admin-token", reload_interval=0.1)
-        settings = replace(settings, **overrides)
-        events: list[dict[str, Any]] = []
-        state = build_state(settings, sink=CallbackSink(lambda line: events.append(orjson.loads(line))))
-        guard_runner, admin_runner = await start_listeners(state)
+        for attempt in range(3):
+            settings = Settings(listen=f"127.0.0.1:{free_port()}", admin_listen=f"127.0.0.1:{free_port()}",
+                                upstream=upstream, policy=policy, profile=profile, hmac_key="test-hmac-key",
+                                admin_token="test-admin-token", reload_interval=0.1)
+            settings = replace(settings, **overrides)
+            events: list[dict[str, Any]] = []
+            state = build_state(settings, sink=CallbackSink(lambda line, ev=events: ev.append(orjson.loads(line))))
+            try:
+                guard_runner, admin_runner = await start_listeners(state)
+                break
+            except OSError as exc:
+                # a port free_port() found was taken by another process before the guard bound it: pick again
+                if exc.errno != errno.EADDRINUSE or attempt == 2 or {"listen", "admin_listen"} & set(overrides):
+                    raise
         runners.extend([guard_runner, admin_runner])
         guard = RunningGuard(f"http://{settings.listen}", f"http://{settings.admin_listen}", state, events)
         if wait_ready:
