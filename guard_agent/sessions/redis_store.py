@@ -3,7 +3,8 @@
 Layout: one hash per session, ``{prefix}s:{session}`` (the session id is already an HMAC, never a raw key),
 TTL = ``session_ttl``, refreshed on every write. Fields: ``f`` first seen, ``l`` last seen, ``q`` queries,
 ``v`` version, ``bt``/``bu`` token bucket, ``ku``/``kr`` block until/rule, ``t`` tracker state (bytes from
-``tracking.encode_state``, at most ``max_state_bytes``), ``tl`` its write time, ``s`` last scores (JSON).
+``tracking.encode_state``, at most ``max_state_bytes``), ``tl`` its write time, ``s`` last scores (JSON),
+``c`` the last write chains and what each applied (the scripts' own bookkeeping, never returned).
 
 A request reads the hash (``get``), changes the record locally, and ``put`` sends *what this request
 changed* to a Lua script that merges it atomically:
@@ -15,7 +16,11 @@ changed* to a Lua script that merges it atomically:
   applied to the stored bucket, capped by the larger of the two views, so the error is at most one token per
   request of the session in flight on another replica at that moment;
 - tracker state and last scores: last writer wins (by request time). Trackers of two replicas answering the
-  same session at the same moment each miss the other's query; counts and blocks never do.
+  same session at the same moment each miss the other's query; counts and blocks never do;
+- resends: a write whose outcome is unknown (answer later than the budget, connection dropped after the
+  command was sent, which redis-py retries once) may have run. Its deltas are cumulative from the record's
+  base, named by a chain id; the script applies only what a chain adds beyond its earlier writes, so a
+  resend never counts a query or spends a token twice.
 
 Redis down or slower than ``budget`` seconds: the call is answered from the local memory store (which
 mirrors every record this replica has seen), counted in ``inference_guard_redis_fallbacks_total``, and a
@@ -36,7 +41,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import math
+import os
 import random
 import time
 import weakref
@@ -60,6 +67,14 @@ FALLBACK: Final = object()  # what ``RedisLink.run`` returns instead of a value 
 _MAX_SCORES = 64
 _MAX_NAME = 64
 _MAX_RULE = 128
+_CHAINS = 16  # write chains remembered per session hash (a resend older than this is applied again)
+_CHAIN_PREFIX = os.urandom(4).hex()  # per process: chain ids of two replicas never meet
+_chain_ids = itertools.count()
+
+
+def _new_chain() -> str:
+    """A write chain id, unique across replicas: ``{process}{counter}`` (12+ characters)."""
+    return f"{_CHAIN_PREFIX}{next(_chain_ids):x}"
 
 
 class RedisMetrics:
@@ -289,6 +304,9 @@ class _Base:
     block: tuple[float, str | None] = (0.0, None)
     tracker: bytes | None = None
     scores: dict[str, float] = field(default_factory=dict)
+    # Every write from this base carries this id and its deltas counted from the base, so the script can
+    # tell a resent write (outcome unknown: timeout, dropped connection) from a new one and apply it once.
+    chain: str = field(default_factory=_new_chain)
 
 
 @dataclass(slots=True)
@@ -298,35 +316,65 @@ class SyncedRecord(SessionRecord):
     base: _Base = field(default_factory=_Base)
 
 
+# The session hash without its write-chain ring (``c``: the script's bookkeeping, not the replicas' business).
+_FIELDS = """
+local function fields(k)
+  local h = redis.call('HGETALL', k)
+  for i = 1, #h, 2 do
+    if h[i] == 'c' then table.remove(h, i + 1); table.remove(h, i); break end
+  end
+  return h
+end
+"""
+
 # KEYS[1] session hash, KEYS[2] its deletion tombstone.
 # ARGV: 1 ttl_ms, 2 now, 3 first_seen, 4 query delta, 5 base version,
 # 6 bucket? (0/1), 7 tokens, 8 updated, 9 base tokens ('' = none), 10 block until ('' = unchanged), 11 rule,
 # 12 tracker? (0/1), 13 tracker bytes ('' = none), 14 tracker time, 15 scores JSON, 16 return the hash? (0/1),
-# 17 absolute queries (written instead of the delta when a key synced before is gone: Redis lost it).
-_PUT = """
+# 17 absolute queries (written instead of the delta when a key synced before is gone: Redis lost it),
+# 18 write chain: the id of the base the deltas are counted from (see ``_Base.chain``).
+#
+# Deltas are cumulative per chain and the hash remembers, in field ``c``, what the last _CHAINS chains have
+# applied ("id queries spend;" each): a write that is sent again (redis-py's retry on a dropped connection, a
+# reconcile after a put that timed out but ran) adds only what it adds beyond its chain's earlier writes.
+_PUT = _FIELDS + """
 local k = KEYS[1]
 local lost = redis.call('EXISTS', k) == 0 and tonumber(ARGV[5]) > 0 and redis.call('EXISTS', KEYS[2]) == 0
 local v = tonumber(redis.call('HGET', k, 'v') or '0')
 local same = tonumber(ARGV[5]) == v
+local chain, pq, ps = ARGV[18], 0, 0
+local ring = {}
+for id, q, s in string.gmatch(redis.call('HGET', k, 'c') or '', '(%S+) (%S+) (%S+);') do
+  if id == chain then pq, ps = tonumber(q), tonumber(s) else ring[#ring + 1] = id .. ' ' .. q .. ' ' .. s .. ';' end
+end
 local f = tonumber(redis.call('HGET', k, 'f'))
 if f == nil or tonumber(ARGV[3]) < f then redis.call('HSET', k, 'f', ARGV[3]) end
 local l = tonumber(redis.call('HGET', k, 'l'))
 if l == nil or tonumber(ARGV[2]) > l then redis.call('HSET', k, 'l', ARGV[2]) end
-if lost then redis.call('HSET', k, 'q', ARGV[17]) elseif ARGV[4] ~= '0' then redis.call('HINCRBY', k, 'q', ARGV[4]) end
+local dq = tonumber(ARGV[4])
+if lost then redis.call('HSET', k, 'q', ARGV[17])
+elseif dq > pq then redis.call('HINCRBY', k, 'q', dq - pq) end
+if dq < pq then dq = pq end
+local spend = ps
 if ARGV[6] == '1' then
   local st = tonumber(redis.call('HGET', k, 'bt'))
   local su = tonumber(redis.call('HGET', k, 'bu'))
+  local lt = tonumber(ARGV[7])
+  local base = tonumber(ARGV[9])
+  if base ~= nil then spend = base - lt end
   if same or st == nil or su == nil then
     redis.call('HSET', k, 'bt', ARGV[7], 'bu', ARGV[8])
   else
-    local lt = tonumber(ARGV[7])
-    local base = tonumber(ARGV[9])
     local merged
-    if base == nil then merged = math.min(st, lt) else merged = math.min(st + lt - base, math.max(st, lt)) end
+    if base == nil then merged = math.min(st, lt) else merged = math.min(st - (spend - ps), math.max(st, lt)) end
     if merged < 0 then merged = 0 end
     redis.call('HSET', k, 'bt', tostring(merged), 'bu', tostring(math.max(su, tonumber(ARGV[8]))))
   end
 end
+if lost then ring = {} end
+ring[#ring + 1] = chain .. ' ' .. tostring(dq) .. ' ' .. string.format('%.9g', spend) .. ';'
+local first = math.max(1, #ring - CHAINS + 1)
+redis.call('HSET', k, 'c', table.concat(ring, '', first, #ring))
 if ARGV[10] ~= '' then
   local ku = tonumber(redis.call('HGET', k, 'ku'))
   if ku == nil or tonumber(ARGV[10]) >= ku then redis.call('HSET', k, 'ku', ARGV[10], 'kr', ARGV[11]) end
@@ -340,13 +388,13 @@ if ARGV[12] == '1' then
 end
 local nv = redis.call('HINCRBY', k, 'v', 1)
 redis.call('PEXPIRE', k, ARGV[1])
-if ARGV[16] == '1' then return redis.call('HGETALL', k) end
+if ARGV[16] == '1' then return fields(k) end
 return nv
-"""
+""".replace("CHAINS", str(_CHAINS))
 
 # KEYS[1] session hash, KEYS[2] its tombstone: the hash, or a lone field ``x`` when an operator deleted it.
-_GET = """
-local h = redis.call('HGETALL', KEYS[1])
+_GET = _FIELDS + """
+local h = fields(KEYS[1])
 if #h == 0 and redis.call('EXISTS', KEYS[2]) == 1 then return {'x', '1'} end
 return h
 """
@@ -612,7 +660,7 @@ class RedisSessionStore:
             (repr(r.bucket.tokens + 1.0) if r.bucket else ""),
             repr(r.blocked_until) if new_block else "", (r.blocked_rule or "")[:_MAX_RULE],
             "1" if tracker_changed else "0", tracker or b"", repr(r.last_seen), orjson.dumps(scores), "0",
-            str(r.queries),
+            str(r.queries), b.chain,
         ]
         return args, tracker
 

@@ -28,6 +28,7 @@ from guard_agent.sessions.memory import MemorySessionStore
 from guard_agent.sessions.redis_store import RedisSessionStore
 from guard_agent.settings import ConfigError, Settings
 from guard_agent.tracking import SessionTracking
+from tests._support.latency import DelayedReplies
 from tests._support.redis import RedisServer, keys_under, redis_cmd
 from tests._support.waiting import wait_for
 
@@ -205,6 +206,33 @@ class TestSharedSessions:
         await b.store.put("s5", stale, now + 0.5)
         seen = await b.store.get("s5", now + 1)
         assert seen.blocked(now + 1) == "extraction" and seen.queries == 2
+
+    async def test_resent_write_is_applied_once(self, replicas: tuple[Replica, Replica]) -> None:
+        """The same write sent twice (redis-py retrying on a dropped connection, a reconcile after a put
+        whose outcome was unknown) adds its queries and spends its tokens once; a resend that carries more
+        (the record moved on meanwhile) adds only the difference."""
+        a, b = replicas
+        now = time.time()
+        await serve(a, "twice", np.zeros((1, 64)), now, burst=10)
+        record = await a.store.get("twice", now + 1)
+        record.bucket, _, _ = take(record.bucket, now + 1, rate=1e-6, burst=10)
+        record.queries += 1
+        args, _ = a.store._changes(record, now + 1)
+
+        async def send(args: list[Any]) -> None:
+            await a.store._script(a.store.link.client, "put")(keys=a.store.keys("twice"), args=args)
+
+        await send(args)
+        await send(args)
+        seen = await b.store.get("twice", now + 1)
+        assert seen.queries == 2 and seen.bucket is not None and seen.bucket.tokens == pytest.approx(8, abs=1e-3)
+        record.bucket, _, _ = take(record.bucket, now + 1, rate=1e-6, burst=10)
+        record.queries += 1  # still unacknowledged: the next send carries both queries of this chain
+        await send(a.store._changes(record, now + 1)[0])
+        seen = await b.store.get("twice", now + 1)
+        assert seen.queries == 3 and seen.bucket is not None and seen.bucket.tokens == pytest.approx(7, abs=1e-3)
+        await serve(b, "twice", np.zeros((1, 64)), now + 2, burst=10)  # a new chain is counted as usual
+        assert (await a.store.get("twice", now + 3)).queries == 4
 
     async def test_fetch_reads_without_creating(self, replicas: tuple[Replica, Replica], redis_prefix: str) -> None:
         """The admin read shows another replica's session and creates nothing for an unknown one."""
@@ -447,6 +475,35 @@ class TestOutage:
         finally:
             await a.store.aclose()
             await b.store.aclose()
+
+    async def test_put_that_ran_but_answered_late_is_merged_once(self, redis_prefix: str) -> None:
+        """A put whose reply comes after the budget ran all the same; its reconcile must not count it twice.
+
+        The delay is a relay between the replica and the shared Redis (``DelayedReplies``): Redis runs the
+        script at once, only the answer is late, which is what a slow network or a busy server does.
+        """
+        async with DelayedReplies(6379) as relay:
+            a = make_replica(f"redis://127.0.0.1:{relay.port}/0", redis_prefix)
+            b = make_replica(SHARED_URL, redis_prefix)
+            try:
+                now = time.time()
+                for i in range(2):
+                    await serve(a, "late", np.zeros((1, 64)), now + i)
+                record = await a.store.get("late", now + 2)
+                record.queries += 1
+                relay.delay = 0.3  # on the pooled connection the get used: the put runs, its answer is late
+                await a.store.put("late", record, now + 2)
+                assert a.metric("inference_guard_redis_fallbacks_total", op="put", reason="timeout") == 1
+                assert a.store.dirty() == 1
+                relay.delay = 0.0
+                await asyncio.sleep(0.35)  # the late replies arrive on connections the client gave up
+                await serve(a, "late", np.zeros((1, 64)), now + 3)  # merges the dirty record first
+                assert a.store.dirty() == 0
+                assert a.metric("inference_guard_redis_reconciled_total", result="merged") == 1
+                assert (await b.store.get("late", now + 4)).queries == 4
+            finally:
+                await a.store.aclose()
+                await b.store.aclose()
 
     async def test_restart_without_data_restores_known_sessions(self, own_redis: RedisServer) -> None:
         """Redis restarted empty between two requests: the replica restores the session it knew (counted)."""
