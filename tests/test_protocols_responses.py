@@ -169,6 +169,16 @@ class TestParseResponse:
         assert parsed.probabilities is not None
         assert np.isnan(parsed.probabilities[0, 0])
 
+    @pytest.mark.parametrize("value", ["1e300", "2.5", "NaN", "-Infinity"])
+    @pytest.mark.filterwarnings("error::RuntimeWarning")
+    def test_integer_output_that_is_not_a_whole_number_gives_no_label(self, value: str) -> None:
+        """An INT64 output holding 1e300, a fraction or a non-finite number is no label (no garbage class)."""
+        body = f'{{"outputs": [{{"name": "p", "shape": [2], "datatype": "INT64", "data": [3, {value}]}}]}}'
+        parsed = parse_response("v2", body.encode(), 2)
+        assert parsed is not None and parsed.labels is None
+        good = parse_response("v2", body.replace(value, "4.0").encode(), 2)
+        assert good is not None and good.labels is not None and good.labels.tolist() == [3, 4]
+
 
 def proba_of(protocol: str, body: bytes, rows: int) -> np.ndarray:
     parsed = parse_response(protocol, body, rows)

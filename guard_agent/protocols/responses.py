@@ -70,9 +70,15 @@ def v2_output_array(out: Any) -> np.ndarray | None:
 
 
 def _labels_from(arr: np.ndarray, rows: int) -> np.ndarray | None:
-    if arr.shape in ((rows,), (rows, 1)):
-        return arr.reshape(rows).astype(np.int64)
-    return None
+    """One whole number per row, or None: NaN, infinities, fractions or numbers beyond int64 are not labels
+    (casting them would give garbage classes to the trackers, and a RuntimeWarning)."""
+    if arr.shape not in ((rows,), (rows, 1)):
+        return None
+    flat = arr.reshape(rows)
+    if flat.dtype.kind == "f" and not (np.all(np.isfinite(flat)) and np.all(np.abs(flat) < 2.0**62)
+                                       and np.all(flat == np.floor(flat))):
+        return None
+    return flat.astype(np.int64)
 
 
 def _v2(doc: Any, rows: int) -> ParsedResponse | None:
