@@ -207,6 +207,21 @@ def wait_http(url: str, alive: object, name: str, fleet: Fleet, timeout: float =
     raise RuntimeError(f"{name}: {url} not ready within {timeout}s:\n{fleet.stderr_tail(name)}")
 
 
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    """Poll ``url`` until it answers 200; fail at once if ``proc`` exits meanwhile."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode} while waiting for {url}")
+        try:
+            with urllib.request.urlopen(url, timeout=1.0) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"{url} not ready within {timeout}s")
+
+
 def decision_counts(admin_port: int) -> dict[str, float]:
     """``inference_guard_requests_total`` summed by ``action/status`` (to diff before/after a run)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=5) as resp:

@@ -38,13 +38,11 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -55,6 +53,9 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _servers import free_port, wait_ready
 
 from guard_agent.attacks import (
     AttackResult,
@@ -70,26 +71,6 @@ N_CLASSES = 10
 
 
 # ---- processes ---------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited while waiting for {url}")
-        try:
-            with urllib.request.urlopen(url, timeout=1.0) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError(f"{url} not ready within {timeout}s")
-
-
 @contextmanager
 def process(argv: list[str], *, stdout: Path, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
     """Start one process; stop exactly that process (by its pid) on exit."""
@@ -383,9 +364,9 @@ def main() -> None:
     ml_env = {**os.environ, "MLSERVER_LOGGING": "WARNING"}
     t0 = time.monotonic()
     with process([exe("mlserver"), "start", str(work / "mlserver")], stdout=work / "mlserver.log", env=ml_env) as ml:
-        wait_http(f"http://127.0.0.1:{ml_port}/v2/models/digits/ready", ml)
+        wait_ready(f"http://127.0.0.1:{ml_port}/v2/models/digits/ready", ml)
         with process([exe("guard-agent"), "run"], stdout=work / "events.jsonl", env=env) as guard:
-            wait_http(f"http://127.0.0.1:{a_port}/readyz", guard)
+            wait_ready(f"http://127.0.0.1:{a_port}/readyz", guard)
             setup = Setup(f"http://127.0.0.1:{g_port}", f"http://127.0.0.1:{ml_port}", X_test,
                           clf.predict(X_test), np.random.default_rng(0))
             results: list[tuple[str, list[AttackResult]]] = []

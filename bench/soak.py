@@ -18,13 +18,11 @@ import contextlib
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +31,9 @@ from typing import Any
 
 import aiohttp
 import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _servers import cpu_seconds, free_port, wait_ready
 
 __all__ = ["Stack", "free_port", "rss_kib", "start_stack"]
 
@@ -45,19 +46,6 @@ web.run_app(make_model_app(DigitsModel()), host="127.0.0.1", port=int(sys.argv[1
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all threads), from /proc."""
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def rss_kib(pid: int) -> int:
     """Resident set size of a process in KiB, from /proc."""
     with open(f"/proc/{pid}/status") as fh:
@@ -65,20 +53,6 @@ def rss_kib(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise RuntimeError(f"no VmRSS for {pid}")
-
-
-def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=1) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.2)
-    raise TimeoutError(url)
 
 
 @dataclass
@@ -104,7 +78,7 @@ def start_stack(*, profile: bool = True, env: dict[str, str] | None = None) -> I
     model = subprocess.Popen([sys.executable, "-c", _MODEL_SERVER, str(model_port)])
     guard: subprocess.Popen[bytes] | None = None
     try:
-        _wait_http(f"http://127.0.0.1:{model_port}/v2/health/ready", model)
+        wait_ready(f"http://127.0.0.1:{model_port}/v2/health/ready", model)
         digits = DigitsModel()
         guard_env = {**os.environ, "GUARD_LISTEN": f"127.0.0.1:{port}", "GUARD_ADMIN_LISTEN": f"127.0.0.1:{admin}",
                      "GUARD_UPSTREAM": f"http://127.0.0.1:{model_port}", "GUARD_HMAC_KEY": "bench-hmac-key",
@@ -119,7 +93,7 @@ def start_stack(*, profile: bool = True, env: dict[str, str] | None = None) -> I
         log = open(workdir / "guard.log", "wb")  # noqa: SIM115 - owned by the process
         guard = subprocess.Popen([sys.executable, "-m", "guard_agent.cli", "run"], env=guard_env,
                                  stdout=log, stderr=subprocess.STDOUT)
-        _wait_http(f"http://127.0.0.1:{admin}/readyz", guard)
+        wait_ready(f"http://127.0.0.1:{admin}/readyz", guard)
         yield Stack(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}", f"http://127.0.0.1:{model_port}",
                     guard, model, workdir, digits.X_test)
     finally:
