@@ -307,6 +307,23 @@ class _Base:
     # Every write from this base carries this id and its deltas counted from the base, so the script can
     # tell a resent write (outcome unknown: timeout, dropped connection) from a new one and apply it once.
     chain: str = field(default_factory=_new_chain)
+    sent: int = 0  # writes sent from this base: only the success of the last one moves the record on
+
+
+@dataclass(slots=True, frozen=True)
+class _Sent:
+    """One write as it was sent: its base, its number among that base's writes, and the values it carried.
+
+    The record may change while the write is on its way (requests sharing the local copy during an outage or
+    a slow Redis), so on success the base becomes these values, never the record's current ones."""
+
+    base: _Base
+    seq: int
+    queries: int
+    bucket: Bucket | None
+    block: tuple[float, str | None]
+    tracker: bytes | None
+    scores: dict[str, float]
 
 
 @dataclass(slots=True)
@@ -492,14 +509,14 @@ class RedisSessionStore:
     async def put(self, session: str, record: SessionRecord, now: float) -> None:
         record.last_seen = max(record.last_seen, now)
         synced = record if isinstance(record, SyncedRecord) else self._adopt(record)
-        args, tracker = self._changes(synced, now)
+        args, sent = self._changes(synced, now)
         result = await self.link.run("put", lambda c: self._script(c, "put")(
             keys=self.keys(session), args=args, client=c))
         await self._mirror(session, synced, now)
         if result is FALLBACK:
             self._mark_dirty(session)
             return
-        self._synced(synced, int(result), tracker)  # type: ignore[call-overload]
+        self._synced(synced, int(result), sent)  # type: ignore[call-overload]
 
     async def delete(self, session: str) -> bool:
         tomb = max(1, int(self.ttl * 1000))
@@ -601,7 +618,7 @@ class RedisSessionStore:
         elif held.base.version != restore or session in self._dirty:
             return None
         now = held.last_seen
-        args, tracker = self._changes(held, now, full=True)
+        args, sent = self._changes(held, now, full=True)
         args[15] = "1" if want else "0"
         result = await self.link.run("reconcile", lambda c: self._script(c, "put")(
             keys=self.keys(session), args=args, client=c), budget=budget)
@@ -612,11 +629,11 @@ class RedisSessionStore:
             return None
         self.link.metrics.reconciled.labels("merged" if restore is None else "restored").inc()
         if not want:
-            self._synced(held, int(result), tracker)  # type: ignore[call-overload]
+            self._synced(held, int(result), sent)  # type: ignore[call-overload]
             return held
         assert isinstance(result, list)
         record = self._decode(dict(zip(result[::2], result[1::2], strict=True)), now)
-        self._synced(held, record.base.version, tracker)  # a request still holding it sends no delta twice
+        self._synced(held, record.base.version, sent)  # a request still holding it sends no delta twice
         await self._mirror(session, record, now)
         return record
 
@@ -641,9 +658,10 @@ class RedisSessionStore:
             return None
         return data
 
-    def _changes(self, r: SyncedRecord, now: float, *, full: bool = False) -> tuple[list[Any], bytes | None]:
+    def _changes(self, r: SyncedRecord, now: float, *, full: bool = False) -> tuple[list[Any], _Sent]:
         """Script arguments for what changed since the last sync (``full``: offer every field; the merge
-        rules still decide, so a newer tracker state or a later block in Redis wins)."""
+        rules still decide, so a newer tracker state or a later block in Redis wins), and the write's values
+        for ``_synced``."""
         b = r.base
         tracker = self._encode_tracker(r)
         storable = tracker is not None or r.tracker_state is None  # an unstorable state leaves Redis's as is
@@ -662,11 +680,19 @@ class RedisSessionStore:
             "1" if tracker_changed else "0", tracker or b"", repr(r.last_seen), orjson.dumps(scores), "0",
             str(r.queries), b.chain,
         ]
-        return args, tracker
+        b.sent += 1
+        return args, _Sent(b, b.sent, r.queries, r.bucket, (r.blocked_until, r.blocked_rule), tracker, dict(r.scores))
 
-    def _synced(self, r: SyncedRecord, version: int, tracker: bytes | None) -> None:
-        r.base = _Base(version=version, queries=r.queries, bucket=r.bucket,
-                       block=(r.blocked_until, r.blocked_rule), tracker=tracker, scores=dict(r.scores))
+    def _synced(self, r: SyncedRecord, version: int, sent: _Sent) -> None:
+        """Redis applied ``sent``: count the record's next deltas from it, under a new chain.
+
+        Not when a later write from the same base is on its way: its deltas count from that base too, so the
+        base stays (and with it the chain, whose resends the script applies once) until that write answers.
+        """
+        if r.base is not sent.base or sent.seq != sent.base.sent:
+            return
+        r.base = _Base(version=version, queries=sent.queries, bucket=sent.bucket, block=sent.block,
+                       tracker=sent.tracker, scores=sent.scores)
 
     def _decode(self, h: dict[bytes, bytes], now: float) -> SyncedRecord:
         if not h or b"f" not in h:

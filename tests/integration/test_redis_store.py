@@ -505,6 +505,39 @@ class TestOutage:
                 await a.store.aclose()
                 await b.store.aclose()
 
+    async def test_change_made_while_a_merge_is_on_its_way_is_sent(self, redis_prefix: str) -> None:
+        """A request holding the local copy (read during the outage) counts its query and sets a block while
+        the reconcile of that copy waits for its answer: the merge's success must not mark those as synced.
+
+        The reply of the merge is held back by a relay (``DelayedReplies``) so that the change lands in the
+        window deterministically; in production the window is one Redis round trip per merge.
+        """
+        async with DelayedReplies(6379) as relay:
+            a = make_replica(f"redis://127.0.0.1:{relay.port}/0", redis_prefix)
+            b = make_replica(SHARED_URL, redis_prefix)
+            try:
+                now = time.time()
+                await serve(a, "window", np.zeros((1, 64)), now)
+                a.store.link.up = False  # an outage as the link sees it (no probe: this test plays the probe)
+                await serve(a, "window", np.zeros((1, 64)), now + 1)
+                held = await a.store.get("window", now + 2)  # the local copy, held by a request in flight
+                assert a.store.dirty() == 1
+                a.store.link.up = True
+                relay.delay = 0.2
+                merging = asyncio.create_task(a.store.reconcile())
+                await asyncio.sleep(0.1)  # the merge was sent; its answer is on the way
+                held.queries += 1
+                held.blocked_until, held.blocked_rule = now + 300, "late-block"
+                await merging
+                assert a.metric("inference_guard_redis_reconciled_total", result="merged") == 1
+                relay.delay = 0.0
+                await a.store.put("window", held, now + 2)
+                seen = await b.store.get("window", now + 3)
+                assert seen.queries == 3 and seen.blocked(now + 3) == "late-block"
+            finally:
+                await a.store.aclose()
+                await b.store.aclose()
+
     async def test_restart_without_data_restores_known_sessions(self, own_redis: RedisServer) -> None:
         """Redis restarted empty between two requests: the replica restores the session it knew (counted)."""
         a = make_replica(own_redis.url, "rst:")
