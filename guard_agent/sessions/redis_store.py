@@ -26,7 +26,8 @@ Redis down or slower than ``budget`` seconds: the call is answered from the loca
 mirrors every record this replica has seen), counted in ``inference_guard_redis_fallbacks_total``, and a
 background probe reconnects with exponential back-off. Records changed meanwhile are marked dirty; when
 Redis is back they are merged into it with the same script (their changes since the last sync are deltas
-against the last state read from Redis; one merge at a time per session), counted in
+against the last state read from Redis; one merge at a time per session; a record of a dirty session that
+another record replaced as the local copy is merged too), counted in
 ``inference_guard_redis_reconciled_total{result="merged"}``. A key that was synced before and is gone
 (Redis restarted empty, or failed over to a replica that missed it) is restored from the local copy
 (``result="restored"``); what only Redis knew (queries answered by other replicas since this one last
@@ -68,6 +69,7 @@ _MAX_SCORES = 64
 _MAX_NAME = 64
 _MAX_RULE = 128
 _CHAINS = 16  # write chains remembered per session hash (a resend older than this is applied again)
+_ORPHANS = 16  # records per dirty session replaced as the local copy before their changes reached Redis
 _CHAIN_PREFIX = os.urandom(4).hex()  # per process: chain ids of two replicas never meet
 _chain_ids = itertools.count()
 
@@ -446,6 +448,9 @@ class RedisSessionStore:
         self.max_state_bytes = max_state_bytes
         self._codec = codec
         self._dirty: OrderedDict[str, None] = OrderedDict()
+        # Dirty sessions' records that stopped being the local copy (another record of the session was put or
+        # read meanwhile) while their own changes may not have reached Redis: the reconcile sends them too.
+        self._orphans: dict[str, list[SyncedRecord]] = {}
         self._scripts: dict[str, Any] = {}
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}  # per-session reconcile lock, its users
         link.metrics.dirty.set_function(lambda: len(self._dirty))
@@ -523,6 +528,7 @@ class RedisSessionStore:
         gone = await self.link.run("delete", lambda c: self._script(c, "delete")(
             keys=self.keys(session), args=[tomb], client=c))
         self._dirty.pop(session, None)
+        self._orphans.pop(session, None)
         local = await self.local.delete(session)
         return local or (gone is not FALLBACK and int(gone) > 0)  # type: ignore[call-overload]
 
@@ -559,8 +565,17 @@ class RedisSessionStore:
         return record
 
     async def _mirror(self, session: str, record: SessionRecord, now: float) -> None:
-        """Keep the local store's copy pointing at the newest record of the session."""
-        if self.local.peek(session) is not record:
+        """Keep the local store's copy pointing at the newest record of the session (the one it replaces is
+        kept for the reconcile while the session is dirty: its failed write may be the one not in Redis)."""
+        held = self.local.peek(session)
+        if held is not record:
+            if isinstance(held, SyncedRecord) and session in self._dirty:
+                kept = self._orphans.setdefault(session, [])
+                if all(o is not held for o in kept):
+                    kept.append(held)
+                    if len(kept) > _ORPHANS:
+                        del kept[0]
+                        self.link.metrics.reconciled.labels("dropped").inc()
             await self.local.delete(session)
         await self.local.put(session, record, now)
 
@@ -568,7 +583,8 @@ class RedisSessionStore:
         self._dirty[session] = None
         self._dirty.move_to_end(session)
         while len(self._dirty) > self.local.max_sessions:
-            self._dirty.popitem(last=False)
+            dropped, _ = self._dirty.popitem(last=False)
+            self._orphans.pop(dropped, None)
             self.link.metrics.reconciled.labels("dropped").inc()
 
     def dirty(self) -> int:
@@ -611,10 +627,15 @@ class RedisSessionStore:
         held = self.local.peek(session)
         if not isinstance(held, SyncedRecord):
             self._dirty.pop(session, None)
+            self._orphans.pop(session, None)
             return None
         if restore is None:
             if self._dirty.pop(session, False) is not None:
                 return None  # merged already by a concurrent caller
+            if not await self._merge_orphans(session, held.last_seen, budget):
+                self.link.metrics.reconciled.labels("failed").inc()
+                self._mark_dirty(session)
+                return None
         elif held.base.version != restore or session in self._dirty:
             return None
         now = held.last_seen
@@ -636,6 +657,25 @@ class RedisSessionStore:
         self._synced(held, record.base.version, sent)  # a request still holding it sends no delta twice
         await self._mirror(session, record, now)
         return record
+
+    async def _merge_orphans(self, session: str, now: float, budget: float | None) -> bool:
+        """Send the changes of the session's replaced records (their chains make a write that ran count once);
+        False when Redis did not answer (the rest stay for the next reconcile)."""
+        orphans = self._orphans.pop(session, [])
+        while orphans:
+            r = orphans[0]
+            if now - r.last_seen < self.ttl:  # older: Redis forgot the session too, nothing to add to
+                args, sent = self._changes(r, r.last_seen)
+                result = await self.link.run("reconcile", self._put_call(session, args), budget=budget)
+                if result is FALLBACK:
+                    self._orphans[session] = orphans + self._orphans.get(session, [])
+                    return False
+                self._synced(r, int(result), sent)  # type: ignore[call-overload]
+            del orphans[0]
+        return True
+
+    def _put_call(self, session: str, args: list[Any]) -> Callable[[Any], Awaitable[Any]]:
+        return lambda c: self._script(c, "put")(keys=self.keys(session), args=args, client=c)
 
     # ---- encoding --------------------------------------------------------------------------------
     def _adopt(self, record: SessionRecord) -> SyncedRecord:

@@ -538,6 +538,38 @@ class TestOutage:
                 await a.store.aclose()
                 await b.store.aclose()
 
+    async def test_failed_write_of_a_replaced_record_is_merged_once(self, redis_prefix: str) -> None:
+        """Two requests of one session read it from Redis; the first one's put fails, the second one's succeeds
+        and its record becomes the local copy: the reconcile still sends the first one's change. When that
+        put did not run, its query is counted by the reconcile; when it ran and only its answer was late, it is
+        counted once."""
+        async with DelayedReplies(6379) as relay:
+            a = make_replica(f"redis://127.0.0.1:{relay.port}/0", redis_prefix)
+            b = make_replica(SHARED_URL, redis_prefix)
+            try:
+                now = time.time()
+                for session, ran in (("unsent", False), ("late", True)):
+                    await serve(a, session, np.zeros((1, 64)), now)
+                    first, second = await a.store.get(session, now + 1), await a.store.get(session, now + 1)
+                    first.queries += 1
+                    second.queries += 1
+                    if ran:
+                        relay.delay = 0.3  # the put runs, its answer comes after the budget
+                    else:
+                        a.store.link.up = False  # the put is not sent
+                    await a.store.put(session, first, now + 1)
+                    a.store.link.up, relay.delay = True, 0.0
+                    await asyncio.sleep(0.35)  # late replies reach connections the client gave up
+                    assert a.store.dirty() == 1
+                    await a.store.put(session, second, now + 1)
+                    assert a.store.peek(session) is second
+                    await a.store.reconcile()
+                    assert a.store.dirty() == 0
+                    assert (await b.store.get(session, now + 2)).queries == 3, session
+            finally:
+                await a.store.aclose()
+                await b.store.aclose()
+
     async def test_restart_without_data_restores_known_sessions(self, own_redis: RedisServer) -> None:
         """Redis restarted empty between two requests: the replica restores the session it knew (counted)."""
         a = make_replica(own_redis.url, "rst:")
