@@ -355,7 +355,9 @@ end
 #
 # Deltas are cumulative per chain and the hash remembers, in field ``c``, what the last _CHAINS chains have
 # applied ("id queries spend;" each): a write that is sent again (redis-py's retry on a dropped connection, a
-# reconcile after a put that timed out but ran) adds only what it adds beyond its chain's earlier writes.
+# reconcile after a put that timed out but ran) adds only what it adds beyond its chain's earlier writes; one
+# that counts fewer queries than the chain's was sent before it (the two reached Redis in the reverse order)
+# and its bucket is stale: left out.
 _PUT = _FIELDS + """
 local k = KEYS[1]
 local lost = redis.call('EXISTS', k) == 0 and tonumber(ARGV[5]) > 0 and redis.call('EXISTS', KEYS[2]) == 0
@@ -373,9 +375,10 @@ if l == nil or tonumber(ARGV[2]) > l then redis.call('HSET', k, 'l', ARGV[2]) en
 local dq = tonumber(ARGV[4])
 if lost then redis.call('HSET', k, 'q', ARGV[17])
 elseif dq > pq then redis.call('HINCRBY', k, 'q', dq - pq) end
-if dq < pq then dq = pq end
+local older = dq < pq  -- sent before a write of this chain that ran already and carries its spend too
+if older then dq = pq end
 local spend = ps
-if ARGV[6] == '1' then
+if ARGV[6] == '1' and not older then
   local st = tonumber(redis.call('HGET', k, 'bt'))
   local su = tonumber(redis.call('HGET', k, 'bu'))
   local lt = tonumber(ARGV[7])

@@ -234,6 +234,25 @@ class TestSharedSessions:
         await serve(b, "twice", np.zeros((1, 64)), now + 2, burst=10)  # a new chain is counted as usual
         assert (await a.store.get("twice", now + 3)).queries == 4
 
+    async def test_older_write_of_a_chain_arriving_last_changes_nothing(self,
+                                                                     replicas: tuple[Replica, Replica]) -> None:
+        """Two writes of one chain reach Redis in the reverse order (the first one's packet was retransmitted,
+        or two requests sharing the local copy wrote on two pooled connections): the older one, whose deltas
+        the newer one already carries, gives back no token."""
+        a, b = replicas
+        now = time.time()
+        await serve(a, "order", np.zeros((1, 64)), now, burst=10)
+        record = await a.store.get("order", now + 1)
+        sends = []
+        for _ in range(2):
+            record.bucket, _, _ = take(record.bucket, now + 1, rate=1e-6, burst=10)
+            record.queries += 1
+            sends.append(a.store._changes(record, now + 1)[0])
+        for args in reversed(sends):
+            await a.store._script(a.store.link.client, "put")(keys=a.store.keys("order"), args=args)
+        seen = await b.store.get("order", now + 1)
+        assert seen.queries == 3 and seen.bucket is not None and seen.bucket.tokens == pytest.approx(7, abs=1e-3)
+
     async def test_fetch_reads_without_creating(self, replicas: tuple[Replica, Replica], redis_prefix: str) -> None:
         """The admin read shows another replica's session and creates nothing for an unknown one."""
         a, b = replicas
