@@ -351,7 +351,9 @@ end
 # 6 bucket? (0/1), 7 tokens, 8 updated, 9 base tokens ('' = none), 10 block until ('' = unchanged), 11 rule,
 # 12 tracker? (0/1), 13 tracker bytes ('' = none), 14 tracker time, 15 scores JSON, 16 return the hash? (0/1),
 # 17 absolute queries (written instead of the delta when a key synced before is gone: Redis lost it),
-# 18 write chain: the id of the base the deltas are counted from (see ``_Base.chain``).
+# 18 write chain: the id of the base the deltas are counted from (see ``_Base.chain``),
+# 19 the block (ARGV 10/11) was set since the base (1) or only offered again by a merge (0: written only when
+# Redis lost the key; an operator unblock or reset since the base must not be undone by it).
 #
 # Deltas are cumulative per chain and the hash remembers, in field ``c``, what the last _CHAINS chains have
 # applied ("id queries spend;" each): a write that is sent again (redis-py's retry on a dropped connection, a
@@ -397,7 +399,7 @@ if lost then ring = {} end
 ring[#ring + 1] = chain .. ' ' .. tostring(dq) .. ' ' .. string.format('%.9g', spend) .. ';'
 local first = math.max(1, #ring - CHAINS + 1)
 redis.call('HSET', k, 'c', table.concat(ring, '', first, #ring))
-if ARGV[10] ~= '' then
+if ARGV[10] ~= '' and (ARGV[19] == '1' or lost) then
   local ku = tonumber(redis.call('HGET', k, 'ku'))
   if ku == nil or tonumber(ARGV[10]) >= ku then redis.call('HSET', k, 'ku', ARGV[10], 'kr', ARGV[11]) end
 end
@@ -709,7 +711,8 @@ class RedisSessionStore:
         tracker = self._encode_tracker(r)
         storable = tracker is not None or r.tracker_state is None  # an unstorable state leaves Redis's as is
         tracker_changed = storable and (full or tracker != b.tracker or r.scores != b.scores)
-        new_block = r.blocked_rule is not None and (full or (r.blocked_until, r.blocked_rule) != b.block)
+        set_block = r.blocked_rule is not None and (r.blocked_until, r.blocked_rule) != b.block
+        new_block = set_block or (full and r.blocked_rule is not None)
         scores = {str(k)[:_MAX_NAME]: float(v) for k, v in list(r.scores.items())[:_MAX_SCORES]
                   if isinstance(v, int | float) and math.isfinite(v)}
         args: list[Any] = [
@@ -721,7 +724,7 @@ class RedisSessionStore:
             (repr(r.bucket.tokens + 1.0) if r.bucket else ""),
             repr(r.blocked_until) if new_block else "", (r.blocked_rule or "")[:_MAX_RULE],
             "1" if tracker_changed else "0", tracker or b"", repr(r.last_seen), orjson.dumps(scores), "0",
-            str(r.queries), b.chain,
+            str(r.queries), b.chain, "1" if set_block else "0",
         ]
         b.sent += 1
         return args, _Sent(b, b.sent, r.queries, r.bucket, (r.blocked_until, r.blocked_rule), tracker, dict(r.scores))

@@ -277,6 +277,25 @@ class TestSharedSessions:
         assert after.blocked(now + 3) is None and after.queries == 2
         assert not await a.store.unblock("s6")
 
+    @pytest.mark.parametrize("op", ["unblock", "delete"])
+    async def test_operator_action_is_not_undone_by_a_merge(self, replicas: tuple[Replica, Replica],
+                                                            op: str) -> None:
+        """A holds a blocked session that is dirty (a put fell back); the operator lifts the block (or resets
+        the session) on B; A's merge when Redis answers again counts A's query but does not block again."""
+        a, b = replicas
+        now = time.time()
+        await serve(a, "op", np.zeros((1, 64)), now, block="extraction")
+        a.store.link.up = False  # an outage as the link sees it (no probe: the test reconciles)
+        await serve(a, "op", np.zeros((1, 64)), now + 1)
+        assert a.store.dirty() == 1
+        assert await getattr(b.store, op)("op")
+        a.store.link.up = True
+        await a.store.reconcile()
+        assert a.store.dirty() == 0
+        seen = await b.store.get("op", now + 3)
+        assert seen.blocked(now + 3) is None
+        assert seen.queries == (2 if op == "unblock" else 1)  # a reset keeps only what came after it
+
     async def test_keys_have_prefix_and_ttl(self, redis_prefix: str) -> None:
         """Session keys live under the configured redis_prefix and expire after session_ttl."""
         r = make_replica(SHARED_URL, redis_prefix, ttl=120.0)
