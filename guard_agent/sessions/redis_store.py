@@ -571,10 +571,11 @@ class RedisSessionStore:
 
     async def _mirror(self, session: str, record: SessionRecord, now: float) -> None:
         """Keep the local store's copy pointing at the newest record of the session (the one it replaces is
-        kept for the reconcile while the session is dirty: its failed write may be the one not in Redis)."""
+        kept for the reconcile while the session is dirty and a write of it has not succeeded: it may be the
+        one whose changes are not in Redis)."""
         held = self.local.peek(session)
         if held is not record:
-            if isinstance(held, SyncedRecord) and session in self._dirty:
+            if isinstance(held, SyncedRecord) and held.base.sent and session in self._dirty:
                 kept = self._orphans.setdefault(session, [])
                 if all(o is not held for o in kept):
                     kept.append(held)
@@ -669,7 +670,8 @@ class RedisSessionStore:
         orphans = self._orphans.pop(session, [])
         while orphans:
             r = orphans[0]
-            if now - r.last_seen < self.ttl:  # older: Redis forgot the session too, nothing to add to
+            # Synced since (its base moved on), or older than the TTL (Redis forgot the session too): skip.
+            if r.base.sent and now - r.last_seen < self.ttl:
                 args, sent = self._changes(r, r.last_seen)
                 result = await self.link.run("reconcile", self._put_call(session, args), budget=budget)
                 if result is FALLBACK:
