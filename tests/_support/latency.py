@@ -37,6 +37,7 @@ class DelayedReplies:
         for task in list(self._tasks):
             with contextlib.suppress(BaseException):
                 await task
+        await self._server.wait_closed()
 
     async def _relay(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
