@@ -474,7 +474,7 @@ class TestOutage:
                 t0 = time.perf_counter()
                 await serve(a, "att", digits_like(rng), now + i, block="late-block" if i == 14 else None)
                 slowest = max(slowest, time.perf_counter() - t0)
-            assert slowest < 0.05 + 0.1  # budget + tracker work; never a socket timeout
+            assert slowest < 0.25  # budget + tracker work (+ a loaded CI machine); never the 0.25 s socket timeout
             assert a.metric("inference_guard_redis_up") == 0
             assert a.metric("inference_guard_redis_fallbacks_total", op="get", reason="down") >= 8
             assert a.store.dirty() == 1 and a.metric("inference_guard_redis_dirty_sessions") == 1
@@ -671,7 +671,9 @@ class TestOutage:
                 record = await a.store.get("s", now + 1)
                 await a.store.put("s", record, now + 1)
                 took.append(time.perf_counter() - t0)
-            assert 0.05 < took[0] < 0.15 and took[1] < 0.09  # get+put slow; then one slow call, then down
+            # get+put slow (two budgets); then one slow call, then down: the counts below say which call waited,
+            # the times only that none waited for a socket timeout (0.25 s), with room for a loaded CI machine
+            assert 0.05 < took[0] < 0.25 and took[1] < 0.2
             fallbacks = {(op, reason): a.metric("inference_guard_redis_fallbacks_total", op=op, reason=reason)
                          for op in ("get", "put", "reconcile") for reason in ("timeout", "down")}
             assert fallbacks == {("get", "timeout"): 1, ("put", "timeout"): 1, ("reconcile", "timeout"): 1,
