@@ -179,6 +179,19 @@ async def benign(config: TrackerConfig, half: float, X: np.ndarray, clf: Any, n:
     return len(alerted), highest, queries
 
 
+def digits_setup() -> tuple[np.ndarray, Any, TrackerConfig]:
+    """The attacked model and the trackers' fit: LogisticRegression and ``fit_tracker_config`` on the training
+    split of digits; returns the held-out inputs (the images attacked), the model and the tracker config."""
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import train_test_split
+
+    X, y = load_digits(return_X_y=True)
+    X_train, X_test, y_train, _ = train_test_split(X, y, test_size=0.3, random_state=0, stratify=y)
+    clf = LogisticRegression(max_iter=3000).fit(X_train, y_train)
+    return X_test, clf, fit_tracker_config(X_train, y_train, seed=0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--half-counts", type=float, nargs="+", default=[4.0, 6.0, 8.0])
@@ -187,14 +200,7 @@ def main() -> None:
     ap.add_argument("--benign", type=int, default=3000)
     args = ap.parse_args()
 
-    from sklearn.datasets import load_digits
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import train_test_split
-
-    X, y = load_digits(return_X_y=True)
-    X_train, X_test, y_train, _ = train_test_split(X, y, test_size=0.3, random_state=0, stratify=y)
-    clf = LogisticRegression(max_iter=3000).fit(X_train, y_train)
-    config = fit_tracker_config(X_train, y_train, seed=0)
+    X_test, clf, config = digits_setup()
     images = list(range(10, 10 + args.images))
     base = {(m, i): unguarded_l2(m, X_test[i], clf, i) for m in ("hsj", "boundary") for i in images}
     medians = {m: statistics.median(v for (mm, _), v in base.items() if mm == m) for m in ("hsj", "boundary")}

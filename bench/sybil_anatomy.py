@@ -43,9 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from attacks import benign_session
-from global_index import ALERT_RULES, SALT, _Answer, sybil_run, unguarded_l2
+from global_index import ALERT_RULES, SALT, _Answer, digits_setup, sybil_run, unguarded_l2
 
-from detectors.trackers import GlobalFingerprintIndex, fit_tracker_config
+from detectors.trackers import GlobalFingerprintIndex
 from guard_agent.sessions.base import SessionRecord
 from guard_agent.tracking import SessionTracking
 
@@ -258,14 +258,7 @@ def main() -> None:
     ap.add_argument("--flip-images", type=int, default=16)
     args = ap.parse_args()
 
-    from sklearn.datasets import load_digits
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import train_test_split
-
-    X, y = load_digits(return_X_y=True)
-    X_train, X_test, y_train, _ = train_test_split(X, y, test_size=0.3, random_state=0, stratify=y)
-    clf = LogisticRegression(max_iter=3000).fit(X_train, y_train)
-    config = fit_tracker_config(X_train, y_train, seed=0)
+    X_test, clf, config = digits_setup()
     for method in ("hsj", "boundary"):
         for image in range(10, 10 + args.images):  # the images bench/global_index.py attacks
             attack_report(method, image, X_test, clf, config, args.keys)
