@@ -24,6 +24,7 @@ import math
 import statistics
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -150,15 +151,15 @@ class _NoTracking:
         return {}
 
 
-async def benign(config: TrackerConfig, half: float, X: np.ndarray, clf: Any, n: int) -> tuple[int, float, int]:
-    """Benign sessions through fresh trackers: (sessions alerted, highest global score, queries)."""
-    tracking = SessionTracking({"": config}, salt=SALT, global_index=GlobalFingerprintIndex(m_half=half))
+async def benign_replay(tracking: SessionTracking, X: np.ndarray, clf: Any,
+                        n: int) -> AsyncIterator[tuple[int, dict[str, float], dict[str, float]]]:
+    """Replay ``n`` benign sessions (``bench/attacks.py``'s generator) through ``tracking``, 16 sessions at a
+    time, interleaved 4 ms apart; yields (session number, the query's scores before the answer, after it)."""
     sessions = []
     for s in range(n):
         rng = np.random.default_rng(50_000 + s)
         sessions.append(benign_session(X, rng, int(rng.integers(8, 41))))
-    alerted: set[int] = set()
-    highest, t, queries = 0.0, 0.0, 0
+    t = 0.0
     for start in range(0, n, 16):
         group = list(range(start, min(n, start + 16)))
         records = {s: SessionRecord(t, t) for s in group}
@@ -170,12 +171,27 @@ async def benign(config: TrackerConfig, half: float, X: np.ndarray, clf: Any, n:
                 x = sessions[s][pos[s]][None, :]
                 pos[s] += 1
                 t += 0.004
-                queries += 1
                 scores = await tracking.peek(f"b{s}", records[s], x, None, t)
-                highest = max(highest, scores["session.global_fingerprint"])
                 new = await tracking.update(f"b{s}", records[s], x, None, _Answer(clf.predict_proba(x)), t, scores)
-                if any({**scores, **new}.get(name, 0.0) >= th for name, th in ALERT_RULES):
-                    alerted.add(s)
+                yield s, scores, new
+
+
+def alerting(scores: dict[str, float], new: dict[str, float]) -> bool:
+    """Whether a query's scores (before and after the answer) reach one of the default policy's alert rules."""
+    merged = {**scores, **new}
+    return any(merged.get(name, 0.0) >= th for name, th in ALERT_RULES)
+
+
+async def benign(config: TrackerConfig, half: float, X: np.ndarray, clf: Any, n: int) -> tuple[int, float, int]:
+    """Benign sessions through fresh trackers: (sessions alerted, highest global score, queries)."""
+    tracking = SessionTracking({"": config}, salt=SALT, global_index=GlobalFingerprintIndex(m_half=half))
+    alerted: set[int] = set()
+    highest, queries = 0.0, 0
+    async for s, scores, new in benign_replay(tracking, X, clf, n):
+        queries += 1
+        highest = max(highest, scores["session.global_fingerprint"])
+        if alerting(scores, new):
+            alerted.add(s)
     return len(alerted), highest, queries
 
 

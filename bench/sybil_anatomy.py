@@ -42,8 +42,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from attacks import benign_session
-from global_index import ALERT_RULES, SALT, _Answer, digits_setup, sybil_run, unguarded_l2
+from global_index import SALT, alerting, benign_replay, digits_setup, sybil_run, unguarded_l2
 
 from detectors.trackers import GlobalFingerprintIndex
 from guard_agent.sessions.base import SessionRecord
@@ -181,27 +180,7 @@ async def benign_run(X: np.ndarray, clf: Any, config: Any, n: int, flip_weight: 
     tracking = SessionTracking({"": config}, salt=SALT,
                                global_index=RecordingIndex(recorder, flip_weight, m_half=8.0))
     _labelled(tracking, recorder)
-    alerted: set[int] = set()
-    t = 0.0
-    sessions = []
-    for s in range(n):
-        rng = np.random.default_rng(50_000 + s)
-        sessions.append(benign_session(X, rng, int(rng.integers(8, 41))))
-    for start in range(0, n, 16):  # as bench/global_index.py: 16 sessions at a time, 4 ms apart
-        group = list(range(start, min(n, start + 16)))
-        records = {s: SessionRecord(t, t) for s in group}
-        pos = dict.fromkeys(group, 0)
-        while any(pos[s] < len(sessions[s]) for s in group):
-            for s in group:
-                if pos[s] >= len(sessions[s]):
-                    continue
-                x = sessions[s][pos[s]][None, :]
-                pos[s] += 1
-                t += 0.004
-                scores = await tracking.peek(f"b{s}", records[s], x, None, t)
-                new = await tracking.update(f"b{s}", records[s], x, None, _Answer(clf.predict_proba(x)), t, scores)
-                if any({**scores, **new}.get(name, 0.0) >= th for name, th in ALERT_RULES):
-                    alerted.add(s)
+    alerted = {s async for s, scores, new in benign_replay(tracking, X, clf, n) if alerting(scores, new)}
     return recorder, len(alerted)
 
 
