@@ -708,7 +708,8 @@ class RedisSessionStore:
     def _changes(self, r: SyncedRecord, now: float, *, full: bool = False) -> tuple[list[Any], _Sent]:
         """Script arguments for what changed since the last sync (``full``: offer every field; the merge
         rules still decide, so a newer tracker state or a later block in Redis wins), and the write's values
-        for ``_synced``."""
+        for ``_synced``. Counts the write as sent from the record's base (``base.sent``): call it once per write
+        actually sent."""
         b = r.base
         tracker = self._encode_tracker(r)
         storable = tracker is not None or r.tracker_state is None  # an unstorable state leaves Redis's as is
