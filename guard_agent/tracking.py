@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from detectors.trackers import GlobalFingerprintIndex, SessionTrackers, TrackerConfig
+from detectors.trackers import GlobalFingerprintIndex, SessionTrackers, TrackerConfig, answer_labels
 from guard_agent.sessions.base import SessionRecord
 from guard_agent.state import TrackerHook
 
@@ -33,28 +33,61 @@ _MAX_DEFAULT_FEATURES = 1 << 16  # widths a stored state may make this process b
 _STATE_VERSION = b"\x02"
 _MAX_PENDING = 4096  # requests between peek and update (in flight to the model)
 
+NO_PROFILE = ("no profile with fitted trackers is loaded (guard-agent fit): off-manifold and neighbour evidence "
+              "need the reference data")
+LABELS_ONLY = ("the model answers labels only, no probabilities: small margins cannot be seen (MLServer's "
+               "sklearn runtime: ask for the predict_proba output, docs/sessions.md)")
+NO_ANSWER = ("the model's answers carry neither labels nor probabilities the guard can read: near-duplicates "
+             "answered with another class (boundary searches) cannot be told from benign edits")
+
 
 class SessionTracking(TrackerHook):
     """Implements the ``TrackerHook`` seam of ``guard_agent.state``."""
 
     def __init__(self, configs: Mapping[str, TrackerConfig], *, salt: bytes,
-                 global_index: GlobalFingerprintIndex | None = None) -> None:
+                 global_index: GlobalFingerprintIndex | None = None,
+                 on_inactive: Callable[[Mapping[str, str]], None] | None = None) -> None:
+        """``on_inactive`` is called with ``inactive()`` whenever it changes (the answers the model gives decide
+        part of it: a label-only model turns the margin tracker off)."""
         self._salt = salt
+        self._on_inactive = on_inactive
+        self._answer_kind: str | None = None  # "probabilities", "labels" or "none": what the last answer carried
         self._engines: dict[str, SessionTrackers] = {k: SessionTrackers(c, salt=salt) for k, c in configs.items()}
         self._defaults: dict[int, SessionTrackers] = {}
         self.global_index = global_index if global_index is not None else GlobalFingerprintIndex()  # len() 0 is falsy
         self.score_names = frozenset(SessionTrackers.score_names | {GLOBAL})
-        self._pending: dict[int, tuple[weakref.ref[np.ndarray], SessionTrackers, np.ndarray, np.ndarray]] = {}
+        self._pending: dict[int, tuple[weakref.ref[np.ndarray], SessionTrackers, np.ndarray, np.ndarray,
+                                       np.ndarray]] = {}
+
+    def inactive(self) -> dict[str, str]:
+        """Session scores that cannot work with this profile and these answers, each with the reason (the guard
+        logs it at start and when it changes, ``/readyz`` lists it, a metric counts it)."""
+        out: dict[str, str] = {}
+        if not any(engine.config.fitted for engine in self._engines.values()):
+            out["session.coverage"] = out["session.neighbors"] = NO_PROFILE
+        if self._answer_kind == "labels":
+            out["session.margin"] = LABELS_ONLY
+        elif self._answer_kind == "none":
+            for name in ("session.margin", "session.fingerprint", "session.neighbors", GLOBAL):
+                out[name] = NO_ANSWER
+        return out
+
+    def _saw_answer(self, labels: np.ndarray | None, probabilities: np.ndarray | None) -> None:
+        kind = "probabilities" if probabilities is not None else "labels" if labels is not None else "none"
+        if kind != self._answer_kind:
+            self._answer_kind = kind
+            if self._on_inactive is not None:
+                self._on_inactive(self.inactive())
 
     @classmethod
-    def from_profile(cls, profile: Any, *, salt: bytes,
-                     global_index: GlobalFingerprintIndex | None = None) -> SessionTracking:
+    def from_profile(cls, profile: Any, *, salt: bytes, global_index: GlobalFingerprintIndex | None = None,
+                     on_inactive: Callable[[Mapping[str, str]], None] | None = None) -> SessionTracking:
         configs: dict[str, TrackerConfig] = {}
         for model, p in (getattr(profile, "profiles", None) or {}).items():
             part = p.components.get("trackers")
             if part is not None:
                 configs[model] = TrackerConfig.from_parts(*part)
-        return cls(configs, salt=salt, global_index=global_index)
+        return cls(configs, salt=salt, global_index=global_index, on_inactive=on_inactive)
 
     def engine(self, model: str | None, n_features: int) -> SessionTrackers:
         """The engine for this model: its profile's config, else a default one for the feature count."""
@@ -94,7 +127,7 @@ class SessionTracking(TrackerHook):
             return dict.fromkeys(self.score_names, 0.0)
         scores = dict(engine.peek(self._state(record, engine), now))
         fingerprints, keys, digests = engine.request_hashes(features)  # features checked and hashed once
-        self._remember(features, engine, fingerprints, digests)
+        self._remember(features, engine, fingerprints, digests, keys)
         threshold = self.global_index.match_threshold
 
         def density(i: int) -> float:  # the index asks only for rows that have near-duplicates
@@ -108,8 +141,13 @@ class SessionTracking(TrackerHook):
         """This query against earlier queries of every session (a shared store may override this)."""
         return float(self.global_index.observe(session, fingerprints, digests, now, density))
 
+    async def learn_global(self, session: str, fingerprints: np.ndarray, keys: np.ndarray, labels: np.ndarray,
+                           now: float) -> None:
+        """The model's answers for rows ``observe_global`` saw (a shared store may override this too)."""
+        self.global_index.learn(fingerprints, labels, now)
+
     def _remember(self, features: np.ndarray, engine: SessionTrackers, fingerprints: np.ndarray,
-                  digests: np.ndarray) -> None:
+                  digests: np.ndarray, keys: np.ndarray) -> None:
         """Keep the request's hashes (tracked rows only: at most ``max_rows_tracked``) for its ``update``, so
         they are computed once per request. The entry holds the features array only weakly and goes when the
         array does: a request refused before ``update`` (blocked, upstream error) leaves nothing behind."""
@@ -123,14 +161,16 @@ class SessionTracking(TrackerHook):
 
         if len(pending) >= _MAX_PENDING:  # only requests in flight at once: a backstop, never reached in use
             pending.pop(next(iter(pending)))
-        pending[key] = (weakref.ref(features, forget), engine, fingerprints, digests)
+        pending[key] = (weakref.ref(features, forget), engine, fingerprints, digests, keys)
 
-    def _recall(self, features: np.ndarray, engine: SessionTrackers) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """The fingerprints and digests ``peek`` computed for this very array with this very engine, else Nones."""
+    def _recall(self, features: np.ndarray,
+                engine: SessionTrackers) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+        """The fingerprints, digests and row keys ``peek`` computed for this very array with this very engine,
+        else Nones."""
         held = self._pending.pop(id(features), None)
         if held is not None and held[0]() is features and held[1] is engine:
-            return held[2], held[3]
-        return None, None
+            return held[2], held[3], held[4]
+        return None, None, None
 
     def _engine_by_layout(self, layout: int) -> SessionTrackers | None:
         for engine in (*self._engines.values(), *self._defaults.values()):
@@ -186,10 +226,16 @@ class SessionTracking(TrackerHook):
             labels = None
         if probabilities is not None and probabilities.shape[0] != features.shape[0]:
             probabilities = None
-        fingerprints, digests = self._recall(features, engine)
+        self._saw_answer(labels, probabilities)
+        fingerprints, digests, keys = self._recall(features, engine)
         state, new_scores = engine.update(self._state(record, engine), features, labels, probabilities, now,
                                           global_fingerprint=scores.get(GLOBAL), fingerprints=fingerprints,
                                           digests=digests)
+        answered = answer_labels(labels, probabilities, features.shape[0])
+        if fingerprints is not None and digests is not None and keys is not None and answered is not None:
+            tracked = engine.tracked_rows(digests)  # the rows peek fingerprinted
+            await self.learn_global(session, fingerprints, keys,
+                                    answered if tracked is None else answered[tracked], now)
         record.tracker_state = _with_state(record.tracker_state, engine.config.layout_id, state)
         return new_scores
 
