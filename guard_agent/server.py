@@ -16,9 +16,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import orjson
@@ -37,7 +38,8 @@ from guard_agent.settings import ConfigError, Settings, parse_hostport
 from guard_agent.state import GuardState
 from guard_agent.tls import TlsError, TlsReloader
 
-__all__ = ["ConnectionGuard", "GuardSite", "ParseErrorLog", "attach_credentials", "serve", "start_listeners"]
+__all__ = ["ConnectionGuard", "GuardSite", "ListenError", "ParseErrorLog", "attach_credentials", "serve",
+           "start_listeners"]
 
 TLS_HANDSHAKE_TIMEOUT = 10.0
 LINGER_SECONDS = 1.0
@@ -357,14 +359,30 @@ async def start_listeners(state: GuardState) -> tuple[web.AppRunner, web.AppRunn
     await admin_runner.setup()
     try:
         host, port = parse_hostport(s.listen)
-        await GuardSite(guard_runner, host, port, guard=guard, ssl_context=tls.context if tls else None).start()
+        with _naming(s.listen):
+            await GuardSite(guard_runner, host, port, guard=guard, ssl_context=tls.context if tls else None).start()
         ahost, aport = parse_hostport(s.admin_listen)
-        await web.TCPSite(admin_runner, ahost, aport, reuse_address=True).start()
+        with _naming(s.admin_listen):
+            await web.TCPSite(admin_runner, ahost, aport, reuse_address=True).start()
     except BaseException:  # a port in use, say: nothing of the half-started guard is left running
         await admin_runner.cleanup()
         await guard_runner.cleanup()
         raise
     return guard_runner, admin_runner
+
+
+class ListenError(OSError):
+    """A listener could not bind; ``strerror`` is one line naming the address (``cannot listen on ...: why``)."""
+
+
+@contextlib.contextmanager
+def _naming(address: str) -> Iterator[None]:
+    """Re-raise a bind failure as a ListenError naming the configured address, errno kept."""
+    try:
+        yield
+    except OSError as exc:
+        why = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+        raise ListenError(exc.errno or 0, f"cannot listen on {address}: {why}") from exc
 
 
 async def serve(settings: Settings) -> int:
@@ -374,7 +392,11 @@ async def serve(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: reload_policy(state, "sighup"))
-    guard_runner, admin_runner = await start_listeners(state)
+    try:
+        guard_runner, admin_runner = await start_listeners(state)
+    except BaseException:  # sinks with a flush thread or task must not keep a process that never served alive
+        state.events.close()
+        raise
     state.events.log("info", "guard started", guard={"listen": settings.listen, "admin_listen": settings.admin_listen,
                                                      "upstream": settings.upstream,
                                                      "tls": bool(settings.tls_cert_file),
