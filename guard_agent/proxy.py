@@ -49,7 +49,7 @@ from guard_agent.scoring import (
 from guard_agent.sessions.base import SessionRecord
 from guard_agent.state import STATE, GuardState
 
-__all__ = ["HOP_BY_HOP", "error_response", "handle"]
+__all__ = ["HOP_BY_HOP", "error_response", "handle", "refuse_early"]
 
 HOP_BY_HOP = frozenset(h.lower() for h in (
     "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer", "Trailers",
@@ -71,9 +71,26 @@ def error_response(status: int, code: str, message: str, request_id: str,
     return web.Response(status=status, body=body, content_type="application/json", headers=hdrs)
 
 
-def _request_id(request: web.Request) -> str:
+def _request_id(request: web.BaseRequest) -> str:
     given = request.headers.get("X-Request-Id", "")
     return given if _REQUEST_ID.match(given) else random_id()
+
+
+def refuse_early(state: GuardState, request: web.BaseRequest, status: int, code: str, message: str) -> web.Response:
+    """A request refused before routing (headers too large, a head aiohttp's parser refused, a handler that
+    failed): the JSON error with a validated request id (never the client's unchecked value), one decision
+    event and the request counters, like every other request. ``message`` is the guard's, never client bytes."""
+    started = time.perf_counter()
+    request_id = _request_id(request)
+    out = _Outcome()
+    out.rule = code
+    out.source_ip = request.remote
+    response = _reject(state, out, status, code, message, request_id)
+    response.force_close()
+    out.status = status
+    _emit(state, request, state.policies.current, out, request_id, started)
+    state.metrics.requests_by("refused", out.action, str(status)).inc()
+    return response
 
 
 def _upstream_headers(headers: CIMultiDictProxy[str], peer: str | None, request_id: str) -> CIMultiDict[str]:
@@ -181,7 +198,7 @@ def _reject(state: GuardState, out: _Outcome, status: int, code: str, message: s
     return error_response(status, code, message, request_id, headers)
 
 
-def _emit(state: GuardState, request: web.Request, policy: Policy, out: _Outcome, request_id: str,
+def _emit(state: GuardState, request: web.BaseRequest, policy: Policy, out: _Outcome, request_id: str,
           started: float) -> None:
     keep = state.events.keep(out.action)
     if not keep and (state.capture is None or out.features is None):
@@ -192,14 +209,23 @@ def _emit(state: GuardState, request: web.Request, policy: Policy, out: _Outcome
         enforced=out.enforced if eff.mode == "enforce" else False,
         session=out.session, model=out.model, rows=out.rows, scores=out.scores,
         policy_revision=policy.revision, profile_revision=state.profile.revision,
-        request_id=request_id, method=request.method, status=out.status, path=request.path,
+        request_id=request_id, method=request.method, status=out.status, path=raw_target_path(request),
         source_ip=out.source_ip, technique=out.technique, started=started, extra_guard=out.fields,
     )
     if state.capture is not None and out.features is not None:
         state.capture.record(fields, out.features, scores=out.scores)  # unsampled, before allow sampling
     if keep:
         level = "warning" if out.action in ("block", "throttle", "integrity_violation") else "info"
-        state.events.write(fields, f"{out.action} {request.method} {request.path}", level=level)
+        state.events.write(fields, f"{out.action} {request.method} {fields['url']['path']}", level=level)
+
+
+_MAX_LOGGED_PATH = 1024
+
+
+def raw_target_path(request: web.BaseRequest) -> str:
+    """The path as the client sent it (``%2F`` stays ``%2F``), without the query string (which may carry keys),
+    cut at 1 KiB: SIEM rules must see the spelling that was refused, not aiohttp's decoded form."""
+    return request.raw_path.partition("?")[0][:_MAX_LOGGED_PATH]
 
 
 class SlowClient(Exception):

@@ -323,3 +323,64 @@ class TestContentEncodingLists:
             "POST", "/v2/models/m/infer", V2_ROW, "Content-Encoding: identity\r\nContent-Encoding: identity\r\n"))
         assert status == 200
         assert [c[3] for c in model.calls] == [V2_ROW]
+
+
+async def _metric(guard: Any, name: str) -> str:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(guard.admin_url))
+    try:
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        text = (await reader.read()).decode()
+    finally:
+        writer.close()
+    return "\n".join(line for line in text.splitlines() if line.startswith(name))
+
+
+class TestRefusedByTheParser:
+    @pytest.mark.parametrize("head", [
+        "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+        "Content-Length: 5\r\nContent-Length: 6\r\n",
+        "X-Folded: a\r\n b\r\nContent-Length: 0\r\n",
+        "Transfer-Encoding: chunked\r\n",
+    ])
+    async def test_parser_refusal_has_one_event(self, model: Model, start_guard, head: str) -> None:
+        """A request aiohttp's HTTP parser refuses (CL+TE, duplicate CL, obs-fold, bad chunks) gets a JSON 400 and
+        one reject event; nothing reaches the model."""
+        guard = await start_guard(model.url)
+        body = "zz\r\nnot a chunk\r\n" if head.startswith("Transfer") else "hello"
+        data = f"POST /v2/models/m/infer HTTP/1.1\r\nHost: g\r\n{head}\r\n{body}".encode()
+        status, _, answer = await exchange(port_of(guard.url), data)
+        assert status == 400 and orjson.loads(answer)["error"]["code"] == "invalid_request"
+        refusals = [e for e in guard.events if e.get("rule", {}).get("name") == "invalid_request"]
+        assert len(refusals) == 1, guard.events
+        assert refusals[0]["event"]["action"] == "reject" and refusals[0]["http"]["response"]["status_code"] == 400
+        assert model.calls == []
+
+    @pytest.mark.parametrize("kind", ["one-big", "many-small", "over-limit"])
+    async def test_headers_too_large_is_431_with_event(self, model: Model, start_guard, kind: str) -> None:
+        """A 40 KB header, 200 small headers, or headers over the guard's own limit: 431 (not 400), one event,
+        counted in requests_total; the unvalidated X-Request-Id is never echoed."""
+        guard = await start_guard(model.url)
+        evil = '<img src=x onerror=alert(1)> "quoted"'
+        extra = {"one-big": "X-Big: " + "a" * 40_000 + "\r\n",
+                 "many-small": "".join(f"X-H{i}: v\r\n" for i in range(200)),
+                 "over-limit": "".join(f"X-P{i}: " + "a" * 1000 + "\r\n" for i in range(20))}[kind]
+        data = raw("POST", "/v2/models/m/infer", V2_ROW, f"X-Request-Id: {evil}\r\n" + extra)
+        status, headers, answer = await exchange(port_of(guard.url), data)
+        assert status == 431, answer
+        assert "onerror" not in answer.decode() and "onerror" not in headers.get("x-request-id", "")
+        refusals = [e for e in guard.events if e.get("rule", {}).get("name") == "headers_too_large"]
+        assert len(refusals) == 1
+        assert "onerror" not in orjson.dumps(refusals[0]).decode()
+        assert 'status="431"' in await _metric(guard, "inference_guard_requests_total")
+        assert model.calls == []
+
+
+class TestRawPathLogged:
+    async def test_url_path_is_the_raw_target(self, model: Model, start_guard) -> None:
+        """A refused path is logged as sent (``%2F`` stays encoded), without its query string."""
+        guard = await start_guard(model.url)
+        await exchange(port_of(guard.url), raw("POST", "/v2/models%2Fm/infer?api_key=secret", V2_ROW,
+                                               "X-Request-Id: rawp\r\n"))
+        (event,) = guard.events_for("rawp")
+        assert event["url"]["path"] == "/v2/models%2Fm/infer"
+        assert "secret" not in orjson.dumps(event).decode()
