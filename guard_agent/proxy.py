@@ -178,6 +178,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
     except SlowClient:
         response = _reject(state, out, 408, "request_timeout", "the request body was not received in time",
                            request_id, {"Connection": "close"})
+    except ClientGone:  # 499 as nginx logs it: the event says what happened; the answer reaches no one
+        response = _reject(state, out, 499, "client_closed", "the client closed the connection mid-body",
+                           request_id, {"Connection": "close"})
     finally:
         state.in_flight -= 1
     out.status = response.status
@@ -232,6 +235,10 @@ class SlowClient(Exception):
     """The client did not send its body within the read timeout."""
 
 
+class ClientGone(Exception):
+    """The client closed the connection before its whole body arrived: nothing to score, nobody to answer."""
+
+
 class BadBody(Exception):
     """The body cannot be read as sent (bad framing, or an encoding the guard will not decode)."""
 
@@ -269,6 +276,8 @@ async def _read_body(request: web.Request, limit: int, timeout: float) -> bytes 
                 chunks.append(chunk)
     except TimeoutError as exc:
         raise SlowClient from exc
+    except ConnectionResetError as exc:
+        raise ClientGone from exc
     except aiohttp.web_protocol.RequestPayloadError as exc:
         raise BadBody("the request body could not be read (malformed framing)") from exc
     return b"".join(chunks)

@@ -30,7 +30,7 @@ from prometheus_client import Counter, Gauge
 from guard_agent.admin import make_admin_app, reload_policy
 from guard_agent.app import build_state, make_app
 from guard_agent.auth import AuthError, JwtVerifier, KeyStore
-from guard_agent.events import random_id
+from guard_agent.events import DiagnosticsHandler, random_id
 from guard_agent.policy import PolicyError
 from guard_agent.policy.model import Policy
 from guard_agent.proxy import error_response, refuse_early
@@ -410,6 +410,7 @@ def _naming(address: str) -> Iterator[None]:
 
 async def serve(settings: Settings) -> int:
     state = build_state(settings)
+    DiagnosticsHandler(state.events).install()  # stdout stays one JSON object per line
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

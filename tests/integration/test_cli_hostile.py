@@ -70,3 +70,58 @@ class TestPortTaken:
         lines = [line for line in err.splitlines() if line.strip()]
         assert lines == [f"guard-agent: cannot listen on {address}: address already in use"], err
         assert "Traceback" not in out + err
+
+
+class TestStdoutIsJson:
+    async def test_client_aborts_leave_only_json_lines(self, tmp_path: Path) -> None:
+        """Clients that close mid-body: each gets one `client_closed` event (status 499), and stdout holds JSON
+        objects only (no traceback, no warning text), stderr nothing."""
+        import asyncio
+
+        from tests._support.servers import spawn_guard, wait_http_ready
+
+        port, admin = free_port(), free_port()
+        env = {**os.environ, "GUARD_LISTEN": f"127.0.0.1:{port}", "GUARD_ADMIN_LISTEN": f"127.0.0.1:{admin}",
+               "GUARD_UPSTREAM": "http://127.0.0.1:9", "GUARD_HMAC_KEY": "k"}
+        proc = spawn_guard(env, tmp_path / "out", tmp_path / "err")
+        try:
+            await wait_http_ready(f"http://127.0.0.1:{admin}/livez", lambda: proc.poll() is None)
+            for i in range(3):
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(f"POST /v2/models/m/infer HTTP/1.1\r\nHost: g\r\nContent-Type: application/json\r\n"
+                             f"X-Request-Id: gone{i}\r\nContent-Length: 1000\r\n\r\n{{\"inputs\":".encode())
+                await writer.drain()
+                await asyncio.sleep(0.2)
+                writer.close()
+            await asyncio.sleep(1.0)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(20)
+        import orjson
+
+        lines = (tmp_path / "out").read_bytes().splitlines()
+        events = [orjson.loads(line) for line in lines]  # raises on any line that is not JSON
+        assert all(isinstance(e, dict) for e in events)
+        gone = [e for e in events if e.get("rule", {}).get("name") == "client_closed"]
+        assert len(gone) == 3 and {e["http"]["response"]["status_code"] for e in gone} == {499}
+        assert (tmp_path / "err").read_text() == ""
+
+    def test_warnings_and_library_errors_become_events(self) -> None:
+        """A numpy RuntimeWarning and a library's logged traceback become one JSON event each, without the
+        traceback or the exception's message (which may quote client bytes)."""
+        code = (
+            "import logging, numpy as np\n"
+            "from guard_agent.events import CallbackSink, DiagnosticsHandler, EventLogger\n"
+            "DiagnosticsHandler(EventLogger(CallbackSink(lambda l: print(l.decode())))).install()\n"
+            "np.float32(3e38) * np.float32(10)\n"
+            "try:\n    raise ValueError('X-API-Key: secret-key')\n"
+            "except ValueError:\n    logging.getLogger('aiohttp.server').exception('Error handling request')\n"
+        )
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+        import orjson
+
+        events = [orjson.loads(line) for line in r.stdout.splitlines()]
+        assert [e["message"] for e in events] == ["RuntimeWarning: overflow encountered in scalar multiply",
+                                                  "Error handling request"]
+        assert events[1]["error"] == {"logger": "aiohttp.server", "type": "ValueError"}
+        assert "secret" not in r.stdout and r.stderr == ""
