@@ -310,7 +310,7 @@ class DiagnosticsHandler(logging.Handler):
             if record.exc_info and record.exc_info[0] is not None:
                 error["type"] = record.exc_info[0].__name__
             if record.name == "py.warnings":  # "file:line: Category: text\n  source line": not the path or source
-                found = _WARNING.search(str(record.args[0]) if record.args else str(record.msg))
+                found = _WARNING.search(record.getMessage())
                 text = f"{found.group(1)}: {found.group(2)}" if found else "warning"
             else:
                 text = str(record.msg)
