@@ -93,8 +93,17 @@ def refuse_early(state: GuardState, request: web.BaseRequest, status: int, code:
     return response
 
 
-def _upstream_headers(headers: CIMultiDictProxy[str], peer: str | None, request_id: str) -> CIMultiDict[str]:
-    connection_tokens = {t.strip().lower() for t in headers.get("Connection", "").split(",") if t.strip()}
+# the headers the guard parsed and decided with: the upstream must read the body the same way, so naming one in
+# ``Connection`` (which makes it hop-by-hop) does not remove it (``Connection: close, Content-Type`` would
+# otherwise forward a JSON body as application/octet-stream)
+_DECIDED_WITH = frozenset({"content-type", "content-encoding", "inference-header-content-length", "authorization"})
+
+
+def _upstream_headers(headers: CIMultiDictProxy[str], peer: str | None, request_id: str,
+                      session_header: str) -> CIMultiDict[str]:
+    decided_with = _DECIDED_WITH | {session_header.lower()}
+    connection_tokens = {t.strip().lower() for t in headers.get("Connection", "").split(",")
+                         if t.strip()} - decided_with
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
         lname = name.lower()
@@ -162,8 +171,10 @@ async def handle(request: web.Request) -> web.StreamResponse:
     state.in_flight += 1
     upstream_time = 0.0
     try:
-        if match.kind == "invalid":
-            response: web.StreamResponse = _reject(state, out, 400, "invalid_path", match.reason, request_id)
+        if request.version not in _HTTP1:
+            response: web.StreamResponse = _unsupported_version(state, out, request, request_id)
+        elif match.kind == "invalid":
+            response = _reject(state, out, 400, "invalid_path", match.reason, request_id)
         elif match.kind == "denied":
             out.rule = "route-not-allowed"
             response = _reject(state, out, 403, "route_not_allowed", "route not allowed", request_id)
@@ -189,6 +200,27 @@ async def handle(request: web.Request) -> web.StreamResponse:
     metrics = state.metrics
     metrics.requests_by(match.route, out.action, str(out.status)).inc()
     metrics.overhead_by(match.route).observe(max(0.0, time.perf_counter() - started - upstream_time))
+    return response
+
+
+_HTTP1 = frozenset({aiohttp.HttpVersion10, aiohttp.HttpVersion11})
+
+
+def _unsupported_version(state: GuardState, out: _Outcome, request: web.Request, request_id: str) -> web.Response:
+    """505 for a request line naming another HTTP version (``HTTP/2.0`` over a plain HTTP/1 connection).
+
+    aiohttp would answer in the request's own version (``HTTP/2.0 200`` in HTTP/1 framing), so the answer is
+    written here as HTTP/1.1 and the connection closed; the response returned is for the event (aiohttp's own
+    write of it meets the closed transport and is dropped)."""
+    response = _reject(state, out, 505, "http_version_not_supported", "only HTTP/1.0 and HTTP/1.1 are served",
+                       request_id)
+    transport = request.transport
+    if transport is not None and not transport.is_closing():
+        body = response.body if isinstance(response.body, bytes) else b""
+        transport.write(b"HTTP/1.1 505 HTTP Version Not Supported\r\nContent-Type: application/json\r\n"
+                        b"Connection: close\r\nX-Request-Id: " + request_id.encode() +
+                        b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        transport.close()
     return response
 
 
@@ -288,7 +320,7 @@ async def _call_upstream(state: GuardState, request: web.Request, body: bytes | 
     """Forward to the model; ``readable`` asks for an uncompressed answer the guard can parse and harden."""
     assert state.client is not None
     url = state.settings.upstream.rstrip("/") + request.raw_path
-    headers = _upstream_headers(request.headers, request.remote, request_id)
+    headers = _upstream_headers(request.headers, request.remote, request_id, state.settings.session_header)
     if readable:
         headers["Accept-Encoding"] = "identity"
     async with asyncio.timeout(_upstream_deadline(state)):  # a pool slot, the connect and the answer's head
@@ -393,7 +425,7 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
         return _reject(state, out, 413, "body_too_large",
                        f"request body exceeds {settings.max_body_bytes} bytes", request_id), 0.0
     try:
-        header_len = request.headers.get("Inference-Header-Content-Length")
+        header_len = request.headers.getall("Inference-Header-Content-Length", [])
         parsed = parse_request(
             match.protocol or "v2", body, content_type=request.headers.get("Content-Type"),
             content_encoding=request.headers.get("Content-Encoding"), pointer=match.pointer,
@@ -581,11 +613,17 @@ class _Sessions:
             await state.sessions.put(session, record, now)
 
 
-def _header_length(value: str | None) -> int | None:
-    """The v2 binary extension's JSON length; -1 (refused by the parser) when it is not plain ASCII digits."""
-    if value is None:
+def _header_length(values: list[str]) -> int | None:
+    """The v2 binary extension's JSON length; refused unless it is said once, in plain ASCII digits (the guard
+    and the model server could otherwise read different lengths, e.g. the first and the last of two)."""
+    if not values:
         return None
-    return int(value) if _DIGITS.fullmatch(value) and len(value) <= 12 else -1
+    if len(values) > 1:
+        raise ProtocolError("Inference-Header-Content-Length is given more than once")
+    value = values[0].strip()
+    if not (_DIGITS.fullmatch(value) and len(value) <= 12):
+        raise ProtocolError("Inference-Header-Content-Length must be a decimal number of bytes")
+    return int(value)
 
 
 def _declared_scorer(ctx: ScoringContext) -> Mapping[str, float]:

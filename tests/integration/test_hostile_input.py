@@ -384,3 +384,81 @@ class TestRawPathLogged:
         (event,) = guard.events_for("rawp")
         assert event["url"]["path"] == "/v2/models%2Fm/infer"
         assert "secret" not in orjson.dumps(event).decode()
+
+
+class TestHeadersTheDecisionUsed:
+    async def test_connection_cannot_strip_content_type(self, model: Model, start_guard) -> None:
+        """``Connection: close, Content-Type`` does not strip the Content-Type the guard parsed with: the model
+        gets the JSON body labelled as JSON."""
+        guard = await start_guard(model.url)
+        status, _, _ = await exchange(port_of(guard.url), raw("POST", "/v2/models/m/infer", V2_ROW,
+                                                              "Connection: close, Content-Type\r\n"))
+        assert status == 200
+        ((_, _, headers, body),) = model.calls
+        assert headers.get("Content-Type") == "application/json" and body == V2_ROW
+
+    async def test_connection_still_strips_other_headers(self, model: Model, start_guard) -> None:
+        """The control: a header the decision did not use, named in Connection, is still hop-by-hop."""
+        guard = await start_guard(model.url)
+        await exchange(port_of(guard.url), raw("POST", "/v2/models/m/infer", V2_ROW,
+                                               "Connection: X-Hop\r\nX-Hop: 1\r\n"))
+        assert "X-Hop" not in model.calls[0][2]
+
+
+class TestBinaryHeaderAndVersions:
+    def _binary(self) -> tuple[bytes, bytes]:
+        tensor = np.asarray([[0.5, 1.5, 2.5, 3.5]], dtype="<f8").tobytes()
+        header = orjson.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP64",
+                                           "parameters": {"binary_data_size": len(tensor)}}]})
+        return header, header + tensor
+
+    async def test_duplicate_header_length_refused(self, model: Model, start_guard) -> None:
+        """Two Inference-Header-Content-Length headers (one right, one wrong, in either order) are refused."""
+        guard = await start_guard(model.url)
+        header, body = self._binary()
+        for first, second in ((len(header), 3), (3, len(header)), (len(header), len(header))):
+            extra = f"Inference-Header-Content-Length: {first}\r\nInference-Header-Content-Length: {second}\r\n"
+            status, _, answer = await exchange(port_of(guard.url), raw("POST", "/v2/models/m/infer", body, extra))
+            assert status == 400
+            assert b"more than once" in answer
+        assert model.calls == []
+
+    async def test_non_numeric_header_length_says_so(self, model: Model, start_guard) -> None:
+        """``Inference-Header-Content-Length: abc`` gets a message about the header, not about the body."""
+        guard = await start_guard(model.url)
+        _, body = self._binary()
+        status, _, answer = await exchange(port_of(guard.url), raw("POST", "/v2/models/m/infer", body,
+                                                                   "Inference-Header-Content-Length: abc\r\n"))
+        assert status == 400
+        assert b"must be a decimal number" in answer
+
+    async def test_int64_extremes_accepted(self, model: Model, start_guard) -> None:
+        """INT64 2**63-1 and -2**63 are in range (no float rounding); 2**63 is not."""
+        guard = await start_guard(model.url)
+        port = port_of(guard.url)
+
+        def body(values: list[int]) -> bytes:
+            data = ",".join(map(str, values))
+            return f'{{"inputs":[{{"name":"x","shape":[1,2],"datatype":"INT64","data":[{data}]}}]}}'.encode()
+
+        status, _, answer = await exchange(port, raw("POST", "/v2/models/m/infer", body([2**63 - 1, -(2**63)])))
+        assert status == 200, answer
+        status, _, answer = await exchange(port, raw("POST", "/v2/models/m/infer", body([1, 2**63])))
+        assert status == 400 and b"out of range" in answer
+
+    async def test_http2_request_line_answered_505_in_http11(self, model: Model, start_guard) -> None:
+        """A request line saying HTTP/2.0 over a plain connection is answered ``HTTP/1.1 505``, never forwarded,
+        with one event."""
+        guard = await start_guard(model.url)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(guard.url))
+        try:
+            writer.write(raw("POST", "/v2/models/m/infer", V2_ROW, "X-Request-Id: h2\r\n", version="HTTP/2.0"))
+            await writer.drain()
+            status_line = await asyncio.wait_for(reader.readline(), 5)
+        finally:
+            writer.close()
+        assert status_line.startswith(b"HTTP/1.1 505 "), status_line
+        await asyncio.sleep(0.1)
+        (event,) = guard.events_for("h2")
+        assert event["http"]["response"]["status_code"] == 505
+        assert model.calls == []
