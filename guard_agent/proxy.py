@@ -208,17 +208,18 @@ _HTTP1 = frozenset({aiohttp.HttpVersion10, aiohttp.HttpVersion11})
 
 
 def _unsupported_version(state: GuardState, out: _Outcome, request: web.Request, request_id: str) -> web.Response:
-    """505 for a request line naming another HTTP version (``HTTP/2.0`` over a plain HTTP/1 connection).
+    """400 for a request line naming another HTTP version (``HTTP/2.0`` over a plain HTTP/1 connection): a client
+    error like any malformed request line (DESIGN.md's statuses), not a fault of the guard's.
 
     aiohttp would answer in the request's own version (``HTTP/2.0 200`` in HTTP/1 framing), so the answer is
     written here as HTTP/1.1 and the connection closed; the response returned is for the event (aiohttp's own
     write of it meets the closed transport and is dropped)."""
-    response = _reject(state, out, 505, "http_version_not_supported", "only HTTP/1.0 and HTTP/1.1 are served",
+    response = _reject(state, out, 400, "http_version_not_supported", "only HTTP/1.0 and HTTP/1.1 are served",
                        request_id)
     transport = request.transport
     if transport is not None and not transport.is_closing():
         body = response.body if isinstance(response.body, bytes) else b""
-        transport.write(b"HTTP/1.1 505 HTTP Version Not Supported\r\nContent-Type: application/json\r\n"
+        transport.write(b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
                         b"Connection: close\r\nX-Request-Id: " + request_id.encode() +
                         b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         transport.close()

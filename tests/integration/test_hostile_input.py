@@ -446,8 +446,8 @@ class TestBinaryHeaderAndVersions:
         status, _, answer = await exchange(port, raw("POST", "/v2/models/m/infer", body([1, 2**63])))
         assert status == 400 and b"out of range" in answer
 
-    async def test_http2_request_line_answered_505_in_http11(self, model: Model, start_guard) -> None:
-        """A request line saying HTTP/2.0 over a plain connection is answered ``HTTP/1.1 505``, never forwarded,
+    async def test_http2_request_line_answered_400_in_http11(self, model: Model, start_guard) -> None:
+        """A request line saying HTTP/2.0 over a plain connection is answered ``HTTP/1.1 400``, never forwarded,
         with one event."""
         guard = await start_guard(model.url)
         reader, writer = await asyncio.open_connection("127.0.0.1", port_of(guard.url))
@@ -457,10 +457,11 @@ class TestBinaryHeaderAndVersions:
             status_line = await asyncio.wait_for(reader.readline(), 5)
         finally:
             writer.close()
-        assert status_line.startswith(b"HTTP/1.1 505 "), status_line
+        assert status_line.startswith(b"HTTP/1.1 400 "), status_line
         await asyncio.sleep(0.1)
         (event,) = guard.events_for("h2")
-        assert event["http"]["response"]["status_code"] == 505
+        assert event["http"]["response"]["status_code"] == 400
+        assert event["rule"]["name"] == "http_version_not_supported"
         assert model.calls == []
 
 
