@@ -157,9 +157,14 @@ async def run_demo(*, verbose: bool = False) -> int:
     with tempfile.TemporaryDirectory(prefix="guard-demo-") as tmp:
         profile_dir = _fit_profile(model, Path(tmp) / "profile")
         model_port, guard_port, admin_port = free_port(), free_port(), free_port()
+        # every scenario's key is registered: all the demo's clients share one address, and unregistered keys
+        # would share its session evidence too (docs/hardening.md, "What authenticated means")
+        keys = {name: f"demo-{name}-{secrets.token_hex(8)}" for name in _CLIENTS}
+        keys_file = Path(tmp) / "api-keys.json"
+        keys_file.write_bytes(orjson.dumps({"keys": [{"name": n, "key": k} for n, k in keys.items()]}))
         settings = Settings(listen=f"127.0.0.1:{guard_port}", admin_listen=f"127.0.0.1:{admin_port}",
                             upstream=f"http://127.0.0.1:{model_port}", profile=profile_dir,
-                            hmac_key=secrets.token_hex(16))
+                            hmac_key=secrets.token_hex(16), api_keys_file=str(keys_file))
         from guard_agent.app import build_state
 
         state = build_state(settings, sink=CallbackSink(on_event))
@@ -168,7 +173,7 @@ async def run_demo(*, verbose: bool = False) -> int:
             try:
                 async with aiohttp.ClientSession() as http:
                     await _wait_ready(http, f"http://127.0.0.1:{admin_port}/readyz")
-                    scenarios = await _traffic(http, f"http://127.0.0.1:{guard_port}", model, rng)
+                    scenarios = await _traffic(http, f"http://127.0.0.1:{guard_port}", model, rng, keys)
             finally:
                 await guard_runner.cleanup()
                 await admin_runner.cleanup()
@@ -186,13 +191,17 @@ async def _send(http: aiohttp.ClientSession, url: str, body: bytes, key: str,
         return resp.status
 
 
+_CLIENTS = ("benign0", "benign1", "benign2", "benign3", "benign4", "invalid", "admin", "ood", "range", "blackbox",
+            "extract", "flood")
+
+
 async def _traffic(http: aiohttp.ClientSession, url: str, model: DigitsModel,
-                   rng: np.random.Generator) -> dict[str, str]:
-    """Each scenario under its own API key; returns key -> scenario description."""
+                   rng: np.random.Generator, keys: dict[str, str]) -> dict[str, str]:
+    """Each scenario under its own (registered) API key; returns key -> scenario description."""
     scenarios: dict[str, str] = {}
 
     def key(name: str, description: str) -> str:
-        k = f"demo-{name}-{secrets.token_hex(4)}"
+        k = keys[name]
         scenarios[k] = description
         return k
 

@@ -569,8 +569,9 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
 class _Sessions:
     """The request's session record and, for an unverified credential, its client address's record too.
 
-    Without a key store anyone can invent keys, so each such request also counts against (and is refused by) the
-    address's session: its bucket, its trackers and its block. Both records are read once and written once.
+    Without a key store anyone can invent keys, so each such request also counts against the address's session:
+    its bucket and its trackers (and a block of the address's own session refuses it). Both records are read once
+    and written once.
     """
 
     __slots__ = ("entries",)
@@ -607,9 +608,12 @@ class _Sessions:
         return next((rule for _, r in self.entries if (rule := r.blocked(now)) is not None), None)
 
     def block(self, now: float, cooldown: float, rule: str) -> None:
-        for _, record in self.entries:
-            if record.blocked(now) is None:
-                record.blocked_until, record.blocked_rule = now + cooldown, rule
+        """The cool-down is the request's own session's: the address shares its bucket and trackers (whose
+        evidence keeps refusing a key-rotating attacker), not the block of one key, which would block every
+        client behind the address. A blocked address session (a client without a key) does bind its keys."""
+        record = self.record
+        if record.blocked(now) is None:
+            record.blocked_until, record.blocked_rule = now + cooldown, rule
 
     def count(self, rows: int) -> None:
         for _, record in self.entries:
