@@ -36,7 +36,8 @@ def helm_template(helm: str, values: Path) -> str:
 
 def split_documents(text: str) -> list[str]:
     """``helm template`` output as documents, each starting with its ``# Source:`` line."""
-    return [doc.strip() + "\n" for doc in text.split("\n---\n") if doc.strip() and doc.strip() != "---"]
+    docs = (doc.strip().removeprefix("---").strip() for doc in ("\n" + text).split("\n---\n"))
+    return [doc + "\n" for doc in docs if doc]
 
 
 def render(helm: str, out: Path) -> list[Path]:
@@ -51,7 +52,7 @@ def render(helm: str, out: Path) -> list[Path]:
 
     kustomize_values = ROOT / "deploy" / "kustomize" / "values.yaml"
     docs = split_documents(helm_template(helm, kustomize_values))
-    patches = [d for d in docs if d.lstrip("-\n").startswith(PATCH_SOURCE)]
+    patches = [d for d in docs if d.startswith(PATCH_SOURCE)]
     objects = [d for d in docs if d not in patches]
     guard_dir = out / "deploy" / "kustomize" / "guard"
     guard_dir.mkdir(parents=True, exist_ok=True)

@@ -51,10 +51,26 @@ def fit_demo_profile(model: DigitsModel, directory: Path) -> str:
     return path
 
 
+def record_canaries(root: Path, model: DigitsModel, model_url: str) -> str:
+    """``guard-agent canary record`` against the model server, as an operator records them."""
+    import numpy as np
+
+    from guard_agent.cli import main
+
+    data = root / "reference.npy"
+    np.save(data, model.X_train)
+    out = root / "canaries"
+    code = main(["canary", "record", "--upstream", model_url, "--model", "digits", "--data", str(data),
+                 "--out", str(out), "--count", "16", "--pool", "256"])
+    assert code == 0, "canary record failed"
+    return str(out)
+
+
 @contextmanager
 def running_guard(root: Path, model: DigitsModel, profile: str, *, redis_url: str | None = None,
-                  **overrides: Any) -> Iterator[RunningGuard]:
-    """The guard in front of the demo model server, until the ``with`` block ends."""
+                  admin_port: int | None = None, **overrides: Any) -> Iterator[RunningGuard]:
+    """The guard in front of the demo model server, until the ``with`` block ends; canaries recorded
+    from the model (``guard-agent canary record``) and checked every 2 seconds."""
     from guard_agent.app import build_state
     from guard_agent.server import start_listeners
 
@@ -73,17 +89,21 @@ def running_guard(root: Path, model: DigitsModel, profile: str, *, redis_url: st
         sink_app.router.add_post("/in", collect)
         try:
             async with serve_app(make_model_app(model)) as model_url, serve_app(sink_app) as sink_url:
+                canaries = await asyncio.get_running_loop().run_in_executor(
+                    None, record_canaries, root, model, model_url)
                 policy = root / "policy.yaml"
                 policy.write_text(default_policy_text())
                 token_file = root / "admin-token"
                 token_file.write_text(ADMIN_TOKEN + "\n")
-                settings = Settings(listen=f"127.0.0.1:{free_port()}", admin_listen=f"127.0.0.1:{free_port()}",
+                admin = admin_port or free_port()
+                settings = Settings(listen=f"127.0.0.1:{free_port()}", admin_listen=f"127.0.0.1:{admin}",
                                     upstream=model_url, policy=str(policy), profile=profile,
                                     hmac_key="ops-test-hmac-key", admin_token=ADMIN_TOKEN,
                                     capture_dir=str(root / "capture"), redis_url=redis_url,
                                     sinks=({"type": "http", "name": "siem", "url": f"{sink_url}/in",
                                             "retry_initial": 0.05, "retry_max": 0.3},),
-                                    spool_dir=str(root / "spool"), **overrides)
+                                    spool_dir=str(root / "spool"), canaries=canaries, canary_interval=2.0,
+                                    **overrides)
                 events: list[bytes] = []
                 state = build_state(settings, sink=CallbackSink(events.append))
                 runners = await start_listeners(state)

@@ -1,8 +1,13 @@
-"""One real guard for the operator tests (status, explain, Prometheus): started once, driven by benign
-clients and a real extraction attack (JBDA from ``guard_agent.attacks``), kept running for the tests."""
+"""One real guard for the operator tests (status, explain, Prometheus), started once per session.
+
+A real Prometheus (when the ``prometheus`` package is installed) scrapes it from before the first
+request; benign clients send held-out digits for a while and one attacker runs a real extraction attack
+(JBDA from ``guard_agent.attacks``) in the middle, until the guard blocks it.
+"""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -12,49 +17,70 @@ import pytest
 from guard_agent.attacks import GuardClient, extraction_attack
 from guard_agent.demo import DigitsModel
 from tests._support.redis import RedisServer
+from tests._support.servers import free_port
 from tests.ops._guard import RunningGuard, fit_demo_profile, running_guard
+from tests.ops._prometheus import PrometheusServer, prometheus_binary
+from tests.ops.paths import RULES
+
+BENIGN_KEYS = tuple(f"ops-benign-{k}" for k in range(4))
+ROUNDS = 6
 
 
 @dataclass
-class Traffic:
+class Ops:
     guard: RunningGuard
-    benign_keys: tuple[str, ...]
-    attack_run: str
+    prometheus: PrometheusServer | None
     attack_sent: int
     attack_stopped: bool
-    benign_answered: int
     benign_sent: int
+    benign_answered: int
+    started: float
+    ended: float
 
 
-def drive(guard: RunningGuard) -> Traffic:
-    """Benign clients send held-out digits; one attacker runs JBDA extraction until it is refused."""
+def drive(guard: RunningGuard) -> tuple[int, bool, int, int]:
+    """Benign rounds a second apart, the attack after the third round; returns (attack sent, attack stopped,
+    benign sent, benign answered)."""
     model = guard.model
     rng = np.random.default_rng(11)
-    benign_keys = tuple(f"ops-benign-{k}" for k in range(4))
-    answered = sent = 0
-    for k, key in enumerate(benign_keys):
-        client = GuardClient(guard.url, keys=[key], run_id=f"benign{k}")
-        rows = model.X_test[rng.choice(len(model.X_test), 25, replace=False)]
-        client.predict(rows)
-        answered, sent = answered + client.answered, sent + client.sent
+    clients = [GuardClient(guard.url, keys=[key], run_id=f"benign{k}") for k, key in enumerate(BENIGN_KEYS)]
+    attack_sent, stopped = 0, False
+    for rnd in range(ROUNDS):
+        for client in clients:
+            client.predict(model.X_test[rng.choice(len(model.X_test), 5, replace=False)])
+        if rnd == 2:
+            attacker = GuardClient(guard.url, keys=["ops-attacker"], run_id="jbda")
+            y_victim = model.predict_proba(model.X_test).argmax(axis=1)
+            result = extraction_attack(attacker, "jbda", n_queries=600, pool=model.X_test[:10],
+                                       X_eval=model.X_test, y_victim=y_victim, goal_fidelity=0.95, n_classes=10,
+                                       clip=(0.0, 16.0))
+            attacker.close()
+            attack_sent, stopped = result.sent, result.stopped
+        time.sleep(1.0)
+    for client in clients:
         client.close()
-    attacker = GuardClient(guard.url, keys=["ops-attacker"], run_id="jbda")
-    y_victim = model.predict_proba(model.X_test).argmax(axis=1)
-    result = extraction_attack(attacker, "jbda", n_queries=600, pool=model.X_test[:10], X_eval=model.X_test,
-                               y_victim=y_victim, goal_fidelity=0.95, n_classes=10, clip=(0.0, 16.0))
-    attacker.close()
-    return Traffic(guard, benign_keys, "jbda", result.sent, result.stopped, answered, sent)
+    return attack_sent, stopped, sum(c.sent for c in clients), sum(c.answered for c in clients)
 
 
 @pytest.fixture(scope="session")
-def ops_traffic(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traffic]:
+def ops(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ops]:
     root = tmp_path_factory.mktemp("ops")
     model = DigitsModel()
     profile = fit_demo_profile(model, root / "profile")
     redis = RedisServer(root)
     redis.start()
+    admin_port = free_port()
+    prometheus = None
+    if prometheus_binary() is not None:
+        prometheus = PrometheusServer(root / "prometheus", f"127.0.0.1:{admin_port}", [RULES])
+        prometheus.start()
     try:
-        with running_guard(root, model, profile, redis_url=redis.url) as guard:
-            yield drive(guard)
+        with running_guard(root, model, profile, redis_url=redis.url, admin_port=admin_port) as guard:
+            started = time.time()
+            attack_sent, stopped, benign_sent, benign_answered = drive(guard)
+            time.sleep(0.5)  # the capture writer and the SIEM sink catch up
+            yield Ops(guard, prometheus, attack_sent, stopped, benign_sent, benign_answered, started, time.time())
     finally:
+        if prometheus is not None:
+            prometheus.stop()
         redis.stop()
