@@ -75,7 +75,7 @@ def build_state(settings: Settings, *, sink: EventSink | None = None) -> GuardSt
         profile=profile,
         trackers=trackers,
         recent=recent,
-        ops=OpsMetrics(metrics.registry),
+        ops=OpsMetrics(metrics),
     )
     state.parse_limits = ParseLimits(max_depth=settings.max_json_depth, max_rows=settings.max_batch_rows)
     state.async_scorers = (SqueezeScorer(state),)

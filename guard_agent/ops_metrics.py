@@ -4,19 +4,31 @@
 ``inference_guard_ready_condition{check}`` carry the same verdicts (policy, profile, upstream, integrity,
 accepting). ``inference_guard_profile_info{revision}`` mirrors ``inference_guard_policy_info`` for the
 detector profile (``none`` = built-in checks only).
+
+It also creates the alerting counters' series at zero (reload results, scoring failure kinds): a series
+that first appears at 1 has no increase for ``increase()``/``rate()``, so the first rejected reload would
+never raise an alert.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import Gauge
+
+from guard_agent.metrics import Metrics
 
 __all__ = ["OpsMetrics"]
 
 
 class OpsMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, metrics: Metrics) -> None:
+        registry = metrics.registry
+        for result in ("ok", "failed"):
+            metrics.policy_reloads.labels(result)
+            metrics.profile_reloads.labels(result)
+        for kind in ("error", "budget"):
+            metrics.scoring_failures.labels(kind)
         self.ready = Gauge("inference_guard_ready", "1 while every readiness condition holds (as /readyz)",
                            registry=registry)
         self.ready_condition = Gauge("inference_guard_ready_condition",

@@ -19,11 +19,11 @@ from guard_agent.demo import DigitsModel
 from tests._support.redis import RedisServer
 from tests._support.servers import free_port
 from tests.ops._guard import RunningGuard, fit_demo_profile, running_guard
-from tests.ops._prometheus import PrometheusServer, prometheus_binary
+from tests.ops._prometheus import JOB, PrometheusServer, prometheus_binary
 from tests.ops.paths import RULES
 
 BENIGN_KEYS = tuple(f"ops-benign-{k}" for k in range(4))
-ROUNDS = 6
+ROUNDS = 10
 
 
 @dataclass
@@ -39,16 +39,18 @@ class Ops:
 
 
 def drive(guard: RunningGuard) -> tuple[int, bool, int, int]:
-    """Benign rounds a second apart, the attack after the third round; returns (attack sent, attack stopped,
-    benign sent, benign answered)."""
+    """Benign rounds a second apart; after the fifth, the attack runs until the guard blocks it, and the attacker
+    keeps knocking (two requests a round) on the same key afterwards. Returns (attack requests sent, attack
+    stopped, benign sent, benign answered)."""
     model = guard.model
     rng = np.random.default_rng(11)
     clients = [GuardClient(guard.url, keys=[key], run_id=f"benign{k}") for k, key in enumerate(BENIGN_KEYS)]
+    retry = GuardClient(guard.url, keys=["ops-attacker"], run_id="jbda-again", refusals_to_retire=10**6)
     attack_sent, stopped = 0, False
     for rnd in range(ROUNDS):
         for client in clients:
             client.predict(model.X_test[rng.choice(len(model.X_test), 5, replace=False)])
-        if rnd == 2:
+        if rnd == 4:
             attacker = GuardClient(guard.url, keys=["ops-attacker"], run_id="jbda")
             y_victim = model.predict_proba(model.X_test).argmax(axis=1)
             result = extraction_attack(attacker, "jbda", n_queries=600, pool=model.X_test[:10],
@@ -56,10 +58,12 @@ def drive(guard: RunningGuard) -> tuple[int, bool, int, int]:
                                        clip=(0.0, 16.0))
             attacker.close()
             attack_sent, stopped = result.sent, result.stopped
+        elif rnd > 4:
+            retry.predict(model.X_test[rng.choice(len(model.X_test), 2, replace=False)])
         time.sleep(1.0)
-    for client in clients:
+    for client in [*clients, retry]:
         client.close()
-    return attack_sent, stopped, sum(c.sent for c in clients), sum(c.answered for c in clients)
+    return attack_sent + retry.sent, stopped, sum(c.sent for c in clients), sum(c.answered for c in clients)
 
 
 @pytest.fixture(scope="session")
@@ -76,6 +80,9 @@ def ops(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ops]:
         prometheus.start()
     try:
         with running_guard(root, model, profile, redis_url=redis.url, admin_port=admin_port) as guard:
+            if prometheus is not None:  # scraping from before the first request, so rates show the traffic
+                prometheus.wait_for(f'up{{job="{JOB}"}} == 1')
+                time.sleep(2.0)
             started = time.time()
             attack_sent, stopped, benign_sent, benign_answered = drive(guard)
             time.sleep(0.5)  # the capture writer and the SIEM sink catch up
