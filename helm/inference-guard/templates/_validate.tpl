@@ -20,6 +20,9 @@ relate keys to each other. Every rendered file includes this, so `helm template`
 {{- if and $v.workload.enabled $v.injection.patch.enabled }}
 {{- fail "injection.patch.enabled patches a Deployment of your own: set workload.enabled=false" }}
 {{- end }}
+{{- if and $v.injection.patch.enabled (empty $v.injection.podSelector) }}
+{{- fail "injection.patch.enabled needs injection.podSelector: the labels of your Deployment's pods (its selector)" }}
+{{- end }}
 {{- if and $v.injection.patch.enabled (not $v.injection.patch.deployment) }}
 {{- fail "injection.patch.enabled needs injection.patch.deployment (the name of the Deployment to add the guard to)" }}
 {{- end }}
