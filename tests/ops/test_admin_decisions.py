@@ -69,6 +69,15 @@ class TestEndpoints:
             assert f'inference_guard_ready_condition{{check="{check}"}} 1.0' in text
         assert f'inference_guard_profile_info{{revision="{ops.guard.state.profile.revision}"}} 1.0' in text
 
+    def test_alerting_counters_exist_at_zero_before_their_first_event(self, ops: Ops) -> None:
+        """A rejected reload must be an increase: its series is on /metrics at 0 before any reload."""
+        with urllib.request.urlopen(ops.guard.admin + "/metrics", timeout=10) as r:
+            text = r.read().decode()
+        for line in ('inference_guard_policy_reloads_total{result="failed"} 0.0',
+                     'inference_guard_profile_reloads_total{result="failed"} 0.0',
+                     'inference_guard_scoring_failures_total{kind="budget"} 0.0'):
+            assert line in text
+
 
 def event(action: str, rule: str, session: str, *, model: str = "digits", status: int = 200,
           risk: float = 0.0, request_id: str = "r") -> dict[str, Any]:
