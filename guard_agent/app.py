@@ -25,7 +25,7 @@ from guard_agent.policy.model import BUILTIN_SCORES
 from guard_agent.policy.store import PolicyStore
 from guard_agent.profiles import ProfileStore
 from guard_agent.protocols import ParseLimits
-from guard_agent.proxy import error_response, handle
+from guard_agent.proxy import handle, refuse_early
 from guard_agent.recent import RecentDecisions
 from guard_agent.routes import RouteTable
 from guard_agent.sessions.base import SessionStore
@@ -115,11 +115,11 @@ def _tracker_hook(profile: ProfileSource, key: bytes, settings: Settings) -> Ses
 
 @web.middleware
 async def _header_limit(request: web.Request, handler: Handler) -> web.StreamResponse:
-    limit = request.app[STATE].settings.max_header_bytes
+    state = request.app[STATE]
+    limit = state.settings.max_header_bytes
     size = sum(len(k) + len(v) + 4 for k, v in request.raw_headers)
     if size > limit:
-        return error_response(431, "headers_too_large", f"request headers exceed {limit} bytes",
-                              request.headers.get("X-Request-Id", "-"))
+        return refuse_early(state, request, 431, "headers_too_large", f"request headers exceed {limit} bytes")
     return await handler(request)
 
 
