@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from aiohttp import web
 
 from guard_agent.demo import DigitsModel, make_model_app
@@ -68,7 +69,8 @@ def record_canaries(root: Path, model: DigitsModel, model_url: str) -> str:
 
 @contextmanager
 def running_guard(root: Path, model: DigitsModel, profile: str, *, redis_url: str | None = None,
-                  admin_port: int | None = None, **overrides: Any) -> Iterator[RunningGuard]:
+                  admin_port: int | None = None, api_keys: tuple[str, ...] = (),
+                  **overrides: Any) -> Iterator[RunningGuard]:
     """The guard in front of the demo model server, until the ``with`` block ends; canaries recorded
     from the model (``guard-agent canary record``) and checked every 2 seconds."""
     from guard_agent.app import build_state
@@ -95,6 +97,9 @@ def running_guard(root: Path, model: DigitsModel, profile: str, *, redis_url: st
                 policy.write_text(default_policy_text())
                 token_file = root / "admin-token"
                 token_file.write_text(ADMIN_TOKEN + "\n")
+                keys_file = root / "api-keys.yaml"
+                keys_file.write_text(yaml.safe_dump({"keys": [{"name": f"client-{i}", "key": key}
+                                                              for i, key in enumerate(api_keys)]}))
                 admin = admin_port or free_port()
                 settings = Settings(listen=f"127.0.0.1:{free_port()}", admin_listen=f"127.0.0.1:{admin}",
                                     upstream=model_url, policy=str(policy), profile=profile,
@@ -103,6 +108,7 @@ def running_guard(root: Path, model: DigitsModel, profile: str, *, redis_url: st
                                     sinks=({"type": "http", "name": "siem", "url": f"{sink_url}/in",
                                             "retry_initial": 0.05, "retry_max": 0.3},),
                                     spool_dir=str(root / "spool"), canaries=canaries, canary_interval=2.0,
+                                    api_keys_file=str(keys_file) if api_keys else None,
                                     **overrides)
                 events: list[bytes] = []
                 state = build_state(settings, sink=CallbackSink(events.append))

@@ -1,7 +1,8 @@
 """One real guard for the operator tests (status, explain, Prometheus), started once per session.
 
-A real Prometheus (when the ``prometheus`` package is installed) scrapes it from before the first
-request; benign clients send held-out digits for a while and one attacker runs a real extraction attack
+Every client has its own API key from the guard's key file (verified keys: each has its own session; all
+clients share 127.0.0.1). A real Prometheus (when the ``prometheus`` package is installed) scrapes it from
+before the first request; benign clients send held-out digits for a while and one attacker runs a real extraction attack
 (JBDA from ``guard_agent.attacks``) in the middle, until the guard blocks it.
 """
 
@@ -22,7 +23,8 @@ from tests.ops._guard import RunningGuard, fit_demo_profile, running_guard
 from tests.ops._prometheus import JOB, PrometheusServer, prometheus_binary
 from tests.ops.paths import RULES
 
-BENIGN_KEYS = tuple(f"ops-benign-{k}" for k in range(4))
+BENIGN_KEYS = tuple(f"ops-benign-key-{k}-0123456789" for k in range(4))
+ATTACKER_KEY = "ops-attacker-key-0123456789"
 ROUNDS = 10
 
 
@@ -45,13 +47,13 @@ def drive(guard: RunningGuard) -> tuple[int, bool, int, int]:
     model = guard.model
     rng = np.random.default_rng(11)
     clients = [GuardClient(guard.url, keys=[key], run_id=f"benign{k}") for k, key in enumerate(BENIGN_KEYS)]
-    retry = GuardClient(guard.url, keys=["ops-attacker"], run_id="jbda-again", refusals_to_retire=10**6)
+    retry = GuardClient(guard.url, keys=[ATTACKER_KEY], run_id="jbda-again", refusals_to_retire=10**6)
     attack_sent, stopped = 0, False
     for rnd in range(ROUNDS):
         for client in clients:
             client.predict(model.X_test[rng.choice(len(model.X_test), 5, replace=False)])
         if rnd == 4:
-            attacker = GuardClient(guard.url, keys=["ops-attacker"], run_id="jbda")
+            attacker = GuardClient(guard.url, keys=[ATTACKER_KEY], run_id="jbda")
             y_victim = model.predict_proba(model.X_test).argmax(axis=1)
             result = extraction_attack(attacker, "jbda", n_queries=600, pool=model.X_test[:10],
                                        X_eval=model.X_test, y_victim=y_victim, goal_fidelity=0.95, n_classes=10,
@@ -79,7 +81,8 @@ def ops(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ops]:
         prometheus = PrometheusServer(root / "prometheus", f"127.0.0.1:{admin_port}", [RULES])
         prometheus.start()
     try:
-        with running_guard(root, model, profile, redis_url=redis.url, admin_port=admin_port) as guard:
+        with running_guard(root, model, profile, redis_url=redis.url, admin_port=admin_port,
+                           api_keys=(*BENIGN_KEYS, ATTACKER_KEY)) as guard:
             if prometheus is not None:  # scraping from before the first request, so rates show the traffic
                 prometheus.wait_for(f'up{{job="{JOB}"}} == 1')
                 time.sleep(2.0)
