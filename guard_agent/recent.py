@@ -53,6 +53,13 @@ class DecisionEntry:
     scores: Mapping[str, float]
     matched: tuple[str, ...]
 
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> DecisionEntry:
+        """Back from ``as_dict`` (what ``/admin/decisions/log`` answers)."""
+        return cls(t=float(doc["t"]), request_id=str(doc["request_id"]), session=doc.get("session"),
+                   model=doc.get("model"), action=str(doc["action"]), rule=str(doc["rule"]), status=int(doc["status"]),
+                   enforced=bool(doc["enforced"]), scores=doc["scores"], matched=tuple(doc["matched_rules"]))
+
     def as_dict(self) -> dict[str, Any]:
         return {"t": self.t, "request_id": self.request_id, "session": self.session, "model": self.model,
                 "action": self.action, "rule": self.rule, "status": self.status, "enforced": self.enforced,

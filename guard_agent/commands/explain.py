@@ -16,7 +16,6 @@ import argparse
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,8 +23,9 @@ import orjson
 
 from guard_agent.commands._admin_client import AdminError, add_admin_arguments, admin_get, read_token
 from guard_agent.policy.model import EffectivePolicy, Policy
+from guard_agent.recent import DecisionEntry
 
-__all__ = ["Step", "add_arguments", "build_story", "format_story", "run"]
+__all__ = ["add_arguments", "build_story", "format_story", "run"]
 
 _SHOWN_SCORES = ("session.risk", "session.prada", "session.fingerprint", "session.global_fingerprint",
                  "session.neighbors", "ood.combined", "adv.squeeze", "input.schema", "integrity.canary")
@@ -40,21 +40,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the story as JSON instead of text")
     parser.add_argument("--steps", type=int, default=40,
                         help="decisions to print in the text timeline (first and last; default 40)")
-
-
-@dataclass(frozen=True, slots=True)
-class Step:
-    """One decision of the session, from a capture or from the admin API."""
-
-    t: float
-    request_id: str
-    action: str
-    rule: str
-    status: int
-    enforced: bool
-    scores: Mapping[str, float]
-    matched: tuple[str, ...]
-    model: str | None = None
 
 
 def _iso(t: float | None) -> str | None:
@@ -80,7 +65,7 @@ def _descriptions(policy: Policy | None, model: str | None) -> dict[str, str]:
     return {r.id: r.description for r in policy.for_model(model).rules if r.description}
 
 
-def _blocks(steps: Sequence[Step], policy: Policy | None) -> list[dict[str, Any]]:
+def _blocks(steps: Sequence[DecisionEntry], policy: Policy | None) -> list[dict[str, Any]]:
     """Cool-downs the decisions show: an enforced block by a rule with a cool-down starts one; the blocks that
     follow within it (the guard answers them before scoring) belong to it."""
     out: list[dict[str, Any]] = []
@@ -101,7 +86,7 @@ def _blocks(steps: Sequence[Step], policy: Policy | None) -> list[dict[str, Any]
     return out
 
 
-def build_story(session: str, steps: Sequence[Step], *, policy: Policy | None = None,
+def build_story(session: str, steps: Sequence[DecisionEntry], *, policy: Policy | None = None,
                 record: Mapping[str, Any] | None = None, now: float | None = None,
                 admin: str | None = None, sources: Iterable[str] = ()) -> dict[str, Any]:
     """The session's story as data (``--json`` prints it; ``format_story`` renders it for people)."""
@@ -225,7 +210,7 @@ def format_story(story: Mapping[str, Any], *, steps: int = 40) -> str:
     return "\n".join(lines)
 
 
-def _steps_from_capture(paths: Sequence[str], ident: str) -> tuple[str | None, list[Step], Policy | None]:
+def _steps_from_capture(paths: Sequence[str], ident: str) -> tuple[str | None, list[DecisionEntry], Policy | None]:
     from guard_agent.tuning import read_capture
     from guard_agent.tuning.replay import policy_from_snapshot
 
@@ -235,8 +220,9 @@ def _steps_from_capture(paths: Sequence[str], ident: str) -> tuple[str | None, l
     if session is None:
         return None, [], None
     mine = [d for d in capture.decisions if d.session == session]
-    steps = [Step(t=d.t, request_id=d.request_id, action=d.action, rule=d.rule, status=d.status,
-                  enforced=d.enforced, scores=d.scores, matched=d.matched, model=d.model) for d in mine]
+    steps = [DecisionEntry(t=d.t, request_id=d.request_id, session=d.session, model=d.model, action=d.action,
+                           rule=d.rule, status=d.status, enforced=d.enforced, scores=d.scores, matched=d.matched)
+             for d in mine]
     revision = mine[-1].policy_revision
     snap = capture.policies.get(revision)
     return session, steps, policy_from_snapshot(snap) if snap is not None else None
@@ -259,16 +245,14 @@ def _policy_from_admin(args: argparse.Namespace, token: str) -> Policy | None:
 
 
 def _steps_from_admin(args: argparse.Namespace, ident: str, session: str | None
-                      ) -> tuple[str | None, list[Step], dict[str, Any] | None]:
+                      ) -> tuple[str | None, list[DecisionEntry], dict[str, Any] | None]:
     token = read_token(args)
     query = {"session": session} if session else {"session": ident}
     answer = admin_get(args.admin, "/admin/decisions/log", token, timeout=args.timeout, query=query)
     if not answer.get("decisions") and not answer.get("record") and session is None:
         answer = admin_get(args.admin, "/admin/decisions/log", token, timeout=args.timeout,
                            query={"request_id": ident})
-    steps = [Step(t=float(e["t"]), request_id=str(e["request_id"]), action=str(e["action"]), rule=str(e["rule"]),
-                  status=int(e["status"]), enforced=bool(e["enforced"]), scores=e["scores"],
-                  matched=tuple(e["matched_rules"]), model=e.get("model")) for e in answer.get("decisions") or ()]
+    steps = [DecisionEntry.from_dict(e) for e in answer.get("decisions") or ()]
     sid = answer.get("session")
     return (str(sid) if sid else None), steps, answer.get("record")
 
@@ -279,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     ident: str = args.id.strip()
     session: str | None = None
-    steps: list[Step] = []
+    steps: list[DecisionEntry] = []
     policy: Policy | None = None
     record: dict[str, Any] | None = None
     sources: list[str] = []
@@ -300,6 +284,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     except OSError as exc:
         print(f"guard-agent explain: cannot read the capture: {exc}", file=sys.stderr)
+        return 2
+    except (KeyError, TypeError, ValueError) as exc:
+        print(f"guard-agent explain: the admin API answered in an unexpected shape ({exc!r}); is the guard's "
+              "version the same as this command's?", file=sys.stderr)
         return 2
     if session is None or (not steps and record is None):
         print(f"guard-agent explain: no session or request {ident!r} in {', '.join(sources)}", file=sys.stderr)
