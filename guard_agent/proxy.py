@@ -9,6 +9,7 @@ rather refuse. The upstream receives exactly the bytes that were scored.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import time
 from collections.abc import Mapping
@@ -207,17 +208,18 @@ _HTTP1 = frozenset({aiohttp.HttpVersion10, aiohttp.HttpVersion11})
 
 
 def _unsupported_version(state: GuardState, out: _Outcome, request: web.Request, request_id: str) -> web.Response:
-    """505 for a request line naming another HTTP version (``HTTP/2.0`` over a plain HTTP/1 connection).
+    """400 for a request line naming another HTTP version (``HTTP/2.0`` over a plain HTTP/1 connection): a client
+    error like any malformed request line (DESIGN.md's statuses), not a fault of the guard's.
 
     aiohttp would answer in the request's own version (``HTTP/2.0 200`` in HTTP/1 framing), so the answer is
     written here as HTTP/1.1 and the connection closed; the response returned is for the event (aiohttp's own
     write of it meets the closed transport and is dropped)."""
-    response = _reject(state, out, 505, "http_version_not_supported", "only HTTP/1.0 and HTTP/1.1 are served",
+    response = _reject(state, out, 400, "http_version_not_supported", "only HTTP/1.0 and HTTP/1.1 are served",
                        request_id)
     transport = request.transport
     if transport is not None and not transport.is_closing():
         body = response.body if isinstance(response.body, bytes) else b""
-        transport.write(b"HTTP/1.1 505 HTTP Version Not Supported\r\nContent-Type: application/json\r\n"
+        transport.write(b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
                         b"Connection: close\r\nX-Request-Id: " + request_id.encode() +
                         b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         transport.close()
@@ -250,7 +252,8 @@ def _emit(state: GuardState, request: web.BaseRequest, policy: Policy, out: _Out
     if state.capture is not None and out.features is not None:
         state.capture.record(fields, out.features, scores=out.scores)  # unsampled, before allow sampling
     if keep:
-        level = "warning" if out.action in ("block", "throttle", "integrity_violation") else "info"
+        level = "warning" if out.action in ("block", "throttle", "integrity_violation") or out.status >= 500 \
+            else "info"
         state.events.write(fields, f"{out.action} {request.method} {fields['url']['path']}", level=level)
 
 
@@ -316,10 +319,12 @@ async def _read_body(request: web.Request, limit: int, timeout: float) -> bytes 
 
 
 async def _call_upstream(state: GuardState, request: web.Request, body: bytes | None,
-                         request_id: str, *, readable: bool = False) -> aiohttp.ClientResponse:
+                         request_id: str, *, readable: bool = False,
+                         strip_query: bool = False) -> aiohttp.ClientResponse:
     """Forward to the model; ``readable`` asks for an uncompressed answer the guard can parse and harden."""
     assert state.client is not None
-    url = state.settings.upstream.rstrip("/") + request.raw_path
+    target = request.raw_path.partition("?")[0] if strip_query else request.raw_path
+    url = state.settings.upstream.rstrip("/") + target
     headers = _upstream_headers(request.headers, request.remote, request_id, state.settings.session_header)
     if readable:
         headers["Accept-Encoding"] = "identity"
@@ -339,13 +344,23 @@ def _upstream_deadline(state: GuardState) -> float:
 
 
 def _upstream_failure(state: GuardState, out: _Outcome, exc: BaseException, request_id: str) -> web.Response:
+    """502/504; the event says the request failed and why (``guard.upstream_error``), at warning level."""
+    out.outcome = "failure"
     if isinstance(exc, asyncio.TimeoutError):
         state.metrics.upstream_errors.labels("timeout").inc()
-        out.outcome = "failure"
+        out.fields["upstream_error"] = "timeout"
         return error_response(504, "upstream_timeout", "the model server did not answer in time", request_id)
     state.metrics.upstream_errors.labels(type(exc).__name__).inc()
-    out.outcome = "failure"
+    out.fields["upstream_error"] = _upstream_reason(exc)
     return error_response(502, "upstream_unavailable", "the model server is unreachable or broken", request_id)
+
+
+def _upstream_reason(exc: BaseException) -> str:
+    """The exception's type and, for a refused or reset connection, the OS reason (never response bytes)."""
+    cause = exc.os_error if isinstance(exc, aiohttp.ClientConnectorError) else None
+    if cause is not None and cause.errno:
+        return f"{type(exc).__name__}: {os.strerror(cause.errno).lower()}"
+    return type(exc).__name__
 
 
 def _access_refusal(state: GuardState, out: _Outcome, identity: Identity, eff: EffectivePolicy,
@@ -419,6 +434,11 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
     refusal = _access_refusal(state, out, identity, eff, request_id, model_required=True)
     if refusal is not None:
         return refusal, 0.0
+    has_query = "?" in request.raw_path
+    if has_query and eff.input.query == "refuse":
+        out.rule = "query-not-allowed"
+        return _reject(state, out, 400, "invalid_input", "a query string is not accepted on this route "
+                       "(policy input.query)", request_id), 0.0
 
     body = await _read_body(request, settings.max_body_bytes, settings.client_read_timeout)
     if body is None:
@@ -509,7 +529,8 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
 
     t0 = time.perf_counter()
     try:
-        upstream = await _call_upstream(state, request, body, request_id, readable=True)
+        upstream = await _call_upstream(state, request, body, request_id, readable=True,
+                                        strip_query=has_query and eff.input.query == "strip")
         async with upstream, asyncio.timeout(_upstream_deadline(state)):
             payload = await upstream.read()
             status, reason, headers = upstream.status, upstream.reason, upstream.headers
