@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from guard_agent.protocols._base import ParsedRequest, ParseLimits, ProtocolError
+from guard_agent.protocols._base import ParsedRequest, ParseLimits, ProtocolError, TextInput
 from guard_agent.protocols._json import check_content_encoding
 from guard_agent.protocols.mlflow import parse_mlflow
 from guard_agent.protocols.pointer import parse_custom
+from guard_agent.protocols.text import parse_text_request
 from guard_agent.protocols.v1 import parse_v1
 from guard_agent.protocols.v2 import parse_v2
 
@@ -16,6 +17,25 @@ _DEFAULT_LIMITS = ParseLimits()
 
 
 def parse_request_unguarded(
+    protocol: str,
+    body: bytes,
+    *,
+    content_type: str | None,
+    content_encoding: str | None,
+    pointer: str | None = None,
+    limits: ParseLimits = _DEFAULT_LIMITS,
+    inference_header_length: int | None = None,
+) -> ParsedRequest:
+    """The numeric parsers, then the text parser when they met strings (``TextInput``)."""
+    try:
+        return _parse_numeric(protocol, body, content_type=content_type, content_encoding=content_encoding,
+                              pointer=pointer, limits=limits, inference_header_length=inference_header_length)
+    except TextInput:
+        return parse_text_request(protocol, body, content_type=content_type, pointer=pointer, limits=limits,
+                                  inference_header_length=inference_header_length)
+
+
+def _parse_numeric(
     protocol: str,
     body: bytes,
     *,
