@@ -39,6 +39,7 @@ from guard_agent.ratelimit import take
 from guard_agent.routes import RouteMatch
 from guard_agent.scoring import InputSchemaError, ScoringContext, check_input, declared_schema_score, run_scorers
 from guard_agent.state import STATE, GuardState
+from guard_agent.text_scoring import project_texts, text_check_scores
 
 __all__ = ["HOP_BY_HOP", "error_response", "handle"]
 
@@ -340,6 +341,7 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
             inference_header_length=_header_length(header_len),
         )
         out.rows = parsed.rows
+        parsed = project_texts(state.profile, parsed, match.model)
         check_input(parsed.features, eff.input, expected_features=state.profile.expected_features(match.model))
     except (ProtocolError, InputSchemaError) as exc:
         out.rule = "invalid-input"
@@ -368,7 +370,7 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
         ctx = ScoringContext(features=parsed.features, row_shape=parsed.row_shape, model=match.model,
                              protocol=parsed.protocol, body=body, policy=eff,
                              extra={"request": request, "parsed": parsed})
-        scores, failure = await run_scorers(ctx, (_declared_scorer, state.profile.score),
+        scores, failure = await run_scorers(ctx, (_declared_scorer, state.profile.score, _text_scorer),
                                             state.async_scorers if eff.squeeze.enabled else ())
         if failure is not None:
             state.metrics.scoring_failures.labels(failure).inc()
@@ -457,6 +459,10 @@ def _header_length(value: str | None) -> int | None:
 
 def _declared_scorer(ctx: ScoringContext) -> Mapping[str, float]:
     return {"input.schema": declared_schema_score(ctx.features, ctx.policy.input)}
+
+
+def _text_scorer(ctx: ScoringContext) -> Mapping[str, float]:
+    return text_check_scores(ctx.extra["request"].app[STATE].profile, ctx.extra["parsed"], ctx.model)
 
 
 def _wire_hardening(decision: Decision) -> WireHardening | None:

@@ -1,6 +1,6 @@
 """Text inputs for the detectors: hashed n-grams, a fitted projection, and cheap character checks.
 
-Pure library (numpy, scipy, scikit-learn). Texts become ``n_components + 2`` numeric features
+Pure library (numpy, scipy, scikit-learn). Texts become ``n_components + 3`` numeric features
 (``TextProjection``) that the ordinary detectors and session trackers score; ``TextChecks`` adds four
 character-level scores. ``fit_text_profile`` puts both into a normal profile directory.
 """

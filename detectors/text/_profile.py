@@ -51,7 +51,7 @@ class TextModel:
         if part is None:
             return None
         model = cls.from_parts(*part)
-        if profile.n_features != model.projection.n_components + 2:
+        if profile.n_features != model.projection.n_components + 3:
             raise ValueError("text component does not match the profile's feature count")
         return model
 
@@ -65,19 +65,32 @@ def fit_text_profile(
     seed: int = 0,
     detectors: Sequence[str] | None = None,
     clock: Callable[[], float] | None = None,
-    extra_components: Mapping[str, tuple[Mapping[str, Any], Mapping[str, np.ndarray]]] | None = None,
+    trackers: bool = True,
 ) -> tuple[Profile, npt.NDArray[np.float64]]:
-    """Fit projection, checks and detectors on reference texts; returns the profile and the projected rows
-    (for fitting the session trackers on the same features)."""
+    """Fit projection, checks, detectors and (``trackers``) the session trackers' configuration on reference
+    texts; returns the profile and the projected reference rows the detectors were fitted on (half of them:
+    the other half fitted the projection)."""
     texts = list(texts)
-    if len(texts) < 10 * (n_components + 2) // 4:
-        raise ValueError(f"need at least {10 * (n_components + 2) // 4} reference texts for {n_components} "
+    n = len(texts)
+    if n < 20 * (n_components + 3) // 4:
+        raise ValueError(f"need at least {20 * (n_components + 3) // 4} reference texts for {n_components} "
                          "components")
-    projection = TextProjection(n_components=n_components, seed=seed).fit(texts)
+    # The projection is fitted on one half and the detectors on the other half's projection: fitted and
+    # scored on the same texts, every n-gram would be known and the residual small, which live texts never
+    # are (held-out texts would then all look out of distribution).
+    order = np.random.default_rng(seed).permutation(n)
+    half_a, half_b = order[: n // 2], order[n // 2:]
+    projection = TextProjection(n_components=n_components, seed=seed).fit([texts[i] for i in half_a])
     checks = TextChecks().fit(texts)
-    Z = projection.transform(texts)
+    Z = projection.transform([texts[i] for i in half_b])
+    labels = None if labels is None else np.asarray(labels)[half_b]
     model = TextModel(projection=projection, checks=checks)
-    extras = {TEXT_COMPONENT: model.to_parts(), **dict(extra_components or {})}
+    extras = {TEXT_COMPONENT: model.to_parts()}
+    if trackers:
+        from ..trackers import fit_tracker_config
+
+        classes = None if labels is None else np.unique(np.asarray(labels), return_inverse=True)[1]
+        extras["trackers"] = fit_tracker_config(Z, classes, seed=seed).to_parts()
     profile = fit_profile(Z, labels=labels, fpr=fpr, seed=seed, detectors=detectors,
                           feature_names=projection.feature_names, clock=clock, extra_components=extras)
     return profile, Z

@@ -5,9 +5,11 @@ uses and the components on those columns; an SVD component is zero on every colu
 touched, so nothing is lost). Unfitted default: a seeded Gaussian random projection (Johnson-Lindenstrauss),
 so near-duplicate texts still land close together for the session trackers when no reference exists.
 
-Besides the components, two features say what the projection cannot see: ``residual`` (the share of the
-text's hashed vector outside the fitted subspace) and ``unseen`` (the share on n-grams the reference never
-used). Both are 0..1 and are where vocabulary the model never saw, gibberish and character swaps show up.
+Besides the components, three features say what the projection cannot see: ``residual`` (the share of the
+text's hashed vector outside the fitted subspace) and ``unseen_words`` / ``unseen_chars`` (the share of the
+word and of the character n-grams the reference never used). All are 0..1 and are where vocabulary the model
+never saw, gibberish and character swaps show up (character n-grams of real words are rarely unseen, swapped
+letters make new ones).
 """
 
 from __future__ import annotations
@@ -26,10 +28,13 @@ __all__ = ["TextProjection"]
 
 _SCHEMA = 1
 _RANDOM_SEED = 0
+_HALVES = np.zeros((HASH_COLUMNS, 2), dtype=np.float32)  # column -> word half (0) or character half (1)
+_HALVES[: HASH_COLUMNS // 2, 0] = 1.0
+_HALVES[HASH_COLUMNS // 2:, 1] = 1.0
 
 
 class TextProjection:
-    """Texts to ``n_components + 2`` float64 features: projection, then ``residual`` and ``unseen``."""
+    """Texts to ``n_components + 3`` float64 features: projection, ``residual``, ``unseen_words``, ``unseen_chars``."""
 
     def __init__(self, *, n_components: int = 32, seed: int = 0) -> None:
         self.n_components = n_components
@@ -37,7 +42,8 @@ class TextProjection:
 
     @property
     def feature_names(self) -> tuple[str, ...]:
-        return (*(f"text.svd{i}" for i in range(self.n_components)), "text.residual", "text.unseen")
+        return (*(f"text.svd{i}" for i in range(self.n_components)), "text.residual", "text.unseen_words",
+                "text.unseen_chars")
 
     def fit(self, texts: Sequence[str]) -> TextProjection:
         """Fit the SVD on reference texts (at least n_components + 1 non-empty ones)."""
@@ -63,19 +69,20 @@ class TextProjection:
         return self
 
     def transform(self, texts: Sequence[str]) -> npt.NDArray[np.float64]:
-        """(len(texts), n_components + 2) features; an empty text maps to zeros with residual 1."""
+        """(len(texts), n_components + 3) features; an empty text maps to zeros with residual and unseen 1."""
         X = hashed(texts)
         return self.transform_hashed(X)
 
-    def _full(self) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    def _full(self) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:  
         """The components laid out over every hashed column (zero rows where the reference had nothing), and
-        the mask of known columns: one sparse-dense product per request instead of column indexing."""
+        the known columns per half: sparse-dense products per request instead of column indexing."""
         cached: tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]] | None = self.__dict__.get("_full_cache")
         if cached is None:
-            full = np.zeros((HASH_COLUMNS, self.n_components + 1), dtype=np.float32)
-            full[self.columns_, :-1] = self.components_.T
-            full[self.columns_, -1] = 1.0
-            cached = (np.ascontiguousarray(full[:, :-1]), np.ascontiguousarray(full[:, -1]))
+            full = np.zeros((HASH_COLUMNS, self.n_components), dtype=np.float32)
+            full[self.columns_] = self.components_.T
+            known = np.zeros((HASH_COLUMNS, 2), dtype=np.float32)
+            known[self.columns_] = _HALVES[self.columns_]
+            cached = (full, known)
             self.__dict__["_full_cache"] = cached
         return cached
 
@@ -84,12 +91,13 @@ class TextProjection:
         weights, mask = self._full()
         proj = np.asarray(X @ weights, dtype=np.float64)
         squared = X.multiply(X).tocsr()
-        total = np.asarray(squared.sum(axis=1), dtype=np.float64).ravel()
-        known = np.asarray(squared @ mask, dtype=np.float64).ravel()
+        totals = np.asarray(squared @ _HALVES, dtype=np.float64)
+        known = np.asarray(squared @ mask, dtype=np.float64)
+        total = totals.sum(axis=1)
         inside = (proj**2).sum(axis=1)
         with np.errstate(invalid="ignore", divide="ignore"):
             residual = np.where(total > 0, np.sqrt(np.clip(1.0 - inside / total, 0.0, 1.0)), 1.0)
-            unseen = np.where(total > 0, np.clip(1.0 - known / total, 0.0, 1.0), 1.0)
+            unseen = np.where(totals > 0, np.clip(1.0 - known / totals, 0.0, 1.0), 1.0)
         return np.column_stack([proj, residual, unseen])
 
     def to_parts(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

@@ -22,6 +22,7 @@ SCORE_NAMES: frozenset[str] = frozenset({
     "input.schema", "ood.mahalanobis", "ood.knn", "ood.pca", "ood.iforest", "ood.combined", "adv.squeeze",
     "session.prada", "session.fingerprint", "session.global_fingerprint", "session.neighbors",
     "session.coverage", "session.margin", "session.rate", "session.risk", "integrity.canary",
+    "text.invisible", "text.control", "text.confusable", "text.length",
 })
 """The policy's score vocabulary (DESIGN.md). Every score is on a [0, 1] scale, higher = more anomalous."""
 
@@ -31,13 +32,15 @@ PROPERTY_NAMES: frozenset[str] = frozenset({
 })
 """Request and session properties a rule may test besides scores."""
 
-BUILTIN_SCORES: frozenset[str] = frozenset({"input.schema"})
+BUILTIN_SCORES: frozenset[str] = frozenset({"input.schema", "text.invisible", "text.control", "text.confusable",
+                                            "text.length"})
 """Scores the guard computes without a detector profile."""
 
 TECHNIQUE_BY_PREFIX: Mapping[str, str] = {
     "ood.": "AML.T0015",
     "input.": "AML.T0015",
     "adv.": "AML.T0015",
+    "text.": "AML.T0015",
     "session.prada": "AML.T0024.002",
     "session.coverage": "AML.T0024.002",
     "session.margin": "AML.T0024.002",

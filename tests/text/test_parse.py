@@ -49,7 +49,7 @@ class TestTextForms:
         parsed = parse(protocol, doc)
         assert parsed.texts == texts
         assert parsed.rows == len(texts)
-        assert parsed.features.shape == (len(texts), 34)
+        assert parsed.features.shape == (len(texts), 35)
 
     def test_custom_pointer(self) -> None:
         """A custom route's pointer may name one string (one row) or a list of strings."""
