@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
-__all__ = ["FORTUNES", "TEXT_CLASSES", "fortune_texts", "labelled_fortunes"]
+__all__ = ["FORTUNES", "TEXT_CLASSES", "fortune_texts", "labelled_fortunes", "text_classifier"]
 
 FORTUNES = Path("/usr/share/games/fortunes")
 TEXT_CLASSES: tuple[str, ...] = ("computers", "politics", "science", "work")
@@ -39,3 +40,13 @@ def labelled_fortunes(classes: tuple[str, ...] = TEXT_CLASSES, *, root: Path = F
         texts += chunk
         labels += [k] * len(chunk)
     return texts, labels
+
+
+def text_classifier(texts: list[str], labels: list[int]) -> Any:
+    """The victim model of the text tests, demo and benchmark: TF-IDF + logistic regression (scikit-learn)."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    return make_pipeline(TfidfVectorizer(sublinear_tf=True), LogisticRegression(max_iter=3000, C=10.0)).fit(
+        texts, labels)
