@@ -22,10 +22,12 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from guard_agent.events import build_decision_event, random_id
 from guard_agent.identity import Identity
+from guard_agent.llm import OPENAI_PROTOCOLS, Usage, harden_llm_chunk, harden_llm_request, relay_sse, usage_of
 from guard_agent.policy.decide import INTEGRITY_RULE, RequestFacts, SessionFacts, decide
 from guard_agent.policy.model import Decision, EffectivePolicy, Policy
 from guard_agent.protocols import (
     HARDENABLE_PROTOCOLS,
+    ParsedRequest,
     ProtocolError,
     harden_document,
     parse_document,
@@ -355,7 +357,7 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
         rate_limited = not allowed
     request_facts = RequestFacts(model=match.model, protocol=parsed.protocol, rows=parsed.rows,
                                  body_bytes=len(body), features=int(parsed.features.shape[1]),
-                                 source_ip=identity.ip)
+                                 source_ip=identity.ip, properties=parsed.properties)
     session_facts = SessionFacts(id=identity.session, source=identity.source, queries=record.queries,
                                  age_seconds=now - record.first_seen, blocked_rule=record.blocked(now),
                                  rate_limited=rate_limited, retry_after=retry_after)
@@ -411,6 +413,9 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
                                   {"Retry-After": retry}), 0.0
         return error_response(403, "blocked", _BLOCK_MESSAGE, request_id), 0.0
 
+    if parsed.protocol in OPENAI_PROTOCOLS:
+        return await _llm_forward(request, state, parsed, decision, out, identity.session, record, body, request_id,
+                                  now)
     t0 = time.perf_counter()
     try:
         upstream = await _call_upstream(state, request, body, request_id, readable=True)
@@ -447,6 +452,52 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
     await state.sessions.put(identity.session, record, now)
     response = web.Response(status=status, reason=reason, body=payload,
                             headers=_client_headers(headers, request_id))
+    return response, upstream_time
+
+
+async def _llm_forward(request: web.Request, state: GuardState, parsed: ParsedRequest, decision: Decision,
+                       out: _Outcome, session: str, record: Any, body: bytes, request_id: str,
+                       now: float) -> tuple[web.StreamResponse, float]:
+    """OpenAI-compatible routes: a hardened request loses its logit_bias; streamed answers are relayed chunk by
+    chunk; the usage goes into the event; the trackers learn the prompt (the answer has no class to learn)."""
+    hardening = _wire_hardening(decision)
+    if hardening is not None:
+        body = harden_llm_request(body, hardening)
+        out.fields["hardening"] = "applied"
+    t0 = time.perf_counter()
+    try:
+        upstream = await _call_upstream(state, request, body, request_id, readable=True)
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        await state.sessions.put(session, record, now)
+        return _upstream_failure(state, out, exc, request_id), time.perf_counter() - t0
+    eff = state.policies.current.for_model(out.model)
+    async with upstream:
+        headers = _client_headers(upstream.headers, request_id)
+        if parsed.properties.get("request.stream") and upstream.status == 200:
+            response, usage, complete = await relay_sse(request, upstream, headers, hardening)
+            if not complete:
+                out.outcome = "failure"
+        else:
+            payload = await upstream.read()
+            doc = read_response(payload) if upstream.status == 200 else None
+            usage = usage_of(doc) or Usage(counted=True)
+            if hardening is not None and doc is not None:
+                hardened = harden_llm_chunk(payload, hardening)
+                if hardened is None:
+                    await state.sessions.put(session, record, now)
+                    out.outcome, out.fields["hardening"] = "failure", "failed"
+                    return error_response(502, "hardening_failed", "the model's answer could not be hardened",
+                                          request_id), time.perf_counter() - t0
+                payload = hardened
+            response = web.Response(status=upstream.status, reason=upstream.reason, body=payload, headers=headers)
+    upstream_time = time.perf_counter() - t0
+    out.fields["llm"] = usage.as_fields()
+    if eff.needs_session_scores and upstream.status == 200:
+        tracker_scores = await state.trackers.update(session, record, parsed.features, out.model, None, now,
+                                                     out.scores)
+        if tracker_scores:
+            record.scores = dict(tracker_scores)
+    await state.sessions.put(session, record, now)
     return response, upstream_time
 
 

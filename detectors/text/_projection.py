@@ -65,7 +65,7 @@ class TextProjection:
         rng = np.random.default_rng(_RANDOM_SEED)
         self.columns_ = np.arange(HASH_COLUMNS, dtype=np.int32)
         comps = rng.standard_normal((n_components, HASH_COLUMNS)).astype(np.float32)
-        self.components_ = comps / np.sqrt(np.float32(HASH_COLUMNS))
+        self.components_ = comps / np.sqrt(np.float32(n_components))  # distances kept (Johnson-Lindenstrauss)
         return self
 
     def transform(self, texts: Sequence[str]) -> npt.NDArray[np.float64]:

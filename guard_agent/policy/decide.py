@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from guard_agent.policy.model import SEVERITY, Action, Decision, EffectivePolicy
@@ -40,6 +40,7 @@ class RequestFacts:
     body_bytes: int
     features: int
     source_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+    properties: Mapping[str, Any] = field(default_factory=dict)  # request.* facts from the body (OpenAI routes)
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,10 @@ class SessionFacts:
     retry_after: float = 0.0
 
 
+_LLM_DEFAULTS: Mapping[str, Any] = {"request.stream": False, "request.logprobs": 0, "request.top_logprobs": 0,
+                                    "request.logit_bias": 0, "request.logit_bias_max": 0.0, "request.max_tokens": 0}
+
+
 def facts_for(request: RequestFacts, scores: Mapping[str, float], session: SessionFacts) -> dict[str, Any]:
     """The flat namespace rules are evaluated against."""
     facts: dict[str, Any] = dict(scores)
@@ -63,6 +68,8 @@ def facts_for(request: RequestFacts, scores: Mapping[str, float], session: Sessi
     facts["request.model"] = request.model
     facts["request.protocol"] = request.protocol
     facts["request.features"] = request.features
+    facts.update(_LLM_DEFAULTS)
+    facts.update(request.properties)
     facts["session.queries"] = session.queries
     facts["session.age_seconds"] = session.age_seconds
     facts["session.source"] = session.source

@@ -29,6 +29,9 @@ SCORE_NAMES: frozenset[str] = frozenset({
 PROPERTY_NAMES: frozenset[str] = frozenset({
     "request.rows", "request.body_bytes", "request.model", "request.protocol", "request.features",
     "session.queries", "session.age_seconds", "session.source",
+    # OpenAI-compatible routes only (0 / false elsewhere): guard_agent/llm/_request.py
+    "request.stream", "request.logprobs", "request.top_logprobs", "request.logit_bias", "request.logit_bias_max",
+    "request.max_tokens",
 })
 """Request and session properties a rule may test besides scores."""
 

@@ -8,7 +8,8 @@ Integer literals longer than 4300 digits are refused as invalid JSON.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -55,6 +56,7 @@ class ParsedRequest:
     requested_outputs: tuple[str, ...]  # v2 "outputs":[{"name":...}] if present
     input_datatypes: tuple[str, ...] = ()  # v2 datatype per input (e.g. "FP32", "UINT8"); empty for JSON protocols
     texts: tuple[str, ...] = ()  # text requests: one text per row (a row's strings joined by newlines)
+    properties: Mapping[str, Any] = field(default_factory=dict)  # request.* facts the body gives (OpenAI routes)
 
 
 Kind = Literal["float", "int", "bool"]

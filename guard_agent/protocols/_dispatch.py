@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from guard_agent.llm._request import OPENAI_PROTOCOLS, parse_openai
 from guard_agent.protocols._base import ParsedRequest, ParseLimits, ProtocolError, TextInput
 from guard_agent.protocols._json import check_content_encoding
 from guard_agent.protocols.mlflow import parse_mlflow
@@ -12,7 +13,7 @@ from guard_agent.protocols.v2 import parse_v2
 
 __all__ = ["PROTOCOLS", "parse_request", "parse_request_unguarded"]
 
-PROTOCOLS = ("v2", "v1", "mlflow", "custom")
+PROTOCOLS = ("v2", "v1", "mlflow", "custom", "openai.chat", "openai.completions", "openai.embeddings")
 _DEFAULT_LIMITS = ParseLimits()
 
 
@@ -58,6 +59,8 @@ def _parse_numeric(
         return parse_mlflow(body, content_type=content_type, limits=limits)
     if protocol == "custom":
         return parse_custom(body, pointer=pointer, content_type=content_type, limits=limits)
+    if protocol in OPENAI_PROTOCOLS:
+        return parse_openai(protocol, body, content_type=content_type, limits=limits)
     raise ProtocolError("unknown protocol")
 
 
