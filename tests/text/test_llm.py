@@ -21,6 +21,7 @@ from tests.conftest import wait_http
 from tests.text._tiny_llama import write_tiny_llama
 
 pytestmark = pytest.mark.slow
+pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] is built and installed by .ci/run")
 
 JSON = {"Content-Type": "application/json"}
 POLICY = """
