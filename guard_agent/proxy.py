@@ -22,7 +22,17 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from guard_agent.events import build_decision_event, random_id
 from guard_agent.identity import Identity
-from guard_agent.llm import OPENAI_PROTOCOLS, Usage, harden_llm_chunk, harden_llm_request, relay_sse, usage_of
+from guard_agent.llm import (
+    OPENAI_PROTOCOLS,
+    Usage,
+    account,
+    carried,
+    harden_llm_chunk,
+    harden_llm_request,
+    llm_session_facts,
+    relay_sse,
+    usage_of,
+)
 from guard_agent.policy.decide import INTEGRITY_RULE, RequestFacts, SessionFacts, decide
 from guard_agent.policy.model import Decision, EffectivePolicy, Policy
 from guard_agent.protocols import (
@@ -360,7 +370,8 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
                                  source_ip=identity.ip, properties=parsed.properties)
     session_facts = SessionFacts(id=identity.session, source=identity.source, queries=record.queries,
                                  age_seconds=now - record.first_seen, blocked_rule=record.blocked(now),
-                                 rate_limited=rate_limited, retry_after=retry_after)
+                                 rate_limited=rate_limited, retry_after=retry_after,
+                                 usage=llm_session_facts(record.scores) if parsed.protocol in OPENAI_PROTOCOLS else {})
     decision: Decision | None = None
     scores: dict[str, float] = {}
     failure = None
@@ -492,11 +503,13 @@ async def _llm_forward(request: web.Request, state: GuardState, parsed: ParsedRe
             response = web.Response(status=upstream.status, reason=upstream.reason, body=payload, headers=headers)
     upstream_time = time.perf_counter() - t0
     out.fields["llm"] = usage.as_fields()
+    kept = account(record.scores, parsed, usage) if upstream.status == 200 else carried(record.scores)
     if eff.needs_session_scores and upstream.status == 200:
         tracker_scores = await state.trackers.update(session, record, parsed.features, out.model, None, now,
                                                      out.scores)
         if tracker_scores:
             record.scores = dict(tracker_scores)
+    record.scores = {**record.scores, **kept}
     await state.sessions.put(session, record, now)
     return response, upstream_time
 

@@ -31,7 +31,7 @@ PROPERTY_NAMES: frozenset[str] = frozenset({
     "session.queries", "session.age_seconds", "session.source",
     # OpenAI-compatible routes only (0 / false elsewhere): guard_agent/llm/_request.py
     "request.stream", "request.logprobs", "request.top_logprobs", "request.logit_bias", "request.logit_bias_max",
-    "request.max_tokens",
+    "request.max_tokens", "session.tokens", "session.logit_bias_tokens", "session.logprob_requests",
 })
 """Request and session properties a rule may test besides scores."""
 

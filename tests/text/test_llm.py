@@ -200,3 +200,87 @@ class TestLLMRoutes:
             status, _ = await call(llm_guard, "/v1/chat/completions", chat(prompt[:300], logprobs=True, top_logprobs=2,
                                                                            max_tokens=2), f"benign-{i}", key="benign")
             assert status == 200, i
+
+
+BUDGET_POLICY = """
+version: 1
+mode: enforce
+rate_limit: {requests_per_second: 1000, burst: 1000}
+rules:
+  - id: token-budget
+    description: the session used its token budget
+    when: {session.tokens: {gte: 200}}
+    action: throttle
+"""
+SWEEP_POLICY = """
+version: 1
+mode: enforce
+rate_limit: {requests_per_second: 1000, burst: 1000}
+rules:
+  - id: logit-sweep
+    description: many biased tokens with log-probabilities over the session
+    when: {session.logit_bias_tokens: {gte: 30}}
+    action: block
+"""
+
+
+@pytest.fixture
+async def budget_guard(start_guard: Any, llama_server: str, tmp_path: Path) -> Any:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(BUDGET_POLICY)
+    return await start_guard(llama_server, policy=str(policy))
+
+
+@pytest.fixture
+async def sweep_guard(start_guard: Any, llama_server: str, tmp_path: Path) -> Any:
+    policy = tmp_path / "sweep.yaml"
+    policy.write_text(SWEEP_POLICY)
+    return await start_guard(llama_server, policy=str(policy))
+
+
+class TestLLMSessions:
+    async def test_token_budget_throttles(self, budget_guard: Any) -> None:
+        """Once a session's prompt + completion tokens (from the answers' usage) reach the budget, its next
+        request gets 429 with Retry-After; another session is unaffected."""
+        used, statuses = 0, []
+        for i in range(20):
+            status, doc = await call(budget_guard, "/v1/chat/completions", chat("hello world", max_tokens=8),
+                                     f"budget-{i}", key="spender")
+            statuses.append(status)
+            if status == 200:
+                used += doc["usage"]["total_tokens"]
+            else:
+                break
+        assert statuses[-1] == 429 and used >= 200
+        assert used - 60 < 200  # throttled on the first request after the budget, not later
+        (event,) = budget_guard.events_for(rid(f"budget-{len(statuses) - 1}"))
+        assert event["rule"]["name"] == "token-budget"
+        status, _ = await call(budget_guard, "/v1/chat/completions", chat("hello"), "budget-other", key="other")
+        assert status == 200
+
+    async def test_streamed_tokens_counted(self, budget_guard: Any) -> None:
+        """Streamed answers without usage count toward the budget too (text chunks + ~4 characters per prompt
+        token), so streaming does not escape it."""
+        statuses = []
+        for i in range(40):
+            async with aiohttp.ClientSession() as http, http.post(
+                    budget_guard.url + "/v1/chat/completions", data=orjson.dumps(chat("hello world", stream=True)),
+                    headers={**JSON, "X-Request-Id": rid(f"sbudget-{i}"), "X-API-Key": "streamer"}) as r:
+                await r.read()
+                statuses.append(r.status)
+            if r.status != 200:
+                break
+        assert statuses[-1] == 429 and len(statuses) < 40
+
+    async def test_logit_bias_sweep_tracked_over_the_session(self, sweep_guard: Any) -> None:
+        """One biased token per request with top_logprobs (each request harmless alone): the session's count of
+        biased tokens reaches the rule's limit and the sweep is blocked at the 31st request."""
+        statuses = []
+        for t in range(260, 300):
+            doc = chat("what", logit_bias={str(t): 50}, logprobs=True, top_logprobs=2, max_tokens=1)
+            status, _ = await call(sweep_guard, "/v1/chat/completions", doc, f"lsweep-{t}", key="lsweeper")
+            statuses.append(status)
+        assert statuses[:30] == [200] * 30
+        assert statuses[30] == 403
+        (event,) = sweep_guard.events_for(rid("lsweep-290"))
+        assert event["rule"]["name"] == "logit-sweep"
