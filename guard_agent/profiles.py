@@ -17,9 +17,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from detectors import Profile, ProfileError, load_profiles
+from detectors.text import TextModel
 from guard_agent.filewatch import file_identity
 from guard_agent.scoring import ScoringContext
 from guard_agent.state import ProfileSource
+from guard_agent.text_scoring import text_model_of
 
 if TYPE_CHECKING:
     from guard_agent.state import GuardState
@@ -46,7 +48,10 @@ class ProfileStore(ProfileSource):
 
     def _load(self) -> None:
         identities = self._watched()
-        self.profiles = load_profiles(self.path)
+        profiles = load_profiles(self.path)
+        for profile in profiles.values():
+            text_model_of(profile)  # a broken text component fails the load, not a request
+        self.profiles = profiles
         self._identities = identities
 
     @property
@@ -77,6 +82,9 @@ class ProfileStore(ProfileSource):
     def expected_features(self, model: str | None) -> int | None:
         profile = self.profile_for(model)
         return None if profile is None else profile.n_features
+
+    def text_model(self, model: str | None) -> TextModel | None:
+        return text_model_of(self.profile_for(model))
 
     def score(self, ctx: ScoringContext) -> Mapping[str, float]:
         """Calibrated scores, the maximum over the batch's rows (the most anomalous row decides)."""

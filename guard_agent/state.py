@@ -10,6 +10,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from detectors.text import TextModel
 from guard_agent.events import EventLogger
 from guard_agent.identity import IdentityResolver
 from guard_agent.metrics import Metrics
@@ -41,6 +42,10 @@ class ProfileSource:
 
     def score(self, ctx: ScoringContext) -> Mapping[str, float]:
         return {}
+
+    def text_model(self, model: str | None) -> TextModel | None:
+        """The model's fitted text projection and checks (profiles fitted with ``fit --text``)."""
+        return None
 
 
 class TrackerHook:
