@@ -1,4 +1,4 @@
-"""Processes for bench/proxy.py: nginx stub upstream, nginx reference proxy, guard instances.
+"""Processes for bench/proxy.py: nginx stub upstream, nginx reference proxy, the aiohttp floor, guards.
 
 Each process is started through ``taskset`` (which execs the command, so the pid we hold is the server
 itself), on loopback ports picked free, and stopped by that pid when the benchmark ends, also on
@@ -132,6 +132,14 @@ class Fleet:
             core,
         )
         wait_port(int(values["PORT"]), lambda: self.alive(name), name, self)
+        return pid
+
+    def floor(self, name: str, core: int, *, port: int, upstream_port: int) -> int:
+        """Start the bare aiohttp reverse proxy (``_floor.py``); returns once it accepts connections."""
+        floor = str(Path(__file__).resolve().parent / "_floor.py")
+        pid = self.start(name, [sys.executable, floor, "--port", str(port), "--upstream",
+                                f"http://127.0.0.1:{upstream_port}"], core)
+        wait_port(port, lambda: self.alive(name), name, self)
         return pid
 
     def guard(

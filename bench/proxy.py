@@ -4,6 +4,7 @@ Configurations, all on loopback, against an nginx stub upstream answering fixed 
 
     direct        client -> stub upstream
     nginx         client -> nginx proxy_pass (1 worker, upstream keepalive) -> stub
+    floor         client -> a bare aiohttp reverse proxy (bench/_floor.py: the guard's HTTP stack, no guard logic)
     guard-off     client -> guard-agent, policy without rules or rate limit, no profile -> stub
     guard-on      client -> guard-agent, default policy + a profile fitted on digits -> stub
                   (every detector and the session trackers run)
@@ -158,6 +159,9 @@ def _start(fleet: Fleet, work: Path, args: argparse.Namespace, extras: bool) -> 
     ng = free_port()
     ng_pid = fleet.nginx("nginx-proxy", "proxy.conf.template", PROXY_CORE, {"PORT": str(ng), "UPSTREAM_PORT": str(up)})
     targets["nginx"] = Target("nginx", ng, ng_pid, spec, lua, PROXY_CORE)
+    fl = free_port()
+    targets["floor"] = Target("floor", fl, fleet.floor("floor", PROXY_CORE, port=fl, upstream_port=up), spec, lua,
+                              PROXY_CORE)
     guards: list[tuple[str, str | None, str | None, float]] = [
         ("guard-off", str(off_policy), None, 1.0),
         ("guard-on", None, str(profile), 1.0),
