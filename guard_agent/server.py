@@ -214,8 +214,9 @@ class GuardSite(web.TCPSite):
     """A TCP site whose connections pass through a ``ConnectionGuard`` (and TLS, when given)."""
 
     def __init__(self, runner: web.AppRunner, host: str, port: int, *, guard: ConnectionGuard,
-                 ssl_context: ssl.SSLContext | None = None, backlog: int = 1024) -> None:
-        super().__init__(runner, host, port, ssl_context=ssl_context, backlog=backlog, reuse_address=True)
+                 ssl_context: ssl.SSLContext | None = None, backlog: int = 1024, reuse_port: bool = False) -> None:
+        super().__init__(runner, host, port, ssl_context=ssl_context, backlog=backlog, reuse_address=True,
+                         reuse_port=reuse_port)
         self._guard = guard
 
     async def start(self) -> None:
@@ -225,7 +226,7 @@ class GuardSite(web.TCPSite):
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             self._guard.wrap(server), self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
-            reuse_address=self._reuse_address,
+            reuse_address=self._reuse_address, reuse_port=self._reuse_port,
             ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if self._ssl_context else None)
 
 
@@ -357,7 +358,8 @@ async def start_listeners(state: GuardState) -> tuple[web.AppRunner, web.AppRunn
     await admin_runner.setup()
     try:
         host, port = parse_hostport(s.listen)
-        await GuardSite(guard_runner, host, port, guard=guard, ssl_context=tls.context if tls else None).start()
+        await GuardSite(guard_runner, host, port, guard=guard, ssl_context=tls.context if tls else None,
+                        reuse_port=s.workers > 1).start()  # GUARD_WORKERS: the workers share the guard port
         ahost, aport = parse_hostport(s.admin_listen)
         await web.TCPSite(admin_runner, ahost, aport, reuse_address=True).start()
     except BaseException:  # a port in use, say: nothing of the half-started guard is left running
