@@ -36,6 +36,7 @@ from guard_agent.proxy import error_response
 from guard_agent.settings import ConfigError, Settings, parse_hostport
 from guard_agent.state import GuardState
 from guard_agent.tls import TlsError, TlsReloader
+from guard_agent.workers import one_native_thread
 
 __all__ = ["ConnectionGuard", "GuardSite", "ParseErrorLog", "attach_credentials", "serve", "start_listeners"]
 
@@ -370,6 +371,7 @@ async def start_listeners(state: GuardState) -> tuple[web.AppRunner, web.AppRunn
 
 
 async def serve(settings: Settings) -> int:
+    one_native_thread()  # numpy on the loop thread: BLAS threads only compete with it
     state = build_state(settings)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

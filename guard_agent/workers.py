@@ -30,9 +30,22 @@ import orjson
 
 from guard_agent.settings import Settings, load_settings, parse_hostport
 
-__all__ = ["run_workers", "worker_settings"]
+__all__ = ["one_native_thread", "run_workers", "worker_settings"]
 
 _POLL_SECONDS = 0.2
+
+
+def one_native_thread() -> None:
+    """Limit BLAS/OpenMP pools to one thread in this process, for good.
+
+    The guard scores on its event loop thread; a multi-threaded BLAS only adds threads that spin against the
+    loop (and against the other workers, the model server and the pod's CPU limit). On a shared 2-core machine a
+    32-row ``Profile.score`` took 9.7 ms of CPU with OpenBLAS's default threads and 0.8 ms with one
+    (``bench/README.md``); one row never used the pool. Parallelism is ``GUARD_WORKERS``' job.
+    """
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1)
 
 
 def worker_settings(settings: Settings, index: int) -> Settings:

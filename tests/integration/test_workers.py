@@ -140,3 +140,15 @@ def test_workers_without_redis_refuse_to_start(tmp_path: Path) -> None:
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "workers=2 needs redis_url" in lines[0], done.stderr
+
+
+def test_guard_process_uses_one_blas_thread() -> None:
+    """After ``one_native_thread`` (called first by ``serve``) every BLAS/OpenMP pool of the process has one thread."""
+    code = ("import numpy, threadpoolctl\n"
+            "from guard_agent.workers import one_native_thread\n"
+            "one_native_thread()\n"
+            "print(max(p['num_threads'] for p in threadpoolctl.threadpool_info()))")
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
+                          check=True)
+    assert done.stdout.strip() == "1"
