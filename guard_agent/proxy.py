@@ -368,8 +368,9 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
         ctx = ScoringContext(features=parsed.features, row_shape=parsed.row_shape, model=match.model,
                              protocol=parsed.protocol, body=body, policy=eff,
                              extra={"request": request, "parsed": parsed})
-        scores, failure = await run_scorers(ctx, (_declared_scorer, state.profile.score),
-                                            state.async_scorers if eff.squeeze.enabled else ())
+        scores, failure = await run_scorers(ctx, (_declared_scorer,),
+                                            state.async_scorers if eff.squeeze.enabled else (),
+                                            batched=state.profile.score_batched)
         if failure is not None:
             state.metrics.scoring_failures.labels(failure).inc()
             out.fields["scoring_failure"] = failure

@@ -22,6 +22,8 @@ from guard_agent.policy.model import EffectivePolicy, InputSchema
 __all__ = [
     "AsyncScorer",
     "InputSchemaError",
+    "RowBatcher",
+    "RowScorer",
     "ScoringContext",
     "SyncScorer",
     "check_input",
@@ -85,12 +87,99 @@ def declared_schema_score(features: np.ndarray, schema: InputSchema) -> float:
     return 0.0
 
 
+class RowScorer(Protocol):
+    """What ``RowBatcher`` scores with: per-row calibrated scores of a batch (``detectors.Profile``)."""
+
+    def score(self, X: np.ndarray) -> Mapping[str, np.ndarray]: ...
+
+
+_Waiting = tuple[np.ndarray, "asyncio.Future[dict[str, float]]"]
+
+
+class RowBatcher:
+    """Scores the rows of every request that reaches scoring in the same event-loop turn with one
+    ``Profile.score`` call: numpy's per-call overhead dominates a one-row request, so under concurrent load each
+    request pays for its rows and a share of one call (1 row 149 us, 8 rows 602 us of CPU on digits).
+
+    Requests that reach ``score`` while the loop runs one turn's callbacks (typically the handlers of
+    connections that became readable together) wait for the end of that turn, then are scored together,
+    grouped by profile and feature width. A request alone costs one extra future and callback. Results are the
+    same as scoring each request alone: every detector scores rows independently. A batch that fails (one
+    request's rows are not scorable) is scored again request by request, so one bad request cannot fail the
+    others.
+    """
+
+    def __init__(self, *, max_rows: int = 256) -> None:
+        self.max_rows = max_rows
+        self._waiting: dict[tuple[RowScorer, int], list[_Waiting]] = {}
+        self._scheduled = False
+
+    async def score(self, profile: RowScorer, features: np.ndarray) -> dict[str, float]:
+        """The maximum over ``features``' rows of each calibrated score."""
+        if features.shape[0] >= self.max_rows:
+            return _row_max(profile.score(features))
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[dict[str, float]] = loop.create_future()
+        self._waiting.setdefault((profile, features.shape[1]), []).append((features, done))
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        return await done
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        groups, self._waiting = self._waiting, {}
+        for (profile, _), waiting in groups.items():
+            chunk: list[_Waiting] = []
+            rows = 0
+            for item in waiting:  # at most max_rows rows per call (one request may bring up to max_rows - 1)
+                if chunk and rows + item[0].shape[0] > self.max_rows:
+                    _score_group(profile, chunk)
+                    chunk, rows = [], 0
+                chunk.append(item)
+                rows += item[0].shape[0]
+            _score_group(profile, chunk)
+
+
+def _score_group(profile: RowScorer, waiting: list[_Waiting]) -> None:
+    if len(waiting) > 1:
+        try:
+            per_row = profile.score(np.concatenate([features for features, _ in waiting]))
+        except Exception:  # noqa: S110 - scored again one by one below, each request gets its own error
+            pass
+        else:
+            start = 0
+            for features, done in waiting:
+                end = start + features.shape[0]
+                if not done.done():
+                    done.set_result({name: float(values[start:end].max()) for name, values in per_row.items()})
+                start = end
+            return
+    for features, done in waiting:
+        if done.done():
+            continue
+        try:
+            done.set_result(_row_max(profile.score(features)))
+        except Exception as exc:
+            done.set_exception(exc)
+
+
+def _row_max(per_row: Mapping[str, np.ndarray]) -> dict[str, float]:
+    return {name: float(values.max()) for name, values in per_row.items()}
+
+
 async def run_scorers(
     ctx: ScoringContext,
     sync_scorers: tuple[Callable[[ScoringContext], Mapping[str, float]], ...],
     async_scorers: tuple[Callable[[ScoringContext], Awaitable[Mapping[str, float]]], ...],
+    *,
+    batched: Callable[[ScoringContext], Awaitable[Mapping[str, float]]] | None = None,
 ) -> tuple[dict[str, float], Literal["error", "budget"] | None]:
-    """All scores for one request; merged by max, so a score two scorers provide keeps the worse."""
+    """All scores for one request; merged by max, so a score two scorers provide keeps the worse.
+
+    ``batched`` (the profile's detectors) is awaited inline, not under the budget: it only waits for the end of
+    the current loop turn, never for I/O.
+    """
     scores: dict[str, float] = {}
     failure: Literal["error", "budget"] | None = None
 
@@ -105,6 +194,11 @@ async def run_scorers(
     for scorer in sync_scorers:
         try:
             merge(scorer(ctx))
+        except Exception:
+            failure = "error"
+    if batched is not None:
+        try:
+            merge(await batched(ctx))
         except Exception:
             failure = "error"
     if async_scorers:

@@ -40,6 +40,10 @@ class ProfileSource:
     def score(self, ctx: ScoringContext) -> Mapping[str, float]:
         return {}
 
+    async def score_batched(self, ctx: ScoringContext) -> Mapping[str, float]:
+        """``score``, free to score this request's rows together with concurrent requests' (same results)."""
+        return self.score(ctx)
+
 
 class TrackerHook:
     """The session-tracker seam: peek before deciding, update after the model answered."""
