@@ -17,6 +17,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from guard_agent.batching import TurnBatcher
 from guard_agent.policy.model import EffectivePolicy, InputSchema
 
 __all__ = [
@@ -93,79 +94,21 @@ class RowScorer(Protocol):
     def score(self, X: np.ndarray) -> Mapping[str, np.ndarray]: ...
 
 
-_Waiting = tuple[np.ndarray, "asyncio.Future[dict[str, float]]"]
+def _row_max(per_row: Mapping[str, np.ndarray], start: int, end: int) -> dict[str, float]:
+    return {name: float(values[start:end].max()) for name, values in per_row.items()}
 
 
 class RowBatcher:
-    """Scores the rows of every request that reaches scoring in the same event-loop turn with one
-    ``Profile.score`` call: numpy's per-call overhead dominates a one-row request, so under concurrent load each
-    request pays for its rows and a share of one call (1 row 149 us, 8 rows 602 us of CPU on digits).
-
-    Requests that reach ``score`` while the loop runs one turn's callbacks (typically the handlers of
-    connections that became readable together) wait for the end of that turn, then are scored together,
-    grouped by profile and feature width. A request alone costs one extra future and callback. Results are the
-    same as scoring each request alone: every detector scores rows independently. A batch that fails (one
-    request's rows are not scorable) is scored again request by request, so one bad request cannot fail the
-    others.
-    """
+    """Calibrated scores of concurrent requests from one ``Profile.score`` call per loop turn (see
+    ``guard_agent.batching``): each request gets the maximum over its rows of each score, as if alone."""
 
     def __init__(self, *, max_rows: int = 256) -> None:
-        self.max_rows = max_rows
-        self._waiting: dict[tuple[RowScorer, int], list[_Waiting]] = {}
-        self._scheduled = False
+        self._batcher: TurnBatcher[RowScorer, Mapping[str, np.ndarray], dict[str, float]] = TurnBatcher(
+            lambda profile, rows: profile.score(rows), _row_max, max_rows=lambda _profile: max_rows)
 
     async def score(self, profile: RowScorer, features: np.ndarray) -> dict[str, float]:
         """The maximum over ``features``' rows of each calibrated score."""
-        if features.shape[0] >= self.max_rows:
-            return _row_max(profile.score(features))
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[dict[str, float]] = loop.create_future()
-        self._waiting.setdefault((profile, features.shape[1]), []).append((features, done))
-        if not self._scheduled:
-            self._scheduled = True
-            loop.call_soon(self._flush)
-        return await done
-
-    def _flush(self) -> None:
-        self._scheduled = False
-        groups, self._waiting = self._waiting, {}
-        for (profile, _), waiting in groups.items():
-            chunk: list[_Waiting] = []
-            rows = 0
-            for item in waiting:  # at most max_rows rows per call (one request may bring up to max_rows - 1)
-                if chunk and rows + item[0].shape[0] > self.max_rows:
-                    _score_group(profile, chunk)
-                    chunk, rows = [], 0
-                chunk.append(item)
-                rows += item[0].shape[0]
-            _score_group(profile, chunk)
-
-
-def _score_group(profile: RowScorer, waiting: list[_Waiting]) -> None:
-    if len(waiting) > 1:
-        try:
-            per_row = profile.score(np.concatenate([features for features, _ in waiting]))
-        except Exception:  # noqa: S110 - scored again one by one below, each request gets its own error
-            pass
-        else:
-            start = 0
-            for features, done in waiting:
-                end = start + features.shape[0]
-                if not done.done():
-                    done.set_result({name: float(values[start:end].max()) for name, values in per_row.items()})
-                start = end
-            return
-    for features, done in waiting:
-        if done.done():
-            continue
-        try:
-            done.set_result(_row_max(profile.score(features)))
-        except Exception as exc:
-            done.set_exception(exc)
-
-
-def _row_max(per_row: Mapping[str, np.ndarray]) -> dict[str, float]:
-    return {name: float(values.max()) for name, values in per_row.items()}
+        return await self._batcher(profile, features)
 
 
 async def run_scorers(

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from detectors.trackers import GlobalFingerprintIndex, SessionTrackers, TrackerConfig
+from guard_agent.batching import TurnBatcher
 from guard_agent.sessions.base import SessionRecord
 from guard_agent.state import TrackerHook
 
@@ -45,6 +46,10 @@ class SessionTracking(TrackerHook):
         self.global_index = global_index if global_index is not None else GlobalFingerprintIndex()  # len() 0 is falsy
         self.score_names = frozenset(SessionTrackers.score_names | {GLOBAL})
         self._pending: dict[int, tuple[weakref.ref[np.ndarray], SessionTrackers, np.ndarray, np.ndarray]] = {}
+        # concurrent requests' hashes in one call: rows are hashed independently up to max_rows_tracked rows
+        self._hashes: TurnBatcher[SessionTrackers, _Hashes, _Hashes] = TurnBatcher(
+            lambda engine, rows: engine.request_hashes(rows), _rows_of,
+            max_rows=lambda engine: engine.config.max_rows_tracked)
 
     @classmethod
     def from_profile(cls, profile: Any, *, salt: bytes,
@@ -93,7 +98,7 @@ class SessionTracking(TrackerHook):
             # history at this width yet anyway
             return dict.fromkeys(self.score_names, 0.0)
         scores = dict(engine.peek(self._state(record, engine), now))
-        fingerprints, keys, digests = engine.request_hashes(features)  # features checked and hashed once
+        fingerprints, keys, digests = await self._hashes(engine, features)  # features checked and hashed once
         self._remember(features, engine, fingerprints, digests)
         threshold = self.global_index.match_threshold
 
@@ -192,6 +197,15 @@ class SessionTracking(TrackerHook):
                                           digests=digests)
         record.tracker_state = _with_state(record.tracker_state, engine.config.layout_id, state)
         return new_scores
+
+
+_Hashes = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def _rows_of(hashes: _Hashes, start: int, end: int) -> _Hashes:
+    """One request's rows of ``request_hashes`` over a batch of requests (all rows tracked: no subsample)."""
+    fingerprints, keys, digests = hashes
+    return fingerprints[start:end], keys[start:end], digests[start:end]
 
 
 def _with_state(held: Mapping[int, Any] | None, layout: int, state: Any) -> dict[int, Any]:

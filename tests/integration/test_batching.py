@@ -72,3 +72,28 @@ class TestRowBatcher:
                              batcher.score(counting, digits.X_test[:9]))
         assert max(counting.calls) <= 9 and sorted(counting.calls)[-1] == 9
         assert sum(counting.calls) == 39 and all(c <= 8 for c in counting.calls if c != 9)
+
+
+class TestTrackerHashes:
+    async def test_concurrent_requests_hash_as_alone(self, profile: Profile, digits: DigitsData) -> None:
+        """The trackers' request hashes of concurrent requests (1 to 3 rows) come from one call and equal each
+        request's own; a request above max_rows_tracked (subsampled) is hashed alone."""
+        from detectors.trackers import SessionTrackers, TrackerConfig
+        from guard_agent.batching import TurnBatcher
+        from guard_agent.tracking import _rows_of
+
+        engine = SessionTrackers(TrackerConfig.from_parts(*profile.components["trackers"]), salt=b"s" * 32)
+        calls: list[int] = []
+
+        def run(e: SessionTrackers, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            calls.append(rows.shape[0])
+            return e.request_hashes(rows)
+
+        batcher = TurnBatcher(run, _rows_of, max_rows=lambda e: e.config.max_rows_tracked)
+        big = np.tile(digits.X_test[:40], (2, 1))  # 80 rows > 64 tracked
+        requests = [digits.X_test[i : i + 1 + i % 3] for i in range(0, 30, 3)] + [big]
+        got = await asyncio.gather(*(batcher(engine, r) for r in requests))
+        assert sorted(calls) == [sum(len(r) for r in requests[:-1]), 80]
+        for rows, hashes in zip(requests, got, strict=True):
+            for mine, alone in zip(hashes, engine.request_hashes(rows), strict=True):
+                assert np.array_equal(mine, alone)
