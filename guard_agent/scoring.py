@@ -18,13 +18,13 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from guard_agent.batching import TurnBatcher
+from guard_agent.contracts import RowScorer
 from guard_agent.policy.model import EffectivePolicy, InputSchema
 
 __all__ = [
     "AsyncScorer",
     "InputSchemaError",
     "RowBatcher",
-    "RowScorer",
     "ScoringContext",
     "SyncScorer",
     "check_input",
@@ -86,12 +86,6 @@ def declared_schema_score(features: np.ndarray, schema: InputSchema) -> float:
             if high.size not in (1, features.shape[1]) or (features > high).any():
                 return 1.0
     return 0.0
-
-
-class RowScorer(Protocol):
-    """What ``RowBatcher`` scores with: per-row calibrated scores of a batch (``detectors.Profile``)."""
-
-    def score(self, X: np.ndarray) -> Mapping[str, np.ndarray]: ...
 
 
 def _row_max(per_row: Mapping[str, np.ndarray], start: int, end: int) -> dict[str, float]:

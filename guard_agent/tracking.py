@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import struct
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from detectors.trackers import GlobalFingerprintIndex, SessionTrackers, TrackerConfig
 from guard_agent.batching import TurnBatcher
+from guard_agent.contracts import Density, GlobalObserver
 from guard_agent.sessions.base import SessionRecord
 from guard_agent.state import TrackerHook
 
@@ -44,6 +45,7 @@ class SessionTracking(TrackerHook):
         self._engines: dict[str, SessionTrackers] = {k: SessionTrackers(c, salt=salt) for k, c in configs.items()}
         self._defaults: dict[int, SessionTrackers] = {}
         self.global_index = global_index if global_index is not None else GlobalFingerprintIndex()  # len() 0 is falsy
+        self._global: GlobalObserver = _LocalGlobal(self.global_index)
         self.score_names = frozenset(SessionTrackers.score_names | {GLOBAL})
         self._pending: dict[int, tuple[weakref.ref[np.ndarray], SessionTrackers, np.ndarray, np.ndarray]] = {}
         # concurrent requests' hashes in one call: rows are hashed independently up to max_rows_tracked rows
@@ -108,10 +110,15 @@ class SessionTracking(TrackerHook):
         scores[GLOBAL] = await self.observe_global(session, fingerprints, keys, now, density)
         return scores
 
+    def share_global(self, observer: GlobalObserver) -> None:
+        """Answer ``session.global_fingerprint`` from ``observer`` (a shared index over every replica) instead of
+        this process's own index, which ``observer`` keeps warm as its fallback."""
+        self._global = observer
+
     async def observe_global(self, session: str, fingerprints: np.ndarray, digests: np.ndarray, now: float,
-                             density: np.ndarray | Callable[[int], float] | None = None) -> float:
-        """This query against earlier queries of every session (a shared store may override this)."""
-        return float(self.global_index.observe(session, fingerprints, digests, now, density))
+                             density: Density = None) -> float:
+        """This query against earlier queries of every session."""
+        return await self._global.observe(session, fingerprints, digests, now, density)
 
     def _remember(self, features: np.ndarray, engine: SessionTrackers, fingerprints: np.ndarray,
                   digests: np.ndarray) -> None:
@@ -197,6 +204,17 @@ class SessionTracking(TrackerHook):
                                           digests=digests)
         record.tracker_state = _with_state(record.tracker_state, engine.config.layout_id, state)
         return new_scores
+
+
+class _LocalGlobal:
+    """The in-process global index as a ``GlobalObserver``."""
+
+    def __init__(self, index: GlobalFingerprintIndex) -> None:
+        self._index = index
+
+    async def observe(self, session: str, fingerprints: np.ndarray, digests: np.ndarray, now: float,
+                      density: Density = None) -> float:
+        return float(self._index.observe(session, fingerprints, digests, now, density))
 
 
 _Hashes = tuple[np.ndarray, np.ndarray, np.ndarray]
