@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from detectors import Profile, ProfileError, load_profiles
 from guard_agent.filewatch import file_identity
@@ -90,12 +90,6 @@ class ProfileStore(ProfileSource):
         if profile is None:
             return {}
         return await self._batcher.score(profile, ctx.features)
-
-    def component(self, name: str, model: str | None = None) -> tuple[Mapping[str, Any], Mapping[str, Any]] | None:
-        profile = self.profile_for(model)
-        if profile is None:
-            return None
-        return profile.components.get(name)
 
     def maybe_reload(self, state: GuardState) -> None:
         """Called by the watcher: reload when any profile.json changed identity."""

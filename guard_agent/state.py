@@ -10,6 +10,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from detectors import Profile
 from guard_agent.events import EventLogger
 from guard_agent.identity import IdentityResolver
 from guard_agent.metrics import Metrics
@@ -35,6 +36,10 @@ class ProfileSource:
         return frozenset()
 
     def expected_features(self, model: str | None) -> int | None:
+        return None
+
+    def profile_for(self, model: str | None) -> Profile | None:
+        """The fitted profile that scores ``model``'s requests (None: built-in checks only)."""
         return None
 
     def score(self, ctx: ScoringContext) -> Mapping[str, float]:
