@@ -29,7 +29,7 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from guard_agent.server import serve
+    from guard_agent.server import ListenError, serve
     from guard_agent.settings import ConfigError, load_settings
 
     flags = {k: getattr(args, k) for k in ("listen", "admin_listen", "upstream", "policy", "profile", "redis_url",
@@ -43,6 +43,9 @@ def _run(args: argparse.Namespace) -> int:
         return asyncio.run(serve(settings))
     except ConfigError as exc:
         print(f"guard-agent: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except ListenError as exc:  # a port already taken: one line naming the address, exit at once
+        print(f"guard-agent: {exc.strerror}", file=sys.stderr)
         return 2
     except Exception as exc:  # a bad first policy or profile: say what, not a traceback
         from guard_agent.policy.loader import PolicyError
@@ -98,6 +101,8 @@ OPTIONAL_COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("tune", "guard_agent.commands.tune", "suggest thresholds for a target false-positive rate"),
     ("report", "guard_agent.commands.report", "write a self-contained HTML report of captured traffic"),
     ("selftest", "guard_agent.commands.selftest", "run a bounded red-team test against a running guard"),
+    ("explain", "guard_agent.commands.explain", "tell one session's story: scores, rules, why and until when blocked"),
+    ("status", "guard_agent.commands.status", "a running guard on one screen: readiness, revisions, decisions, health"),
 )
 """Subcommands in their own modules: each has ``add_arguments(parser)`` and ``run(args) -> int``."""
 

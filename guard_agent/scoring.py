@@ -29,7 +29,9 @@ __all__ = [
     "SyncScorer",
     "check_input",
     "declared_schema_score",
+    "representable",
     "run_scorers",
+    "saturate_detector_scores",
 ]
 
 
@@ -103,6 +105,34 @@ class RowBatcher:
     async def score(self, profile: RowScorer, features: np.ndarray) -> dict[str, float]:
         """The maximum over ``features``' rows of each calibrated score."""
         return await self._batcher(profile, features)
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+"""The largest value the detectors score in (they work in float32); beyond it a value cannot be represented."""
+
+_DETECTOR_PREFIX = "ood."
+
+
+def representable(features: np.ndarray) -> tuple[np.ndarray, bool]:
+    """The features clipped to the float32 range, and whether any finite value lay beyond it.
+
+    A finite float64 beyond float32's range (``3.4028236e38``) would make the detectors refuse the row, and a
+    refused row must not read as a scoring error that ``failure.on_error: open`` lets through: such a value is
+    as far out as an input gets, so it is scored at the range's edge and its detector scores saturated
+    (``saturate_detector_scores``). NaN and infinities are left as they are (``check_input`` rules on them).
+    """
+    with np.errstate(invalid="ignore"):
+        beyond = np.isfinite(features) & (np.abs(features) > FLOAT32_MAX)
+    if not beyond.any():
+        return features, False
+    return np.where(beyond, np.copysign(FLOAT32_MAX, features), features), True
+
+
+def saturate_detector_scores(scores: dict[str, float], provided: frozenset[str]) -> None:
+    """Every detector score (``ood.*``) the profile provides set to 1.0: an unrepresentable value is maximally out."""
+    for name in provided:
+        if name.startswith(_DETECTOR_PREFIX):
+            scores[name] = 1.0
 
 
 async def run_scorers(

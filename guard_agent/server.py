@@ -16,29 +16,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import orjson
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
 from prometheus_client import Counter, Gauge
 
 from guard_agent.admin import make_admin_app, reload_policy
 from guard_agent.app import build_state, make_app
 from guard_agent.auth import AuthError, JwtVerifier, KeyStore
-from guard_agent.events import random_id
+from guard_agent.events import DiagnosticsHandler, random_id
 from guard_agent.policy import PolicyError
 from guard_agent.policy.model import Policy
-from guard_agent.proxy import error_response
+from guard_agent.proxy import error_response, refuse_early
 from guard_agent.settings import ConfigError, Settings, parse_hostport
 from guard_agent.state import GuardState
 from guard_agent.tls import TlsError, TlsReloader
 from guard_agent.workers import one_native_thread
 
-__all__ = ["ConnectionGuard", "GuardSite", "ParseErrorLog", "attach_credentials", "serve", "start_listeners"]
+__all__ = ["ConnectionGuard", "GuardSite", "ListenError", "ParseErrorLog", "attach_credentials", "serve",
+           "start_listeners"]
 
 TLS_HANDSHAKE_TIMEOUT = 10.0
 LINGER_SECONDS = 1.0
@@ -64,15 +66,34 @@ class ConnectionGuard:
     """
 
     def __init__(self, *, max_connections: int, header_timeout: float,
-                 on_refuse: Callable[[str], None] = lambda reason: None) -> None:
+                 on_refuse: Callable[[str], None] = lambda reason: None,
+                 answer_error: ErrorAnswer | None = None) -> None:
         self.max_connections = max_connections
         self.header_timeout = header_timeout
         self.open = 0
         self.on_refuse = on_refuse
         self.read_buffer = memoryview(bytearray(READ_BUFFER_BYTES))
+        # aiohttp's handler class for this listener: its own errors answered (and logged as events) by answer_error
+        self.handler_class: type[web.RequestHandler] = type(
+            "_GuardErrorHandler", (_JsonErrorHandler,), {"__slots__": (), "answer": staticmethod(
+                answer_error or _plain_error_answer)})
 
     def wrap(self, factory: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.BufferedProtocol]:
         return lambda: _GuardedProtocol(factory(), self)
+
+
+ErrorAnswer = Callable[[web.BaseRequest, int, str, str], web.Response]
+"""(request, status, code, message) -> the JSON error response; the guard's also writes the decision event."""
+
+
+def _plain_error_answer(request: web.BaseRequest, status: int, code: str, message: str) -> web.Response:
+    return error_response(status, code, message, random_id())
+
+
+def _too_large(exc: BaseException | None) -> bool:
+    """aiohttp's parser refuses a head with an over-long line or too many header fields as a plain 400: both are
+    headers too large (431) to the client."""
+    return isinstance(exc, LineTooLong) or (isinstance(exc, BadHttpMessage) and "Too many headers" in exc.message)
 
 
 _ERRORS = {
@@ -94,13 +115,16 @@ class _JsonErrorHandler(web.RequestHandler):
     Adds no state (``__slots__ = ()``), so ``_GuardedProtocol`` can give aiohttp's handler this class."""
 
     __slots__ = ()
+    answer: ErrorAnswer = staticmethod(_plain_error_answer)
 
     def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
         super().handle_error(request, status, exc, message)  # logs; ConnectionError if a response was half sent
+        if status == 400 and _too_large(exc):
+            status = 431
         code, text = _ERRORS.get(status, ("invalid_request", "request refused") if status < 500
                                  else ("internal_error", "internal error"))
-        response = error_response(status, code, text, random_id())
+        response = self.answer(request, status, code, text)
         response.force_close()
         return response
 
@@ -124,7 +148,7 @@ class _GuardedProtocol(asyncio.BufferedProtocol):
 
     def __init__(self, inner: Any, guard: ConnectionGuard) -> None:
         if type(inner) is web.RequestHandler:
-            inner.__class__ = _JsonErrorHandler  # same layout, our handle_error (aiohttp has no hook for it)
+            inner.__class__ = guard.handler_class  # same layout, our handle_error (aiohttp has no hook for it)
         self._inner = inner
         self._guard = guard
         self._transport: asyncio.Transport | None = None
@@ -342,7 +366,8 @@ async def start_listeners(state: GuardState) -> tuple[web.AppRunner, web.AppRunn
     guard = ConnectionGuard(
         max_connections=s.max_connections,
         header_timeout=min(s.header_read_timeout, s.client_read_timeout),
-        on_refuse=lambda reason: metrics.refused.labels(reason).inc())
+        on_refuse=lambda reason: metrics.refused.labels(reason).inc(),
+        answer_error=lambda request, status, code, message: refuse_early(state, request, status, code, message))
     metrics.open.set_function(lambda: guard.open)
     app = make_app(state)
     reloadables: list[tuple[str, Any]] = [(n, i) for n, i in (("tls", tls), ("api_keys", keys), ("jwks", verifier))
@@ -359,10 +384,12 @@ async def start_listeners(state: GuardState) -> tuple[web.AppRunner, web.AppRunn
     await admin_runner.setup()
     try:
         host, port = parse_hostport(s.listen)
-        await GuardSite(guard_runner, host, port, guard=guard, ssl_context=tls.context if tls else None,
-                        reuse_port=s.workers > 1).start()  # GUARD_WORKERS: the workers share the guard port
+        with _naming(s.listen):
+            await GuardSite(guard_runner, host, port, guard=guard, ssl_context=tls.context if tls else None,
+                            reuse_port=s.workers > 1).start()  # GUARD_WORKERS: the workers share the guard port
         ahost, aport = parse_hostport(s.admin_listen)
-        await web.TCPSite(admin_runner, ahost, aport, reuse_address=True).start()
+        with _naming(s.admin_listen):
+            await web.TCPSite(admin_runner, ahost, aport, reuse_address=True).start()
     except BaseException:  # a port in use, say: nothing of the half-started guard is left running
         await admin_runner.cleanup()
         await guard_runner.cleanup()
@@ -370,15 +397,34 @@ async def start_listeners(state: GuardState) -> tuple[web.AppRunner, web.AppRunn
     return guard_runner, admin_runner
 
 
+class ListenError(OSError):
+    """A listener could not bind; ``strerror`` is one line naming the address (``cannot listen on ...: why``)."""
+
+
+@contextlib.contextmanager
+def _naming(address: str) -> Iterator[None]:
+    """Re-raise a bind failure as a ListenError naming the configured address, errno kept."""
+    try:
+        yield
+    except OSError as exc:
+        why = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+        raise ListenError(exc.errno or 0, f"cannot listen on {address}: {why}") from exc
+
+
 async def serve(settings: Settings) -> int:
     one_native_thread()  # numpy on the loop thread: BLAS threads only compete with it
     state = build_state(settings)
+    DiagnosticsHandler(state.events).install()  # stdout stays one JSON object per line
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: reload_policy(state, "sighup"))
-    guard_runner, admin_runner = await start_listeners(state)
+    try:
+        guard_runner, admin_runner = await start_listeners(state)
+    except BaseException:  # sinks with a flush thread or task must not keep a process that never served alive
+        state.events.close()
+        raise
     state.events.log("info", "guard started", guard={"listen": settings.listen, "admin_listen": settings.admin_listen,
                                                      "upstream": settings.upstream,
                                                      "tls": bool(settings.tls_cert_file),

@@ -14,8 +14,10 @@ from detectors import Profile
 from guard_agent.events import EventLogger
 from guard_agent.identity import IdentityResolver
 from guard_agent.metrics import Metrics
+from guard_agent.ops_metrics import OpsMetrics
 from guard_agent.policy.store import PolicyStore
 from guard_agent.protocols import ParseLimits
+from guard_agent.recent import RecentDecisions
 from guard_agent.routes import RouteTable
 from guard_agent.scoring import ScoringContext
 from guard_agent.sessions.base import SessionStore
@@ -112,6 +114,8 @@ class GuardState:
     started: float = field(default_factory=time.time)
     in_flight: int = 0
     parse_limits: ParseLimits = field(default_factory=ParseLimits)
+    recent: RecentDecisions | None = None  # what /admin/decisions and `guard-agent status` read
+    ops: OpsMetrics | None = None          # readiness and profile gauges, refreshed per scrape
 
     def available_scores(self) -> frozenset[str]:
         from guard_agent.policy.model import BUILTIN_SCORES

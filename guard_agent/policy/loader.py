@@ -272,7 +272,11 @@ def _compile_rule(r: _Reader, raw: Any, path: Path_) -> Rule:
                 if not isinstance(value, list):
                     raise r.doc.error((*fpath, op), "expected a list")
                 value = frozenset(value)
-            elif fact in SCORE_NAMES or fact in ("request.rows", "request.body_bytes", "request.features",
+            elif fact in SCORE_NAMES:
+                # every score lies in [0, 1]: a threshold outside it fires on everything (gte: -1 blocks every
+                # client) or on nothing (gte: 95 silently disables the rule), so it is a mistake, never a policy
+                value = _unit_threshold(r, value, (*fpath, op))
+            elif fact in ("request.rows", "request.body_bytes", "request.features",
                                                  "session.queries", "session.age_seconds"):
                 value = r.number(value, (*fpath, op))
             conditions.append(Condition(fact, op, value))
@@ -287,6 +291,13 @@ def _compile_rule(r: _Reader, raw: Any, path: Path_) -> Rule:
         cooldown = r.number(cooldown, (*path, "cooldown_seconds"), minimum=0)
     return Rule(id=rid, action=action, conditions=tuple(conditions), technique=technique,  # type: ignore[arg-type]
                 description=str(description), cooldown=cooldown)
+
+
+def _unit_threshold(r: _Reader, value: Any, path: Path_) -> float:
+    number = r.number(value, path)
+    if not 0.0 <= number <= 1.0:
+        raise r.doc.error(path, f"scores lie in [0, 1] (1 - p-value, e.g. 0.999), got {value!r}")
+    return number
 
 
 def _implied_technique(conditions: list[Condition]) -> str | None:
