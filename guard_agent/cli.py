@@ -51,6 +51,10 @@ def _run(args: argparse.Namespace) -> int:
                                             "log_sample_allow")}
     try:
         settings = load_settings(args.config, flags=flags)
+        if settings.workers > 1:
+            from guard_agent.workers import run_workers
+
+            return run_workers(settings)
         return asyncio.run(serve(settings))
     except ConfigError as exc:
         print(f"guard-agent: configuration error: {exc}", file=sys.stderr)

@@ -35,7 +35,7 @@ from guard_agent.llm import (
     usage_of,
 )
 from guard_agent.policy.decide import INTEGRITY_RULE, RequestFacts, SessionFacts, decide
-from guard_agent.policy.model import Decision, EffectivePolicy, Policy
+from guard_agent.policy.model import Decision, EffectivePolicy, Policy, RateLimit
 from guard_agent.protocols import (
     HARDENABLE_PROTOCOLS,
     ParsedRequest,
@@ -48,7 +48,7 @@ from guard_agent.protocols import (
 from guard_agent.protocols import (
     Hardening as WireHardening,
 )
-from guard_agent.ratelimit import take
+from guard_agent.ratelimit import cooldown_start, rate_check
 from guard_agent.routes import RouteMatch
 from guard_agent.scoring import (
     InputSchemaError,
@@ -475,10 +475,7 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
     features, beyond_range = representable(parsed.features)  # what the detectors and trackers score
     sessions = await _Sessions.load(state, identity, now)
     record = sessions.record
-    rate_limited, retry_after = False, 0.0
-    limit = identity.rate_limit or eff.rate_limit
-    if limit is not None:
-        rate_limited, retry_after = sessions.take(now, limit.rate, limit.burst)
+    rate_limited, retry_after = sessions.take(now, identity.rate_limit or eff.rate_limit)
     request_facts = RequestFacts(model=match.model, protocol=parsed.protocol, rows=parsed.rows,
                                  body_bytes=len(body), features=int(parsed.features.shape[1]),
                                  source_ip=identity.ip, properties=parsed.properties)
@@ -497,8 +494,9 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
         ctx = ScoringContext(features=features, row_shape=parsed.row_shape, model=match.model,
                              protocol=parsed.protocol, body=body, policy=eff,
                              extra={"request": request, "parsed": parsed})
-        scores, failure = await run_scorers(ctx, (_declared_scorer, state.profile.score, _text_scorer),
-                                            state.async_scorers if eff.squeeze.enabled else ())
+        scores, failure = await run_scorers(ctx, (_declared_scorer, _text_scorer),
+                                            state.async_scorers if eff.squeeze.enabled else (),
+                                            batched=state.profile.score_batched)
         if beyond_range:  # a value the detectors cannot represent is as far out as it gets, never an error
             out.fields["beyond_float32"] = True
             if state.profile.expected_features(match.model) is not None:
@@ -521,9 +519,7 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
                       session_source=identity.source, session_queries=sessions.queries,
                       session_age_seconds=round(now - record.first_seen, 3))
     out.features = features
-    cooldown = eff.block_cooldown if decision.cooldown is None else decision.cooldown
-    if decision.enforced and decision.action == "block" and cooldown > 0:
-        sessions.block(now, cooldown, decision.rule)
+    sessions.block(decision, eff, now)
     sessions.count(parsed.rows)
     score_metric = state.metrics.scores_by
     for name, value in scores.items():
@@ -609,22 +605,25 @@ class _Sessions:
     def queries(self) -> int:
         return max(r.queries for _, r in self.entries)
 
-    def take(self, now: float, rate: float, burst: float) -> tuple[bool, float]:
-        """One token from every bucket: (refused, seconds until the emptiest refills)."""
+    def take(self, now: float, limit: RateLimit | None) -> tuple[bool, float]:
+        """One token from every bucket (``ratelimit.rate_check``, as the replay): (refused, seconds until the
+        emptiest refills)."""
         refused, retry_after = False, 0.0
         for _, record in self.entries:
-            record.bucket, allowed, wait = take(record.bucket, now, rate=rate, burst=burst)
-            if not allowed:
+            record.bucket, limited, wait = rate_check(record.bucket, now, limit)
+            if limited:
                 refused, retry_after = True, max(retry_after, wait)
         return refused, retry_after
 
     def blocked(self, now: float) -> str | None:
         return next((rule for _, r in self.entries if (rule := r.blocked(now)) is not None), None)
 
-    def block(self, now: float, cooldown: float, rule: str) -> None:
+    def block(self, decision: Decision, policy: EffectivePolicy, now: float) -> None:
+        """The cool-down the decision starts (``ratelimit.cooldown_start``, as the replay) on every record."""
         for _, record in self.entries:
-            if record.blocked(now) is None:
-                record.blocked_until, record.blocked_rule = now + cooldown, rule
+            started = cooldown_start(decision, policy, now, record.blocked(now))
+            if started is not None:
+                record.blocked_until, record.blocked_rule = started
 
     def count(self, rows: int) -> None:
         for _, record in self.entries:

@@ -10,6 +10,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from detectors import Profile
 from detectors.text import TextModel
 from guard_agent.events import EventLogger
 from guard_agent.identity import IdentityResolver
@@ -40,12 +41,20 @@ class ProfileSource:
     def expected_features(self, model: str | None) -> int | None:
         return None
 
+    def profile_for(self, model: str | None) -> Profile | None:
+        """The fitted profile that scores ``model``'s requests (None: built-in checks only)."""
+        return None
+
     def score(self, ctx: ScoringContext) -> Mapping[str, float]:
         return {}
 
     def text_model(self, model: str | None) -> TextModel | None:
         """The model's fitted text projection and checks (profiles fitted with ``fit --text``)."""
         return None
+
+    async def score_batched(self, ctx: ScoringContext) -> Mapping[str, float]:
+        """``score``, free to score this request's rows together with concurrent requests' (same results)."""
+        return self.score(ctx)
 
 
 class TrackerHook:

@@ -73,7 +73,7 @@ class TextProjection:
         X = hashed(texts)
         return self.transform_hashed(X)
 
-    def _full(self) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:  
+    def _full(self) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
         """The components laid out over every hashed column (zero rows where the reference had nothing), and
         the known columns per half: sparse-dense products per request instead of column indexing."""
         cached: tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]] | None = self.__dict__.get("_full_cache")
