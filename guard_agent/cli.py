@@ -51,6 +51,10 @@ def _run(args: argparse.Namespace) -> int:
                                             "log_sample_allow")}
     try:
         settings = load_settings(args.config, flags=flags)
+        if settings.workers > 1:
+            from guard_agent.workers import run_workers
+
+            return run_workers(settings)
         return asyncio.run(serve(settings))
     except ConfigError as exc:
         print(f"guard-agent: configuration error: {exc}", file=sys.stderr)
@@ -114,6 +118,8 @@ OPTIONAL_COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("tune", "guard_agent.commands.tune", "suggest thresholds for a target false-positive rate"),
     ("report", "guard_agent.commands.report", "write a self-contained HTML report of captured traffic"),
     ("selftest", "guard_agent.commands.selftest", "run a bounded red-team test against a running guard"),
+    ("explain", "guard_agent.commands.explain", "tell one session's story: scores, rules, why and until when blocked"),
+    ("status", "guard_agent.commands.status", "a running guard on one screen: readiness, revisions, decisions, health"),
 )
 """Subcommands in their own modules: each has ``add_arguments(parser)`` and ``run(args) -> int``."""
 

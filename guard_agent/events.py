@@ -180,8 +180,9 @@ class EventLogger:
     """Renders and emits decision events and operational logs; alerts are never sampled."""
 
     def __init__(self, sink: EventSink, *, sample_allow: float = 1.0, rng: random.Random | None = None,
-                 min_level: str = "info") -> None:
+                 min_level: str = "info", observer: Callable[[Mapping[str, Any]], None] | None = None) -> None:
         self.sink = sink
+        self._observer = observer  # sees each decision's fields as written (guard_agent.recent)
         self.sample_allow = sample_allow
         self._min_level = _LEVELS.get(min_level, 1)
         self._rng = rng or random.Random()
@@ -209,6 +210,8 @@ class EventLogger:
 
     def write(self, fields: Mapping[str, Any], message: str, *, level: str = "info") -> None:
         """Emit one decision event already past sampling."""
+        if self._observer is not None:
+            self._observer(fields)
         getattr(self._log, level)(message, **fields)
 
     def log(self, level: str, message: str, **fields: Any) -> None:

@@ -23,10 +23,22 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from guard_agent.events import build_decision_event, random_id
 from guard_agent.identity import Identity
+from guard_agent.llm import (
+    OPENAI_PROTOCOLS,
+    Usage,
+    account,
+    carried,
+    harden_llm_chunk,
+    harden_llm_request,
+    llm_session_facts,
+    relay_sse,
+    usage_of,
+)
 from guard_agent.policy.decide import INTEGRITY_RULE, RequestFacts, SessionFacts, decide
-from guard_agent.policy.model import Decision, EffectivePolicy, Policy
+from guard_agent.policy.model import Decision, EffectivePolicy, Policy, RateLimit
 from guard_agent.protocols import (
     HARDENABLE_PROTOCOLS,
+    ParsedRequest,
     ProtocolError,
     harden_document,
     parse_document,
@@ -36,7 +48,7 @@ from guard_agent.protocols import (
 from guard_agent.protocols import (
     Hardening as WireHardening,
 )
-from guard_agent.ratelimit import take
+from guard_agent.ratelimit import cooldown_start, rate_check
 from guard_agent.routes import RouteMatch
 from guard_agent.scoring import (
     InputSchemaError,
@@ -49,6 +61,7 @@ from guard_agent.scoring import (
 )
 from guard_agent.sessions.base import SessionRecord
 from guard_agent.state import STATE, GuardState
+from guard_agent.text_scoring import project_texts, text_check_scores
 
 __all__ = ["HOP_BY_HOP", "error_response", "handle", "refuse_early"]
 
@@ -453,6 +466,7 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
             inference_header_length=_header_length(header_len),
         )
         out.rows = parsed.rows
+        parsed = project_texts(state.profile, parsed, match.model)
         check_input(parsed.features, eff.input, expected_features=state.profile.expected_features(match.model))
     except (ProtocolError, InputSchemaError) as exc:
         out.rule = "invalid-input"
@@ -463,16 +477,14 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
     if len(sessions.entries) > 1:  # the address's session counts too: name it, so an operator can reset it
         out.fields["address_session"] = sessions.entries[1][0]
     record = sessions.record
-    rate_limited, retry_after = False, 0.0
-    limit = identity.rate_limit or eff.rate_limit
-    if limit is not None:
-        rate_limited, retry_after = sessions.take(now, limit.rate, limit.burst)
+    rate_limited, retry_after = sessions.take(now, identity.rate_limit or eff.rate_limit)
     request_facts = RequestFacts(model=match.model, protocol=parsed.protocol, rows=parsed.rows,
                                  body_bytes=len(body), features=int(parsed.features.shape[1]),
-                                 source_ip=identity.ip)
+                                 source_ip=identity.ip, properties=parsed.properties)
     session_facts = SessionFacts(id=identity.session, source=identity.source, queries=sessions.queries,
                                  age_seconds=now - record.first_seen, blocked_rule=sessions.blocked(now),
-                                 rate_limited=rate_limited, retry_after=retry_after)
+                                 rate_limited=rate_limited, retry_after=retry_after,
+                                 usage=llm_session_facts(record.scores) if parsed.protocol in OPENAI_PROTOCOLS else {})
     decision: Decision | None = None
     scores: dict[str, float] = {}
     failure = None
@@ -484,8 +496,9 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
         ctx = ScoringContext(features=features, row_shape=parsed.row_shape, model=match.model,
                              protocol=parsed.protocol, body=body, policy=eff,
                              extra={"request": request, "parsed": parsed})
-        scores, failure = await run_scorers(ctx, (_declared_scorer, state.profile.score),
-                                            state.async_scorers if eff.squeeze.enabled else ())
+        scores, failure = await run_scorers(ctx, (_declared_scorer, _text_scorer),
+                                            state.async_scorers if eff.squeeze.enabled else (),
+                                            batched=state.profile.score_batched)
         if beyond_range:  # a value the detectors cannot represent is as far out as it gets, never an error
             out.fields["beyond_float32"] = True
             if state.profile.expected_features(match.model) is not None:
@@ -508,9 +521,7 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
                       session_source=identity.source, session_queries=sessions.queries,
                       session_age_seconds=round(now - record.first_seen, 3))
     out.features = features
-    cooldown = eff.block_cooldown if decision.cooldown is None else decision.cooldown
-    if decision.enforced and decision.action == "block" and cooldown > 0:
-        sessions.block(now, cooldown, decision.rule)
+    sessions.block(decision, eff, now)
     sessions.count(parsed.rows)
     score_metric = state.metrics.scores_by
     for name, value in scores.items():
@@ -529,6 +540,8 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
                                   {"Retry-After": retry}), 0.0
         return error_response(403, "blocked", _BLOCK_MESSAGE, request_id), 0.0
 
+    if parsed.protocol in OPENAI_PROTOCOLS:
+        return await _llm_forward(request, state, parsed, decision, out, sessions, body, request_id, now)
     t0 = time.perf_counter()
     try:
         upstream = await _call_upstream(state, request, body, request_id, readable=True,
@@ -569,9 +582,8 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
 class _Sessions:
     """The request's session record and, for an unverified credential, its client address's record too.
 
-    Without a key store anyone can invent keys, so each such request also counts against the address's session:
-    its bucket and its trackers (and a block of the address's own session refuses it). Both records are read once
-    and written once.
+    Without a key store anyone can invent keys, so each such request also counts against (and is refused by) the
+    address's session: its bucket, its trackers and its block. Both records are read once and written once.
     """
 
     __slots__ = ("entries",)
@@ -595,25 +607,25 @@ class _Sessions:
     def queries(self) -> int:
         return max(r.queries for _, r in self.entries)
 
-    def take(self, now: float, rate: float, burst: float) -> tuple[bool, float]:
-        """One token from every bucket: (refused, seconds until the emptiest refills)."""
+    def take(self, now: float, limit: RateLimit | None) -> tuple[bool, float]:
+        """One token from every bucket (``ratelimit.rate_check``, as the replay): (refused, seconds until the
+        emptiest refills)."""
         refused, retry_after = False, 0.0
         for _, record in self.entries:
-            record.bucket, allowed, wait = take(record.bucket, now, rate=rate, burst=burst)
-            if not allowed:
+            record.bucket, limited, wait = rate_check(record.bucket, now, limit)
+            if limited:
                 refused, retry_after = True, max(retry_after, wait)
         return refused, retry_after
 
     def blocked(self, now: float) -> str | None:
         return next((rule for _, r in self.entries if (rule := r.blocked(now)) is not None), None)
 
-    def block(self, now: float, cooldown: float, rule: str) -> None:
-        """The cool-down is the request's own session's: the address shares its bucket and trackers (whose
-        evidence keeps refusing a key-rotating attacker), not the block of one key, which would block every
-        client behind the address. A blocked address session (a client without a key) does bind its keys."""
-        record = self.record
-        if record.blocked(now) is None:
-            record.blocked_until, record.blocked_rule = now + cooldown, rule
+    def block(self, decision: Decision, policy: EffectivePolicy, now: float) -> None:
+        """The cool-down the decision starts (``ratelimit.cooldown_start``, as the replay) on every record."""
+        for _, record in self.entries:
+            started = cooldown_start(decision, policy, now, record.blocked(now))
+            if started is not None:
+                record.blocked_until, record.blocked_rule = started
 
     def count(self, rows: int) -> None:
         for _, record in self.entries:
@@ -640,6 +652,52 @@ class _Sessions:
             await state.sessions.put(session, record, now)
 
 
+async def _llm_forward(request: web.Request, state: GuardState, parsed: ParsedRequest, decision: Decision,
+                       out: _Outcome, sessions: _Sessions, body: bytes, request_id: str,
+                       now: float) -> tuple[web.StreamResponse, float]:
+    """OpenAI-compatible routes: a hardened request loses its logit_bias; streamed answers are relayed chunk by
+    chunk; the usage goes into the event; the trackers learn the prompt (the answer has no class to learn)."""
+    record = sessions.record
+    hardening = _wire_hardening(decision)
+    if hardening is not None:
+        body = harden_llm_request(body, hardening)
+        out.fields["hardening"] = "applied"
+    t0 = time.perf_counter()
+    try:
+        upstream = await _call_upstream(state, request, body, request_id, readable=True)
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        await sessions.save(state, now)
+        return _upstream_failure(state, out, exc, request_id), time.perf_counter() - t0
+    eff = state.policies.current.for_model(out.model)
+    async with upstream:
+        headers = _client_headers(upstream.headers, request_id)
+        if parsed.properties.get("request.stream") and upstream.status == 200:
+            response, usage, complete = await relay_sse(request, upstream, headers, hardening)
+            if not complete:
+                out.outcome = "failure"
+        else:
+            payload = await upstream.read()
+            doc = read_response(payload) if upstream.status == 200 else None
+            usage = usage_of(doc) or Usage(counted=True)
+            if hardening is not None and doc is not None:
+                hardened = harden_llm_chunk(payload, hardening)
+                if hardened is None:
+                    await sessions.save(state, now)
+                    out.outcome, out.fields["hardening"] = "failure", "failed"
+                    return error_response(502, "hardening_failed", "the model's answer could not be hardened",
+                                          request_id), time.perf_counter() - t0
+                payload = hardened
+            response = web.Response(status=upstream.status, reason=upstream.reason, body=payload, headers=headers)
+    upstream_time = time.perf_counter() - t0
+    out.fields["llm"] = usage.as_fields()
+    kept = account(record.scores, parsed, usage) if upstream.status == 200 else carried(record.scores)
+    if eff.needs_session_scores and upstream.status == 200:
+        await sessions.learn(state, parsed.features, out.model, None, now, out.scores)
+    record.scores = {**record.scores, **kept}
+    await sessions.save(state, now)
+    return response, upstream_time
+
+
 def _header_length(values: list[str]) -> int | None:
     """The v2 binary extension's JSON length; refused unless it is said once, in plain ASCII digits (the guard
     and the model server could otherwise read different lengths, e.g. the first and the last of two)."""
@@ -655,6 +713,10 @@ def _header_length(values: list[str]) -> int | None:
 
 def _declared_scorer(ctx: ScoringContext) -> Mapping[str, float]:
     return {"input.schema": declared_schema_score(ctx.features, ctx.policy.input)}
+
+
+def _text_scorer(ctx: ScoringContext) -> Mapping[str, float]:
+    return text_check_scores(ctx.extra["request"].app[STATE].profile, ctx.extra["parsed"], ctx.model)
 
 
 def _wire_hardening(decision: Decision) -> WireHardening | None:

@@ -17,11 +17,14 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from guard_agent.batching import TurnBatcher
+from guard_agent.contracts import RowScorer
 from guard_agent.policy.model import EffectivePolicy, InputSchema
 
 __all__ = [
     "AsyncScorer",
     "InputSchemaError",
+    "RowBatcher",
     "ScoringContext",
     "SyncScorer",
     "check_input",
@@ -87,6 +90,23 @@ def declared_schema_score(features: np.ndarray, schema: InputSchema) -> float:
     return 0.0
 
 
+def _row_max(per_row: Mapping[str, np.ndarray], start: int, end: int) -> dict[str, float]:
+    return {name: float(values[start:end].max()) for name, values in per_row.items()}
+
+
+class RowBatcher:
+    """Calibrated scores of concurrent requests from one ``Profile.score`` call per loop turn (see
+    ``guard_agent.batching``): each request gets the maximum over its rows of each score, as if alone."""
+
+    def __init__(self, *, max_rows: int = 256) -> None:
+        self._batcher: TurnBatcher[RowScorer, Mapping[str, np.ndarray], dict[str, float]] = TurnBatcher(
+            lambda profile, rows: profile.score(rows), _row_max, max_rows=lambda _profile: max_rows)
+
+    async def score(self, profile: RowScorer, features: np.ndarray) -> dict[str, float]:
+        """The maximum over ``features``' rows of each calibrated score."""
+        return await self._batcher(profile, features)
+
+
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 """The largest value the detectors score in (they work in float32); beyond it a value cannot be represented."""
 
@@ -119,8 +139,14 @@ async def run_scorers(
     ctx: ScoringContext,
     sync_scorers: tuple[Callable[[ScoringContext], Mapping[str, float]], ...],
     async_scorers: tuple[Callable[[ScoringContext], Awaitable[Mapping[str, float]]], ...],
+    *,
+    batched: Callable[[ScoringContext], Awaitable[Mapping[str, float]]] | None = None,
 ) -> tuple[dict[str, float], Literal["error", "budget"] | None]:
-    """All scores for one request; merged by max, so a score two scorers provide keeps the worse."""
+    """All scores for one request; merged by max, so a score two scorers provide keeps the worse.
+
+    ``batched`` (the profile's detectors) is awaited inline, not under the budget: it only waits for the end of
+    the current loop turn, never for I/O.
+    """
     scores: dict[str, float] = {}
     failure: Literal["error", "budget"] | None = None
 
@@ -135,6 +161,11 @@ async def run_scorers(
     for scorer in sync_scorers:
         try:
             merge(scorer(ctx))
+        except Exception:
+            failure = "error"
+    if batched is not None:
+        try:
+            merge(await batched(ctx))
         except Exception:
             failure = "error"
     if async_scorers:

@@ -37,6 +37,7 @@ from guard_agent.proxy import error_response, refuse_early
 from guard_agent.settings import ConfigError, Settings, parse_hostport
 from guard_agent.state import GuardState
 from guard_agent.tls import TlsError, TlsReloader
+from guard_agent.workers import one_native_thread
 
 __all__ = ["ConnectionGuard", "GuardSite", "ListenError", "ParseErrorLog", "attach_credentials", "serve",
            "start_listeners"]
@@ -260,8 +261,9 @@ class GuardSite(web.TCPSite):
     """A TCP site whose connections pass through a ``ConnectionGuard`` (and TLS, when given)."""
 
     def __init__(self, runner: web.AppRunner, host: str, port: int, *, guard: ConnectionGuard,
-                 ssl_context: ssl.SSLContext | None = None, backlog: int = 1024) -> None:
-        super().__init__(runner, host, port, ssl_context=ssl_context, backlog=backlog, reuse_address=True)
+                 ssl_context: ssl.SSLContext | None = None, backlog: int = 1024, reuse_port: bool = False) -> None:
+        super().__init__(runner, host, port, ssl_context=ssl_context, backlog=backlog, reuse_address=True,
+                         reuse_port=reuse_port)
         self._guard = guard
 
     async def start(self) -> None:
@@ -271,7 +273,7 @@ class GuardSite(web.TCPSite):
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             self._guard.wrap(server), self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
-            reuse_address=self._reuse_address,
+            reuse_address=self._reuse_address, reuse_port=self._reuse_port,
             ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if self._ssl_context else None)
 
 
@@ -405,7 +407,8 @@ async def start_listeners(state: GuardState) -> tuple[web.AppRunner, web.AppRunn
     try:
         host, port = parse_hostport(s.listen)
         with _naming(s.listen):
-            await GuardSite(guard_runner, host, port, guard=guard, ssl_context=tls.context if tls else None).start()
+            await GuardSite(guard_runner, host, port, guard=guard, ssl_context=tls.context if tls else None,
+                            reuse_port=s.workers > 1).start()  # GUARD_WORKERS: the workers share the guard port
         ahost, aport = parse_hostport(s.admin_listen)
         with _naming(s.admin_listen):
             await web.TCPSite(admin_runner, ahost, aport, reuse_address=True).start()
@@ -431,6 +434,7 @@ def _naming(address: str) -> Iterator[None]:
 
 
 async def serve(settings: Settings) -> int:
+    one_native_thread()  # numpy on the loop thread: BLAS threads only compete with it
     state = build_state(settings)
     DiagnosticsHandler(state.events).install()  # stdout stays one JSON object per line
     loop = asyncio.get_running_loop()

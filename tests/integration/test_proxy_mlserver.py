@@ -117,7 +117,8 @@ class TestInvalidInput:
         (b'{"inputs":[{"name":"a","shape":[1,2],"datatype":"FP64","data":[1,2]}],"inputs":[]}', {}, "duplicate"),
         (b'{"inputs":[{"name":"a","shape":[1,3],"datatype":"FP64","data":[1,2]}]}', {}, "shape"),
         (b'{"inputs":[{"name":"a","shape":[1,2],"datatype":"FP64","data":["x","y"]}]}', {}, "numeric"),
-        (b'{"inputs":[{"name":"a","shape":[1,2],"datatype":"BYTES","data":["x","y"]}]}', {}, "datatype"),
+        (b'{"inputs":[{"name":"a","shape":[1],"datatype":"BYTES","data":["x"]},'
+         b'{"name":"b","shape":[1],"datatype":"FP64","data":[1]}]}', {}, "cannot be mixed"),
         (b'{"inputs":[{"name":"a","shape":[1,2],"datatype":"FP64","data":[NaN,1]}]}', {}, "NaN"),
         (b'{"inputs":[{"name":"a","shape":[1,2],"datatype":"FP64","data":[1,2]}]}',
          {"Content-Encoding": "gzip"}, "Content-Encoding"),
@@ -272,10 +273,13 @@ class TestEnforcement:
             async with http.post(guard.url + INFER, data=v2_body(digits.X_test[0]), headers=hdr) as r:
                 assert r.status == 403
             session = guard.events[-1]["guard"]["session"]
+            # an unregistered key's block holds its client address's session too (issue 14): both are unblocked
+            address_session = guard.events[-1]["guard"]["address_session"]
             auth = {"Authorization": "Bearer test-admin-token"}
             async with http.post(f"{guard.admin_url}/admin/sessions/{session}/unblock") as r:
                 assert r.status == 401
-            async with http.post(f"{guard.admin_url}/admin/sessions/{session}/unblock", headers=auth) as r:
-                assert r.status == 200
+            for blocked in (session, address_session):
+                async with http.post(f"{guard.admin_url}/admin/sessions/{blocked}/unblock", headers=auth) as r:
+                    assert r.status == 200
             async with http.post(guard.url + INFER, data=v2_body(digits.X_test[0]), headers=hdr) as r:
                 assert r.status == 200
