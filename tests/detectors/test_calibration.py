@@ -124,7 +124,7 @@ class TestHonestOnHeldOutRows:
 
 
 class TestAbsurdInputsBlocked:
-    @pytest.mark.parametrize("size", (100, 300, 1000))
+    @pytest.mark.parametrize("size", [100, 300, 1000])
     def test_noise_images(self, size: int, rules: tuple[StatelessRule, ...]) -> None:
         """Uniform noise images over the pixel scale [0, 16]: at least 60% blocked per request (measured 72-99%),
         and held-out digits with heavy noise (sigma = 15% of the range): at least 90% (measured 99%), from 100
