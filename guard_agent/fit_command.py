@@ -20,6 +20,7 @@ import numpy as np
 import yaml
 
 from detectors import COMBINED, Profile, ProfileError, fit_profile, load_reference, save_profile
+from guard_agent.fit_text import add_text_arguments, run_fit_text
 
 from .policy.store import default_policy_text
 
@@ -44,6 +45,7 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--combine", choices=("min", "fisher"), default="min", help="p-value combination (default min)")
     parser.add_argument("--force", action="store_true", help="replace an existing profile directory")
+    add_text_arguments(parser)
 
 
 def _load_labels(path: Path, n_rows: int) -> np.ndarray:
@@ -205,6 +207,8 @@ def _tracker_parts(X: np.ndarray, labels: np.ndarray | None, seed: int) -> dict[
 
 def run_fit(args: argparse.Namespace) -> int:
     """Fit, save and summarise a profile. Returns the exit status (0 ok, 1 bad input or refused overwrite)."""
+    if args.text:
+        return run_fit_text(args)
     out: Path = args.out
     try:
         if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
