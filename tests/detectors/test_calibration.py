@@ -96,7 +96,7 @@ class TestHonestOnHeldOutRows:
     def test_gaussian(self, gauss: Gaussian, size: int) -> None:
         """Fresh rows of the reference distribution: every detector and the combination fire at about 1%
         (within sampling error) at score >= 0.99, and the default policy's per-request rules stay silent."""
-        repeats = 3 if size <= 300 else 1
+        repeats = 2 if size <= 300 else 1
         fresh = gauss.sample(10000, seed=99)
         rates: dict[str, list[float]] = {}
         for r in range(repeats):
@@ -109,7 +109,7 @@ class TestHonestOnHeldOutRows:
 
     def test_digits(self, shifted_digits: np.ndarray, size: int, rules: tuple[StatelessRule, ...]) -> None:
         """Held-out digits (integer pixels, near-constant corners): same bounds; no held-out row blocked."""
-        repeats = 2 if size <= 300 else 1
+        repeats = 2 if size == 100 else 1
         rates: dict[str, list[float]] = {}
         n_held = 0
         for r in range(repeats):
