@@ -52,7 +52,10 @@ def project_texts(profiles: TextModels, parsed: ParsedRequest, model: str | None
     text_model = profiles.text_model(model)
     if text_model is None:
         return parsed
-    features = text_model.features(parsed.texts)
+    if parsed.hashed_texts is not None:
+        features = text_model.projection.transform_hashed(parsed.hashed_texts)
+    else:
+        features = text_model.features(parsed.texts)
     return dataclasses.replace(parsed, features=features, row_shape=(features.shape[1],))
 
 
