@@ -284,3 +284,16 @@ class TestLLMSessions:
         assert statuses[30] == 403
         (event,) = sweep_guard.events_for(rid("lsweep-290"))
         assert event["rule"]["name"] == "logit-sweep"
+
+
+async def test_default_policy_hardens_logit_bias_with_logprobs(start_guard: Any, llama_server: str) -> None:
+    """The shipped policy hardens logit_bias + top_logprobs (bias dropped, top-1 log-probabilities rounded)."""
+    guard = await start_guard(llama_server)
+    doc = chat("hello world", logprobs=True, top_logprobs=3, logit_bias={"300": 100})
+    status, answer = await call(guard, "/v1/chat/completions", doc, "default-bias")
+    assert status == 200
+    for tok in answer["choices"][0]["logprobs"]["content"]:
+        assert len(tok["top_logprobs"]) <= 1 and tok["logprob"] == round(tok["logprob"], 1)
+    (event,) = guard.events_for(rid("default-bias"))
+    assert event["rule"]["name"] == "llm-logit-bias-with-logprobs"
+    assert event["threat"]["technique"]["id"] == "AML.T0024.002"
