@@ -7,6 +7,7 @@ character edits), and the agreement of a thief trained through the guard with te
 (bofh-excuses + food fortunes). Data: the Debian packages fortunes and fortunes-bofh-excuses.
 
     .venv/bin/python -m bench._matrix_text [--texts 20] [--benign 100] [--budget 300]
+    .venv/bin/python -m bench._matrix_text --cost     # CPU per text request, beside a numeric one
 
 ``text_row(...)`` returns the figures as a dict, for bench/detection_matrix.py to hook in.
 """
@@ -198,12 +199,55 @@ def text_row(*, texts: int = 20, benign: int = 100, budget: int = 300, keys: int
         return row
 
 
+def text_cost(repeats: int = 3) -> dict[str, float]:
+    """CPU microseconds per request, side by side: a numeric v2 parse (64 FP64), a text v2 parse, and the guard's
+    text path with a fitted profile (parse, projection of the hashed rows, detectors, checks)."""
+    import orjson
+
+    from detectors.text import TextModel, fit_text_profile
+    from guard_agent.protocols import parse_request
+
+    texts, _ = labelled_fortunes()
+    profile, _ = fit_text_profile(texts[:1500], seed=0)
+    model = TextModel.from_profile(profile)
+    assert model is not None
+    sample = texts[1500:1700]
+    bodies = [orjson.dumps({"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [t],
+                                        "parameters": {"content_type": "str"}}]}) for t in sample]
+    numeric = orjson.dumps({"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP64",
+                                        "data": np.random.default_rng(0).random(64).tolist()}]})
+
+    def parse(body: bytes) -> Any:
+        return parse_request("v2", body, content_type="application/json", content_encoding=None)
+
+    def guard_path(body: bytes) -> None:
+        parsed = parse(body)
+        profile.score(model.projection.transform_hashed(parsed.hashed_texts))
+        model.checks.score(parsed.texts)
+
+    def cpu(fn: Any) -> float:
+        started = time.process_time()
+        for _ in range(repeats):
+            for body in bodies:
+                fn(body)
+        return (time.process_time() - started) / (repeats * len(bodies)) * 1e6
+
+    return {"mean_chars": float(np.mean([len(t) for t in sample])),
+            "numeric_parse_us": cpu(lambda _: parse(numeric)), "text_parse_us": cpu(parse),
+            "text_scored_us": cpu(guard_path)}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--texts", type=int, default=20, help="attacked texts per attack")
     ap.add_argument("--benign", type=int, default=100, help="benign sessions")
     ap.add_argument("--budget", type=int, default=300, help="queries per attacked text")
+    ap.add_argument("--cost", action="store_true", help="only the CPU cost per text request (no servers)")
     args = ap.parse_args(argv)
+    if args.cost:
+        json.dump(text_cost(), sys.stdout, indent=2)
+        print()
+        return
     started = time.process_time()
     row = text_row(texts=args.texts, benign=args.benign, budget=args.budget)
     json.dump(row, sys.stdout, indent=2)
