@@ -12,14 +12,12 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from detectors import Profile, ProfileError, load_profiles
 from detectors.text import TextModel
 from guard_agent.filewatch import file_identity
-from guard_agent.scoring import ScoringContext
+from guard_agent.scoring import RowBatcher, ScoringContext
 from guard_agent.state import ProfileSource
 from guard_agent.text_scoring import text_model_of
 
@@ -38,6 +36,7 @@ class ProfileStore(ProfileSource):
         self.path = Path(path)
         self.profiles: dict[str, Profile] = {}
         self._identities: dict[Path, tuple[int, int, int, int] | None] = {}
+        self._batcher = RowBatcher()
         self._load()  # the first load must succeed
 
     def _watched(self) -> dict[Path, tuple[int, int, int, int] | None]:
@@ -91,13 +90,14 @@ class ProfileStore(ProfileSource):
         profile = self.profile_for(ctx.model)
         if profile is None:
             return {}
-        return {name: float(np.max(values)) for name, values in profile.score(ctx.features).items()}
+        return {name: float(values.max()) for name, values in profile.score(ctx.features).items()}
 
-    def component(self, name: str, model: str | None = None) -> tuple[Mapping[str, Any], Mapping[str, Any]] | None:
-        profile = self.profile_for(model)
+    async def score_batched(self, ctx: ScoringContext) -> Mapping[str, float]:
+        """``score``, with the rows of every request scored in the same event-loop turn scored in one call."""
+        profile = self.profile_for(ctx.model)
         if profile is None:
-            return None
-        return profile.components.get(name)
+            return {}
+        return await self._batcher.score(profile, ctx.features)
 
     def maybe_reload(self, state: GuardState) -> None:
         """Called by the watcher: reload when any profile.json changed identity."""

@@ -168,10 +168,6 @@ class RedisGlobalIndex:
         self.n_buckets = 1 << max(4, math.ceil(math.log2(max(1, max_entries * self.n_index // self.bucket_size) * 2)))
         self._script: Any = None
 
-    def install(self, tracking: Any) -> None:
-        """Make ``tracking.observe_global`` (the SessionTracking hook) go through this index."""
-        tracking.observe_global = self.observe
-
     def _args(self, session: str, fingerprints: np.ndarray, digests: np.ndarray, density: np.ndarray,
               now: float) -> list[Any]:
         sid = int(session_hash(session)).to_bytes(8, "little")

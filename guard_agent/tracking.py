@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import struct
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from detectors.trackers import GlobalFingerprintIndex, SessionTrackers, TrackerConfig
+from guard_agent.batching import TurnBatcher
+from guard_agent.contracts import Density, GlobalObserver
 from guard_agent.sessions.base import SessionRecord
 from guard_agent.state import TrackerHook
 
@@ -43,8 +45,13 @@ class SessionTracking(TrackerHook):
         self._engines: dict[str, SessionTrackers] = {k: SessionTrackers(c, salt=salt) for k, c in configs.items()}
         self._defaults: dict[int, SessionTrackers] = {}
         self.global_index = global_index if global_index is not None else GlobalFingerprintIndex()  # len() 0 is falsy
+        self._global: GlobalObserver = _LocalGlobal(self.global_index)
         self.score_names = frozenset(SessionTrackers.score_names | {GLOBAL})
-        self._pending: dict[int, tuple[weakref.ref[np.ndarray], SessionTrackers, np.ndarray, np.ndarray]] = {}
+        self._pending: dict[int, tuple[weakref.ref[np.ndarray], SessionTrackers, _Hashes]] = {}
+        # concurrent requests' hashes in one call: rows are hashed independently up to max_rows_tracked rows
+        self._hashes: TurnBatcher[SessionTrackers, _Hashes, _Hashes] = TurnBatcher(
+            lambda engine, rows: engine.request_hashes(rows), _rows_of,
+            max_rows=lambda engine: engine.config.max_rows_tracked)
 
     @classmethod
     def from_profile(cls, profile: Any, *, salt: bytes,
@@ -93,8 +100,11 @@ class SessionTracking(TrackerHook):
             # history at this width yet anyway
             return dict.fromkeys(self.score_names, 0.0)
         scores = dict(engine.peek(self._state(record, engine), now))
-        fingerprints, keys, digests = engine.request_hashes(features)  # features checked and hashed once
-        self._remember(features, engine, fingerprints, digests)
+        hashes = self._recall(features, engine)  # a second session of the request (its client address's)
+        if hashes is None:
+            hashes = await self._hashes(engine, features)  # features checked and hashed once per request
+            self._remember(features, engine, hashes)
+        fingerprints, keys, _ = hashes
         threshold = self.global_index.match_threshold
 
         def density(i: int) -> float:  # the index asks only for rows that have near-duplicates
@@ -103,16 +113,21 @@ class SessionTracking(TrackerHook):
         scores[GLOBAL] = await self.observe_global(session, fingerprints, keys, now, density)
         return scores
 
-    async def observe_global(self, session: str, fingerprints: np.ndarray, digests: np.ndarray, now: float,
-                             density: np.ndarray | Callable[[int], float] | None = None) -> float:
-        """This query against earlier queries of every session (a shared store may override this)."""
-        return float(self.global_index.observe(session, fingerprints, digests, now, density))
+    def share_global(self, observer: GlobalObserver) -> None:
+        """Answer ``session.global_fingerprint`` from ``observer`` (a shared index over every replica) instead of
+        this process's own index, which ``observer`` keeps warm as its fallback."""
+        self._global = observer
 
-    def _remember(self, features: np.ndarray, engine: SessionTrackers, fingerprints: np.ndarray,
-                  digests: np.ndarray) -> None:
-        """Keep the request's hashes (tracked rows only: at most ``max_rows_tracked``) for its ``update``, so
-        they are computed once per request. The entry holds the features array only weakly and goes when the
-        array does: a request refused before ``update`` (blocked, upstream error) leaves nothing behind."""
+    async def observe_global(self, session: str, fingerprints: np.ndarray, digests: np.ndarray, now: float,
+                             density: Density = None) -> float:
+        """This query against earlier queries of every session."""
+        return await self._global.observe(session, fingerprints, digests, now, density)
+
+    def _remember(self, features: np.ndarray, engine: SessionTrackers, hashes: _Hashes) -> None:
+        """Keep the request's hashes (tracked rows only: at most ``max_rows_tracked``) for the request's other
+        ``peek`` and its ``update``s, so they are computed once per request. The entry holds the features array
+        only weakly and goes when the array does: a request refused before ``update`` (blocked, upstream error)
+        leaves nothing behind."""
         key = id(features)
         pending = self._pending
 
@@ -123,14 +138,14 @@ class SessionTracking(TrackerHook):
 
         if len(pending) >= _MAX_PENDING:  # only requests in flight at once: a backstop, never reached in use
             pending.pop(next(iter(pending)))
-        pending[key] = (weakref.ref(features, forget), engine, fingerprints, digests)
+        pending[key] = (weakref.ref(features, forget), engine, hashes)
 
-    def _recall(self, features: np.ndarray, engine: SessionTrackers) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """The fingerprints and digests ``peek`` computed for this very array with this very engine, else Nones."""
-        held = self._pending.pop(id(features), None)
+    def _recall(self, features: np.ndarray, engine: SessionTrackers) -> _Hashes | None:
+        """The hashes ``peek`` computed for this very array with this very engine, else None."""
+        held = self._pending.get(id(features))
         if held is not None and held[0]() is features and held[1] is engine:
-            return held[2], held[3]
-        return None, None
+            return held[2]
+        return None
 
     def _engine_by_layout(self, layout: int) -> SessionTrackers | None:
         for engine in (*self._engines.values(), *self._defaults.values()):
@@ -186,12 +201,33 @@ class SessionTracking(TrackerHook):
             labels = None
         if probabilities is not None and probabilities.shape[0] != features.shape[0]:
             probabilities = None
-        fingerprints, digests = self._recall(features, engine)
+        hashes = self._recall(features, engine)
+        fingerprints, digests = (None, None) if hashes is None else (hashes[0], hashes[2])
         state, new_scores = engine.update(self._state(record, engine), features, labels, probabilities, now,
                                           global_fingerprint=scores.get(GLOBAL), fingerprints=fingerprints,
                                           digests=digests)
         record.tracker_state = _with_state(record.tracker_state, engine.config.layout_id, state)
         return new_scores
+
+
+class _LocalGlobal:
+    """The in-process global index as a ``GlobalObserver``."""
+
+    def __init__(self, index: GlobalFingerprintIndex) -> None:
+        self._index = index
+
+    async def observe(self, session: str, fingerprints: np.ndarray, digests: np.ndarray, now: float,
+                      density: Density = None) -> float:
+        return float(self._index.observe(session, fingerprints, digests, now, density))
+
+
+_Hashes = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def _rows_of(hashes: _Hashes, start: int, end: int) -> _Hashes:
+    """One request's rows of ``request_hashes`` over a batch of requests (all rows tracked: no subsample)."""
+    fingerprints, keys, digests = hashes
+    return fingerprints[start:end], keys[start:end], digests[start:end]
 
 
 def _with_state(held: Mapping[int, Any] | None, layout: int, state: Any) -> dict[int, Any]:

@@ -112,6 +112,10 @@ class Hardening:
     label_only: bool = False
 
 
+QUERY_CHOICES: tuple[str, ...] = ("refuse", "strip", "forward")
+"""What ``input.query`` may say about a query string on a scored route."""
+
+
 @dataclass(frozen=True)
 class InputSchema:
     """Declared input checks: what a request must look like before any detector runs."""
@@ -121,6 +125,9 @@ class InputSchema:
     maximum: tuple[float, ...] | None = None
     allow_nonfinite: bool = False
     max_rows: int | None = None
+    # a query string on a scored route: refuse (400), strip (forward the path alone) or forward it as sent;
+    # no inference protocol the guard parses uses one, and the model server may read it (``?/../unload``)
+    query: str = "refuse"
 
 
 @dataclass(frozen=True)

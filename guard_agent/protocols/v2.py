@@ -107,7 +107,7 @@ def _leaves(data: Any) -> list[int]:
 def _in_range(data: Any, arr: np.ndarray, lo: float, hi: float) -> bool:
     """Range check on the float copy, exact on the JSON integers where float64 could round (|x| >= 2**53)."""
     low, high = float(arr.min()), float(arr.max())
-    if low < lo or high > hi:
+    if low < float(lo) or high > float(hi):  # both sides rounded alike: 2**63 - 1 is float 2**63 on both
         return False
     if high < 2**53 and low > -(2**53):
         return True
