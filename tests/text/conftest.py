@@ -3,6 +3,7 @@ and a text profile fitted on it once per session."""
 
 from __future__ import annotations
 
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,3 +44,12 @@ def text_profile_dir(text_profile: Profile, tmp_path_factory: pytest.TempPathFac
     out = tmp_path_factory.mktemp("text-profile")
     save_profile(text_profile, out, force=True)
     return out
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a server the test started (by its own handle), killing it if it does not exit in 15 s."""
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()

@@ -21,7 +21,7 @@ import pytest
 from guard_agent.attacks import REFUSED, TextClient, char_swap, fortune_texts, text_body, text_classifier
 from tests._support.servers import free_port
 from tests.conftest import wait_http
-from tests.text.conftest import TextData
+from tests.text.conftest import TextData, stop
 
 pytestmark = pytest.mark.slow
 
@@ -60,11 +60,7 @@ def text_mlserver(tmp_path_factory: pytest.TempPathFactory, fortunes: TextData) 
         wait_http(f"http://127.0.0.1:{port}/v2/models/{MODEL}/ready", timeout=120, proc=proc)
         yield TextServer(f"http://127.0.0.1:{port}", clf)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ import pytest
 from tests._support.servers import free_port
 from tests.conftest import wait_http
 from tests.text._tiny_llama import write_tiny_llama
+from tests.text.conftest import stop
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] is built and installed by .ci/run")
@@ -60,19 +61,14 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         wait_http(f"http://127.0.0.1:{port}/v1/models", timeout=60, proc=proc)
         yield f"http://127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
 
 @pytest.fixture
 async def llm_guard(start_guard: Any, llama_server: str, tmp_path: Path, text_profile_dir: Path) -> Any:
     """The guard with a text profile fitted on reference prompts (here: the fortunes corpus)."""
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(POLICY)
-    return await start_guard(llama_server, policy=str(policy), profile=str(text_profile_dir))
+    return await start_guard(llama_server, policy=policy_file(tmp_path / "policy.yaml", POLICY),
+                             profile=str(text_profile_dir))
 
 
 def rid(name: str) -> str:
@@ -224,18 +220,19 @@ rules:
 """
 
 
+def policy_file(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
 @pytest.fixture
 async def budget_guard(start_guard: Any, llama_server: str, tmp_path: Path) -> Any:
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(BUDGET_POLICY)
-    return await start_guard(llama_server, policy=str(policy))
+    return await start_guard(llama_server, policy=policy_file(tmp_path / "budget.yaml", BUDGET_POLICY))
 
 
 @pytest.fixture
 async def sweep_guard(start_guard: Any, llama_server: str, tmp_path: Path) -> Any:
-    policy = tmp_path / "sweep.yaml"
-    policy.write_text(SWEEP_POLICY)
-    return await start_guard(llama_server, policy=str(policy))
+    return await start_guard(llama_server, policy=policy_file(tmp_path / "sweep.yaml", SWEEP_POLICY))
 
 
 class TestLLMSessions:
