@@ -14,6 +14,7 @@ from sklearn.model_selection import train_test_split
 from detectors import Profile, save_profile
 from detectors.text import fit_text_profile
 from guard_agent.attacks._text_data import labelled_fortunes
+from tests.integration.conftest import redis_prefix  # noqa: F401 (the fixture: shared Redis under our own prefix)
 
 
 @dataclass(frozen=True)

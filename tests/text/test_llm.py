@@ -294,3 +294,26 @@ async def test_default_policy_hardens_logit_bias_with_logprobs(start_guard: Any,
     (event,) = guard.events_for(rid("default-bias"))
     assert event["rule"]["name"] == "llm-logit-bias-with-logprobs"
     assert event["threat"]["technique"]["id"] == "AML.T0024.002"
+
+
+@pytest.mark.redis
+async def test_token_budget_shared_through_redis(start_guard: Any, llama_server: str, tmp_path: Path,
+                                                 redis_prefix: str) -> None:
+    """Two guards sharing Redis count one key's tokens together: alternating between them, the session is
+    throttled once the sum of both guards' answers crossed the budget."""
+    url = f"redis://127.0.0.1:6379/0?key_prefix={redis_prefix}"
+    policy = policy_file(tmp_path / "budget.yaml", BUDGET_POLICY)
+    guards = [await start_guard(llama_server, policy=policy, redis_url=url, hmac_key="shared") for _ in range(2)]
+    used, status = 0, 200
+    try:
+        for i in range(20):
+            status, doc = await call(guards[i % 2], "/v1/chat/completions", chat("hello world", max_tokens=8),
+                                     f"redis-budget-{i}", key="shared-spender")
+            if status != 200:
+                break
+            used += doc["usage"]["total_tokens"]
+    finally:
+        for g in guards:
+            await g.state.sessions.aclose()
+    assert status == 429
+    assert 200 <= used < 260
