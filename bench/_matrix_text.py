@@ -138,13 +138,19 @@ def benign_texts(pool: list[str], rng: random.Random, n: int) -> list[str]:
     return out
 
 
+def loopback(n: int) -> str:
+    """Client n's own loopback address: the guard counts requests under unverified keys against the client
+    address's session too, and real clients do not all share one address."""
+    return f"127.0.{1 + n // 250}.{1 + n % 250}"
+
+
 def run_benign(setup: TextSetup, sessions: int) -> tuple[int, int, int]:
     """(sessions with any refused query, refused queries, queries) for benign sessions of 8..40 texts."""
     blocked_sessions = refused = total = 0
     for s in range(sessions):
         rng = random.Random(70_000 + s)
         client = TextClient(setup.guard, [f"benign-{s}-{secrets.token_hex(4)}"], f"benign{s}", model=MODEL,
-                            refusals_to_retire=10**6)
+                            refusals_to_retire=10**6, source_address=loopback(s))
         try:
             ans = client.predict_texts(benign_texts(setup.test, rng, rng.randint(8, 40)))
         finally:
@@ -158,7 +164,7 @@ def run_benign(setup: TextSetup, sessions: int) -> tuple[int, int, int]:
 
 def _attack(setup: TextSetup, url: str, name: str, targets: list[str], budget: int, keys: int) -> AttackResult:
     client = TextClient(url, [f"{name}-{i}-{secrets.token_hex(4)}" for i in range(keys)], f"{name}-{url[-5:]}",
-                        model=MODEL)
+                        model=MODEL, source_address=loopback(1000 + (name == "char")))
     try:
         if name == "word":
             vocab = " ".join(fortune_texts("food") + fortune_texts("love")).split()
@@ -189,7 +195,8 @@ def text_row(*, texts: int = 20, benign: int = 100, budget: int = 300, keys: int
         queries = fortune_texts("bofh-excuses") + fortune_texts("food") + fortune_texts("love")
         rng.shuffle(queries)
         for where, url in (("without_guard", setup.model), ("with_guard", setup.guard)):
-            client = TextClient(url, [f"thief-{secrets.token_hex(4)}"], f"thief-{where}", model=MODEL)
+            client = TextClient(url, [f"thief-{secrets.token_hex(4)}"], f"thief-{where}", model=MODEL,
+                                source_address=loopback(1002))
             try:
                 res = text_extraction(client, queries, setup.test, direct_labels)
             finally:
