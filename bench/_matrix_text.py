@@ -6,7 +6,7 @@ attack queries the guard refused, attack success with and without the guard (gre
 character edits), and the agreement of a thief trained through the guard with texts of another corpus
 (bofh-excuses + food fortunes). Data: the Debian packages fortunes and fortunes-bofh-excuses.
 
-    .venv/bin/python -m bench._matrix_text [--texts 20] [--benign 100] [--budget 300]
+    .venv/bin/python -m bench._matrix_text [--texts 20] [--benign 100] [--budget 300] [--keys 1]
     .venv/bin/python -m bench._matrix_text --cost     # CPU per text request, beside a numeric one
 
 ``text_row(...)`` returns the figures as a dict, for bench/detection_matrix.py to hook in.
@@ -249,6 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--texts", type=int, default=20, help="attacked texts per attack")
     ap.add_argument("--benign", type=int, default=100, help="benign sessions")
     ap.add_argument("--budget", type=int, default=300, help="queries per attacked text")
+    ap.add_argument("--keys", type=int, default=1, help="API keys each attacker rotates through")
     ap.add_argument("--cost", action="store_true", help="only the CPU cost per text request (no servers)")
     args = ap.parse_args(argv)
     if args.cost:
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
         print()
         return
     started = time.process_time()
-    row = text_row(texts=args.texts, benign=args.benign, budget=args.budget)
+    row = text_row(texts=args.texts, benign=args.benign, budget=args.budget, keys=args.keys)
     json.dump(row, sys.stdout, indent=2)
     print(f"\n(bench CPU {time.process_time() - started:.1f} s)")
 
