@@ -317,3 +317,22 @@ async def test_token_budget_shared_through_redis(start_guard: Any, llama_server:
             await g.state.sessions.aclose()
     assert status == 429
     assert 200 <= used < 260
+
+
+async def test_streamed_answer_hardened_chunk_by_chunk(start_guard: Any, llama_server: str) -> None:
+    """A streamed answer under harden: every chunk's log-probabilities are cut to top-1 and rounded on the way,
+    and the stream still ends with [DONE]."""
+    guard = await start_guard(llama_server)
+    doc = chat("hello world", logprobs=True, top_logprobs=3, logit_bias={"300": 100}, stream=True)
+    async with aiohttp.ClientSession() as http, http.post(
+            guard.url + "/v1/chat/completions", data=orjson.dumps(doc),
+            headers={**JSON, "X-Request-Id": rid("stream-harden"), "X-API-Key": "k3"}) as r:
+        assert r.status == 200
+        body = await r.read()
+    lines = [line[5:].strip() for line in body.split(b"\n") if line.startswith(b"data:")]
+    assert lines[-1] == b"[DONE]"
+    tokens = [tok for line in lines[:-1] for choice in orjson.loads(line)["choices"]
+              for tok in ((choice.get("logprobs") or {}).get("content") or [])]
+    assert tokens
+    for tok in tokens:
+        assert len(tok["top_logprobs"]) <= 1 and tok["logprob"] == round(tok["logprob"], 1)
