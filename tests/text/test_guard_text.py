@@ -153,3 +153,15 @@ class TestTextClassifier:
 def test_other_corpus_available() -> None:
     """The extraction attack's corpus (fortunes-bofh-excuses) is installed."""
     assert len(fortune_texts("bofh-excuses")) > 400
+
+
+async def test_text_to_numeric_profile_refused(start_guard: Any, text_mlserver: TextServer, tmp_path: Path) -> None:
+    """Text sent to a model whose profile was fitted on numbers gets a 400 that says so, and is not forwarded."""
+    from detectors import fit_profile, save_profile
+
+    X = np.random.default_rng(0).normal(size=(200, 4))
+    save_profile(fit_profile(X, seed=0), tmp_path / "numeric")
+    guard = await start_guard(text_mlserver.url, profile=str(tmp_path / "numeric"))
+    status, doc = await post(guard.url, text_body(["hello"]), "text-numeric")
+    assert status == 400
+    assert "fitted on numbers" in doc["error"]["message"]
