@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from detectors import COMBINED, Profile, ProfileError, fit_profile, load_reference, save_profile
+from guard_agent.fit_text import add_text_arguments, run_fit_text
 
 _TIMING_REPEATS = 200
 
@@ -36,6 +37,7 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--combine", choices=("min", "fisher"), default="min", help="p-value combination (default min)")
     parser.add_argument("--force", action="store_true", help="replace an existing profile directory")
+    add_text_arguments(parser)
 
 
 def _load_labels(path: Path, n_rows: int) -> np.ndarray:
@@ -110,6 +112,8 @@ def _tracker_parts(X: np.ndarray, labels: np.ndarray | None, seed: int) -> dict[
 
 def run_fit(args: argparse.Namespace) -> int:
     """Fit, save and summarise a profile. Returns the exit status (0 ok, 1 bad input or refused overwrite)."""
+    if args.text:
+        return run_fit_text(args)
     out: Path = args.out
     try:
         if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:

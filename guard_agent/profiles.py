@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from detectors import Profile, ProfileError, load_profiles
+from detectors.text import TextModel
 from guard_agent.filewatch import file_identity
 from guard_agent.scoring import RowBatcher, ScoringContext
 from guard_agent.state import ProfileSource
+from guard_agent.text_scoring import text_model_of
 
 if TYPE_CHECKING:
     from guard_agent.state import GuardState
@@ -45,7 +47,10 @@ class ProfileStore(ProfileSource):
 
     def _load(self) -> None:
         identities = self._watched()
-        self.profiles = load_profiles(self.path)
+        profiles = load_profiles(self.path)
+        for profile in profiles.values():
+            text_model_of(profile)  # a broken text component fails the load, not a request
+        self.profiles = profiles
         self._identities = identities
 
     @property
@@ -76,6 +81,9 @@ class ProfileStore(ProfileSource):
     def expected_features(self, model: str | None) -> int | None:
         profile = self.profile_for(model)
         return None if profile is None else profile.n_features
+
+    def text_model(self, model: str | None) -> TextModel | None:
+        return text_model_of(self.profile_for(model))
 
     def score(self, ctx: ScoringContext) -> Mapping[str, float]:
         """Calibrated scores, the maximum over the batch's rows (the most anomalous row decides)."""

@@ -9,6 +9,7 @@ rather refuse. The upstream receives exactly the bytes that were scored.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import time
 from collections.abc import Mapping
@@ -22,10 +23,22 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from guard_agent.events import build_decision_event, random_id
 from guard_agent.identity import Identity
+from guard_agent.llm import (
+    OPENAI_PROTOCOLS,
+    Usage,
+    account,
+    carried,
+    harden_llm_chunk,
+    harden_llm_request,
+    llm_session_facts,
+    relay_sse,
+    usage_of,
+)
 from guard_agent.policy.decide import INTEGRITY_RULE, RequestFacts, SessionFacts, decide
 from guard_agent.policy.model import Decision, EffectivePolicy, Policy, RateLimit
 from guard_agent.protocols import (
     HARDENABLE_PROTOCOLS,
+    ParsedRequest,
     ProtocolError,
     harden_document,
     parse_document,
@@ -48,6 +61,7 @@ from guard_agent.scoring import (
 )
 from guard_agent.sessions.base import SessionRecord
 from guard_agent.state import STATE, GuardState
+from guard_agent.text_scoring import project_texts, text_check_scores
 
 __all__ = ["HOP_BY_HOP", "error_response", "handle", "refuse_early"]
 
@@ -207,17 +221,18 @@ _HTTP1 = frozenset({aiohttp.HttpVersion10, aiohttp.HttpVersion11})
 
 
 def _unsupported_version(state: GuardState, out: _Outcome, request: web.Request, request_id: str) -> web.Response:
-    """505 for a request line naming another HTTP version (``HTTP/2.0`` over a plain HTTP/1 connection).
+    """400 for a request line naming another HTTP version (``HTTP/2.0`` over a plain HTTP/1 connection): a client
+    error like any malformed request line (DESIGN.md's statuses), not a fault of the guard's.
 
     aiohttp would answer in the request's own version (``HTTP/2.0 200`` in HTTP/1 framing), so the answer is
     written here as HTTP/1.1 and the connection closed; the response returned is for the event (aiohttp's own
     write of it meets the closed transport and is dropped)."""
-    response = _reject(state, out, 505, "http_version_not_supported", "only HTTP/1.0 and HTTP/1.1 are served",
+    response = _reject(state, out, 400, "http_version_not_supported", "only HTTP/1.0 and HTTP/1.1 are served",
                        request_id)
     transport = request.transport
     if transport is not None and not transport.is_closing():
         body = response.body if isinstance(response.body, bytes) else b""
-        transport.write(b"HTTP/1.1 505 HTTP Version Not Supported\r\nContent-Type: application/json\r\n"
+        transport.write(b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
                         b"Connection: close\r\nX-Request-Id: " + request_id.encode() +
                         b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         transport.close()
@@ -250,7 +265,8 @@ def _emit(state: GuardState, request: web.BaseRequest, policy: Policy, out: _Out
     if state.capture is not None and out.features is not None:
         state.capture.record(fields, out.features, scores=out.scores)  # unsampled, before allow sampling
     if keep:
-        level = "warning" if out.action in ("block", "throttle", "integrity_violation") else "info"
+        level = "warning" if out.action in ("block", "throttle", "integrity_violation") or out.status >= 500 \
+            else "info"
         state.events.write(fields, f"{out.action} {request.method} {fields['url']['path']}", level=level)
 
 
@@ -316,10 +332,12 @@ async def _read_body(request: web.Request, limit: int, timeout: float) -> bytes 
 
 
 async def _call_upstream(state: GuardState, request: web.Request, body: bytes | None,
-                         request_id: str, *, readable: bool = False) -> aiohttp.ClientResponse:
+                         request_id: str, *, readable: bool = False,
+                         strip_query: bool = False) -> aiohttp.ClientResponse:
     """Forward to the model; ``readable`` asks for an uncompressed answer the guard can parse and harden."""
     assert state.client is not None
-    url = state.settings.upstream.rstrip("/") + request.raw_path
+    target = request.raw_path.partition("?")[0] if strip_query else request.raw_path
+    url = state.settings.upstream.rstrip("/") + target
     headers = _upstream_headers(request.headers, request.remote, request_id, state.settings.session_header)
     if readable:
         headers["Accept-Encoding"] = "identity"
@@ -339,13 +357,23 @@ def _upstream_deadline(state: GuardState) -> float:
 
 
 def _upstream_failure(state: GuardState, out: _Outcome, exc: BaseException, request_id: str) -> web.Response:
+    """502/504; the event says the request failed and why (``guard.upstream_error``), at warning level."""
+    out.outcome = "failure"
     if isinstance(exc, asyncio.TimeoutError):
         state.metrics.upstream_errors.labels("timeout").inc()
-        out.outcome = "failure"
+        out.fields["upstream_error"] = "timeout"
         return error_response(504, "upstream_timeout", "the model server did not answer in time", request_id)
     state.metrics.upstream_errors.labels(type(exc).__name__).inc()
-    out.outcome = "failure"
+    out.fields["upstream_error"] = _upstream_reason(exc)
     return error_response(502, "upstream_unavailable", "the model server is unreachable or broken", request_id)
+
+
+def _upstream_reason(exc: BaseException) -> str:
+    """The exception's type and, for a refused or reset connection, the OS reason (never response bytes)."""
+    cause = exc.os_error if isinstance(exc, aiohttp.ClientConnectorError) else None
+    if cause is not None and cause.errno:
+        return f"{type(exc).__name__}: {os.strerror(cause.errno).lower()}"
+    return type(exc).__name__
 
 
 def _access_refusal(state: GuardState, out: _Outcome, identity: Identity, eff: EffectivePolicy,
@@ -419,6 +447,11 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
     refusal = _access_refusal(state, out, identity, eff, request_id, model_required=True)
     if refusal is not None:
         return refusal, 0.0
+    has_query = "?" in request.raw_path
+    if has_query and eff.input.query == "refuse":
+        out.rule = "query-not-allowed"
+        return _reject(state, out, 400, "invalid_input", "a query string is not accepted on this route "
+                       "(policy input.query)", request_id), 0.0
 
     body = await _read_body(request, settings.max_body_bytes, settings.client_read_timeout)
     if body is None:
@@ -433,6 +466,7 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
             inference_header_length=_header_length(header_len),
         )
         out.rows = parsed.rows
+        parsed = project_texts(state.profile, parsed, match.model)
         check_input(parsed.features, eff.input, expected_features=state.profile.expected_features(match.model))
     except (ProtocolError, InputSchemaError) as exc:
         out.rule = "invalid-input"
@@ -444,10 +478,11 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
     rate_limited, retry_after = sessions.take(now, identity.rate_limit or eff.rate_limit)
     request_facts = RequestFacts(model=match.model, protocol=parsed.protocol, rows=parsed.rows,
                                  body_bytes=len(body), features=int(parsed.features.shape[1]),
-                                 source_ip=identity.ip)
+                                 source_ip=identity.ip, properties=parsed.properties)
     session_facts = SessionFacts(id=identity.session, source=identity.source, queries=sessions.queries,
                                  age_seconds=now - record.first_seen, blocked_rule=sessions.blocked(now),
-                                 rate_limited=rate_limited, retry_after=retry_after)
+                                 rate_limited=rate_limited, retry_after=retry_after,
+                                 usage=llm_session_facts(record.scores) if parsed.protocol in OPENAI_PROTOCOLS else {})
     decision: Decision | None = None
     scores: dict[str, float] = {}
     failure = None
@@ -459,7 +494,7 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
         ctx = ScoringContext(features=features, row_shape=parsed.row_shape, model=match.model,
                              protocol=parsed.protocol, body=body, policy=eff,
                              extra={"request": request, "parsed": parsed})
-        scores, failure = await run_scorers(ctx, (_declared_scorer,),
+        scores, failure = await run_scorers(ctx, (_declared_scorer, _text_scorer),
                                             state.async_scorers if eff.squeeze.enabled else (),
                                             batched=state.profile.score_batched)
         if beyond_range:  # a value the detectors cannot represent is as far out as it gets, never an error
@@ -503,9 +538,12 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
                                   {"Retry-After": retry}), 0.0
         return error_response(403, "blocked", _BLOCK_MESSAGE, request_id), 0.0
 
+    if parsed.protocol in OPENAI_PROTOCOLS:
+        return await _llm_forward(request, state, parsed, decision, out, sessions, body, request_id, now)
     t0 = time.perf_counter()
     try:
-        upstream = await _call_upstream(state, request, body, request_id, readable=True)
+        upstream = await _call_upstream(state, request, body, request_id, readable=True,
+                                        strip_query=has_query and eff.input.query == "strip")
         async with upstream, asyncio.timeout(_upstream_deadline(state)):
             payload = await upstream.read()
             status, reason, headers = upstream.status, upstream.reason, upstream.headers
@@ -612,6 +650,52 @@ class _Sessions:
             await state.sessions.put(session, record, now)
 
 
+async def _llm_forward(request: web.Request, state: GuardState, parsed: ParsedRequest, decision: Decision,
+                       out: _Outcome, sessions: _Sessions, body: bytes, request_id: str,
+                       now: float) -> tuple[web.StreamResponse, float]:
+    """OpenAI-compatible routes: a hardened request loses its logit_bias; streamed answers are relayed chunk by
+    chunk; the usage goes into the event; the trackers learn the prompt (the answer has no class to learn)."""
+    record = sessions.record
+    hardening = _wire_hardening(decision)
+    if hardening is not None:
+        body = harden_llm_request(body, hardening)
+        out.fields["hardening"] = "applied"
+    t0 = time.perf_counter()
+    try:
+        upstream = await _call_upstream(state, request, body, request_id, readable=True)
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        await sessions.save(state, now)
+        return _upstream_failure(state, out, exc, request_id), time.perf_counter() - t0
+    eff = state.policies.current.for_model(out.model)
+    async with upstream:
+        headers = _client_headers(upstream.headers, request_id)
+        if parsed.properties.get("request.stream") and upstream.status == 200:
+            response, usage, complete = await relay_sse(request, upstream, headers, hardening)
+            if not complete:
+                out.outcome = "failure"
+        else:
+            payload = await upstream.read()
+            doc = read_response(payload) if upstream.status == 200 else None
+            usage = usage_of(doc) or Usage(counted=True)
+            if hardening is not None and doc is not None:
+                hardened = harden_llm_chunk(payload, hardening)
+                if hardened is None:
+                    await sessions.save(state, now)
+                    out.outcome, out.fields["hardening"] = "failure", "failed"
+                    return error_response(502, "hardening_failed", "the model's answer could not be hardened",
+                                          request_id), time.perf_counter() - t0
+                payload = hardened
+            response = web.Response(status=upstream.status, reason=upstream.reason, body=payload, headers=headers)
+    upstream_time = time.perf_counter() - t0
+    out.fields["llm"] = usage.as_fields()
+    kept = account(record.scores, parsed, usage) if upstream.status == 200 else carried(record.scores)
+    if eff.needs_session_scores and upstream.status == 200:
+        await sessions.learn(state, parsed.features, out.model, None, now, out.scores)
+    record.scores = {**record.scores, **kept}
+    await sessions.save(state, now)
+    return response, upstream_time
+
+
 def _header_length(values: list[str]) -> int | None:
     """The v2 binary extension's JSON length; refused unless it is said once, in plain ASCII digits (the guard
     and the model server could otherwise read different lengths, e.g. the first and the last of two)."""
@@ -627,6 +711,10 @@ def _header_length(values: list[str]) -> int | None:
 
 def _declared_scorer(ctx: ScoringContext) -> Mapping[str, float]:
     return {"input.schema": declared_schema_score(ctx.features, ctx.policy.input)}
+
+
+def _text_scorer(ctx: ScoringContext) -> Mapping[str, float]:
+    return text_check_scores(ctx.extra["request"].app[STATE].profile, ctx.extra["parsed"], ctx.model)
 
 
 def _wire_hardening(decision: Decision) -> WireHardening | None:

@@ -44,6 +44,7 @@ __all__ = ["ConnectionGuard", "GuardSite", "ListenError", "ParseErrorLog", "atta
 
 TLS_HANDSHAKE_TIMEOUT = 10.0
 LINGER_SECONDS = 1.0
+_EOF_SETTLE_TURNS = 8  # loop turns for a request taken off aiohttp's queue to reach its handler
 CLEANUP_MARGIN = 5.0
 READ_BUFFER_BYTES = 256 * 1024  # what asyncio's own transports ask of recv() per read
 
@@ -212,10 +213,31 @@ class _GuardedProtocol(asyncio.BufferedProtocol):
                 transport.close()
 
     def eof_received(self) -> bool | None:
+        """A client that half-closes after its request still gets the answer.
+
+        At EOF the write side stays open until it is clear what the connection is doing: idle, or gone mid-body,
+        it is closed as before (the handler sees the client gone); answering a whole request, aiohttp takes no new
+        ones and closes once it is answered. The request handler may not have started yet when the EOF arrives
+        (it is a task of its own), so this is settled a few loop turns later.
+        """
         if not self._counted:
             return None
-        result: bool | None = self._inner.eof_received()
-        return result
+        self._inner.eof_received()
+        asyncio.get_running_loop().call_soon(self._settle_eof, _EOF_SETTLE_TURNS)
+        return True
+
+    def _settle_eof(self, turns: int) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        current = getattr(self._inner, "_current_request", None)
+        waiter = getattr(self._inner, "_waiter", None)
+        if current is None and waiter is None and turns > 0:  # a request taken off the queue, not yet started
+            asyncio.get_running_loop().call_soon(self._settle_eof, turns - 1)
+        elif current is not None and current.content.is_eof():
+            self._inner.close()  # no new requests; aiohttp closes the connection after this answer
+        else:
+            transport.close()
 
     def pause_writing(self) -> None:
         if self._counted:
@@ -431,6 +453,9 @@ async def serve(settings: Settings) -> int:
                                                      "mtls": bool(settings.tls_client_ca_file),
                                                      "policy_revision": state.policies.current.revision,
                                                      "profile_revision": state.profile.revision})
+    if not state.upstream_ok:  # said once at start; /readyz stays 503 and inference gets 502 until it answers
+        state.events.log("warning", f"the model server at {settings.upstream} is not reachable: requests get 502 "
+                                    "until it is", guard={"upstream": settings.upstream})
     await stop.wait()
     state.shutting_down = True
     state.events.log("info", "guard stopping: draining in-flight requests", guard={"in_flight": state.in_flight})

@@ -11,6 +11,7 @@ import aiohttp
 from aiohttp import web
 
 from detectors import Profile
+from detectors.text import TextModel
 from guard_agent.events import EventLogger
 from guard_agent.identity import IdentityResolver
 from guard_agent.metrics import Metrics
@@ -46,6 +47,10 @@ class ProfileSource:
 
     def score(self, ctx: ScoringContext) -> Mapping[str, float]:
         return {}
+
+    def text_model(self, model: str | None) -> TextModel | None:
+        """The model's fitted text projection and checks (profiles fitted with ``fit --text``)."""
+        return None
 
     async def score_batched(self, ctx: ScoringContext) -> Mapping[str, float]:
         """``score``, free to score this request's rows together with concurrent requests' (same results)."""

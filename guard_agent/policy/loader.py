@@ -23,6 +23,7 @@ from guard_agent.policy.model import (
     ACTIONS,
     OPERATORS,
     PROPERTY_NAMES,
+    QUERY_CHOICES,
     SCORE_NAMES,
     TECHNIQUE_BY_PREFIX,
     Condition,
@@ -80,10 +81,12 @@ class _Doc:
         self._seen: set[int] = set()
         try:
             node = yaml.compose(text, Loader=yaml.SafeLoader)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
+        except yaml.MarkedYAMLError as exc:
+            mark = _error_mark(exc)
             raise PolicyError(source, mark.line + 1 if mark else None, "",
-                              f"invalid YAML: {getattr(exc, 'problem', exc)}") from exc
+                              f"invalid YAML: {exc.problem or exc}") from exc
+        except yaml.YAMLError as exc:
+            raise PolicyError(source, None, "", f"invalid YAML: {exc}") from exc
         if node is None:
             raise PolicyError(source, 1, "", "the file is empty")
         self.data = self._build(node, ())
@@ -117,6 +120,15 @@ class _Doc:
         while probe and probe not in self.lines:
             probe = probe[:-1]
         return PolicyError(self.source, self.lines.get(probe), _fmt(path), message)
+
+
+def _error_mark(exc: yaml.MarkedYAMLError) -> Any:
+    """Where the mistake is. PyYAML notices an unclosed quote or flow mapping, or a key without its ':', only
+    lines later (``problem_mark``); the construct that was left open (``context_mark``) is the line to fix."""
+    context = exc.context or ""
+    if exc.context_mark is not None and context.startswith(("while scanning", "while parsing a flow")):
+        return exc.context_mark
+    return exc.problem_mark or exc.context_mark
 
 
 class _Reader:
@@ -346,7 +358,7 @@ def _input(r: _Reader, sec: Mapping[str, Any], sub: Any, base: EffectivePolicy |
     if "input" not in sec:
         return base.input if base else InputSchema()
     p = sub("input")
-    m = r.mapping(sec["input"], p, {"features", "min", "max", "allow_nonfinite", "max_rows"})
+    m = r.mapping(sec["input"], p, {"features", "min", "max", "allow_nonfinite", "max_rows", "query"})
     features = m.get("features")
     max_rows = m.get("max_rows")
     schema = InputSchema(
@@ -355,6 +367,7 @@ def _input(r: _Reader, sec: Mapping[str, Any], sub: Any, base: EffectivePolicy |
         maximum=_bounds(r, m.get("max"), (*p, "max")),
         allow_nonfinite=r.boolean(m.get("allow_nonfinite", False), (*p, "allow_nonfinite")),
         max_rows=None if max_rows is None else int(r.number(max_rows, (*p, "max_rows"), minimum=1, integer=True)),
+        query=r.choice(m.get("query", "refuse"), (*p, "query"), QUERY_CHOICES),
     )
     for key, bound in (("min", schema.minimum), ("max", schema.maximum)):
         if bound and len(bound) > 1 and schema.features is not None and len(bound) != schema.features:

@@ -102,6 +102,8 @@ class TestStdoutIsJson:
         lines = (tmp_path / "out").read_bytes().splitlines()
         events = [orjson.loads(line) for line in lines]  # raises on any line that is not JSON
         assert all(isinstance(e, dict) for e in events)
+        assert any(e["message"] == "the model server at http://127.0.0.1:9 is not reachable: requests get 502 "
+                   "until it is" and e["log"]["level"] == "warning" for e in events)  # said at start (item 16)
         gone = [e for e in events if e.get("rule", {}).get("name") == "client_closed"]
         assert len(gone) == 3 and {e["http"]["response"]["status_code"] for e in gone} == {499}
         assert (tmp_path / "err").read_text() == ""
@@ -125,3 +127,74 @@ class TestStdoutIsJson:
                                                   "Error handling request"]
         assert events[1]["error"] == {"logger": "aiohttp.server", "type": "ValueError"}
         assert "secret" not in r.stdout and r.stderr == ""
+
+
+@pytest.mark.slow
+class TestPackaging:
+    def test_build_has_no_license_deprecation(self, tmp_path: Path) -> None:
+        """Building the package (as every install does) prints no SetuptoolsDeprecationWarning about
+        ``project.license``: it is an SPDX string, not a TOML table."""
+        r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "-w", str(tmp_path), str(ROOT)],
+                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "project.license" not in r.stdout + r.stderr
+        assert "SetuptoolsDeprecationWarning" not in r.stdout + r.stderr
+
+
+class TestTestCommand:
+    def test_ci_runs_the_readme_command_and_it_installs_system_packages(self) -> None:
+        """`.ci/run` is the README's command (`scripts/test.sh`) and nothing else, and that command itself checks
+        for (and as root installs) the system packages the suite needs, so a new user runs what CI runs."""
+        ci = [line for line in (ROOT / ".ci/run").read_text().splitlines() if line and not line.startswith("#")]
+        assert ci[-1] == "scripts/test.sh" and not any("apt-get" in line for line in ci)
+        script = (ROOT / "scripts/test.sh").read_text()
+        for package in ("redis-server", "chromium", "rsyslog-gnutls"):
+            assert package in script
+        assert "apt-get install" in script
+        assert "scripts/test.sh" in (ROOT / "README.md").read_text()
+
+
+class TestHelpAndDocs:
+    COMMANDS = ("run", "check", "fit", "demo", "canary", "sign", "replay", "tune", "report", "selftest")
+
+    @pytest.mark.parametrize("command", COMMANDS)
+    def test_every_subcommand_help_opens_with_what_it_does(self, command: str) -> None:
+        """`guard-agent X --help` has a description (a sentence after the usage lines), not only options."""
+        r = cli(command, "--help")
+        assert r.returncode == 0
+        after_usage = r.stdout.split("\n\n", 1)[1].lstrip()
+        assert not after_usage.startswith(("options:", "positional arguments:")), r.stdout[:400]
+        assert after_usage[0].isupper()
+
+    def test_run_help_lists_env_names_defaults_and_where_the_rest_lives(self) -> None:
+        """`run --help` names each flag's GUARD_* variable and default, and points at the other settings."""
+        text = " ".join(cli("run", "--help").stdout.split())
+        for env, default in (("GUARD_LISTEN", "0.0.0.0:8080"), ("GUARD_ADMIN_LISTEN", "0.0.0.0:9090"),
+                             ("GUARD_UPSTREAM", "http://127.0.0.1:8081"), ("GUARD_POLICY", "built-in policy"),
+                             ("GUARD_PROFILE", "none"), ("GUARD_REDIS_URL", "in memory"),
+                             ("GUARD_LOG_SAMPLE_ALLOW", "1.0")):
+            assert f"({env}; default" in text and default in text, env
+        assert "Configuration section" in text and "GUARD_HMAC_KEY" in text
+
+    def test_check_help_says_what_it_checks(self) -> None:
+        text = " ".join(cli("check", "--help").stdout.split())
+        assert "Validate policy files" in text and "thresholds" in text and "file:line" in text
+
+    @pytest.mark.parametrize(("text", "line"), [
+        ("version: 1\nmode: enforce\nrules:\n  - id: a\n    action block\n    when: {request.rows: {gt: 1}}\n", 5),
+        ("version: 1\nmode: \"enforce\nrules: []\n", 2),
+        ("version: 1\nrules:\n  - id: a\n    when: {request.rows: {gt: 1}\n    action: block\n", 4),
+        ("version: 1\nrate_limit:\n  requests_per_second: 5\n burst: 3\n", 4),
+    ])
+    def test_yaml_syntax_error_points_at_the_real_line(self, tmp_path: Path, text: str, line: int) -> None:
+        """A missing ':', an unclosed quote or flow mapping is reported at the line to fix, not lines later."""
+        policy = tmp_path / "p.yaml"
+        policy.write_text(text)
+        r = cli("check", str(policy))
+        assert r.returncode == 1
+        assert r.stderr.startswith(f"error: {policy}:{line}: invalid YAML"), r.stderr
+
+    def test_readme_check_sample_matches_what_check_prints(self) -> None:
+        """The README's sample `check` output is what the command prints for the shipped example."""
+        printed = cli("check", "examples/policy.yaml").stdout.strip()
+        assert printed in (ROOT / "README.md").read_text()

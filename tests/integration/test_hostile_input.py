@@ -446,8 +446,8 @@ class TestBinaryHeaderAndVersions:
         status, _, answer = await exchange(port, raw("POST", "/v2/models/m/infer", body([1, 2**63])))
         assert status == 400 and b"out of range" in answer
 
-    async def test_http2_request_line_answered_505_in_http11(self, model: Model, start_guard) -> None:
-        """A request line saying HTTP/2.0 over a plain connection is answered ``HTTP/1.1 505``, never forwarded,
+    async def test_http2_request_line_answered_400_in_http11(self, model: Model, start_guard) -> None:
+        """A request line saying HTTP/2.0 over a plain connection is answered ``HTTP/1.1 400``, never forwarded,
         with one event."""
         guard = await start_guard(model.url)
         reader, writer = await asyncio.open_connection("127.0.0.1", port_of(guard.url))
@@ -457,8 +457,72 @@ class TestBinaryHeaderAndVersions:
             status_line = await asyncio.wait_for(reader.readline(), 5)
         finally:
             writer.close()
-        assert status_line.startswith(b"HTTP/1.1 505 "), status_line
+        assert status_line.startswith(b"HTTP/1.1 400 "), status_line
         await asyncio.sleep(0.1)
         (event,) = guard.events_for("h2")
-        assert event["http"]["response"]["status_code"] == 505
+        assert event["http"]["response"]["status_code"] == 400
+        assert event["rule"]["name"] == "http_version_not_supported"
         assert model.calls == []
+
+
+class TestHalfClose:
+    async def test_half_closed_client_gets_its_answer(self, model: Model, start_guard) -> None:
+        """A client that sends a whole request and then shuts down its write side still reads the answer, and the
+        guard closes the connection after it."""
+        guard = await start_guard(model.url)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(guard.url))
+        try:
+            writer.write(raw("POST", "/v2/models/m/infer", V2_ROW, "X-Request-Id: half\r\n"))
+            await writer.drain()
+            writer.write_eof()
+            status, _, body = await read_response(reader, 5)
+            assert status == 200 and orjson.loads(body)["outputs"]
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # then closed by the guard
+        finally:
+            writer.close()
+        assert guard.events_for("half")[0]["event"]["outcome"] == "success"
+
+
+class TestQueryStrings:
+    TARGET = "/v2/models/m/infer?/../../repository/models/m/unload"
+
+    async def test_query_refused_by_default(self, model: Model, start_guard) -> None:
+        """A query string on a scored route is refused (400, one event) and never reaches the model."""
+        guard = await start_guard(model.url)
+        status, _, _ = await exchange(port_of(guard.url), raw("POST", self.TARGET, V2_ROW, "X-Request-Id: q\r\n"))
+        assert status == 400
+        assert model.calls == []
+        assert guard.events_for("q")[0]["rule"]["name"] == "query-not-allowed"
+
+    async def test_query_stripped_or_forwarded_by_policy(self, model: Model, start_guard, tmp_path: Any) -> None:
+        """``input.query: strip`` forwards the path alone; ``forward`` sends it as it came."""
+        for choice, expected in (("strip", "/v2/models/m/infer"), ("forward", self.TARGET)):
+            model.calls.clear()
+            (tmp_path / choice).mkdir()
+            guard = await start_guard(model.url, policy=_policy(tmp_path / choice,
+                                                                f"version: 1\ninput: {{query: {choice}}}\n"))
+            status, _, _ = await exchange(port_of(guard.url), raw("POST", self.TARGET, V2_ROW))
+            assert status == 200
+            assert [c[1] for c in model.calls] == [expected]
+
+    def test_bad_choice_refused_at_load(self, tmp_path: Any) -> None:
+        """Anything but refuse/strip/forward is a policy error naming the field."""
+        from guard_agent.policy.loader import PolicyError, load_policy_file
+
+        with pytest.raises(PolicyError, match=r"input\.query: expected one of refuse, strip, forward"):
+            load_policy_file(_policy(tmp_path, "version: 1\ninput: {query: allow}\n"))
+
+
+class TestUnreachableUpstream:
+    async def test_502_event_says_failure_and_why(self, start_guard) -> None:
+        """A request the model server cannot take (nothing listens) is a 502 whose event has outcome failure,
+        warning level and the reason."""
+        from tests._support.servers import free_port
+
+        guard = await start_guard(f"http://127.0.0.1:{free_port()}", wait_ready=False)
+        status, _, _ = await exchange(port_of(guard.url), raw("POST", "/v2/models/m/infer", V2_ROW,
+                                                              "X-Request-Id: down\r\n"))
+        assert status == 502
+        (event,) = guard.events_for("down")
+        assert event["event"]["outcome"] == "failure" and event["log"]["level"] == "warning"
+        assert event["guard"]["upstream_error"] == "ClientConnectorError: connection refused"

@@ -115,7 +115,8 @@ class TestInvalidInput:
         (b'{"inputs":[{"name":"a","shape":[1,2],"datatype":"FP64","data":[1,2]}],"inputs":[]}', {}, "duplicate"),
         (b'{"inputs":[{"name":"a","shape":[1,3],"datatype":"FP64","data":[1,2]}]}', {}, "shape"),
         (b'{"inputs":[{"name":"a","shape":[1,2],"datatype":"FP64","data":["x","y"]}]}', {}, "numeric"),
-        (b'{"inputs":[{"name":"a","shape":[1,2],"datatype":"BYTES","data":["x","y"]}]}', {}, "datatype"),
+        (b'{"inputs":[{"name":"a","shape":[1],"datatype":"BYTES","data":["x"]},'
+         b'{"name":"b","shape":[1],"datatype":"FP64","data":[1]}]}', {}, "cannot be mixed"),
         (b'{"inputs":[{"name":"a","shape":[1,2],"datatype":"FP64","data":[NaN,1]}]}', {}, "NaN"),
         (b'{"inputs":[{"name":"a","shape":[1,2],"datatype":"FP64","data":[1,2]}]}',
          {"Content-Encoding": "gzip"}, "Content-Encoding"),

@@ -32,6 +32,7 @@ ROUNDS = 10
 class Ops:
     guard: RunningGuard
     prometheus: PrometheusServer | None
+    redis: RedisServer
     attack_sent: int
     attack_stopped: bool
     benign_sent: int
@@ -89,7 +90,8 @@ def ops(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ops]:
             started = time.time()
             attack_sent, stopped, benign_sent, benign_answered = drive(guard)
             time.sleep(0.5)  # the capture writer and the SIEM sink catch up
-            yield Ops(guard, prometheus, attack_sent, stopped, benign_sent, benign_answered, started, time.time())
+            yield Ops(guard, prometheus, redis, attack_sent, stopped, benign_sent, benign_answered, started,
+                      time.time())
     finally:
         if prometheus is not None:
             prometheus.stop()

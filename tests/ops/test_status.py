@@ -8,10 +8,11 @@ from typing import Any
 
 import pytest
 
+from guard_agent.attacks import GuardClient
 from guard_agent.commands.status import format_status
 from tests._support.servers import free_port
 from tests.ops._cli import cli, cli_json
-from tests.ops.conftest import Ops
+from tests.ops.conftest import BENIGN_KEYS, Ops
 
 pytestmark = pytest.mark.slow
 
@@ -73,6 +74,25 @@ class TestStatus:
         """Pointing at the guard port (not the admin port) gets a clear error, not a crash."""
         code, _, err = cli("status", "--admin", ops.guard.url, "--token-file", str(ops.guard.token_file))
         assert code == 2 and "HTTP 403" in err
+
+
+class TestRedisDown:
+    def test_redis_outage_shows_as_fallback(self, ops: Ops) -> None:
+        """With the guard's Redis stopped (a real outage) and a request served from local state, status says Redis
+        is down and counts the fallbacks; the guard stays ready (it never fails a request for Redis). Runs last:
+        the session's Redis stays down."""
+        ops.redis.stop()
+        client = GuardClient(ops.guard.url, keys=[BENIGN_KEYS[0]], run_id="during-outage")
+        client.predict(ops.guard.model.X_test[:2])
+        client.close()
+        assert client.answered == 2
+        code, out, err = cli("status", *admin_args(ops))
+        assert code == 0, err
+        assert re.search(r"^redis      DOWN: local fallback in use; fallbacks: (down|error|timeout) [1-9]", out,
+                         re.MULTILINE), out
+        doc: dict[str, Any] = cli_json("status", *admin_args(ops))
+        assert doc["status"]["redis"]["up"] is False
+        assert sum(doc["status"]["redis"]["fallbacks"].values()) >= 1
 
 
 class TestFormat:
