@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _servers import cpu_seconds, decision_counts
+from _servers import decision_counts
+from _servers import tree_cpu_seconds as cpu_seconds
 
 LOADGEN = Path(__file__).resolve().parent / "_loadgen.py"
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
@@ -35,6 +36,7 @@ class Target:
     lua: Path  # the same pool as a wrk script
     core: int  # where ``pid`` runs (the direct target's pid is the upstream, on the load core)
     admin_port: int | None = None
+    workers: int = 1  # guard processes (GUARD_WORKERS); their CPU is summed with the supervisor's
 
 
 def core_busy() -> dict[str, float]:
@@ -83,7 +85,7 @@ def _timed(
     """
     for pid in {target.pid, *quiet}:
         settle(pid)
-    before_dec = decision_counts(target.admin_port) if target.admin_port else {}
+    before_dec = decision_counts(target.admin_port, target.workers) if target.admin_port else {}
     busy0, cpu0, t0 = core_busy(), cpu_seconds(target.pid), time.monotonic()
     result = run()
     busy1, cpu1, t1 = core_busy(), cpu_seconds(target.pid), time.monotonic()
@@ -95,11 +97,11 @@ def _timed(
     result["cpu_s"] = cpu_all
     result["cpu_util"] = proxy_cpu / wall
     pc, lc = f"cpu{proxy_core}", f"cpu{load_core}"
-    ours = proxy_cpu if target.core == proxy_core else 0.0
+    ours = proxy_cpu if target.core == proxy_core and target.workers == 1 else 0.0
     result["proxy_core_others_util"] = max(0.0, (busy1[pc] - busy0[pc]) - ours) / wall if pc in busy1 else None
     result["load_core_util"] = (busy1[lc] - busy0[lc]) / wall if lc in busy1 else None
     if target.admin_port:
-        after = decision_counts(target.admin_port)
+        after = decision_counts(target.admin_port, target.workers)
         result["decisions"] = {
             k: int(v - before_dec.get(k, 0.0)) for k, v in after.items() if v - before_dec.get(k, 0.0) > 0
         }

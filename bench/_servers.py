@@ -1,4 +1,4 @@
-"""Processes for bench/proxy.py: nginx stub upstream, nginx reference proxy, guard instances.
+"""Processes for bench/proxy.py: nginx stub upstream, nginx reference proxy, the aiohttp floor, guards.
 
 Each process is started through ``taskset`` (which execs the command, so the pid we hold is the server
 itself), on loopback ports picked free, and stopped by that pid when the benchmark ends, also on
@@ -7,6 +7,7 @@ Ctrl-C. CPU time per process comes from ``/proc/<pid>/stat`` (utime + stime, all
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -18,7 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -55,6 +56,48 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """utime + stime of a process and all its descendants alive now (a supervisor and its workers)."""
+    total = cpu_seconds(pid)
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return total
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as fh:
+                children = [int(c) for c in fh.read().split()]
+        except OSError:
+            continue
+        for child in children:
+            try:
+                total += tree_cpu_seconds(child)
+            except OSError:  # exited meanwhile
+                continue
+    return total
+
+
+def redis_available(port: int = 6379) -> bool:
+    """Whether a Redis server answers PING on the loopback port (for the GUARD_WORKERS configurations)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1.0) as s:
+            s.sendall(b"*1\r\n$4\r\nPING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def delete_redis_prefix(prefix: str, port: int = 6379) -> None:
+    """Delete the bench's own keys (SCAN + DEL through redis-cli; never FLUSH a shared server)."""
+    if shutil.which("redis-cli") is None:
+        return
+    keys = subprocess.run(["redis-cli", "-p", str(port), "--scan", "--pattern", f"{prefix}*"],
+                          capture_output=True, text=True, timeout=60, check=False).stdout.split()
+    for i in range(0, len(keys), 500):
+        subprocess.run(["redis-cli", "-p", str(port), "DEL", *keys[i : i + 500]], capture_output=True, timeout=60,
+                       check=False)
+
+
 def render(template: str, out: Path, values: Mapping[str, str]) -> Path:
     """Fill ``@NAME@`` placeholders of bench/nginx/<template> and write the result to ``out``."""
     text = (NGINX_DIR / template).read_text()
@@ -80,7 +123,7 @@ class Fleet:
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         self.stop_all()
 
-    def start(self, name: str, argv: list[str], core: int, env: Mapping[str, str] | None = None) -> int:
+    def start(self, name: str, argv: list[str], core: int | str, env: Mapping[str, str] | None = None) -> int:
         log = open(self.workdir / f"{name}.stderr.log", "wb")  # noqa: SIM115 - the child owns it
         proc = subprocess.Popen(
             ["taskset", "-c", str(core), *argv],
@@ -134,10 +177,18 @@ class Fleet:
         wait_port(int(values["PORT"]), lambda: self.alive(name), name, self)
         return pid
 
+    def floor(self, name: str, core: int, *, port: int, upstream_port: int) -> int:
+        """Start the bare aiohttp reverse proxy (``_floor.py``); returns once it accepts connections."""
+        floor = str(Path(__file__).resolve().parent / "_floor.py")
+        pid = self.start(name, [sys.executable, floor, "--port", str(port), "--upstream",
+                                f"http://127.0.0.1:{upstream_port}"], core)
+        wait_port(port, lambda: self.alive(name), name, self)
+        return pid
+
     def guard(
         self,
         name: str,
-        core: int,
+        core: int | str,
         *,
         port: int,
         admin_port: int,
@@ -145,8 +196,12 @@ class Fleet:
         policy: str | None,
         profile: str | None,
         sample_allow: float,
+        workers: int = 1,
+        redis_url: str | None = None,
+        api_keys: Sequence[str] = (),
     ) -> int:
-        """Start ``guard-agent run`` with stdout (decision events) to /dev/null; returns once /readyz is 200."""
+        """Start ``guard-agent run`` with stdout (decision events) to /dev/null; returns once /readyz is 200 (on
+        every worker's admin port: worker k serves admin_port + k)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("GUARD_")}
         env.update(
             {
@@ -161,8 +216,17 @@ class Fleet:
             env["GUARD_POLICY"] = policy
         if profile:
             env["GUARD_PROFILE"] = profile
+        if redis_url:
+            env["GUARD_REDIS_URL"] = redis_url
+        if api_keys:  # verified keys: an unverified one also counts against its client address's session (one
+            # for all the bench's traffic from 127.0.0.1, which the rate limit would then throttle)
+            keys = self.workdir / f"{name}.api-keys.json"
+            keys.write_text(json.dumps({"keys": [{"name": f"k{i}", "key": k} for i, k in enumerate(api_keys)]}))
+            env["GUARD_API_KEYS_FILE"] = str(keys)
+        env["GUARD_WORKERS"] = str(workers)
         pid = self.start(name, [guard_agent_path(), "run"], core, env)
-        wait_http(f"http://127.0.0.1:{admin_port}/readyz", lambda: self.alive(name), name, self)
+        for k in range(workers):
+            wait_http(f"http://127.0.0.1:{admin_port + k}/readyz", lambda: self.alive(name), name, self)
         return pid
 
 
@@ -222,10 +286,12 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -
     raise RuntimeError(f"{url} not ready within {timeout}s")
 
 
-def decision_counts(admin_port: int) -> dict[str, float]:
-    """``inference_guard_requests_total`` summed by ``action/status`` (to diff before/after a run)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=5) as resp:
-        text = resp.read().decode()
+def decision_counts(admin_port: int, workers: int = 1) -> dict[str, float]:
+    """``inference_guard_requests_total`` summed by ``action/status`` over the workers (to diff before/after)."""
+    text = ""
+    for k in range(workers):
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin_port + k}/metrics", timeout=5) as resp:
+            text += resp.read().decode()
     out: dict[str, float] = {}
     for line in text.splitlines():
         m = _REQUESTS_LINE.match(line)

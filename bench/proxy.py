@@ -4,6 +4,7 @@ Configurations, all on loopback, against an nginx stub upstream answering fixed 
 
     direct        client -> stub upstream
     nginx         client -> nginx proxy_pass (1 worker, upstream keepalive) -> stub
+    floor         client -> a bare aiohttp reverse proxy (bench/_floor.py: the guard's HTTP stack, no guard logic)
     guard-off     client -> guard-agent, policy without rules or rate limit, no profile -> stub
     guard-on      client -> guard-agent, default policy + a profile fitted on digits -> stub
                   (every detector and the session trackers run)
@@ -11,6 +12,10 @@ Configurations, all on loopback, against an nginx stub upstream answering fixed 
     guard-on-monitor            guard-on in `mode: monitor`: every request takes the full path (score,
                                 forward, track), since nothing is refused
     guard-on-monitor-sample0.01 the same with GUARD_LOG_SAMPLE_ALLOW=0.01 (default 1: every allow logged)
+  with Redis on 127.0.0.1:6379 (--no-workers to leave them out):
+    guard-on-redis              guard-on with its sessions in Redis, 1 worker (on the proxy core)
+    guard-on-2workers           the same with GUARD_WORKERS=2 on both cores (one shared with the load: on a
+                                2-core machine this shows the cost of a second worker, not its scaling)
   with --single-key:
     guard-on-1key               guard-on, all traffic from one API key
 
@@ -44,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _report as report
 from _measure import Target, idle_cpu, run_open_loop, run_wrk
-from _servers import Fleet, free_port, guard_agent_path, missing_tools
+from _servers import Fleet, delete_redis_prefix, free_port, guard_agent_path, missing_tools, redis_available
 from _workload import (
     CHECKS_OFF_POLICY,
     LABEL_HEADER,
@@ -58,6 +63,7 @@ from _workload import (
 )
 
 PROXY_CORE, LOAD_CORE = 0, 1
+SANITY_KEYS = tuple(f"bench-sanity-key-{i:04d}" for i in range(10))
 RATES = (500, 1000)  # issue 2's fixed rates; --rates adds others (e.g. one the guard can sustain)
 
 
@@ -87,6 +93,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         metavar="NAME",
         help="the configuration --profile spies on, e.g. guard-off (default guard-on-monitor, with --quick guard-on)",
+    )
+    p.add_argument(
+        "--workers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also guard-on with Redis sessions, 1 vs 2 workers (GUARD_WORKERS; needs Redis on 127.0.0.1:6379)",
     )
     p.add_argument("--json", type=Path, default=None, help="also write every run's raw figures here")
     p.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs)")
@@ -158,6 +170,9 @@ def _start(fleet: Fleet, work: Path, args: argparse.Namespace, extras: bool) -> 
     ng = free_port()
     ng_pid = fleet.nginx("nginx-proxy", "proxy.conf.template", PROXY_CORE, {"PORT": str(ng), "UPSTREAM_PORT": str(up)})
     targets["nginx"] = Target("nginx", ng, ng_pid, spec, lua, PROXY_CORE)
+    fl = free_port()
+    targets["floor"] = Target("floor", fl, fleet.floor("floor", PROXY_CORE, port=fl, upstream_port=up), spec, lua,
+                              PROXY_CORE)
     guards: list[tuple[str, str | None, str | None, float]] = [
         ("guard-off", str(off_policy), None, 1.0),
         ("guard-on", None, str(profile), 1.0),
@@ -165,6 +180,7 @@ def _start(fleet: Fleet, work: Path, args: argparse.Namespace, extras: bool) -> 
     if extras:
         guards.append(("guard-on-monitor", str(monitor_policy), str(profile), 1.0))
         guards.append(("guard-on-monitor-sample0.01", str(monitor_policy), str(profile), 0.01))
+    keys = [*pool["keys"], *SANITY_KEYS]
     for name, policy, prof, sample in guards:
         port, admin = free_port(), free_port()
         pid = fleet.guard(
@@ -176,12 +192,46 @@ def _start(fleet: Fleet, work: Path, args: argparse.Namespace, extras: bool) -> 
             policy=policy,
             profile=prof,
             sample_allow=sample,
+            api_keys=keys,
         )
         targets[name] = Target(name, port, pid, spec, lua, PROXY_CORE, admin)
+    if args.workers:
+        _start_workers(fleet, targets, args, up, str(profile), spec, lua, keys)
     if args.single_key:
         on = targets["guard-on"]
         targets["guard-on-1key"] = Target("guard-on-1key", on.port, on.pid, spec1, lua1, PROXY_CORE, on.admin_port)
     return targets
+
+
+def _start_workers(fleet: Fleet, targets: dict[str, Target], args: argparse.Namespace, upstream: int,
+                   profile: str, spec: Path, lua: Path, keys: list[str]) -> None:
+    """guard-on with its sessions in Redis: 1 worker on the proxy core, and 2 workers (GUARD_WORKERS=2) on both
+    cores (the second shares the load core with wrk and the stub: on 2 cores this cannot show scaling)."""
+    if not redis_available():
+        print("GUARD_WORKERS configurations skipped: no Redis on 127.0.0.1:6379 (apt-get install redis-server)")
+        return
+    redis_url = f"redis://127.0.0.1:6379/0?key_prefix={args.redis_prefix}"
+    for name, workers, cores in (("guard-on-redis", 1, str(PROXY_CORE)),
+                                 ("guard-on-2workers", 2, f"{PROXY_CORE},{LOAD_CORE}")):
+        port, admin = free_port(), _free_port_run(workers)
+        pid = fleet.guard(name, cores, port=port, admin_port=admin, upstream_port=upstream, policy=None,
+                          profile=profile, sample_allow=1.0, workers=workers, redis_url=redis_url, api_keys=keys)
+        targets[name] = Target(name, port, pid, spec, lua, PROXY_CORE, admin, workers)
+
+
+def _free_port_run(n: int) -> int:
+    """A port p with p .. p + n - 1 free right now (worker k's admin listener is on the admin port + k)."""
+    import socket
+
+    while True:
+        first = free_port()
+        try:
+            for k in range(1, n):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", first + k))
+        except OSError:
+            continue
+        return first
 
 
 def _monitor_policy() -> str:
@@ -218,7 +268,7 @@ def _sanity(targets: dict[str, Target]) -> list[str]:
             req = urllib.request.Request(
                 f"http://127.0.0.1:{t.port}{pool['path']}",
                 data=pool["bodies"][i].encode(),
-                headers={"Content-Type": "application/json", "X-API-Key": f"bench-sanity-{i}", LABEL_HEADER: label},
+                headers={"Content-Type": "application/json", "X-API-Key": SANITY_KEYS[i], LABEL_HEADER: label},
             )
             try:
                 with urllib.request.urlopen(req, timeout=10) as resp:
@@ -302,7 +352,7 @@ def _print_report(runs: list[dict[str, Any]], targets: dict[str, Target], rates:
     print("\n".join(report.main_table(runs, configs, rates)))
     print("\n== ratios ==")
     print("\n".join(report.ratio_lines(runs, proxies, rates)))
-    print("\n== targets (issue 2) ==")
+    print("\n== targets (issue 13) ==")
     print("\n".join(report.target_lines(runs, guards)))
     print("\n== guard decisions during the runs (from /metrics) ==")
     print("\n".join(report.decision_lines(runs, guards)))
@@ -312,6 +362,7 @@ def _print_report(runs: list[dict[str, Any]], targets: dict[str, Target], rates:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
+    args.redis_prefix = f"guard-proxybench-{os.getpid()}:"
     missing = missing_tools()
     if missing:
         print("bench/proxy.py needs:\n  " + "\n  ".join(missing), file=sys.stderr)
@@ -349,6 +400,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bench/proxy.py: {exc}", file=sys.stderr)
         return 1
     finally:
+        if args.workers:
+            delete_redis_prefix(args.redis_prefix)
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     print(

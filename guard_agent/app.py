@@ -20,11 +20,13 @@ from guard_agent.events import EventLogger, EventSink
 from guard_agent.identity import IdentityResolver
 from guard_agent.integrity import make_integrity
 from guard_agent.metrics import Metrics
+from guard_agent.ops_metrics import OpsMetrics
 from guard_agent.policy.model import BUILTIN_SCORES
 from guard_agent.policy.store import PolicyStore
 from guard_agent.profiles import ProfileStore
 from guard_agent.protocols import ParseLimits
-from guard_agent.proxy import error_response, handle
+from guard_agent.proxy import handle, refuse_early
+from guard_agent.recent import RecentDecisions
 from guard_agent.routes import RouteTable
 from guard_agent.sessions.base import SessionStore
 from guard_agent.sessions.memory import MemorySessionStore
@@ -40,7 +42,8 @@ __all__ = ["build_state", "make_admin_app", "make_app"]
 def build_state(settings: Settings, *, sink: EventSink | None = None) -> GuardState:
     """Everything that does not need a running loop; raises on a bad first policy or profile."""
     metrics = Metrics()
-    events = EventLogger(_make_sink(settings, metrics, primary=sink),
+    recent = RecentDecisions(metrics.registry)
+    events = EventLogger(_make_sink(settings, metrics, primary=sink), observer=recent,
                          sample_allow=settings.log_sample_allow, min_level=settings.log_level)
     key = settings.hmac_key.encode() if settings.hmac_key else secrets.token_bytes(32)
     if not settings.hmac_key:
@@ -73,6 +76,8 @@ def build_state(settings: Settings, *, sink: EventSink | None = None) -> GuardSt
         metrics=metrics,
         profile=profile,
         trackers=trackers,
+        recent=recent,
+        ops=OpsMetrics(metrics),
     )
     state.parse_limits = ParseLimits(max_depth=settings.max_json_depth, max_rows=settings.max_batch_rows)
     state.async_scorers = (SqueezeScorer(state),)
@@ -120,11 +125,11 @@ def _tracker_hook(profile: ProfileSource, key: bytes, settings: Settings,
 
 @web.middleware
 async def _header_limit(request: web.Request, handler: Handler) -> web.StreamResponse:
-    limit = request.app[STATE].settings.max_header_bytes
+    state = request.app[STATE]
+    limit = state.settings.max_header_bytes
     size = sum(len(k) + len(v) + 4 for k, v in request.raw_headers)
     if size > limit:
-        return error_response(431, "headers_too_large", f"request headers exceed {limit} bytes",
-                              request.headers.get("X-Request-Id", "-"))
+        return refuse_early(state, request, 431, "headers_too_large", f"request headers exceed {limit} bytes")
     return await handler(request)
 
 

@@ -15,30 +15,52 @@ from guard_agent import __version__
 __all__ = ["main"]
 
 
+_RUN_HELP = "serve: the guard listener in front of the model, and the admin listener"
+_RUN_EPILOG = """\
+Precedence: flags > GUARD_* environment > --config file > defaults.
+Every other setting (timeouts, limits, TLS, API keys, JWT, sinks, routes, ...) has an
+environment name GUARD_<NAME> and a --config key <name>: see the README's Configuration
+section. Set GUARD_HMAC_KEY (or GUARD_HMAC_KEY_FILE), or session ids change on every restart.
+Decision events go to stdout, one JSON object per line."""
+
+
 def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("run", help="serve: the guard listener and the admin listener")
-    p.add_argument("--config", help="YAML config file (keys = setting names)")
-    p.add_argument("--listen", help="HOST:PORT for inference traffic (GUARD_LISTEN, default 0.0.0.0:8080)")
-    p.add_argument("--admin-listen", dest="admin_listen", help="HOST:PORT for probes, metrics, /admin")
-    p.add_argument("--upstream", help="model server URL (GUARD_UPSTREAM, default http://127.0.0.1:8081)")
-    p.add_argument("--policy", help="policy file or directory holding policy.yaml (GUARD_POLICY)")
-    p.add_argument("--profile", help="detector profile directory (GUARD_PROFILE)")
-    p.add_argument("--redis-url", dest="redis_url", help="shared session state (GUARD_REDIS_URL)")
+    p = sub.add_parser("run", help=_RUN_HELP, description=_sentence(_RUN_HELP), epilog=_RUN_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML config file, keys = setting names (no env name; default: none)")
+    p.add_argument("--listen", help="HOST:PORT for inference traffic (GUARD_LISTEN; default 0.0.0.0:8080)")
+    p.add_argument("--admin-listen", dest="admin_listen",
+                   help="HOST:PORT for /livez, /readyz, /metrics, /admin (GUARD_ADMIN_LISTEN; default 0.0.0.0:9090)")
+    p.add_argument("--upstream", help="model server URL (GUARD_UPSTREAM; default http://127.0.0.1:8081)")
+    p.add_argument("--policy", help="policy file, or a directory holding policy.yaml "
+                                    "(GUARD_POLICY; default: the built-in policy, as examples/policy.yaml)")
+    p.add_argument("--profile", help="detector profile directory, or a directory of <model>/profile.json "
+                                     "(GUARD_PROFILE; default: none, built-in checks only)")
+    p.add_argument("--redis-url", dest="redis_url",
+                   help="Redis URL for session state shared by replicas (GUARD_REDIS_URL; default: in memory)")
     p.add_argument("--log-sample-allow", dest="log_sample_allow", type=float,
-                   help="fraction of allow events to log (alerts are never sampled)")
+                   help="fraction of allow events to log; alerts are never sampled "
+                        "(GUARD_LOG_SAMPLE_ALLOW; default 1.0)")
 
 
 def _run(args: argparse.Namespace) -> int:
-    from guard_agent.server import serve
+    from guard_agent.server import ListenError, serve
     from guard_agent.settings import ConfigError, load_settings
 
     flags = {k: getattr(args, k) for k in ("listen", "admin_listen", "upstream", "policy", "profile", "redis_url",
                                             "log_sample_allow")}
     try:
         settings = load_settings(args.config, flags=flags)
+        if settings.workers > 1:
+            from guard_agent.workers import run_workers
+
+            return run_workers(settings)
         return asyncio.run(serve(settings))
     except ConfigError as exc:
         print(f"guard-agent: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except ListenError as exc:  # a port already taken: one line naming the address, exit at once
+        print(f"guard-agent: {exc.strerror}", file=sys.stderr)
         return 2
     except Exception as exc:  # a bad first policy or profile: say what, not a traceback
         from guard_agent.policy.loader import PolicyError
@@ -71,7 +93,9 @@ def _add_fit(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         from guard_agent.fit_command import add_fit_arguments
     except ImportError:
         return
-    p = sub.add_parser("fit", help="fit a detector profile on reference data")
+    text = "fit a detector profile on reference data"
+    p = sub.add_parser("fit", help=text, description=f"{text[0].upper()}{text[1:]}: the detectors, their "
+                       "calibration and the session trackers, written to a directory GUARD_PROFILE points at.")
     add_fit_arguments(p)
 
 
@@ -94,6 +118,8 @@ OPTIONAL_COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("tune", "guard_agent.commands.tune", "suggest thresholds for a target false-positive rate"),
     ("report", "guard_agent.commands.report", "write a self-contained HTML report of captured traffic"),
     ("selftest", "guard_agent.commands.selftest", "run a bounded red-team test against a running guard"),
+    ("explain", "guard_agent.commands.explain", "tell one session's story: scores, rules, why and until when blocked"),
+    ("status", "guard_agent.commands.status", "a running guard on one screen: readiness, revisions, decisions, health"),
 )
 """Subcommands in their own modules: each has ``add_arguments(parser)`` and ``run(args) -> int``."""
 
@@ -109,9 +135,14 @@ def _add_optional(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> d
             if exc.name is not None and module.startswith(exc.name):
                 continue
             raise
-        mod.add_arguments(sub.add_parser(name, help=help_text))
+        mod.add_arguments(sub.add_parser(name, help=help_text, description=_sentence(help_text)))
         found[name] = module
     return found
+
+
+def _sentence(text: str) -> str:
+    """A help line as the opening sentence of a subcommand's --help."""
+    return f"{text[0].upper()}{text[1:]}."
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,10 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"guard-agent {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run(sub)
-    c = sub.add_parser("check", help="validate policy files; exit 1 with file, line and field on error")
+    check_help = "validate policy files; exit 1 with file, line and field on error"
+    c = sub.add_parser("check", help=check_help, description=(
+        "Validate policy files without running the guard: YAML syntax, every section's fields and types, rule "
+        "ids, actions, score and property names, operators, thresholds (scores lie in [0, 1]), CIDRs, "
+        "per-model overrides. Prints the revision the guard would stamp on its events; exits 1 with "
+        "file:line: field: message on the first error of each file."))
     c.add_argument("policy", nargs="+", help="policy file(s) or directories holding policy.yaml")
     _add_fit(sub)
-    d = sub.add_parser("demo", help="run the guard in front of a built-in model, send traffic, print decisions")
+    demo_help = "run the guard in front of a built-in model, send traffic, print decisions"
+    d = sub.add_parser("demo", help=demo_help, description=_sentence(demo_help) + " Exits within a minute.")
     d.add_argument("--verbose", action="store_true", help="also print every decision event")
     parser.set_defaults(optional_commands=_add_optional(sub))
     return parser

@@ -26,6 +26,7 @@ import numpy as np
 import orjson
 from aiohttp import web
 
+from guard_agent.demo_text import TEXT_MODEL, TicketModel, add_text_routes, fit_text_demo_profile, text_traffic
 from guard_agent.events import CallbackSink
 from guard_agent.settings import Settings
 
@@ -145,6 +146,7 @@ async def run_demo(*, verbose: bool = False) -> int:
     t_start = time.monotonic()
     print("inference-guard demo: training a digits model, fitting a detector profile ...", flush=True)
     model = DigitsModel()
+    tickets = TicketModel()
     rng = np.random.default_rng(7)
     events: list[dict[str, Any]] = []
 
@@ -155,20 +157,30 @@ async def run_demo(*, verbose: bool = False) -> int:
             print(line.decode())
 
     with tempfile.TemporaryDirectory(prefix="guard-demo-") as tmp:
-        profile_dir = _fit_profile(model, Path(tmp) / "profile")
+        profile_dir = _fit_profile(model, Path(tmp) / "profiles" / MODEL)
+        if profile_dir is not None:  # per-model profiles: digits, and the text scenario's tickets
+            fit_text_demo_profile(tickets, Path(tmp) / "profiles" / TEXT_MODEL)
+            profile_dir = str(Path(tmp) / "profiles")
         model_port, guard_port, admin_port = free_port(), free_port(), free_port()
+        # every scenario's key is registered: all the demo's clients share one address, and unregistered keys
+        # would share its session evidence too (docs/hardening.md, "What authenticated means")
+        keys = {name: f"demo-{name}-{secrets.token_hex(8)}" for name in _CLIENTS}
+        keys_file = Path(tmp) / "api-keys.json"
+        keys_file.write_bytes(orjson.dumps({"keys": [{"name": n, "key": k} for n, k in keys.items()]}))
         settings = Settings(listen=f"127.0.0.1:{guard_port}", admin_listen=f"127.0.0.1:{admin_port}",
                             upstream=f"http://127.0.0.1:{model_port}", profile=profile_dir,
-                            hmac_key=secrets.token_hex(16))
+                            hmac_key=secrets.token_hex(16), api_keys_file=str(keys_file))
         from guard_agent.app import build_state
 
         state = build_state(settings, sink=CallbackSink(on_event))
-        async with _serve(make_model_app(model), model_port):
+        model_app = make_model_app(model)
+        add_text_routes(model_app, tickets)
+        async with _serve(model_app, model_port):
             guard_runner, admin_runner = await start_listeners(state)
             try:
                 async with aiohttp.ClientSession() as http:
                     await _wait_ready(http, f"http://127.0.0.1:{admin_port}/readyz")
-                    scenarios = await _traffic(http, f"http://127.0.0.1:{guard_port}", model, rng)
+                    scenarios = await _traffic(http, f"http://127.0.0.1:{guard_port}", model, rng, tickets, keys)
             finally:
                 await guard_runner.cleanup()
                 await admin_runner.cleanup()
@@ -186,13 +198,18 @@ async def _send(http: aiohttp.ClientSession, url: str, body: bytes, key: str,
         return resp.status
 
 
+_CLIENTS = ("benign0", "benign1", "benign2", "benign3", "benign4", "invalid", "admin", "ood", "range", "blackbox",
+            "extract", "flood", "tickets0", "tickets1", "tickets2", "zerowidth", "textattack")
+"""Every scenario's key name (guard_agent/demo_text.py's too): each is registered before the guard starts."""
+
+
 async def _traffic(http: aiohttp.ClientSession, url: str, model: DigitsModel,
-                   rng: np.random.Generator) -> dict[str, str]:
-    """Each scenario under its own API key; returns key -> scenario description."""
+                   rng: np.random.Generator, tickets: TicketModel, keys: dict[str, str]) -> dict[str, str]:
+    """Each scenario under its own (registered) API key; returns key -> scenario description."""
     scenarios: dict[str, str] = {}
 
     def key(name: str, description: str) -> str:
-        k = f"demo-{name}-{secrets.token_hex(4)}"
+        k = keys[name]
         scenarios[k] = description
         return k
 
@@ -237,6 +254,8 @@ async def _traffic(http: aiohttp.ClientSession, url: str, model: DigitsModel,
         if refused >= 3:
             break
         await asyncio.sleep(0.02)
+    # Text: benign support tickets, invisible characters, a character-edit attack (guard_agent/demo_text.py).
+    await text_traffic(http, url, tickets, key)
     # A flood from one key: the rate limit answers 429.
     k = key("flood", "request flood from one key")
     await asyncio.gather(*(_send(http, url, v2_body(model.X_test[i % 50]), k) for i in range(160)))
@@ -253,6 +272,8 @@ def _print_table(scenarios: dict[str, str], events: list[dict[str, Any]], policy
         if not rid.startswith("demo-"):
             continue
         k = rid[len("demo-"):]
+        if k not in scenarios:  # attack clients number their requests: demo-<key>-<n>
+            k = k.rsplit("-", 1)[0]
         action = e["event"]["action"]
         by_session[k][action] += 1
         if action != "allow":

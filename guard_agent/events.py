@@ -11,8 +11,10 @@ structlog's own ``event`` key is renamed to ``message`` because ECS uses
 
 from __future__ import annotations
 
+import logging
 import os
 import random
+import re
 import sys
 import threading
 import time
@@ -24,8 +26,8 @@ from typing import IO, Any, Protocol
 import orjson
 import structlog
 
-__all__ = ["ALERT_ACTIONS", "CallbackSink", "EventLogger", "EventSink", "StreamSink", "build_decision_event",
-           "random_id"]
+__all__ = ["ALERT_ACTIONS", "CallbackSink", "DiagnosticsHandler", "EventLogger", "EventSink", "StreamSink",
+           "build_decision_event", "random_id"]
 
 _LEVELS = {"debug": 0, "info": 1, "warning": 2, "error": 3, "critical": 4}
 ALERT_ACTIONS = frozenset({"flag", "harden", "throttle", "block", "integrity_violation"})
@@ -178,8 +180,9 @@ class EventLogger:
     """Renders and emits decision events and operational logs; alerts are never sampled."""
 
     def __init__(self, sink: EventSink, *, sample_allow: float = 1.0, rng: random.Random | None = None,
-                 min_level: str = "info") -> None:
+                 min_level: str = "info", observer: Callable[[Mapping[str, Any]], None] | None = None) -> None:
         self.sink = sink
+        self._observer = observer  # sees each decision's fields as written (guard_agent.recent)
         self.sample_allow = sample_allow
         self._min_level = _LEVELS.get(min_level, 1)
         self._rng = rng or random.Random()
@@ -207,6 +210,8 @@ class EventLogger:
 
     def write(self, fields: Mapping[str, Any], message: str, *, level: str = "info") -> None:
         """Emit one decision event already past sampling."""
+        if self._observer is not None:
+            self._observer(fields)
         getattr(self._log, level)(message, **fields)
 
     def log(self, level: str, message: str, **fields: Any) -> None:
@@ -284,3 +289,43 @@ def parse_event_line(line: bytes) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError("an event line must be a JSON object")
     return value
+
+
+_MAX_DIAGNOSTIC = 300
+_WARNING = re.compile(r"(\w+Warning): ([^\n]*)")
+
+
+class DiagnosticsHandler(logging.Handler):
+    """Python logging (aiohttp, asyncio) and warnings (numpy's ``RuntimeWarning``) as events in the one stream.
+
+    Stdout is one JSON object per line, always: a library's traceback or warning text must not break that, and it
+    may quote what a client sent (a header line, a body). So only the logger, the record's message template (not
+    its arguments) and the exception's type are kept; never the traceback or the exception's message.
+    """
+
+    def __init__(self, events: EventLogger) -> None:
+        super().__init__(logging.WARNING)
+        self._events = events
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            error: dict[str, Any] = {"logger": record.name}
+            if record.exc_info and record.exc_info[0] is not None:
+                error["type"] = record.exc_info[0].__name__
+            if record.name == "py.warnings":  # "file:line: Category: text\n  source line": not the path or source
+                found = _WARNING.search(record.getMessage())
+                text = f"{found.group(1)}: {found.group(2)}" if found else "warning"
+            else:
+                text = str(record.msg)
+            level = "error" if record.levelno >= logging.ERROR else "warning"
+            self._events.log(level, text[:_MAX_DIAGNOSTIC], ecs_event={"category": ["process"]}, error=error)
+        except Exception:  # a logging handler must never raise into the code that logged
+            self.handleError(record)
+
+    def install(self) -> None:
+        """Route the root logger and warnings here (and nowhere else) for the life of the process."""
+        logging.captureWarnings(True)
+        root = logging.getLogger()
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        root.addHandler(self)

@@ -6,7 +6,10 @@ trusted proxy). The winning source is reduced to HMAC-SHA256 with a secret, so
 replicas sharing the secret derive the same id and nothing sensitive is kept.
 
 Without a key store or JWKS, any presented credential counts (the guard cannot
-tell good from bad). With either configured, only verified credentials
+tell good from bad), but every such credential from one client address also
+counts against that address's own session (``Identity.address_session``), so
+inventing keys buys neither a fresh rate-limit bucket nor fresh trackers.
+With either configured, only verified credentials
 authenticate and name the session; an unknown key or a bad token falls through
 to the next source (the address), so a client cannot mint fresh sessions by
 inventing keys.
@@ -49,6 +52,9 @@ class Identity:
     models: frozenset[str] | None = None  # the models a key may call (None = all)
     credential_error: str | None = None   # why a presented credential was not accepted (safe to log)
     address: str | None = None            # ``ip`` as text (``source.ip``), formatted once per address
+    # an unverified credential (no key store, no JWKS) costs nothing to rotate: the client's address keeps a
+    # second session (bucket, trackers, block) that every such credential from it shares; None otherwise
+    address_session: str | None = None
 
 
 def _parse_ip(value: str | None) -> IPAddress | None:
@@ -73,6 +79,15 @@ def client_address(peer: str | None, forwarded_for: str | None, trusted: Sequenc
         if not _trusted(ip, trusted):
             return ip
     return ip
+
+
+_NOT_ASCII = "credential is not printable ASCII"
+
+
+def _printable_ascii(value: str) -> bool:
+    """Keys and tokens are printable ASCII; anything else (``caf\\xe9`` arrives as a surrogate escape) is refused
+    as a credential rather than hashed, so no byte of it can reach an encoder error or a traceback."""
+    return value.isascii() and value.isprintable()
 
 
 def _trusted(ip: IPAddress, trusted: Sequence[IPNetwork]) -> bool:
@@ -107,7 +122,7 @@ class IdentityResolver:
 
     def hash(self, kind: str, value: str) -> str:
         """The session id of a source: HMAC-SHA256, computed once per input (the cache holds its SHA-256)."""
-        data = f"{kind}\x00{value}".encode()
+        data = f"{kind}\x00{value}".encode(errors="surrogateescape")
         digest = hashlib.sha256(data).digest()
         session = self._hashes.get(digest)
         if session is None:
@@ -140,7 +155,9 @@ class IdentityResolver:
         for source in self._sources:
             if source == "header":
                 value = headers.get(self._header, "").strip()
-                if value:
+                if value and not _printable_ascii(value):
+                    error = error or _NOT_ASCII
+                elif value:
                     found, why = self._from_key(value, "header", ip, address)
                     if found is not None:
                         return found
@@ -148,21 +165,29 @@ class IdentityResolver:
             elif source == "bearer":
                 scheme, _, token = headers.get("Authorization", "").partition(" ")
                 token = token.strip()
-                if scheme.lower() == "bearer" and token:
+                if scheme.lower() == "bearer" and token and not _printable_ascii(token):
+                    error = error or _NOT_ASCII
+                elif scheme.lower() == "bearer" and token:
                     found, why = self._from_bearer(token, ip, address)
                     if found is not None:
                         return found
                     error = error or why
             elif source == "address" and address is not None:
-                return Identity(self.hash("ip", address), "address", ip, credential_error=error, address=address)
+                return Identity(self.hash("ip", address), "address", ip, credential_error=error,
+                                address=address)
         return Identity(self._anonymous, "anonymous", ip, credential_error=error, address=address)
+
+    def _address_session(self, address: str | None) -> str | None:
+        """The session of a client address: the same whether the client sends a credential or none."""
+        return None if address is None else self.hash("ip", address)
 
     def _from_key(self, value: str, source: str, ip: IPAddress | None,
                   address: str | None) -> tuple[Identity | None, str | None]:
         if self.keys is None:
             if self.verifying:  # a JWKS is set but no key store: a bare key proves nothing
                 return None, "api keys not configured"
-            return Identity(self.hash("key", value), source, ip, authenticated=True, address=address), None
+            return Identity(self.hash("key", value), source, ip, authenticated=True, address=address,
+                            address_session=self._address_session(address)), None
         entry = self.keys.lookup(value)  # asked every time: a key removed by a reload fails at once
         if entry is None:
             return None, "unknown api key"
@@ -173,7 +198,8 @@ class IdentityResolver:
     def _from_bearer(self, token: str, ip: IPAddress | None,
                      address: str | None) -> tuple[Identity | None, str | None]:
         if not self.verifying:
-            return Identity(self.hash("bearer", token), "bearer", ip, authenticated=True, address=address), None
+            return Identity(self.hash("bearer", token), "bearer", ip, authenticated=True, address=address,
+                            address_session=self._address_session(address)), None
         if self.jwt is not None and token.count(".") == 2:
             try:
                 principal = self.jwt.verify(token)

@@ -12,14 +12,14 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from detectors import Profile, ProfileError, load_profiles
+from detectors.text import TextModel
 from guard_agent.filewatch import file_identity
-from guard_agent.scoring import ScoringContext
+from guard_agent.scoring import RowBatcher, ScoringContext
 from guard_agent.state import ProfileSource
+from guard_agent.text_scoring import text_model_of
 
 if TYPE_CHECKING:
     from guard_agent.state import GuardState
@@ -36,6 +36,7 @@ class ProfileStore(ProfileSource):
         self.path = Path(path)
         self.profiles: dict[str, Profile] = {}
         self._identities: dict[Path, tuple[int, int, int, int] | None] = {}
+        self._batcher = RowBatcher()
         self._load()  # the first load must succeed
 
     def _watched(self) -> dict[Path, tuple[int, int, int, int] | None]:
@@ -46,7 +47,10 @@ class ProfileStore(ProfileSource):
 
     def _load(self) -> None:
         identities = self._watched()
-        self.profiles = load_profiles(self.path)
+        profiles = load_profiles(self.path)
+        for profile in profiles.values():
+            text_model_of(profile)  # a broken text component fails the load, not a request
+        self.profiles = profiles
         self._identities = identities
 
     @property
@@ -78,18 +82,22 @@ class ProfileStore(ProfileSource):
         profile = self.profile_for(model)
         return None if profile is None else profile.n_features
 
+    def text_model(self, model: str | None) -> TextModel | None:
+        return text_model_of(self.profile_for(model))
+
     def score(self, ctx: ScoringContext) -> Mapping[str, float]:
         """Calibrated scores, the maximum over the batch's rows (the most anomalous row decides)."""
         profile = self.profile_for(ctx.model)
         if profile is None:
             return {}
-        return {name: float(np.max(values)) for name, values in profile.score(ctx.features).items()}
+        return {name: float(values.max()) for name, values in profile.score(ctx.features).items()}
 
-    def component(self, name: str, model: str | None = None) -> tuple[Mapping[str, Any], Mapping[str, Any]] | None:
-        profile = self.profile_for(model)
+    async def score_batched(self, ctx: ScoringContext) -> Mapping[str, float]:
+        """``score``, with the rows of every request scored in the same event-loop turn scored in one call."""
+        profile = self.profile_for(ctx.model)
         if profile is None:
-            return None
-        return profile.components.get(name)
+            return {}
+        return await self._batcher.score(profile, ctx.features)
 
     def maybe_reload(self, state: GuardState) -> None:
         """Called by the watcher: reload when any profile.json changed identity."""

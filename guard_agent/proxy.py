@@ -9,6 +9,7 @@ rather refuse. The upstream receives exactly the bytes that were scored.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import time
 from collections.abc import Mapping
@@ -22,10 +23,22 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from guard_agent.events import build_decision_event, random_id
 from guard_agent.identity import Identity
+from guard_agent.llm import (
+    OPENAI_PROTOCOLS,
+    Usage,
+    account,
+    carried,
+    harden_llm_chunk,
+    harden_llm_request,
+    llm_session_facts,
+    relay_sse,
+    usage_of,
+)
 from guard_agent.policy.decide import INTEGRITY_RULE, RequestFacts, SessionFacts, decide
-from guard_agent.policy.model import Decision, EffectivePolicy, Policy
+from guard_agent.policy.model import Decision, EffectivePolicy, Policy, RateLimit
 from guard_agent.protocols import (
     HARDENABLE_PROTOCOLS,
+    ParsedRequest,
     ProtocolError,
     harden_document,
     parse_document,
@@ -35,17 +48,30 @@ from guard_agent.protocols import (
 from guard_agent.protocols import (
     Hardening as WireHardening,
 )
-from guard_agent.ratelimit import take
+from guard_agent.ratelimit import cooldown_start, rate_check
 from guard_agent.routes import RouteMatch
-from guard_agent.scoring import InputSchemaError, ScoringContext, check_input, declared_schema_score, run_scorers
+from guard_agent.scoring import (
+    InputSchemaError,
+    ScoringContext,
+    check_input,
+    declared_schema_score,
+    representable,
+    run_scorers,
+    saturate_detector_scores,
+)
+from guard_agent.sessions.base import SessionRecord
 from guard_agent.state import STATE, GuardState
+from guard_agent.text_scoring import project_texts, text_check_scores
 
-__all__ = ["HOP_BY_HOP", "error_response", "handle"]
+__all__ = ["HOP_BY_HOP", "error_response", "handle", "refuse_early"]
 
 HOP_BY_HOP = frozenset(h.lower() for h in (
     "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer", "Trailers",
     "Transfer-Encoding", "Upgrade", "Host", "Content-Length", "Proxy-Connection",
 ))
+# Expect is answered by the guard itself (the body is read whole before anything is forwarded): forwarded, it
+# would make the upstream client wait for a "100 Continue" the model server may never send
+_NOT_FORWARDED = HOP_BY_HOP | {"expect"}
 _DIGITS = re.compile(r"[0-9]+")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _BLOCK_MESSAGE = "request refused by policy"
@@ -59,17 +85,43 @@ def error_response(status: int, code: str, message: str, request_id: str,
     return web.Response(status=status, body=body, content_type="application/json", headers=hdrs)
 
 
-def _request_id(request: web.Request) -> str:
+def _request_id(request: web.BaseRequest) -> str:
     given = request.headers.get("X-Request-Id", "")
     return given if _REQUEST_ID.match(given) else random_id()
 
 
-def _upstream_headers(headers: CIMultiDictProxy[str], peer: str | None, request_id: str) -> CIMultiDict[str]:
-    connection_tokens = {t.strip().lower() for t in headers.get("Connection", "").split(",") if t.strip()}
+def refuse_early(state: GuardState, request: web.BaseRequest, status: int, code: str, message: str) -> web.Response:
+    """A request refused before routing (headers too large, a head aiohttp's parser refused, a handler that
+    failed): the JSON error with a validated request id (never the client's unchecked value), one decision
+    event and the request counters, like every other request. ``message`` is the guard's, never client bytes."""
+    started = time.perf_counter()
+    request_id = _request_id(request)
+    out = _Outcome()
+    out.rule = code
+    out.source_ip = request.remote
+    response = _reject(state, out, status, code, message, request_id)
+    response.force_close()
+    out.status = status
+    _emit(state, request, state.policies.current, out, request_id, started)
+    state.metrics.requests_by("refused", out.action, str(status)).inc()
+    return response
+
+
+# the headers the guard parsed and decided with: the upstream must read the body the same way, so naming one in
+# ``Connection`` (which makes it hop-by-hop) does not remove it (``Connection: close, Content-Type`` would
+# otherwise forward a JSON body as application/octet-stream)
+_DECIDED_WITH = frozenset({"content-type", "content-encoding", "inference-header-content-length", "authorization"})
+
+
+def _upstream_headers(headers: CIMultiDictProxy[str], peer: str | None, request_id: str,
+                      session_header: str) -> CIMultiDict[str]:
+    decided_with = _DECIDED_WITH | {session_header.lower()}
+    connection_tokens = {t.strip().lower() for t in headers.get("Connection", "").split(",")
+                         if t.strip()} - decided_with
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
         lname = name.lower()
-        if lname in HOP_BY_HOP or lname in connection_tokens:
+        if lname in _NOT_FORWARDED or lname in connection_tokens:
             continue
         out.add(name, value)
     prior = headers.get("X-Forwarded-For")
@@ -133,8 +185,10 @@ async def handle(request: web.Request) -> web.StreamResponse:
     state.in_flight += 1
     upstream_time = 0.0
     try:
-        if match.kind == "invalid":
-            response: web.StreamResponse = _reject(state, out, 400, "invalid_path", match.reason, request_id)
+        if request.version not in _HTTP1:
+            response: web.StreamResponse = _unsupported_version(state, out, request, request_id)
+        elif match.kind == "invalid":
+            response = _reject(state, out, 400, "invalid_path", match.reason, request_id)
         elif match.kind == "denied":
             out.rule = "route-not-allowed"
             response = _reject(state, out, 403, "route_not_allowed", "route not allowed", request_id)
@@ -149,6 +203,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
     except SlowClient:
         response = _reject(state, out, 408, "request_timeout", "the request body was not received in time",
                            request_id, {"Connection": "close"})
+    except ClientGone:  # 499 as nginx logs it: the event says what happened; the answer reaches no one
+        response = _reject(state, out, 499, "client_closed", "the client closed the connection mid-body",
+                           request_id, {"Connection": "close"})
     finally:
         state.in_flight -= 1
     out.status = response.status
@@ -157,6 +214,28 @@ async def handle(request: web.Request) -> web.StreamResponse:
     metrics = state.metrics
     metrics.requests_by(match.route, out.action, str(out.status)).inc()
     metrics.overhead_by(match.route).observe(max(0.0, time.perf_counter() - started - upstream_time))
+    return response
+
+
+_HTTP1 = frozenset({aiohttp.HttpVersion10, aiohttp.HttpVersion11})
+
+
+def _unsupported_version(state: GuardState, out: _Outcome, request: web.Request, request_id: str) -> web.Response:
+    """400 for a request line naming another HTTP version (``HTTP/2.0`` over a plain HTTP/1 connection): a client
+    error like any malformed request line (DESIGN.md's statuses), not a fault of the guard's.
+
+    aiohttp would answer in the request's own version (``HTTP/2.0 200`` in HTTP/1 framing), so the answer is
+    written here as HTTP/1.1 and the connection closed; the response returned is for the event (aiohttp's own
+    write of it meets the closed transport and is dropped)."""
+    response = _reject(state, out, 400, "http_version_not_supported", "only HTTP/1.0 and HTTP/1.1 are served",
+                       request_id)
+    transport = request.transport
+    if transport is not None and not transport.is_closing():
+        body = response.body if isinstance(response.body, bytes) else b""
+        transport.write(b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
+                        b"Connection: close\r\nX-Request-Id: " + request_id.encode() +
+                        b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        transport.close()
     return response
 
 
@@ -169,7 +248,7 @@ def _reject(state: GuardState, out: _Outcome, status: int, code: str, message: s
     return error_response(status, code, message, request_id, headers)
 
 
-def _emit(state: GuardState, request: web.Request, policy: Policy, out: _Outcome, request_id: str,
+def _emit(state: GuardState, request: web.BaseRequest, policy: Policy, out: _Outcome, request_id: str,
           started: float) -> None:
     keep = state.events.keep(out.action)
     if not keep and (state.capture is None or out.features is None):
@@ -180,18 +259,32 @@ def _emit(state: GuardState, request: web.Request, policy: Policy, out: _Outcome
         enforced=out.enforced if eff.mode == "enforce" else False,
         session=out.session, model=out.model, rows=out.rows, scores=out.scores,
         policy_revision=policy.revision, profile_revision=state.profile.revision,
-        request_id=request_id, method=request.method, status=out.status, path=request.path,
+        request_id=request_id, method=request.method, status=out.status, path=raw_target_path(request),
         source_ip=out.source_ip, technique=out.technique, started=started, extra_guard=out.fields,
     )
     if state.capture is not None and out.features is not None:
         state.capture.record(fields, out.features, scores=out.scores)  # unsampled, before allow sampling
     if keep:
-        level = "warning" if out.action in ("block", "throttle", "integrity_violation") else "info"
-        state.events.write(fields, f"{out.action} {request.method} {request.path}", level=level)
+        level = "warning" if out.action in ("block", "throttle", "integrity_violation") or out.status >= 500 \
+            else "info"
+        state.events.write(fields, f"{out.action} {request.method} {fields['url']['path']}", level=level)
+
+
+_MAX_LOGGED_PATH = 1024
+
+
+def raw_target_path(request: web.BaseRequest) -> str:
+    """The path as the client sent it (``%2F`` stays ``%2F``), without the query string (which may carry keys),
+    cut at 1 KiB: SIEM rules must see the spelling that was refused, not aiohttp's decoded form."""
+    return request.raw_path.partition("?")[0][:_MAX_LOGGED_PATH]
 
 
 class SlowClient(Exception):
     """The client did not send its body within the read timeout."""
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its whole body arrived: nothing to score, nobody to answer."""
 
 
 class BadBody(Exception):
@@ -200,10 +293,13 @@ class BadBody(Exception):
 
 async def _read_body(request: web.Request, limit: int, timeout: float) -> bytes | None:
     """The whole body, or None when it exceeds ``limit`` (checked before and while reading)."""
-    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
-    if encoding not in ("", "identity"):
+    # every Content-Encoding header and every token of each: aiohttp decompresses by one of them while a model
+    # server may read another, so anything but identity (in any position, repeated or listed) is refused
+    encodings = [t.strip().lower() for v in request.headers.getall("Content-Encoding", ()) for t in v.split(",")]
+    if any(c not in ("", "identity") for c in encodings):
         # aiohttp would decompress it; the guard refuses instead of scoring bytes other than those forwarded
-        raise BadBody(f"unsupported Content-Encoding {encoding[:32]!r}: send an uncompressed body")
+        shown = ", ".join(encodings)[:48]
+        raise BadBody(f"unsupported Content-Encoding {shown!r}: send an uncompressed body")
     codings = ",".join(request.headers.getall("Transfer-Encoding", ())).strip().lower()
     if codings not in ("", "chunked"):
         # aiohttp decodes only the chunked framing; any other transfer-coding would be forwarded undecoded
@@ -228,31 +324,56 @@ async def _read_body(request: web.Request, limit: int, timeout: float) -> bytes 
                 chunks.append(chunk)
     except TimeoutError as exc:
         raise SlowClient from exc
+    except ConnectionResetError as exc:
+        raise ClientGone from exc
     except aiohttp.web_protocol.RequestPayloadError as exc:
         raise BadBody("the request body could not be read (malformed framing)") from exc
     return b"".join(chunks)
 
 
 async def _call_upstream(state: GuardState, request: web.Request, body: bytes | None,
-                         request_id: str, *, readable: bool = False) -> aiohttp.ClientResponse:
+                         request_id: str, *, readable: bool = False,
+                         strip_query: bool = False) -> aiohttp.ClientResponse:
     """Forward to the model; ``readable`` asks for an uncompressed answer the guard can parse and harden."""
     assert state.client is not None
-    url = state.settings.upstream.rstrip("/") + request.raw_path
-    headers = _upstream_headers(request.headers, request.remote, request_id)
+    target = request.raw_path.partition("?")[0] if strip_query else request.raw_path
+    url = state.settings.upstream.rstrip("/") + target
+    headers = _upstream_headers(request.headers, request.remote, request_id, state.settings.session_header)
     if readable:
         headers["Accept-Encoding"] = "identity"
-    return await state.client.request(request.method, url, data=body, allow_redirects=False,
-                                      auto_decompress=False, headers=headers)
+    async with asyncio.timeout(_upstream_deadline(state)):  # a pool slot, the connect and the answer's head
+        return await state.client.request(request.method, url, data=body, allow_redirects=False,
+                                          auto_decompress=False, headers=headers)
+
+
+def _upstream_deadline(state: GuardState) -> float:
+    """The longest the guard waits on the upstream for one step (the head, or a whole inference answer).
+
+    aiohttp's ``sock_read`` only bounds the gap between two reads and nothing bounds the wait for a pool slot:
+    a model server that never answers (or waits for a ``100 Continue``) would otherwise hold a connection and
+    every request queued behind it forever.
+    """
+    return state.settings.connect_timeout + state.settings.read_timeout
 
 
 def _upstream_failure(state: GuardState, out: _Outcome, exc: BaseException, request_id: str) -> web.Response:
+    """502/504; the event says the request failed and why (``guard.upstream_error``), at warning level."""
+    out.outcome = "failure"
     if isinstance(exc, asyncio.TimeoutError):
         state.metrics.upstream_errors.labels("timeout").inc()
-        out.outcome = "failure"
+        out.fields["upstream_error"] = "timeout"
         return error_response(504, "upstream_timeout", "the model server did not answer in time", request_id)
     state.metrics.upstream_errors.labels(type(exc).__name__).inc()
-    out.outcome = "failure"
+    out.fields["upstream_error"] = _upstream_reason(exc)
     return error_response(502, "upstream_unavailable", "the model server is unreachable or broken", request_id)
+
+
+def _upstream_reason(exc: BaseException) -> str:
+    """The exception's type and, for a refused or reset connection, the OS reason (never response bytes)."""
+    cause = exc.os_error if isinstance(exc, aiohttp.ClientConnectorError) else None
+    if cause is not None and cause.errno:
+        return f"{type(exc).__name__}: {os.strerror(cause.errno).lower()}"
+    return type(exc).__name__
 
 
 def _access_refusal(state: GuardState, out: _Outcome, identity: Identity, eff: EffectivePolicy,
@@ -326,13 +447,18 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
     refusal = _access_refusal(state, out, identity, eff, request_id, model_required=True)
     if refusal is not None:
         return refusal, 0.0
+    has_query = "?" in request.raw_path
+    if has_query and eff.input.query == "refuse":
+        out.rule = "query-not-allowed"
+        return _reject(state, out, 400, "invalid_input", "a query string is not accepted on this route "
+                       "(policy input.query)", request_id), 0.0
 
     body = await _read_body(request, settings.max_body_bytes, settings.client_read_timeout)
     if body is None:
         return _reject(state, out, 413, "body_too_large",
                        f"request body exceeds {settings.max_body_bytes} bytes", request_id), 0.0
     try:
-        header_len = request.headers.get("Inference-Header-Content-Length")
+        header_len = request.headers.getall("Inference-Header-Content-Length", [])
         parsed = parse_request(
             match.protocol or "v2", body, content_type=request.headers.get("Content-Type"),
             content_encoding=request.headers.get("Content-Encoding"), pointer=match.pointer,
@@ -340,23 +466,25 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
             inference_header_length=_header_length(header_len),
         )
         out.rows = parsed.rows
+        parsed = project_texts(state.profile, parsed, match.model)
         check_input(parsed.features, eff.input, expected_features=state.profile.expected_features(match.model))
     except (ProtocolError, InputSchemaError) as exc:
         out.rule = "invalid-input"
         return _reject(state, out, 400, "invalid_input", str(exc), request_id), 0.0
 
-    record = await state.sessions.get(identity.session, now)
-    rate_limited, retry_after = False, 0.0
-    limit = identity.rate_limit or eff.rate_limit
-    if limit is not None:
-        record.bucket, allowed, retry_after = take(record.bucket, now, rate=limit.rate, burst=limit.burst)
-        rate_limited = not allowed
+    features, beyond_range = representable(parsed.features)  # what the detectors and trackers score
+    sessions = await _Sessions.load(state, identity, now)
+    if len(sessions.entries) > 1:  # the address's session counts too: name it, so an operator can reset it
+        out.fields["address_session"] = sessions.entries[1][0]
+    record = sessions.record
+    rate_limited, retry_after = sessions.take(now, identity.rate_limit or eff.rate_limit)
     request_facts = RequestFacts(model=match.model, protocol=parsed.protocol, rows=parsed.rows,
                                  body_bytes=len(body), features=int(parsed.features.shape[1]),
-                                 source_ip=identity.ip)
-    session_facts = SessionFacts(id=identity.session, source=identity.source, queries=record.queries,
-                                 age_seconds=now - record.first_seen, blocked_rule=record.blocked(now),
-                                 rate_limited=rate_limited, retry_after=retry_after)
+                                 source_ip=identity.ip, properties=parsed.properties)
+    session_facts = SessionFacts(id=identity.session, source=identity.source, queries=sessions.queries,
+                                 age_seconds=now - record.first_seen, blocked_rule=sessions.blocked(now),
+                                 rate_limited=rate_limited, retry_after=retry_after,
+                                 usage=llm_session_facts(record.scores) if parsed.protocol in OPENAI_PROTOCOLS else {})
     decision: Decision | None = None
     scores: dict[str, float] = {}
     failure = None
@@ -365,11 +493,16 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
         early = decide(request_facts, scores, session_facts, eff)
         decision = early if early.refused else None
     if decision is None:
-        ctx = ScoringContext(features=parsed.features, row_shape=parsed.row_shape, model=match.model,
+        ctx = ScoringContext(features=features, row_shape=parsed.row_shape, model=match.model,
                              protocol=parsed.protocol, body=body, policy=eff,
                              extra={"request": request, "parsed": parsed})
-        scores, failure = await run_scorers(ctx, (_declared_scorer, state.profile.score),
-                                            state.async_scorers if eff.squeeze.enabled else ())
+        scores, failure = await run_scorers(ctx, (_declared_scorer, _text_scorer),
+                                            state.async_scorers if eff.squeeze.enabled else (),
+                                            batched=state.profile.score_batched)
+        if beyond_range:  # a value the detectors cannot represent is as far out as it gets, never an error
+            out.fields["beyond_float32"] = True
+            if state.profile.expected_features(match.model) is not None:
+                saturate_detector_scores(scores, state.profile.score_names)
         if failure is not None:
             state.metrics.scoring_failures.labels(failure).inc()
             out.fields["scoring_failure"] = failure
@@ -377,7 +510,7 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
         if integrity is not None:
             scores["integrity.canary"] = integrity
         if eff.needs_session_scores:  # the trackers cost more than all detectors together: only when read
-            scores.update(await state.trackers.peek(identity.session, record, parsed.features, match.model, now))
+            scores.update(await sessions.peek(state, features, match.model, now))
         decision = decide(request_facts, scores, session_facts, eff, scoring_failure=failure)
     if decision.unhardenable:  # decide() turned a harden into a block: this route's answers have no known shape
         out.fields["hardening"] = "unsupported"
@@ -385,20 +518,18 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
     if decision.matched:
         out.fields["matched_rules"] = list(decision.matched)
     out.fields.update(protocol=parsed.protocol, body_bytes=len(body), features=int(parsed.features.shape[1]),
-                      session_source=identity.source, session_queries=record.queries,
+                      session_source=identity.source, session_queries=sessions.queries,
                       session_age_seconds=round(now - record.first_seen, 3))
-    out.features = parsed.features
-    cooldown = eff.block_cooldown if decision.cooldown is None else decision.cooldown
-    if decision.enforced and decision.action == "block" and cooldown > 0 and record.blocked(now) is None:
-        record.blocked_until, record.blocked_rule = now + cooldown, decision.rule
-    record.queries += parsed.rows
+    out.features = features
+    sessions.block(decision, eff, now)
+    sessions.count(parsed.rows)
     score_metric = state.metrics.scores_by
     for name, value in scores.items():
         score_metric(name).observe(value)
 
     if decision.refused:
         out.outcome = "failure"
-        await state.sessions.put(identity.session, record, now)
+        await sessions.save(state, now)
         if decision.rule == INTEGRITY_RULE:
             return error_response(503, "integrity_violation",
                                   "the model failed its integrity check; requests are refused until it passes",
@@ -409,14 +540,17 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
                                   {"Retry-After": retry}), 0.0
         return error_response(403, "blocked", _BLOCK_MESSAGE, request_id), 0.0
 
+    if parsed.protocol in OPENAI_PROTOCOLS:
+        return await _llm_forward(request, state, parsed, decision, out, sessions, body, request_id, now)
     t0 = time.perf_counter()
     try:
-        upstream = await _call_upstream(state, request, body, request_id, readable=True)
-        async with upstream:
+        upstream = await _call_upstream(state, request, body, request_id, readable=True,
+                                        strip_query=has_query and eff.input.query == "strip")
+        async with upstream, asyncio.timeout(_upstream_deadline(state)):
             payload = await upstream.read()
             status, reason, headers = upstream.status, upstream.reason, upstream.headers
     except (TimeoutError, aiohttp.ClientError) as exc:
-        await state.sessions.put(identity.session, record, now)
+        await sessions.save(state, now)
         return _upstream_failure(state, out, exc, request_id), time.perf_counter() - t0
     upstream_time = time.perf_counter() - t0
     state.metrics.upstream_latency_by(match.route).observe(upstream_time)
@@ -429,34 +563,160 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
         doc = read_response(payload) if readable and (eff.needs_session_scores or hardening is not None) else None
         if eff.needs_session_scores:
             answered = parse_document(parsed.protocol, doc, parsed.rows)  # None without doc
-            tracker_scores = await state.trackers.update(identity.session, record, parsed.features, match.model,
-                                                         answered, now, scores)
-            if tracker_scores:
-                record.scores = dict(tracker_scores)
+            await sessions.learn(state, features, match.model, answered, now, scores)
         if hardening is not None:
             hardened = harden_document(parsed.protocol, doc, hardening)
             out.fields["hardening"] = "failed" if hardened is None else "applied"
             if hardened is None:  # never leak the full answer because it could not be degraded
-                await state.sessions.put(identity.session, record, now)
+                await sessions.save(state, now)
                 out.outcome = "failure"
                 return error_response(502, "hardening_failed", "the model's answer could not be hardened",
                                       request_id), upstream_time
             payload = hardened
-    await state.sessions.put(identity.session, record, now)
+    await sessions.save(state, now)
     response = web.Response(status=status, reason=reason, body=payload,
                             headers=_client_headers(headers, request_id))
     return response, upstream_time
 
 
-def _header_length(value: str | None) -> int | None:
-    """The v2 binary extension's JSON length; -1 (refused by the parser) when it is not plain ASCII digits."""
-    if value is None:
+class _Sessions:
+    """The request's session record and, for an unverified credential, its client address's record too.
+
+    Without a key store anyone can invent keys, so each such request also counts against (and is refused by) the
+    address's session: its bucket, its trackers and its block. Both records are read once and written once.
+    """
+
+    __slots__ = ("entries",)
+
+    def __init__(self, entries: list[tuple[str, SessionRecord]]) -> None:
+        self.entries = entries
+
+    @classmethod
+    async def load(cls, state: GuardState, identity: Identity, now: float) -> _Sessions:
+        entries = [(identity.session, await state.sessions.get(identity.session, now))]
+        shared = identity.address_session
+        if shared is not None and shared != identity.session:
+            entries.append((shared, await state.sessions.get(shared, now)))
+        return cls(entries)
+
+    @property
+    def record(self) -> SessionRecord:
+        return self.entries[0][1]
+
+    @property
+    def queries(self) -> int:
+        return max(r.queries for _, r in self.entries)
+
+    def take(self, now: float, limit: RateLimit | None) -> tuple[bool, float]:
+        """One token from every bucket (``ratelimit.rate_check``, as the replay): (refused, seconds until the
+        emptiest refills)."""
+        refused, retry_after = False, 0.0
+        for _, record in self.entries:
+            record.bucket, limited, wait = rate_check(record.bucket, now, limit)
+            if limited:
+                refused, retry_after = True, max(retry_after, wait)
+        return refused, retry_after
+
+    def blocked(self, now: float) -> str | None:
+        return next((rule for _, r in self.entries if (rule := r.blocked(now)) is not None), None)
+
+    def block(self, decision: Decision, policy: EffectivePolicy, now: float) -> None:
+        """The cool-down the decision starts (``ratelimit.cooldown_start``, as the replay) on every record."""
+        for _, record in self.entries:
+            started = cooldown_start(decision, policy, now, record.blocked(now))
+            if started is not None:
+                record.blocked_until, record.blocked_rule = started
+
+    def count(self, rows: int) -> None:
+        for _, record in self.entries:
+            record.queries += rows
+
+    async def peek(self, state: GuardState, features: np.ndarray, model: str | None,
+                   now: float) -> dict[str, float]:
+        """The trackers' scores, the worse of the two sessions' for each name."""
+        merged: dict[str, float] = {}
+        for session, record in self.entries:
+            for name, value in (await state.trackers.peek(session, record, features, model, now)).items():
+                merged[name] = max(value, merged.get(name, value))
+        return merged
+
+    async def learn(self, state: GuardState, features: np.ndarray, model: str | None, answered: Any, now: float,
+                    scores: Mapping[str, float]) -> None:
+        for session, record in self.entries:
+            tracker_scores = await state.trackers.update(session, record, features, model, answered, now, scores)
+            if tracker_scores:
+                record.scores = dict(tracker_scores)
+
+    async def save(self, state: GuardState, now: float) -> None:
+        for session, record in self.entries:
+            await state.sessions.put(session, record, now)
+
+
+async def _llm_forward(request: web.Request, state: GuardState, parsed: ParsedRequest, decision: Decision,
+                       out: _Outcome, sessions: _Sessions, body: bytes, request_id: str,
+                       now: float) -> tuple[web.StreamResponse, float]:
+    """OpenAI-compatible routes: a hardened request loses its logit_bias; streamed answers are relayed chunk by
+    chunk; the usage goes into the event; the trackers learn the prompt (the answer has no class to learn)."""
+    record = sessions.record
+    hardening = _wire_hardening(decision)
+    if hardening is not None:
+        body = harden_llm_request(body, hardening)
+        out.fields["hardening"] = "applied"
+    t0 = time.perf_counter()
+    try:
+        upstream = await _call_upstream(state, request, body, request_id, readable=True)
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        await sessions.save(state, now)
+        return _upstream_failure(state, out, exc, request_id), time.perf_counter() - t0
+    eff = state.policies.current.for_model(out.model)
+    async with upstream:
+        headers = _client_headers(upstream.headers, request_id)
+        if parsed.properties.get("request.stream") and upstream.status == 200:
+            response, usage, complete = await relay_sse(request, upstream, headers, hardening)
+            if not complete:
+                out.outcome = "failure"
+        else:
+            payload = await upstream.read()
+            doc = read_response(payload) if upstream.status == 200 else None
+            usage = usage_of(doc) or Usage(counted=True)
+            if hardening is not None and doc is not None:
+                hardened = harden_llm_chunk(payload, hardening)
+                if hardened is None:
+                    await sessions.save(state, now)
+                    out.outcome, out.fields["hardening"] = "failure", "failed"
+                    return error_response(502, "hardening_failed", "the model's answer could not be hardened",
+                                          request_id), time.perf_counter() - t0
+                payload = hardened
+            response = web.Response(status=upstream.status, reason=upstream.reason, body=payload, headers=headers)
+    upstream_time = time.perf_counter() - t0
+    out.fields["llm"] = usage.as_fields()
+    kept = account(record.scores, parsed, usage) if upstream.status == 200 else carried(record.scores)
+    if eff.needs_session_scores and upstream.status == 200:
+        await sessions.learn(state, parsed.features, out.model, None, now, out.scores)
+    record.scores = {**record.scores, **kept}
+    await sessions.save(state, now)
+    return response, upstream_time
+
+
+def _header_length(values: list[str]) -> int | None:
+    """The v2 binary extension's JSON length; refused unless it is said once, in plain ASCII digits (the guard
+    and the model server could otherwise read different lengths, e.g. the first and the last of two)."""
+    if not values:
         return None
-    return int(value) if _DIGITS.fullmatch(value) and len(value) <= 12 else -1
+    if len(values) > 1:
+        raise ProtocolError("Inference-Header-Content-Length is given more than once")
+    value = values[0].strip()
+    if not (_DIGITS.fullmatch(value) and len(value) <= 12):
+        raise ProtocolError("Inference-Header-Content-Length must be a decimal number of bytes")
+    return int(value)
 
 
 def _declared_scorer(ctx: ScoringContext) -> Mapping[str, float]:
     return {"input.schema": declared_schema_score(ctx.features, ctx.policy.input)}
+
+
+def _text_scorer(ctx: ScoringContext) -> Mapping[str, float]:
+    return text_check_scores(ctx.extra["request"].app[STATE].profile, ctx.extra["parsed"], ctx.model)
 
 
 def _wire_hardening(decision: Decision) -> WireHardening | None:

@@ -227,12 +227,6 @@ class RedisGlobalIndex:
         self._script: Any = None
         self._learn_script: Any = None
 
-    def install(self, tracking: Any) -> None:
-        """Make ``tracking.observe_global`` and ``tracking.learn_global`` (the SessionTracking hooks) go through
-        this index."""
-        tracking.observe_global = self.observe
-        tracking.learn_global = self.learn
-
     def _args(self, session: str, fingerprints: np.ndarray, digests: np.ndarray, density: np.ndarray,
               now: float) -> list[Any]:
         sid = int(session_hash(session)).to_bytes(8, "little")
@@ -281,7 +275,7 @@ class RedisGlobalIndex:
             rows = np.sort(np.argsort(dig, kind="stable")[: self.max_rows])
         return rows
 
-    async def learn(self, session: str, fingerprints: np.ndarray, keys: np.ndarray, labels: np.ndarray,
+    async def learn(self, session: str, fingerprints: np.ndarray, digests: np.ndarray, labels: np.ndarray,
                     now: float) -> None:
         """The model's answers for the rows ``observe`` saw (``GlobalFingerprintIndex.learn``), locally and on
         Redis for the same rows ``observe`` sent there; Redis down or slow: the local mirror has them."""
@@ -291,7 +285,7 @@ class RedisGlobalIndex:
         if labs.shape[0] != fps.shape[0]:
             return
         args: list[Any] = [self.link.prefix, f"{now:20.6f}"[:20], repr(self.window_s), max(1, math.ceil(self.window_s))]
-        for i in self._selected(fps, keys).tolist():
+        for i in self._selected(fps, digests).tolist():
             nz = np.sort(fps[i][fps[i] != 0])
             if nz.size == 0:
                 continue

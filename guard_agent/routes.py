@@ -95,6 +95,11 @@ _STATIC_ROUTES: dict[str, tuple[Kind, str | None, frozenset[str], str]] = {
     "/invocations": ("inference", "mlflow", _POST, "mlflow.invocations"),
     "/ping": ("passthrough", None, _READ, "mlflow.ping"),
     "/health": ("passthrough", None, _READ, "health"),
+    # OpenAI-compatible LLM servers (vLLM, llama.cpp, KServe's OpenAI runtime): guard_agent/llm, docs/text.md
+    "/v1/chat/completions": ("inference", "openai.chat", _POST, "openai.chat"),
+    "/v1/completions": ("inference", "openai.completions", _POST, "openai.completions"),
+    "/v1/embeddings": ("inference", "openai.embeddings", _POST, "openai.embeddings"),
+    "/v1/models": ("passthrough", None, _READ, "openai.models"),
 }
 
 

@@ -17,16 +17,21 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from guard_agent.batching import TurnBatcher
+from guard_agent.contracts import RowScorer
 from guard_agent.policy.model import EffectivePolicy, InputSchema
 
 __all__ = [
     "AsyncScorer",
     "InputSchemaError",
+    "RowBatcher",
     "ScoringContext",
     "SyncScorer",
     "check_input",
     "declared_schema_score",
+    "representable",
     "run_scorers",
+    "saturate_detector_scores",
 ]
 
 
@@ -85,12 +90,63 @@ def declared_schema_score(features: np.ndarray, schema: InputSchema) -> float:
     return 0.0
 
 
+def _row_max(per_row: Mapping[str, np.ndarray], start: int, end: int) -> dict[str, float]:
+    return {name: float(values[start:end].max()) for name, values in per_row.items()}
+
+
+class RowBatcher:
+    """Calibrated scores of concurrent requests from one ``Profile.score`` call per loop turn (see
+    ``guard_agent.batching``): each request gets the maximum over its rows of each score, as if alone."""
+
+    def __init__(self, *, max_rows: int = 256) -> None:
+        self._batcher: TurnBatcher[RowScorer, Mapping[str, np.ndarray], dict[str, float]] = TurnBatcher(
+            lambda profile, rows: profile.score(rows), _row_max, max_rows=lambda _profile: max_rows)
+
+    async def score(self, profile: RowScorer, features: np.ndarray) -> dict[str, float]:
+        """The maximum over ``features``' rows of each calibrated score."""
+        return await self._batcher(profile, features)
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+"""The largest value the detectors score in (they work in float32); beyond it a value cannot be represented."""
+
+_DETECTOR_PREFIX = "ood."
+
+
+def representable(features: np.ndarray) -> tuple[np.ndarray, bool]:
+    """The features clipped to the float32 range, and whether any finite value lay beyond it.
+
+    A finite float64 beyond float32's range (``3.4028236e38``) would make the detectors refuse the row, and a
+    refused row must not read as a scoring error that ``failure.on_error: open`` lets through: such a value is
+    as far out as an input gets, so it is scored at the range's edge and its detector scores saturated
+    (``saturate_detector_scores``). NaN and infinities are left as they are (``check_input`` rules on them).
+    """
+    with np.errstate(invalid="ignore"):
+        beyond = np.isfinite(features) & (np.abs(features) > FLOAT32_MAX)
+    if not beyond.any():
+        return features, False
+    return np.where(beyond, np.copysign(FLOAT32_MAX, features), features), True
+
+
+def saturate_detector_scores(scores: dict[str, float], provided: frozenset[str]) -> None:
+    """Every detector score (``ood.*``) the profile provides set to 1.0: an unrepresentable value is maximally out."""
+    for name in provided:
+        if name.startswith(_DETECTOR_PREFIX):
+            scores[name] = 1.0
+
+
 async def run_scorers(
     ctx: ScoringContext,
     sync_scorers: tuple[Callable[[ScoringContext], Mapping[str, float]], ...],
     async_scorers: tuple[Callable[[ScoringContext], Awaitable[Mapping[str, float]]], ...],
+    *,
+    batched: Callable[[ScoringContext], Awaitable[Mapping[str, float]]] | None = None,
 ) -> tuple[dict[str, float], Literal["error", "budget"] | None]:
-    """All scores for one request; merged by max, so a score two scorers provide keeps the worse."""
+    """All scores for one request; merged by max, so a score two scorers provide keeps the worse.
+
+    ``batched`` (the profile's detectors) is awaited inline, not under the budget: it only waits for the end of
+    the current loop turn, never for I/O.
+    """
     scores: dict[str, float] = {}
     failure: Literal["error", "budget"] | None = None
 
@@ -105,6 +161,11 @@ async def run_scorers(
     for scorer in sync_scorers:
         try:
             merge(scorer(ctx))
+        except Exception:
+            failure = "error"
+    if batched is not None:
+        try:
+            merge(await batched(ctx))
         except Exception:
             failure = "error"
     if async_scorers:

@@ -16,31 +16,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import orjson
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
 from prometheus_client import Counter, Gauge
 
 from guard_agent.admin import make_admin_app, reload_policy
 from guard_agent.app import build_state, make_app
 from guard_agent.auth import AuthError, JwtVerifier, KeyStore
-from guard_agent.events import random_id
+from guard_agent.events import DiagnosticsHandler, random_id
 from guard_agent.policy import PolicyError
 from guard_agent.policy.model import Policy
-from guard_agent.proxy import error_response
+from guard_agent.proxy import error_response, refuse_early
 from guard_agent.settings import ConfigError, Settings, parse_hostport
 from guard_agent.state import GuardState
 from guard_agent.tls import TlsError, TlsReloader
+from guard_agent.workers import one_native_thread
 
-__all__ = ["ConnectionGuard", "GuardSite", "ParseErrorLog", "attach_credentials", "serve", "start_listeners"]
+__all__ = ["ConnectionGuard", "GuardSite", "ListenError", "ParseErrorLog", "attach_credentials", "serve",
+           "start_listeners"]
 
 TLS_HANDSHAKE_TIMEOUT = 10.0
 LINGER_SECONDS = 1.0
+_EOF_SETTLE_TURNS = 8  # loop turns for a request taken off aiohttp's queue to reach its handler
 CLEANUP_MARGIN = 5.0
 READ_BUFFER_BYTES = 256 * 1024  # what asyncio's own transports ask of recv() per read
 
@@ -63,15 +67,34 @@ class ConnectionGuard:
     """
 
     def __init__(self, *, max_connections: int, header_timeout: float,
-                 on_refuse: Callable[[str], None] = lambda reason: None) -> None:
+                 on_refuse: Callable[[str], None] = lambda reason: None,
+                 answer_error: ErrorAnswer | None = None) -> None:
         self.max_connections = max_connections
         self.header_timeout = header_timeout
         self.open = 0
         self.on_refuse = on_refuse
         self.read_buffer = memoryview(bytearray(READ_BUFFER_BYTES))
+        # aiohttp's handler class for this listener: its own errors answered (and logged as events) by answer_error
+        self.handler_class: type[web.RequestHandler] = type(
+            "_GuardErrorHandler", (_JsonErrorHandler,), {"__slots__": (), "answer": staticmethod(
+                answer_error or _plain_error_answer)})
 
     def wrap(self, factory: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.BufferedProtocol]:
         return lambda: _GuardedProtocol(factory(), self)
+
+
+ErrorAnswer = Callable[[web.BaseRequest, int, str, str], web.Response]
+"""(request, status, code, message) -> the JSON error response; the guard's also writes the decision event."""
+
+
+def _plain_error_answer(request: web.BaseRequest, status: int, code: str, message: str) -> web.Response:
+    return error_response(status, code, message, random_id())
+
+
+def _too_large(exc: BaseException | None) -> bool:
+    """aiohttp's parser refuses a head with an over-long line or too many header fields as a plain 400: both are
+    headers too large (431) to the client."""
+    return isinstance(exc, LineTooLong) or (isinstance(exc, BadHttpMessage) and "Too many headers" in exc.message)
 
 
 _ERRORS = {
@@ -93,13 +116,16 @@ class _JsonErrorHandler(web.RequestHandler):
     Adds no state (``__slots__ = ()``), so ``_GuardedProtocol`` can give aiohttp's handler this class."""
 
     __slots__ = ()
+    answer: ErrorAnswer = staticmethod(_plain_error_answer)
 
     def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
         super().handle_error(request, status, exc, message)  # logs; ConnectionError if a response was half sent
+        if status == 400 and _too_large(exc):
+            status = 431
         code, text = _ERRORS.get(status, ("invalid_request", "request refused") if status < 500
                                  else ("internal_error", "internal error"))
-        response = error_response(status, code, text, random_id())
+        response = self.answer(request, status, code, text)
         response.force_close()
         return response
 
@@ -123,7 +149,7 @@ class _GuardedProtocol(asyncio.BufferedProtocol):
 
     def __init__(self, inner: Any, guard: ConnectionGuard) -> None:
         if type(inner) is web.RequestHandler:
-            inner.__class__ = _JsonErrorHandler  # same layout, our handle_error (aiohttp has no hook for it)
+            inner.__class__ = guard.handler_class  # same layout, our handle_error (aiohttp has no hook for it)
         self._inner = inner
         self._guard = guard
         self._transport: asyncio.Transport | None = None
@@ -187,10 +213,31 @@ class _GuardedProtocol(asyncio.BufferedProtocol):
                 transport.close()
 
     def eof_received(self) -> bool | None:
+        """A client that half-closes after its request still gets the answer.
+
+        At EOF the write side stays open until it is clear what the connection is doing: idle, or gone mid-body,
+        it is closed as before (the handler sees the client gone); answering a whole request, aiohttp takes no new
+        ones and closes once it is answered. The request handler may not have started yet when the EOF arrives
+        (it is a task of its own), so this is settled a few loop turns later.
+        """
         if not self._counted:
             return None
-        result: bool | None = self._inner.eof_received()
-        return result
+        self._inner.eof_received()
+        asyncio.get_running_loop().call_soon(self._settle_eof, _EOF_SETTLE_TURNS)
+        return True
+
+    def _settle_eof(self, turns: int) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        current = getattr(self._inner, "_current_request", None)
+        waiter = getattr(self._inner, "_waiter", None)
+        if current is None and waiter is None and turns > 0:  # a request taken off the queue, not yet started
+            asyncio.get_running_loop().call_soon(self._settle_eof, turns - 1)
+        elif current is not None and current.content.is_eof():
+            self._inner.close()  # no new requests; aiohttp closes the connection after this answer
+        else:
+            transport.close()
 
     def pause_writing(self) -> None:
         if self._counted:
@@ -214,8 +261,9 @@ class GuardSite(web.TCPSite):
     """A TCP site whose connections pass through a ``ConnectionGuard`` (and TLS, when given)."""
 
     def __init__(self, runner: web.AppRunner, host: str, port: int, *, guard: ConnectionGuard,
-                 ssl_context: ssl.SSLContext | None = None, backlog: int = 1024) -> None:
-        super().__init__(runner, host, port, ssl_context=ssl_context, backlog=backlog, reuse_address=True)
+                 ssl_context: ssl.SSLContext | None = None, backlog: int = 1024, reuse_port: bool = False) -> None:
+        super().__init__(runner, host, port, ssl_context=ssl_context, backlog=backlog, reuse_address=True,
+                         reuse_port=reuse_port)
         self._guard = guard
 
     async def start(self) -> None:
@@ -225,7 +273,7 @@ class GuardSite(web.TCPSite):
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             self._guard.wrap(server), self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
-            reuse_address=self._reuse_address,
+            reuse_address=self._reuse_address, reuse_port=self._reuse_port,
             ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if self._ssl_context else None)
 
 
@@ -340,7 +388,8 @@ async def start_listeners(state: GuardState) -> tuple[web.AppRunner, web.AppRunn
     guard = ConnectionGuard(
         max_connections=s.max_connections,
         header_timeout=min(s.header_read_timeout, s.client_read_timeout),
-        on_refuse=lambda reason: metrics.refused.labels(reason).inc())
+        on_refuse=lambda reason: metrics.refused.labels(reason).inc(),
+        answer_error=lambda request, status, code, message: refuse_early(state, request, status, code, message))
     metrics.open.set_function(lambda: guard.open)
     app = make_app(state)
     reloadables: list[tuple[str, Any]] = [(n, i) for n, i in (("tls", tls), ("api_keys", keys), ("jwks", verifier))
@@ -357,9 +406,12 @@ async def start_listeners(state: GuardState) -> tuple[web.AppRunner, web.AppRunn
     await admin_runner.setup()
     try:
         host, port = parse_hostport(s.listen)
-        await GuardSite(guard_runner, host, port, guard=guard, ssl_context=tls.context if tls else None).start()
+        with _naming(s.listen):
+            await GuardSite(guard_runner, host, port, guard=guard, ssl_context=tls.context if tls else None,
+                            reuse_port=s.workers > 1).start()  # GUARD_WORKERS: the workers share the guard port
         ahost, aport = parse_hostport(s.admin_listen)
-        await web.TCPSite(admin_runner, ahost, aport, reuse_address=True).start()
+        with _naming(s.admin_listen):
+            await web.TCPSite(admin_runner, ahost, aport, reuse_address=True).start()
     except BaseException:  # a port in use, say: nothing of the half-started guard is left running
         await admin_runner.cleanup()
         await guard_runner.cleanup()
@@ -367,20 +419,43 @@ async def start_listeners(state: GuardState) -> tuple[web.AppRunner, web.AppRunn
     return guard_runner, admin_runner
 
 
+class ListenError(OSError):
+    """A listener could not bind; ``strerror`` is one line naming the address (``cannot listen on ...: why``)."""
+
+
+@contextlib.contextmanager
+def _naming(address: str) -> Iterator[None]:
+    """Re-raise a bind failure as a ListenError naming the configured address, errno kept."""
+    try:
+        yield
+    except OSError as exc:
+        why = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+        raise ListenError(exc.errno or 0, f"cannot listen on {address}: {why}") from exc
+
+
 async def serve(settings: Settings) -> int:
+    one_native_thread()  # numpy on the loop thread: BLAS threads only compete with it
     state = build_state(settings)
+    DiagnosticsHandler(state.events).install()  # stdout stays one JSON object per line
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: reload_policy(state, "sighup"))
-    guard_runner, admin_runner = await start_listeners(state)
+    try:
+        guard_runner, admin_runner = await start_listeners(state)
+    except BaseException:  # sinks with a flush thread or task must not keep a process that never served alive
+        state.events.close()
+        raise
     state.events.log("info", "guard started", guard={"listen": settings.listen, "admin_listen": settings.admin_listen,
                                                      "upstream": settings.upstream,
                                                      "tls": bool(settings.tls_cert_file),
                                                      "mtls": bool(settings.tls_client_ca_file),
                                                      "policy_revision": state.policies.current.revision,
                                                      "profile_revision": state.profile.revision})
+    if not state.upstream_ok:  # said once at start; /readyz stays 503 and inference gets 502 until it answers
+        state.events.log("warning", f"the model server at {settings.upstream} is not reachable: requests get 502 "
+                                    "until it is", guard={"upstream": settings.upstream})
     await stop.wait()
     state.shutting_down = True
     state.events.log("info", "guard stopping: draining in-flight requests", guard={"in_flight": state.in_flight})

@@ -86,6 +86,7 @@ class Settings:
     allow_routes: tuple[AllowedRoute, ...] = ()
     reload_interval: float = 1.0
     shutdown_grace: float = 10.0
+    workers: int = 1                    # guard processes on one port (SO_REUSEPORT); > 1 needs redis_url
     # access control and transport (issue 6)
     api_keys_file: str | None = None
     jwt_jwks_file: str | None = None
@@ -273,6 +274,11 @@ def _validate(s: Settings) -> None:
     if s.redis_url and not s.hmac_key:
         raise ConfigError("hmac_key (GUARD_HMAC_KEY or GUARD_HMAC_KEY_FILE) is required with redis_url: "
                           "replicas must derive the same session ids")
+    if s.workers > 1 and not s.redis_url:
+        raise ConfigError(f"workers={s.workers} needs redis_url (GUARD_REDIS_URL): without a shared store each "
+                          "worker would see only part of a session's requests")
+    if s.workers > 1 and (s.capture_dir or s.spool_dir):
+        raise ConfigError("workers > 1 cannot share capture_dir or spool_dir: run one worker per pod to use them")
     if s.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"log_level must be debug, info, warning or error, got {s.log_level!r}")
     if not 0.0 <= s.log_sample_allow <= 1.0:
@@ -280,7 +286,7 @@ def _validate(s: Settings) -> None:
     for positive in ("connect_timeout", "read_timeout", "max_body_bytes", "max_header_bytes",
                      "max_json_depth", "max_batch_rows", "client_read_timeout", "session_max",
                      "header_read_timeout", "max_connections",
-                     "session_ttl", "canary_interval", "upstream_pool_size", "capture_max_bytes",
+                     "session_ttl", "canary_interval", "workers", "upstream_pool_size", "capture_max_bytes",
                      "capture_max_files", "global_window", "global_half_count", "global_max_entries"):
         if getattr(s, positive) <= 0:
             raise ConfigError(f"{positive} must be positive")

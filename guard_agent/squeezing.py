@@ -83,8 +83,7 @@ class SqueezeScorer:
 
     def _schema(self, model: str | None) -> Any:
         """The profile's input-schema detector for ``model`` (its low_/high_ bounds); None without one."""
-        profile_for = getattr(self._state.profile, "profile_for", None)
-        profile = profile_for(model) if profile_for is not None else None
+        profile = self._state.profile.profile_for(model)
         return None if profile is None else profile.detectors.get("input.schema")
 
     def _value_range(self, model: str | None) -> tuple[float, float] | None:

@@ -10,11 +10,15 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from detectors import Profile
+from detectors.text import TextModel
 from guard_agent.events import EventLogger
 from guard_agent.identity import IdentityResolver
 from guard_agent.metrics import Metrics
+from guard_agent.ops_metrics import OpsMetrics
 from guard_agent.policy.store import PolicyStore
 from guard_agent.protocols import ParseLimits
+from guard_agent.recent import RecentDecisions
 from guard_agent.routes import RouteTable
 from guard_agent.scoring import ScoringContext
 from guard_agent.sessions.base import SessionStore
@@ -37,8 +41,20 @@ class ProfileSource:
     def expected_features(self, model: str | None) -> int | None:
         return None
 
+    def profile_for(self, model: str | None) -> Profile | None:
+        """The fitted profile that scores ``model``'s requests (None: built-in checks only)."""
+        return None
+
     def score(self, ctx: ScoringContext) -> Mapping[str, float]:
         return {}
+
+    def text_model(self, model: str | None) -> TextModel | None:
+        """The model's fitted text projection and checks (profiles fitted with ``fit --text``)."""
+        return None
+
+    async def score_batched(self, ctx: ScoringContext) -> Mapping[str, float]:
+        """``score``, free to score this request's rows together with concurrent requests' (same results)."""
+        return self.score(ctx)
 
 
 class TrackerHook:
@@ -107,6 +123,8 @@ class GuardState:
     started: float = field(default_factory=time.time)
     in_flight: int = 0
     parse_limits: ParseLimits = field(default_factory=ParseLimits)
+    recent: RecentDecisions | None = None  # what /admin/decisions and `guard-agent status` read
+    ops: OpsMetrics | None = None          # readiness and profile gauges, refreshed per scrape
 
     def available_scores(self) -> frozenset[str]:
         from guard_agent.policy.model import BUILTIN_SCORES

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 
 from detectors.trackers import GlobalFingerprintIndex, SessionTrackers, TrackerConfig, answer_labels
+from guard_agent.batching import TurnBatcher
+from guard_agent.contracts import Density, GlobalObserver
 from guard_agent.sessions.base import SessionRecord
 from guard_agent.state import TrackerHook
 
@@ -55,9 +57,13 @@ class SessionTracking(TrackerHook):
         self._engines: dict[str, SessionTrackers] = {k: SessionTrackers(c, salt=salt) for k, c in configs.items()}
         self._defaults: dict[int, SessionTrackers] = {}
         self.global_index = global_index if global_index is not None else GlobalFingerprintIndex()  # len() 0 is falsy
+        self._global: GlobalObserver = _LocalGlobal(self.global_index)
         self.score_names = frozenset(SessionTrackers.score_names | {GLOBAL})
-        self._pending: dict[int, tuple[weakref.ref[np.ndarray], SessionTrackers, np.ndarray, np.ndarray,
-                                       np.ndarray]] = {}
+        self._pending: dict[int, tuple[weakref.ref[np.ndarray], SessionTrackers, _Hashes]] = {}
+        # concurrent requests' hashes in one call: rows are hashed independently up to max_rows_tracked rows
+        self._hashes: TurnBatcher[SessionTrackers, _Hashes, _Hashes] = TurnBatcher(
+            lambda engine, rows: engine.request_hashes(rows), _rows_of,
+            max_rows=lambda engine: engine.config.max_rows_tracked)
 
     def inactive(self) -> dict[str, str]:
         """Session scores that cannot work with this profile and these answers, each with the reason (the guard
@@ -126,8 +132,11 @@ class SessionTracking(TrackerHook):
             # history at this width yet anyway
             return dict.fromkeys(self.score_names, 0.0)
         scores = dict(engine.peek(self._state(record, engine), now))
-        fingerprints, keys, digests = engine.request_hashes(features)  # features checked and hashed once
-        self._remember(features, engine, fingerprints, digests, keys)
+        hashes = self._recall(features, engine)  # a second session of the request (its client address's)
+        if hashes is None:
+            hashes = await self._hashes(engine, features)  # features checked and hashed once per request
+            self._remember(features, engine, hashes)
+        fingerprints, keys, _ = hashes
         threshold = self.global_index.match_threshold
 
         def density(i: int) -> float:  # the index asks only for rows that have near-duplicates
@@ -136,21 +145,21 @@ class SessionTracking(TrackerHook):
         scores[GLOBAL] = await self.observe_global(session, fingerprints, keys, now, density)
         return scores
 
+    def share_global(self, observer: GlobalObserver) -> None:
+        """Answer ``session.global_fingerprint`` from ``observer`` (a shared index over every replica) instead of
+        this process's own index, which ``observer`` keeps warm as its fallback."""
+        self._global = observer
+
     async def observe_global(self, session: str, fingerprints: np.ndarray, digests: np.ndarray, now: float,
-                             density: np.ndarray | Callable[[int], float] | None = None) -> float:
-        """This query against earlier queries of every session (a shared store may override this)."""
-        return float(self.global_index.observe(session, fingerprints, digests, now, density))
+                             density: Density = None) -> float:
+        """This query against earlier queries of every session."""
+        return await self._global.observe(session, fingerprints, digests, now, density)
 
-    async def learn_global(self, session: str, fingerprints: np.ndarray, keys: np.ndarray, labels: np.ndarray,
-                           now: float) -> None:
-        """The model's answers for rows ``observe_global`` saw (a shared store may override this too)."""
-        self.global_index.learn(fingerprints, labels, now)
-
-    def _remember(self, features: np.ndarray, engine: SessionTrackers, fingerprints: np.ndarray,
-                  digests: np.ndarray, keys: np.ndarray) -> None:
-        """Keep the request's hashes (tracked rows only: at most ``max_rows_tracked``) for its ``update``, so
-        they are computed once per request. The entry holds the features array only weakly and goes when the
-        array does: a request refused before ``update`` (blocked, upstream error) leaves nothing behind."""
+    def _remember(self, features: np.ndarray, engine: SessionTrackers, hashes: _Hashes) -> None:
+        """Keep the request's hashes (tracked rows only: at most ``max_rows_tracked``) for the request's other
+        ``peek`` and its ``update``s, so they are computed once per request. The entry holds the features array
+        only weakly and goes when the array does: a request refused before ``update`` (blocked, upstream error)
+        leaves nothing behind."""
         key = id(features)
         pending = self._pending
 
@@ -161,16 +170,14 @@ class SessionTracking(TrackerHook):
 
         if len(pending) >= _MAX_PENDING:  # only requests in flight at once: a backstop, never reached in use
             pending.pop(next(iter(pending)))
-        pending[key] = (weakref.ref(features, forget), engine, fingerprints, digests, keys)
+        pending[key] = (weakref.ref(features, forget), engine, hashes)
 
-    def _recall(self, features: np.ndarray,
-                engine: SessionTrackers) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
-        """The fingerprints, digests and row keys ``peek`` computed for this very array with this very engine,
-        else Nones."""
-        held = self._pending.pop(id(features), None)
+    def _recall(self, features: np.ndarray, engine: SessionTrackers) -> _Hashes | None:
+        """The hashes ``peek`` computed for this very array with this very engine, else None."""
+        held = self._pending.get(id(features))
         if held is not None and held[0]() is features and held[1] is engine:
-            return held[2], held[3], held[4]
-        return None, None, None
+            return held[2]
+        return None
 
     def _engine_by_layout(self, layout: int) -> SessionTrackers | None:
         for engine in (*self._engines.values(), *self._defaults.values()):
@@ -227,17 +234,42 @@ class SessionTracking(TrackerHook):
         if probabilities is not None and probabilities.shape[0] != features.shape[0]:
             probabilities = None
         self._saw_answer(labels, probabilities)
-        fingerprints, digests, keys = self._recall(features, engine)
+        hashes = self._recall(features, engine)
+        fingerprints, digests = (None, None) if hashes is None else (hashes[0], hashes[2])
         state, new_scores = engine.update(self._state(record, engine), features, labels, probabilities, now,
                                           global_fingerprint=scores.get(GLOBAL), fingerprints=fingerprints,
                                           digests=digests)
-        answered = answer_labels(labels, probabilities, features.shape[0])
-        if fingerprints is not None and digests is not None and keys is not None and answered is not None:
-            tracked = engine.tracked_rows(digests)  # the rows peek fingerprinted
-            await self.learn_global(session, fingerprints, keys,
-                                    answered if tracked is None else answered[tracked], now)
         record.tracker_state = _with_state(record.tracker_state, engine.config.layout_id, state)
+        answered = answer_labels(labels, probabilities, features.shape[0])
+        if hashes is not None and answered is not None:
+            tracked = engine.tracked_rows(hashes[2])  # the rows peek fingerprinted
+            await self._global.learn(session, hashes[0], hashes[1],
+                                     answered if tracked is None else answered[tracked], now)
         return new_scores
+
+
+class _LocalGlobal:
+    """The in-process global index as a ``GlobalObserver``."""
+
+    def __init__(self, index: GlobalFingerprintIndex) -> None:
+        self._index = index
+
+    async def observe(self, session: str, fingerprints: np.ndarray, digests: np.ndarray, now: float,
+                      density: Density = None) -> float:
+        return float(self._index.observe(session, fingerprints, digests, now, density))
+
+    async def learn(self, session: str, fingerprints: np.ndarray, digests: np.ndarray, labels: np.ndarray,
+                    now: float) -> None:
+        self._index.learn(fingerprints, labels, now)
+
+
+_Hashes = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def _rows_of(hashes: _Hashes, start: int, end: int) -> _Hashes:
+    """One request's rows of ``request_hashes`` over a batch of requests (all rows tracked: no subsample)."""
+    fingerprints, keys, digests = hashes
+    return fingerprints[start:end], keys[start:end], digests[start:end]
 
 
 def _with_state(held: Mapping[int, Any] | None, layout: int, state: Any) -> dict[int, Any]:

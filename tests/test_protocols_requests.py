@@ -117,7 +117,7 @@ class TestJsonRules:
         """Messages name the problem but never repeat client values."""
         secret = "s3cr3t-value-xyz"
         for doc in [v2(tensor([secret], [1, 1])), v2(tensor([1.0], [1, 1], datatype=secret)),
-                    v2({**tensor([1.0], [1, 1]), secret: 1}), {"instances": [[secret]]},
+                    v2({**tensor([1.0], [1, 1]), secret: 1}), {"instances": [[1, secret]]},
                     {secret: 1, "inputs": [[1]]}]:
             for protocol in ("v2", "v1", "mlflow"):
                 with pytest.raises(ProtocolError) as info:
@@ -193,7 +193,7 @@ class TestV2:
             (v2(tensor([2**63, 2], [1, 2], "INT64")), "out of range for INT64"),
             (v2(tensor([[1, 2], [3]], [1, 3])), "ragged"),
             (v2(tensor([[1, 2], 3], [1, 3])), "ragged"),
-            (v2(tensor(["a"], [1, 1], "BYTES")), "unsupported datatype BYTES"),
+            (v2(tensor(["a"], [1, 1], "BYTES"), tensor([1], [1, 1])), "numeric inputs cannot be mixed"),
             (v2(tensor([1], [1, 1], "FLOAT32")), "unsupported datatype"),
             (v2(tensor([1], [1, 1], 5)), "datatype must be a string"),
             (v2(tensor([], [0, 4])), "empty batch"),
@@ -408,10 +408,10 @@ class TestMlflow:
             ({"dataframe_split": {"columns": [1], "data": [[1]]}}, "list of strings"),
             ({"dataframe_split": {"data": [[1], [2]], "index": [0]}}, "one entry per row"),
             ({"dataframe_split": {"data": [1, 2]}}, "list of rows of numbers"),
-            ({"dataframe_split": {"data": [["x"]]}}, "a string"),
+            ({"dataframe_split": {"data": [[1, "x"]]}}, "a string"),
             ({"dataframe_split": {"data": []}}, "empty batch"),
             ({"dataframe_records": [{"a": 1}, {"a": 1, "b": 2}]}, "different fields"),
-            ({"dataframe_records": [{"a": "x"}]}, "a string"),
+            ({"dataframe_records": [{"a": "x", "b": 1}]}, "a string"),
             ({"dataframe_records": [{"a": [1, 2]}]}, "cells must be numbers"),
             ({"dataframe_records": [1]}, "list of objects"),
             ({"dataframe_records": []}, "empty batch"),
@@ -492,7 +492,7 @@ class TestCustomPointer:
             ({"x": [1]}, "/x~2", "bad pointer"),
             ({"x": [1]}, "x", "bad pointer"),
             ({"x": [1]}, None, "bad pointer"),
-            ({"x": ["a"]}, "/x", "a string"),
+            ({"x": [1, "a"]}, "/x", "a string"),
             ({"x": []}, "/x", "no features"),
             ({"x": {"a": 1}}, "/x", "an object"),
         ],

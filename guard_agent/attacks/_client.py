@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import http.client
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -49,11 +51,12 @@ class GuardClient:
     max_retries: int = 3
     refusals_to_retire: int = 3
     timeout: float = 30.0
+    source_address: str | None = None  # the local address to connect from (None: the system's choice)
     sent: int = 0
     answered: int = 0
     refused: dict[int, int] = field(default_factory=dict)
     retired: list[str] = field(default_factory=list)
-    answered_rows: list[np.ndarray] = field(default_factory=list)
+    answered_rows: list[Any] = field(default_factory=list)  # feature rows (np.ndarray), or texts
     answered_labels: list[int] = field(default_factory=list)
     _next: int = 0
     _streak: dict[str, int] = field(default_factory=dict)
@@ -90,6 +93,11 @@ class GuardClient:
     def _request(self, rows: np.ndarray) -> Answer:
         tensor = {"name": "input-0", "shape": list(rows.shape), "datatype": "FP64", "data": rows.ravel().tolist()}
         body = orjson.dumps({"inputs": [tensor], "outputs": [{"name": "predict_proba"}]})
+        return self._exchange(body, rows)
+
+    def _exchange(self, body: bytes, rows: Sequence[Any] | np.ndarray) -> Answer:
+        """Send one request for ``rows`` (feature rows, or texts for the text client) under the key rotation."""
+        n = len(rows)
         throttled = 0
         while True:
             live = [k for k in self.keys if k not in self.retired]
@@ -98,11 +106,11 @@ class GuardClient:
             key = live[self._next % len(live)]
             self._next += 1
             status, payload = self._post(body, key, f"{self.run_id}-{self.sent}")
-            self.sent += rows.shape[0]
+            self.sent += n
             if status == 200:
                 self._streak[key] = 0
-                ans = _parse(payload, rows.shape[0])
-                self.answered += rows.shape[0]
+                ans = _parse(payload, n)
+                self.answered += n
                 self.answered_rows.extend(rows)
                 self.answered_labels.extend(int(v) for v in ans.labels)
                 return ans
@@ -116,13 +124,15 @@ class GuardClient:
                 self.retired.append(key)
                 if len(self.retired) >= len(self.keys):
                     raise AttackBlocked(f"{self.run_id}: all {len(self.keys)} keys refused")
-            return Answer(np.full(rows.shape[0], REFUSED, dtype=np.int64), None)
+            return Answer(np.full(n, REFUSED, dtype=np.int64), None)
 
     def _post(self, body: bytes, key: str, request_id: str) -> tuple[int, bytes]:
         headers = {"Content-Type": "application/json", "X-API-Key": key, "X-Request-Id": request_id}
         for attempt in range(2):
             if self._conn is None:
-                self._conn = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
+                source = None if self.source_address is None else (self.source_address, 0)
+                self._conn = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout,
+                                                        source_address=source)
             try:
                 self._conn.request("POST", self._path, body=body, headers=headers)
                 resp = self._conn.getresponse()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from guard_agent.policy.model import SEVERITY, Action, Decision, EffectivePolicy
@@ -40,6 +40,7 @@ class RequestFacts:
     body_bytes: int
     features: int
     source_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+    properties: Mapping[str, Any] = field(default_factory=dict)  # request.* facts from the body (OpenAI routes)
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,15 @@ class SessionFacts:
     blocked_rule: str | None = None
     rate_limited: bool = False
     retry_after: float = 0.0
+    usage: Mapping[str, Any] = field(default_factory=dict)  # session.tokens etc. (OpenAI routes, guard_agent/llm)
+
+
+_LLM_DEFAULTS: Mapping[str, Any] = {"request.stream": False, "request.logprobs": 0, "request.top_logprobs": 0,
+                                    "request.logit_bias": 0, "request.logit_bias_max": 0.0, "request.max_tokens": 0}
+
+
+_SESSION_LLM_DEFAULTS: Mapping[str, Any] = {"session.tokens": 0.0, "session.logit_bias_tokens": 0.0,
+                                            "session.logprob_requests": 0.0}
 
 
 def facts_for(request: RequestFacts, scores: Mapping[str, float], session: SessionFacts) -> dict[str, Any]:
@@ -63,9 +73,13 @@ def facts_for(request: RequestFacts, scores: Mapping[str, float], session: Sessi
     facts["request.model"] = request.model
     facts["request.protocol"] = request.protocol
     facts["request.features"] = request.features
+    facts.update(_LLM_DEFAULTS)
+    facts.update(request.properties)
     facts["session.queries"] = session.queries
     facts["session.age_seconds"] = session.age_seconds
     facts["session.source"] = session.source
+    facts.update(_SESSION_LLM_DEFAULTS)
+    facts.update(session.usage)
     return facts
 
 

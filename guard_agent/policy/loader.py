@@ -23,6 +23,7 @@ from guard_agent.policy.model import (
     ACTIONS,
     OPERATORS,
     PROPERTY_NAMES,
+    QUERY_CHOICES,
     SCORE_NAMES,
     TECHNIQUE_BY_PREFIX,
     Condition,
@@ -80,10 +81,12 @@ class _Doc:
         self._seen: set[int] = set()
         try:
             node = yaml.compose(text, Loader=yaml.SafeLoader)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
+        except yaml.MarkedYAMLError as exc:
+            mark = _error_mark(exc)
             raise PolicyError(source, mark.line + 1 if mark else None, "",
-                              f"invalid YAML: {getattr(exc, 'problem', exc)}") from exc
+                              f"invalid YAML: {exc.problem or exc}") from exc
+        except yaml.YAMLError as exc:
+            raise PolicyError(source, None, "", f"invalid YAML: {exc}") from exc
         if node is None:
             raise PolicyError(source, 1, "", "the file is empty")
         self.data = self._build(node, ())
@@ -117,6 +120,15 @@ class _Doc:
         while probe and probe not in self.lines:
             probe = probe[:-1]
         return PolicyError(self.source, self.lines.get(probe), _fmt(path), message)
+
+
+def _error_mark(exc: yaml.MarkedYAMLError) -> Any:
+    """Where the mistake is. PyYAML notices an unclosed quote or flow mapping, or a key without its ':', only
+    lines later (``problem_mark``); the construct that was left open (``context_mark``) is the line to fix."""
+    context = exc.context or ""
+    if exc.context_mark is not None and context.startswith(("while scanning", "while parsing a flow")):
+        return exc.context_mark
+    return exc.problem_mark or exc.context_mark
 
 
 class _Reader:
@@ -272,7 +284,11 @@ def _compile_rule(r: _Reader, raw: Any, path: Path_) -> Rule:
                 if not isinstance(value, list):
                     raise r.doc.error((*fpath, op), "expected a list")
                 value = frozenset(value)
-            elif fact in SCORE_NAMES or fact in ("request.rows", "request.body_bytes", "request.features",
+            elif fact in SCORE_NAMES:
+                # every score lies in [0, 1]: a threshold outside it fires on everything (gte: -1 blocks every
+                # client) or on nothing (gte: 95 silently disables the rule), so it is a mistake, never a policy
+                value = _unit_threshold(r, value, (*fpath, op))
+            elif fact in ("request.rows", "request.body_bytes", "request.features",
                                                  "session.queries", "session.age_seconds"):
                 value = r.number(value, (*fpath, op))
             conditions.append(Condition(fact, op, value))
@@ -287,6 +303,13 @@ def _compile_rule(r: _Reader, raw: Any, path: Path_) -> Rule:
         cooldown = r.number(cooldown, (*path, "cooldown_seconds"), minimum=0)
     return Rule(id=rid, action=action, conditions=tuple(conditions), technique=technique,  # type: ignore[arg-type]
                 description=str(description), cooldown=cooldown)
+
+
+def _unit_threshold(r: _Reader, value: Any, path: Path_) -> float:
+    number = r.number(value, path)
+    if not 0.0 <= number <= 1.0:
+        raise r.doc.error(path, f"scores lie in [0, 1] (1 - p-value, e.g. 0.999), got {value!r}")
+    return number
 
 
 def _implied_technique(conditions: list[Condition]) -> str | None:
@@ -335,7 +358,7 @@ def _input(r: _Reader, sec: Mapping[str, Any], sub: Any, base: EffectivePolicy |
     if "input" not in sec:
         return base.input if base else InputSchema()
     p = sub("input")
-    m = r.mapping(sec["input"], p, {"features", "min", "max", "allow_nonfinite", "max_rows"})
+    m = r.mapping(sec["input"], p, {"features", "min", "max", "allow_nonfinite", "max_rows", "query"})
     features = m.get("features")
     max_rows = m.get("max_rows")
     schema = InputSchema(
@@ -344,6 +367,7 @@ def _input(r: _Reader, sec: Mapping[str, Any], sub: Any, base: EffectivePolicy |
         maximum=_bounds(r, m.get("max"), (*p, "max")),
         allow_nonfinite=r.boolean(m.get("allow_nonfinite", False), (*p, "allow_nonfinite")),
         max_rows=None if max_rows is None else int(r.number(max_rows, (*p, "max_rows"), minimum=1, integer=True)),
+        query=r.choice(m.get("query", "refuse"), (*p, "query"), QUERY_CHOICES),
     )
     for key, bound in (("min", schema.minimum), ("max", schema.maximum)):
         if bound and len(bound) > 1 and schema.features is not None and len(bound) != schema.features:

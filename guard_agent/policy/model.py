@@ -22,22 +22,28 @@ SCORE_NAMES: frozenset[str] = frozenset({
     "input.schema", "ood.mahalanobis", "ood.knn", "ood.pca", "ood.iforest", "ood.combined", "adv.squeeze",
     "session.prada", "session.fingerprint", "session.global_fingerprint", "session.neighbors",
     "session.coverage", "session.margin", "session.rate", "session.risk", "integrity.canary",
+    "text.invisible", "text.control", "text.confusable", "text.length",
 })
 """The policy's score vocabulary (DESIGN.md). Every score is on a [0, 1] scale, higher = more anomalous."""
 
 PROPERTY_NAMES: frozenset[str] = frozenset({
     "request.rows", "request.body_bytes", "request.model", "request.protocol", "request.features",
     "session.queries", "session.age_seconds", "session.source",
+    # OpenAI-compatible routes only (0 / false elsewhere): guard_agent/llm/_request.py
+    "request.stream", "request.logprobs", "request.top_logprobs", "request.logit_bias", "request.logit_bias_max",
+    "request.max_tokens", "session.tokens", "session.logit_bias_tokens", "session.logprob_requests",
 })
 """Request and session properties a rule may test besides scores."""
 
-BUILTIN_SCORES: frozenset[str] = frozenset({"input.schema"})
+BUILTIN_SCORES: frozenset[str] = frozenset({"input.schema", "text.invisible", "text.control", "text.confusable",
+                                            "text.length"})
 """Scores the guard computes without a detector profile."""
 
 TECHNIQUE_BY_PREFIX: Mapping[str, str] = {
     "ood.": "AML.T0015",
     "input.": "AML.T0015",
     "adv.": "AML.T0015",
+    "text.": "AML.T0015",
     "session.prada": "AML.T0024.002",
     "session.coverage": "AML.T0024.002",
     "session.margin": "AML.T0024.002",
@@ -106,6 +112,10 @@ class Hardening:
     label_only: bool = False
 
 
+QUERY_CHOICES: tuple[str, ...] = ("refuse", "strip", "forward")
+"""What ``input.query`` may say about a query string on a scored route."""
+
+
 @dataclass(frozen=True)
 class InputSchema:
     """Declared input checks: what a request must look like before any detector runs."""
@@ -115,6 +125,9 @@ class InputSchema:
     maximum: tuple[float, ...] | None = None
     allow_nonfinite: bool = False
     max_rows: int | None = None
+    # a query string on a scored route: refuse (400), strip (forward the path alone) or forward it as sent;
+    # no inference protocol the guard parses uses one, and the model server may read it (``?/../unload``)
+    query: str = "refuse"
 
 
 @dataclass(frozen=True)

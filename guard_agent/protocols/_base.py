@@ -8,7 +8,8 @@ Integer literals longer than 4300 digits are refused as invalid JSON.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -18,6 +19,7 @@ __all__ = [
     "ParseLimits",
     "ParsedRequest",
     "ProtocolError",
+    "TextInput",
     "build_request",
     "numeric_array",
 ]
@@ -27,6 +29,10 @@ class ProtocolError(ValueError):
     """message is safe to return to the client in a 400 (never echoes raw input values)."""
 
 
+class TextInput(ProtocolError):
+    """A numeric parser met strings: the dispatcher hands the body to the text parser instead."""
+
+
 @dataclass(frozen=True)
 class ParseLimits:
     """Bounds on what one request may contain."""
@@ -34,6 +40,8 @@ class ParseLimits:
     max_depth: int = 32  # JSON nesting
     max_rows: int = 4096  # batch size
     max_features: int = 1 << 20  # numbers per row
+    max_texts: int = 256  # text inputs per request (all rows and string cells together)
+    max_text_chars: int = 65536  # characters per text input
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,9 @@ class ParsedRequest:
     input_names: tuple[str, ...]
     requested_outputs: tuple[str, ...]  # v2 "outputs":[{"name":...}] if present
     input_datatypes: tuple[str, ...] = ()  # v2 datatype per input (e.g. "FP32", "UINT8"); empty for JSON protocols
+    texts: tuple[str, ...] = ()  # text requests: one text per row (a row's strings joined by newlines)
+    properties: Mapping[str, Any] = field(default_factory=dict)  # request.* facts the body gives (OpenAI routes)
+    hashed_texts: Any = None  # text requests: detectors.text.hashed(texts), reused by a fitted text projection
 
 
 Kind = Literal["float", "int", "bool"]
@@ -64,7 +75,7 @@ def _leaf_problem(types: set[type], kind: Kind, where: str) -> ProtocolError:
     if dict in types:
         return ProtocolError(f"{where}: non-numeric data (an object inside the data)")
     if str in types:
-        return ProtocolError(f"{where}: non-numeric data (a string inside the data)")
+        return TextInput(f"{where}: non-numeric data (a string inside the data)")
     if type(None) in types:
         return ProtocolError(f"{where}: non-numeric data (null inside the data)")
     if kind == "bool":

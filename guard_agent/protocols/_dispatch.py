@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from guard_agent.protocols._base import ParsedRequest, ParseLimits, ProtocolError
+from guard_agent.llm._request import OPENAI_PROTOCOLS, parse_openai
+from guard_agent.protocols._base import ParsedRequest, ParseLimits, ProtocolError, TextInput
 from guard_agent.protocols._json import check_content_encoding
 from guard_agent.protocols.mlflow import parse_mlflow
 from guard_agent.protocols.pointer import parse_custom
+from guard_agent.protocols.text import parse_text_request
 from guard_agent.protocols.v1 import parse_v1
 from guard_agent.protocols.v2 import parse_v2
 
 __all__ = ["PROTOCOLS", "parse_request", "parse_request_unguarded"]
 
-PROTOCOLS = ("v2", "v1", "mlflow", "custom")
+PROTOCOLS = ("v2", "v1", "mlflow", "custom", "openai.chat", "openai.completions", "openai.embeddings")
 _DEFAULT_LIMITS = ParseLimits()
 
 
@@ -25,10 +27,21 @@ def parse_request_unguarded(
     limits: ParseLimits = _DEFAULT_LIMITS,
     inference_header_length: int | None = None,
 ) -> ParsedRequest:
-    """``parse_request`` without the last-resort exception net (tests use it to find real bugs)."""
+    """``parse_request`` without the last-resort exception net (tests use it to find real bugs).
+
+    The numeric parsers first; the text parser when they met strings (``TextInput``)."""
     check_content_encoding(content_encoding)
     if inference_header_length is not None and protocol != "v2":
         raise ProtocolError("the binary tensor extension (Inference-Header-Content-Length) is v2 only")
+    try:
+        return _parse_numeric(protocol, body, content_type, pointer, limits, inference_header_length)
+    except TextInput:
+        return parse_text_request(protocol, body, content_type=content_type, pointer=pointer, limits=limits,
+                                  inference_header_length=inference_header_length)
+
+
+def _parse_numeric(protocol: str, body: bytes, content_type: str | None, pointer: str | None, limits: ParseLimits,
+                   inference_header_length: int | None) -> ParsedRequest:
     if protocol == "v2":
         return parse_v2(body, content_type=content_type, limits=limits,
                         inference_header_length=inference_header_length)
@@ -38,6 +51,8 @@ def parse_request_unguarded(
         return parse_mlflow(body, content_type=content_type, limits=limits)
     if protocol == "custom":
         return parse_custom(body, pointer=pointer, content_type=content_type, limits=limits)
+    if protocol in OPENAI_PROTOCOLS:
+        return parse_openai(protocol, body, content_type=content_type, limits=limits)
     raise ProtocolError("unknown protocol")
 
 

@@ -29,8 +29,9 @@ from guard_agent.protocols.responses import numbers, read_response, v2_output_ar
 
 __all__ = ["HARDENABLE_PROTOCOLS", "Hardening", "harden_document", "harden_matrix", "harden_response", "round_values"]
 
-HARDENABLE_PROTOCOLS = frozenset({"v2", "v1", "mlflow"})
-"""Protocols whose answers can be rewritten; a custom route's answer has no known shape."""
+HARDENABLE_PROTOCOLS = frozenset({"v2", "v1", "mlflow", "openai.chat", "openai.completions", "openai.embeddings"})
+"""Protocols whose answers can be rewritten; a custom route's answer has no known shape. OpenAI answers are
+hardened by ``guard_agent.llm`` (log-probabilities; embeddings carry none), not by ``harden_document``."""
 
 _FLOAT_TYPES = frozenset({"FP16", "FP32", "FP64"})
 

@@ -13,8 +13,8 @@ Wire format (``POST /v2/models/{m}[/versions/{v}]/infer``)::
 
 ``data`` is flat or nested, row-major, with exactly ``prod(shape)`` elements; ``shape[0]`` is the batch.
 Several inputs are concatenated per row (each input flattened per row; same batch size required).
-Datatypes: BOOL, INT8..INT64, UINT8..UINT64, FP16, FP32, FP64. BYTES and anything else are refused:
-the guard cannot score them.
+Datatypes: BOOL, INT8..INT64, UINT8..UINT64, FP16, FP32, FP64. BYTES inputs raise ``TextInput`` and are
+parsed as text by ``protocols.text``; anything else is refused: the guard cannot score it.
 
 Binary tensor extension (Triton): the ``Inference-Header-Content-Length: N`` header says the first N
 bytes are the JSON header; each input with ``parameters.binary_data_size`` then takes that many raw
@@ -40,6 +40,7 @@ from guard_agent.protocols._base import (
     ParsedRequest,
     ParseLimits,
     ProtocolError,
+    TextInput,
     build_request,
     numeric_array,
 )
@@ -106,7 +107,7 @@ def _leaves(data: Any) -> list[int]:
 def _in_range(data: Any, arr: np.ndarray, lo: float, hi: float) -> bool:
     """Range check on the float copy, exact on the JSON integers where float64 could round (|x| >= 2**53)."""
     low, high = float(arr.min()), float(arr.max())
-    if low < lo or high > hi:
+    if low < float(lo) or high > float(hi):  # both sides rounded alike: 2**63 - 1 is float 2**63 on both
         return False
     if high < 2**53 and low > -(2**53):
         return True
@@ -159,6 +160,8 @@ def _tensor(
     if type(datatype) is not str:
         raise ProtocolError(f"{where}.datatype must be a string")
     spec = DATATYPES.get(datatype)
+    if datatype == "BYTES":
+        raise TextInput(f"{where}: BYTES input")
     if spec is None:
         named = f" {datatype}" if datatype == "BYTES" else ""  # never echo unknown client strings
         raise ProtocolError(f"{where}: unsupported datatype{named}")

@@ -10,15 +10,20 @@ query parameters of the URL are read here and removed before the URL reaches red
 from __future__ import annotations
 
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from guard_agent.contracts import TrackerStateCodec
 from guard_agent.events import EventLogger
 from guard_agent.metrics import Metrics
 from guard_agent.sessions.base import SessionStore
 from guard_agent.sessions.memory import MemorySessionStore
 from guard_agent.sessions.redis_store import RedisLink, RedisMetrics, RedisSessionStore
 from guard_agent.settings import ConfigError, Settings
+
+if TYPE_CHECKING:
+    from guard_agent.redis_global import RedisGlobalIndex
+    from guard_agent.tracking import SessionTracking
 
 __all__ = ["DEFAULT_PREFIX", "make_global_observer", "make_session_store", "redis_link", "split_redis_url"]
 
@@ -59,7 +64,7 @@ def redis_link(settings: Settings, *, metrics: Metrics, events: EventLogger) -> 
 
 
 def make_session_store(settings: Settings, *, metrics: Metrics, events: EventLogger,
-                       tracking: Any) -> SessionStore:
+                       tracking: TrackerStateCodec) -> SessionStore:
     """Memory when ``settings.redis_url`` is unset; otherwise Redis with the memory store as local fallback.
 
     ``tracking`` provides ``encode_state``/``decode_state`` (``SessionTracking`` or the no-op ``TrackerHook``).
@@ -74,17 +79,14 @@ def make_session_store(settings: Settings, *, metrics: Metrics, events: EventLog
 
 
 def make_global_observer(settings: Settings, *, metrics: Metrics, events: EventLogger,
-                         tracking: Any) -> Any:
-    """With Redis and session trackers: a ``RedisGlobalIndex`` installed as ``tracking.observe_global``.
-
-    Returns it, or None when there is nothing to share (no Redis, or no trackers).
-    """
-    if not settings.redis_url or not hasattr(tracking, "observe_global"):
+                         tracking: SessionTracking) -> RedisGlobalIndex | None:
+    """With Redis: a ``RedisGlobalIndex`` (falling back to the trackers' own index) that the trackers then
+    answer ``session.global_fingerprint`` from. Returns it, or None without Redis (nothing to share)."""
+    if not settings.redis_url:
         return None
     from guard_agent.redis_global import RedisGlobalIndex
 
-    observer = RedisGlobalIndex(redis_link(settings, metrics=metrics, events=events),
-                                local=getattr(tracking, "global_index", None),
+    observer = RedisGlobalIndex(redis_link(settings, metrics=metrics, events=events), local=tracking.global_index,
                                 max_entries=settings.global_max_entries)
-    observer.install(tracking)
+    tracking.share_global(observer)
     return observer

@@ -56,11 +56,12 @@ from typing import Any, ClassVar, Final, TypeVar
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from guard_agent.contracts import TrackerStateCodec
 from guard_agent.ratelimit import Bucket
 from guard_agent.sessions.base import SessionRecord
 from guard_agent.sessions.memory import MemorySessionStore
 
-__all__ = ["RedisLink", "RedisMetrics", "RedisSessionStore", "StateCodec", "SyncedRecord"]
+__all__ = ["RedisLink", "RedisMetrics", "RedisSessionStore", "SyncedRecord"]
 
 T = TypeVar("T")
 FALLBACK: Final = object()  # what ``RedisLink.run`` returns instead of a value when Redis did not answer
@@ -249,16 +250,6 @@ class RedisLink:
                 await client.aclose()
 
 
-class StateCodec:
-    """What the store needs from session tracking: tracker state to bytes and back."""
-
-    def encode_state(self, held: Any) -> bytes | None:  # pragma: no cover - protocol-like default
-        return None
-
-    def decode_state(self, data: bytes) -> Any:  # pragma: no cover - protocol-like default
-        raise ValueError("no tracker state codec")
-
-
 class _PendingState(Mapping[int, Any]):
     """Tracker state read from Redis, ``{layout id: state}``, decoded on first use.
 
@@ -270,11 +261,11 @@ class _PendingState(Mapping[int, Any]):
 
     __slots__ = ("_codec", "_decoded", "_on_error", "data")
 
-    def __init__(self, data: bytes, codec: Any, on_error: Callable[[], None]) -> None:
+    def __init__(self, data: bytes, codec: TrackerStateCodec, on_error: Callable[[], None]) -> None:
         self.data = data
         self._on_error = on_error
         self._decoded: dict[int, Any] | None = None
-        self._codec: Any = codec
+        self._codec = codec
 
     def _states(self) -> dict[int, Any]:
         if self._decoded is None:
@@ -445,7 +436,7 @@ class RedisSessionStore:
 
     backend = "redis"
 
-    def __init__(self, link: RedisLink, *, local: MemorySessionStore, codec: StateCodec | Any,
+    def __init__(self, link: RedisLink, *, local: MemorySessionStore, codec: TrackerStateCodec,
                  ttl: float = 3600.0, max_state_bytes: int = 64 * 1024) -> None:
         self.link = link
         self.local = local

@@ -37,7 +37,7 @@ import yaml
 from guard_agent.policy.decide import RequestFacts, SessionFacts, decide, facts_for
 from guard_agent.policy.loader import parse_policy
 from guard_agent.policy.model import SEVERITY, Condition, Decision, EffectivePolicy, Policy
-from guard_agent.ratelimit import Bucket, take
+from guard_agent.ratelimit import Bucket, cooldown_start, rate_check
 from guard_agent.tuning.records import Capture, CapturedDecision, PolicySnapshot
 
 __all__ = ["Change", "ReplayResult", "Rescorer", "deciding_rule", "disambiguate", "policy_from_snapshot", "replay"]
@@ -228,9 +228,9 @@ class _Runner:
             exact = False
         if d.action == "block" and not _looks_like_cooldown(d):
             sim.seen_rule_block = True
-        cooldown = eff.block_cooldown if decision.cooldown is None else decision.cooldown  # a rule's own wins
-        if decision.enforced and decision.action == "block" and cooldown > 0 and blocked is None:
-            sim.blocked_until, sim.blocked_rule = d.t + cooldown, decision.rule
+        started = cooldown_start(decision, eff, d.t, blocked)  # the live path's own rule
+        if started is not None:
+            sim.blocked_until, sim.blocked_rule = started
         if decision.refused != d.refused:
             sim.diverged = True
         return decision, exact, carried
@@ -241,10 +241,7 @@ class _Runner:
     def _rate(self, d: CapturedDecision, eff: EffectivePolicy, sim: _SessionSim) -> tuple[bool, float]:
         self._simulated = False
         limit = eff.rate_limit
-        simulated, retry = False, 0.0
-        if limit is not None:
-            sim.bucket, allowed, retry = take(sim.bucket, d.t, rate=limit.rate, burst=limit.burst)
-            simulated = not allowed
+        sim.bucket, simulated, retry = rate_check(sim.bucket, d.t, limit)  # the live path's own bucket
         captured_eff = self.captured_policy_for(d)
         known = _captured_rate_limited(d)
         if captured_eff is not None and captured_eff.rate_limit == limit and known is not None:

@@ -21,7 +21,7 @@ CHART = REPO / "helm" / "inference-guard"
 CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
 KUBE_VERSIONS = ("1.29.0", "1.31.0")
 # Kinds whose schemas come from CRDs: kubernetes-validate has none, so they are checked apart.
-CRD_KINDS = frozenset({"ServiceMonitor"})
+CRD_KINDS = frozenset({"ServiceMonitor", "PrometheusRule", "InferenceService"})
 
 
 def find_tool(name: str) -> str | None:

@@ -66,3 +66,5 @@ class TestDemo:
         assert int(rows["black-box attack (near-duplicate probing)"][4]) >= 1
         assert int(rows["model extraction (synthetic queries)"][4]) >= 1
         assert int(rows["request flood from one key"][3]) >= 1
+        assert rows["benign client: support tickets (text)"][:6] == ["60", "0", "0", "0", "0", "0"]
+        assert int(rows["character-edit attack on tickets (text)"][4]) >= 1

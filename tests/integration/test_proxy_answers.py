@@ -32,7 +32,7 @@ mode: enforce
 hardening: {round_digits: 1}
 rules:
   - id: watch-sessions
-    when: {session.rate: {gte: 2.0}}
+    when: {session.rate: {gt: 1.0}}
     action: block
   - id: harden-all
     when: {request.rows: {gte: 1}}

@@ -89,6 +89,8 @@ workload's pods (injection.podSelector) in injection mode.
 {{- define "inference-guard.podSelector" -}}
 {{- if .Values.workload.enabled }}
 {{- include "inference-guard.selectorLabels" . }}
+{{- else if .Values.kserve.enabled }}
+serving.kserve.io/inferenceservice: {{ include "inference-guard.fullname" . }}
 {{- else }}
 {{- toYaml .Values.injection.podSelector }}
 {{- end }}

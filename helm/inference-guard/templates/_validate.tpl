@@ -8,9 +8,27 @@ relate keys to each other. Every rendered file includes this, so `helm template`
 {{- if ne (len (uniq $ports)) 3 }}
 {{- fail (printf "guard.port (%d), guard.adminPort (%d) and model.port (%d) must differ: the containers share one network namespace" (int $v.guard.port) (int $v.guard.adminPort) (int $v.model.port)) }}
 {{- end }}
-{{- if $v.workload.enabled }}
+{{- if and $v.workload.enabled $v.kserve.enabled }}
+{{- fail "kserve.enabled renders the model and the guard as a KServe InferenceService: set workload.enabled=false (the chart's own Deployment and Service would be a second copy)" }}
+{{- end }}
+{{- if and $v.kserve.enabled $v.guard.nativeSidecar }}
+{{- fail "kserve.enabled needs guard.nativeSidecar=false: KServe routes the Service to the predictor's transformer-container, a regular container" }}
+{{- end }}
+{{- if and $v.kserve.enabled $v.injection.patch.enabled }}
+{{- fail "injection.patch.enabled (a kustomize patch for your own Deployment) and kserve.enabled exclude each other" }}
+{{- end }}
+{{- if and $v.workload.enabled $v.injection.patch.enabled }}
+{{- fail "injection.patch.enabled patches a Deployment of your own: set workload.enabled=false" }}
+{{- end }}
+{{- if and $v.injection.patch.enabled (empty $v.injection.podSelector) }}
+{{- fail "injection.patch.enabled needs injection.podSelector: the labels of your Deployment's pods (its selector)" }}
+{{- end }}
+{{- if and $v.injection.patch.enabled (not $v.injection.patch.deployment) }}
+{{- fail "injection.patch.enabled needs injection.patch.deployment (the name of the Deployment to add the guard to)" }}
+{{- end }}
+{{- if or $v.workload.enabled $v.kserve.enabled }}
 {{- if not $v.model.image.repository }}
-{{- fail "model.image.repository is required in standalone mode (workload.enabled=true); for injection into another chart set workload.enabled=false" }}
+{{- fail "model.image.repository is required in standalone mode (workload.enabled=true) and with kserve.enabled; for injection into another chart set workload.enabled=false" }}
 {{- end }}
 {{- range (concat $v.model.command $v.model.args) }}
 {{- if contains "0.0.0.0" (toString .) }}
@@ -22,14 +40,15 @@ relate keys to each other. Every rendered file includes this, so `helm template`
 {{- fail (printf "model.env sets %s=%v but the chart pins it to 127.0.0.1: the model must bind loopback" .name .value) }}
 {{- end }}
 {{- end }}
-{{- else }}
+{{- end }}
+{{- if not $v.workload.enabled }}
 {{- if $v.podDisruptionBudget.enabled }}
 {{- fail "podDisruptionBudget.enabled needs workload.enabled=true: in injection mode the parent chart owns the workload and its PodDisruptionBudget" }}
 {{- end }}
 {{- if $v.autoscaling.enabled }}
 {{- fail "autoscaling.enabled needs workload.enabled=true: in injection mode the parent chart owns the workload and its autoscaler" }}
 {{- end }}
-{{- if and (or $v.networkPolicy.enabled $v.metrics.service.enabled $v.metrics.serviceMonitor.enabled) (empty $v.injection.podSelector) }}
+{{- if and (not $v.kserve.enabled) (or $v.networkPolicy.enabled $v.metrics.service.enabled $v.metrics.serviceMonitor.enabled) (empty $v.injection.podSelector) }}
 {{- fail "injection.podSelector is required in injection mode (workload.enabled=false) with networkPolicy, metrics.service or metrics.serviceMonitor: an empty selector would select every pod in the namespace" }}
 {{- end }}
 {{- end }}
