@@ -162,9 +162,14 @@ async def run_demo(*, verbose: bool = False) -> int:
             fit_text_demo_profile(tickets, Path(tmp) / "profiles" / TEXT_MODEL)
             profile_dir = str(Path(tmp) / "profiles")
         model_port, guard_port, admin_port = free_port(), free_port(), free_port()
+        # every scenario's key is registered: all the demo's clients share one address, and unregistered keys
+        # would share its session evidence too (docs/hardening.md, "What authenticated means")
+        keys = {name: f"demo-{name}-{secrets.token_hex(8)}" for name in _CLIENTS}
+        keys_file = Path(tmp) / "api-keys.json"
+        keys_file.write_bytes(orjson.dumps({"keys": [{"name": n, "key": k} for n, k in keys.items()]}))
         settings = Settings(listen=f"127.0.0.1:{guard_port}", admin_listen=f"127.0.0.1:{admin_port}",
                             upstream=f"http://127.0.0.1:{model_port}", profile=profile_dir,
-                            hmac_key=secrets.token_hex(16))
+                            hmac_key=secrets.token_hex(16), api_keys_file=str(keys_file))
         from guard_agent.app import build_state
 
         state = build_state(settings, sink=CallbackSink(on_event))
@@ -175,11 +180,7 @@ async def run_demo(*, verbose: bool = False) -> int:
             try:
                 async with aiohttp.ClientSession() as http:
                     await _wait_ready(http, f"http://127.0.0.1:{admin_port}/readyz")
-                    clients = _Clients()
-                    try:
-                        scenarios = await _traffic(clients, f"http://127.0.0.1:{guard_port}", model, rng, tickets)
-                    finally:
-                        await clients.close()
+                    scenarios = await _traffic(http, f"http://127.0.0.1:{guard_port}", model, rng, tickets, keys)
             finally:
                 await guard_runner.cleanup()
                 await admin_runner.cleanup()
@@ -197,36 +198,18 @@ async def _send(http: aiohttp.ClientSession, url: str, body: bytes, key: str,
         return resp.status
 
 
-class _Clients:
-    """One HTTP client per scenario key, each from its own loopback address (127.0.0.2, .3, ...): the guard
-    counts requests under keys it cannot verify against the client address's session too, so scenarios
-    sharing one address would share that session's blocks."""
-
-    def __init__(self) -> None:
-        self.addresses: dict[str, str] = {}
-        self.sessions: dict[str, aiohttp.ClientSession] = {}
-
-    def address(self, key: str) -> str:
-        return self.addresses.setdefault(key, f"127.0.0.{2 + len(self.addresses)}")
-
-    def __call__(self, key: str) -> aiohttp.ClientSession:
-        if key not in self.sessions:
-            connector = aiohttp.TCPConnector(local_addr=(self.address(key), 0))
-            self.sessions[key] = aiohttp.ClientSession(connector=connector)
-        return self.sessions[key]
-
-    async def close(self) -> None:
-        for session in self.sessions.values():
-            await session.close()
+_CLIENTS = ("benign0", "benign1", "benign2", "benign3", "benign4", "invalid", "admin", "ood", "range", "blackbox",
+            "extract", "flood", "tickets0", "tickets1", "tickets2", "zerowidth", "textattack")
+"""Every scenario's key name (guard_agent/demo_text.py's too): each is registered before the guard starts."""
 
 
-async def _traffic(clients: _Clients, url: str, model: DigitsModel,
-                   rng: np.random.Generator, tickets: TicketModel) -> dict[str, str]:
-    """Each scenario under its own API key; returns key -> scenario description."""
+async def _traffic(http: aiohttp.ClientSession, url: str, model: DigitsModel,
+                   rng: np.random.Generator, tickets: TicketModel, keys: dict[str, str]) -> dict[str, str]:
+    """Each scenario under its own (registered) API key; returns key -> scenario description."""
     scenarios: dict[str, str] = {}
 
     def key(name: str, description: str) -> str:
-        k = f"demo-{name}-{secrets.token_hex(4)}"
+        k = keys[name]
         scenarios[k] = description
         return k
 
@@ -234,30 +217,30 @@ async def _traffic(clients: _Clients, url: str, model: DigitsModel,
     for i in range(5):
         k = key(f"benign{i}", "benign client: held-out digits")
         for x in model.X_test[rng.choice(len(model.X_test), 20, replace=False)]:
-            await _send(clients(k), url, v2_body(x), k)
+            await _send(http, url, v2_body(x), k)
     # Invalid requests: malformed JSON, NaN, a shape that does not match its data.
     k = key("invalid", "malformed requests (bad JSON, NaN, wrong shape)")
-    await _send(clients(k), url, b'{"inputs": [', k)
-    await _send(clients(k), url, b'{"inputs":[{"name":"x","shape":[1,64],"datatype":"FP64","data":[NaN' +
+    await _send(http, url, b'{"inputs": [', k)
+    await _send(http, url, b'{"inputs":[{"name":"x","shape":[1,64],"datatype":"FP64","data":[NaN' +
                 b',0' * 63 + b']}]}', k)
-    await _send(clients(k), url, b'{"inputs":[{"name":"x","shape":[1,64],"datatype":"FP64","data":[1,2,3]}]}', k)
+    await _send(http, url, b'{"inputs":[{"name":"x","shape":[1,64],"datatype":"FP64","data":[1,2,3]}]}', k)
     # Model management is not an inference route: refused, never reaches the model.
     k = key("admin", "model-management call (unload)")
-    await _send(clients(k), url, b"{}", k, path=f"/v2/repository/models/{MODEL}/unload")
+    await _send(http, url, b"{}", k, path=f"/v2/repository/models/{MODEL}/unload")
     # Out-of-distribution inputs: random noise images.
     k = key("ood", "out-of-distribution inputs (noise images)")
     for _ in range(10):
-        await _send(clients(k), url, v2_body(rng.uniform(0, 16, size=64)), k)
+        await _send(http, url, v2_body(rng.uniform(0, 16, size=64)), k)
     # Out-of-range inputs: values far outside 0..16.
     k = key("range", "inputs far outside the reference range")
     for _ in range(3):
-        await _send(clients(k), url, v2_body(rng.uniform(0, 16, size=64) * 50), k)
+        await _send(http, url, v2_body(rng.uniform(0, 16, size=64) * 50), k)
     # A black-box evasion attack: hundreds of near-duplicates of one image.
     k = key("blackbox", "black-box attack (near-duplicate probing)")
     base = model.X_test[0].copy()
     for i in range(120):
         x = np.clip(base + rng.normal(0, 0.3, size=64) * (i % 7) / 7, 0, 16)
-        if await _send(clients(k), url, v2_body(x), k) == 403:
+        if await _send(http, url, v2_body(x), k) == 403:
             break
         await asyncio.sleep(0.02)  # stay under the rate limit: the session trackers should catch it
     # A model-extraction attempt: synthetic queries around known digits (augmentation, as in JBDA-style
@@ -267,15 +250,15 @@ async def _traffic(clients: _Clients, url: str, model: DigitsModel,
     varies = model.X_train.std(axis=0) > 0  # a careful attacker leaves the always-blank pixels blank
     for _ in range(400):
         x = np.clip(model.X_train[rng.integers(len(model.X_train))] + rng.normal(0, 3.0, size=64) * varies, 0, 16)
-        refused = refused + 1 if await _send(clients(k), url, v2_body(x), k) == 403 else 0
+        refused = refused + 1 if await _send(http, url, v2_body(x), k) == 403 else 0
         if refused >= 3:
             break
         await asyncio.sleep(0.02)
     # Text: benign support tickets, invisible characters, a character-edit attack (guard_agent/demo_text.py).
-    await text_traffic(clients, url, tickets, key)
+    await text_traffic(http, url, tickets, key)
     # A flood from one key: the rate limit answers 429.
     k = key("flood", "request flood from one key")
-    await asyncio.gather(*(_send(clients(k), url, v2_body(model.X_test[i % 50]), k) for i in range(160)))
+    await asyncio.gather(*(_send(http, url, v2_body(model.X_test[i % 50]), k) for i in range(160)))
     return scenarios
 
 

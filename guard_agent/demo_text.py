@@ -8,7 +8,6 @@ import asyncio
 import random
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
 
 import aiohttp
 import numpy as np
@@ -86,23 +85,15 @@ def fit_text_demo_profile(model: TicketModel, directory: Path) -> None:
     save_profile(profile, directory, force=True)
 
 
-class Clients(Protocol):
-    """Per-scenario HTTP clients, each from its own loopback address (guard_agent.demo._Clients)."""
-
-    def __call__(self, key: str) -> aiohttp.ClientSession: ...
-
-    def address(self, key: str) -> str: ...
-
-
-async def text_traffic(clients: Clients, url: str, model: TicketModel, key: Callable[[str, str], str]) -> None:
+async def text_traffic(http: aiohttp.ClientSession, url: str, model: TicketModel,
+                       key: Callable[[str, str], str]) -> None:
     """Benign tickets, tickets with zero-width characters, and a character-edit attack (in a thread: the attack
     client is synchronous)."""
     from guard_agent.attacks import TextClient, char_swap, text_body
 
     async def send(texts: list[str], k: str) -> int:
         headers = {"X-API-Key": k, "Content-Type": "application/json", "X-Request-Id": f"demo-{k}"}
-        async with clients(k).post(f"{url}/v2/models/{TEXT_MODEL}/infer", data=text_body(texts),
-                                   headers=headers) as r:
+        async with http.post(f"{url}/v2/models/{TEXT_MODEL}/infer", data=text_body(texts), headers=headers) as r:
             await r.read()
             return r.status
 
@@ -114,7 +105,7 @@ async def text_traffic(clients: Clients, url: str, model: TicketModel, key: Call
     for text in model.test[100:105]:
         await send([text.replace(" ", "\u200b ", 2)], k)
     k = key("textattack", "character-edit attack on tickets (text)")
-    client = TextClient(url, [k], f"demo-{k}", model=TEXT_MODEL, source_address=clients.address(k))
+    client = TextClient(url, [k], f"demo-{k}", model=TEXT_MODEL)
     try:
         await asyncio.to_thread(char_swap, client, model.test[120:123], budget=150)
     finally:

@@ -474,6 +474,8 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
 
     features, beyond_range = representable(parsed.features)  # what the detectors and trackers score
     sessions = await _Sessions.load(state, identity, now)
+    if len(sessions.entries) > 1:  # the address's session counts too: name it, so an operator can reset it
+        out.fields["address_session"] = sessions.entries[1][0]
     record = sessions.record
     rate_limited, retry_after = sessions.take(now, identity.rate_limit or eff.rate_limit)
     request_facts = RequestFacts(model=match.model, protocol=parsed.protocol, rows=parsed.rows,

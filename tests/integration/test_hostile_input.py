@@ -270,7 +270,9 @@ class TestKeyRotation:
             await exchange(port, raw("POST", "/v2/models/m/infer", V2_ROW, extra))
         sessions = {guard.events_for(f"s{i}")[0]["guard"]["session"] for i in range(3)}
         assert len(sessions) == 1
-        assert guard.events_for("s0")[0]["guard"]["session_source"] == "header"
+        first = guard.events_for("s0")[0]["guard"]
+        assert first["session_source"] == "header"
+        assert first["address_session"] not in sessions  # the address's session is named, and is another one
 
     async def test_rotated_keys_do_not_reset_the_trackers(self, model: Model, start_guard, digits: DigitsData,
                                                           digits_profile: str) -> None:
