@@ -6,7 +6,8 @@ attack queries the guard refused, attack success with and without the guard (gre
 character edits), and the agreement of a thief trained through the guard with texts of another corpus
 (bofh-excuses + food fortunes). Data: the Debian packages fortunes and fortunes-bofh-excuses.
 
-    .venv/bin/python -m bench._matrix_text [--texts 20] [--benign 100] [--budget 300]
+    .venv/bin/python -m bench._matrix_text [--texts 20] [--benign 100] [--budget 300] [--keys 1]
+    .venv/bin/python -m bench._matrix_text --cost     # CPU per text request, beside a numeric one
 
 ``text_row(...)`` returns the figures as a dict, for bench/detection_matrix.py to hook in.
 """
@@ -137,13 +138,19 @@ def benign_texts(pool: list[str], rng: random.Random, n: int) -> list[str]:
     return out
 
 
+def loopback(n: int) -> str:
+    """Client n's own loopback address: the guard counts requests under unverified keys against the client
+    address's session too, and real clients do not all share one address."""
+    return f"127.0.{1 + n // 250}.{1 + n % 250}"
+
+
 def run_benign(setup: TextSetup, sessions: int) -> tuple[int, int, int]:
     """(sessions with any refused query, refused queries, queries) for benign sessions of 8..40 texts."""
     blocked_sessions = refused = total = 0
     for s in range(sessions):
         rng = random.Random(70_000 + s)
         client = TextClient(setup.guard, [f"benign-{s}-{secrets.token_hex(4)}"], f"benign{s}", model=MODEL,
-                            refusals_to_retire=10**6)
+                            refusals_to_retire=10**6, source_address=loopback(s))
         try:
             ans = client.predict_texts(benign_texts(setup.test, rng, rng.randint(8, 40)))
         finally:
@@ -157,7 +164,7 @@ def run_benign(setup: TextSetup, sessions: int) -> tuple[int, int, int]:
 
 def _attack(setup: TextSetup, url: str, name: str, targets: list[str], budget: int, keys: int) -> AttackResult:
     client = TextClient(url, [f"{name}-{i}-{secrets.token_hex(4)}" for i in range(keys)], f"{name}-{url[-5:]}",
-                        model=MODEL)
+                        model=MODEL, source_address=loopback(1000 + (name == "char")))
     try:
         if name == "word":
             vocab = " ".join(fortune_texts("food") + fortune_texts("love")).split()
@@ -188,7 +195,8 @@ def text_row(*, texts: int = 20, benign: int = 100, budget: int = 300, keys: int
         queries = fortune_texts("bofh-excuses") + fortune_texts("food") + fortune_texts("love")
         rng.shuffle(queries)
         for where, url in (("without_guard", setup.model), ("with_guard", setup.guard)):
-            client = TextClient(url, [f"thief-{secrets.token_hex(4)}"], f"thief-{where}", model=MODEL)
+            client = TextClient(url, [f"thief-{secrets.token_hex(4)}"], f"thief-{where}", model=MODEL,
+                                source_address=loopback(1002))
             try:
                 res = text_extraction(client, queries, setup.test, direct_labels)
             finally:
@@ -198,14 +206,58 @@ def text_row(*, texts: int = 20, benign: int = 100, budget: int = 300, keys: int
         return row
 
 
+def text_cost(repeats: int = 3) -> dict[str, float]:
+    """CPU microseconds per request, side by side: a numeric v2 parse (64 FP64), a text v2 parse, and the guard's
+    text path with a fitted profile (parse, projection of the hashed rows, detectors, checks)."""
+    import orjson
+
+    from detectors.text import TextModel, fit_text_profile
+    from guard_agent.protocols import parse_request
+
+    texts, _ = labelled_fortunes()
+    profile, _ = fit_text_profile(texts[:1500], seed=0)
+    model = TextModel.from_profile(profile)
+    assert model is not None
+    sample = texts[1500:1700]
+    bodies = [orjson.dumps({"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [t],
+                                        "parameters": {"content_type": "str"}}]}) for t in sample]
+    numeric = orjson.dumps({"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP64",
+                                        "data": np.random.default_rng(0).random(64).tolist()}]})
+
+    def parse(body: bytes) -> Any:
+        return parse_request("v2", body, content_type="application/json", content_encoding=None)
+
+    def guard_path(body: bytes) -> None:
+        parsed = parse(body)
+        profile.score(model.projection.transform_hashed(parsed.hashed_texts))
+        model.checks.score(parsed.texts)
+
+    def cpu(fn: Any) -> float:
+        started = time.process_time()
+        for _ in range(repeats):
+            for body in bodies:
+                fn(body)
+        return (time.process_time() - started) / (repeats * len(bodies)) * 1e6
+
+    return {"mean_chars": float(np.mean([len(t) for t in sample])),
+            "numeric_parse_us": cpu(lambda _: parse(numeric)), "text_parse_us": cpu(parse),
+            "text_scored_us": cpu(guard_path)}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--texts", type=int, default=20, help="attacked texts per attack")
     ap.add_argument("--benign", type=int, default=100, help="benign sessions")
     ap.add_argument("--budget", type=int, default=300, help="queries per attacked text")
+    ap.add_argument("--keys", type=int, default=1, help="API keys each attacker rotates through")
+    ap.add_argument("--cost", action="store_true", help="only the CPU cost per text request (no servers)")
     args = ap.parse_args(argv)
+    if args.cost:
+        json.dump(text_cost(), sys.stdout, indent=2)
+        print()
+        return
     started = time.process_time()
-    row = text_row(texts=args.texts, benign=args.benign, budget=args.budget)
+    row = text_row(texts=args.texts, benign=args.benign, budget=args.budget, keys=args.keys)
     json.dump(row, sys.stdout, indent=2)
     print(f"\n(bench CPU {time.process_time() - started:.1f} s)")
 

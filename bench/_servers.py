@@ -7,6 +7,7 @@ Ctrl-C. CPU time per process comes from ``/proc/<pid>/stat`` (utime + stime, all
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -18,7 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -197,6 +198,7 @@ class Fleet:
         sample_allow: float,
         workers: int = 1,
         redis_url: str | None = None,
+        api_keys: Sequence[str] = (),
     ) -> int:
         """Start ``guard-agent run`` with stdout (decision events) to /dev/null; returns once /readyz is 200 (on
         every worker's admin port: worker k serves admin_port + k)."""
@@ -216,6 +218,11 @@ class Fleet:
             env["GUARD_PROFILE"] = profile
         if redis_url:
             env["GUARD_REDIS_URL"] = redis_url
+        if api_keys:  # verified keys: an unverified one also counts against its client address's session (one
+            # for all the bench's traffic from 127.0.0.1, which the rate limit would then throttle)
+            keys = self.workdir / f"{name}.api-keys.json"
+            keys.write_text(json.dumps({"keys": [{"name": f"k{i}", "key": k} for i, k in enumerate(api_keys)]}))
+            env["GUARD_API_KEYS_FILE"] = str(keys)
         env["GUARD_WORKERS"] = str(workers)
         pid = self.start(name, [guard_agent_path(), "run"], core, env)
         for k in range(workers):

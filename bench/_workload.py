@@ -74,7 +74,7 @@ def request_spec(x_test: np.ndarray, y_test: np.ndarray, keys: int) -> dict[str,
         n_bodies -= 1
     return {
         "path": INFER_PATH,
-        "keys": [f"bench-key-{i:04d}" for i in range(keys)],
+        "keys": [f"bench-api-key-{i:06d}" for i in range(keys)],  # 16+ characters: a key file takes them
         "bodies": [v2_body(r) for r in x_test[:n_bodies]],
         "headers": [{LABEL_HEADER: str(int(label))} for label in y_test[:n_bodies]],
     }

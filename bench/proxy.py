@@ -63,6 +63,7 @@ from _workload import (
 )
 
 PROXY_CORE, LOAD_CORE = 0, 1
+SANITY_KEYS = tuple(f"bench-sanity-key-{i:04d}" for i in range(10))
 RATES = (500, 1000)  # issue 2's fixed rates; --rates adds others (e.g. one the guard can sustain)
 
 
@@ -179,6 +180,7 @@ def _start(fleet: Fleet, work: Path, args: argparse.Namespace, extras: bool) -> 
     if extras:
         guards.append(("guard-on-monitor", str(monitor_policy), str(profile), 1.0))
         guards.append(("guard-on-monitor-sample0.01", str(monitor_policy), str(profile), 0.01))
+    keys = [*pool["keys"], *SANITY_KEYS]
     for name, policy, prof, sample in guards:
         port, admin = free_port(), free_port()
         pid = fleet.guard(
@@ -190,10 +192,11 @@ def _start(fleet: Fleet, work: Path, args: argparse.Namespace, extras: bool) -> 
             policy=policy,
             profile=prof,
             sample_allow=sample,
+            api_keys=keys,
         )
         targets[name] = Target(name, port, pid, spec, lua, PROXY_CORE, admin)
     if args.workers:
-        _start_workers(fleet, targets, args, up, str(profile), spec, lua)
+        _start_workers(fleet, targets, args, up, str(profile), spec, lua, keys)
     if args.single_key:
         on = targets["guard-on"]
         targets["guard-on-1key"] = Target("guard-on-1key", on.port, on.pid, spec1, lua1, PROXY_CORE, on.admin_port)
@@ -201,7 +204,7 @@ def _start(fleet: Fleet, work: Path, args: argparse.Namespace, extras: bool) -> 
 
 
 def _start_workers(fleet: Fleet, targets: dict[str, Target], args: argparse.Namespace, upstream: int,
-                   profile: str, spec: Path, lua: Path) -> None:
+                   profile: str, spec: Path, lua: Path, keys: list[str]) -> None:
     """guard-on with its sessions in Redis: 1 worker on the proxy core, and 2 workers (GUARD_WORKERS=2) on both
     cores (the second shares the load core with wrk and the stub: on 2 cores this cannot show scaling)."""
     if not redis_available():
@@ -212,7 +215,7 @@ def _start_workers(fleet: Fleet, targets: dict[str, Target], args: argparse.Name
                                  ("guard-on-2workers", 2, f"{PROXY_CORE},{LOAD_CORE}")):
         port, admin = free_port(), _free_port_run(workers)
         pid = fleet.guard(name, cores, port=port, admin_port=admin, upstream_port=upstream, policy=None,
-                          profile=profile, sample_allow=1.0, workers=workers, redis_url=redis_url)
+                          profile=profile, sample_allow=1.0, workers=workers, redis_url=redis_url, api_keys=keys)
         targets[name] = Target(name, port, pid, spec, lua, PROXY_CORE, admin, workers)
 
 
@@ -265,7 +268,7 @@ def _sanity(targets: dict[str, Target]) -> list[str]:
             req = urllib.request.Request(
                 f"http://127.0.0.1:{t.port}{pool['path']}",
                 data=pool["bodies"][i].encode(),
-                headers={"Content-Type": "application/json", "X-API-Key": f"bench-sanity-{i}", LABEL_HEADER: label},
+                headers={"Content-Type": "application/json", "X-API-Key": SANITY_KEYS[i], LABEL_HEADER: label},
             )
             try:
                 with urllib.request.urlopen(req, timeout=10) as resp:
@@ -349,7 +352,7 @@ def _print_report(runs: list[dict[str, Any]], targets: dict[str, Target], rates:
     print("\n".join(report.main_table(runs, configs, rates)))
     print("\n== ratios ==")
     print("\n".join(report.ratio_lines(runs, proxies, rates)))
-    print("\n== targets (issue 2) ==")
+    print("\n== targets (issue 13) ==")
     print("\n".join(report.target_lines(runs, guards)))
     print("\n== guard decisions during the runs (from /metrics) ==")
     print("\n".join(report.decision_lines(runs, guards)))

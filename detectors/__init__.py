@@ -8,6 +8,7 @@ their calibration so that every score is on one [0, 1] scale.
 from ._base import BaseDetector, NotFittedError
 from ._errors import ProfileError
 from .combine import PValueCombiner, combine_statistic
+from .copula import CopulaMahalanobis
 from .iforest import IsolationForestDetector
 from .knn import KNNDistance
 from .mahalanobis import Mahalanobis
@@ -31,6 +32,7 @@ __all__ = [
     "DEFAULT_DETECTORS",
     "DETECTOR_CLASSES",
     "BaseDetector",
+    "CopulaMahalanobis",
     "IsolationForestDetector",
     "KNNDistance",
     "Mahalanobis",

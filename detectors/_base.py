@@ -78,20 +78,22 @@ def gpd_fit(excesses: FloatArray) -> tuple[float, float]:
     return shape, -shape / theta_hat
 
 
-def fit_tail(sorted_cal: FloatArray, *, min_scale: float = 0.0) -> Tail | None:
+def fit_tail(sorted_cal: FloatArray, *, min_scale: float = 0.0, exponential: bool = False) -> Tail | None:
     """Tail for p-values beyond the largest calibration score, fitted to the top max(10, 10%) scores, or None.
 
     Peaks over threshold: the excesses over the base (the score just below the top m) get a generalised Pareto
-    fit (`gpd_fit`). Conservative, because a p-value must not promise more than the data support: the shape is
-    raised by two standard errors ((1 + shape) / sqrt(m) each) and never taken below 0, so the tail is at
-    least exponential (a light or bounded tail is fitted as exponential, scale = the mean excess), and heavy
+    fit (`gpd_fit`). Conservative, because a p-value must not promise more than the data support: the fitted
+    shape is taken at 0 or more, then raised by two standard errors ((1 + shape) / sqrt(m) each), so the tail
+    is always polynomial, the more so the fewer the exceedances (m = 10: shape >= 0.63; m = 100: >= 0.2), and
+    the scale is at least the mean excess; heavy
     top scores (e.g. distances dominated by a near-constant feature) get a polynomial tail; `conformal_p_values`
     then takes the heavier of this tail anchored at the base (rate m / (n + 1), estimated from all m scores)
     and at the largest score (rate 1 / (n + 1)). On fresh scores (lognormal, Student-t 2 and 3, Pareto,
     chi-square, exponential, Weibull; 300 and 1,000 calibration scores) this keeps P(p <= 1e-4) and
     P(p <= 1e-5) at or below their nominal values, where the plain exponential tail fired up to 40x too often
     (one standard error was not enough: Student-t 2 fired 8x too often at 1e-5). The scale is at least
-    `min_scale`.
+    `min_scale`. `exponential=True` fits shape 0 (scale = the mean excess, at least `min_scale`): for scores
+    whose growth is a count of independent-ish events (features out of range, see `SchemaRange`).
     None (no tail) with fewer than 20 scores or 10 positive excesses, unless `min_scale` > 0: then an
     exponential tail of that scale from the largest score.
     """
@@ -105,13 +107,23 @@ def fit_tail(sorted_cal: FloatArray, *, min_scale: float = 0.0) -> Tail | None:
     y = y[y > 0]
     if y.size < MIN_EXCEEDANCES or not np.isfinite(y).all() or np.unique(y).size < 3:
         return fallback
+    if exponential:
+        if base <= float(sorted_cal[0]) and y.size > 1:
+            # the window starts in an atom at the minimum (e.g. the 0 of every in-range row): the excess over it
+            # would count the jump out of the atom as tail; start at the smallest score above it instead
+            base, y = base + float(y[0]), y[1:] - y[0]
+        return Tail(base, max(float(np.mean(y)), float(min_scale)), 0.0, int(y.size))
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         shape, scale = gpd_fit(y)
     if not (math.isfinite(shape) and math.isfinite(scale) and scale > 0):
         shape, scale = 0.0, float(np.mean(y))
-    shape += SHAPE_MARGIN * (1.0 + max(shape, 0.0)) / math.sqrt(y.size)
-    if shape <= 0.0:
-        shape, scale = 0.0, float(np.mean(y))
+    # a light or bounded fit (shape < 0) counts as exponential before the margin: the top max(10, 10%) scores of
+    # a small reference cannot show a heavy tail it has not sampled (breast_cancer, 100 rows: the fit of the
+    # top 10 Mahalanobis scores was bounded, the margin left it exponential, and held-out benign rows 13x the
+    # calibration maximum got p < 1e-7)
+    shape = max(shape, 0.0)
+    scale = max(scale, float(np.mean(y)))
+    shape += SHAPE_MARGIN * (1.0 + shape) / math.sqrt(y.size)
     if not (math.isfinite(scale) and scale > 0):
         return fallback
     return Tail(base, max(scale, float(min_scale)), shape, int(y.size))
@@ -174,6 +186,8 @@ class BaseDetector:
     # p-values beyond the calibration maximum come from a tail fitted to the top calibration scores (`fit_tail`);
     # a positive floor makes it at least that heavy (raw-score units) and gives a tail when none can be fitted
     min_tail_scale: ClassVar[float] = 0.0
+    # True: the tail is exponential (shape 0), not a generalised Pareto with a raised shape (see `fit_tail`)
+    exponential_tail: ClassVar[bool] = False
     n_features_in_: int
     calibration_scores_: FloatArray
     threshold_: float
@@ -199,11 +213,20 @@ class BaseDetector:
 
     def infer_threshold(self, X_val: npt.ArrayLike, fpr: float) -> float:
         """Keep held-out in-distribution scores for p-values and return the threshold at the target FPR."""
-        scores = self.score_samples(X_val)
-        self.calibration_scores_ = np.sort(scores.astype(np.float64))
+        return self.calibrate(self.score_samples(X_val), fpr)
+
+    def calibrate(self, scores: npt.ArrayLike, fpr: float) -> float:
+        """Keep given in-distribution scores of rows this detector's fit never saw (e.g. the out-of-fold scores
+        of a cross-conformal fit, see `fit_profile`) for p-values; return the threshold at the target FPR."""
+        cal = np.sort(np.asarray(scores, dtype=np.float64).reshape(-1))
+        if cal.size == 0 or not np.isfinite(cal).all():
+            raise ValueError("calibration scores must be a non-empty vector of finite numbers")
+        self.calibration_scores_ = cal
         self.fpr_ = float(fpr)
         self.threshold_ = conformal_threshold(self.calibration_scores_, fpr)
-        self.tail_ = fit_tail(self.calibration_scores_, min_scale=self.min_tail_scale)
+        self.tail_ = fit_tail(
+            self.calibration_scores_, min_scale=self.min_tail_scale, exponential=self.exponential_tail
+        )
         return self.threshold_
 
     def p_values(self, scores: npt.ArrayLike) -> FloatArray:

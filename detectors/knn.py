@@ -13,7 +13,7 @@ from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 
 from ._base import BaseDetector, require_array, require_param
-from ._validation import Float32Array, FloatArray, safe_scale
+from ._validation import Float32Array, FloatArray, feature_scale
 
 _CHUNK = 256  # rows per exact batch: bounds the temporary distance matrix to CHUNK x n_reference
 
@@ -57,7 +57,7 @@ class KNNDistance(BaseDetector):
         if self.index not in ("auto", "exact", "ivf"):
             raise ValueError(f"index must be 'auto', 'exact' or 'ivf', got {self.index!r}")
         mean = X.mean(axis=0)
-        scale = safe_scale(X.std(axis=0)) if self.standardize else np.ones(X.shape[1])
+        scale = feature_scale(X) if self.standardize else np.ones(X.shape[1])
         if self.max_reference is not None and X.shape[0] > self.max_reference:
             # bounded per-request cost whatever the reference size: keep a seeded random subset
             keep = np.random.default_rng(self.seed).choice(X.shape[0], size=self.max_reference, replace=False)

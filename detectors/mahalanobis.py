@@ -10,7 +10,7 @@ import numpy.typing as npt
 from sklearn.covariance import LedoitWolf
 
 from ._base import BaseDetector, require_array, require_param
-from ._validation import Float32Array, FloatArray, safe_scale
+from ._validation import Float32Array, FloatArray, feature_scale
 
 
 def n_components_for(eigvals_desc: FloatArray, n_components: int | float | None) -> int:
@@ -51,7 +51,7 @@ class Mahalanobis(BaseDetector):
 
     def _fit(self, X: FloatArray, y: npt.NDArray[Any] | None) -> None:
         # standardising first leaves the distance unchanged (affine invariance) but conditions the covariance
-        scale = safe_scale(X.std(axis=0))
+        scale = feature_scale(X)
         X = X / scale
         if y is not None and self.use_labels:
             classes, inverse = np.unique(y, return_inverse=True)

@@ -8,7 +8,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._base import BaseDetector, require_array, require_param
-from ._validation import Float32Array, FloatArray, safe_scale
+from ._validation import Float32Array, FloatArray, feature_scale
 from .mahalanobis import n_components_for
 
 
@@ -28,7 +28,7 @@ class PCAReconstruction(BaseDetector):
 
     def _fit(self, X: FloatArray, y: npt.NDArray[Any] | None) -> None:
         mean = X.mean(axis=0)
-        scale = safe_scale(X.std(axis=0)) if self.standardize else np.ones(X.shape[1])
+        scale = feature_scale(X) if self.standardize else np.ones(X.shape[1])
         Z = (X - mean) / scale
         _, sing, vt = np.linalg.svd(Z, full_matrices=False)
         eig = np.zeros(X.shape[1])

@@ -30,6 +30,7 @@ from ._npz import npz_bytes, read_npz
 from ._reference import load_reference
 from ._validation import FloatArray, as_rows, as_rows32, finite_scores
 from .combine import METHODS, PValueCombiner, combine_statistic
+from .copula import CopulaMahalanobis
 from .iforest import IsolationForestDetector
 from .knn import KNNDistance
 from .mahalanobis import Mahalanobis
@@ -51,15 +52,20 @@ __all__ = [
     "save_profile",
 ]
 
-SCHEMA_VERSION = 2  # 2: generalised Pareto tails (`tail`), combined top rows, pooled schema scales
+# 2: generalised Pareto tails (`tail`), combined top rows, pooled schema scales. 3: cross-conformal calibration
+# on every reference row (`calibration`), `ood.copula`, shrunk feature scales, exponential schema tail.
+SCHEMA_VERSION = 3
+# versions load_profile still reads: a version 2 profile scores exactly as it did (its arrays and tails hold
+# everything); it is re-saved unchanged, so its revision stays the same
+READABLE_VERSIONS = (2, 3)
 FORMAT = "inference-guard-profile"
 COMBINED = "ood.combined"
 MIN_REFERENCE_ROWS = 10
-CALIBRATION_SHARE = 0.25
 DETECTOR_CLASSES: Mapping[str, type[BaseDetector]] = MappingProxyType(
     {
         "input.schema": SchemaRange,
         "ood.mahalanobis": Mahalanobis,
+        "ood.copula": CopulaMahalanobis,
         "ood.knn": KNNDistance,
         "ood.pca": PCAReconstruction,
         "ood.iforest": IsolationForestDetector,
@@ -156,19 +162,23 @@ def _resolve_detectors(detectors: Sequence[str] | None) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _split(n: int, labels: npt.NDArray[Any] | None, seed: int) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
-    """Random fit/calibration split (stratified by label when labels are given); both parts non-empty."""
+def n_folds(n: int) -> int:
+    """Cross-conformal folds: 10 below 1,000 rows (each fold model sees 90% of a small reference), else 5."""
+    return min(n, 10 if n < 1000 else 5)
+
+
+def _folds(n: int, labels: npt.NDArray[Any] | None, seed: int, k: int) -> npt.NDArray[np.intp]:
+    """Fold number of every row: a random assignment, stratified by label when labels are given (each class is
+    dealt round-robin over the folds, so every fold holds its share of every class)."""
     rng = np.random.default_rng(seed)
     groups = [np.arange(n)] if labels is None else [np.flatnonzero(labels == c) for c in np.unique(labels)]
-    fit_idx: list[npt.NDArray[np.intp]] = []
-    cal_idx: list[npt.NDArray[np.intp]] = []
+    fold = np.empty(n, dtype=np.intp)
+    start = 0
     for g in groups:
         g = rng.permutation(g)
-        n_cal = math.ceil(CALIBRATION_SHARE * g.size) if g.size > 1 else 0
-        cal_idx.append(g[:n_cal])
-        fit_idx.append(g[n_cal:])
-    fit, cal = np.sort(np.concatenate(fit_idx)), np.sort(np.concatenate(cal_idx))
-    return fit, cal
+        fold[g] = (start + np.arange(g.size)) % k
+        start += g.size
+    return fold
 
 
 def fit_profile(
@@ -217,26 +227,20 @@ def fit_profile(
         raise ProfileError(
             f"labels have {np.unique(y).size} distinct values for {n} rows: pass class labels, not targets"
         )
-    fit_idx, cal_idx = _split(n, y, seed)
-    if cal_idx.size == 0 or fit_idx.size == 0:
-        raise ProfileError("the split left no calibration rows: give more rows per class")
-    X_fit, X_cal = X64[fit_idx], X64[cal_idx]
+    k = n_folds(n)
+    fold = _folds(n, y, seed, k)
     fitted: dict[str, BaseDetector] = {}
     seconds: dict[str, float] = {}
+    oof: dict[str, FloatArray] = {}
     for name in names:
-        cls = DETECTOR_CLASSES[name]
-        det = cls(seed=seed) if name in ("ood.knn", "ood.iforest") else cls()  # type: ignore[call-arg]
         start = clock() if clock else 0.0
-        det.fit(X_fit, None if y is None else y[fit_idx])
-        det.infer_threshold(X_cal, fpr)
+        det, oof[name] = _cross_fit(name, X64, y, fold, k, seed)
+        det.calibrate(oof[name], fpr)
         if clock:
             seconds[name] = clock() - start
         fitted[name] = det
     combiner = PValueCombiner(method=combine)
-    cal_p = np.stack(
-        [loo_p_values(det.calibration_scores_, det.score_samples(X_cal)) for det in fitted.values()],
-        axis=1,
-    )
+    cal_p = np.stack([loo_p_values(det.calibration_scores_, oof[name]) for name, det in fitted.items()], axis=1)
     combiner.fit(cal_p)
     label_info = None
     if y is not None:
@@ -249,10 +253,31 @@ def fit_profile(
         "fpr": float(fpr),
         "seed": int(seed),
         "labels": label_info,
-        "rows": {"reference": n, "fit": int(fit_idx.size), "calibration": int(cal_idx.size)},
+        "rows": {"reference": n, "fit": n, "calibration": n},
+        "calibration": {"method": "cross-conformal", "folds": k},
     }
     extras = dict(extra_components or {})
     return _assemble(d, tuple(str(f) for f in feature_names), fitted, combiner, extras, meta, seconds)
+
+
+def _new_detector(name: str, seed: int) -> BaseDetector:
+    cls = DETECTOR_CLASSES[name]
+    return cls(seed=seed) if name in ("ood.knn", "ood.iforest") else cls()  # type: ignore[call-arg]
+
+
+def _cross_fit(
+    name: str, X: FloatArray, y: npt.NDArray[Any] | None, fold: npt.NDArray[np.intp], k: int, seed: int
+) -> tuple[BaseDetector, FloatArray]:
+    """The detector fitted on every row, and every row's out-of-fold score: scored by a model fitted on the
+    other k - 1 folds, which never saw it (cross-conformal calibration)."""
+    oof = np.empty(X.shape[0])
+    for f in range(k):
+        held = fold == f
+        if not held.any():
+            continue
+        part = _new_detector(name, seed).fit(X[~held], None if y is None else y[~held])
+        oof[held] = part.score_samples(X[held])
+    return _new_detector(name, seed).fit(X, y), oof
 
 
 def _calibration_fpr(sorted_cal: FloatArray, threshold: float) -> float:
@@ -420,9 +445,10 @@ def load_profile(directory: str | Path) -> Profile:
     _expect(doc.get("format") == FORMAT, doc_path, f"format must be {FORMAT!r}")
     version = doc.get("schema_version")
     _expect(
-        version == SCHEMA_VERSION,
+        version in READABLE_VERSIONS and not isinstance(version, bool),
         doc_path,
-        f"schema_version {version!r} is not supported (expected {SCHEMA_VERSION}; re-fit it with guard-agent fit)",
+        f"schema_version {version!r} is not supported (this version reads {READABLE_VERSIONS}; re-fit it with "
+        "guard-agent fit)",
     )
     n_features = doc.get("n_features")
     _expect(
@@ -511,7 +537,7 @@ def load_profile(directory: str | Path) -> Profile:
             f"component {name!r} needs a params object",
         )
         extras[name] = (entry["params"], arrays_by_file[entry["file"]])
-    meta = {k: doc[k] for k in ("fpr", "seed", "labels", "rows") if k in doc}
+    meta = {k: doc[k] for k in ("schema_version", "fpr", "seed", "labels", "rows", "calibration") if k in doc}
     profile = _assemble(n_features, tuple(names), fitted, combiner, extras, meta, {})
     # the rebuilt bytes must be the bytes on disk: catches edits that still parse (reordered, reformatted,
     # extra keys)

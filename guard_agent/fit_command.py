@@ -7,19 +7,27 @@ reported as one clear line on stderr with exit status 1, never as a traceback.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from detectors import COMBINED, Profile, ProfileError, fit_profile, load_reference, save_profile
 from guard_agent.fit_text import add_text_arguments, run_fit_text
 
+from .policy.store import default_policy_text
+
 _TIMING_REPEATS = 200
+_SELF_CHECK_ROWS = 400
+_SHARP_ROWS = 1000  # below this, p-values past 1/(rows + 1) rest on the fitted tails alone
+_SEVERITY = {"flag": 1, "harden": 2, "throttle": 3, "block": 4}
 
 
 def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,10 +97,97 @@ def format_table(profile: Profile, row: np.ndarray) -> str:
     )
     rows = doc["rows"]
     lines.append(
-        f"rows: {rows['fit']} fit + {rows['calibration']} calibration; target FPR {doc['fpr']}; "
+        f"rows: {rows['reference']} reference, all used for calibration; target FPR {doc['fpr']}; "
         f"policy thresholds use the calibrated scale: score > {1 - float(doc['fpr']):.4g} ~ target FPR"
     )
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class StatelessRule:
+    """A rule of the shipped default policy that fires on one detector score alone: `score >= threshold`."""
+
+    rule_id: str
+    score: str
+    threshold: float
+    action: str
+
+
+def default_stateless_rules(text: str | None = None) -> tuple[StatelessRule, ...]:
+    """The default policy's single-condition `gte` rules on profile scores (input.schema, ood.*)."""
+    doc = yaml.safe_load(default_policy_text() if text is None else text)
+    out = []
+    for rule in doc.get("rules", []):
+        when = rule.get("when", {})
+        if len(when) != 1:
+            continue
+        ((score, cond),) = when.items()
+        if (score == "input.schema" or score.startswith("ood.")) and set(cond) == {"gte"}:
+            out.append(StatelessRule(rule["id"], score, float(cond["gte"]), str(rule["action"])))
+    return tuple(out)
+
+
+def _fired(profile: Profile, X: np.ndarray, rules: tuple[StatelessRule, ...], min_severity: int) -> float:
+    scores = profile.score(X)
+    hit = np.zeros(X.shape[0], dtype=bool)
+    for rule in rules:
+        if _SEVERITY.get(rule.action, 0) >= min_severity and rule.score in scores:
+            hit |= scores[rule.score] >= rule.threshold
+    return float(np.mean(hit))
+
+
+def self_check(profile: Profile, X: np.ndarray, seed: int) -> dict[str, tuple[float, float]]:
+    """Share of probe rows the default policy's stateless rules would (flag or more, block): uniform noise over
+    the reference's feature ranges, and rows pushed ten range widths past the maxima of a quarter of the
+    features. Not a detection benchmark: a quick look at whether this profile sees the absurd at all."""
+    rng = np.random.default_rng(seed)
+    lo, hi = X.min(axis=0), X.max(axis=0)
+    span = np.where(hi > lo, hi - lo, 1.0)
+    uniform = rng.uniform(lo, hi, size=(_SELF_CHECK_ROWS, X.shape[1]))
+    beyond = X[rng.integers(0, X.shape[0], size=_SELF_CHECK_ROWS)].copy()
+    n_out = max(1, X.shape[1] // 4)
+    for row in beyond:
+        cols = rng.choice(X.shape[1], size=n_out, replace=False)
+        row[cols] = hi[cols] + 10 * span[cols]
+    rules = default_stateless_rules()
+    return {
+        name: (_fired(profile, probe, rules, _SEVERITY["flag"]), _fired(profile, probe, rules, _SEVERITY["block"]))
+        for name, probe in (("uniform noise inside the feature ranges", uniform),
+                            (f"{n_out} feature(s) ten range widths past the maximum", beyond))
+    }
+
+
+def advice(profile: Profile, checks: dict[str, tuple[float, float]]) -> list[str]:
+    """Plain lines on what this profile can and cannot do, and what to change (more rows, another --fpr)."""
+    doc = profile.document
+    n, fpr = int(doc["rows"]["calibration"]), float(doc["fpr"])
+    folds = doc.get("calibration", {}).get("folds")
+    lines = [f"calibration: all {n} reference rows, each scored by a model fitted without it ({folds}-fold "
+             "cross-conformal); the profile's detectors are fitted on all rows"]
+    floor = 1.0 / (n + 1)
+    if fpr < floor:
+        needed = math.ceil(1.0 / fpr) - 1
+        lines.append(f"weak: with {n} rows no detector can fire at --fpr {fpr:g} (the smallest in-range p-value is "
+                     f"1/{n + 1} = {floor:.3g}), so the thresholds above say never: give at least {needed} rows, "
+                     f"or use --fpr {floor:.2g} or more")
+    untailed = [name for name, det in profile.detectors.items() if det.tail_ is None]
+    if untailed:
+        lines.append(f"weak: no tail fitted for {', '.join(untailed)} (fewer than 20 rows or 10 distinct top "
+                     f"scores): their p-values stop at {floor:.3g}, so they never reach the default policy's flag "
+                     "and block thresholds on their own")
+    if n < _SHARP_ROWS:
+        lines.append(f"note: {n} rows: the default policy's flag (p < 1e-5) and block (p < 1e-9) thresholds lie past "
+                     f"1/{n + 1} and rest on the fitted tails, which are conservative: only rows far beyond the "
+                     f"reference reach them; {_SHARP_ROWS}+ rows give sharper tails")
+    for name, (flagged, blocked) in checks.items():
+        lines.append(f"self-check, {name}: {flagged:.0%} flagged or blocked, {blocked:.0%} blocked by the default "
+                     "policy's per-request rules")
+    weak = [name for name, (_, blocked) in checks.items() if blocked < 0.5]
+    if weak:
+        lines.append(f"weak: most {' and most '.join(weak)} is not blocked per request: with {n} rows such rows "
+                     "are not far enough beyond the reference for the conservative tails (the session rules "
+                     "still see repeated probing); more reference rows sharpen this")
+    return lines
 
 
 def _tracker_parts(X: np.ndarray, labels: np.ndarray | None, seed: int) -> dict[str, Any] | None:
@@ -140,5 +235,7 @@ def run_fit(args: argparse.Namespace) -> int:
         print(f"guard-agent fit: error: {exc}", file=sys.stderr)
         return 1
     print(format_table(profile, X[:1]))
+    for line in advice(profile, self_check(profile, X, args.seed)):
+        print(line)
     print(f"wrote {out} (revision {profile.revision})")
     return 0

@@ -25,6 +25,7 @@ from guard_agent.metrics import LabelledChildren
 
 __all__ = ["DecisionEntry", "RecentDecisions", "SessionSummary", "risk_of"]
 
+_RISKY = 0.5  # a session this risky is tracked even in a minute already holding max_sessions sessions
 _RISK_SCORES = ("session.risk", "session.prada", "session.fingerprint", "session.global_fingerprint",
                 "session.neighbors", "session.coverage", "session.margin")
 
@@ -93,11 +94,11 @@ class _Minute:
 
 
 class RecentDecisions:
-    """Bounded memory: ``minutes`` per-minute buckets (at most ``max_sessions`` sessions each) and the last
-    ``log_size`` decisions."""
+    """Bounded memory: ``minutes`` per-minute buckets (at most ``max_sessions`` sessions each, twice that for
+    risky ones) and the last ``log_size`` decisions."""
 
     def __init__(self, registry: CollectorRegistry, *, minutes: int = 60, log_size: int = 2048,
-                 max_sessions: int = 5000, max_models: int = 32,
+                 max_sessions: int = 2000, max_models: int = 32,
                  clock: Callable[[], float] = time.time) -> None:
         self._minutes: deque[_Minute] = deque(maxlen=minutes)
         self.log: deque[DecisionEntry] = deque(maxlen=log_size)
@@ -132,12 +133,16 @@ class RecentDecisions:
         key = (action, rule)
         minute.counts[key] = minute.counts.get(key, 0) + 1
         if session:
+            risk = risk_of(scores)
             summary = minute.sessions.get(session)
             if summary is None:
-                if len(minute.sessions) >= self._max_sessions:
+                held = len(minute.sessions)
+                # full: only risky sessions still get a place (up to twice the bound), so flooding a minute with
+                # fresh harmless sessions cannot push an attacker out of the top list
+                if held >= self._max_sessions and (risk < _RISKY or held >= 2 * self._max_sessions):
                     return
                 summary = minute.sessions[session] = SessionSummary()
-            summary.add(now, action, rule, risk_of(scores))
+            summary.add(now, action, rule, risk)
 
     def _model_label(self, model: object, status: int) -> str:
         if not isinstance(model, str) or not model:

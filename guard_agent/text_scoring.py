@@ -17,7 +17,7 @@ import numpy as np
 
 from detectors import Profile, ProfileError
 from detectors.text import CHECK_NAMES, TextChecks, TextModel
-from guard_agent.protocols import ParsedRequest
+from guard_agent.protocols import ParsedRequest, ProtocolError
 
 __all__ = ["TEXT_SCORES", "TextModels", "project_texts", "text_check_scores", "text_model_of"]
 
@@ -30,6 +30,8 @@ class TextModels(Protocol):
     """What these functions need from the profile store."""
 
     def text_model(self, model: str | None) -> TextModel | None: ...
+
+    def expected_features(self, model: str | None) -> int | None: ...
 
 
 def text_model_of(profile: Profile | None) -> TextModel | None:
@@ -45,14 +47,19 @@ def text_model_of(profile: Profile | None) -> TextModel | None:
 
 
 def project_texts(profiles: TextModels, parsed: ParsedRequest, model: str | None) -> ParsedRequest:
-    """``parsed`` with the fitted text projection as features (unchanged for numeric requests, or without a
-    text profile)."""
+    """``parsed`` with the fitted text projection as features (unchanged for numeric requests, or without any
+    profile); ProtocolError (a 400) for text sent to a model whose profile is numeric."""
     if not parsed.texts:
         return parsed
     text_model = profiles.text_model(model)
     if text_model is None:
+        if profiles.expected_features(model) is not None:
+            raise ProtocolError("text inputs, but this model's profile was fitted on numbers (fit --text for text)")
         return parsed
-    features = text_model.features(parsed.texts)
+    if parsed.hashed_texts is not None:
+        features = text_model.projection.transform_hashed(parsed.hashed_texts)
+    else:
+        features = text_model.features(parsed.texts)
     return dataclasses.replace(parsed, features=features, row_shape=(features.shape[1],))
 
 

@@ -87,18 +87,28 @@ class TextProjection:
         return cached
 
     def transform_hashed(self, X: sp.csr_matrix) -> npt.NDArray[np.float64]:
-        """Features of already hashed rows (see :func:`hashed`)."""
-        weights, mask = self._full()
-        proj = np.asarray(X @ weights, dtype=np.float64)
-        squared = X.multiply(X).tocsr()
-        totals = np.asarray(squared @ _HALVES, dtype=np.float64)
-        known = np.asarray(squared @ mask, dtype=np.float64)
-        total = totals.sum(axis=1)
-        inside = (proj**2).sum(axis=1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            residual = np.where(total > 0, np.sqrt(np.clip(1.0 - inside / total, 0.0, 1.0)), 1.0)
-            unseen = np.where(totals > 0, np.clip(1.0 - known / totals, 0.0, 1.0), 1.0)
-        return np.column_stack([proj, residual, unseen])
+        """Features of already hashed rows (see :func:`hashed`): a small dense product per row over the CSR
+        arrays (a request holds a few texts; scipy's sparse machinery costs more than the arithmetic)."""
+        weights, known_cols = self._full()
+        n = X.shape[0]
+        out = np.empty((n, self.n_components + 3))
+        indptr, indices, data = X.indptr, X.indices, X.data
+        for i in range(n):
+            cols = indices[indptr[i]: indptr[i + 1]]
+            vals = data[indptr[i]: indptr[i + 1]].astype(np.float64)
+            proj = vals @ weights[cols] if cols.size else np.zeros(self.n_components)
+            squares = vals * vals
+            totals = squares @ _HALVES[cols] if cols.size else np.zeros(2)
+            known = squares @ known_cols[cols] if cols.size else np.zeros(2)
+            total = float(totals.sum())
+            out[i, : self.n_components] = proj
+            if total > 0:
+                out[i, -3] = np.sqrt(min(1.0, max(0.0, 1.0 - float(proj @ proj) / total)))
+            else:
+                out[i, -3] = 1.0
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out[i, -2:] = np.where(totals > 0, np.clip(1.0 - known / totals, 0.0, 1.0), 1.0)
+        return out
 
     def to_parts(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """JSON-able parameters and arrays for a profile component (no pickles)."""

@@ -51,6 +51,7 @@ class GuardClient:
     max_retries: int = 3
     refusals_to_retire: int = 3
     timeout: float = 30.0
+    source_address: str | None = None  # the local address to connect from (None: the system's choice)
     sent: int = 0
     answered: int = 0
     refused: dict[int, int] = field(default_factory=dict)
@@ -129,7 +130,9 @@ class GuardClient:
         headers = {"Content-Type": "application/json", "X-API-Key": key, "X-Request-Id": request_id}
         for attempt in range(2):
             if self._conn is None:
-                self._conn = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
+                source = None if self.source_address is None else (self.source_address, 0)
+                self._conn = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout,
+                                                        source_address=source)
             try:
                 self._conn.request("POST", self._path, body=body, headers=headers)
                 resp = self._conn.getresponse()

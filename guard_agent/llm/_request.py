@@ -119,4 +119,4 @@ def parse_openai(kind: str, body: bytes, *, content_type: str | None, limits: Pa
     parsed = text_request(texts, protocol=kind, names=names, limits=limits)
     return ParsedRequest(features=parsed.features, rows=parsed.rows, row_shape=parsed.row_shape, protocol=kind,
                          input_names=names, requested_outputs=(), texts=parsed.texts,
-                         properties=properties)
+                         properties=properties, hashed_texts=parsed.hashed_texts)

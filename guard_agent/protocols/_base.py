@@ -57,6 +57,7 @@ class ParsedRequest:
     input_datatypes: tuple[str, ...] = ()  # v2 datatype per input (e.g. "FP32", "UINT8"); empty for JSON protocols
     texts: tuple[str, ...] = ()  # text requests: one text per row (a row's strings joined by newlines)
     properties: Mapping[str, Any] = field(default_factory=dict)  # request.* facts the body gives (OpenAI routes)
+    hashed_texts: Any = None  # text requests: detectors.text.hashed(texts), reused by a fitted text projection
 
 
 Kind = Literal["float", "int", "bool"]

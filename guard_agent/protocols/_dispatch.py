@@ -27,29 +27,21 @@ def parse_request_unguarded(
     limits: ParseLimits = _DEFAULT_LIMITS,
     inference_header_length: int | None = None,
 ) -> ParsedRequest:
-    """The numeric parsers, then the text parser when they met strings (``TextInput``)."""
+    """``parse_request`` without the last-resort exception net (tests use it to find real bugs).
+
+    The numeric parsers first; the text parser when they met strings (``TextInput``)."""
+    check_content_encoding(content_encoding)
+    if inference_header_length is not None and protocol != "v2":
+        raise ProtocolError("the binary tensor extension (Inference-Header-Content-Length) is v2 only")
     try:
-        return _parse_numeric(protocol, body, content_type=content_type, content_encoding=content_encoding,
-                              pointer=pointer, limits=limits, inference_header_length=inference_header_length)
+        return _parse_numeric(protocol, body, content_type, pointer, limits, inference_header_length)
     except TextInput:
         return parse_text_request(protocol, body, content_type=content_type, pointer=pointer, limits=limits,
                                   inference_header_length=inference_header_length)
 
 
-def _parse_numeric(
-    protocol: str,
-    body: bytes,
-    *,
-    content_type: str | None,
-    content_encoding: str | None,
-    pointer: str | None = None,
-    limits: ParseLimits = _DEFAULT_LIMITS,
-    inference_header_length: int | None = None,
-) -> ParsedRequest:
-    """``parse_request`` without the last-resort exception net (tests use it to find real bugs)."""
-    check_content_encoding(content_encoding)
-    if inference_header_length is not None and protocol != "v2":
-        raise ProtocolError("the binary tensor extension (Inference-Header-Content-Length) is v2 only")
+def _parse_numeric(protocol: str, body: bytes, content_type: str | None, pointer: str | None, limits: ParseLimits,
+                   inference_header_length: int | None) -> ParsedRequest:
     if protocol == "v2":
         return parse_v2(body, content_type=content_type, limits=limits,
                         inference_header_length=inference_header_length)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from detectors.text import TextProjection
+from detectors.text import TextProjection, hashed
 from guard_agent.protocols._base import ParsedRequest, ParseLimits, ProtocolError
 from guard_agent.protocols._json import loads_object, media_type, require_json
 from guard_agent.protocols.pointer import resolve_pointer, split_pointer
@@ -75,10 +75,11 @@ def text_request(texts: list[str], *, protocol: str, names: tuple[str, ...] = ()
         raise ProtocolError("empty batch")
     if len(texts) > limits.max_rows:
         raise ProtocolError(f"too many rows: {len(texts)} > {limits.max_rows}")
-    features = default_projection().transform(texts)
+    rows = hashed(texts)
+    features = default_projection().transform_hashed(rows)
     return ParsedRequest(features=features, rows=len(texts), row_shape=(features.shape[1],), protocol=protocol,
                          input_names=names, requested_outputs=outputs, input_datatypes=datatypes,
-                         texts=tuple(texts))
+                         texts=tuple(texts), hashed_texts=rows)
 
 
 def _row_text(node: Any, where: str, budget: _Budget, keys: tuple[str, ...] | None = None) -> str:

@@ -258,11 +258,12 @@ class TestTail:
         assert scale == pytest.approx(0.5, rel=0.15)
 
     def test_light_tails_are_exponential_heavy_tails_polynomial(self) -> None:
-        """A bounded (uniform) score gets an exponential tail, never a bounded one; a Pareto score a heavy one."""
+        """A bounded (uniform) score gets the mildest polynomial tail, the margin alone (2 / sqrt(exceedances)),
+        never a bounded one; a Pareto score a heavy one."""
         rng = np.random.default_rng(1)
         light = fit_tail(np.sort(rng.uniform(0.0, 1.0, 1000)))
         heavy = fit_tail(np.sort(rng.pareto(2.0, 1000)))
-        assert light is not None and light.shape == 0.0
+        assert light is not None and light.shape == pytest.approx(2.0 / np.sqrt(light.exceedances))
         assert heavy is not None and heavy.shape >= 0.5
         assert fit_tail(np.sort(rng.normal(size=15))) is None  # too few rows
         assert fit_tail(np.zeros(500)) is None  # no positive excesses

@@ -118,3 +118,48 @@ class TestRunFit:
         code = run_fit(parse("--data", str(data), "--out", str(tmp_path / "p"), "--labels", str(tmp_path / "y.npy")))
         assert code == 1
         assert "expected 400 labels" in capsys.readouterr().err
+
+
+class TestFitAdvice:
+    """What `fit` says about a small reference: working thresholds, what is weak and what to do."""
+
+    def test_small_reference_gets_thresholds_and_a_self_check(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """130 rows at --fpr 0.01: every threshold is a number (the former 25% split printed `never (too few
+        rows)` for all), the calibration line names all rows, and the self-check reports the probes."""
+        from sklearn.datasets import load_wine
+
+        data = tmp_path / "wine.npy"
+        np.save(data, load_wine().data[:130])
+        assert run_fit(parse("--data", str(data), "--out", str(tmp_path / "p"))) == 0
+        out = capsys.readouterr().out
+        assert "never" not in out
+        assert "calibration: all 130 reference rows" in out
+        assert "note: 130 rows" in out
+        assert "self-check, uniform noise inside the feature ranges" in out
+        assert "1000+ rows give sharper tails" in out
+
+    def test_unreachable_fpr_says_how_many_rows_or_which_fpr(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """80 rows cannot reach 1%: the output says so, with the rows needed and the smallest usable --fpr."""
+        data = tmp_path / "small.npy"
+        np.save(data, np.random.default_rng(1).normal(size=(80, 4)))
+        assert run_fit(parse("--data", str(data), "--out", str(tmp_path / "p"), "--fpr", "0.01")) == 0
+        out = capsys.readouterr().out
+        assert "never (too few rows)" in out
+        assert "weak: with 80 rows no detector can fire at --fpr 0.01" in out
+        assert "give at least 99 rows, or use --fpr 0.012 or more" in out
+
+    def test_far_out_probe_is_blocked_on_a_clean_reference(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """On 1,000 Gaussian rows the probe past the maxima is blocked: the self-check says 100% blocked."""
+        data = tmp_path / "g.npy"
+        np.save(data, np.random.default_rng(2).normal(size=(1000, 8)))
+        assert run_fit(parse("--data", str(data), "--out", str(tmp_path / "p"))) == 0
+        out = capsys.readouterr().out
+        line = next(x for x in out.splitlines() if "past the maximum" in x)
+        assert "100% blocked" in line
+        assert "note:" not in out

@@ -124,13 +124,15 @@ class TestFitEdgeCases:
             fit_profile(np.zeros((3, 4)))
 
     def test_small_reference_never_fires_at_low_fpr(self) -> None:
-        """12 rows give 3 calibration rows: 1% is unreachable, so thresholds are null and the distance scores
-        stay low; only the schema's unit tail extrapolates (and the combination's Bonferroni bound with it)."""
+        """12 rows give 12 (cross-conformal) calibration rows: 1% is unreachable, so thresholds are null and the
+        distance scores stop at 1 - 1/13 (no tail below 20 rows); only the schema's unit tail extrapolates (and
+        the combination's Bonferroni bound with it)."""
         prof = fit_profile(np.random.default_rng(0).normal(size=(12, 3)), fpr=0.01)
         assert prof.document["detectors"]["ood.knn"]["threshold"] is None
+        assert prof.document["rows"]["calibration"] == 12
         scores = prof.score(np.full((1, 3), 100.0))
-        for name in ("ood.mahalanobis", "ood.knn", "ood.pca", "ood.iforest"):
-            assert scores[name][0] <= 0.75, name
+        for name in ("ood.mahalanobis", "ood.copula", "ood.knn", "ood.pca", "ood.iforest"):
+            assert scores[name][0] <= 1 - 1 / 13 + 1e-12, name
         assert scores["input.schema"][0] == scores[COMBINED][0] == 1.0
 
     def test_constant_features_do_not_crash(self) -> None:
@@ -198,7 +200,7 @@ class TestPersistence:
         """profile.json holds version, features, params, thresholds, calibration FPR, kNN index kind,
         hashes."""
         doc = json.loads((saved / "profile.json").read_text())
-        assert doc["schema_version"] == 2
+        assert doc["schema_version"] == 3
         assert set(doc["detectors"]["ood.knn"]["params"]["tail"]) == {"base", "scale", "shape", "exceedances"}
         assert doc["n_features"] == 8
         assert len(doc["feature_names"]) == 8
@@ -285,7 +287,7 @@ class TestPersistence:
         ("edit", "message"),
         [
             (lambda d: d.update(schema_version=1), "schema_version 1 is not supported.*re-fit"),
-            (lambda d: d.update(schema_version=3), "schema_version 3"),
+            (lambda d: d.update(schema_version=4), "schema_version 4"),
             (lambda d: d.update(n_features=9), "feature_names|n_features"),
             (lambda d: d["files"].update({"../evil.npz": {"sha256": "0" * 64, "arrays": {}}}), "files index"),
             (lambda d: d["detectors"]["ood.knn"].update(file="../x.npz"), "files index|not allowed"),
@@ -304,7 +306,7 @@ class TestPersistence:
     def test_duplicate_json_keys_refused(self, saved: Path) -> None:
         """Duplicate keys in profile.json are an error (no last-one-wins ambiguity)."""
         text = (saved / "profile.json").read_text()
-        (saved / "profile.json").write_text(text.replace('"schema_version": 2', '"schema_version": 2, "fpr": 0.5', 1))
+        (saved / "profile.json").write_text(text.replace('"schema_version": 3', '"schema_version": 3, "fpr": 0.5', 1))
         with pytest.raises(ProfileError, match="duplicate key"):
             load_profile(saved)
 
@@ -494,3 +496,35 @@ class TestBenignPerturbations:
         assert float(np.mean(scores["ood.combined"] >= thresholds["ood-suspicious"][1])) == 1.0
         far = profile.score(noise * 50)
         assert far["ood.combined"].min() == far["input.schema"].min() == 1.0
+
+
+class TestSchemaVersions:
+    V2 = Path(__file__).resolve().parent / "data" / "profile_v2"
+
+    def test_version_2_profile_loads_and_scores_as_before(self) -> None:
+        """A version 2 profile (single held-out split, written by the former code) still loads, keeps its
+        revision and gives the scores it gave then (recorded when it was written)."""
+        profile = load_profile(self.V2)
+        assert profile.document["schema_version"] == 2
+        assert profile.revision == "0d3b828bd24923ec594625986d95c4a2a9d81c25daa946d8c35f213eb49570a7"
+        X = np.random.default_rng(7).normal(size=(60, 3))
+        scores = profile.score(np.vstack([X[:3], np.full((1, 3), 9.0)]))
+        assert scores["ood.knn"].tolist() == [0.0625, 0.375, 0.1875, 0.9375]
+        assert scores[COMBINED].tolist() == pytest.approx([0.0, 0.5, 0.3125, 0.9999542705281007], rel=1e-12)
+        assert scores["input.schema"][3] == pytest.approx(0.9999885676320251, rel=1e-12)
+
+    def test_new_profiles_are_version_3(self, saved: Path) -> None:
+        assert json.loads((saved / "profile.json").read_text())["schema_version"] == 3
+
+    @pytest.mark.parametrize("version", [1, 4, True])
+    def test_other_versions_refused_with_a_refit_hint(self, tmp_path: Path, version: object) -> None:
+        """Version 1 (exponential tails) and unknown versions are refused, naming the readable versions."""
+        import shutil
+
+        target = tmp_path / "p"
+        shutil.copytree(self.V2, target)
+        doc = json.loads((target / "profile.json").read_text())
+        doc["schema_version"] = version
+        (target / "profile.json").write_text(json.dumps(doc, sort_keys=True, indent=2) + "\n")
+        with pytest.raises(ProfileError, match=r"reads \(2, 3\); re-fit it with guard-agent fit"):
+            load_profile(target)

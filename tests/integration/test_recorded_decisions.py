@@ -59,6 +59,10 @@ def _traffic(d: DigitsData) -> list[tuple[str, bytes]]:
     return out
 
 
+def _secret(key: str) -> str:
+    return f"recorded-traffic-{key}"  # 16+ characters, as a key file requires
+
+
 def _record(event: dict[str, Any]) -> dict[str, Any]:
     scores = (event.get("guard") or {}).get("scores") or {}
     return {
@@ -69,16 +73,21 @@ def _record(event: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-async def test_decisions_match_the_recording(start_guard: GuardFactory, demo_model_url: str,
+async def test_decisions_match_the_recording(start_guard: GuardFactory, demo_model_url: str, tmp_path: Path,
                                              digits_profile: str, digits: DigitsData) -> None:
     """Every request of the fixed traffic gets the recorded status, action, rule and scores."""
-    guard = await start_guard(demo_model_url, profile=digits_profile)
+    traffic = _traffic(digits)
+    # verified keys: each key is its own session (an unverified one would also count against the one session of
+    # 127.0.0.1, which all this traffic shares)
+    keys = tmp_path / "keys.json"
+    keys.write_bytes(orjson.dumps({"keys": [{"name": k, "key": _secret(k)} for k in sorted({k for k, _ in traffic})]}))
+    guard = await start_guard(demo_model_url, profile=digits_profile, api_keys_file=str(keys))
     seen: list[dict[str, Any]] = []
     async with aiohttp.ClientSession() as http:
-        for i, (key, body) in enumerate(_traffic(digits)):
+        for i, (key, body) in enumerate(traffic):
             rid = f"rec-{i}"
             async with http.post(f"{guard.url}/v2/models/digits/infer", data=body,
-                                 headers={"X-API-Key": key, "X-Request-Id": rid,
+                                 headers={"X-API-Key": _secret(key), "X-Request-Id": rid,
                                           "Content-Type": "application/json"}) as resp:
                 await resp.read()
             events = guard.events_for(rid)

@@ -157,7 +157,8 @@ class TestReplayOnCapture:
         """Blocking at ood.combined >= 0.9 newly blocks captured requests; each example id really scored >= 0.9."""
         strict = captured.root / "strict.yaml"
         strict.write_text(default_policy_text().replace(
-            "      ood.combined: {gte: 0.999}\n    action: flag", "      ood.combined: {gte: 0.9}\n    action: block"))
+            "      ood.combined: {gte: 0.99999}\n    action: flag",
+            "      ood.combined: {gte: 0.9}\n    action: block"))
         code, out, err = cli("replay", "--capture", str(captured.capture_dir), "--policy", str(strict),
                              "--fail-on-new-blocks")
         assert code == 1 and "would newly be blocked" in err

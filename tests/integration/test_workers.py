@@ -24,23 +24,10 @@ import pytest
 from tests._support.redis import delete_prefix
 from tests._support.servers import free_port, spawn_guard, wait_http_ready
 from tests.conftest import DigitsData, v2_body
+from tests.integration.test_redis_processes import INFER, POLICY, probing_stream  # the same attacker and rule
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
-INFER = "/v2/models/digits/infer"
-MAX_QUERIES = 80
-POLICY = """\
-version: 1
-mode: enforce
-rate_limit: null
-block:
-  cooldown_seconds: 300
-rules:
-  - id: session-attack
-    when:
-      session.risk: {gte: 0.95}
-    action: block
-"""
 _REQUESTS = re.compile(r"^inference_guard_requests_total\{[^}]*\}\s+([0-9.]+)$", re.M)
 
 Guard = tuple[str, list[str]]  # (guard URL, admin URLs of its workers)
@@ -83,13 +70,6 @@ async def start_guard_proc(tmp_path: Path, demo_model_url: str,
             proc.wait()
             raise
     delete_prefix(6379, prefix)
-
-
-def probing_stream(digits: DigitsData) -> np.ndarray:
-    """A black-box probe: one held-out digit with small noise (as in test_redis_processes)."""
-    rng = np.random.default_rng(7)
-    x0 = digits.X_test[3]
-    return np.clip(x0 + rng.normal(0.0, 0.4, size=(MAX_QUERIES, x0.size)), 0.0, 16.0)
 
 
 async def first_refusal(url: str, rows: np.ndarray) -> int | None:

@@ -130,12 +130,17 @@ class TestRecentDecisions:
         assert value("inference_guard_decisions_total", {"action": "allow", "rule": "default", "model": "other"}) == 1
 
     def test_sessions_per_minute_are_capped(self) -> None:
-        """Past max_sessions a minute keeps counting decisions but tracks no more sessions (bounded memory)."""
+        """Past max_sessions a minute keeps counting decisions but tracks no more harmless sessions; a risky one
+        still gets a place (up to twice the bound), so a flood of fresh sessions cannot hide an attacker."""
         recent = RecentDecisions(CollectorRegistry(), clock=Clock(), max_sessions=2)
         for i in range(5):
             recent(event("allow", "default", f"s{i}"))
+        recent(event("block", "session-attack", "attacker", risk=0.96))
+        for i in range(5):
+            recent(event("flag", "session-suspicious", f"risky{i}", risk=0.7))
         summary = recent.summary(1, top=10)
-        assert summary["total"] == 5 and len(summary["top_sessions"]) == 2
+        assert summary["total"] == 11
+        assert [s["session"] for s in summary["top_sessions"]] == ["attacker", "risky0", "s0", "s1"]
 
     def test_risk_falls_back_to_the_highest_session_score(self) -> None:
         """Without session.risk the highest session score ranks; without session scores, 0."""

@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -144,12 +145,14 @@ class TestLivePrometheus:
                  "panel Session store: fallback {{reason}}"}
         assert set(empty) <= quiet, f"no data for {sorted(set(empty) - quiet)}"
 
-    def test_dashboard_shows_the_attack(self, prom: Any) -> None:
-        """Over the traffic window the rule panel shows blocks by a session rule, and the pod filter matters."""
+    def test_dashboard_shows_the_attack(self, prom: Any, ops: Ops) -> None:
+        """Over the traffic window the rule panel shows blocks by the policy's block rules, and the pod filter
+        matters."""
         window = "5m"
         blocks = prom.query(f'sum by (rule) (increase(inference_guard_decisions_total{{namespace="models", '
                             f'pod="digits-0", action="block"}}[{window}]))')["data"]["result"]
-        assert blocks and all(r["metric"]["rule"].startswith("session-") for r in blocks)
+        block_rules = {r.id for r in ops.guard.state.policies.current.default.rules if r.action == "block"}
+        assert blocks and {r["metric"]["rule"] for r in blocks} <= block_rules
         other_pod = prom.query('sum(inference_guard_requests_total{namespace="models", pod="elsewhere"})')
         assert other_pod["data"]["result"] == []
 
@@ -168,6 +171,23 @@ class TestLivePrometheus:
         short and too new for the baseline alert)."""
         firing = [a for a in prom.api("alerts")["data"]["alerts"] if a["state"] == "firing"]
         assert firing == []
+
+    def test_a_rejected_reload_fires_its_alert(self, prom: Any, ops: Ops) -> None:
+        """A broken policy pushed to the running guard (POST /admin/reload answers 422; the last good policy stays)
+        fires InferenceGuardReloadRejected in the real Prometheus within seconds, naming the pod. (Runs after the
+        healthy-guard check; the good policy is put back.)"""
+        good = ops.guard.policy.read_text()
+        try:
+            ops.guard.policy.write_text("version: 1\nrules:\n  - id: x\n    action: explode\n")
+            req = urllib.request.Request(f"{ops.guard.admin}/admin/reload", method="POST",
+                                         headers={"Authorization": f"Bearer {ops.guard.state.settings.admin_token}"})
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(req, timeout=10)
+            assert refused.value.code == 422
+        finally:
+            ops.guard.policy.write_text(good)
+        firing = prom.wait_for('ALERTS{alertname="InferenceGuardReloadRejected", alertstate="firing"}', timeout=60)
+        assert firing[0]["metric"]["pod"] == "digits-0" and firing[0]["metric"]["namespace"] == "models"
 
     def test_queries_plot(self, prom: Any, ops: Ops, tmp_path: Path) -> None:
         """The dashboard's main queries over the test's traffic plot to a PNG (the README's picture;

@@ -3,6 +3,7 @@ and a text profile fitted on it once per session."""
 
 from __future__ import annotations
 
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from sklearn.model_selection import train_test_split
 from detectors import Profile, save_profile
 from detectors.text import fit_text_profile
 from guard_agent.attacks._text_data import labelled_fortunes
+from tests.integration.conftest import redis_prefix  # noqa: F401 (the fixture: shared Redis under our own prefix)
 
 
 @dataclass(frozen=True)
@@ -43,3 +45,12 @@ def text_profile_dir(text_profile: Profile, tmp_path_factory: pytest.TempPathFac
     out = tmp_path_factory.mktemp("text-profile")
     save_profile(text_profile, out, force=True)
     return out
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a server the test started (by its own handle), killing it if it does not exit in 15 s."""
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()

@@ -14,6 +14,24 @@ from detectors.text import CHECK_NAMES, TextChecks, TextModel, TextProjection, t
 from tests.text.conftest import TextData
 
 
+class TestHashing:
+    def test_equals_hashing_vectorizer(self, fortunes: TextData) -> None:
+        """The lean hasher gives scikit-learn's HashingVectorizer output (halves weighted to unit norm)."""
+        import scipy.sparse as sp
+
+        from detectors.text import hashed
+        from detectors.text._hashing import CHARS, WORDS
+
+        texts = [*fortunes.test[:100], "", "a", "!!", "naïve café\u200b", "x" * 3000]
+        words, chars = WORDS.transform(texts), CHARS.transform(texts)
+        w_only, c_only = np.diff(chars.indptr) == 0, np.diff(words.indptr) == 0
+        expected = sp.hstack([sp.diags(np.where(w_only, 1.0, 2**-0.5)) @ words,
+                              sp.diags(np.where(c_only, 1.0, 2**-0.5)) @ chars]).tocsr()
+        got = hashed(texts)
+        assert got.shape == expected.shape
+        assert abs(got - expected).max() < 1e-6
+
+
 class TestProjection:
     def test_near_duplicates_land_close(self, fortunes: TextData) -> None:
         """One swapped word moves a text far less than replacing it with another text (trackers rely on it)."""
@@ -32,6 +50,15 @@ class TestProjection:
         assert F.shape == (2, 6)
         assert F[0, -2:].tolist() == [0.0, 0.0]
         assert F[1, -2:].tolist() == [1.0, 1.0]
+
+    def test_hashed_path_equals_sparse_product(self, fortunes: TextData) -> None:
+        """transform_hashed equals the plain sparse product with the stored components."""
+        from detectors.text import hashed
+
+        proj = TextProjection(n_components=8).fit(fortunes.train[:400])
+        H = hashed(fortunes.test[:20])
+        weights, _ = proj._full()
+        assert np.allclose(proj.transform_hashed(H)[:, :8], (H @ weights), atol=1e-5)
 
     def test_parts_round_trip(self) -> None:
         """to_parts / from_parts rebuild the same projection from plain arrays."""

@@ -21,7 +21,7 @@ import pytest
 from guard_agent.attacks import REFUSED, TextClient, char_swap, fortune_texts, text_body, text_classifier
 from tests._support.servers import free_port
 from tests.conftest import wait_http
-from tests.text.conftest import TextData
+from tests.text.conftest import TextData, stop
 
 pytestmark = pytest.mark.slow
 
@@ -60,11 +60,7 @@ def text_mlserver(tmp_path_factory: pytest.TempPathFactory, fortunes: TextData) 
         wait_http(f"http://127.0.0.1:{port}/v2/models/{MODEL}/ready", timeout=120, proc=proc)
         yield TextServer(f"http://127.0.0.1:{port}", clf)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
 
 @pytest.fixture
@@ -157,3 +153,15 @@ class TestTextClassifier:
 def test_other_corpus_available() -> None:
     """The extraction attack's corpus (fortunes-bofh-excuses) is installed."""
     assert len(fortune_texts("bofh-excuses")) > 400
+
+
+async def test_text_to_numeric_profile_refused(start_guard: Any, text_mlserver: TextServer, tmp_path: Path) -> None:
+    """Text sent to a model whose profile was fitted on numbers gets a 400 that says so, and is not forwarded."""
+    from detectors import fit_profile, save_profile
+
+    X = np.random.default_rng(0).normal(size=(200, 4))
+    save_profile(fit_profile(X, seed=0), tmp_path / "numeric")
+    guard = await start_guard(text_mlserver.url, profile=str(tmp_path / "numeric"))
+    status, doc = await post(guard.url, text_body(["hello"]), "text-numeric")
+    assert status == 400
+    assert "fitted on numbers" in doc["error"]["message"]

@@ -19,6 +19,7 @@ import pytest
 from tests._support.servers import free_port
 from tests.conftest import wait_http
 from tests.text._tiny_llama import write_tiny_llama
+from tests.text.conftest import stop
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] is built and installed by .ci/run")
@@ -60,19 +61,14 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         wait_http(f"http://127.0.0.1:{port}/v1/models", timeout=60, proc=proc)
         yield f"http://127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
 
 @pytest.fixture
 async def llm_guard(start_guard: Any, llama_server: str, tmp_path: Path, text_profile_dir: Path) -> Any:
     """The guard with a text profile fitted on reference prompts (here: the fortunes corpus)."""
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(POLICY)
-    return await start_guard(llama_server, policy=str(policy), profile=str(text_profile_dir))
+    return await start_guard(llama_server, policy=policy_file(tmp_path / "policy.yaml", POLICY),
+                             profile=str(text_profile_dir))
 
 
 def rid(name: str) -> str:
@@ -224,18 +220,19 @@ rules:
 """
 
 
+def policy_file(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
 @pytest.fixture
 async def budget_guard(start_guard: Any, llama_server: str, tmp_path: Path) -> Any:
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(BUDGET_POLICY)
-    return await start_guard(llama_server, policy=str(policy))
+    return await start_guard(llama_server, policy=policy_file(tmp_path / "budget.yaml", BUDGET_POLICY))
 
 
 @pytest.fixture
 async def sweep_guard(start_guard: Any, llama_server: str, tmp_path: Path) -> Any:
-    policy = tmp_path / "sweep.yaml"
-    policy.write_text(SWEEP_POLICY)
-    return await start_guard(llama_server, policy=str(policy))
+    return await start_guard(llama_server, policy=policy_file(tmp_path / "sweep.yaml", SWEEP_POLICY))
 
 
 class TestLLMSessions:
@@ -284,3 +281,58 @@ class TestLLMSessions:
         assert statuses[30] == 403
         (event,) = sweep_guard.events_for(rid("lsweep-290"))
         assert event["rule"]["name"] == "logit-sweep"
+
+
+async def test_default_policy_hardens_logit_bias_with_logprobs(start_guard: Any, llama_server: str) -> None:
+    """The shipped policy hardens logit_bias + top_logprobs (bias dropped, top-1 log-probabilities rounded)."""
+    guard = await start_guard(llama_server)
+    doc = chat("hello world", logprobs=True, top_logprobs=3, logit_bias={"300": 100})
+    status, answer = await call(guard, "/v1/chat/completions", doc, "default-bias")
+    assert status == 200
+    for tok in answer["choices"][0]["logprobs"]["content"]:
+        assert len(tok["top_logprobs"]) <= 1 and tok["logprob"] == round(tok["logprob"], 1)
+    (event,) = guard.events_for(rid("default-bias"))
+    assert event["rule"]["name"] == "llm-logit-bias-with-logprobs"
+    assert event["threat"]["technique"]["id"] == "AML.T0024.002"
+
+
+@pytest.mark.redis
+async def test_token_budget_shared_through_redis(start_guard: Any, llama_server: str, tmp_path: Path,
+                                                 redis_prefix: str) -> None:
+    """Two guards sharing Redis count one key's tokens together: alternating between them, the session is
+    throttled once the sum of both guards' answers crossed the budget."""
+    url = f"redis://127.0.0.1:6379/0?key_prefix={redis_prefix}"
+    policy = policy_file(tmp_path / "budget.yaml", BUDGET_POLICY)
+    guards = [await start_guard(llama_server, policy=policy, redis_url=url, hmac_key="shared") for _ in range(2)]
+    used, status = 0, 200
+    try:
+        for i in range(20):
+            status, doc = await call(guards[i % 2], "/v1/chat/completions", chat("hello world", max_tokens=8),
+                                     f"redis-budget-{i}", key="shared-spender")
+            if status != 200:
+                break
+            used += doc["usage"]["total_tokens"]
+    finally:
+        for g in guards:
+            await g.state.sessions.aclose()
+    assert status == 429
+    assert 200 <= used < 260
+
+
+async def test_streamed_answer_hardened_chunk_by_chunk(start_guard: Any, llama_server: str) -> None:
+    """A streamed answer under harden: every chunk's log-probabilities are cut to top-1 and rounded on the way,
+    and the stream still ends with [DONE]."""
+    guard = await start_guard(llama_server)
+    doc = chat("hello world", logprobs=True, top_logprobs=3, logit_bias={"300": 100}, stream=True)
+    async with aiohttp.ClientSession() as http, http.post(
+            guard.url + "/v1/chat/completions", data=orjson.dumps(doc),
+            headers={**JSON, "X-Request-Id": rid("stream-harden"), "X-API-Key": "k3"}) as r:
+        assert r.status == 200
+        body = await r.read()
+    lines = [line[5:].strip() for line in body.split(b"\n") if line.startswith(b"data:")]
+    assert lines[-1] == b"[DONE]"
+    tokens = [tok for line in lines[:-1] for choice in orjson.loads(line)["choices"]
+              for tok in ((choice.get("logprobs") or {}).get("content") or [])]
+    assert tokens
+    for tok in tokens:
+        assert len(tok["top_logprobs"]) <= 1 and tok["logprob"] == round(tok["logprob"], 1)

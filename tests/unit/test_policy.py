@@ -89,7 +89,7 @@ class TestShippedPolicy:
         loaded = parse_policy(default_policy_text(), available_scores=BUILTIN_SCORES)
         ids = [r.id for r in loaded.policy.default.rules]
         assert ids == ["input-out-of-range", "text-invisible-characters", "text-control-characters",
-                       "text-confusable-characters"]
+                       "text-confusable-characters", "llm-logit-bias-with-logprobs", "llm-logit-bias-sweep"]
         assert any("ood.combined" in w for w in loaded.warnings)
         assert "ood-extreme" in loaded.policy.skipped_rules
 
