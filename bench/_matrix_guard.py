@@ -92,13 +92,13 @@ class InProcessGuard:
         return {k: np.asarray(v, dtype=np.float64) for k, v in self._profile.score(X).items()}
 
     def ask(self, session: str, rows: np.ndarray, now: float,
-            row_scores: Mapping[str, np.ndarray] | None = None) -> Outcome:
-        """One request of ``rows`` from ``session`` at time ``now``; ``row_scores`` (from ``row_scores``) may be
-        precomputed for these rows."""
-        return self._loop.run_until_complete(self._ask(session, rows, now, row_scores))
+            row_scores: Mapping[str, np.ndarray] | None = None, proba: np.ndarray | None = None) -> Outcome:
+        """One request of ``rows`` from ``session`` at time ``now``; ``row_scores`` (from ``row_scores``) and the
+        model's answer ``proba`` may be precomputed for these rows (both are pure functions of the rows)."""
+        return self._loop.run_until_complete(self._ask(session, rows, now, row_scores, proba))
 
     async def _ask(self, session: str, features: np.ndarray, now: float,
-                   row_scores: Mapping[str, np.ndarray] | None) -> Outcome:
+                   row_scores: Mapping[str, np.ndarray] | None, proba: np.ndarray | None) -> Outcome:
         state = self.state
         eff = state.policies.current.for_model(MODEL)
         record = await state.sessions.get(session, now)
@@ -133,7 +133,7 @@ class InProcessGuard:
             await state.sessions.put(session, record, now)
             status = 429 if decision.action == "throttle" else 403
             return Outcome(decision.action, decision.rule, status, decision.matched, None, scores)
-        payload = orjson.dumps(v2_answer(self.predict_proba(features)))
+        payload = orjson.dumps(v2_answer(self.predict_proba(features) if proba is None else proba))
         doc = read_response(payload)
         if eff.needs_session_scores:
             answered = parse_document("v2", doc, features.shape[0])

@@ -145,10 +145,12 @@ class SessionResult:
 
 
 def replay(guard: InProcessGuard, sessions: list[Session]) -> list[SessionResult]:
-    """Send every session's requests in time order through ``guard``; the stateless scores are computed once
-    per row up front (they are pure), the trackers and the policy run per request as in the live path."""
+    """Send every session's requests in time order through ``guard``; the stateless scores and the model's
+    answers are computed once per row up front (both are pure), the trackers and the policy run per request
+    as in the live path."""
     flat = np.concatenate([r for s in sessions for r in s.requests])
     per_row = guard.row_scores(flat)
+    answers = guard.predict_proba(flat)
     starts: list[list[int]] = []
     pos = 0
     for s in sessions:
@@ -161,13 +163,13 @@ def replay(guard: InProcessGuard, sessions: list[Session]) -> list[SessionResult
         rows = sessions[i].requests[j]
         a = starts[i][j]
         scores = {k: v[a : a + rows.shape[0]] for k, v in per_row.items()}
-        out = guard.ask(sessions[i].key, rows, t, scores)
+        out = guard.ask(sessions[i].key, rows, t, scores, answers[a : a + rows.shape[0]])
         res = results[i]
         if out.action in ALERTS:
             res.alerted = True
             res.blocked = res.blocked or out.status == 403
             if out.rule not in res.rules:
                 res.rules = (*res.rules, out.rule)
-            high = (k for k, v in out.scores.items() if v >= 0.5 and k != "session.risk")
+            high = (k for k, v in out.scores.items() if v >= 0.5 and k.startswith("session.") and k != "session.risk")
             res.signals = tuple(sorted({*res.signals, *high}))
     return results

@@ -128,7 +128,8 @@ def main() -> int:
     budget, queries = (400, 200) if args.quick else (1000, 300)
 
     benign_table = ["| model | shape | sessions | alerted (95 % upper bound) | blocked (95 % upper bound) | "
-                    "rules (sessions) | scores >= 0.5 besides risk (sessions) |", "|---|---|---|---|---|---|---|"]
+                    "rules (sessions) | session scores >= 0.5 besides risk (sessions) |",
+                    "|---|---|---|---|---|---|---|"]
     attack_table = ["| model | attack | keys | stopped | first alert (median / worst) | first block (median / worst) "
                     "| successes | thief agreement guarded / unguarded | hardened answers | target |",
                     "|---|---|---|---|---|---|---|---|---|---|"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import time
+from collections.abc import Mapping
 
 import orjson
 from aiohttp import web
@@ -16,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from guard_agent import __version__
 from guard_agent.integrity import IntegrityChecker
+from guard_agent.metrics import Metrics
 from guard_agent.sessions.base import SessionRecord
 from guard_agent.state import STATE, GuardState
 
@@ -64,18 +66,27 @@ async def readyz(request: web.Request) -> web.Response:
     state = request.app[STATE]
     checks = readiness(state)
     ready = all(checks.values())
-    return _json({"ready": ready, "checks": checks, "reasons": not_ready_reasons(state, checks)},
-                 200 if ready else 503)
+    # trackers that cannot work (no profile, a label-only model) are a reason to read, not to stop serving
+    return _json({"ready": ready, "checks": checks, "reasons": not_ready_reasons(state, checks),
+                  "inactive_trackers": dict(state.trackers.inactive())}, 200 if ready else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
     state = request.app[STATE]
     state.metrics.active_sessions.set(state.sessions.size())
+    set_inactive_trackers(state.metrics, state.trackers.inactive())
     if state.ops is not None:
         state.ops.refresh(readiness(state), state.profile.revision)
     resp = web.Response(body=generate_latest(state.metrics.registry))
     resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return resp
+
+
+def set_inactive_trackers(metrics: Metrics, inactive: Mapping[str, str]) -> None:
+    """``inference_guard_tracker_inactive{score}`` = 1 for each inactive session score, nothing for the rest."""
+    metrics.inactive_trackers.clear()
+    for name in inactive:
+        metrics.inactive_trackers.labels(name).set(1)
 
 
 def reload_policy(state: GuardState, trigger: str) -> tuple[bool, str | None]:

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -14,7 +14,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from detectors.trackers import GlobalFingerprintIndex
-from guard_agent.admin import make_admin_app, reload_policy
+from guard_agent.admin import make_admin_app, reload_policy, set_inactive_trackers
 from guard_agent.capture import make_capture
 from guard_agent.events import EventLogger, EventSink
 from guard_agent.identity import IdentityResolver
@@ -50,7 +50,9 @@ def build_state(settings: Settings, *, sink: EventSink | None = None) -> GuardSt
         events.log("warning", "no GUARD_HMAC_KEY set: using a random key, session ids change on restart "
                               "and differ between replicas")
     profile = _load_profile_source(settings, events, metrics)
-    trackers = _tracker_hook(profile, key, settings)
+    trackers = _tracker_hook(profile, key, settings,
+                             on_inactive=lambda found: _report_inactive_trackers(events, metrics, found))
+    _report_inactive_trackers(events, metrics, trackers.inactive())
     sessions: SessionStore
     if settings.redis_url:  # imported only here: redis is an optional extra
         from guard_agent.sessions.factory import make_global_observer, make_session_store
@@ -105,12 +107,20 @@ def _load_profile_source(settings: Settings, events: EventLogger, metrics: Metri
     return store
 
 
-def _tracker_hook(profile: ProfileSource, key: bytes, settings: Settings) -> SessionTracking:
+def _report_inactive_trackers(events: EventLogger, metrics: Metrics, inactive: Mapping[str, str]) -> None:
+    """Say which session scores cannot work (at start, and whenever the model's answers change that)."""
+    set_inactive_trackers(metrics, inactive)
+    if inactive:
+        events.log("warning", "session trackers inactive", guard={"inactive_trackers": dict(inactive)})
+
+
+def _tracker_hook(profile: ProfileSource, key: bytes, settings: Settings,
+                  on_inactive: Callable[[Mapping[str, str]], None]) -> SessionTracking:
     # a derived salt: the fingerprint hashes never use the session-id key itself, and any key length works
     salt = hashlib.sha256(b"inference-guard/fingerprint-salt\x00" + key).digest()
     index = GlobalFingerprintIndex(max_entries=settings.global_max_entries, window_s=settings.global_window,
                                    m_half=settings.global_half_count)
-    return SessionTracking.from_profile(profile, salt=salt, global_index=index)
+    return SessionTracking.from_profile(profile, salt=salt, global_index=index, on_inactive=on_inactive)
 
 
 @web.middleware

@@ -29,6 +29,12 @@ class GlobalObserver(Protocol):
         """Insert this request's rows; the score of its row with the most near-duplicates from other sessions."""
         ...
 
+    async def learn(self, session: str, fingerprints: np.ndarray, digests: np.ndarray, labels: np.ndarray,
+                    now: float) -> None:
+        """The model's answers (one class per row) for rows ``observe`` saw: clusters answered with two classes
+        straddle the decision boundary and count from then on (``GlobalFingerprintIndex.learn``)."""
+        ...
+
 
 class TrackerStateCodec(Protocol):
     """What a shared session store needs from the session trackers: their state to bytes and back."""

@@ -235,11 +235,21 @@ async def _traffic(http: aiohttp.ClientSession, url: str, model: DigitsModel,
     k = key("range", "inputs far outside the reference range")
     for _ in range(3):
         await _send(http, url, v2_body(rng.uniform(0, 16, size=64) * 50), k)
-    # A black-box evasion attack: hundreds of near-duplicates of one image.
+    # A black-box evasion attack (HopSkipJump's shape): a binary search between an image and one of another
+    # class, then near-duplicate probes around the boundary point, answered with both classes. (The model's
+    # own answer steers the search here: it is the answer the attacker gets back.)
     k = key("blackbox", "black-box attack (near-duplicate probing)")
     base = model.X_test[0].copy()
+    label = int(model.predict_proba(base[None]).argmax())
+    other = next(x for x in model.X_test if int(model.predict_proba(x[None]).argmax()) != label)
+    near, far = 0.0, 1.0
     for i in range(120):
-        x = np.clip(base + rng.normal(0, 0.3, size=64) * (i % 7) / 7, 0, 16)
+        if i < 10:
+            mid = (near + far) / 2
+            x = (1 - mid) * base + mid * other
+            near, far = (near, mid) if int(model.predict_proba(x[None]).argmax()) != label else (mid, far)
+        else:
+            x = np.clip((1 - far) * base + far * other + rng.normal(0, 0.3, size=64), 0, 16)
         if await _send(http, url, v2_body(x), k) == 403:
             break
         await asyncio.sleep(0.02)  # stay under the rate limit: the session trackers should catch it

@@ -55,6 +55,9 @@ class Metrics:
                                  ["revision"], registry=r)
         self.active_sessions = Gauge("inference_guard_active_sessions", "Sessions held in the local store",
                                      registry=r)
+        self.inactive_trackers = Gauge("inference_guard_tracker_inactive",
+                                       "Session scores that cannot work with this profile and these model answers "
+                                       "(value 1; the reason is in /readyz and the log)", ["score"], registry=r)
         self.session_evictions = Counter("inference_guard_session_evictions_total",
                                          "Sessions dropped from the local store", ["reason"], registry=r)
         self.scoring_failures = Counter("inference_guard_scoring_failures_total",

@@ -50,7 +50,7 @@ local prefix, tnow = ARGV[1], ARGV[2]
 local oldest = tonumber(tnow) - tonumber(ARGV[3])
 local sid, max_entries, bsize, ttl = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local best = 0
-local gep, gbp, gdp, gwp = prefix .. 'ge:', prefix .. 'gb:', prefix .. 'gd:', prefix .. 'gw:'
+local gep, gbp, gdp, gwp, glp = prefix .. 'ge:', prefix .. 'gb:', prefix .. 'gd:', prefix .. 'gw:', prefix .. 'gl:'
 local bin, nbins = tonumber(ARGV[8]), tonumber(ARGV[9])
 -- W: distinct inputs within the window, from per-bin counters
 local wkeys = {}
@@ -86,6 +86,8 @@ while i + 5 <= #ARGV do
     for p = 1, #fp, 8 do mine[string.sub(fp, p, p + 7)] = true end
     local buckets, seen = {}, {}
     local merge_slot, merge_entry, merge_shared, m = nil, nil, -1, 0
+    -- the class answered near this row (gl:{slot}: a class, or '*' once two were answered for the entry)
+    local first, straddles = nil, false
     for b in string.gmatch(blist, '%d+') do
       buckets[#buckets + 1] = b
       local cell = redis.call('HGET', gbp .. math.floor(tonumber(b) / 64), b)
@@ -101,6 +103,12 @@ while i + 5 <= #ARGV do
               end
               if shared >= need then
                 if string.sub(e, 1, 8) ~= sid then m = m + tonumber(string.sub(e, 29, 38)) end
+                local label = redis.call('GET', glp .. slot)
+                if label == '*' or (label and first and label ~= first) then
+                  straddles = true
+                elseif label then
+                  first = label
+                end
                 -- the closest entry; ties go to the lowest slot, as in the in-memory index
                 if shared > merge_shared or (shared == merge_shared and tonumber(slot) < tonumber(merge_slot)) then
                   merge_slot, merge_entry, merge_shared = slot, e, shared
@@ -111,6 +119,7 @@ while i + 5 <= #ARGV do
         end
       end
     end
+    if not straddles then m = 0 end  -- a cluster answered with one class never counts
     m = m / (1 + volume * density)
     if m > best then best = m end
     if #fp > 0 then
@@ -123,6 +132,7 @@ while i + 5 <= #ARGV do
         local slot = tostring((redis.call('INCR', prefix .. 'gh') - 1) % max_entries)
         redis.call('EXPIRE', prefix .. 'gh', ttl)
         redis.call('SET', gep .. slot, sid .. tnow .. string.format('%010d', 1) .. fp, 'EX', ttl)
+        redis.call('DEL', glp .. slot)  -- a reused slot starts without answers
         for _, b in ipairs(buckets) do
           local gk = gbp .. math.floor(tonumber(b) / 64)
           local cell = redis.call('HGET', gk, b)
@@ -141,6 +151,54 @@ while i + 5 <= #ARGV do
   end
 end
 return tostring(best)
+"""
+
+# ARGV: 1 prefix, 2 now, 3 window_s, 4 ttl seconds, then per row: need, fingerprint, bucket ids, class.
+# Files each row's class with the closest live entry (ties to the lowest slot, as in the in-memory index):
+# gl:{slot} holds the first class answered, '*' once another was.
+_LEARN = """
+local prefix = ARGV[1]
+local oldest = tonumber(ARGV[2]) - tonumber(ARGV[3])
+local ttl = tonumber(ARGV[4])
+local gep, gbp, glp = prefix .. 'ge:', prefix .. 'gb:', prefix .. 'gl:'
+local i = 5
+while i + 3 <= #ARGV do
+  local need, fp, blist, label = tonumber(ARGV[i]), ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  i = i + 4
+  local mine, seen = {}, {}
+  for p = 1, #fp, 8 do mine[string.sub(fp, p, p + 7)] = true end
+  local best_slot, best_shared = nil, -1
+  for b in string.gmatch(blist, '%d+') do
+    local cell = redis.call('HGET', gbp .. math.floor(tonumber(b) / 64), b)
+    if cell then
+      for slot in string.gmatch(cell, '%d+') do
+        if not seen[slot] then
+          seen[slot] = true
+          local e = redis.call('GET', gep .. slot)
+          if e and #e > 38 and tonumber(string.sub(e, 9, 28)) >= oldest then
+            local shared = 0
+            for p = 39, #e, 8 do
+              if mine[string.sub(e, p, p + 7)] then shared = shared + 1 end
+            end
+            if shared >= need and (shared > best_shared or
+                (shared == best_shared and tonumber(slot) < tonumber(best_slot))) then
+              best_slot, best_shared = slot, shared
+            end
+          end
+        end
+      end
+    end
+  end
+  if best_slot then
+    local known = redis.call('GET', glp .. best_slot)
+    if not known then
+      redis.call('SET', glp .. best_slot, label, 'EX', ttl)
+    elseif known ~= label and known ~= '*' then
+      redis.call('SET', glp .. best_slot, '*', 'KEEPTTL')
+    end
+  end
+end
+return 1
 """
 
 _DIGEST_GROUPS = 1024
@@ -167,6 +225,7 @@ class RedisGlobalIndex:
         self.m_half = self.local.m_half
         self.n_buckets = 1 << max(4, math.ceil(math.log2(max(1, max_entries * self.n_index // self.bucket_size) * 2)))
         self._script: Any = None
+        self._learn_script: Any = None
 
     def _args(self, session: str, fingerprints: np.ndarray, digests: np.ndarray, density: np.ndarray,
               now: float) -> list[Any]:
@@ -177,9 +236,7 @@ class RedisGlobalIndex:
         fps = np.atleast_2d(np.asarray(fingerprints, dtype=np.uint64))
         dig = np.asarray(digests, dtype=np.uint64).reshape(-1)
         dens = np.asarray(density, dtype=np.float64).reshape(-1)
-        rows = np.arange(fps.shape[0])
-        if rows.size > self.max_rows:  # the rows with the smallest salted keys: a choice the client cannot steer
-            rows = np.sort(np.argsort(dig, kind="stable")[: self.max_rows])
+        rows = self._selected(fps, dig)
         for row, digest, rho in zip(fps[rows], dig[rows], dens[rows], strict=True):
             nz = np.sort(row[row != 0])
             if nz.size == 0:
@@ -209,6 +266,39 @@ class RedisGlobalIndex:
         remote = self.local.score(float(result))  # type: ignore[arg-type]
         # Redis checks at most max_rows rows of a batch; the local mirror saw every row: both are lower bounds
         return max(local, remote)
+
+    def _selected(self, fingerprints: np.ndarray, keys: np.ndarray) -> np.ndarray:
+        """Rows sent to Redis: all up to ``max_rows``, else those with the smallest salted row keys."""
+        dig = np.asarray(keys, dtype=np.uint64).reshape(-1)
+        rows = np.arange(np.atleast_2d(fingerprints).shape[0])
+        if rows.size > self.max_rows:  # a choice the client cannot steer
+            rows = np.sort(np.argsort(dig, kind="stable")[: self.max_rows])
+        return rows
+
+    async def learn(self, session: str, fingerprints: np.ndarray, digests: np.ndarray, labels: np.ndarray,
+                    now: float) -> None:
+        """The model's answers for the rows ``observe`` saw (``GlobalFingerprintIndex.learn``), locally and on
+        Redis for the same rows ``observe`` sent there; Redis down or slow: the local mirror has them."""
+        self.local.learn(fingerprints, labels, now)
+        fps = np.atleast_2d(np.asarray(fingerprints, dtype=np.uint64))
+        labs = np.asarray(labels, dtype=np.int64).reshape(-1)
+        if labs.shape[0] != fps.shape[0]:
+            return
+        args: list[Any] = [self.link.prefix, f"{now:20.6f}"[:20], repr(self.window_s), max(1, math.ceil(self.window_s))]
+        for i in self._selected(fps, digests).tolist():
+            nz = np.sort(fps[i][fps[i] != 0])
+            if nz.size == 0:
+                continue
+            buckets = np.unique(nz[: self.n_index] % np.uint64(self.n_buckets))
+            args += [max(1, math.ceil(self.match_threshold * nz.size)), nz.astype("<u8").tobytes(),
+                     ",".join(str(int(b)) for b in buckets), str(max(0, int(labs[i])))]
+        if len(args) > 4:
+            await self.link.run("global", lambda c: self._learn(c)(args=args, client=c))
+
+    def _learn(self, client: Any) -> Any:
+        if self._learn_script is None:
+            self._learn_script = client.register_script(_LEARN)
+        return self._learn_script
 
     def _observe_script(self, client: Any) -> Any:
         if self._script is None:

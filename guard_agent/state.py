@@ -72,6 +72,10 @@ class TrackerHook:
         """Learn from the request and the model's answer; returns the session's new scores."""
         return {}
 
+    def inactive(self) -> Mapping[str, str]:
+        """Session scores that cannot work here (score name -> why), for /readyz, the log and a metric."""
+        return {}
+
     def encode_state(self, held: Any) -> bytes | None:
         """Tracker state to bytes for a shared store (None = nothing to store)."""
         return None

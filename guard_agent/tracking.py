@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import struct
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
-from detectors.trackers import GlobalFingerprintIndex, SessionTrackers, TrackerConfig
+from detectors.trackers import GlobalFingerprintIndex, SessionTrackers, TrackerConfig, answer_labels
 from guard_agent.batching import TurnBatcher
 from guard_agent.contracts import Density, GlobalObserver
 from guard_agent.sessions.base import SessionRecord
@@ -35,13 +35,25 @@ _MAX_DEFAULT_FEATURES = 1 << 16  # widths a stored state may make this process b
 _STATE_VERSION = b"\x02"
 _MAX_PENDING = 4096  # requests between peek and update (in flight to the model)
 
+NO_PROFILE = ("no profile with fitted trackers is loaded (guard-agent fit): off-manifold and neighbour evidence "
+              "need the reference data")
+LABELS_ONLY = ("the model answers labels only, no probabilities: small margins cannot be seen (MLServer's "
+               "sklearn runtime: ask for the predict_proba output, docs/sessions.md)")
+NO_ANSWER = ("the model's answers carry neither labels nor probabilities the guard can read: near-duplicates "
+             "answered with another class (boundary searches) cannot be told from benign edits")
+
 
 class SessionTracking(TrackerHook):
     """Implements the ``TrackerHook`` seam of ``guard_agent.state``."""
 
     def __init__(self, configs: Mapping[str, TrackerConfig], *, salt: bytes,
-                 global_index: GlobalFingerprintIndex | None = None) -> None:
+                 global_index: GlobalFingerprintIndex | None = None,
+                 on_inactive: Callable[[Mapping[str, str]], None] | None = None) -> None:
+        """``on_inactive`` is called with ``inactive()`` whenever it changes (the answers the model gives decide
+        part of it: a label-only model turns the margin tracker off)."""
         self._salt = salt
+        self._on_inactive = on_inactive
+        self._answer_kind: str | None = None  # "probabilities", "labels" or "none": what the last answer carried
         self._engines: dict[str, SessionTrackers] = {k: SessionTrackers(c, salt=salt) for k, c in configs.items()}
         self._defaults: dict[int, SessionTrackers] = {}
         self.global_index = global_index if global_index is not None else GlobalFingerprintIndex()  # len() 0 is falsy
@@ -53,15 +65,35 @@ class SessionTracking(TrackerHook):
             lambda engine, rows: engine.request_hashes(rows), _rows_of,
             max_rows=lambda engine: engine.config.max_rows_tracked)
 
+    def inactive(self) -> dict[str, str]:
+        """Session scores that cannot work with this profile and these answers, each with the reason (the guard
+        logs it at start and when it changes, ``/readyz`` lists it, a metric counts it)."""
+        out: dict[str, str] = {}
+        if not any(engine.config.fitted for engine in self._engines.values()):
+            out["session.coverage"] = out["session.neighbors"] = NO_PROFILE
+        if self._answer_kind == "labels":
+            out["session.margin"] = LABELS_ONLY
+        elif self._answer_kind == "none":
+            for name in ("session.margin", "session.fingerprint", "session.neighbors", GLOBAL):
+                out[name] = NO_ANSWER
+        return out
+
+    def _saw_answer(self, labels: np.ndarray | None, probabilities: np.ndarray | None) -> None:
+        kind = "probabilities" if probabilities is not None else "labels" if labels is not None else "none"
+        if kind != self._answer_kind:
+            self._answer_kind = kind
+            if self._on_inactive is not None:
+                self._on_inactive(self.inactive())
+
     @classmethod
-    def from_profile(cls, profile: Any, *, salt: bytes,
-                     global_index: GlobalFingerprintIndex | None = None) -> SessionTracking:
+    def from_profile(cls, profile: Any, *, salt: bytes, global_index: GlobalFingerprintIndex | None = None,
+                     on_inactive: Callable[[Mapping[str, str]], None] | None = None) -> SessionTracking:
         configs: dict[str, TrackerConfig] = {}
         for model, p in (getattr(profile, "profiles", None) or {}).items():
             part = p.components.get("trackers")
             if part is not None:
                 configs[model] = TrackerConfig.from_parts(*part)
-        return cls(configs, salt=salt, global_index=global_index)
+        return cls(configs, salt=salt, global_index=global_index, on_inactive=on_inactive)
 
     def engine(self, model: str | None, n_features: int) -> SessionTrackers:
         """The engine for this model: its profile's config, else a default one for the feature count."""
@@ -201,12 +233,18 @@ class SessionTracking(TrackerHook):
             labels = None
         if probabilities is not None and probabilities.shape[0] != features.shape[0]:
             probabilities = None
+        self._saw_answer(labels, probabilities)
         hashes = self._recall(features, engine)
         fingerprints, digests = (None, None) if hashes is None else (hashes[0], hashes[2])
         state, new_scores = engine.update(self._state(record, engine), features, labels, probabilities, now,
                                           global_fingerprint=scores.get(GLOBAL), fingerprints=fingerprints,
                                           digests=digests)
         record.tracker_state = _with_state(record.tracker_state, engine.config.layout_id, state)
+        answered = answer_labels(labels, probabilities, features.shape[0])
+        if hashes is not None and answered is not None:
+            tracked = engine.tracked_rows(hashes[2])  # the rows peek fingerprinted
+            await self._global.learn(session, hashes[0], hashes[1],
+                                     answered if tracked is None else answered[tracked], now)
         return new_scores
 
 
@@ -219,6 +257,10 @@ class _LocalGlobal:
     async def observe(self, session: str, fingerprints: np.ndarray, digests: np.ndarray, now: float,
                       density: Density = None) -> float:
         return float(self._index.observe(session, fingerprints, digests, now, density))
+
+    async def learn(self, session: str, fingerprints: np.ndarray, digests: np.ndarray, labels: np.ndarray,
+                    now: float) -> None:
+        self._index.learn(fingerprints, labels, now)
 
 
 _Hashes = tuple[np.ndarray, np.ndarray, np.ndarray]

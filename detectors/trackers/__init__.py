@@ -27,7 +27,7 @@ from ._config import TrackerConfig
 from ._evidence import S_HALF, from_score, to_score
 from ._fit import fit_tracker_config
 from ._global import GlobalFingerprintIndex
-from ._session import SCORE_NAMES, SessionTrackers
+from ._session import SCORE_NAMES, SessionTrackers, answer_labels
 from ._state import SessionState
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "SessionState",
     "SessionTrackers",
     "TrackerConfig",
+    "answer_labels",
     "fit_tracker_config",
     "from_score",
     "to_score",

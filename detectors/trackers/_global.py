@@ -23,6 +23,13 @@ What is counted, and why:
   bound the count, and an attack flood does not evict the rest of the index.
 - Only entries first stored by *another* session count (a session's own near-duplicates are the
   per-session tracker's job); an entry's weight may include rows of several sessions.
+- Only clusters whose answers straddle the decision boundary count. After the model answered, ``learn``
+  files each row's class with the entry it joined; an entry answered with two classes is *mixed*, and a
+  row's near-duplicates count when one is mixed or two were answered with different classes. A
+  boundary search (HopSkipJump's gradient probes, Boundary's steps) gets both answers within a few probes;
+  many clients asking about one popular input, edited or not, get one answer, and such a cluster never
+  counts however many clients send it (before this, popular records blocked most benign clients of a
+  busy model: ``bench/detection_matrix.py``).
 
 Dense benign regions: where benign inputs crowd (smooth image patches, coarse tabular values), many
 distinct benign inputs are near-duplicates of each other, more so the more traffic there is. The
@@ -41,9 +48,9 @@ by counting shared hashes. Row digests live in a second ring of ``max_entries`` 
 up to ``max_entries`` digests, e.g. ~85 MB for 200k entries of 20 hashes (measured). Share the SessionTrackers salt
 across replicas.
 
-Known weakness (measured in ``bench/attacks.py``): many benign clients sending slightly different copies
-of one popular input (re-encoded images, edited texts) form a cluster too; ``m_half`` sets how many
-distinct copies per ``window_s`` it takes to alert.
+Known weakness: many benign clients sending slightly different copies of one popular input that lies on
+the decision boundary itself (the model hesitates between two classes for it) form a mixed cluster too;
+``m_half`` sets how many distinct copies per ``window_s`` it takes to alert.
 """
 
 from __future__ import annotations
@@ -100,6 +107,10 @@ class GlobalFingerprintIndex:
         self._session = np.zeros(self.max_entries, dtype=np.uint64)
         self._time = np.full(self.max_entries, -np.inf)
         self._weight = np.zeros(self.max_entries, dtype=np.float64)
+        # the class first answered for an input of the entry (-1: none yet), and whether another class was
+        # answered for one of its inputs since: only such "mixed" clusters straddle the decision boundary
+        self._label = np.full(self.max_entries, -1, dtype=np.int64)
+        self._mixed = np.zeros(self.max_entries, dtype=bool)
         self._head = 0
         self._count = 0
         # distinct inputs per time bin (``VOLUME_BINS`` bins over the window): the traffic volume W
@@ -173,6 +184,7 @@ class GlobalFingerprintIndex:
                 # near-duplicates within the window are few (merged clusters): visit them one by one, in
                 # candidate order; the weights are whole numbers, so their sum is exact in any order
                 m, top = 0.0, -1
+                first, straddles = -1, False  # a class answered near this row; whether another one was too
                 for j in np.flatnonzero(shared >= need).tolist():
                     c = int(cand[j])
                     if self._time[c] >= oldest:
@@ -180,7 +192,12 @@ class GlobalFingerprintIndex:
                             top, merge = int(shared[j]), c
                         if self._session[c] != sid:
                             m += float(self._weight[c])
-                if m > 0.0:
+                        label = int(self._label[c])
+                        if self._mixed[c] or (label >= 0 and first >= 0 and label != first):
+                            straddles = True
+                        elif label >= 0:
+                            first = label
+                if m > 0.0 and straddles:
                     r = max(0.0, density_of(i))  # needed only here: rows with no match never pay for it
                     if r > 0.0 and volume is None:
                         volume = self.volume(now)
@@ -193,6 +210,39 @@ class GlobalFingerprintIndex:
             else:
                 self._insert(row, buckets, sid, now)
         return self.score(best)
+
+    def learn(self, fingerprints: np.ndarray, labels: np.ndarray, now: float) -> None:
+        """The model's answers (one class per fingerprint row) for rows ``observe`` saw: each is filed with the
+        live entry closest to its fingerprint (the one it was merged into or stored as). An entry answered
+        with two classes is *mixed*. ``observe`` counts a row's near-duplicates only when they straddle the
+        decision boundary: one of them is mixed, or two were answered with different classes. A cluster
+        whose answers stay one class never counts, however many clients send it. Labels must be
+        non-negative (``answer_labels``)."""
+        fps = np.atleast_2d(np.asarray(fingerprints, dtype=np.uint64))
+        labs = np.asarray(labels, dtype=np.int64).reshape(-1)
+        if self._fps is None or fps.shape[1] != self._fps.shape[1] or labs.shape[0] != fps.shape[0]:
+            return
+        oldest = now - self.window_s
+        for row, label in zip(fps, labs.tolist(), strict=True):
+            keys_all = np.sort(row)
+            n_nz = int(np.count_nonzero(keys_all))
+            if n_nz == 0:
+                continue
+            keys_all = keys_all[keys_all.size - n_nz :]
+            buckets = (keys_all[: self.n_index] & self._bucket_mask).astype(np.int64)
+            slots = self._table[buckets].ravel()
+            slots = np.unique(slots[slots >= 0])
+            if not slots.size:
+                continue
+            shared = _shared(self._fps[slots], keys_all)
+            live = (shared >= max(1, math.ceil(self.match_threshold * n_nz))) & (self._time[slots] >= oldest)
+            if not live.any():
+                continue
+            c = int(slots[np.flatnonzero(live)[int(np.argmax(shared[live]))]])  # the first sharing the most
+            if self._label[c] < 0:
+                self._label[c] = max(0, label)
+            elif self._label[c] != label:
+                self._mixed[c] = True
 
     def _seen_recently(self, digest: int, now: float) -> bool:
         """Whether this exact input was seen within the window; records it either way."""
@@ -216,6 +266,8 @@ class GlobalFingerprintIndex:
         self._session[slot] = sid
         self._time[slot] = now
         self._weight[slot] = 1.0
+        self._label[slot] = -1
+        self._mixed[slot] = False
         self._head = (self._head + 1) % self.max_entries
         self._count = min(self._count + 1, self.max_entries)
         width = self._table.shape[1]

@@ -71,6 +71,10 @@ def step(cfg: TrackerConfig, st: SessionState, z: np.ndarray, slot: int) -> floa
         diff -= zf
         diff *= diff
         dmin = math.sqrt(float(np.add.reduce(diff, axis=1).min()))
+        if dmin == 0.0:
+            # an exact repeat of an accepted query older than the session's exact-repeat ring (a batch client
+            # re-scoring its records): distance 0 says nothing, and a pool of zeros would look synthetic
+            return None
         st.pool[st.head_pool] = min(dmin, 6.0e4)
         st.head_pool = (st.head_pool + 1) % cfg.ring_pool
         st.n_pool = min(st.n_pool + 1, cfg.ring_pool)

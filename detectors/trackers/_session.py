@@ -9,11 +9,17 @@ Per distinct query (exact repeats of one of the last ``ring_exact`` rows only co
 retry tells an attacker nothing new), each tracker turns an observation into a log-likelihood ratio
 (benign model vs attack model) and accumulates it with CUSUM (see ``_evidence``):
 
-- fingerprint: number m of stored fingerprints sharing >= match_fraction of hashes; benign model
-  P(m=0, 1-3, >=4) = (1 - p0_near - 0.01, p0_near, 0.01), attack model (0.2, 0.3, 0.5).
+- fingerprint: the stored fingerprints sharing >= match_fraction of hashes with the query (its
+  near-duplicates in the session). None: benign evidence (benign P(none) = 1 - p0_near - 0.01, attack
+  0.2). Near-duplicates all answered with the query's class: neutral (0), however many: clients resend
+  edits of their own inputs and get the same answer. A near-duplicate answered with another class (the
+  session's queries straddle the decision boundary, as HopSkipJump's and Boundary's probes do about half
+  the time): benign 0.5 %, attack 30 %. Near-duplicates off the reference manifold (synthetic
+  augmentation) count as before: 1-3 or >= 4 of them, benign (p0_near, 0.01), attack (0.3, 0.5).
 - neighbors: mean whitened distance to the ``nn_k`` nearest of the last ``ring_nn`` queries below
-  ``nn_threshold`` (the 1 % quantile of benign streams): benign rate ``p0_near`` (0.05: clients
-  that legitimately resend edited inputs), attack 0.5.
+  ``nn_threshold`` (the 1 % quantile of benign streams) *and* the query off the reference manifold
+  (synthetic perturbations such as Jacobian augmentation): benign ``p0_near``, attack 0.5; close
+  neighbours on the manifold are neutral (natural edits), far ones benign evidence.
 - coverage: (a) rare region, i.e. off-manifold (PCA residual or whitened norm beyond the reference
   99.5 % quantile) or a grid cell the reference hardly visits, benign rate ``p0_rare`` (twice the
   rate measured on held-out reference data), attack 0.9; (b) growth: a query in a cell the session has not visited,
@@ -51,6 +57,10 @@ SCORE_NAMES = frozenset({"session.prada", "session.fingerprint", "session.neighb
 _FP_ATTACK = (0.2, 0.3, 0.5)
 _RARE_P1 = 0.9  # attack model for rare regions: a run of rare queries, not an occasional one
 _GLOBAL_EVENT, _GLOBAL_P0, _GLOBAL_P1 = 0.8, 0.05, 0.9
+# a query whose near-duplicates (or nearest neighbours) in the session were answered with another class: the
+# search straddles the decision boundary. Benign clients resending edits of an input get the same answer
+# (their clusters are stable); a boundary search gets both answers about half the time.
+_FLIP_P0, _FLIP_P1 = 0.005, 0.3
 
 
 class SessionTrackers:
@@ -67,6 +77,7 @@ class SessionTrackers:
         self._fp_llr = tuple(
             min(max(math.log(a / b), ev.LLR_MIN), ev.LLR_MAX) for a, b in zip(_FP_ATTACK, fp_benign, strict=True))
         self._nn_llr = ev.bernoulli_llr(config.p0_near, 0.5)
+        self._flip_llr = ev.bernoulli_llr(_FLIP_P0, _FLIP_P1)
         self._rare_llr = ev.bernoulli_llr(config.p0_rare, _RARE_P1) if config.p0_rare > 0 else (0.0, 0.0)
         self._margin_llr = ev.bernoulli_llr(config.p0_margin, 0.5)
         self._prada_llr = ev.bernoulli_llr(0.01, 0.5)
@@ -269,13 +280,15 @@ class SessionTrackers:
             st.exact[st.head_exact] = digest
             st.head_exact = (st.head_exact + 1) % cfg.ring_exact
             st.n_exact = min(st.n_exact + 1, cfg.ring_exact)
-            total = self._fingerprint_step(st, fps[i]) + self._neighbor_step(st, z[i])
+            cls = _prada.class_slot(cfg, labs[i])
+            off = cells[i] == cfg.n_cells  # off the reference manifold (not merely a rarely visited cell)
+            total = self._fingerprint_step(st, fps[i], cls, off) + self._neighbor_step(st, z[i], cls, off)
             total += self._coverage_step(st, cells[i], rares[i])
             if margin_list is not None:
                 llr = self._margin_llr[0 if margin_list[i] < cfg.margin_threshold else 1]
                 st.s_margin = ev.cusum(st.s_margin, llr)
                 total += llr
-            w = _prada.step(cfg, st, u[i], _prada.class_slot(cfg, labs[i]))
+            w = _prada.step(cfg, st, u[i], cls)
             if w is not None:
                 llr = self._prada_llr[0 if w < cfg.prada_delta else 1]
                 st.s_prada = ev.cusum(st.s_prada, llr)
@@ -295,21 +308,36 @@ class SessionTrackers:
                 "duration_s": float(state.last_t - state.first_t) if math.isfinite(state.first_t) else 0.0}
 
     # ---- trackers --------------------------------------------------------------------------------
-    def _fingerprint_step(self, st: SessionState, fp: np.ndarray) -> float:
-        """Accumulate near-duplicate evidence for this query and return it."""
+    def _fingerprint_step(self, st: SessionState, fp: np.ndarray, cls: int, off: bool) -> float:
+        """Accumulate near-duplicate evidence for this query and return it: near-duplicates answered with
+        another class are attack evidence, and so are near-duplicates off the reference manifold (synthetic
+        augmentation); on-manifold near-duplicates answered alike are neutral; none is benign evidence."""
         cfg = self.config
-        m = 0
+        m = flips = 0
         if st.n_fp:
-            shared = _hashing.shared_counts(fp, st.fp[: st.n_fp])
-            m = int(np.count_nonzero(shared >= min(self._match_count, int(np.count_nonzero(fp)))))
-        llr = self._fp_llr[0 if m == 0 else 1 if m < 4 else 2]
+            near = _hashing.shared_counts(fp, st.fp[: st.n_fp]) >= min(self._match_count, int(np.count_nonzero(fp)))
+            m = int(np.count_nonzero(near))
+            if m:
+                flips = int(np.count_nonzero(st.fp_cls[: st.n_fp][near] != cls))
+        if flips:
+            llr = self._flip_llr[0]
+        elif m:
+            llr = self._fp_llr[1 if m < 4 else 2] if off else 0.0
+        else:
+            llr = self._fp_llr[0]
         st.s_fingerprint = ev.cusum(st.s_fingerprint, llr)
         st.fp[st.head_fp] = fp
+        st.fp_cls[st.head_fp] = cls
         st.head_fp = (st.head_fp + 1) % cfg.ring_fp
         st.n_fp = min(st.n_fp + 1, cfg.ring_fp)
         return llr
 
-    def _neighbor_step(self, st: SessionState, z: np.ndarray) -> float:
+    def _neighbor_step(self, st: SessionState, z: np.ndarray, cls: int, off: bool) -> float:
+        """Close neighbours among the recent queries: evidence when the query is also off the reference
+        manifold (synthetic perturbations), neutral on it (clients resend edits of natural inputs; in the
+        projection two natural inputs of different classes can be this close, so a class flip among
+        neighbours is no evidence here: the fingerprint tracker looks for flips among input-space
+        near-duplicates). ``cls`` is kept with each neighbour."""
         cfg = self.config
         llr = 0.0
         if self._nn_on and st.n_nn >= cfg.nn_k:
@@ -317,10 +345,15 @@ class SessionTrackers:
             diff -= z
             diff *= diff
             d = np.sqrt(np.add.reduce(diff, axis=1))
-            mean_k = float(np.add.reduce(np.partition(d, cfg.nn_k - 1)[: cfg.nn_k]) / cfg.nn_k)
-            llr = self._nn_llr[0 if mean_k < cfg.nn_threshold else 1]
+            nearest = np.argpartition(d, cfg.nn_k - 1)[: cfg.nn_k]
+            mean_k = float(np.add.reduce(d[nearest]) / cfg.nn_k)
+            if mean_k >= cfg.nn_threshold:
+                llr = self._nn_llr[1]
+            elif off:
+                llr = self._nn_llr[0]
             st.s_neighbors = ev.cusum(st.s_neighbors, llr)
         st.nn[st.head_nn] = np.minimum(np.maximum(z, -6.0e4), 6.0e4)
+        st.nn_cls[st.head_nn] = cls
         st.head_nn = (st.head_nn + 1) % cfg.ring_nn
         st.n_nn = min(st.n_nn + 1, cfg.ring_nn)
         return llr
@@ -369,19 +402,8 @@ class SessionTrackers:
 
     @staticmethod
     def _labels(labels: np.ndarray | None, probabilities: np.ndarray | None, rows: int) -> np.ndarray:
-        if labels is not None:
-            lab = np.asarray(labels).reshape(-1)
-            if lab.shape[0] != rows:
-                raise ValueError("labels must have one entry per row")
-            if lab.dtype.kind not in "iub":
-                # string or float labels: map to stable integers without Python's salted hash
-                return np.array([int.from_bytes(hashlib.blake2b(str(v).encode(), digest_size=4).digest(), "little")
-                                 for v in lab], dtype=np.int64)
-            return lab.astype(np.int64)
-        if probabilities is not None:
-            pr = np.asarray(probabilities, dtype=np.float64).reshape(rows, -1)
-            return np.argmax(pr, axis=1) if pr.shape[1] > 1 else (pr[:, 0] >= 0.5).astype(np.int64)
-        return np.zeros(rows, dtype=np.int64)
+        found = answer_labels(labels, probabilities, rows)
+        return np.zeros(rows, dtype=np.int64) if found is None else found
 
     @staticmethod
     def _margins(probabilities: np.ndarray | None, rows: int) -> np.ndarray | None:
@@ -394,3 +416,21 @@ class SessionTrackers:
             return np.abs(2.0 * pr[:, 0] - 1.0)
         top = np.sort(pr, axis=1)[:, -2:]
         return top[:, 1] - top[:, 0]
+
+
+def answer_labels(labels: np.ndarray | None, probabilities: np.ndarray | None, rows: int) -> np.ndarray | None:
+    """The class answered for each row as int64, from the labels (string or float labels mapped to stable
+    integers without Python's salted hash), else the argmax of the probabilities; None when the answer
+    carried neither (then nothing can be learned about the decision boundary)."""
+    if labels is not None:
+        lab = np.asarray(labels).reshape(-1)
+        if lab.shape[0] != rows:
+            raise ValueError("labels must have one entry per row")
+        if lab.dtype.kind not in "iub":
+            return np.array([int.from_bytes(hashlib.blake2b(str(v).encode(), digest_size=4).digest(), "little")
+                             for v in lab], dtype=np.int64)
+        return lab.astype(np.int64)
+    if probabilities is not None:
+        pr = np.asarray(probabilities, dtype=np.float64).reshape(rows, -1)
+        return np.argmax(pr, axis=1) if pr.shape[1] > 1 else (pr[:, 0] >= 0.5).astype(np.int64)
+    return None

@@ -23,6 +23,7 @@ import aiohttp
 import numpy as np
 import orjson
 
+from guard_agent.demo import DigitsModel
 from tests.conftest import DigitsData, GuardFactory, v2_body
 
 RECORDING = Path(__file__).parent / "data" / "recorded_decisions.json"
@@ -32,7 +33,7 @@ STATELESS_TOLERANCE = 1e-6  # float summation order may differ; no decision thre
 SESSION_TOLERANCE = 0.02  # session evidence decays with time between requests
 
 
-def _traffic(d: DigitsData) -> list[tuple[str, bytes]]:
+def _traffic(d: DigitsData, model: DigitsModel) -> list[tuple[str, bytes]]:
     """(API key, body) in sending order: the same on every run (fixed seeds, fixed rows)."""
     rng = np.random.default_rng(20261207)
     x = d.X_test
@@ -45,14 +46,17 @@ def _traffic(d: DigitsData) -> list[tuple[str, bytes]]:
     out += [("range", v2_body(np.full(64, 100.0)))]  # outside the learned range
     out += [("nan", b'{"inputs":[{"name":"x","shape":[1,64],"datatype":"FP64","data":[' + b"NaN," * 63 + b"1]}]}")]
     out += [("short", v2_body(x[0][:10]))]  # wrong feature count
-    # a boundary search between two rows of different classes: the pattern of HopSkipJump's binary searches
+    # a boundary search between two rows of different classes: the pattern of HopSkipJump's binary searches,
+    # steered by the served model's answers (which the attacker gets back), then probes around the boundary
     a, b = x[np.argmax(d.y_test == 1)], x[np.argmax(d.y_test == 7)]
-    steps = [0.5]
+    label = int(model.predict_proba(a[None]).argmax())
     lo, hi = 0.0, 1.0
-    for _ in range(60):
+    steps = []
+    for _ in range(12):
         mid = (lo + hi) / 2
         steps.append(mid)
-        lo, hi = (mid, hi) if rng.random() < 0.5 else (lo, mid)
+        lo, hi = (lo, mid) if int(model.predict_proba((a + mid * (b - a))[None]).argmax()) != label else (mid, hi)
+    steps += [hi] * 49
     search = [a + t * (b - a) + rng.normal(0, 0.05, 64) for t in steps]
     out += [("hsj-one-key", v2_body(np.clip(row, 0, 16))) for row in search]
     out += [(f"hsj-sybil-{i % 12}", v2_body(np.clip(row + 0.01, 0, 16))) for i, row in enumerate(search)]
@@ -74,9 +78,10 @@ def _record(event: dict[str, Any]) -> dict[str, Any]:
 
 
 async def test_decisions_match_the_recording(start_guard: GuardFactory, demo_model_url: str, tmp_path: Path,
-                                             digits_profile: str, digits: DigitsData) -> None:
+                                             digits_profile: str, digits: DigitsData,
+                                             demo_model: DigitsModel) -> None:
     """Every request of the fixed traffic gets the recorded status, action, rule and scores."""
-    traffic = _traffic(digits)
+    traffic = _traffic(digits, demo_model)
     # verified keys: each key is its own session (an unverified one would also count against the one session of
     # 127.0.0.1, which all this traffic shares)
     keys = tmp_path / "keys.json"

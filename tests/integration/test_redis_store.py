@@ -372,7 +372,8 @@ class TestSharedSessions:
 class TestGlobalIndex:
     async def test_scores_equal_the_in_memory_index(self, replicas: tuple[Replica, Replica]) -> None:
         """Same traffic, same scores: the Redis index speaks on the scale of GlobalFingerprintIndex.observe, with
-        near-duplicate clusters, exact repeats, densities, batches and entries outliving the window."""
+        near-duplicate clusters (answered with one class, or with two), exact repeats, densities, batches and
+        entries outliving the window."""
         a, _ = replicas
         engine = a.tracking.engine(None, 64)
         reference = GlobalFingerprintIndex()
@@ -393,8 +394,14 @@ class TestGlobalIndex:
             t = now + 20.0 * i  # 1,800 s in all: entries created early age out of the 600 s window
             got.append(await a.index.observe(f"key-{i % 7}", fps, dg, t, density))
             want.append(reference.observe(f"key-{i % 7}", fps, dg, t, density))
+            # clusters around bases 0 and 1 are answered with one class each; around base 2 with two
+            answers = np.full(fps.shape[0], i % 3 if i % 3 < 2 else 2 + (i // 3) % 2)
+            await a.index.learn(f"key-{i % 7}", fps, dg, answers, t)
+            reference.learn(fps, answers, t)
         assert got == pytest.approx(want)
         assert max(got) >= 0.5
+        assert np.array_equal(np.sort(reference._label[reference._mixed]), np.sort(a.index.local._label[
+            a.index.local._mixed]))
         assert all(got[i] == 0.0 for i in range(90) if i % 9 == 4)  # exact repeats score nothing
 
     async def test_spread_attack_is_seen_across_replicas(self, replicas: tuple[Replica, Replica]) -> None:
@@ -409,13 +416,39 @@ class TestGlobalIndex:
             x = near(base, rng)
             fps, dg = engine.fingerprints(x), engine.row_keys(x)
             scores[name].append(await r.index.observe(f"sybil-{i}", fps, dg, now + i))
-        assert scores["b"][0] > 0  # B's first query matches what A saw
+            await r.index.learn(f"sybil-{i}", fps, dg, np.array([i % 3 == 0]), now + i)  # straddles the boundary
+        assert scores["b"][1] > 0  # B's second query matches what A saw (and was answered with two classes)
         assert scores["a"][-1] > 0.3 and scores["b"][-1] > 0.3
         benign = []
         for i in range(20):
             x = digits_like(rng)
             benign.append(await a.index.observe(f"user-{i}", engine.fingerprints(x), engine.row_keys(x), now + 30))
         assert max(benign) == 0.0
+
+    async def test_a_cluster_answered_alike_never_counts(self, replicas: tuple[Replica, Replica],
+                                                         redis_prefix: str) -> None:
+        """40 keys on two replicas sending their own near-copies of one popular input, all answered with one
+        class, score 0 on Redis; once copies were answered with two classes, a new key's copy scores high on
+        the other replica (Redis, not its local mirror, knows the answers of both)."""
+        a, b = replicas
+        engine = a.tracking.engine(None, 64)
+        rng, now = np.random.default_rng(8), time.time()
+        base = digits_like(rng)[0]
+        scores = []
+        for i in range(40):
+            r = a if i % 2 == 0 else b
+            x = near(base, rng)
+            fps, dg = engine.fingerprints(x), engine.row_keys(x)
+            scores.append(await r.index.observe(f"user-{i}", fps, dg, now + i))
+            await r.index.learn(f"user-{i}", fps, dg, np.array([4]), now + i)
+        assert max(scores) == 0.0
+        x = near(base, rng)
+        fps, dg = engine.fingerprints(x), engine.row_keys(x)
+        await a.index.observe("prober", fps, dg, now + 50)
+        await a.index.learn("prober", fps, dg, np.array([6]), now + 50)
+        assert len(keys_under(6379, redis_prefix + "gl:")) >= 1
+        x = near(base, rng)
+        assert await b.index.observe("prober-2", engine.fingerprints(x), engine.row_keys(x), now + 51) >= 0.9
 
     async def test_large_batch_sends_at_most_max_rows(self, replicas: tuple[Replica, Replica],
                                                       redis_prefix: str) -> None:

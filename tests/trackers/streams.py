@@ -50,18 +50,27 @@ def benign_stream(
 
 
 def hsj_like(
-    x0: np.ndarray, rng: np.random.Generator, n: int, *, lo: float | np.ndarray = 0.0, hi: float | np.ndarray = 1.0
+    x0: np.ndarray, rng: np.random.Generator, n: int, *, lo: float | np.ndarray = 0.0, hi: float | np.ndarray = 1.0,
+    predict: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> np.ndarray:
     """HopSkipJump's query geometry (as ART implements it): a random start, a binary search towards x0,
     then gradient estimation, i.e. 100 probes at L2 distance 0.1 * range around the boundary point,
-    later batches at 0.01 * its distance to x0, each followed by a step."""
+    later batches at 0.01 * its distance to x0, each followed by a step. With ``predict`` (labels of rows)
+    the start is a random point of another class and the search keeps the side answered with another
+    class, as the real attack does, so the probes sit on the model's decision boundary."""
     start = lo + (np.asarray(hi) - lo) * rng.uniform(size=x0.shape)
+    y0 = None if predict is None else int(predict(x0[None])[0])
+    for _ in range(100 if predict is not None else 0):
+        if int(predict(start[None])[0]) != y0:  # type: ignore[misc]
+            break
+        start = lo + (np.asarray(hi) - lo) * rng.uniform(size=x0.shape)
     rows = [x0.copy(), start]
     a, b = 0.0, 1.0
     while len(rows) < 14:
         mid = (a + b) / 2
         rows.append((1 - mid) * x0 + mid * start)
-        a, b = (a, mid) if rng.random() < 0.5 else (mid, b)
+        adversarial = rng.random() < 0.5 if predict is None else int(predict(rows[-1][None])[0]) != y0
+        a, b = (a, mid) if adversarial else (mid, b)
     boundary = (1 - b) * x0 + b * start
     span = float(np.max(np.asarray(hi) - lo))
     first = True

@@ -7,6 +7,8 @@ import math
 
 import numpy as np
 import pytest
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import FunctionTransformer
 
 from detectors.trackers import SessionTrackers, TrackerConfig, fit_tracker_config
 
@@ -76,11 +78,13 @@ class TestFit:
 
 class TestDefault:
     def test_default_config_works_without_reference(self, digits: Digits) -> None:
-        """With no profile, fingerprints still catch a near-duplicate attack; coverage/neighbours stay 0."""
+        """With no profile, fingerprints still catch a near-duplicate attack on the model's boundary (its
+        near-duplicates are answered with both classes); coverage/neighbours stay 0."""
         cfg = TrackerConfig.default(64)
         tr = SessionTrackers(cfg, salt=SALT)
+        model = make_pipeline(FunctionTransformer(lambda x: 16.0 * x), digits.model)  # inputs scaled to [0, 1]
         x0 = digits.X_held[0] / 16.0
-        hist = run_stream(tr, hsj_like(x0, np.random.default_rng(1), 80))
+        hist = run_stream(tr, hsj_like(x0, np.random.default_rng(1), 80, predict=model.predict), model)
         assert first_at(hist, "session.fingerprint", 0.5) is not None
         assert all(h["session.coverage"] == 0.0 and h["session.neighbors"] == 0.0 for h in hist)
         assert not cfg.fitted

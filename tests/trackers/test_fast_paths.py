@@ -275,7 +275,9 @@ class _ReferenceIndex(GlobalFingerprintIndex):
                 need = max(1, math.ceil(self.match_threshold * nz.size))
                 near = (shared >= need) & (self._time[cand] >= oldest)
                 counted = near & (self._session[cand] != sid)
-                m = float(np.sum(self._weight[cand][counted]))
+                labels = self._label[cand][near & (self._label[cand] >= 0)]
+                straddles = bool(np.any(self._mixed[cand][near])) or np.unique(labels).size > 1
+                m = float(np.sum(self._weight[cand][counted])) if straddles else 0.0
                 best = max(best, m / (1.0 + volume * max(0.0, float(rho))))
                 if near.any():
                     merge = int(cand[np.argmax(np.where(near, shared, -1))])
@@ -306,10 +308,14 @@ class TestGlobalObserve:
             dens = None if step % 5 == 0 else rng.choice([0.0, 0.0, 0.01, 0.3], size=rows)
             session = f"s{int(rng.integers(6))}"
             assert fast.observe(session, fps, keys, now, dens) == ref.observe(session, fps, keys, now, dens)
+            answers = rng.integers(0, 2, size=fps.shape[0])  # clusters answered with one class or two
+            fast.learn(fps, answers, now)
+            ref.learn(fps, answers, now)
             now += float(rng.choice([0.1, 0.5, 3.0]))
         assert ref._fps is not None and fast._fps is not None
+        assert fast._mixed.any() and not fast._mixed.all()
         for name in ("_fps", "_table", "_bucket_head", "_session", "_time", "_weight", "_bin_count", "_bin_id",
-                     "_digest_ring"):
+                     "_digest_ring", "_label", "_mixed"):
             assert np.array_equal(getattr(fast, name), getattr(ref, name)), name
         assert fast._digests == ref._digests
 

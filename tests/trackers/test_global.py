@@ -12,11 +12,23 @@ from .streams import benign_stream, hsj_like
 
 
 def observe_stream(index: GlobalFingerprintIndex, trackers: SessionTrackers, rows: np.ndarray,
-                   sessions: list[str], t0: float = 0.0) -> list[float]:
-    """One row per request, the sessions taking turns; one second between requests."""
+                   sessions: list[str], t0: float = 0.0, answers: np.ndarray | None = None) -> list[float]:
+    """One row per request, the sessions taking turns; one second between requests. ``answers``: the class
+    the model answered for each row, learned by the index after each request (as the guard does)."""
     fps, digests = trackers.fingerprints(rows), trackers.row_keys(rows)
-    return [index.observe(sessions[i % len(sessions)], fps[i : i + 1], digests[i : i + 1], t0 + i)
-            for i in range(rows.shape[0])]
+    scores = []
+    for i in range(rows.shape[0]):
+        scores.append(index.observe(sessions[i % len(sessions)], fps[i : i + 1], digests[i : i + 1], t0 + i))
+        if answers is not None:
+            index.learn(fps[i : i + 1], answers[i : i + 1], t0 + i)
+    return scores
+
+
+def boundary_search(digits: Digits, i: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """A HopSkipJump-shaped search on the model's decision boundary from held-out image ``i``, and the model's
+    answers to it."""
+    rows = hsj_like(digits.X_held[i], np.random.default_rng(i), n, hi=16.0, predict=digits.model.predict)
+    return rows, digits.model.predict(rows)
 
 
 class TestGlobalIndex:
@@ -24,22 +36,24 @@ class TestGlobalIndex:
         """A HopSkipJump-shaped stream sent round-robin from 10 session ids crosses 0.5 within 60 queries,
         while no single session sees more than 6 of those queries."""
         index = GlobalFingerprintIndex(max_entries=10_000)
-        rows = hsj_like(digits.X_held[3], np.random.default_rng(3), 60, hi=16.0)
-        scores = observe_stream(index, trackers, rows, [f"attacker-{i}" for i in range(10)])
+        rows, answers = boundary_search(digits, 3, 60)
+        scores = observe_stream(index, trackers, rows, [f"attacker-{i}" for i in range(10)], answers=answers)
         assert max(scores) >= 0.5
         assert min(scores) >= 0.0 and max(scores) <= 1.0
 
     def test_distinct_inputs_with_one_fingerprint_all_count(self, trackers: SessionTrackers,
                                                             digits: Digits) -> None:
         """Perturbations far below a quantisation step share one fingerprint (as many HopSkipJump probes do);
-        each distinct input counts, so 50 keys sending one each push a 51st key's probe past 0.95."""
+        once the cluster is answered with two classes (it lies on the boundary), each distinct input counts,
+        so 50 keys sending one each push a 51st key's probe past 0.95."""
         index = GlobalFingerprintIndex(max_entries=10_000)
         rng = np.random.default_rng(11)
         x = digits.X_held[7]
         rows = np.stack([x + rng.normal(0, 1e-6, x.shape) for _ in range(51)])
         fps = trackers.fingerprints(rows)
         assert len({r.tobytes() for r in fps}) <= 3  # essentially one fingerprint
-        scores = observe_stream(index, trackers, rows, [f"sybil-{i}" for i in range(51)])
+        scores = observe_stream(index, trackers, rows, [f"sybil-{i}" for i in range(51)],
+                                answers=np.arange(51) % 2)
         assert scores[-1] >= 0.95
         assert len(index) <= 3  # stored once, with a weight
 
@@ -52,14 +66,29 @@ class TestGlobalIndex:
         assert scores == [0.0] * 201
         assert len(index) == 1 and index.volume(300.0) == 1.0
 
+    def test_a_popular_input_answered_alike_never_counts(self, trackers: SessionTrackers, digits: Digits) -> None:
+        """300 clients each sending their own slightly edited copy of one popular input, all answered with one
+        class, score 0 however many there are; once copies of it are answered with two classes (a search on
+        the boundary), the next copy from another key scores at the block level."""
+        index = GlobalFingerprintIndex(max_entries=10_000)
+        rng = np.random.default_rng(15)
+        x = digits.X_held[4]
+        rows = np.stack([x + rng.normal(0, 1e-6, x.shape) for _ in range(302)])
+        scores = observe_stream(index, trackers, rows[:300], [f"user-{i}" for i in range(300)],
+                                answers=np.full(300, 7))
+        assert max(scores) == 0.0
+        observe_stream(index, trackers, rows[300:301], ["prober"], t0=300.0, answers=np.array([3]))
+        assert observe_stream(index, trackers, rows[301:], ["prober-2"], t0=301.0)[0] >= 0.95
+
     def test_new_key_of_a_blocked_attacker_is_recognised(self, trackers: SessionTrackers, digits: Digits) -> None:
         """After one key sent an attack's queries, a fresh key continuing the attack reaches 0.95 (the default
         policy's block) within its first 3 queries, and on most of its next 10 (the per-session trackers
         know nothing of the new key)."""
         index = GlobalFingerprintIndex(max_entries=10_000)
-        rows = hsj_like(digits.X_held[9], np.random.default_rng(9), 130, hi=16.0)
-        observe_stream(index, trackers, rows[:120], ["attacker-key-1"])
-        fresh = np.array(observe_stream(index, trackers, rows[120:], ["attacker-key-2"], t0=200.0))
+        rows, answers = boundary_search(digits, 9, 110)  # the new key continues the current batch of probes
+        observe_stream(index, trackers, rows[:100], ["attacker-key-1"], answers=answers[:100])
+        fresh = np.array(observe_stream(index, trackers, rows[100:], ["attacker-key-2"], t0=200.0,
+                                        answers=answers[100:]))
         assert fresh[:3].max() >= 0.95
         assert np.mean(fresh >= 0.95) >= 0.5
 
@@ -72,7 +101,7 @@ class TestGlobalIndex:
         rng = np.random.default_rng(13)
         observe_stream(index, trackers, x[None, :], ["first-user"])
         seeds = np.stack([x + rng.normal(0, 1e-6, x.shape) for _ in range(36)])
-        observe_stream(index, trackers, seeds, [f"seeder-{i}" for i in range(4)], t0=1.0)
+        observe_stream(index, trackers, seeds, [f"seeder-{i}" for i in range(4)], t0=1.0, answers=np.arange(36) % 2)
         victims = observe_stream(index, trackers, np.repeat(x[None, :], 3, axis=0), ["u1", "u2", "u3"], t0=50.0)
         assert victims == [0.0, 0.0, 0.0]
         fresh = x + rng.normal(0, 1e-6, x.shape)  # a new near-copy is still seen as part of the cluster
@@ -105,10 +134,11 @@ class TestGlobalIndex:
     def test_own_session_and_old_entries_do_not_count(self, trackers: SessionTrackers, digits: Digits) -> None:
         """Near-duplicates from the same session, or older than the window, do not raise the global score."""
         index = GlobalFingerprintIndex(max_entries=1000, window_s=100.0)
-        rows = hsj_like(digits.X_held[5], np.random.default_rng(5), 60, hi=16.0)
-        assert max(observe_stream(index, trackers, rows[:40], ["one"])) == 0.0
-        assert observe_stream(index, trackers, rows[40:41], ["late"], t0=1000.0)[0] == 0.0
-        assert observe_stream(index, trackers, rows[41:42], ["fresh"], t0=1001.0)[0] > 0.0
+        rows, answers = boundary_search(digits, 5, 60)
+        assert max(observe_stream(index, trackers, rows[:40], ["one"], answers=answers[:40])) == 0.0
+        assert observe_stream(index, trackers, rows[40:41], ["late"], t0=1000.0, answers=np.array([0]))[0] == 0.0
+        observe_stream(index, trackers, rows[41:42], ["late-2"], t0=1000.5, answers=np.array([1]))
+        assert observe_stream(index, trackers, rows[42:43], ["fresh"], t0=1001.0)[0] > 0.0
 
     def test_bounded_entries_and_digests(self, trackers: SessionTrackers) -> None:
         """The index never holds more than max_entries fingerprints, nor more than max_entries digests."""
@@ -192,17 +222,22 @@ class TestReferenceDensity:
         assert density[1] == 0.0
 
     def test_benign_crowd_is_discounted(self, dense: tuple[SessionTrackers, np.ndarray]) -> None:
-        """1,000 clients sending distinct rows from the crowded region: with the density discount the global
-        score stays below 0.8; without it (density 0) the same traffic looks like a spread attack."""
+        """1,000 clients sending distinct rows from the crowded region, answered with two classes (the crowd
+        lies on the boundary): with the density discount the global score stays below 0.8; without it
+        (density 0) the same traffic looks like a spread attack."""
         trackers, _ = dense
         rng = np.random.default_rng(22)
         rows = 5.0 + rng.normal(0, 0.01, size=(1000, 16))
         fps, digests = trackers.fingerprints(rows), trackers.row_keys(rows)
         density = trackers.reference_density(fps)
         with_density, without = GlobalFingerprintIndex(), GlobalFingerprintIndex()
-        scored = [with_density.observe(f"u{i}", fps[i : i + 1], digests[i : i + 1], float(i), density[i : i + 1])
-                  for i in range(1000)]
-        naive = [without.observe(f"u{i}", fps[i : i + 1], digests[i : i + 1], float(i)) for i in range(1000)]
+        scored, naive = [], []
+        for i in range(1000):
+            fp, dg, answer = fps[i : i + 1], digests[i : i + 1], np.array([i % 2])
+            scored.append(with_density.observe(f"u{i}", fp, dg, float(i), density[i : i + 1]))
+            naive.append(without.observe(f"u{i}", fp, dg, float(i)))
+            with_density.learn(fp, answer, float(i))
+            without.learn(fp, answer, float(i))
         assert max(scored) < 0.8
         assert max(naive) >= 0.95
 
@@ -237,4 +272,6 @@ class TestReferenceDensity:
 
             assert lazy.observe(f"u{i}", fp, dg, float(i), density) == eager.observe(
                 f"u{i}", fp, dg, float(i), trackers.reference_density(fp))
+            lazy.learn(fp, np.array([i % 2]), float(i))  # answered with two classes: the rows count
+            eager.learn(fp, np.array([i % 2]), float(i))
         assert 0 < len(asked) < 80
