@@ -124,7 +124,11 @@ class TextChecks:
             scores = np.zeros_like(counts)
             for j in range(3):
                 present = counts[:, j] > 0
-                if present.any():
+                if present.any() and ref[-1, j] == 0:
+                    # no reference text had any: an occurrence is beyond the whole reference, which a conformal
+                    # p-value of a small reference (1 / (n + 1)) would understate below the policy's threshold
+                    scores[present, j] = 1.0
+                elif present.any():
                     scores[present, j] = 1.0 - _upper_p(ref[:, j], counts[present, j])
             length = self._length_score(np.log1p(stats[:, 3]), ref[:, 3])
         return {CHECK_NAMES[j]: scores[:, j] for j in range(3)} | {"text.length": length}

@@ -217,7 +217,7 @@ def _policy(tmp_path: Any, text: str) -> str:
 
 
 class TestCredentialBytes:
-    @pytest.mark.parametrize("header", [b"X-API-Key: caf\xe9", b"Authorization: Bearer caf\xe9"])
+    @pytest.mark.parametrize("header", [b"X-API-Key: zz-secret\xe9", b"Authorization: Bearer zz-secret\xe9"])
     async def test_non_utf8_credential_is_refused_cleanly(self, model: Model, start_guard, header: bytes) -> None:
         """A key or token with a byte outside ASCII gets an answer that is not a 5xx, one event that says why,
         and nothing of the key in the event."""
@@ -229,7 +229,7 @@ class TestCredentialBytes:
         (event,) = guard.events_for("key8")
         assert event["guard"]["credential_error"] == "credential is not printable ASCII"
         assert event["guard"]["session_source"] == "address"
-        assert "caf" not in orjson.dumps(event).decode()
+        assert "secret" not in orjson.dumps(event).decode()
 
     async def test_non_ascii_credential_gets_401_when_required(self, model: Model, start_guard,
                                                                tmp_path: Any) -> None:

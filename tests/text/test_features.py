@@ -105,6 +105,15 @@ class TestChecks:
         assert long["text.length"][0] > 0.999
 
 
+    def test_class_absent_from_a_small_reference_reaches_the_policy_threshold(self) -> None:
+        """On 200 clean reference texts, one zero-width character scores 1.0 (the default rule fires at 0.999;
+        a conformal p-value alone gives at most 200/201), and a clean text still scores 0."""
+        reference = [f"ticket {i}: my order {i % 7} has not arrived" for i in range(200)]
+        checks = TextChecks().fit(reference)
+        scores = checks.score(["my order\u200b has not arrived", "my order has not arrived"])
+        assert scores["text.invisible"].tolist() == [1.0, 0.0]
+
+
 class TestTextProfile:
     def test_held_out_calibration(self, fortunes: TextData, text_profile: Profile) -> None:
         """Held-out texts of the reference distribution pass ood.combined at 0.99 about 99 % of the time."""
