@@ -28,6 +28,7 @@ not met is printed as MISSED. Exit status 1 when any benign session was blocked.
 Run:  python bench/detection_matrix.py --quick     (CI: a few minutes)
       python bench/detection_matrix.py             (3,000 benign sessions per model, 3 runs per attack)
       python bench/detection_matrix.py --models wine-rf digits-mlp --per-shape 100
+      python bench/detection_matrix.py --quick --no-attacks --text   (with the text model's row)
 """
 
 from __future__ import annotations
@@ -113,6 +114,29 @@ def attack_row(model: MatrixModel, name: str, runs: list[AttackRun]) -> tuple[st
             f"{'ok' if met else 'MISSED'}{f' (<= {target})' if target else ''} |", met)
 
 
+def text_rows(*, quick: bool, missed: list[str]) -> tuple[int, list[str]]:
+    """The text model's row (``bench/_matrix_text.py``: TF-IDF + logistic regression behind the real guard over
+    HTTP): benign sessions blocked, attack success with and without the guard, thief agreement."""
+    from bench._matrix_text import text_row
+
+    row = text_row(texts=5 if quick else 20, benign=30 if quick else 300, budget=150 if quick else 300)
+    benign = row["benign"]
+    blocked, sessions = benign["sessions_blocked"], benign["sessions"]
+    if upper95(blocked, sessions) > BLOCK_TARGET:
+        missed.append(f"text-fortunes: blocked benign sessions above {100 * BLOCK_TARGET:g} % (upper bound)")
+    table = ["| model | benign sessions blocked (95 % upper bound) | word substitution success guarded / unguarded "
+             "| character edits success guarded / unguarded | thief agreement guarded / unguarded |",
+             "|---|---|---|---|---|",
+             f"| text-fortunes | {_pct(blocked, sessions)} | {row['word']['success_with_guard']:.2f} / "
+             f"{row['word']['success_without_guard']:.2f} | {row['char']['success_with_guard']:.2f} / "
+             f"{row['char']['success_without_guard']:.2f} | {row['extraction_with_guard']['agreement']:.2f} / "
+             f"{row['extraction_without_guard']['agreement']:.2f} |"]
+    for name in ("word", "char"):
+        if row[name]["success_with_guard"] > 0:
+            missed.append(f"text-fortunes: {name} attack succeeded through the guard")
+    return blocked, table
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="10 sessions per shape, 1 run per attack, small budgets")
@@ -121,6 +145,8 @@ def main() -> int:
     ap.add_argument("--per-shape", type=int, default=None, help="benign sessions per shape (full: 500)")
     ap.add_argument("--runs", type=int, default=None, help="runs per attack (full: 3)")
     ap.add_argument("--no-attacks", action="store_true")
+    ap.add_argument("--text", action=argparse.BooleanOptionalAction, default=None,
+                    help="the text row (real MLServer, bench/_matrix_text.py; default: on in the full run)")
     args = ap.parse_args()
     warnings.simplefilter("ignore")  # the thieves' convergence and scikit-learn's deprecation notices: noise here
     per_shape = args.per_shape or (10 if args.quick else 500)
@@ -171,6 +197,10 @@ def main() -> int:
                 if not met:
                     missed.append(f"{name}: {attack}")
             print(f"<!-- {name}: {time.process_time() - t0:.0f} s CPU -->", flush=True)
+    if args.text if args.text is not None else not args.quick:
+        blocked_text, text_table = text_rows(quick=args.quick, missed=missed)
+        blocked_benign += blocked_text
+        print("\n".join(text_table), flush=True)
     print()
     print("\n".join(benign_table))
     print()

@@ -9,6 +9,7 @@ import io
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -38,10 +39,18 @@ def cli(*argv: str) -> tuple[int, str, str]:
 
 
 async def post(http: aiohttp.ClientSession, url: str, x: np.ndarray, key: str, rid: str) -> int:
+    return (await ask(http, url, x, key, rid))[0]
+
+
+async def ask(http: aiohttp.ClientSession, url: str, x: np.ndarray, key: str, rid: str) -> tuple[int, int | None]:
+    """(status, the class the model answered; None when refused)."""
     headers = {"Content-Type": "application/json", "X-API-Key": key, "X-Request-Id": rid}
     async with http.post(url + INFER, data=v2_body(x), headers=headers) as r:
-        await r.read()
-        return r.status
+        body = await r.read()
+        if r.status != 200:
+            return r.status, None
+    data = orjson.loads(body)["outputs"][0]["data"]
+    return r.status, int(np.argmax(data)) if len(data) > 1 else int(data[0])
 
 
 @dataclass
@@ -63,20 +72,48 @@ class Captured:
 async def _drive(guard_url: str, digits: DigitsData) -> dict[str, int]:
     rng = np.random.default_rng(5)
     statuses: dict[str, int] = {}
-    async with aiohttp.ClientSession() as http:
-        for k in range(12):  # benign clients: held-out digits
-            for i, x in enumerate(digits.X_test[rng.choice(len(digits.X_test), 10, replace=False)]):
-                statuses[f"benign{k}-{i}"] = await post(http, guard_url, x, f"benign-key-{k}", f"benign{k}-{i}")
-        for i in range(6):  # out-of-distribution: noise images
-            statuses[f"noise-{i}"] = await post(http, guard_url, rng.uniform(0, 16, 64), "noise-key", f"noise-{i}")
-        base = digits.X_test[3]
-        refused = 0
-        for i in range(60):  # black-box probing: near-duplicates of one digit, a few more after the block
-            x = np.clip(base + rng.normal(0, 0.5, 64) * (1 + i % 5) / 5, 0, 16)
-            statuses[f"probe-{i}"] = await post(http, guard_url, x, "probe-key", f"probe-{i}")
-            refused += statuses[f"probe-{i}"] == 403
-            if refused == 3:
-                break
+    # every client from its own loopback address: unregistered keys from one address also share that
+    # address's session (its blocks too), and the captured sessions must stay apart
+    clients: dict[str, aiohttp.ClientSession] = {}
+
+    def client(key: str) -> aiohttp.ClientSession:
+        if key not in clients:
+            local = ("127.0.0." + str(2 + len(clients)), 0)
+            clients[key] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=local))
+        return clients[key]
+
+    try:
+        return await _send_all(client, guard_url, digits, rng, statuses)
+    finally:
+        for http in clients.values():
+            await http.close()
+
+
+async def _send_all(client: Callable[[str], aiohttp.ClientSession], guard_url: str, digits: DigitsData,
+                    rng: np.random.Generator, statuses: dict[str, int]) -> dict[str, int]:
+    for k in range(12):  # benign clients: held-out digits
+        for i, x in enumerate(digits.X_test[rng.choice(len(digits.X_test), 10, replace=False)]):
+            statuses[f"benign{k}-{i}"] = await post(client(f"benign-key-{k}"), guard_url, x, f"benign-key-{k}",
+                                                    f"benign{k}-{i}")
+    for i in range(6):  # out-of-distribution: noise images
+        statuses[f"noise-{i}"] = await post(client("noise-key"), guard_url, rng.uniform(0, 16, 64), "noise-key",
+                                            f"noise-{i}")
+    # black-box probing as HopSkipJump does it: a binary search between two digits of different classes,
+    # steered by the answers, then probes around the boundary point; a few more after the block
+    a, b = digits.X_test[np.argmax(digits.y_test == 1)], digits.X_test[np.argmax(digits.y_test == 7)]
+    label, lo, hi, refused = None, 0.0, 1.0, 0
+    for i in range(60):
+        t = 0.0 if i == 0 else (lo + hi) / 2 if i <= 12 else hi
+        x = np.clip(a + t * (b - a) + rng.normal(0, 0.05, 64), 0, 16)
+        statuses[f"probe-{i}"], answer = await ask(client("probe-key"), guard_url, x, "probe-key",
+                                                      f"probe-{i}")
+        if i == 0:
+            label = answer
+        elif i <= 12 and answer is not None:
+            lo, hi = (lo, t) if answer != label else (t, hi)
+        refused += statuses[f"probe-{i}"] == 403
+        if refused == 3:
+            break
     return statuses
 
 
