@@ -20,9 +20,12 @@ async def read_response(reader: asyncio.StreamReader, timeout: float = 10.0) -> 
     return status, headers, body
 
 
-async def exchange(port: int, data: bytes, timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:
-    """Send ``data`` as is on a new connection to 127.0.0.1:``port`` and read one response."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+async def exchange(port: int, data: bytes, timeout: float = 10.0, *,
+                   source: str | None = None) -> tuple[int, dict[str, str], bytes]:
+    """Send ``data`` as is on a new connection to 127.0.0.1:``port`` (from loopback address ``source`` when
+    given, e.g. ``127.0.3.9``, so the guard sees a client of its own) and read one response."""
+    local = (source, 0) if source else None
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=local)
     try:
         writer.write(data)
         await writer.drain()

@@ -27,6 +27,26 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_port_run(count: int) -> int:
+    """The first of ``count`` consecutive TCP ports all free on 127.0.0.1 right now (``GUARD_WORKERS`` puts
+    worker k's admin listener on the admin port + k)."""
+    for _ in range(200):
+        first = free_port()
+        held: list[socket.socket] = []
+        try:
+            for port in range(first, first + count):
+                s = socket.socket()
+                held.append(s)
+                s.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in held:
+                s.close()
+    raise RuntimeError(f"no run of {count} free ports on 127.0.0.1")
+
+
 @asynccontextmanager
 async def serve_app(app: web.Application, *, port: int | None = None, **runner: Any) -> AsyncIterator[str]:
     """Run ``app`` on 127.0.0.1 (a free port unless ``port`` is given); yields its base URL, cleaned up after.

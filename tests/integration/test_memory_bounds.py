@@ -60,15 +60,17 @@ def _hostile_refused(row: np.ndarray, key: str) -> list[bytes]:
     ]
 
 
-async def _send_all(port: int, requests: list[bytes]) -> list[int]:
+async def _send_all(port: int, requests: list[bytes], batch: int) -> list[int]:
+    """Send every request from a loopback address of its own: unregistered keys from one address share that
+    address's session and rate bucket (issue 14), and these are meant to be many new clients, none throttled."""
     sem = asyncio.Semaphore(16)
 
-    async def one(data: bytes) -> int:
+    async def one(i: int, data: bytes) -> int:
         async with sem:
-            status, _, _ = await exchange(port, data)
+            status, _, _ = await exchange(port, data, source=f"127.{10 + batch}.{i // 250}.{i % 250 + 1}")
             return status
 
-    return list(await asyncio.gather(*(one(r) for r in requests)))
+    return list(await asyncio.gather(*(one(i, r) for i, r in enumerate(requests))))
 
 
 class TestHostileHeaders:
@@ -85,14 +87,14 @@ class TestHostileHeaders:
         label_counts = []
         for batch in range(2):
             scored = [_hostile_scored(rows[(batch * 60 + i) % len(rows)], f"b{batch}") for i in range(60)]
-            statuses = await _send_all(port, scored)
+            statuses = await _send_all(port, scored, 2 * batch)
             assert statuses.count(200) >= 50, statuses  # the default policy may flag or block a few digits
             assert state.sessions.size() == SESSION_MAX
 
             before = state.sessions.size()
             refused_keys = [f"refused-{secrets.token_hex(10)}" for _ in range(10)]
             refused = [r for i, key in enumerate(refused_keys) for r in _hostile_refused(rows[i], key)]
-            statuses = await _send_all(port, refused)
+            statuses = await _send_all(port, refused, 2 * batch + 1)
             assert sorted(set(statuses)) == [400, 403, 431], statuses
             for key in refused_keys:  # the session id the key would have named was never created
                 assert state.sessions.peek(state.identity.hash("key", key)) is None
@@ -124,7 +126,7 @@ class TestHostileHeaders:
             _request(body, f"Authorization: Bearer {token}{'e' * 40000}\r\n"),  # longer than the field limit
             _request(body, f"X {key}: v\r\n"),                                # space in a header name
         ]
-        statuses = await _send_all(port, bad)
+        statuses = await _send_all(port, bad, 9)
         assert statuses == [400, 431, 400]  # a header over the field limit is "headers too large" (issue 14)
         refused = guard.state.metrics.registry.get_sample_value("inference_guard_connections_refused_total",
                                                                 {"reason": "malformed_request"})

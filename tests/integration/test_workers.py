@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from tests._support.redis import delete_prefix
-from tests._support.servers import free_port, spawn_guard, wait_http_ready
+from tests._support.servers import free_port, free_port_run, spawn_guard, wait_http_ready
 from tests.conftest import DigitsData, v2_body
 from tests.integration.test_redis_processes import INFER, POLICY, probing_stream  # the same attacker and rule
 
@@ -44,9 +44,10 @@ async def start_guard_proc(tmp_path: Path, demo_model_url: str,
     policy.write_text(POLICY)
 
     async def start(workers: int) -> Guard:
-        port, admin = free_port(), free_port()
-        while any(free_port() == admin + i for i in range(1, workers)):  # admin + k must be free as well
-            admin = free_port()
+        admin = free_port_run(workers)  # worker k's admin listener is on admin + k
+        port = free_port()
+        while admin <= port < admin + workers:
+            port = free_port()
         env = {**os.environ, "GUARD_LISTEN": f"127.0.0.1:{port}", "GUARD_ADMIN_LISTEN": f"127.0.0.1:{admin}",
                "GUARD_UPSTREAM": demo_model_url, "GUARD_HMAC_KEY": "shared-test-key", "GUARD_POLICY": str(policy),
                "GUARD_PROFILE": digits_profile, "GUARD_WORKERS": str(workers),
