@@ -214,8 +214,12 @@ def _parse_v2(body: bytes, content_type: str | None, limits: ParseLimits,
         if type(shape) is not list or not shape or any(type(d) is not int or d < 0 for d in shape):
             raise ProtocolError(f"{where}.shape must be a non-empty list of non-negative integers")
         rows, count = shape[0], math.prod(shape)
-        if rows == 0 or count > limits.max_texts or rows > limits.max_rows:
-            raise ProtocolError("empty batch" if rows == 0 else f"too many text inputs: more than {limits.max_texts}")
+        if rows == 0:
+            raise ProtocolError("empty batch")
+        if count == 0:  # rows of no text at all: nothing to score, and the model would get empty rows
+            raise ProtocolError(f"{where}.shape has no elements")
+        if count > limits.max_texts or rows > limits.max_rows:
+            raise ProtocolError(f"too many text inputs: more than {limits.max_texts}")
         if batch is not None and rows != batch:
             raise ProtocolError("inputs have different batch sizes")
         batch = rows

@@ -79,6 +79,7 @@ class TestTextRefusals:
             ("v2", {"inputs": [{"name": "t", "shape": [1], "datatype": "BYTES", "data": [1]}]}, "numbers mixed"),
             ("v2", {"inputs": [{"name": "t", "shape": [2], "datatype": "BYTES", "data": ["a"]}]},
              "1 elements but shape needs 2"),
+            ("v2", {"inputs": [{"name": "t", "shape": [1, 0], "datatype": "BYTES", "data": []}]}, "no elements"),
             ("v2", {"inputs": [{"name": "t", "shape": [1], "datatype": "BYTES", "data": ["a"],
                                 "parameters": {"content_type": "base64"}}]}, "content_type"),
             ("v1", {"instances": ["a", 1]}, "numbers mixed"),

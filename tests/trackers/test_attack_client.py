@@ -140,14 +140,17 @@ class TestGuardClient:
 @pytest.mark.slow
 class TestAttacks:
     def test_hsj_succeeds_unguarded_and_is_stopped_when_refused(self, server_factory, digits: Digits) -> None:  # type: ignore[no-untyped-def]
-        """Unhindered, HopSkipJump finds an adversarial example; refused after 20 queries it stops and fails."""
+        """Unhindered, HopSkipJump finds an adversarial example; refused after 20 queries it stops and fails.
+
+        The goal is a tenth of what 200 free queries reached: HopSkipJump's start varies from run to run, and
+        one run in CI met half that distance by its sixth query."""
         free = server_factory(10**6)
         res = black_box_evasion(GuardClient(free.url, ["k"], "free"), digits.X_held[0], method="hsj",
                                 goal_l2=1e9, n_classes=10, clip=(0.0, 16.0), budget=200)
         assert res.success and not res.stopped and np.isfinite(res.detail["best_l2"])
         strict = server_factory(20)
         res = black_box_evasion(GuardClient(strict.url, ["k"], "strict"), digits.X_held[0], method="hsj",
-                                goal_l2=0.5 * res.detail["best_l2"], n_classes=10, clip=(0.0, 16.0), budget=200)
+                                goal_l2=0.1 * res.detail["best_l2"], n_classes=10, clip=(0.0, 16.0), budget=200)
         assert res.stopped and not res.success and res.answered == 20
 
     @pytest.mark.parametrize("method", ["copycat", "knockoff", "natural", "jbda", "uniform"])
