@@ -13,7 +13,8 @@ import os
 import re
 import time
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import aiohttp
 import numpy as np
@@ -196,7 +197,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
             out.rule = "passthrough"
             response, upstream_time = await _passthrough(request, state, match, out, request_id)
         else:
-            response, upstream_time = await _inference(request, state, match, out, request_id, started)
+            response, upstream_time = await _inference(request, state, match, out, request_id)
     except BadBody as exc:
         out.rule = "invalid-input"
         response = _reject(state, out, 400, "invalid_input", str(exc), request_id)
@@ -436,43 +437,77 @@ async def _passthrough(request: web.Request, state: GuardState, match: RouteMatc
 
 
 async def _inference(request: web.Request, state: GuardState, match: RouteMatch, out: _Outcome,
-                     request_id: str, started: float) -> tuple[web.StreamResponse, float]:
+                     request_id: str) -> tuple[web.StreamResponse, float]:
+    """One scored request, top-down: admit → score and decide → answer (refuse, or forward, learn, harden);
+    the session records are written once, at the end, whatever the answer."""
+    admitted = await _admit(request, state, match, out, request_id)
+    if isinstance(admitted, web.Response):
+        return admitted, 0.0  # refused before any session was read: nothing to write
+    verdict = await _score_and_decide(request, state, admitted, out)
+    response, upstream_time = await _answer(request, state, admitted, verdict, out, request_id)
+    await admitted.sessions.save(state, admitted.now)
+    return response, upstream_time
+
+
+@dataclass(slots=True)
+class _Admitted:
+    """A request that passed access, body and schema checks, with its session records read and its rate
+    limit taken: everything the decision needs besides the scores."""
+
+    now: float
+    match: RouteMatch
+    eff: EffectivePolicy
+    identity: Identity
+    body: bytes
+    parsed: ParsedRequest
+    features: np.ndarray  # clipped to float32's range: what the detectors and the trackers score
+    beyond_range: bool
+    strip_query: bool
+    sessions: _Sessions
+    request_facts: RequestFacts
+    session_facts: SessionFacts
+
+
+@dataclass(slots=True)
+class _Verdict:
+    """The decision on an admitted request and the scores it was made on."""
+
+    decision: Decision
+    scores: dict[str, float]
+
+
+async def _admit(request: web.Request, state: GuardState, match: RouteMatch, out: _Outcome,
+                 request_id: str) -> _Admitted | web.Response:
+    """Identity and access, the query rule, the body, parsing and the input schema, then the session records
+    with their cool-down and rate limit (``ratelimit.rate_check``, as the replay); a refusal is the 4xx."""
     settings = state.settings
     now = time.time()
     identity = state.identity.resolve(request.headers, request.remote)
     out.session, out.source_ip = identity.session, identity.address
-    policy = state.policies.current
-    eff = policy.for_model(match.model)
+    eff = state.policies.current.for_model(match.model)
     out.enforced = eff.mode == "enforce"
     refusal = _access_refusal(state, out, identity, eff, request_id, model_required=True)
     if refusal is not None:
-        return refusal, 0.0
+        return refusal
     has_query = "?" in request.raw_path
     if has_query and eff.input.query == "refuse":
         out.rule = "query-not-allowed"
         return _reject(state, out, 400, "invalid_input", "a query string is not accepted on this route "
-                       "(policy input.query)", request_id), 0.0
-
+                       "(policy input.query)", request_id)
     body = await _read_body(request, settings.max_body_bytes, settings.client_read_timeout)
     if body is None:
-        return _reject(state, out, 413, "body_too_large",
-                       f"request body exceeds {settings.max_body_bytes} bytes", request_id), 0.0
+        return _reject(state, out, 413, "body_too_large", f"request body exceeds {settings.max_body_bytes} bytes",
+                       request_id)
     try:
-        header_len = request.headers.getall("Inference-Header-Content-Length", [])
-        parsed = parse_request(
-            match.protocol or "v2", body, content_type=request.headers.get("Content-Type"),
-            content_encoding=request.headers.get("Content-Encoding"), pointer=match.pointer,
-            limits=state.parse_limits,
-            inference_header_length=_header_length(header_len),
-        )
+        parsed = _parse(request, state, match, body)
         out.rows = parsed.rows
         parsed = project_texts(state.profile, parsed, match.model)
         check_input(parsed.features, eff.input, expected_features=state.profile.expected_features(match.model))
     except (ProtocolError, InputSchemaError) as exc:
         out.rule = "invalid-input"
-        return _reject(state, out, 400, "invalid_input", str(exc), request_id), 0.0
+        return _reject(state, out, 400, "invalid_input", str(exc), request_id)
+    features, beyond_range = representable(parsed.features)
 
-    features, beyond_range = representable(parsed.features)  # what the detectors and trackers score
     sessions = await _Sessions.load(state, identity, now)
     if len(sessions.entries) > 1:  # the address's session counts too: name it, so an operator can reset it
         out.fields["address_session"] = sessions.entries[1][0]
@@ -485,98 +520,144 @@ async def _inference(request: web.Request, state: GuardState, match: RouteMatch,
                                  age_seconds=now - record.first_seen, blocked_rule=sessions.blocked(now),
                                  rate_limited=rate_limited, retry_after=retry_after,
                                  usage=llm_session_facts(record.scores) if parsed.protocol in OPENAI_PROTOCOLS else {})
-    decision: Decision | None = None
-    scores: dict[str, float] = {}
-    failure = None
-    if eff.mode == "enforce" and (session_facts.blocked_rule is not None or rate_limited):
-        # a blocked or throttled session is refused before any scoring: refusals must stay cheap under abuse
-        early = decide(request_facts, scores, session_facts, eff)
-        decision = early if early.refused else None
-    if decision is None:
-        ctx = ScoringContext(features=features, row_shape=parsed.row_shape, model=match.model,
-                             protocol=parsed.protocol, body=body, policy=eff,
-                             extra={"request": request, "parsed": parsed})
-        scores, failure = await run_scorers(ctx, (_declared_scorer, _text_scorer),
-                                            state.async_scorers if eff.squeeze.enabled else (),
-                                            batched=state.profile.score_batched)
-        if beyond_range:  # a value the detectors cannot represent is as far out as it gets, never an error
-            out.fields["beyond_float32"] = True
-            if state.profile.expected_features(match.model) is not None:
-                saturate_detector_scores(scores, state.profile.score_names)
-        if failure is not None:
-            state.metrics.scoring_failures.labels(failure).inc()
-            out.fields["scoring_failure"] = failure
-        integrity = state.integrity.score(match.model)
-        if integrity is not None:
-            scores["integrity.canary"] = integrity
-        if eff.needs_session_scores:  # the trackers cost more than all detectors together: only when read
-            scores.update(await sessions.peek(state, features, match.model, now))
-        decision = decide(request_facts, scores, session_facts, eff, scoring_failure=failure)
+    return _Admitted(now=now, match=match, eff=eff, identity=identity, body=body, parsed=parsed, features=features,
+                     beyond_range=beyond_range, strip_query=has_query and eff.input.query == "strip",
+                     sessions=sessions, request_facts=request_facts, session_facts=session_facts)
+
+
+def _parse(request: web.Request, state: GuardState, match: RouteMatch, body: bytes) -> ParsedRequest:
+    return parse_request(
+        match.protocol or "v2", body, content_type=request.headers.get("Content-Type"),
+        content_encoding=request.headers.get("Content-Encoding"), pointer=match.pointer,
+        limits=state.parse_limits,
+        inference_header_length=_header_length(request.headers.getall("Inference-Header-Content-Length", [])),
+    )
+
+
+async def _score_and_decide(request: web.Request, state: GuardState, a: _Admitted, out: _Outcome) -> _Verdict:
+    """The decision, recorded in the event and in the session records (query count, a cool-down it starts)."""
+    verdict = await _decide(request, state, a, out)
+    decision, scores = verdict.decision, verdict.scores
     if decision.unhardenable:  # decide() turned a harden into a block: this route's answers have no known shape
         out.fields["hardening"] = "unsupported"
     out.scores, out.action, out.rule, out.technique = scores, decision.action, decision.rule, decision.technique
     if decision.matched:
         out.fields["matched_rules"] = list(decision.matched)
-    out.fields.update(protocol=parsed.protocol, body_bytes=len(body), features=int(parsed.features.shape[1]),
-                      session_source=identity.source, session_queries=sessions.queries,
-                      session_age_seconds=round(now - record.first_seen, 3))
-    out.features = features
-    sessions.block(decision, eff, now)
-    sessions.count(parsed.rows)
+    record = a.sessions.record
+    out.fields.update(protocol=a.parsed.protocol, body_bytes=len(a.body), features=int(a.parsed.features.shape[1]),
+                      session_source=a.identity.source, session_queries=a.sessions.queries,
+                      session_age_seconds=round(a.now - record.first_seen, 3))
+    out.features = a.features
+    a.sessions.block(decision, a.eff, a.now)
+    a.sessions.count(a.parsed.rows)
     score_metric = state.metrics.scores_by
     for name, value in scores.items():
         score_metric(name).observe(value)
+    return verdict
 
+
+async def _decide(request: web.Request, state: GuardState, a: _Admitted, out: _Outcome) -> _Verdict:
+    """A blocked or throttled session is refused before any scoring (refusals must stay cheap under abuse);
+    every other request is scored, then decided."""
+    facts = a.session_facts
+    if a.eff.mode == "enforce" and (facts.blocked_rule is not None or facts.rate_limited):
+        early = decide(a.request_facts, {}, facts, a.eff)
+        if early.refused:
+            return _Verdict(early, {})
+    scores, failure = await _scores(request, state, a, out)
+    return _Verdict(decide(a.request_facts, scores, facts, a.eff, scoring_failure=failure), scores)
+
+
+async def _scores(request: web.Request, state: GuardState, a: _Admitted,
+                  out: _Outcome) -> tuple[dict[str, float], Literal["error", "budget"] | None]:
+    """Every score the policy may read: the stateless scorers (detectors within the budget), the model's
+    integrity and, when a rule reads them, the session trackers' (the worse of the request's two sessions)."""
+    model = a.match.model
+    ctx = ScoringContext(features=a.features, row_shape=a.parsed.row_shape, model=model,
+                         protocol=a.parsed.protocol, body=a.body, policy=a.eff,
+                         extra={"request": request, "parsed": a.parsed})
+    scores, failure = await run_scorers(ctx, (_declared_scorer, _text_scorer),
+                                        state.async_scorers if a.eff.squeeze.enabled else (),
+                                        batched=state.profile.score_batched)
+    if a.beyond_range:  # a value the detectors cannot represent is as far out as it gets, never an error
+        out.fields["beyond_float32"] = True
+        if state.profile.expected_features(model) is not None:
+            saturate_detector_scores(scores, state.profile.score_names)
+    if failure is not None:
+        state.metrics.scoring_failures.labels(failure).inc()
+        out.fields["scoring_failure"] = failure
+    integrity = state.integrity.score(model)
+    if integrity is not None:
+        scores["integrity.canary"] = integrity
+    if a.eff.needs_session_scores:  # the trackers cost more than all detectors together: only when read
+        scores.update(await a.sessions.peek(state, a.features, model, a.now))
+    return scores, failure
+
+
+async def _answer(request: web.Request, state: GuardState, a: _Admitted, verdict: _Verdict, out: _Outcome,
+                  request_id: str) -> tuple[web.StreamResponse, float]:
+    """The refusal the decision calls for, or the model's answer: forwarded, learnt from, hardened."""
+    decision = verdict.decision
     if decision.refused:
         out.outcome = "failure"
-        await sessions.save(state, now)
-        if decision.rule == INTEGRITY_RULE:
-            return error_response(503, "integrity_violation",
-                                  "the model failed its integrity check; requests are refused until it passes",
-                                  request_id), 0.0
-        if decision.action == "throttle":
-            retry = str(max(1, int(np.ceil(decision.retry_after or 1.0))))
-            return error_response(429, "throttled", "too many requests", request_id,
-                                  {"Retry-After": retry}), 0.0
-        return error_response(403, "blocked", _BLOCK_MESSAGE, request_id), 0.0
-
-    if parsed.protocol in OPENAI_PROTOCOLS:
-        return await _llm_forward(request, state, parsed, decision, out, sessions, body, request_id, now)
+        return _refusal(decision, request_id), 0.0
+    if a.parsed.protocol in OPENAI_PROTOCOLS:
+        return await _llm_forward(request, state, a, verdict, out, request_id)
     t0 = time.perf_counter()
     try:
-        upstream = await _call_upstream(state, request, body, request_id, readable=True,
-                                        strip_query=has_query and eff.input.query == "strip")
+        upstream = await _call_upstream(state, request, a.body, request_id, readable=True,
+                                        strip_query=a.strip_query)
         async with upstream, asyncio.timeout(_upstream_deadline(state)):
             payload = await upstream.read()
             status, reason, headers = upstream.status, upstream.reason, upstream.headers
     except (TimeoutError, aiohttp.ClientError) as exc:
-        await sessions.save(state, now)
         return _upstream_failure(state, out, exc, request_id), time.perf_counter() - t0
     upstream_time = time.perf_counter() - t0
-    state.metrics.upstream_latency_by(match.route).observe(upstream_time)
-
+    state.metrics.upstream_latency_by(a.match.route).observe(upstream_time)
     if 200 <= status < 300:
-        hardening = _wire_hardening(decision)
-        # the answer is decoded once, for the trackers and the hardening alike, and only when its shape is known:
-        # parse_document and harden_document read exactly the hardenable protocols (a custom route's is opaque)
-        readable = parsed.protocol in HARDENABLE_PROTOCOLS
-        doc = read_response(payload) if readable and (eff.needs_session_scores or hardening is not None) else None
-        if eff.needs_session_scores:
-            answered = parse_document(parsed.protocol, doc, parsed.rows)  # None without doc
-            await sessions.learn(state, features, match.model, answered, now, scores)
-        if hardening is not None:
-            hardened = harden_document(parsed.protocol, doc, hardening)
-            out.fields["hardening"] = "failed" if hardened is None else "applied"
-            if hardened is None:  # never leak the full answer because it could not be degraded
-                await sessions.save(state, now)
-                out.outcome = "failure"
-                return error_response(502, "hardening_failed", "the model's answer could not be hardened",
-                                      request_id), upstream_time
-            payload = hardened
-    await sessions.save(state, now)
-    response = web.Response(status=status, reason=reason, body=payload,
-                            headers=_client_headers(headers, request_id))
-    return response, upstream_time
+        answered = await _learn_and_harden(state, a, verdict, payload, out)
+        if answered is None:  # never leak the full answer because it could not be degraded
+            out.outcome = "failure"
+            return error_response(502, "hardening_failed", "the model's answer could not be hardened",
+                                  request_id), upstream_time
+        payload = answered
+    return web.Response(status=status, reason=reason, body=payload,
+                        headers=_client_headers(headers, request_id)), upstream_time
+
+
+def _refusal(decision: Decision, request_id: str) -> web.Response:
+    """503 while the model fails its integrity check, 429 (with ``Retry-After``) to a throttle, else 403."""
+    if decision.rule == INTEGRITY_RULE:
+        return error_response(503, "integrity_violation",
+                              "the model failed its integrity check; requests are refused until it passes",
+                              request_id)
+    if decision.action == "throttle":
+        retry = str(max(1, int(np.ceil(decision.retry_after or 1.0))))
+        return error_response(429, "throttled", "too many requests", request_id, {"Retry-After": retry})
+    return error_response(403, "blocked", _BLOCK_MESSAGE, request_id)
+
+
+async def _learn_and_harden(state: GuardState, a: _Admitted, verdict: _Verdict, payload: bytes,
+                            out: _Outcome) -> bytes | None:
+    """The trackers learn the model's answer; the answer as the client gets it (hardened when the decision
+    says so), None when it could not be hardened.
+
+    The answer is decoded once, for the trackers and the hardening alike, and only when its shape is known:
+    ``parse_document`` and ``harden_document`` read exactly the hardenable protocols (a custom route's is
+    opaque)."""
+    protocol = a.parsed.protocol
+    hardening = _wire_hardening(verdict.decision)
+    readable = protocol in HARDENABLE_PROTOCOLS
+    learn = a.eff.needs_session_scores
+    doc = read_response(payload) if readable and (learn or hardening is not None) else None
+    if learn:
+        answered = parse_document(protocol, doc, a.parsed.rows)  # None without doc
+        await a.sessions.learn(state, a.features, a.match.model, answered, a.now, verdict.scores)
+    if hardening is None:
+        return payload
+    hardened = harden_document(protocol, doc, hardening)
+    out.fields["hardening"] = "failed" if hardened is None else "applied"
+    return hardened
 
 
 class _Sessions:
@@ -652,13 +733,13 @@ class _Sessions:
             await state.sessions.put(session, record, now)
 
 
-async def _llm_forward(request: web.Request, state: GuardState, parsed: ParsedRequest, decision: Decision,
-                       out: _Outcome, sessions: _Sessions, body: bytes, request_id: str,
-                       now: float) -> tuple[web.StreamResponse, float]:
+async def _llm_forward(request: web.Request, state: GuardState, a: _Admitted, verdict: _Verdict, out: _Outcome,
+                       request_id: str) -> tuple[web.StreamResponse, float]:
     """OpenAI-compatible routes: a hardened request loses its logit_bias; streamed answers are relayed chunk by
     chunk; the usage goes into the event; the trackers learn the prompt (the answer has no class to learn)."""
-    record = sessions.record
-    hardening = _wire_hardening(decision)
+    parsed, record = a.parsed, a.sessions.record
+    hardening = _wire_hardening(verdict.decision)
+    body = a.body
     if hardening is not None:
         body = harden_llm_request(body, hardening)
         out.fields["hardening"] = "applied"
@@ -666,9 +747,7 @@ async def _llm_forward(request: web.Request, state: GuardState, parsed: ParsedRe
     try:
         upstream = await _call_upstream(state, request, body, request_id, readable=True)
     except (TimeoutError, aiohttp.ClientError) as exc:
-        await sessions.save(state, now)
         return _upstream_failure(state, out, exc, request_id), time.perf_counter() - t0
-    eff = state.policies.current.for_model(out.model)
     async with upstream:
         headers = _client_headers(upstream.headers, request_id)
         if parsed.properties.get("request.stream") and upstream.status == 200:
@@ -682,7 +761,6 @@ async def _llm_forward(request: web.Request, state: GuardState, parsed: ParsedRe
             if hardening is not None and doc is not None:
                 hardened = harden_llm_chunk(payload, hardening)
                 if hardened is None:
-                    await sessions.save(state, now)
                     out.outcome, out.fields["hardening"] = "failure", "failed"
                     return error_response(502, "hardening_failed", "the model's answer could not be hardened",
                                           request_id), time.perf_counter() - t0
@@ -691,10 +769,9 @@ async def _llm_forward(request: web.Request, state: GuardState, parsed: ParsedRe
     upstream_time = time.perf_counter() - t0
     out.fields["llm"] = usage.as_fields()
     kept = account(record.scores, parsed, usage) if upstream.status == 200 else carried(record.scores)
-    if eff.needs_session_scores and upstream.status == 200:
-        await sessions.learn(state, parsed.features, out.model, None, now, out.scores)
+    if a.eff.needs_session_scores and upstream.status == 200:
+        await a.sessions.learn(state, parsed.features, a.match.model, None, a.now, verdict.scores)
     record.scores = {**record.scores, **kept}
-    await sessions.save(state, now)
     return response, upstream_time
 
 
