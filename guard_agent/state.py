@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 from aiohttp import web
@@ -24,7 +24,18 @@ from guard_agent.scoring import ScoringContext
 from guard_agent.sessions.base import SessionStore
 from guard_agent.settings import Settings
 
-__all__ = ["STATE", "GuardState", "ProfileSource", "TrackerHook"]
+if TYPE_CHECKING:
+    from guard_agent.reloading import Reloader
+
+__all__ = ["STATE", "GuardState", "ProfileSource", "Reloadable", "TrackerHook"]
+
+
+class Reloadable(Protocol):
+    """A credential file the guard re-reads when it changes (API keys, the JWKS, the TLS certificate)."""
+
+    def maybe_reload(self) -> bool:
+        """Re-read the file if it changed: True when it did; raises (AuthError, TlsError) and keeps the old."""
+        ...
 
 
 class ProfileSource:
@@ -55,6 +66,14 @@ class ProfileSource:
     async def score_batched(self, ctx: ScoringContext) -> Mapping[str, float]:
         """``score``, free to score this request's rows together with concurrent requests' (same results)."""
         return self.score(ctx)
+
+    def changed_on_disk(self) -> bool:
+        """Whether a profile file changed since the last load (the watcher then calls ``reload``)."""
+        return False
+
+    def reload(self) -> None:
+        """Load the changed files; raises ProfileError, OSError or ValueError and keeps the last good ones."""
+        return
 
 
 class TrackerHook:
@@ -125,6 +144,8 @@ class GuardState:
     parse_limits: ParseLimits = field(default_factory=ParseLimits)
     recent: RecentDecisions | None = None  # what /admin/decisions and `guard-agent status` read
     ops: OpsMetrics | None = None          # readiness and profile gauges, refreshed per scrape
+    credential_files: tuple[tuple[str, Reloadable], ...] = ()  # (name, file) re-read when it changes
+    reloader: Reloader = field(init=False)  # policy and profile reloads: watcher, SIGHUP and the admin API
 
     def available_scores(self) -> frozenset[str]:
         from guard_agent.policy.model import BUILTIN_SCORES
