@@ -16,7 +16,6 @@ from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from guard_agent import __version__
-from guard_agent.integrity import IntegrityChecker
 from guard_agent.metrics import Metrics
 from guard_agent.sessions.base import SessionRecord
 from guard_agent.state import STATE, GuardState
@@ -39,7 +38,7 @@ def readiness(state: GuardState) -> dict[str, bool]:
         "policy": state.policies.current is not None,
         "profile": state.settings.profile is None or state.profile.revision is not None,
         "upstream": state.upstream_ok,
-        "integrity": not isinstance(integrity, IntegrityChecker) or integrity.ready,
+        "integrity": integrity.ready,
         "accepting": not state.shutting_down,
     }
 
@@ -56,9 +55,8 @@ _NOT_READY = {
 def not_ready_reasons(state: GuardState, checks: dict[str, bool]) -> dict[str, str]:
     """One sentence per failing check, for people reading ``/readyz`` (probes only look at the status)."""
     reasons = {name: _NOT_READY[name] for name, ok in checks.items() if not ok}
-    integrity = state.integrity
-    if "integrity" in reasons and isinstance(integrity, IntegrityChecker):
-        reasons["integrity"] = integrity.waiting_reason() or reasons["integrity"]
+    if "integrity" in reasons:
+        reasons["integrity"] = state.integrity.waiting_reason() or reasons["integrity"]
     return reasons
 
 

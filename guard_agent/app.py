@@ -17,6 +17,7 @@ from detectors.trackers import GlobalFingerprintIndex
 from guard_agent.admin import make_admin_app, set_inactive_trackers
 from guard_agent.auth import AuthError, JwtVerifier, KeyStore
 from guard_agent.capture import make_capture
+from guard_agent.contracts import ProfileSource
 from guard_agent.events import EventLogger, EventSink
 from guard_agent.identity import IdentityResolver
 from guard_agent.integrity import make_integrity
@@ -36,7 +37,7 @@ from guard_agent.sessions.memory import MemorySessionStore
 from guard_agent.settings import ConfigError, Settings
 from guard_agent.sinks import make_sink
 from guard_agent.squeezing import SqueezeScorer
-from guard_agent.state import STATE, GuardState, ProfileSource
+from guard_agent.state import STATE, GuardState, NoProfile
 from guard_agent.tracking import SessionTracking
 
 __all__ = ["build_state", "make_admin_app", "make_app"]
@@ -145,7 +146,7 @@ def _make_sink(settings: Settings, metrics: Metrics, *, primary: EventSink | Non
 
 def _load_profile_source(settings: Settings, events: EventLogger, metrics: Metrics) -> ProfileSource:
     if not settings.profile:
-        return ProfileSource()
+        return NoProfile()
     store = ProfileStore(settings.profile)
     events.log("info", "profile loaded", guard={"profile_revision": store.revision,
                                                 "scores": sorted(store.score_names)})
@@ -251,9 +252,8 @@ async def _file_watcher(app: web.Application) -> AsyncIterator[None]:
 def make_app(state: GuardState) -> web.Application:
     """The guard listener: every path goes to the one handler, which applies the route table.
 
-    Optional components (integrity checks, capture) contribute their background tasks through a
-    ``cleanup_ctx`` attribute: an async generator function taking the app, run after the upstream client
-    exists.
+    The integrity checks and the capture run their background work as ``cleanup_ctx`` entries (see
+    ``contracts.Lifecycle``), started after the upstream client exists.
     """
     app = web.Application(middlewares=[_header_limit], client_max_size=state.settings.max_body_bytes)
     app[STATE] = state
@@ -261,9 +261,8 @@ def make_app(state: GuardState) -> web.Application:
     app.cleanup_ctx.append(_upstream_client)
     app.cleanup_ctx.append(_upstream_prober)
     app.cleanup_ctx.append(_file_watcher)
-    for component in (state.integrity, state.capture):
-        ctx = getattr(component, "cleanup_ctx", None)
-        if ctx is not None:
-            app.cleanup_ctx.append(ctx)
+    app.cleanup_ctx.append(state.integrity.cleanup_ctx)
+    if state.capture is not None:
+        app.cleanup_ctx.append(state.capture.cleanup_ctx)
     app.router.add_route("*", "/{tail:.*}", handle)
     return app

@@ -17,7 +17,6 @@ from detectors import Profile, ProfileError, load_profiles
 from detectors.text import TextModel
 from guard_agent.filewatch import file_identity
 from guard_agent.scoring import RowBatcher, ScoringContext
-from guard_agent.state import ProfileSource
 from guard_agent.text_scoring import text_model_of
 
 __all__ = ["ProfileStore"]
@@ -25,8 +24,8 @@ __all__ = ["ProfileStore"]
 _ANY_MODEL = ""
 
 
-class ProfileStore(ProfileSource):
-    """Implements the ``ProfileSource`` seam of ``guard_agent.state``."""
+class ProfileStore:
+    """Implements the ``ProfileSource`` seam of ``guard_agent.contracts``."""
 
     def __init__(self, path: str) -> None:
         self.path = Path(path)

@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from detectors import ProfileError
+from guard_agent.contracts import ProfileSource
 from guard_agent.events import EventLogger
 from guard_agent.metrics import Metrics
 from guard_agent.policy.store import PolicyStore
-from guard_agent.state import ProfileSource
 
 __all__ = ["Reloader"]
 

@@ -30,10 +30,11 @@ from prometheus_client import Counter, Gauge
 from guard_agent.admin import make_admin_app
 from guard_agent.app import build_state, make_app
 from guard_agent.auth import AuthError
+from guard_agent.contracts import Reloadable
 from guard_agent.events import DiagnosticsHandler, random_id
 from guard_agent.proxy import error_response, refuse_early
 from guard_agent.settings import ConfigError, Settings, parse_hostport
-from guard_agent.state import GuardState, Reloadable
+from guard_agent.state import GuardState
 from guard_agent.tls import TlsError, TlsReloader
 from guard_agent.workers import one_native_thread
 
