@@ -77,7 +77,7 @@ class ConnectionGuard:
             "_GuardErrorHandler", (_JsonErrorHandler,), {"__slots__": (), "answer": staticmethod(
                 answer_error or _plain_error_answer)})
 
-    def wrap(self, factory: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.BufferedProtocol]:
+    def wrap(self, factory: Callable[[], web.RequestHandler]) -> Callable[[], asyncio.BufferedProtocol]:
         return lambda: _GuardedProtocol(factory(), self)
 
 
@@ -145,7 +145,7 @@ class _GuardedProtocol(asyncio.BufferedProtocol):
     ``buffer_updated`` synchronously, on the loop's thread, before any other read.
     """
 
-    def __init__(self, inner: Any, guard: ConnectionGuard) -> None:
+    def __init__(self, inner: web.RequestHandler, guard: ConnectionGuard) -> None:
         if type(inner) is web.RequestHandler:
             inner.__class__ = guard.handler_class  # same layout, our handle_error (aiohttp has no hook for it)
         self._inner = inner
@@ -170,11 +170,15 @@ class _GuardedProtocol(asyncio.BufferedProtocol):
         # a connection that never sends a byte must meet the same head deadline as a slow one
         self._timer = asyncio.get_running_loop().call_later(self._guard.header_timeout, self._deadline)
 
+    # aiohttp's RequestHandler has no public view of these three: its private slots ``_request_count``,
+    # ``_waiter`` and ``_current_request`` are read here (tests/integration/test_listener_internals.py checks
+    # that the pinned aiohttp still has them with these meanings)
+
     def _parsed(self) -> int:
-        return int(getattr(self._inner, "_request_count", 0))
+        return self._inner._request_count
 
     def _awaiting_head(self) -> bool:
-        waiter = getattr(self._inner, "_waiter", None)
+        waiter = self._inner._waiter
         return self._parsed() == 0 or (waiter is not None and not waiter.done())
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -228,8 +232,8 @@ class _GuardedProtocol(asyncio.BufferedProtocol):
         transport = self._transport
         if transport is None or transport.is_closing():
             return
-        current = getattr(self._inner, "_current_request", None)
-        waiter = getattr(self._inner, "_waiter", None)
+        current = self._inner._current_request
+        waiter = self._inner._waiter
         if current is None and waiter is None and turns > 0:  # a request taken off the queue, not yet started
             asyncio.get_running_loop().call_soon(self._settle_eof, turns - 1)
         elif current is not None and current.content.is_eof():
