@@ -272,11 +272,10 @@ def make_capture(state: GuardState) -> Capture | None:
     if not s.capture_dir:
         return None
     key = derive_key(s.capture_key) if s.capture_key else None
-    dropped = getattr(state.metrics, "capture_dropped", None)  # inference_guard_capture_dropped_total, if defined
     writer = CaptureWriter(s.capture_dir, max_bytes=s.capture_max_bytes, max_files=s.capture_max_files, key=key,
                            policy_line=_policy_line_for(state),
                            on_error=lambda message: state.events.log("error", message),
-                           on_drop=dropped.inc if dropped is not None else None)
+                           on_drop=state.metrics.capture_dropped.inc)
     state.events.log("info", "decision capture enabled", guard={
         "capture_dir": s.capture_dir, "capture_features": key is not None,
         "capture_max_bytes": s.capture_max_bytes, "capture_max_files": s.capture_max_files})
