@@ -52,8 +52,7 @@ class Admitted:
 async def admit(request: web.Request, state: GuardState, match: RouteMatch, out: Outcome,
                 request_id: str) -> Admitted | web.Response:
     """Identity and access, the query rule, the body, parsing and the input schema, then the session records
-    with their cool-down and rate limit (``ratelimit.rate_check``, as the replay); a refusal is the 4xx."""
-    settings = state.settings
+    with their cool-down and rate limit; a refusal is the 4xx."""
     now = time.time()
     identity = state.identity.resolve(request.headers, request.remote)
     out.session, out.source_ip = identity.session, identity.address
@@ -67,6 +66,25 @@ async def admit(request: web.Request, state: GuardState, match: RouteMatch, out:
         out.rule = "query-not-allowed"
         return reject(state, out, 400, "invalid_input", "a query string is not accepted on this route "
                       "(policy input.query)", request_id)
+    read = await _read_input(request, state, match, eff, out, request_id)
+    if isinstance(read, web.Response):
+        return read
+    body, parsed = read
+    features, beyond_range = representable(parsed.features)
+    sessions, session_facts = await _admit_session(state, identity, eff, parsed, now, out)
+    request_facts = RequestFacts(model=match.model, protocol=parsed.protocol, rows=parsed.rows,
+                                 body_bytes=len(body), features=int(parsed.features.shape[1]),
+                                 source_ip=identity.ip, properties=parsed.properties)
+    return Admitted(now=now, match=match, eff=eff, identity=identity, body=body, parsed=parsed, features=features,
+                    beyond_range=beyond_range, strip_query=has_query and eff.input.query == "strip",
+                    sessions=sessions, request_facts=request_facts, session_facts=session_facts)
+
+
+async def _read_input(request: web.Request, state: GuardState, match: RouteMatch, eff: EffectivePolicy,
+                      out: Outcome, request_id: str) -> tuple[bytes, ParsedRequest] | web.Response:
+    """The body and the request parsed from it (texts projected by the profile), checked against the input
+    schema; 413 or 400 otherwise."""
+    settings = state.settings
     body = await read_body(request, settings.max_body_bytes, settings.client_read_timeout)
     if body is None:
         return reject(state, out, 413, "body_too_large", f"request body exceeds {settings.max_body_bytes} bytes",
@@ -79,23 +97,24 @@ async def admit(request: web.Request, state: GuardState, match: RouteMatch, out:
     except (ProtocolError, InputSchemaError) as exc:
         out.rule = "invalid-input"
         return reject(state, out, 400, "invalid_input", str(exc), request_id)
-    features, beyond_range = representable(parsed.features)
+    return body, parsed
 
-    sessions = await RequestSessions.load(state, identity, now)
+
+async def _admit_session(state: GuardState, identity: Identity, eff: EffectivePolicy, parsed: ParsedRequest,
+                         now: float, out: Outcome) -> tuple[RequestSessions, SessionFacts]:
+    """The request's session records, read once, with one token taken from each bucket
+    (``ratelimit.rate_check``, as the replay) and the cool-down that may run: what ``decide()`` knows of the
+    session."""
+    sessions = await RequestSessions.load(state.sessions, state.trackers, identity, now)
     if len(sessions.entries) > 1:  # the address's session counts too: name it, so an operator can reset it
         out.fields["address_session"] = sessions.entries[1][0]
     record = sessions.record
     rate_limited, retry_after = sessions.take(now, identity.rate_limit or eff.rate_limit)
-    request_facts = RequestFacts(model=match.model, protocol=parsed.protocol, rows=parsed.rows,
-                                 body_bytes=len(body), features=int(parsed.features.shape[1]),
-                                 source_ip=identity.ip, properties=parsed.properties)
-    session_facts = SessionFacts(id=identity.session, source=identity.source, queries=sessions.queries,
-                                 age_seconds=now - record.first_seen, blocked_rule=sessions.blocked(now),
-                                 rate_limited=rate_limited, retry_after=retry_after,
-                                 usage=llm_session_facts(record.scores) if parsed.protocol in OPENAI_PROTOCOLS else {})
-    return Admitted(now=now, match=match, eff=eff, identity=identity, body=body, parsed=parsed, features=features,
-                    beyond_range=beyond_range, strip_query=has_query and eff.input.query == "strip",
-                    sessions=sessions, request_facts=request_facts, session_facts=session_facts)
+    facts = SessionFacts(id=identity.session, source=identity.source, queries=sessions.queries,
+                         age_seconds=now - record.first_seen, blocked_rule=sessions.blocked(now),
+                         rate_limited=rate_limited, retry_after=retry_after,
+                         usage=llm_session_facts(record.scores) if parsed.protocol in OPENAI_PROTOCOLS else {})
+    return sessions, facts
 
 
 def _parse(request: web.Request, state: GuardState, match: RouteMatch, body: bytes) -> ParsedRequest:

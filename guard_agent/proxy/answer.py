@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 
 import aiohttp
 import numpy as np
 from aiohttp import web
+from multidict import CIMultiDictProxy
 
 from guard_agent.llm import OPENAI_PROTOCOLS
 from guard_agent.policy.decide import INTEGRITY_RULE
@@ -33,6 +35,35 @@ async def answer(request: web.Request, state: GuardState, a: Admitted, verdict: 
         return _refusal(decision, request_id), 0.0
     if a.parsed.protocol in OPENAI_PROTOCOLS:
         return await llm_forward(request, state, a, verdict, out, request_id)
+    forwarded = await _forward(request, state, a, out, request_id)
+    if isinstance(forwarded, tuple):
+        return forwarded
+    payload = forwarded.payload
+    if 200 <= forwarded.status < 300:
+        answered = await _learn_and_harden(state, a, verdict, payload, out)
+        if answered is None:  # never leak the full answer because it could not be degraded
+            out.outcome = "failure"
+            return error_response(502, "hardening_failed", "the model's answer could not be hardened",
+                                  request_id), forwarded.seconds
+        payload = answered
+    return web.Response(status=forwarded.status, reason=forwarded.reason, body=payload,
+                        headers=client_headers(forwarded.headers, request_id)), forwarded.seconds
+
+
+@dataclass(frozen=True, slots=True)
+class _Forwarded:
+    """The model's whole answer to the request's exact bytes, and how long the model took."""
+
+    status: int
+    reason: str | None
+    headers: CIMultiDictProxy[str]
+    payload: bytes
+    seconds: float
+
+
+async def _forward(request: web.Request, state: GuardState, a: Admitted, out: Outcome,
+                   request_id: str) -> _Forwarded | tuple[web.Response, float]:
+    """The scored bytes to the model, its answer read whole within the deadline; 502/504 when it fails."""
     t0 = time.perf_counter()
     try:
         upstream = await call_upstream(state, request, a.body, request_id, readable=True,
@@ -42,17 +73,9 @@ async def answer(request: web.Request, state: GuardState, a: Admitted, verdict: 
             status, reason, headers = upstream.status, upstream.reason, upstream.headers
     except (TimeoutError, aiohttp.ClientError) as exc:
         return upstream_failure(state, out, exc, request_id), time.perf_counter() - t0
-    upstream_time = time.perf_counter() - t0
-    state.metrics.upstream_latency_by(a.match.route).observe(upstream_time)
-    if 200 <= status < 300:
-        answered = await _learn_and_harden(state, a, verdict, payload, out)
-        if answered is None:  # never leak the full answer because it could not be degraded
-            out.outcome = "failure"
-            return error_response(502, "hardening_failed", "the model's answer could not be hardened",
-                                  request_id), upstream_time
-        payload = answered
-    return web.Response(status=status, reason=reason, body=payload,
-                        headers=client_headers(headers, request_id)), upstream_time
+    seconds = time.perf_counter() - t0
+    state.metrics.upstream_latency_by(a.match.route).observe(seconds)
+    return _Forwarded(status, reason, headers, payload, seconds)
 
 
 def _refusal(decision: Decision, request_id: str) -> web.Response:
@@ -82,7 +105,7 @@ async def _learn_and_harden(state: GuardState, a: Admitted, verdict: Verdict, pa
     doc = read_response(payload) if readable and (learn or hardening is not None) else None
     if learn:
         answered = parse_document(protocol, doc, a.parsed.rows)  # None without doc
-        await a.sessions.learn(state, a.features, a.match.model, answered, a.now, verdict.scores)
+        await a.sessions.learn(a.features, a.match.model, answered, a.now, verdict.scores)
     if hardening is None:
         return payload
     hardened = harden_document(protocol, doc, hardening)

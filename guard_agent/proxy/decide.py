@@ -85,7 +85,7 @@ async def _scores(request: web.Request, state: GuardState, a: Admitted,
     if integrity is not None:
         scores["integrity.canary"] = integrity
     if a.eff.needs_session_scores:  # the trackers cost more than all detectors together: only when read
-        scores.update(await a.sessions.peek(state, a.features, model, a.now))
+        scores.update(await a.sessions.peek(a.features, model, a.now))
     return scores, failure
 
 

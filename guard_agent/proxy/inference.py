@@ -23,5 +23,5 @@ async def inference(request: web.Request, state: GuardState, match: RouteMatch, 
         return admitted, 0.0  # refused before any session was read: nothing to write
     verdict = await score_and_decide(request, state, admitted, out)
     response, upstream_time = await answer(request, state, admitted, verdict, out, request_id)
-    await admitted.sessions.save(state, admitted.now)
+    await admitted.sessions.save(admitted.now)
     return response, upstream_time

@@ -55,6 +55,6 @@ async def llm_forward(request: web.Request, state: GuardState, a: Admitted, verd
     out.fields["llm"] = usage.as_fields()
     kept = account(record.scores, parsed, usage) if upstream.status == 200 else carried(record.scores)
     if a.eff.needs_session_scores and upstream.status == 200:
-        await a.sessions.learn(state, parsed.features, a.match.model, None, a.now, verdict.scores)
+        await a.sessions.learn(parsed.features, a.match.model, None, a.now, verdict.scores)
     record.scores = {**record.scores, **kept}
     return response, upstream_time

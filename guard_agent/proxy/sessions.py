@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 
+from guard_agent.contracts import SessionStore, Trackers
 from guard_agent.identity import Identity
 from guard_agent.policy.model import Decision, EffectivePolicy, RateLimit
+from guard_agent.protocols import ParsedResponse
 from guard_agent.ratelimit import cooldown_start, rate_check
 from guard_agent.sessions.base import SessionRecord
-from guard_agent.state import GuardState
 
 __all__ = ["RequestSessions"]
 
@@ -23,18 +23,21 @@ class RequestSessions:
     address's session: its bucket, its trackers and its block. Both records are read once and written once.
     """
 
-    __slots__ = ("entries",)
+    __slots__ = ("_store", "_trackers", "entries")
 
-    def __init__(self, entries: list[tuple[str, SessionRecord]]) -> None:
+    def __init__(self, entries: list[tuple[str, SessionRecord]], store: SessionStore, trackers: Trackers) -> None:
         self.entries = entries
+        self._store = store
+        self._trackers = trackers
 
     @classmethod
-    async def load(cls, state: GuardState, identity: Identity, now: float) -> RequestSessions:
-        entries = [(identity.session, await state.sessions.get(identity.session, now))]
+    async def load(cls, store: SessionStore, trackers: Trackers, identity: Identity, now: float) -> RequestSessions:
+        """The records from ``store``; ``trackers`` score and learn them."""
+        entries = [(identity.session, await store.get(identity.session, now))]
         shared = identity.address_session
         if shared is not None and shared != identity.session:
-            entries.append((shared, await state.sessions.get(shared, now)))
-        return cls(entries)
+            entries.append((shared, await store.get(shared, now)))
+        return cls(entries, store, trackers)
 
     @property
     def record(self) -> SessionRecord:
@@ -68,22 +71,23 @@ class RequestSessions:
         for _, record in self.entries:
             record.queries += rows
 
-    async def peek(self, state: GuardState, features: np.ndarray, model: str | None,
-                   now: float) -> dict[str, float]:
+    async def peek(self, features: np.ndarray, model: str | None, now: float) -> dict[str, float]:
         """The trackers' scores, the worse of the two sessions' for each name."""
         merged: dict[str, float] = {}
         for session, record in self.entries:
-            for name, value in (await state.trackers.peek(session, record, features, model, now)).items():
+            for name, value in (await self._trackers.peek(session, record, features, model, now)).items():
                 merged[name] = max(value, merged.get(name, value))
         return merged
 
-    async def learn(self, state: GuardState, features: np.ndarray, model: str | None, answered: Any, now: float,
+    async def learn(self, features: np.ndarray, model: str | None, answered: ParsedResponse | None, now: float,
                     scores: Mapping[str, float]) -> None:
+        """The trackers learn the request and the model's answer; each record keeps its new session scores."""
         for session, record in self.entries:
-            tracker_scores = await state.trackers.update(session, record, features, model, answered, now, scores)
+            tracker_scores = await self._trackers.update(session, record, features, model, answered, now, scores)
             if tracker_scores:
                 record.scores = dict(tracker_scores)
 
-    async def save(self, state: GuardState, now: float) -> None:
+    async def save(self, now: float) -> None:
+        """The one write of the records, after the request."""
         for session, record in self.entries:
-            await state.sessions.put(session, record, now)
+            await self._store.put(session, record, now)
