@@ -16,12 +16,11 @@ from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from guard_agent import __version__
-from guard_agent.integrity import IntegrityChecker
 from guard_agent.metrics import Metrics
 from guard_agent.sessions.base import SessionRecord
 from guard_agent.state import STATE, GuardState
 
-__all__ = ["make_admin_app", "reload_policy"]
+__all__ = ["make_admin_app"]
 
 
 def _json(data: object, status: int = 200) -> web.Response:
@@ -39,7 +38,7 @@ def readiness(state: GuardState) -> dict[str, bool]:
         "policy": state.policies.current is not None,
         "profile": state.settings.profile is None or state.profile.revision is not None,
         "upstream": state.upstream_ok,
-        "integrity": not isinstance(integrity, IntegrityChecker) or integrity.ready,
+        "integrity": integrity.ready,
         "accepting": not state.shutting_down,
     }
 
@@ -56,9 +55,8 @@ _NOT_READY = {
 def not_ready_reasons(state: GuardState, checks: dict[str, bool]) -> dict[str, str]:
     """One sentence per failing check, for people reading ``/readyz`` (probes only look at the status)."""
     reasons = {name: _NOT_READY[name] for name, ok in checks.items() if not ok}
-    integrity = state.integrity
-    if "integrity" in reasons and isinstance(integrity, IntegrityChecker):
-        reasons["integrity"] = integrity.waiting_reason() or reasons["integrity"]
+    if "integrity" in reasons:
+        reasons["integrity"] = state.integrity.waiting_reason() or reasons["integrity"]
     return reasons
 
 
@@ -89,23 +87,6 @@ def set_inactive_trackers(metrics: Metrics, inactive: Mapping[str, str]) -> None
         metrics.inactive_trackers.labels(name).set(1)
 
 
-def reload_policy(state: GuardState, trigger: str) -> tuple[bool, str | None]:
-    """Reload and log; used by the watcher, SIGHUP and the admin endpoint alike."""
-    result = state.policies.reload(available_scores=state.available_scores())
-    state.metrics.policy_reloads.labels("ok" if result.ok else "failed").inc()
-    if result.ok:
-        if result.changed:
-            state.metrics.policy_info.clear()
-            state.metrics.policy_info.labels(result.revision).set(1)
-            state.events.log("info", "policy reloaded", guard={"policy_revision": result.revision,
-                                                              "trigger": trigger, "warnings": list(result.warnings)})
-        return True, None
-    state.events.log("error", "policy rejected, the last good policy stays active",
-                     ecs_event={"outcome": "failure"},
-                     guard={"policy_revision": result.revision, "trigger": trigger}, error={"message": result.error})
-    return False, result.error
-
-
 @web.middleware
 async def _require_token(request: web.Request, handler: Handler) -> web.StreamResponse:
     if not request.path.startswith("/admin/"):
@@ -121,7 +102,7 @@ async def _require_token(request: web.Request, handler: Handler) -> web.StreamRe
 
 async def admin_reload(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    ok, error = reload_policy(state, "admin")
+    ok, error = state.reloader.policy("admin")
     if not ok:
         return _json({"error": {"code": "invalid_policy", "message": error}}, 422)
     policy = state.policies.current

@@ -14,37 +14,51 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from detectors.trackers import GlobalFingerprintIndex
-from guard_agent.admin import make_admin_app, reload_policy, set_inactive_trackers
+from guard_agent.admin import make_admin_app, set_inactive_trackers
+from guard_agent.auth import AuthError, JwtVerifier, KeyStore
 from guard_agent.capture import make_capture
+from guard_agent.contracts import ProfileSource
 from guard_agent.events import EventLogger, EventSink
 from guard_agent.identity import IdentityResolver
 from guard_agent.integrity import make_integrity
 from guard_agent.metrics import Metrics
 from guard_agent.ops_metrics import OpsMetrics
-from guard_agent.policy.model import BUILTIN_SCORES
+from guard_agent.policy import PolicyError
+from guard_agent.policy.model import BUILTIN_SCORES, Policy
 from guard_agent.policy.store import PolicyStore
 from guard_agent.profiles import ProfileStore
 from guard_agent.protocols import ParseLimits
 from guard_agent.proxy import handle, refuse_early
 from guard_agent.recent import RecentDecisions
+from guard_agent.reloading import Reloader
 from guard_agent.routes import RouteTable
 from guard_agent.sessions.base import SessionStore
 from guard_agent.sessions.memory import MemorySessionStore
-from guard_agent.settings import Settings
+from guard_agent.settings import ConfigError, Settings
 from guard_agent.sinks import make_sink
 from guard_agent.squeezing import SqueezeScorer
-from guard_agent.state import STATE, GuardState, ProfileSource
+from guard_agent.state import STATE, GuardState, NoProfile
 from guard_agent.tracking import SessionTracking
 
 __all__ = ["build_state", "make_admin_app", "make_app"]
 
 
 def build_state(settings: Settings, *, sink: EventSink | None = None) -> GuardState:
-    """Everything that does not need a running loop; raises on a bad first policy or profile."""
+    """The whole guard, as ``guard-agent run`` serves it and the tests run it: everything that does not need a
+    running loop. Raises on a bad first policy, profile or credential file (ConfigError for the latter),
+    with the event sinks closed."""
     metrics = Metrics()
     recent = RecentDecisions(metrics.registry)
     events = EventLogger(_make_sink(settings, metrics, primary=sink), observer=recent,
                          sample_allow=settings.log_sample_allow, min_level=settings.log_level)
+    try:
+        return _assemble(settings, metrics, recent, events)
+    except BaseException:  # a sink with a flush thread must not keep a process that never served alive
+        events.close()
+        raise
+
+
+def _assemble(settings: Settings, metrics: Metrics, recent: RecentDecisions, events: EventLogger) -> GuardState:
     key = settings.hmac_key.encode() if settings.hmac_key else secrets.token_bytes(32)
     if not settings.hmac_key:
         events.log("warning", "no GUARD_HMAC_KEY set: using a random key, session ids change on restart "
@@ -65,11 +79,13 @@ def build_state(settings: Settings, *, sink: EventSink | None = None) -> GuardSt
     # a first validation (a broken policy stops start-up here); compiled again below against every score
     # the assembled guard provides (squeezing, integrity), so no rule is skipped for a score it does have
     policies = PolicyStore(settings.policy, available_scores=BUILTIN_SCORES)
+    keys, verifier = _load_credentials(settings, events)
+    routes = RouteTable(custom=settings.routes, allowed=settings.allow_routes)
     state = GuardState(
         settings=settings,
-        routes=RouteTable(custom=settings.routes, allowed=settings.allow_routes),
+        routes=routes,
         identity=IdentityResolver(key=key, header=settings.session_header, sources=settings.session_sources,
-                                  trusted_proxies=settings.trusted_proxies),
+                                  trusted_proxies=settings.trusted_proxies, keys=keys, jwt=verifier),
         policies=policies,
         sessions=sessions,
         events=events,
@@ -78,6 +94,8 @@ def build_state(settings: Settings, *, sink: EventSink | None = None) -> GuardSt
         trackers=trackers,
         recent=recent,
         ops=OpsMetrics(metrics),
+        credential_files=tuple((name, item) for name, item in (("api_keys", keys), ("jwks", verifier))
+                               if item is not None),
     )
     state.parse_limits = ParseLimits(max_depth=settings.max_json_depth, max_rows=settings.max_batch_rows)
     state.async_scorers = (SqueezeScorer(state),)
@@ -85,11 +103,40 @@ def build_state(settings: Settings, *, sink: EventSink | None = None) -> GuardSt
     integrity = make_integrity(state)
     if integrity is not None:
         state.integrity = integrity
+    state.reloader = Reloader(policies=policies, profile=profile, metrics=metrics, events=events,
+                              available_scores=state.available_scores)
     policies.reload(available_scores=state.available_scores())
     for warning in policies.warnings:
         events.log("warning", f"policy: {warning}")
     metrics.policy_info.labels(policies.current.revision).set(1)
+    # a policy that could harden answers on a route that cannot be hardened is accepted (the default policy
+    # hardens), but said at start and whenever a reload activates such a policy: those requests are blocked
+    policies.add_check(lambda policy: _warn_unhardenable(routes, events, policy))
     return state
+
+
+def _load_credentials(settings: Settings, events: EventLogger) -> tuple[KeyStore | None, JwtVerifier | None]:
+    """The API-key store and JWT verifier the settings name; ConfigError for a bad file."""
+    s = settings
+    try:
+        keys = KeyStore(s.api_keys_file) if s.api_keys_file else None
+        verifier = (JwtVerifier(s.jwt_jwks_file, issuer=s.jwt_issuer, audience=s.jwt_audience,
+                                session_claim=s.jwt_session_claim) if s.jwt_jwks_file else None)
+    except AuthError as exc:
+        raise ConfigError(str(exc)) from exc
+    if keys is not None:
+        events.log("info", "api keys loaded", guard={"api_keys": len(keys)})
+    return keys, verifier
+
+
+def _warn_unhardenable(routes: RouteTable, events: EventLogger, policy: Policy) -> None:
+    """A policy check that only warns: such a policy is accepted (the default policy hardens), and decide()
+    blocks the requests it would harden on routes whose answers cannot be hardened."""
+    try:
+        routes.check_policy(policy)
+    except PolicyError as exc:
+        events.log("warning", "policy hardens on a route whose answers cannot be hardened: those requests "
+                              "are blocked (403) instead", error={"message": exc.message})
 
 
 def _make_sink(settings: Settings, metrics: Metrics, *, primary: EventSink | None = None) -> EventSink:
@@ -99,7 +146,7 @@ def _make_sink(settings: Settings, metrics: Metrics, *, primary: EventSink | Non
 
 def _load_profile_source(settings: Settings, events: EventLogger, metrics: Metrics) -> ProfileSource:
     if not settings.profile:
-        return ProfileSource()
+        return NoProfile()
     store = ProfileStore(settings.profile)
     events.log("info", "profile loaded", guard={"profile_revision": store.revision,
                                                 "scores": sorted(store.score_names)})
@@ -186,18 +233,14 @@ async def _upstream_prober(app: web.Application) -> AsyncIterator[None]:
         await task
 
 
-async def _policy_watcher(app: web.Application) -> AsyncIterator[None]:
-    """Poll the policy file's identity (survives ConfigMap ``..data`` symlink swaps)."""
+async def _file_watcher(app: web.Application) -> AsyncIterator[None]:
+    """Poll the policy's and the profile's file identities (survives ConfigMap ``..data`` symlink swaps)."""
     state = app[STATE]
 
     async def loop() -> None:
         while True:
             await asyncio.sleep(state.settings.reload_interval)
-            if state.policies.changed_on_disk():
-                reload_policy(state, "watch")
-            reload_profile = getattr(state.profile, "maybe_reload", None)
-            if reload_profile is not None:
-                reload_profile(state)
+            state.reloader.watch()
 
     task = asyncio.create_task(loop())
     yield
@@ -209,19 +252,17 @@ async def _policy_watcher(app: web.Application) -> AsyncIterator[None]:
 def make_app(state: GuardState) -> web.Application:
     """The guard listener: every path goes to the one handler, which applies the route table.
 
-    Optional components (integrity checks, capture) contribute their background tasks through a
-    ``cleanup_ctx`` attribute: an async generator function taking the app, run after the upstream client
-    exists.
+    The integrity checks and the capture run their background work as ``cleanup_ctx`` entries (see
+    ``contracts.Lifecycle``), started after the upstream client exists.
     """
     app = web.Application(middlewares=[_header_limit], client_max_size=state.settings.max_body_bytes)
     app[STATE] = state
     app.cleanup_ctx.append(_session_store)
     app.cleanup_ctx.append(_upstream_client)
     app.cleanup_ctx.append(_upstream_prober)
-    app.cleanup_ctx.append(_policy_watcher)
-    for component in (state.integrity, state.capture):
-        ctx = getattr(component, "cleanup_ctx", None)
-        if ctx is not None:
-            app.cleanup_ctx.append(ctx)
+    app.cleanup_ctx.append(_file_watcher)
+    app.cleanup_ctx.append(state.integrity.cleanup_ctx)
+    if state.capture is not None:
+        app.cleanup_ctx.append(state.capture.cleanup_ctx)
     app.router.add_route("*", "/{tail:.*}", handle)
     return app

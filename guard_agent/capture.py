@@ -44,7 +44,8 @@ import numpy as np
 import orjson
 from aiohttp import web
 
-from guard_agent.state import CaptureHook, GuardState
+from guard_agent.contracts import Capture
+from guard_agent.state import GuardState
 from guard_agent.tuning.sealing import derive_key, seal_features
 
 __all__ = ["CAPTURE_VERSION", "CaptureWriter", "PolicyLine", "make_capture"]
@@ -66,7 +67,7 @@ def _default(value: Any) -> Any:
     return str(value)
 
 
-class CaptureWriter(CaptureHook):
+class CaptureWriter(Capture):
     """The capture hook: renders on the request path, writes from one background thread."""
 
     poll_interval = 0.05  # seconds the writer sleeps when there is nothing to write
@@ -265,17 +266,16 @@ def _policy_line_for(state: GuardState) -> PolicyLine:
     return render
 
 
-def make_capture(state: GuardState) -> CaptureHook | None:
+def make_capture(state: GuardState) -> Capture | None:
     """The capture hook for ``build_state``; None when ``capture_dir`` is unset."""
     s = state.settings
     if not s.capture_dir:
         return None
     key = derive_key(s.capture_key) if s.capture_key else None
-    dropped = getattr(state.metrics, "capture_dropped", None)  # inference_guard_capture_dropped_total, if defined
     writer = CaptureWriter(s.capture_dir, max_bytes=s.capture_max_bytes, max_files=s.capture_max_files, key=key,
                            policy_line=_policy_line_for(state),
                            on_error=lambda message: state.events.log("error", message),
-                           on_drop=dropped.inc if dropped is not None else None)
+                           on_drop=state.metrics.capture_dropped.inc)
     state.events.log("info", "decision capture enabled", guard={
         "capture_dir": s.capture_dir, "capture_features": key is not None,
         "capture_max_bytes": s.capture_max_bytes, "capture_max_files": s.capture_max_files})

@@ -12,25 +12,20 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from detectors import Profile, ProfileError, load_profiles
 from detectors.text import TextModel
 from guard_agent.filewatch import file_identity
 from guard_agent.scoring import RowBatcher, ScoringContext
-from guard_agent.state import ProfileSource
 from guard_agent.text_scoring import text_model_of
-
-if TYPE_CHECKING:
-    from guard_agent.state import GuardState
 
 __all__ = ["ProfileStore"]
 
 _ANY_MODEL = ""
 
 
-class ProfileStore(ProfileSource):
-    """Implements the ``ProfileSource`` seam of ``guard_agent.state``."""
+class ProfileStore:
+    """Implements the ``ProfileSource`` seam of ``guard_agent.contracts``."""
 
     def __init__(self, path: str) -> None:
         self.path = Path(path)
@@ -99,23 +94,15 @@ class ProfileStore(ProfileSource):
             return {}
         return await self._batcher.score(profile, ctx.features)
 
-    def maybe_reload(self, state: GuardState) -> None:
-        """Called by the watcher: reload when any profile.json changed identity."""
-        if self._watched() == self._identities:
-            return
-        from guard_agent.admin import reload_policy
+    def changed_on_disk(self) -> bool:
+        """Whether any profile.json changed identity since the last load (or the last rejected one)."""
+        return self._watched() != self._identities
 
-        before = self.revision
+    def reload(self) -> None:
+        """Load the changed files; on an error the last good profiles stay and these files are not retried
+        until they change again."""
         try:
             self._load()
-        except (ProfileError, OSError, ValueError) as exc:
-            self._identities = self._watched()  # do not retry until the files change again
-            state.metrics.profile_reloads.labels("failed").inc()
-            state.events.log("error", "profile rejected, the last good profile stays active",
-                             ecs_event={"outcome": "failure"}, guard={"profile_revision": before},
-                             error={"message": str(exc)})
-            return
-        state.metrics.profile_reloads.labels("ok").inc()
-        state.events.log("info", "profile reloaded", guard={"profile_revision": self.revision,
-                                                            "previous_revision": before})
-        reload_policy(state, "profile")  # the set of available scores may have changed
+        except (ProfileError, OSError, ValueError):
+            self._identities = self._watched()
+            raise

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import numpy as np
 
@@ -22,11 +22,9 @@ from guard_agent.contracts import RowScorer
 from guard_agent.policy.model import EffectivePolicy, InputSchema
 
 __all__ = [
-    "AsyncScorer",
     "InputSchemaError",
     "RowBatcher",
     "ScoringContext",
-    "SyncScorer",
     "check_input",
     "declared_schema_score",
     "representable",
@@ -48,18 +46,6 @@ class ScoringContext:
     body: bytes
     policy: EffectivePolicy
     extra: Mapping[str, Any]
-
-
-class SyncScorer(Protocol):
-    provides: frozenset[str]
-
-    def __call__(self, ctx: ScoringContext) -> Mapping[str, float]: ...
-
-
-class AsyncScorer(Protocol):
-    provides: frozenset[str]
-
-    def __call__(self, ctx: ScoringContext) -> Awaitable[Mapping[str, float]]: ...
 
 
 def check_input(features: np.ndarray, schema: InputSchema, *, expected_features: int | None) -> None:

@@ -27,20 +27,18 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
 from prometheus_client import Counter, Gauge
 
-from guard_agent.admin import make_admin_app, reload_policy
+from guard_agent.admin import make_admin_app
 from guard_agent.app import build_state, make_app
-from guard_agent.auth import AuthError, JwtVerifier, KeyStore
+from guard_agent.auth import AuthError
+from guard_agent.contracts import Reloadable
 from guard_agent.events import DiagnosticsHandler, random_id
-from guard_agent.policy import PolicyError
-from guard_agent.policy.model import Policy
 from guard_agent.proxy import error_response, refuse_early
 from guard_agent.settings import ConfigError, Settings, parse_hostport
 from guard_agent.state import GuardState
 from guard_agent.tls import TlsError, TlsReloader
 from guard_agent.workers import one_native_thread
 
-__all__ = ["ConnectionGuard", "GuardSite", "ListenError", "ParseErrorLog", "attach_credentials", "serve",
-           "start_listeners"]
+__all__ = ["ConnectionGuard", "GuardSite", "ListenError", "ParseErrorLog", "serve", "start_listeners"]
 
 TLS_HANDSHAKE_TIMEOUT = 10.0
 LINGER_SECONDS = 1.0
@@ -79,7 +77,7 @@ class ConnectionGuard:
             "_GuardErrorHandler", (_JsonErrorHandler,), {"__slots__": (), "answer": staticmethod(
                 answer_error or _plain_error_answer)})
 
-    def wrap(self, factory: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.BufferedProtocol]:
+    def wrap(self, factory: Callable[[], web.RequestHandler]) -> Callable[[], asyncio.BufferedProtocol]:
         return lambda: _GuardedProtocol(factory(), self)
 
 
@@ -147,7 +145,7 @@ class _GuardedProtocol(asyncio.BufferedProtocol):
     ``buffer_updated`` synchronously, on the loop's thread, before any other read.
     """
 
-    def __init__(self, inner: Any, guard: ConnectionGuard) -> None:
+    def __init__(self, inner: web.RequestHandler, guard: ConnectionGuard) -> None:
         if type(inner) is web.RequestHandler:
             inner.__class__ = guard.handler_class  # same layout, our handle_error (aiohttp has no hook for it)
         self._inner = inner
@@ -172,11 +170,15 @@ class _GuardedProtocol(asyncio.BufferedProtocol):
         # a connection that never sends a byte must meet the same head deadline as a slow one
         self._timer = asyncio.get_running_loop().call_later(self._guard.header_timeout, self._deadline)
 
+    # aiohttp's RequestHandler has no public view of these three: its private slots ``_request_count``,
+    # ``_waiter`` and ``_current_request`` are read here (tests/integration/test_listener_internals.py checks
+    # that the pinned aiohttp still has them with these meanings)
+
     def _parsed(self) -> int:
-        return int(getattr(self._inner, "_request_count", 0))
+        return self._inner._request_count
 
     def _awaiting_head(self) -> bool:
-        waiter = getattr(self._inner, "_waiter", None)
+        waiter = self._inner._waiter
         return self._parsed() == 0 or (waiter is not None and not waiter.done())
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -230,8 +232,8 @@ class _GuardedProtocol(asyncio.BufferedProtocol):
         transport = self._transport
         if transport is None or transport.is_closing():
             return
-        current = getattr(self._inner, "_current_request", None)
-        waiter = getattr(self._inner, "_waiter", None)
+        current = self._inner._current_request
+        waiter = self._inner._waiter
         if current is None and waiter is None and turns > 0:  # a request taken off the queue, not yet started
             asyncio.get_running_loop().call_soon(self._settle_eof, turns - 1)
         elif current is not None and current.content.is_eof():
@@ -277,21 +279,6 @@ class GuardSite(web.TCPSite):
             ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if self._ssl_context else None)
 
 
-def attach_credentials(state: GuardState) -> tuple[KeyStore | None, JwtVerifier | None]:
-    """Give the identity resolver the API-key store and JWT verifier the settings name."""
-    s = state.settings
-    try:
-        keys = KeyStore(s.api_keys_file) if s.api_keys_file else None
-        verifier = (JwtVerifier(s.jwt_jwks_file, issuer=s.jwt_issuer, audience=s.jwt_audience,
-                                session_claim=s.jwt_session_claim) if s.jwt_jwks_file else None)
-    except AuthError as exc:
-        raise ConfigError(str(exc)) from exc
-    state.identity.use_credentials(keys=keys, jwt=verifier)
-    if keys is not None:
-        state.events.log("info", "api keys loaded", guard={"api_keys": len(keys)})
-    return keys, verifier
-
-
 class ParseErrorLog(logging.LoggerAdapter[logging.Logger]):
     """aiohttp's connection logger for the guard port: a request its HTTP parser refused is counted, not logged.
 
@@ -323,7 +310,7 @@ class _ListenerMetrics:
         self.open = Gauge("inference_guard_open_connections", "Open connections on the guard port", registry=r)
 
 
-def _reload_watcher(state: GuardState, metrics: _ListenerMetrics, reloadables: list[tuple[str, Any]]
+def _reload_watcher(state: GuardState, metrics: _ListenerMetrics, reloadables: list[tuple[str, Reloadable]]
                     ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         async def loop() -> None:
@@ -354,26 +341,12 @@ def _reload_watcher(state: GuardState, metrics: _ListenerMetrics, reloadables: l
     return ctx
 
 
-def _warn_unhardenable(state: GuardState, policy: Policy) -> None:
-    """A policy check that only warns: such a policy is accepted (the default policy hardens), and decide()
-    blocks the requests it would harden on routes whose answers cannot be hardened."""
-    try:
-        state.routes.check_policy(policy)
-    except PolicyError as exc:
-        state.events.log("warning", "policy hardens on a route whose answers cannot be hardened: those requests "
-                                    "are blocked (403) instead", error={"message": exc.message})
-
-
 async def start_listeners(state: GuardState) -> tuple[web.AppRunner, web.AppRunner]:
     """Start both listeners; returns their runners (the caller cleans them up).
 
-    Raises ConfigError for bad listener/credential settings.
+    Raises ConfigError for bad listener or TLS settings (credentials are checked by ``build_state``).
     """
     s = state.settings
-    # a policy that could harden answers on a route that cannot be hardened is accepted (the default policy
-    # hardens), but said at start and whenever a reload activates such a policy: those requests are blocked
-    state.policies.add_check(lambda policy: _warn_unhardenable(state, policy))
-    keys, verifier = attach_credentials(state)
     tls: TlsReloader | None = None
     if s.tls_cert_file or s.tls_key_file:
         if not (s.tls_cert_file and s.tls_key_file):
@@ -392,8 +365,7 @@ async def start_listeners(state: GuardState) -> tuple[web.AppRunner, web.AppRunn
         answer_error=lambda request, status, code, message: refuse_early(state, request, status, code, message))
     metrics.open.set_function(lambda: guard.open)
     app = make_app(state)
-    reloadables: list[tuple[str, Any]] = [(n, i) for n, i in (("tls", tls), ("api_keys", keys), ("jwks", verifier))
-                                          if i is not None]
+    reloadables = [*([("tls", tls)] if tls is not None else []), *state.credential_files]
     if reloadables:
         app.cleanup_ctx.append(_reload_watcher(state, metrics, reloadables))
     guard_runner = web.AppRunner(app, access_log=None, handle_signals=False,
@@ -441,7 +413,7 @@ async def serve(settings: Settings) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: reload_policy(state, "sighup"))
+    loop.add_signal_handler(signal.SIGHUP, lambda: state.reloader.policy("sighup"))
     try:
         guard_runner, admin_runner = await start_listeners(state)
     except BaseException:  # sinks with a flush thread or task must not keep a process that never served alive

@@ -1,106 +1,106 @@
-"""Shared state of one guard process, behind typed aiohttp AppKeys."""
+"""Shared state of one guard process, behind typed aiohttp AppKeys, and the null objects that stand in for
+components a guard runs without (the seams are the Protocols of ``guard_agent.contracts``)."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
+import numpy as np
 from aiohttp import web
 
 from detectors import Profile
 from detectors.text import TextModel
+from guard_agent.contracts import AsyncScorer, Capture, Integrity, ProfileSource, Reloadable, Trackers
 from guard_agent.events import EventLogger
 from guard_agent.identity import IdentityResolver
 from guard_agent.metrics import Metrics
 from guard_agent.ops_metrics import OpsMetrics
 from guard_agent.policy.store import PolicyStore
-from guard_agent.protocols import ParseLimits
+from guard_agent.protocols import ParsedResponse, ParseLimits
 from guard_agent.recent import RecentDecisions
 from guard_agent.routes import RouteTable
 from guard_agent.scoring import ScoringContext
-from guard_agent.sessions.base import SessionStore
+from guard_agent.sessions.base import SessionRecord, SessionStore
 from guard_agent.settings import Settings
 
-__all__ = ["STATE", "GuardState", "ProfileSource", "TrackerHook"]
+if TYPE_CHECKING:
+    from guard_agent.reloading import Reloader
+
+__all__ = ["STATE", "GuardState", "NoIntegrity", "NoProfile", "NoTrackers"]
 
 
-class ProfileSource:
-    """What the guard needs from a profile store (real one in profiles.py; None = built-in checks only)."""
+class NoProfile:
+    """The ``ProfileSource`` of a guard without ``GUARD_PROFILE``: built-in checks only, nothing to reload."""
 
-    @property
-    def revision(self) -> str | None:
-        return None
-
-    @property
-    def score_names(self) -> frozenset[str]:
-        return frozenset()
+    revision: str | None = None
+    score_names: frozenset[str] = frozenset()
+    profiles: Mapping[str, Profile] = MappingProxyType({})
 
     def expected_features(self, model: str | None) -> int | None:
         return None
 
     def profile_for(self, model: str | None) -> Profile | None:
-        """The fitted profile that scores ``model``'s requests (None: built-in checks only)."""
+        return None
+
+    def text_model(self, model: str | None) -> TextModel | None:
         return None
 
     def score(self, ctx: ScoringContext) -> Mapping[str, float]:
         return {}
 
-    def text_model(self, model: str | None) -> TextModel | None:
-        """The model's fitted text projection and checks (profiles fitted with ``fit --text``)."""
+    async def score_batched(self, ctx: ScoringContext) -> Mapping[str, float]:
+        return {}
+
+    def changed_on_disk(self) -> bool:
+        return False
+
+    def reload(self) -> None:
         return None
 
-    async def score_batched(self, ctx: ScoringContext) -> Mapping[str, float]:
-        """``score``, free to score this request's rows together with concurrent requests' (same results)."""
-        return self.score(ctx)
 
-
-class TrackerHook:
-    """The session-tracker seam: peek before deciding, update after the model answered."""
+class NoTrackers:
+    """The ``Trackers`` of a guard without session trackers: no session scores, no state to store."""
 
     score_names: frozenset[str] = frozenset()
 
-    async def peek(self, session: str, record: Any, features: Any, model: str | None,
+    async def peek(self, session: str, record: SessionRecord, features: np.ndarray, model: str | None,
                    now: float) -> Mapping[str, float]:
-        """The session's scores before this request, plus scores of this request against all sessions."""
         return {}
 
-    async def update(self, session: str, record: Any, features: Any, model: str | None, response: Any, now: float,
+    async def update(self, session: str, record: SessionRecord, features: np.ndarray, model: str | None,
+                     response: ParsedResponse | None, now: float,
                      scores: Mapping[str, float]) -> Mapping[str, float]:
-        """Learn from the request and the model's answer; returns the session's new scores."""
         return {}
 
     def inactive(self) -> Mapping[str, str]:
-        """Session scores that cannot work here (score name -> why), for /readyz, the log and a metric."""
         return {}
 
     def encode_state(self, held: Any) -> bytes | None:
-        """Tracker state to bytes for a shared store (None = nothing to store)."""
         return None
 
     def decode_state(self, data: bytes) -> Any:
-        """Bytes from a shared store back to tracker state; raises ValueError on garbage."""
         raise ValueError("no session trackers configured")
 
 
-class IntegrityHook:
-    """The model-integrity seam (canaries, signed artifacts): 1.0 = the model failed its check."""
+class NoIntegrity:
+    """The ``Integrity`` of a guard without canaries or signed model files: never a verdict, always ready."""
+
+    score_names: frozenset[str] = frozenset()
+    ready = True
 
     def score(self, model: str | None) -> float | None:
         return None
 
-
-class CaptureHook:
-    """The decision-capture seam: receives every inference decision event, unsampled."""
-
-    def record(self, fields: Mapping[str, Any], features: Any, scores: Mapping[str, float] | None = None) -> None:
-        """``fields`` is the decision event; ``scores`` the unrounded scores (the event rounds them)."""
-        return
-
-    def close(self) -> None:
+    def waiting_reason(self) -> str | None:
         return None
+
+    async def cleanup_ctx(self, app: web.Application) -> AsyncIterator[None]:
+        yield
 
 
 @dataclass
@@ -112,11 +112,11 @@ class GuardState:
     sessions: SessionStore
     events: EventLogger
     metrics: Metrics
-    profile: ProfileSource = field(default_factory=ProfileSource)
-    trackers: TrackerHook = field(default_factory=TrackerHook)
-    integrity: IntegrityHook = field(default_factory=IntegrityHook)
-    capture: CaptureHook | None = None
-    async_scorers: tuple[Callable[[ScoringContext], Awaitable[Mapping[str, float]]], ...] = ()
+    profile: ProfileSource = field(default_factory=NoProfile)
+    trackers: Trackers = field(default_factory=NoTrackers)
+    integrity: Integrity = field(default_factory=NoIntegrity)
+    capture: Capture | None = None
+    async_scorers: tuple[AsyncScorer, ...] = ()
     client: aiohttp.ClientSession | None = None
     upstream_ok: bool = False
     shutting_down: bool = False
@@ -125,19 +125,17 @@ class GuardState:
     parse_limits: ParseLimits = field(default_factory=ParseLimits)
     recent: RecentDecisions | None = None  # what /admin/decisions and `guard-agent status` read
     ops: OpsMetrics | None = None          # readiness and profile gauges, refreshed per scrape
+    credential_files: tuple[tuple[str, Reloadable], ...] = ()  # (name, file) re-read when it changes
+    reloader: Reloader = field(init=False)  # policy and profile reloads: watcher, SIGHUP and the admin API
 
     def available_scores(self) -> frozenset[str]:
+        """Every score name this guard can produce: what a policy rule may name without being skipped."""
         from guard_agent.policy.model import BUILTIN_SCORES
 
-        integrity = frozenset({"integrity.canary"}) if type(self.integrity) is not IntegrityHook else frozenset()
-        return (BUILTIN_SCORES | self.profile.score_names | self.trackers.score_names | self._async_score_names()
-                | integrity)
-
-    def _async_score_names(self) -> frozenset[str]:
-        names: set[str] = set()
+        names = BUILTIN_SCORES | self.profile.score_names | self.trackers.score_names | self.integrity.score_names
         for scorer in self.async_scorers:
-            names |= set(getattr(scorer, "provides", ()))
-        return frozenset(names)
+            names |= scorer.provides
+        return names
 
 
 STATE = web.AppKey("guard_state", GuardState)

@@ -20,9 +20,9 @@ import numpy as np
 
 from detectors.trackers import GlobalFingerprintIndex, SessionTrackers, TrackerConfig, answer_labels
 from guard_agent.batching import TurnBatcher
-from guard_agent.contracts import Density, GlobalObserver
+from guard_agent.contracts import Density, GlobalObserver, ProfileSource, Trackers
+from guard_agent.protocols import ParsedResponse
 from guard_agent.sessions.base import SessionRecord
-from guard_agent.state import TrackerHook
 
 __all__ = ["SessionTracking"]
 
@@ -43,8 +43,8 @@ NO_ANSWER = ("the model's answers carry neither labels nor probabilities the gua
              "answered with another class (boundary searches) cannot be told from benign edits")
 
 
-class SessionTracking(TrackerHook):
-    """Implements the ``TrackerHook`` seam of ``guard_agent.state``."""
+class SessionTracking(Trackers):
+    """Implements the ``Trackers`` seam of ``guard_agent.contracts``."""
 
     def __init__(self, configs: Mapping[str, TrackerConfig], *, salt: bytes,
                  global_index: GlobalFingerprintIndex | None = None,
@@ -86,10 +86,10 @@ class SessionTracking(TrackerHook):
                 self._on_inactive(self.inactive())
 
     @classmethod
-    def from_profile(cls, profile: Any, *, salt: bytes, global_index: GlobalFingerprintIndex | None = None,
+    def from_profile(cls, profile: ProfileSource, *, salt: bytes, global_index: GlobalFingerprintIndex | None = None,
                      on_inactive: Callable[[Mapping[str, str]], None] | None = None) -> SessionTracking:
         configs: dict[str, TrackerConfig] = {}
-        for model, p in (getattr(profile, "profiles", None) or {}).items():
+        for model, p in profile.profiles.items():
             part = p.components.get("trackers")
             if part is not None:
                 configs[model] = TrackerConfig.from_parts(*part)
@@ -225,10 +225,10 @@ class SessionTracking(TrackerHook):
         return states
 
     async def update(self, session: str, record: SessionRecord, features: np.ndarray, model: str | None,
-               response: Any, now: float, scores: Mapping[str, float]) -> Mapping[str, float]:
+               response: ParsedResponse | None, now: float, scores: Mapping[str, float]) -> Mapping[str, float]:
         engine = self.engine(model, features.shape[1])
-        labels = getattr(response, "labels", None)
-        probabilities = getattr(response, "probabilities", None)
+        labels = None if response is None else response.labels
+        probabilities = None if response is None else response.probabilities
         if labels is not None and len(labels) != features.shape[0]:
             labels = None
         if probabilities is not None and probabilities.shape[0] != features.shape[0]:

@@ -1,6 +1,6 @@
 """Model integrity: canary queries, model metadata and signed model files (issue 8).
 
-``make_integrity(state)`` returns the checker the guard plugs into its ``IntegrityHook`` seam (score
+``make_integrity(state)`` returns the checker the guard plugs into its ``Integrity`` seam (score
 ``integrity.canary``: 1.0 while the model fails a check), or None when nothing is configured. The format and
 signing helpers are public for the ``guard-agent canary`` and ``guard-agent sign`` commands.
 """

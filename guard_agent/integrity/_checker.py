@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 
+from guard_agent.contracts import Integrity
 from guard_agent.integrity._canaries import (
     ARRAY_FILE,
     CanaryError,
@@ -44,7 +45,7 @@ from guard_agent.integrity._signing import (
 from guard_agent.integrity._upstream import Answer, UpstreamError, fetch_metadata, infer
 from guard_agent.policy.decide import INTEGRITY_RULE
 from guard_agent.settings import ConfigError
-from guard_agent.state import GuardState, IntegrityHook
+from guard_agent.state import GuardState
 
 __all__ = ["IntegrityChecker", "make_integrity"]
 
@@ -81,8 +82,11 @@ def _identities(files: Sequence[Path]) -> tuple[tuple[str, int, int, int], ...]:
     return tuple(out)
 
 
-class IntegrityChecker(IntegrityHook):
-    """Implements the ``IntegrityHook`` seam: 1.0 while the model behind the guard fails a check."""
+class IntegrityChecker(Integrity):
+    """Implements the ``Integrity`` seam of ``guard_agent.contracts``: 1.0 while the model behind the guard
+    fails a check."""
+
+    score_names = frozenset({"integrity.canary"})
 
     def __init__(self, state: GuardState, *, canary_path: str | None, sets: Sequence[CanarySet],
                  model_dir: str | None, public_key_path: str | None, rng: random.Random | None = None) -> None:

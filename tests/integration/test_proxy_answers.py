@@ -19,7 +19,7 @@ from guard_agent.demo import DigitsModel, make_model_app
 from guard_agent.policy import parse_policy
 from guard_agent.protocols import ParsedResponse
 from guard_agent.settings import CustomRoute
-from guard_agent.state import TrackerHook
+from guard_agent.state import NoTrackers
 from guard_agent.tuning import read_capture, replay
 from tests._support.servers import serve_app
 from tests.conftest import v2_body
@@ -82,7 +82,7 @@ def decodes(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
     return calls
 
 
-class RecordingTrackers(TrackerHook):
+class RecordingTrackers(NoTrackers):
     """Stands in for the session trackers: keeps what the proxy handed them as the model's answer."""
 
     def __init__(self) -> None:

@@ -20,7 +20,7 @@ from guard_agent.tuning.sealing import SealError, derive_key, open_features, sea
 
 
 def fields(request_id: str, *, score: float = 0.5, revision: str = "rev-a", action: str = "allow") -> dict[str, Any]:
-    """An inference decision event the way proxy._emit builds it."""
+    """An inference decision event the way guard_agent.proxy.handler builds it."""
     return build_decision_event(
         action=action, outcome="success", rule="default", mode="enforce", enforced=True, session="s" * 32,
         model="digits", rows=1, scores={"ood.combined": score}, policy_revision=revision, profile_revision="p",
