@@ -10,13 +10,13 @@ few regions; fresh-input clients cover the space but stop after tens to hundreds
 
 - region coverage: the reference mass of the coverage-grid cells the session visited (state
   ``visited_mass``), divided by the mass a natural crawl of as many distinct rows is expected to visit
-  (from the reference cell probabilities: ``sum_k p_k (1 - (1 - p_k) ** n)``), squared; with an answer
-  that named fewer than two classes the coverage counts as zero (a crawl of a classifier sees its classes);
+  (from the reference cell probabilities: ``sum_k p_k (1 - (1 - p_k) ** n)``), squared; while the recent
+  answers named fewer than two classes the coverage counts as zero (a crawl of a classifier sees its classes);
 - volume: ``1 - 2 ** (-(n / volume) ** 4)`` of the distinct rows ``n``: 0.5 at ``volume`` rows, 0.07 at
   half of it, 0.97 at 1.5 times it. The steep curve keeps any client below about half the volume at
   (nearly) zero, however it spreads its queries.
 
-The state is the session's existing tracker state (distinct rows, visited mass, answered classes): the
+The state is the session's existing tracker state (distinct rows, visited mass, recent answered classes): the
 score adds nothing to what a session stores. Without fitted cells (no profile) the score is 0.
 """
 
@@ -56,17 +56,18 @@ class CrawlScore:
             return 0.0
         return float(self._expected[min(rows, _TABLE) - 1])
 
-    def coverage(self, rows: int, visited_mass: float, classes_seen: int) -> float:
+    def coverage(self, rows: int, visited_mass: float, *, several_classes: bool) -> float:
         """How much the session's spread looks like a natural crawl of as many rows, in [0, 1]."""
-        if not self.active or rows <= 0 or classes_seen < 2:
+        if not self.active or rows <= 0 or not several_classes:
             return 0.0
         expected = self.expected_mass(rows)
         ratio = min(1.0, max(0.0, visited_mass) / expected) if expected > 0 else 0.0
         return ratio * ratio
 
-    def score(self, rows: int, visited_mass: float, classes_seen: int) -> float:
-        """``session.crawl`` in [0, 1]: coverage times the volume curve."""
-        cov = self.coverage(rows, visited_mass, classes_seen)
+    def score(self, rows: int, visited_mass: float, *, several_classes: bool) -> float:
+        """``session.crawl`` in [0, 1]: coverage times the volume curve; ``several_classes``: the answers named
+        two classes or more."""
+        cov = self.coverage(rows, visited_mass, several_classes=several_classes)
         if cov == 0.0:
             return 0.0
         vol = 1.0 - 2.0 ** (-((rows / self.volume) ** _STEEPNESS))

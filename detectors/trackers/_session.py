@@ -204,7 +204,8 @@ class SessionTrackers:
             "session.margin": ev.to_score(state.s_margin * f),
             "session.rate": float(1.0 - 2.0 ** (-level / cfg.rate_half)),
             "session.risk": ev.to_score(self._risk(state) * f),
-            "session.crawl": self._crawl.score(state.n_distinct, state.visited_mass, _classes_seen(state)),
+            "session.crawl": self._crawl.score(state.n_distinct, state.visited_mass,
+                                               several_classes=self._crawl.active and _several_classes(state)),
         }
 
     def update(
@@ -423,12 +424,10 @@ class SessionTrackers:
         return top[:, 1] - top[:, 0]
 
 
-def _classes_seen(st: SessionState) -> int:
-    """Class slots the session's answers named, as far as the state remembers them (``session.crawl``)."""
-    if not st.n_fp and not st.n_prada:
-        return 0
-    seen = np.union1d(st.fp_cls[: st.n_fp], st.prada_cls[: st.n_prada])
-    return max(int(seen.size), int(np.count_nonzero(st.cls_stats[:, 0] > 0)))
+def _several_classes(st: SessionState) -> bool:
+    """Whether the session's recent answers named two classes or more (``session.crawl`` needs them)."""
+    recent = st.fp_cls[: st.n_fp]
+    return bool(st.n_fp) and int(recent.min()) != int(recent.max())
 
 
 def answer_labels(labels: np.ndarray | None, probabilities: np.ndarray | None, rows: int) -> np.ndarray | None:

@@ -30,16 +30,16 @@ class TestCrawlScore:
     def test_volume_curve(self) -> None:
         """A full-coverage session scores 0.5 at the crawl volume, nearly 0 at half of it, near 1 at twice."""
         crawl = CrawlScore(np.full(16, 1 / 16))
-        assert crawl.score(int(CRAWL_VOLUME), 1.0, 10) == pytest.approx(0.5, abs=0.01)
-        assert crawl.score(int(CRAWL_VOLUME) // 2, 1.0, 10) < 0.07
-        assert crawl.score(2 * int(CRAWL_VOLUME), 1.0, 10) > 0.99
+        assert crawl.score(int(CRAWL_VOLUME), 1.0, several_classes=True) == pytest.approx(0.5, abs=0.01)
+        assert crawl.score(int(CRAWL_VOLUME) // 2, 1.0, several_classes=True) < 0.07
+        assert crawl.score(2 * int(CRAWL_VOLUME), 1.0, several_classes=True) > 0.99
 
     def test_needs_coverage_and_classes(self) -> None:
         """Volume alone is not a crawl: little visited mass, one class, or no grid give (nearly) zero."""
         crawl = CrawlScore(np.full(16, 1 / 16))
-        assert crawl.score(3000, 1 / 16, 10) < 0.01
-        assert crawl.score(3000, 1.0, 1) == 0.0
-        assert CrawlScore(np.ones(1)).score(3000, 1.0, 10) == 0.0
+        assert crawl.score(3000, 1 / 16, several_classes=True) < 0.01
+        assert crawl.score(3000, 1.0, several_classes=False) == 0.0
+        assert CrawlScore(np.ones(1)).score(3000, 1.0, several_classes=True) == 0.0
 
     def test_expected_mass_grows_to_one(self) -> None:
         """A natural crawl's expected visited mass grows with rows and reaches about all of the reference."""
@@ -81,3 +81,10 @@ class TestCrawlInSessions:
             retry += [held[i][None], held[i][None], np.clip(held[i] + rng.normal(0, 0.3, 64), 0, 16)[None]]
         for shape in (fresh, batch, popular, retry):
             assert _feed(trackers, digits, shape) < 0.1
+
+    def test_one_answered_class_is_no_crawl(self, trackers: SessionTrackers, digits: Digits) -> None:
+        """A crawl whose answers carry one class only (or none the guard can read) scores 0: it copies nothing."""
+        state = trackers.new_state()
+        for i, row in enumerate(_natural(digits, 1500, 4)):
+            state, _ = trackers.update(state, row[None], np.zeros(1, dtype=np.int64), None, float(i))
+        assert trackers.peek(state, 1500.0)["session.crawl"] == 0.0
