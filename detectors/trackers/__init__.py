@@ -22,7 +22,7 @@ Suggested thresholds (flag / harden / block):
 - ``session.rate``: 0.5 / 0.8 / 0.95 (throttle rather than block)
 - ``session.global_fingerprint``: 0.5 / 0.8 / 0.95 (per query; a spread attack's queries cross it)
 - ``session.crawl`` (``_crawl``: coverage like a natural crawl times volume, 0.5 at 1,000 distinct rows):
-  harden at 0.5 (a thief's copy then learns labels only), no block (heavy benign users may crawl too)
+  harden at 0.5 (the copy then learns the top class only, rounded), no block (heavy benign users may crawl too)
 """
 
 from ._config import TrackerConfig
