@@ -35,6 +35,9 @@ ATTACKS: dict[str, tuple[str, int, int]] = {
     "natural": ("extraction", 1, 0),  # natural-data extraction: no block target, agreement is what counts
 }
 GOAL_FIDELITY = 0.8
+NATURAL_QUERIES = 2000
+"""The natural-data thief crawls this many rows at least: a dataset's worth, twice ``session.crawl``'s volume
+(0.5 at 1,000 distinct rows), so the matrix shows where the crawl is hardened and what the copy keeps."""
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,7 @@ def _extraction(model: MatrixModel, guard: InProcessGuard | None, name: str, i: 
     if name == "jbda":
         pool = model.X_test[rng.choice(len(model.X_test), 10, replace=False)]
     elif name == "natural":  # the model's own distribution: held-out rows with small noise, shuffled
+        queries = max(queries, NATURAL_QUERIES)
         base = model.X_test[rng.integers(len(model.X_test), size=queries)]
         noisy = base + rng.normal(0.0, 0.05, base.shape) * model.X_train.std(axis=0)
         pool = np.round(noisy) if model.integer else noisy

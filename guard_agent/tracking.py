@@ -70,7 +70,7 @@ class SessionTracking(Trackers):
         logs it at start and when it changes, ``/readyz`` lists it, a metric counts it)."""
         out: dict[str, str] = {}
         if not any(engine.config.fitted for engine in self._engines.values()):
-            out["session.coverage"] = out["session.neighbors"] = NO_PROFILE
+            out["session.coverage"] = out["session.neighbors"] = out["session.crawl"] = NO_PROFILE
         if self._answer_kind == "labels":
             out["session.margin"] = LABELS_ONLY
         elif self._answer_kind == "none":

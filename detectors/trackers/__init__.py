@@ -21,9 +21,12 @@ Suggested thresholds (flag / harden / block):
 - ``session.margin``: 0.8 / 0.95 / none (boundary probing alone is weak evidence)
 - ``session.rate``: 0.5 / 0.8 / 0.95 (throttle rather than block)
 - ``session.global_fingerprint``: 0.5 / 0.8 / 0.95 (per query; a spread attack's queries cross it)
+- ``session.crawl`` (``_crawl``: coverage like a natural crawl times volume, 0.5 at 1,000 distinct rows):
+  harden at 0.5 (the copy then learns the top class only, rounded), no block (heavy benign users may crawl too)
 """
 
 from ._config import TrackerConfig
+from ._crawl import CRAWL_VOLUME, CrawlScore
 from ._evidence import S_HALF, from_score, to_score
 from ._fit import fit_tracker_config
 from ._global import GlobalFingerprintIndex
@@ -31,8 +34,10 @@ from ._session import SCORE_NAMES, SessionTrackers, answer_labels
 from ._state import SessionState
 
 __all__ = [
+    "CRAWL_VOLUME",
     "SCORE_NAMES",
     "S_HALF",
+    "CrawlScore",
     "GlobalFingerprintIndex",
     "SessionState",
     "SessionTrackers",

@@ -28,6 +28,8 @@ retry tells an attacker nothing new), each tracker turns an observation into a l
 - prada (every distinct query, as in the paper): at each Shapiro-Wilk check, W < prada_delta
   (calibrated per session on benign streams) has benign rate 1 %, attack rate 50 %.
 - rate: a leaky bucket (``rate_leak`` queries/s allowance), not evidence, score 1 - 2^(-level/rate_half).
+- crawl (``_crawl``, not evidence and not part of risk): region and class coverage like a natural crawl
+  of as many rows, times a steep volume curve (0.5 at 1,000 distinct rows): natural-data extraction.
 - risk: the maximum of every tracker's CUSUM, a CUSUM over ``global_fingerprint`` >= 0.8 events
   (benign 5 %: popular inputs edited by many clients; attack 90 %; when the caller passes the score)
   and a joint CUSUM of the summed per-query evidence. The maximum keeps an attack that only one
@@ -48,11 +50,12 @@ import numpy as np
 from . import _evidence as ev
 from . import _hashing, _prada
 from ._config import TrackerConfig
+from ._crawl import CrawlScore
 from ._features import Projector
 from ._state import SessionState, decode, encode, encoded_size, new_state
 
 SCORE_NAMES = frozenset({"session.prada", "session.fingerprint", "session.neighbors", "session.coverage",
-                         "session.margin", "session.rate", "session.risk"})
+                         "session.margin", "session.rate", "session.risk", "session.crawl"})
 
 _FP_ATTACK = (0.2, 0.3, 0.5)
 _RARE_P1 = 0.9  # attack model for rare regions: a run of rare queries, not an occasional one
@@ -84,6 +87,7 @@ class SessionTrackers:
         self._global_llr = ev.bernoulli_llr(_GLOBAL_P0, _GLOBAL_P1)
         self._coverage_on = config.p0_rare > 0 and config.grid_edges.shape[0] > 0
         self._nn_on = config.nn_threshold > 0
+        self._crawl = CrawlScore(config.cell_probs if self._coverage_on else np.ones(1))
         # per-request constants, read once (a request is typically one row: call overhead is the cost)
         self._project = Projector(config)
         self._hasher = _hashing.WindowHasher(config.center, config.quant_step, config.quant_offsets, config.window,
@@ -200,6 +204,8 @@ class SessionTrackers:
             "session.margin": ev.to_score(state.s_margin * f),
             "session.rate": float(1.0 - 2.0 ** (-level / cfg.rate_half)),
             "session.risk": ev.to_score(self._risk(state) * f),
+            "session.crawl": self._crawl.score(state.n_distinct, state.visited_mass,
+                                               several_classes=self._crawl.active and _several_classes(state)),
         }
 
     def update(
@@ -416,6 +422,12 @@ class SessionTrackers:
             return np.abs(2.0 * pr[:, 0] - 1.0)
         top = np.sort(pr, axis=1)[:, -2:]
         return top[:, 1] - top[:, 0]
+
+
+def _several_classes(st: SessionState) -> bool:
+    """Whether the session's recent answers named two classes or more (``session.crawl`` needs them)."""
+    recent = st.fp_cls[: st.n_fp]
+    return bool(st.n_fp) and int(recent.min()) != int(recent.max())
 
 
 def answer_labels(labels: np.ndarray | None, probabilities: np.ndarray | None, rows: int) -> np.ndarray | None:

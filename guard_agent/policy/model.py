@@ -21,8 +21,8 @@ SEVERITY: Mapping[str, int] = {a: i for i, a in enumerate(ACTIONS)}
 SCORE_NAMES: frozenset[str] = frozenset({
     "input.schema", "ood.mahalanobis", "ood.knn", "ood.pca", "ood.iforest", "ood.combined", "adv.squeeze",
     "session.prada", "session.fingerprint", "session.global_fingerprint", "session.neighbors",
-    "session.coverage", "session.margin", "session.rate", "session.risk", "integrity.canary",
-    "text.invisible", "text.control", "text.confusable", "text.length",
+    "session.coverage", "session.margin", "session.rate", "session.risk", "session.crawl",
+    "integrity.canary", "text.invisible", "text.control", "text.confusable", "text.length",
 })
 """The policy's score vocabulary (DESIGN.md). Every score is on a [0, 1] scale, higher = more anomalous."""
 
@@ -49,6 +49,7 @@ TECHNIQUE_BY_PREFIX: Mapping[str, str] = {
     "session.margin": "AML.T0024.002",
     "session.rate": "AML.T0024.002",
     "session.risk": "AML.T0024.002",
+    "session.crawl": "AML.T0024.002",
     "session.fingerprint": "AML.T0043.001",
     "session.global_fingerprint": "AML.T0043.001",
     "session.neighbors": "AML.T0043.001",

@@ -20,7 +20,7 @@ class TestScoreScale:
     def test_names_match_the_policy_vocabulary(self, trackers: SessionTrackers) -> None:
         """The trackers report exactly the documented score names."""
         expected = {"session.prada", "session.fingerprint", "session.neighbors", "session.coverage",
-                    "session.margin", "session.rate", "session.risk"}
+                    "session.margin", "session.rate", "session.risk", "session.crawl"}
         assert trackers.score_names == SCORE_NAMES == expected
         assert set(trackers.peek(trackers.new_state(), 0.0)) == expected
 
