@@ -12,6 +12,9 @@ request's lookup and insertion are atomic across replicas:
 - buckets: each entry is filed under the ``n_index`` smallest of its hashes (mod ``n_buckets``) in
   ``{prefix}gb:{bucket // 64}`` hashes (field = bucket, value = the newest ``bucket_size`` slots), TTL
   ``window_s``; candidates from the buckets are verified by counting shared hashes;
+- answers: ``{prefix}gl:{slot}`` = the entry's main class, its answers of that class and its answers of other
+  classes (``main:n:k``), TTL ``window_s``; a row's near-duplicates count in proportion to the share of answers
+  near it outside their main class (up to ``flip_share``, as in the in-memory index);
 - exact-input digests (salted, 8 bytes): a ring of ``max_entries`` keys ``{prefix}gd:{slot}`` and
   ``{prefix}gd:m:{group}`` hashes (digest -> time last seen); overwriting a ring slot removes its digest.
 
@@ -41,8 +44,8 @@ __all__ = ["RedisGlobalIndex"]
 _GROUP = 64
 
 # ARGV: 1 prefix, 2 now (20 chars), 3 window_s, 4 session hash (8 bytes), 5 max_entries, 6 bucket_size,
-# 7 ttl seconds, 8 current volume bin, 9 number of bins, then per row: need, fingerprint (packed non-zero
-# hashes), bucket ids (comma separated), row digest (8 bytes), digest group, reference density.
+# 7 ttl seconds, 8 current volume bin, 9 number of bins, 10 flip_share, then per row: need, fingerprint (packed
+# non-zero hashes), bucket ids (comma separated), row digest (8 bytes), digest group, reference density.
 # Returns the best discounted count as a string (Lua numbers would be truncated to integers).
 # Entry value: session hash (8) + time (20) + weight (10, distinct inputs merged into it) + fingerprint.
 _OBSERVE = """
@@ -51,7 +54,7 @@ local oldest = tonumber(tnow) - tonumber(ARGV[3])
 local sid, max_entries, bsize, ttl = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local best = 0
 local gep, gbp, gdp, gwp, glp = prefix .. 'ge:', prefix .. 'gb:', prefix .. 'gd:', prefix .. 'gw:', prefix .. 'gl:'
-local bin, nbins = tonumber(ARGV[8]), tonumber(ARGV[9])
+local bin, nbins, flip_share = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
 -- W: distinct inputs within the window, from per-bin counters
 local wkeys = {}
 for k = 0, nbins - 1 do wkeys[#wkeys + 1] = gwp .. tostring(bin - k) end
@@ -59,7 +62,7 @@ local volume = 0
 for _, v in ipairs(redis.call('MGET', unpack(wkeys))) do
   if v then volume = volume + tonumber(v) end
 end
-local i = 10
+local i = 11
 while i + 5 <= #ARGV do
   local need, fp, blist, digest, dgroup = tonumber(ARGV[i]), ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
   local density = tonumber(ARGV[i + 5])
@@ -86,8 +89,9 @@ while i + 5 <= #ARGV do
     for p = 1, #fp, 8 do mine[string.sub(fp, p, p + 7)] = true end
     local buckets, seen = {}, {}
     local merge_slot, merge_entry, merge_shared, m = nil, nil, -1, 0
-    -- the class answered near this row (gl:{slot}: a class, or '*' once two were answered for the entry)
-    local first, straddles = nil, false
+    -- the answers near this row: per main class of an entry, its answers of that class, and all others
+    -- (gl:{slot} = 'class:answers of it:answers of other classes')
+    local answers, flips, labelled = {}, 0, false
     for b in string.gmatch(blist, '%d+') do
       buckets[#buckets + 1] = b
       local cell = redis.call('HGET', gbp .. math.floor(tonumber(b) / 64), b)
@@ -103,11 +107,14 @@ while i + 5 <= #ARGV do
               end
               if shared >= need then
                 if string.sub(e, 1, 8) ~= sid then m = m + tonumber(string.sub(e, 29, 38)) end
-                local label = redis.call('GET', glp .. slot)
-                if label == '*' or (label and first and label ~= first) then
-                  straddles = true
-                elseif label then
-                  first = label
+                local known = redis.call('GET', glp .. slot)
+                if known then
+                  local label, same, other = string.match(known, '^([^:]+):(%d+):(%d+)$')
+                  if label then  -- anything else (another release's format) is no answer
+                    answers[label] = (answers[label] or 0) + tonumber(same)
+                    flips = flips + tonumber(other)
+                    labelled = true
+                  end
                 end
                 -- the closest entry; ties go to the lowest slot, as in the in-memory index
                 if shared > merge_shared or (shared == merge_shared and tonumber(slot) < tonumber(merge_slot)) then
@@ -119,7 +126,14 @@ while i + 5 <= #ARGV do
         end
       end
     end
-    if not straddles then m = 0 end  -- a cluster answered with one class never counts
+    if m > 0 then  -- in proportion to the answers outside the main class, up to flip_share of them
+      local total, top = flips, 0
+      for _, v in pairs(answers) do
+        total = total + v
+        if v > top then top = v end
+      end
+      if labelled and total > 0 then m = m * math.min(1, (total - top) / (total * flip_share)) else m = 0 end
+    end
     m = m / (1 + volume * density)
     if m > best then best = m end
     if #fp > 0 then
@@ -155,7 +169,8 @@ return tostring(best)
 
 # ARGV: 1 prefix, 2 now, 3 window_s, 4 ttl seconds, then per row: need, fingerprint, bucket ids, class.
 # Files each row's class with the closest live entry (ties to the lowest slot, as in the in-memory index):
-# gl:{slot} holds the first class answered, '*' once another was.
+# gl:{slot} = 'main class:answers of it:answers of other classes'; the main class is the one answered most
+# (exact for two classes: when the others outnumber it, the last one answered takes its place).
 _LEARN = """
 local prefix = ARGV[1]
 local oldest = tonumber(ARGV[2]) - tonumber(ARGV[3])
@@ -190,11 +205,18 @@ while i + 3 <= #ARGV do
     end
   end
   if best_slot then
-    local known = redis.call('GET', glp .. best_slot)
-    if not known then
-      redis.call('SET', glp .. best_slot, label, 'EX', ttl)
-    elseif known ~= label and known ~= '*' then
-      redis.call('SET', glp .. best_slot, '*', 'KEEPTTL')
+    local main, same, other = string.match(redis.call('GET', glp .. best_slot) or '', '^([^:]+):(%d+):(%d+)$')
+    if not main then
+      redis.call('SET', glp .. best_slot, label .. ':1:0', 'EX', ttl)
+    else
+      same, other = tonumber(same), tonumber(other)
+      if main == label then
+        same = same + 1
+      else
+        other = other + 1
+        if other > same then main, same, other = label, other, same end
+      end
+      redis.call('SET', glp .. best_slot, main .. ':' .. same .. ':' .. other, 'KEEPTTL')
     end
   end
 end
@@ -232,7 +254,8 @@ class RedisGlobalIndex:
         sid = int(session_hash(session)).to_bytes(8, "little")
         args: list[Any] = [self.link.prefix, f"{now:20.6f}"[:20], repr(self.window_s), sid, self.max_entries,
                            self.bucket_size, max(1, math.ceil(self.window_s)),
-                           math.floor(now / (self.window_s / self.local.volume_bins)), self.local.volume_bins]
+                           math.floor(now / (self.window_s / self.local.volume_bins)), self.local.volume_bins,
+                           repr(self.local.flip_share)]
         fps = np.atleast_2d(np.asarray(fingerprints, dtype=np.uint64))
         dig = np.asarray(digests, dtype=np.uint64).reshape(-1)
         dens = np.asarray(density, dtype=np.float64).reshape(-1)
@@ -258,7 +281,7 @@ class RedisGlobalIndex:
         elif callable(density):  # the script needs every row's value up front
             density = np.array([density(i) for i in range(rows)])
         args = self._args(session, fingerprints, digests, density, now)
-        if len(args) == 9:
+        if len(args) == 10:
             return local
         result = await self.link.run("global", lambda c: self._observe_script(c)(args=args, client=c))
         if result is FALLBACK:

@@ -23,13 +23,20 @@ What is counted, and why:
   bound the count, and an attack flood does not evict the rest of the index.
 - Only entries first stored by *another* session count (a session's own near-duplicates are the
   per-session tracker's job); an entry's weight may include rows of several sessions.
-- Only clusters whose answers straddle the decision boundary count. After the model answered, ``learn``
-  files each row's class with the entry it joined; an entry answered with two classes is *mixed*, and a
-  row's near-duplicates count when one is mixed or two were answered with different classes. A
-  boundary search (HopSkipJump's gradient probes, Boundary's steps) gets both answers within a few probes;
-  many clients asking about one popular input, edited or not, get one answer, and such a cluster never
-  counts however many clients send it (before this, popular records blocked most benign clients of a
-  busy model: ``bench/detection_matrix.py``).
+- Only clusters whose answers straddle the decision boundary count, in proportion to how much they do.
+  After the model answered, ``learn`` files each row's class with the entry it joined: per entry, its main
+  class (the one answered most), the answers of that class and the answers of any other. For a row, the
+  answers filed with its near-duplicates give a share q of answers outside the largest class, and m is
+  multiplied by ``min(1, q / flip_share)``. A boundary search (HopSkipJump's gradient probes, Boundary's
+  steps) gets the other answer for a third to a half of its probes (q >= ``flip_share``, counted in full);
+  many clients asking about one popular input, edited or not, get one answer (q = 0: such a cluster never
+  counts, however many clients send it) or, for a popular input near the boundary, one answer but for a
+  few flips (q of 1-5 % at 600 benign sessions per model, ``bench/detection_matrix.py``: counted at a
+  twentieth to a fifth; counted in full, such clusters blocked 12 % of a small random forest's benign
+  sessions: ``docs/detection.md``). Exact repeats are answered too and are filed as answers (a
+  popular input sent verbatim is answered the same each time): a prober who pads its search with exact
+  repeats of one class lowers q, at the cost of more queries than the search itself (the per-session
+  trackers and the rate limit see every one).
 
 Dense benign regions: where benign inputs crowd (smooth image patches, coarse tabular values), many
 distinct benign inputs are near-duplicates of each other, more so the more traffic there is. The
@@ -49,8 +56,8 @@ up to ``max_entries`` digests, e.g. ~85 MB for 200k entries of 20 hashes (measur
 across replicas.
 
 Known weakness: many benign clients sending slightly different copies of one popular input that lies on
-the decision boundary itself (the model hesitates between two classes for it) form a mixed cluster too;
-``m_half`` sets how many distinct copies per ``window_s`` it takes to alert.
+the decision boundary itself (the model answers each class for a quarter or more of the copies) form a
+cluster that counts in full too; ``m_half`` sets how many distinct copies per ``window_s`` it takes to alert.
 """
 
 from __future__ import annotations
@@ -63,6 +70,8 @@ import numpy as np
 
 #: time bins over the window for the traffic volume W
 VOLUME_BINS = 64
+#: share of answers outside the main class at which a row's near-duplicates count fully
+FLIP_SHARE = 0.25
 _TRUE = np.ones(1, dtype=bool)
 # hash membership table of ``_shared``: 2**11 slots keep 20 hashes apart in most bit ranges; bit 0 of a
 # window hash is always 1, so ranges start at bit 1
@@ -88,11 +97,15 @@ class GlobalFingerprintIndex:
         n_index: int = 8,
         bucket_size: int = 16,
         m_half: float = 8.0,
+        flip_share: float = FLIP_SHARE,
     ) -> None:
-        """``match_threshold``: share of a fingerprint's hashes two queries must have in common."""
+        """``match_threshold``: share of a fingerprint's hashes two queries must have in common. ``flip_share``:
+        the share of a row's near-duplicate answers outside their main class at which the near-duplicates count
+        fully (fewer count in proportion)."""
         if (max_entries < 1 or not 0.0 < match_threshold <= 1.0 or n_index < 1 or bucket_size < 1 or m_half <= 0
-                or not window_s > 0):
+                or not window_s > 0 or not 0.0 < flip_share <= 1.0):
             raise ValueError("invalid GlobalFingerprintIndex parameters")
+        self.flip_share = float(flip_share)
         self.max_entries = int(max_entries)
         self.match_threshold = float(match_threshold)
         self.window_s = float(window_s)
@@ -107,10 +120,11 @@ class GlobalFingerprintIndex:
         self._session = np.zeros(self.max_entries, dtype=np.uint64)
         self._time = np.full(self.max_entries, -np.inf)
         self._weight = np.zeros(self.max_entries, dtype=np.float64)
-        # the class first answered for an input of the entry (-1: none yet), and whether another class was
-        # answered for one of its inputs since: only such "mixed" clusters straddle the decision boundary
+        # the class first answered for an input of the entry (-1: none yet), how many answers were of that
+        # class and how many of another: clusters answered with two classes straddle the decision boundary
         self._label = np.full(self.max_entries, -1, dtype=np.int64)
-        self._mixed = np.zeros(self.max_entries, dtype=bool)
+        self._same = np.zeros(self.max_entries, dtype=np.float64)  # answers of the first class
+        self._flips = np.zeros(self.max_entries, dtype=np.float64)  # answers of any other class
         self._head = 0
         self._count = 0
         # distinct inputs per time bin (``VOLUME_BINS`` bins over the window): the traffic volume W
@@ -128,6 +142,16 @@ class GlobalFingerprintIndex:
     def score(self, m: float) -> float:
         """The score for m near-duplicate earlier inputs."""
         return float(1.0 - 2.0 ** (-m / self.m_half))
+
+    def straddle(self, answers: dict[int, float], flips: float) -> float:
+        """How much a row's near-duplicates count, from the answers given near it: the share of answers
+        outside the main class over ``flip_share``, at most 1; 0 when all were one class. ``answers``: per
+        class, the answers filed with entries first answered with it; ``flips``: answers of another class
+        than their entry's first."""
+        total = sum(answers.values()) + flips
+        if not answers or total <= 0.0:
+            return 0.0
+        return min(1.0, (total - max(answers.values())) / (total * self.flip_share))
 
     def volume(self, now: float) -> float:
         """W: distinct inputs stored or merged within the window (up to one bin's width of slack)."""
@@ -184,7 +208,8 @@ class GlobalFingerprintIndex:
                 # near-duplicates within the window are few (merged clusters): visit them one by one, in
                 # candidate order; the weights are whole numbers, so their sum is exact in any order
                 m, top = 0.0, -1
-                first, straddles = -1, False  # a class answered near this row; whether another one was too
+                answers: dict[int, float] = {}  # class -> answers near this row (first class of each entry)
+                flips = 0.0  # answers near this row of another class than their entry's first
                 for j in np.flatnonzero(shared >= need).tolist():
                     c = int(cand[j])
                     if self._time[c] >= oldest:
@@ -193,11 +218,12 @@ class GlobalFingerprintIndex:
                         if self._session[c] != sid:
                             m += float(self._weight[c])
                         label = int(self._label[c])
-                        if self._mixed[c] or (label >= 0 and first >= 0 and label != first):
-                            straddles = True
-                        elif label >= 0:
-                            first = label
-                if m > 0.0 and straddles:
+                        if label >= 0:
+                            answers[label] = answers.get(label, 0.0) + float(self._same[c])
+                            flips += float(self._flips[c])
+                if m > 0.0:
+                    m *= self.straddle(answers, flips)
+                if m > 0.0:
                     r = max(0.0, density_of(i))  # needed only here: rows with no match never pay for it
                     if r > 0.0 and volume is None:
                         volume = self.volume(now)
@@ -213,11 +239,11 @@ class GlobalFingerprintIndex:
 
     def learn(self, fingerprints: np.ndarray, labels: np.ndarray, now: float) -> None:
         """The model's answers (one class per fingerprint row) for rows ``observe`` saw: each is filed with the
-        live entry closest to its fingerprint (the one it was merged into or stored as). An entry answered
-        with two classes is *mixed*. ``observe`` counts a row's near-duplicates only when they straddle the
-        decision boundary: one of them is mixed, or two were answered with different classes. A cluster
-        whose answers stay one class never counts, however many clients send it. Labels must be
-        non-negative (``answer_labels``)."""
+        live entry closest to its fingerprint (the one it was merged into or stored as), which counts the
+        answers of its main class and of any other; when the others outnumber the main class, the class just
+        answered becomes the main one (exact for two classes, the boundary a search straddles). ``observe``
+        counts a row's near-duplicates in proportion to the share of these answers outside the largest class
+        (``straddle``). Labels must be non-negative (``answer_labels``)."""
         fps = np.atleast_2d(np.asarray(fingerprints, dtype=np.uint64))
         labs = np.asarray(labels, dtype=np.int64).reshape(-1)
         if self._fps is None or fps.shape[1] != self._fps.shape[1] or labs.shape[0] != fps.shape[0]:
@@ -241,8 +267,14 @@ class GlobalFingerprintIndex:
             c = int(slots[np.flatnonzero(live)[int(np.argmax(shared[live]))]])  # the first sharing the most
             if self._label[c] < 0:
                 self._label[c] = max(0, label)
+                self._same[c] = 1.0
             elif self._label[c] != label:
-                self._mixed[c] = True
+                self._flips[c] += 1.0
+                if self._flips[c] > self._same[c]:  # the main class is the one answered most (exact for two)
+                    self._label[c] = label
+                    self._same[c], self._flips[c] = self._flips[c], self._same[c]
+            else:
+                self._same[c] += 1.0
 
     def _seen_recently(self, digest: int, now: float) -> bool:
         """Whether this exact input was seen within the window; records it either way."""
@@ -267,7 +299,7 @@ class GlobalFingerprintIndex:
         self._time[slot] = now
         self._weight[slot] = 1.0
         self._label[slot] = -1
-        self._mixed[slot] = False
+        self._same[slot] = self._flips[slot] = 0.0
         self._head = (self._head + 1) % self.max_entries
         self._count = min(self._count + 1, self.max_entries)
         width = self._table.shape[1]

@@ -399,9 +399,15 @@ class TestGlobalIndex:
             await a.index.learn(f"key-{i % 7}", fps, dg, answers, t)
             reference.learn(fps, answers, t)
         assert got == pytest.approx(want)
-        assert max(got) >= 0.5
-        assert np.array_equal(np.sort(reference._label[reference._mixed]), np.sort(a.index.local._label[
-            a.index.local._mixed]))
+        assert max(got) >= 0.4  # the clusters answered with two classes count (in part: their answers' shares)
+        assert len(set(got)) >= 10
+
+        def answers(index: GlobalFingerprintIndex) -> list[tuple[int, float, float]]:
+            kept = index._label >= 0
+            return sorted(zip(index._label[kept].tolist(), index._same[kept].tolist(), index._flips[kept].tolist(),
+                              strict=True))
+
+        assert answers(reference) == answers(a.index.local)
         assert all(got[i] == 0.0 for i in range(90) if i % 9 == 4)  # exact repeats score nothing
 
     async def test_spread_attack_is_seen_across_replicas(self, replicas: tuple[Replica, Replica]) -> None:
@@ -428,8 +434,9 @@ class TestGlobalIndex:
     async def test_a_cluster_answered_alike_never_counts(self, replicas: tuple[Replica, Replica],
                                                          redis_prefix: str) -> None:
         """40 keys on two replicas sending their own near-copies of one popular input, all answered with one
-        class, score 0 on Redis; once copies were answered with two classes, a new key's copy scores high on
-        the other replica (Redis, not its local mirror, knows the answers of both)."""
+        class, score 0 on Redis; once a prober's copies were answered with the other class about as often as a
+        boundary search gets it, a new key's copy scores high on the other replica (Redis, not its local
+        mirror, knows the answers of both)."""
         a, b = replicas
         engine = a.tracking.engine(None, 64)
         rng, now = np.random.default_rng(8), time.time()
@@ -442,10 +449,11 @@ class TestGlobalIndex:
             scores.append(await r.index.observe(f"user-{i}", fps, dg, now + i))
             await r.index.learn(f"user-{i}", fps, dg, np.array([4]), now + i)
         assert max(scores) == 0.0
-        x = near(base, rng)
-        fps, dg = engine.fingerprints(x), engine.row_keys(x)
-        await a.index.observe("prober", fps, dg, now + 50)
-        await a.index.learn("prober", fps, dg, np.array([6]), now + 50)
+        for j in range(14):
+            x = near(base, rng)
+            fps, dg = engine.fingerprints(x), engine.row_keys(x)
+            await a.index.observe("prober", fps, dg, now + 50 + j / 100)
+            await a.index.learn("prober", fps, dg, np.array([6]), now + 50 + j / 100)
         assert len(keys_under(6379, redis_prefix + "gl:")) >= 1
         x = near(base, rng)
         assert await b.index.observe("prober-2", engine.fingerprints(x), engine.row_keys(x), now + 51) >= 0.9

@@ -275,9 +275,14 @@ class _ReferenceIndex(GlobalFingerprintIndex):
                 need = max(1, math.ceil(self.match_threshold * nz.size))
                 near = (shared >= need) & (self._time[cand] >= oldest)
                 counted = near & (self._session[cand] != sid)
-                labels = self._label[cand][near & (self._label[cand] >= 0)]
-                straddles = bool(np.any(self._mixed[cand][near])) or np.unique(labels).size > 1
-                m = float(np.sum(self._weight[cand][counted])) if straddles else 0.0
+                answered = near & (self._label[cand] >= 0)
+                share = 0.0
+                if answered.any():  # answers per main class, then the share outside the largest class
+                    _, inverse = np.unique(self._label[cand][answered], return_inverse=True)
+                    per_class = np.bincount(inverse, weights=self._same[cand][answered])
+                    total = float(per_class.sum()) + float(self._flips[cand][answered].sum())
+                    share = min(1.0, (total - float(per_class.max())) / (total * self.flip_share))
+                m = float(np.sum(self._weight[cand][counted])) * share
                 best = max(best, m / (1.0 + volume * max(0.0, float(rho))))
                 if near.any():
                     merge = int(cand[np.argmax(np.where(near, shared, -1))])
@@ -313,9 +318,10 @@ class TestGlobalObserve:
             ref.learn(fps, answers, now)
             now += float(rng.choice([0.1, 0.5, 3.0]))
         assert ref._fps is not None and fast._fps is not None
-        assert fast._mixed.any() and not fast._mixed.all()
+        answered = fast._label >= 0
+        assert (fast._flips[answered] > 0).any() and not (fast._flips[answered] > 0).all()
         for name in ("_fps", "_table", "_bucket_head", "_session", "_time", "_weight", "_bin_count", "_bin_id",
-                     "_digest_ring", "_label", "_mixed"):
+                     "_digest_ring", "_label", "_same", "_flips"):
             assert np.array_equal(getattr(fast, name), getattr(ref, name)), name
         assert fast._digests == ref._digests
 

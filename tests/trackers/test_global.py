@@ -68,18 +68,39 @@ class TestGlobalIndex:
 
     def test_a_popular_input_answered_alike_never_counts(self, trackers: SessionTrackers, digits: Digits) -> None:
         """300 clients each sending their own slightly edited copy of one popular input, all answered with one
-        class, score 0 however many there are; once copies of it are answered with two classes (a search on
-        the boundary), the next copy from another key scores at the block level."""
+        class, score 0 however many there are; one copy answered with another class (a popular input near the
+        boundary) keeps the next copy below the alert level; once a search gets the other answer about as
+        often as a boundary search does, the next copy from another key scores at the block level."""
         index = GlobalFingerprintIndex(max_entries=10_000)
         rng = np.random.default_rng(15)
         x = digits.X_held[4]
-        rows = np.stack([x + rng.normal(0, 1e-6, x.shape) for _ in range(302)])
+        rows = np.stack([x + rng.normal(0, 1e-6, x.shape) for _ in range(342)])
         scores = observe_stream(index, trackers, rows[:300], [f"user-{i}" for i in range(300)],
                                 answers=np.full(300, 7))
         assert max(scores) == 0.0
         observe_stream(index, trackers, rows[300:301], ["prober"], t0=300.0, answers=np.array([3]))
-        assert observe_stream(index, trackers, rows[301:], ["prober-2"], t0=301.0)[0] >= 0.95
+        assert observe_stream(index, trackers, rows[301:302], ["user-301"], t0=301.0, answers=np.array([7]))[0] < 0.5
+        observe_stream(index, trackers, rows[302:341], ["prober"], t0=302.0, answers=np.where(np.arange(39) % 4, 7, 3))
+        assert observe_stream(index, trackers, rows[341:], ["prober-2"], t0=341.0)[0] >= 0.95
 
+    def test_mixed_clusters_count_by_their_share_of_other_answers(self, trackers: SessionTrackers,
+                                                                  digits: Digits) -> None:
+        """Of two equally large clusters answered with two classes, the one whose answers are split (a boundary
+        search) scores more than the one answered with one class but for a few flips (popular edits), and the
+        score grows with the share of other answers up to ``flip_share``, whichever class came first."""
+        rng = np.random.default_rng(16)
+        x = digits.X_held[5]
+        rows = np.stack([x + rng.normal(0, 1e-6, x.shape) for _ in range(41)])
+        out = {}
+        for flips in (0, 1, 4, 10, 20):
+            index = GlobalFingerprintIndex(max_entries=1000, flip_share=0.25)
+            answers = np.full(40, 2)
+            answers[:flips] = 5  # the flips first: the main class is still the one answered most
+            observe_stream(index, trackers, rows[:40], [f"user-{i}" for i in range(40)], answers=answers)
+            out[flips] = observe_stream(index, trackers, rows[40:], ["next"], t0=40.0)[0]
+        assert out[0] == 0.0
+        assert out[0] < out[1] < out[4] < out[10]
+        assert out[10] == out[20] >= 0.95
     def test_new_key_of_a_blocked_attacker_is_recognised(self, trackers: SessionTrackers, digits: Digits) -> None:
         """After one key sent an attack's queries, a fresh key continuing the attack reaches 0.95 (the default
         policy's block) within its first 3 queries, and on most of its next 10 (the per-session trackers
@@ -154,6 +175,8 @@ class TestGlobalIndex:
             GlobalFingerprintIndex(max_entries=0)
         with pytest.raises(ValueError, match="invalid"):
             GlobalFingerprintIndex(match_threshold=1.5)
+        with pytest.raises(ValueError, match="invalid"):
+            GlobalFingerprintIndex(flip_share=0.0)
         index = GlobalFingerprintIndex(max_entries=10)
         one = np.ones(1, dtype=np.uint64)
         index.observe("s", np.ones((1, 20), dtype=np.uint64), one, 0.0)
