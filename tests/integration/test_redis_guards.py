@@ -20,7 +20,7 @@ import pytest
 
 from guard_agent.demo import DigitsModel
 from guard_agent.sessions.factory import make_global_observer, make_session_store
-from guard_agent.sessions.redis_store import RedisSessionStore
+from guard_agent.sessions.redis.store import RedisSessionStore
 from tests._support.redis import RedisServer, keys_under, redis_cmd
 from tests.conftest import GuardFactory, RunningGuard, v2_body
 

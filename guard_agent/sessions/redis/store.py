@@ -35,7 +35,7 @@ synced) is lost with it. An operator reset leaves a tombstone ``{prefix}d:{sessi
 that no replica restores the session it still holds locally.
 
 Standalone Redis or Sentinel: the scripts touch keys of one session only (both keys are declared), but the
-global index's script (``guard_agent.redis_global``) is not Redis Cluster compatible.
+global index's script (``guard_agent.sessions.redis.global_index``) is not Redis Cluster compatible.
 """
 
 from __future__ import annotations

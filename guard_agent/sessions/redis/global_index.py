@@ -34,7 +34,7 @@ import numpy as np
 
 from detectors.trackers import GlobalFingerprintIndex
 from detectors.trackers._global import session_hash
-from guard_agent.sessions.redis_store import FALLBACK, RedisLink
+from guard_agent.sessions.redis.store import FALLBACK, RedisLink
 
 __all__ = ["RedisGlobalIndex"]
 
