@@ -26,7 +26,7 @@ Suggested thresholds (flag / harden / block):
 from ._config import TrackerConfig
 from ._evidence import S_HALF, from_score, to_score
 from ._fit import fit_tracker_config
-from ._global import GlobalFingerprintIndex
+from ._global import GlobalFingerprintIndex, session_hash
 from ._session import SCORE_NAMES, SessionTrackers, answer_labels
 from ._state import SessionState
 
@@ -40,5 +40,6 @@ __all__ = [
     "answer_labels",
     "fit_tracker_config",
     "from_score",
+    "session_hash",
     "to_score",
 ]

@@ -18,7 +18,8 @@ from guard_agent.events import EventLogger
 from guard_agent.metrics import Metrics
 from guard_agent.sessions.base import SessionStore
 from guard_agent.sessions.memory import MemorySessionStore
-from guard_agent.sessions.redis.store import RedisLink, RedisMetrics, RedisSessionStore
+from guard_agent.sessions.redis.link import RedisLink, RedisMetrics
+from guard_agent.sessions.redis.store import RedisSessionStore
 from guard_agent.settings import ConfigError, Settings
 
 if TYPE_CHECKING:
