@@ -108,15 +108,6 @@ class Settings:
     model_dir: str | None = None
     model_public_key_file: str | None = None
 
-    def redacted(self) -> dict[str, Any]:
-        """A loggable view: secrets replaced by whether they are set."""
-        out = dataclasses.asdict(self)
-        for secret in ("hmac_key", "admin_token", "capture_key"):
-            out[secret] = "<set>" if out[secret] else None
-        if out["redis_url"] and "@" in out["redis_url"]:
-            out["redis_url"] = "<set, with credentials>"
-        return out
-
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 _SECRETS = ("hmac_key", "admin_token", "redis_url", "capture_key")
