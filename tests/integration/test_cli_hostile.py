@@ -1,4 +1,4 @@
-"""Issue 14: the CLI as a first-time user runs it: mistakes in a policy, a port already taken, the help texts."""
+"""The CLI as a first-time user runs it: mistakes in a policy, a port already taken, the help texts."""
 
 from __future__ import annotations
 
