@@ -1,6 +1,7 @@
-"""``guard-agent``: run, check, fit, demo.
+"""``guard-agent``: run, check, fit, demo, and the subcommands in ``guard_agent.commands``.
 
-Settings precedence for ``run``: flags > ``GUARD_*`` environment > ``--config`` file > defaults.
+Settings precedence for ``run``: flags > ``GUARD_*`` environment > ``--config`` file > defaults. Exit statuses,
+error lines and ``--json`` follow ``guard_agent.commands._convention`` for every subcommand.
 """
 
 from __future__ import annotations
@@ -11,6 +12,15 @@ import sys
 from collections.abc import Sequence
 
 from guard_agent import __version__
+from guard_agent.commands._convention import (
+    FAILED,
+    OK,
+    CommandError,
+    Parser,
+    add_json_argument,
+    error_line,
+    print_json,
+)
 
 __all__ = ["main"]
 
@@ -24,7 +34,7 @@ section. Set GUARD_HMAC_KEY (or GUARD_HMAC_KEY_FILE), or session ids change on e
 Decision events go to stdout, one JSON object per line."""
 
 
-def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_run(sub: argparse._SubParsersAction[Parser]) -> None:
     p = sub.add_parser("run", help=_RUN_HELP, description=_sentence(_RUN_HELP), epilog=_RUN_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML config file, keys = setting names (no env name; default: none)")
@@ -44,6 +54,8 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from detectors import ProfileError
+    from guard_agent.policy.loader import PolicyError
     from guard_agent.server import ListenError, serve
     from guard_agent.settings import ConfigError, load_settings
 
@@ -57,38 +69,37 @@ def _run(args: argparse.Namespace) -> int:
             return run_workers(settings)
         return asyncio.run(serve(settings))
     except ConfigError as exc:
-        print(f"guard-agent: configuration error: {exc}", file=sys.stderr)
-        return 2
+        return error_line(args.command_prog, f"configuration error: {exc}")
     except ListenError as exc:  # a port already taken: one line naming the address, exit at once
-        print(f"guard-agent: {exc.strerror}", file=sys.stderr)
-        return 2
-    except Exception as exc:  # a bad first policy or profile: say what, not a traceback
-        from guard_agent.policy.loader import PolicyError
-
-        if isinstance(exc, PolicyError) or type(exc).__name__ == "ProfileError":
-            print(f"guard-agent: cannot start: {exc}", file=sys.stderr)
-            return 2
-        raise
+        return error_line(args.command_prog, exc.strerror or str(exc))
+    except (PolicyError, ProfileError) as exc:  # a bad first policy or profile: say what, not a traceback
+        return error_line(args.command_prog, f"cannot start: {exc}")
 
 
 def _check(args: argparse.Namespace) -> int:
     from guard_agent.policy.loader import PolicyError, load_policy_file
 
-    status = 0
+    results: list[dict[str, object]] = []
     for path in args.policy:
         try:
-            loaded = load_policy_file(path)
+            policy = load_policy_file(path).policy
         except PolicyError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            status = 1
+            results.append({"path": path, "ok": False, "error": str(exc)})
+            if not args.json:
+                print(f"error: {exc}", file=sys.stderr)
             continue
-        policy = loaded.policy
-        print(f"ok: {policy.source}: revision {policy.revision[:12]}, mode {policy.default.mode}, "
-              f"{len(policy.default.rules)} rules, {len(policy.models)} model overrides")
-    return status
+        results.append({"path": path, "ok": True, "source": policy.source, "revision": policy.revision,
+                        "mode": policy.default.mode, "rules": len(policy.default.rules),
+                        "model_overrides": len(policy.models)})
+        if not args.json:
+            print(f"ok: {policy.source}: revision {policy.revision[:12]}, mode {policy.default.mode}, "
+                  f"{len(policy.default.rules)} rules, {len(policy.models)} model overrides")
+    if args.json:
+        print_json(results)
+    return OK if all(r["ok"] for r in results) else FAILED
 
 
-def _add_fit(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_fit(sub: argparse._SubParsersAction[Parser]) -> None:
     try:
         from guard_agent.fit_command import add_fit_arguments
     except ImportError:
@@ -124,7 +135,7 @@ OPTIONAL_COMMANDS: tuple[tuple[str, str, str], ...] = (
 """Subcommands in their own modules: each has ``add_arguments(parser)`` and ``run(args) -> int``."""
 
 
-def _add_optional(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> dict[str, str]:
+def _add_optional(sub: argparse._SubParsersAction[Parser]) -> dict[str, str]:
     import importlib
 
     found: dict[str, str] = {}
@@ -146,7 +157,7 @@ def _sentence(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="guard-agent", description="inference-guard: a runtime guard for ML models")
+    parser = Parser(prog="guard-agent", description="inference-guard: a runtime guard for ML models")
     parser.add_argument("--version", action="version", version=f"guard-agent {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run(sub)
@@ -157,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         "per-model overrides. Prints the revision the guard would stamp on its events; exits 1 with "
         "file:line: field: message on the first error of each file."))
     c.add_argument("policy", nargs="+", help="policy file(s) or directories holding policy.yaml")
+    add_json_argument(c, "one result per policy")
     _add_fit(sub)
     demo_help = "run the guard in front of a built-in model, send traffic, print decisions"
     d = sub.add_parser("demo", help=demo_help, description=_sentence(demo_help) + " Exits within a minute.")
@@ -166,14 +178,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # named by the subcommand that was parsed, not the top-level parser as argparse would
+        return error_line(args.command_prog, f"unrecognized arguments: {' '.join(unknown)} "
+                                             f"(see {args.command_prog} --help)")
     handlers = {"run": _run, "check": _check, "fit": _fit, "demo": _demo}
-    if args.command in handlers:
-        return handlers[args.command](args)
-    import importlib
+    try:
+        if args.command in handlers:
+            return handlers[args.command](args)
+        import importlib
 
-    module = importlib.import_module(args.optional_commands[args.command])
-    result: int = module.run(args)
+        module = importlib.import_module(args.optional_commands[args.command])
+        result: int = module.run(args)
+    except CommandError as exc:
+        return error_line(args.command_prog, str(exc))
     return result
 
 

@@ -9,11 +9,11 @@ comments kept, validated before it is written. Exit 2 on unusable input.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 
+from guard_agent.commands._convention import OK, CommandError
 from guard_agent.tuning._cli import add_capture_arguments, load_capture, load_labels
 from guard_agent.tuning.policy_edit import Edit, retune_policy_text
 from guard_agent.tuning.records import Capture
@@ -88,8 +88,7 @@ def write_policy(capture: Capture, labels: frozenset[str], args: argparse.Namesp
 
     out = Path(args.out)
     if out.exists() and not args.force:
-        print(f"error: {out} exists (use --force)", file=sys.stderr)
-        return 2
+        raise CommandError(f"{out} exists (use --force)")
     text, source = _base_text(args.policy)
     benign = [d for d in capture.decisions if d.session not in labels]
     by_model: dict[str | None, dict[str, np.ndarray]] = {None: scores_by_name(benign)}
@@ -117,26 +116,18 @@ def write_policy(capture: Capture, labels: frozenset[str], args: argparse.Namesp
     try:
         parse_policy(new_text, source=str(out))
     except PolicyError as exc:  # never write a file the guard would refuse
-        print(f"error: the tuned policy does not validate: {exc}", file=sys.stderr)
-        return 2
+        raise CommandError(f"the tuned policy does not validate: {exc}") from exc
     out.write_text(new_text, encoding="utf-8")
     print(f"\nwrote {out} ({sum(e.new is not None for e in edits)} thresholds changed):")
     print(_edits_text(edits))
-    return 0
+    return OK
 
 
 def run(args: argparse.Namespace) -> int:
     if not 0 < args.target_fpr < 1 or args.escalation < 1:
-        print("error: --target-fpr must be in (0, 1) and --escalation >= 1", file=sys.stderr)
-        return 2
-    capture = load_capture(args.capture)
-    if capture is None:
-        return 2
-    try:
-        labels = load_labels(args.labels)
-    except OSError as exc:
-        print(f"error: cannot read labels: {exc}", file=sys.stderr)
-        return 2
+        raise CommandError("--target-fpr must be in (0, 1) and --escalation >= 1")
+    capture = load_capture(args.capture, prog=args.command_prog)
+    labels = load_labels(args.labels)
     benign_decisions = [d for d in capture.decisions if d.session not in labels]
     attack = [d for d in capture.decisions if d.session in labels]
     known = {d.session for d in capture.decisions}
@@ -144,8 +135,7 @@ def run(args: argparse.Namespace) -> int:
           f"{len(labels & known)} labelled attack session(s)"
           + (f" ({len(labels - known)} labelled sessions not in the capture)" if labels - known else ""))
     if not scores_by_name(benign_decisions):
-        print("error: no tunable scores in the benign traffic (is a profile loaded?)", file=sys.stderr)
-        return 2
+        raise CommandError("no tunable scores in the benign traffic (is a profile loaded?)")
     table = trade_off(benign_decisions, attack if labels else None, (*GRID, args.target_fpr))
     print(format_trade_off(table, bool(labels), args.target_fpr))
     print("(* = the target FPR; thresholds apply as `gte`; benign FPR and sess. (sessions with at least one request\n"
@@ -155,6 +145,5 @@ def run(args: argparse.Namespace) -> int:
         try:
             return write_policy(capture, labels, args)
         except (OSError, ValueError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-    return 0
+            raise CommandError(str(exc)) from exc
+    return OK

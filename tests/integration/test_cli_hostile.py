@@ -68,7 +68,7 @@ class TestPortTaken:
         assert proc.returncode == 2
         assert time.monotonic() - started < 15
         lines = [line for line in err.splitlines() if line.strip()]
-        assert lines == [f"guard-agent: cannot listen on {address}: address already in use"], err
+        assert lines == [f"guard-agent run: cannot listen on {address}: address already in use"], err
         assert "Traceback" not in out + err
 
 
