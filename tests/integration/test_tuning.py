@@ -250,6 +250,19 @@ class TestTune:
             unblocked = {c.request_id for c in result.changes if c.session == session and c.before == "block"}
             assert blocked_before - unblocked, f"{session} is no longer blocked ({still_blocked})"
 
+    def test_json_prints_the_trade_off_and_the_edits(self, captured: Captured) -> None:
+        """--json: one JSON document (the counts, per score a row per FPR, the edits written), no table."""
+        out_policy = captured.root / "tuned-json.yaml"
+        code, out, err = cli("tune", "--capture", str(captured.capture_dir), "--target-fpr", "0.01",
+                             "--policy", str(captured.policy), "--out", str(out_policy), "--force", "--json")
+        assert code == 0, err
+        doc = orjson.loads(out)
+        assert doc["benign"] == captured.sent and doc["out"] == str(out_policy)
+        combined = {row["target_fpr"]: row for row in doc["trade_off"]["ood.combined"]}
+        assert 0.01 in combined and 0.0 <= combined[0.01]["benign_fpr"] <= 1.0
+        assert doc["edits"] and all({"rule", "score", "old", "new"} <= set(e) for e in doc["edits"])
+        assert cli("check", str(out_policy))[0] == 0
+
     def test_labels_are_optional(self, captured: Captured) -> None:
         """Without labels all traffic counts as benign and the table has no attack columns."""
         code, out, _ = cli("tune", "--capture", str(captured.capture_dir), "--target-fpr", "0.05")

@@ -9,7 +9,8 @@ import pytest
 
 from guard_agent.cli import main
 
-MACHINE_READABLE = (("check",), ("replay",), ("selftest",), ("explain",), ("status",), ("sign",), ("canary", "check"))
+MACHINE_READABLE = (("check",), ("replay",), ("tune",), ("selftest",), ("explain",), ("status",), ("sign",),
+                    ("canary", "check"))
 
 
 class TestCliConvention:
