@@ -7,7 +7,8 @@
 - Errors are one line on stderr, ``guard-agent COMMAND: message`` (argparse's own included): a log collector or
   a CI step shows the whole reason, never a traceback or a usage block.
 - ``--json`` prints the machine-readable result as one JSON document on stdout instead of the text.
-- Options are ``--kebab-case``; a value read from a file is ``--NAME-file``.
+- Options are ``--kebab-case``. Secrets are read from files (``--token-file``, ``--capture-key-file``),
+  never given as option values, which other users of the machine can read in the process list.
 """
 
 from __future__ import annotations
