@@ -314,7 +314,7 @@ class TestSelftest:
     async def test_selftest_passes_with_defences_and_fails_without(self, start_guard, tmp_path: Path,
                                                                    digits_profile: str, demo_model_url: str) -> None:
         """Against the default policy every defence passes (exit 0); against a policy without rules the attack
-        checks fail (exit 1) while benign traffic still passes."""
+        checks fail (exit 1) while benign traffic still passes (read from --json)."""
         guard = await start_guard(demo_model_url, profile=digits_profile)
         code, out, err = await asyncio.to_thread(cli, "selftest", "--target", guard.url, "--max-requests", "300",
                                                  "--time-limit", "60")
@@ -328,11 +328,10 @@ class TestSelftest:
         open_policy.write_text("version: 1\n")
         guard2 = await start_guard(demo_model_url, policy=str(open_policy), profile=digits_profile)
         code, out, _ = await asyncio.to_thread(cli, "selftest", "--target", guard2.url, "--max-requests", "150",
-                                               "--time-limit", "60", "--rate", "200")
+                                               "--time-limit", "60", "--rate", "200", "--json")
         assert code == 1
-        rows = {x.split()[0]: x for x in out.splitlines() if " PASS " in x or " FAIL " in x}
-        assert " PASS " in rows["benign"] and " FAIL " in rows["OOD"] and " FAIL " in rows["black-box"]
-        assert " FAIL " in rows["model"]
+        passed = {r["defence"].split()[0]: r["passed"] for r in orjson.loads(out)}  # --json: stdout is JSON only
+        assert passed["benign"] and not passed["OOD"] and not passed["black-box"] and not passed["model"]
 
 
 class TestSelftestVerdicts:
