@@ -21,7 +21,7 @@ the running guard decides the same for the same queries.
 Printed per model and shape: benign sessions alerted (flag, harden, throttle or block) and blocked (403),
 each with a one-sided 95 % Clopper-Pearson upper bound; per attack: runs stopped (every key refused),
 queries to the first alert and block (median / worst), attack successes, thief agreement with and without
-the guard. Targets (issue 12): blocked benign <= 0.1 % and alerted <= 1 % (upper bounds), black-box attacks
+the guard. Targets: blocked benign <= 0.1 % and alerted <= 1 % (upper bounds), black-box attacks
 blocked within 25 queries (50 from a natural start), synthetic extraction within 100, no success; a target
 not met is printed as MISSED. Exit status 1 when any benign session was blocked.
 

@@ -2,7 +2,7 @@
 
 Run: /work/venv/bin/python bench/detector_cost.py
 
-Target (issue 3): Profile.score of one 64-feature row with a 5,000-row reference set <= 150 us for the default
+Target: Profile.score of one 64-feature row with a 5,000-row reference set <= 150 us for the default
 set. Shortcuts measured here: float32 scoring, the k-means cell (IVF) kNN index instead of exact search, and
 the array traversal of the Isolation Forest instead of sklearn's score_samples.
 """

@@ -7,7 +7,7 @@ bodies, conflicting framing (CL+TE, bad chunk sizes, bare LF/CR), mutated JSON
 (truncation, byte flips, deep nesting, huge numbers, NaN, duplicate keys,
 wrong types), path variants, protocol confusion (TLS ClientHello, HTTP/2
 preface, Upgrade), pipelined bursts, abrupt disconnects and slowloris-style
-dribbles, and the classes of issue 14 (``hostile``: values beyond float32 in every
+dribbles, and hostile values (``hostile``: values beyond float32 in every
 numeric path, Expect, non-ASCII credentials, listed Content-Encoding, Connection
 naming Content-Type, repeated binary header lengths, INT64 extremes, HTTP/2.0
 request lines, query strings, rotating keys, half-closed clients). Every 40th
@@ -116,7 +116,7 @@ class Gen:
 
     def good(self) -> Op:
         # a session of its own, so the fuzz traffic's throttling (one client address) does not apply to it: a new
-        # key alone no longer buys one (unverified keys also count against their client address, issue 14), so
+        # key alone does not buy one (unverified keys also count against their client address), so
         # good requests come from other loopback addresses, each client ten or so requests
         key = b"X-API-Key: good-" + self.rng.randbytes(12).hex().encode() + b"\r\n"
         return Op("good", [_post(_v2([self.row()]), extra=key)], good=True,
@@ -277,7 +277,7 @@ class Gen:
         return Op("disconnect", [full[: r.randrange(1, len(full))]], abort=True)
 
     def hostile(self) -> Op:
-        """The classes of issue 14: values beyond float32 in every numeric path, Expect with a whole body,
+        """Hostile values: beyond float32 in every numeric path, Expect with a whole body,
         credentials that are not ASCII, listed or repeated Content-Encoding, a Connection header naming
         Content-Type, a repeated or non-numeric binary header length, INT64 extremes, an HTTP/2.0 request line,
         a query string on a scored route, a fresh key per request, and a client that half-closes."""
@@ -546,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
             result["open_connections_after"] = _metric(stack.admin_url, "inference_guard_open_connections")
             result["refused_connections"] = _metric(stack.admin_url, "inference_guard_connections_refused_total")
             # from an address of its own: the fuzz traffic's address (127.0.0.1) is blocked and throttled by now,
-            # and an unverified key no longer escapes that (issue 14)
+            # and an unverified key does not escape that
             host, port = stack.guard_url.rsplit("/", 1)[1].split(":")
             conn = http.client.HTTPConnection(host, int(port), timeout=10, source_address=("127.0.9.9", 0))
             try:

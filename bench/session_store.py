@@ -167,7 +167,7 @@ async def guard_latency(n: int) -> None:
     from guard_agent.app import build_state
     from guard_agent.demo import DigitsModel, make_model_app
     from guard_agent.server import start_listeners
-    from guard_agent.sessions.redis_store import RedisSessionStore
+    from guard_agent.sessions.redis.store import RedisSessionStore
 
     def port() -> int:
         import socket

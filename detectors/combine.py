@@ -58,7 +58,7 @@ class PValueCombiner:
     each detector's maximum sits at the top of the statistic. A new row past some detectors' maxima (p = 1/(n+1)
     there) ties with the top rows of the detectors it did not pass, as it would if all n + 1 rows were ranked
     together: p = (1 + #those rows) / (n + 1) for "min" (all top rows for "fisher"). Ranking it alone at
-    1/(n + 1), as before, made the combination fire at up to k times its nominal rate there.
+    1/(n + 1) would make the combination fire at up to k times its nominal rate there.
     """
 
     calibration_scores_: FloatArray

@@ -22,8 +22,8 @@ def excess_scales(X: FloatArray, span: FloatArray, prior_rows: int) -> FloatArra
     range rests on k rows that differ from its median (a corner pixel inked a few times, a sparse column) gets
     the weighted geometric mean range^(k / (k + prior_rows)) * pooled^(prior_rows / (k + prior_rows)), never
     less than its own range: a rarely moving feature has a poorly estimated range, so a value past it is not
-    many "range widths" out. Constant features get the pooled range (formerly 1.0 in raw units, so any ink on a
-    never-inked pixel counted as many range widths). Geometric, so that well-observed features (k >> prior_rows)
+    many "range widths" out. Constant features get the pooled range (not 1.0 in raw units, by which any ink on a
+    never-inked pixel would count as many range widths). Geometric, so that well-observed features (k >> prior_rows)
     keep their own range even when the others are in units 10^5 times larger.
     """
     positive = span[span > 0]

@@ -283,14 +283,6 @@ def build_decision_event(
     return fields
 
 
-def parse_event_line(line: bytes) -> dict[str, Any]:
-    """Decode one event line (tests, replay)."""
-    value = orjson.loads(line)
-    if not isinstance(value, dict):
-        raise ValueError("an event line must be a JSON object")
-    return value
-
-
 _MAX_DIAGNOSTIC = 300
 _WARNING = re.compile(r"(\w+Warning): ([^\n]*)")
 

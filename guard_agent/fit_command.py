@@ -1,7 +1,8 @@
 """`guard-agent fit`: fit a calibrated detector profile from reference data and print what it will do.
 
 The CLI module wires `add_fit_arguments` and `run_fit` into its `fit` subcommand. Errors in the input are
-reported as one clear line on stderr with exit status 1, never as a traceback.
+reported as one clear line on stderr with exit status 2 (``guard_agent.commands._convention``), never as a
+traceback.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +20,7 @@ import numpy as np
 import yaml
 
 from detectors import COMBINED, Profile, ProfileError, fit_profile, load_reference, save_profile
+from guard_agent.commands._convention import CommandError, warn
 from guard_agent.fit_text import add_text_arguments, run_fit_text
 
 from .policy.store import default_policy_text
@@ -200,13 +201,12 @@ def _tracker_parts(X: np.ndarray, labels: np.ndarray | None, seed: int) -> dict[
     try:
         return {"trackers": fit_tracker_config(X, labels, seed=seed).to_parts()}
     except ValueError as exc:
-        print(f"guard-agent fit: warning: session trackers not fitted ({exc}); the guard will use defaults",
-              file=sys.stderr)
+        warn("guard-agent fit", f"session trackers not fitted ({exc}); the guard will use defaults")
         return None
 
 
 def run_fit(args: argparse.Namespace) -> int:
-    """Fit, save and summarise a profile. Returns the exit status (0 ok, 1 bad input or refused overwrite)."""
+    """Fit, save and summarise a profile. Returns 0; bad input or a refused overwrite raise ``CommandError``."""
     if args.text:
         return run_fit_text(args)
     out: Path = args.out
@@ -232,8 +232,7 @@ def run_fit(args: argparse.Namespace) -> int:
         )
         save_profile(profile, out, force=args.force)
     except (ProfileError, ValueError, OSError) as exc:
-        print(f"guard-agent fit: error: {exc}", file=sys.stderr)
-        return 1
+        raise CommandError(str(exc)) from exc
     print(format_table(profile, X[:1]))
     for line in advice(profile, self_check(profile, X, args.seed)):
         print(line)

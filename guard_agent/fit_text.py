@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import sys
 import time
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 
 from detectors import ProfileError, save_profile
 from detectors.text import CHECK_NAMES, TextModel, fit_text_profile
+from guard_agent.commands._convention import CommandError
 
 __all__ = ["add_text_arguments", "load_texts", "run_fit_text"]
 
@@ -70,8 +70,7 @@ def run_fit_text(args: argparse.Namespace) -> int:
                                       seed=args.seed, detectors=detectors, clock=time.perf_counter)
         save_profile(profile, out, force=args.force)
     except (ProfileError, ValueError, OSError) as exc:
-        print(f"guard-agent fit: error: {exc}", file=sys.stderr)
-        return 1
+        raise CommandError(str(exc)) from exc
     model = TextModel.from_profile(profile)
     assert model is not None
     print(f"text profile: {len(texts)} reference texts, {model.projection.n_components} components over "

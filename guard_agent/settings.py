@@ -87,7 +87,7 @@ class Settings:
     reload_interval: float = 1.0
     shutdown_grace: float = 10.0
     workers: int = 1                    # guard processes on one port (SO_REUSEPORT); > 1 needs redis_url
-    # access control and transport (issue 6)
+    # access control and transport
     api_keys_file: str | None = None
     jwt_jwks_file: str | None = None
     jwt_issuer: str | None = None
@@ -96,26 +96,17 @@ class Settings:
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     tls_client_ca_file: str | None = None
-    # SIEM delivery besides stdout (issue 6): a list of sink mappings, validated by the sink module
+    # SIEM delivery besides stdout: a list of sink mappings, validated by the sink module
     sinks: tuple[dict[str, Any], ...] = ()
     spool_dir: str | None = None
-    # decision capture for replay and tuning (issue 7)
+    # decision capture for replay and tuning
     capture_dir: str | None = None
     capture_max_bytes: int = 64 * 1024 * 1024
     capture_max_files: int = 10
     capture_key: str | None = None
-    # model integrity (issue 8)
+    # model integrity
     model_dir: str | None = None
     model_public_key_file: str | None = None
-
-    def redacted(self) -> dict[str, Any]:
-        """A loggable view: secrets replaced by whether they are set."""
-        out = dataclasses.asdict(self)
-        for secret in ("hmac_key", "admin_token", "capture_key"):
-            out[secret] = "<set>" if out[secret] else None
-        if out["redis_url"] and "@" in out["redis_url"]:
-            out["redis_url"] = "<set, with credentials>"
-        return out
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}

@@ -109,7 +109,7 @@ def run_workers(settings: Settings) -> int:
         signal.signal(sig, forward)
     while any(proc.poll() is None for proc in procs):
         if not stopping and any(proc.poll() is not None for proc in procs):
-            print("guard-agent: a worker exited; stopping the others", file=sys.stderr)
+            print("guard-agent run: a worker exited; stopping the others", file=sys.stderr)
             forward(signal.SIGTERM, None)
         time.sleep(_POLL_SECONDS)
     codes = [proc.returncode for proc in procs]

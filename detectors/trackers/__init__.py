@@ -29,7 +29,7 @@ from ._config import TrackerConfig
 from ._crawl import CRAWL_VOLUME, CrawlScore
 from ._evidence import S_HALF, from_score, to_score
 from ._fit import fit_tracker_config
-from ._global import GlobalFingerprintIndex
+from ._global import GlobalFingerprintIndex, session_hash
 from ._session import SCORE_NAMES, SessionTrackers, answer_labels
 from ._state import SessionState
 
@@ -45,5 +45,6 @@ __all__ = [
     "answer_labels",
     "fit_tracker_config",
     "from_score",
+    "session_hash",
     "to_score",
 ]

@@ -1,1 +1,1 @@
-"""Optional CLI subcommands, one module each: ``add_arguments(parser)`` and ``run(args) -> int``."""
+"""The CLI subcommands, one module each: ``add_arguments(parser)`` and ``run(args) -> int``."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +19,8 @@ if TYPE_CHECKING:  # the CLI builds every subcommand's parser: keep importing th
     import numpy as np
 
     from guard_agent.integrity._upstream import Answer
+
+from guard_agent.commands._convention import FAILED, OK, CommandError, add_json_argument, print_json
 
 __all__ = ["add_arguments", "run"]
 
@@ -52,6 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--upstream", required=True, help="URL of the model server")
     c.add_argument("--canaries", required=True, help="a canary set directory, or a directory of sets")
     c.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default 30)")
+    add_json_argument(c, "one result per canary set")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,8 +65,7 @@ def run(args: argparse.Namespace) -> int:
             return asyncio.run(_record(args))
         return asyncio.run(_check(args))
     except (CanaryError, UpstreamError, ValueError) as exc:
-        print(f"guard-agent canary {args.canary_command}: {exc}", file=sys.stderr)
-        return 2
+        raise CommandError(str(exc)) from exc
 
 
 async def _ask(client: aiohttp.ClientSession, args: argparse.Namespace, X: np.ndarray,
@@ -157,7 +158,7 @@ async def _record(args: argparse.Namespace) -> int:
           f"tolerance {args.tolerance:g}; outputs requested: {','.join(outputs) or '(server default)'}")
     print(f"  metadata: {_short(metadata)}")
     print(f"  revision {revision}")
-    return 0
+    return OK
 
 
 def _short(metadata: dict[str, Any] | Any) -> str:
@@ -175,6 +176,7 @@ async def _check(args: argparse.Namespace) -> int:
 
     sets = load_canary_dir(args.canaries)
     failed = False
+    results: list[dict[str, Any]] = []
     async with aiohttp.ClientSession() as client:
         for model, model_sets in group_by_model(sets).items():
             passing = False
@@ -195,6 +197,14 @@ async def _check(args: argparse.Namespace) -> int:
                     detail += f"; {result.reason}"
                 if changed:
                     detail += f"; metadata changed: {', '.join(changed)}"
-                print(f"{'ok  ' if ok else 'FAIL'} {model} set {cs.revision[:12]} ({cs.source}): {detail}")
+                results.append({"model": model, "revision": cs.revision, "source": str(cs.source), "ok": ok,
+                                "checked": result.checked, "differed": result.differed,
+                                "label_mismatches": result.label_mismatches,
+                                "max_probability_diff": result.max_probability_diff, "reason": result.reason,
+                                "metadata_changed": list(changed)})
+                if not args.json:
+                    print(f"{'ok  ' if ok else 'FAIL'} {model} set {cs.revision[:12]} ({cs.source}): {detail}")
             failed = failed or not passing
-    return 1 if failed else 0
+    if args.json:
+        print_json(results)
+    return FAILED if failed else OK

@@ -13,15 +13,13 @@ found, 1 when not, 2 when the sources cannot be read.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
-
 from guard_agent.commands._admin_client import AdminError, add_admin_arguments, admin_get, read_token
+from guard_agent.commands._convention import FAILED, OK, CommandError, add_json_argument, error_line, print_json
 from guard_agent.policy.model import EffectivePolicy, Policy
 from guard_agent.recent import DecisionEntry
 
@@ -37,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="captured decisions: a capture directory, a capture file or a JSON event log "
                              "(repeatable)")
     add_admin_arguments(parser, required=False)
-    parser.add_argument("--json", action="store_true", help="print the story as JSON instead of text")
+    add_json_argument(parser, "the story")
     parser.add_argument("--steps", type=int, default=40,
                         help="decisions to print in the text timeline (first and last; default 40)")
 
@@ -259,8 +257,7 @@ def _steps_from_admin(args: argparse.Namespace, ident: str, session: str | None
 
 def run(args: argparse.Namespace) -> int:
     if not args.capture and not args.admin:
-        print("guard-agent explain: give --capture PATH (captured decisions) and/or --admin URL", file=sys.stderr)
-        return 2
+        raise CommandError("give --capture PATH (captured decisions) and/or --admin URL")
     ident: str = args.id.strip()
     session: str | None = None
     steps: list[DecisionEntry] = []
@@ -280,21 +277,17 @@ def run(args: argparse.Namespace) -> int:
             steps += [s for s in live if s.request_id not in seen]
             sources.append("admin")
     except AdminError as exc:
-        print(f"guard-agent explain: {exc}", file=sys.stderr)
-        return 2
+        raise CommandError(str(exc)) from exc
     except OSError as exc:
-        print(f"guard-agent explain: cannot read the capture: {exc}", file=sys.stderr)
-        return 2
+        raise CommandError(f"cannot read the capture: {exc}") from exc
     except (KeyError, TypeError, ValueError) as exc:
-        print(f"guard-agent explain: the admin API answered in an unexpected shape ({exc!r}); is the guard's "
-              "version the same as this command's?", file=sys.stderr)
-        return 2
+        raise CommandError(f"the admin API answered in an unexpected shape ({exc!r}); is the guard's version the "
+                           "same as this command's?") from exc
     if session is None or (not steps and record is None):
-        print(f"guard-agent explain: no session or request {ident!r} in {', '.join(sources)}", file=sys.stderr)
-        return 1
+        return error_line(args.command_prog, f"no session or request {ident!r} in {', '.join(sources)}", FAILED)
     story = build_story(session, steps, policy=policy, record=record, admin=args.admin, sources=sources)
     if args.json:
-        sys.stdout.write(orjson.dumps(story, option=orjson.OPT_INDENT_2).decode() + "\n")
+        print_json(story)
     else:
         print(format_story(story, steps=max(2, args.steps)))
-    return 0
+    return OK

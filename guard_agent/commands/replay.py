@@ -1,16 +1,18 @@
 """``guard-agent replay``: re-decide captured traffic under a new policy and print what changes.
 
 Exit codes: 0 done; 1 with ``--fail-on-new-blocks`` when some request would newly
-be blocked; 2 when the capture or the policy cannot be used.
+be blocked; 2 when the capture or the policy cannot be used. ``--json`` prints the result's fields.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from guard_agent.commands._convention import FAILED, OK, CommandError, add_json_argument, print_json, warn
 from guard_agent.tuning._cli import add_capture_arguments, capture_key, load_capture, load_labels, pct
 from guard_agent.tuning.records import Capture, CapturedDecision
 from guard_agent.tuning.replay import Change, ReplayResult, Rescorer, replay
@@ -29,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the capture key (default: GUARD_CAPTURE_KEY_FILE or GUARD_CAPTURE_KEY)")
     parser.add_argument("--examples", type=int, default=3, help="request ids shown per line (default 3)")
     parser.add_argument("--top", type=int, default=10, help="rows per breakdown (default 10)")
+    add_json_argument(parser, "the replay result (every changed decision)")
 
 
 def _rescorer(args: argparse.Namespace, policy: Any) -> Rescorer | None:
@@ -110,38 +113,42 @@ def format_result(result: ReplayResult, capture: Capture, policy_label: str, *, 
     return "\n".join(lines)
 
 
+def _result_fields(result: ReplayResult) -> dict[str, Any]:
+    """The result as JSON-ready fields; the action counters as plain dicts (``dataclasses.asdict`` rebuilds a
+    ``Counter`` from its items, which counts the pairs instead of copying the counts)."""
+    fields = dataclasses.asdict(result)
+    fields["before_counts"], fields["after_counts"] = dict(result.before_counts), dict(result.after_counts)
+    return fields
+
+
 def run(args: argparse.Namespace) -> int:
     from guard_agent.policy.loader import PolicyError, load_policy_file
 
-    capture = load_capture(args.capture, with_features=bool(args.profile))
-    if capture is None:
-        return 2
+    capture = load_capture(args.capture, prog=args.command_prog, with_features=bool(args.profile))
     try:
         loaded = load_policy_file(args.policy, available_scores=capture.available_scores())
     except PolicyError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise CommandError(str(exc)) from exc
     for warning in loaded.warnings:
-        print(f"warning: {warning} (not computed while capturing)", file=sys.stderr)
+        warn(args.command_prog, f"{warning} (not computed while capturing)")
     try:
         rescore = _rescorer(args, loaded.policy)
     except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        labels = load_labels(args.labels)
-    except OSError as exc:
-        print(f"error: cannot read labels: {exc}", file=sys.stderr)
-        return 2
+        raise CommandError(str(exc)) from exc
+    labels = load_labels(args.labels)
     result = replay(capture, loaded.policy, rescore=rescore)
-    label = f"{loaded.policy.source} (revision {loaded.policy.revision[:12]})"
-    print(format_result(result, capture, label, examples=args.examples, top=args.top))
     failing = [c for c in result.new_blocks if c.session not in labels]
-    if labels:
-        print(f"\nnewly blocked outside the {len(labels)} labelled attack session(s): {len(failing)}"
-              + (f" (e.g. {', '.join(c.request_id for c in failing[:args.examples])})" if failing else ""))
+    if args.json:
+        print_json({"policy": {"source": loaded.policy.source, "revision": loaded.policy.revision},
+                    **_result_fields(result), "new_blocks_outside_labels": [c.request_id for c in failing]})
+    else:
+        label = f"{loaded.policy.source} (revision {loaded.policy.revision[:12]})"
+        print(format_result(result, capture, label, examples=args.examples, top=args.top))
+        if labels:
+            print(f"\nnewly blocked outside the {len(labels)} labelled attack session(s): {len(failing)}"
+                  + (f" (e.g. {', '.join(c.request_id for c in failing[:args.examples])})" if failing else ""))
     if args.fail_on_new_blocks and failing:
         where = " outside the labelled attack sessions" if labels else ""
         print(f"\nFAIL: {len(failing)} captured request(s){where} would newly be blocked", file=sys.stderr)
-        return 1
-    return 0
+        return FAILED
+    return OK

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
+from guard_agent.commands._convention import OK, CommandError
 from guard_agent.tuning._cli import add_capture_arguments, load_capture, load_labels
 
 __all__ = ["add_arguments", "run"]
@@ -21,25 +21,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         import matplotlib  # noqa: F401
-    except ImportError:
-        print("error: the report needs matplotlib: pip install 'inference-guard[report]'", file=sys.stderr)
-        return 2
+    except ImportError as exc:
+        raise CommandError("the report needs matplotlib: pip install 'inference-guard[report]'") from exc
     from guard_agent.policy.loader import PolicyError, load_policy_file
     from guard_agent.tuning.report import ReportInputs, render_report
 
-    capture = load_capture(args.capture)
-    if capture is None:
-        return 2
+    capture = load_capture(args.capture, prog=args.command_prog)
+    labels = load_labels(args.labels)
     policy = None
     try:
-        labels = load_labels(args.labels)
         if args.policy:
             policy = load_policy_file(args.policy, available_scores=capture.available_scores()).policy
     except (OSError, PolicyError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise CommandError(str(exc)) from exc
     page = render_report(ReportInputs(capture=capture, policy=policy, attack_sessions=labels, title=args.title))
     out = Path(args.out)
     out.write_text(page, encoding="utf-8")
     print(f"wrote {out} ({len(page) // 1024} KiB, {len(capture.decisions)} decisions)")
-    return 0
+    return OK

@@ -14,10 +14,13 @@ deployment, not with a key real clients use.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 
 import numpy as np
+
+from guard_agent.commands._convention import FAILED, OK, CommandError, add_json_argument, print_json
 
 __all__ = ["add_arguments", "format_results", "run"]
 
@@ -33,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="upper bound on seconds for the whole test (default 120)")
     parser.add_argument("--rate", type=float, default=20.0,
                         help="requests per second per check, under the policy's rate limit (default 20)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the test traffic (default 0)")
+    add_json_argument(parser, "one result per defence")
 
 
 def _data(path: str | None) -> np.ndarray:
@@ -63,22 +67,25 @@ def run(args: argparse.Namespace) -> int:
     from guard_agent.selftest import SelftestConfig, run_checks
 
     if args.max_requests < 20 or args.time_limit <= 0 or args.rate <= 0:
-        print("error: --max-requests must be >= 20, --time-limit and --rate > 0", file=sys.stderr)
-        return 2
+        raise CommandError("--max-requests must be >= 20, --time-limit and --rate > 0")
+    progress = sys.stderr if args.json else sys.stdout  # with --json, stdout holds the JSON document only
     try:
         data = _data(args.data)
         cfg = SelftestConfig(target=args.target, model=args.model, data=data, max_requests=args.max_requests,
                              time_limit=args.time_limit, rate=args.rate, seed=args.seed)
         started = time.monotonic()
         print(f"selftest against {args.target} (model {args.model}; at most {args.max_requests} requests, "
-              f"{args.time_limit:g} s)", flush=True)
-        results = run_checks(cfg, progress=lambda m: print(f"  {m}", flush=True))
+              f"{args.time_limit:g} s)", file=progress, flush=True)
+        results = run_checks(cfg, progress=lambda m: print(f"  {m}", file=progress, flush=True))
     except (OSError, ValueError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise CommandError(str(exc)) from exc
+    passed = OK if all(r.passed for r in results) else FAILED
+    if args.json:
+        print_json([dataclasses.asdict(r) for r in results])
+        return passed
     print()
     print(format_results(list(results)))
     total = sum(r.requests for r in results)
     print(f"\n{sum(r.passed for r in results)}/{len(results)} defences passed; {total} requests in "
           f"{time.monotonic() - started:.1f} s")
-    return 0 if all(r.passed for r in results) else 1
+    return passed

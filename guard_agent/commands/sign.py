@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the CLI builds every subcommand's parser: keep importing this module cheap
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from guard_agent.commands._convention import FAILED, OK, CommandError, add_json_argument, print_json
 
 __all__ = ["add_arguments", "run"]
 
@@ -28,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--generate-key", dest="generate_key", action="store_true",
                         help="create a new key pair at --key and --key.pub (refuses to overwrite)")
     parser.add_argument("--public-out", dest="public_out", help="also write the public key (PEM) here when signing")
+    add_json_argument(parser, "the verification result (with --verify)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,8 +46,7 @@ def run(args: argparse.Namespace) -> int:
             raise SigningError("--key (to sign) or --verify PUBLIC_KEY (to verify) is required")
         return _sign(args)
     except SigningError as exc:
-        print(f"guard-agent sign: {exc}", file=sys.stderr)
-        return 2
+        raise CommandError(str(exc)) from exc
 
 
 def _public_pem(private: Ed25519PrivateKey) -> bytes:
@@ -74,7 +75,7 @@ def _generate(args: argparse.Namespace) -> int:
         fh.write(pem)
     pub.write_bytes(_public_pem(private))
     print(f"wrote private key {path} (mode 0600) and public key {pub}; key id {key_id(private.public_key())}")
-    return 0
+    return OK
 
 
 def _sign(args: argparse.Namespace) -> int:
@@ -90,16 +91,18 @@ def _sign(args: argparse.Namespace) -> int:
     if args.public_out:
         Path(args.public_out).write_bytes(_public_pem(private))
         print(f"wrote public key {args.public_out}")
-    return 0
+    return OK
 
 
 def _verify(args: argparse.Namespace) -> int:
     from guard_agent.integrity._signing import load_public_key, verify_directory
 
     report = verify_directory(args.directory, load_public_key(args.verify))
-    if report.ok:
+    if args.json:
+        print_json({"ok": report.ok, "files": report.files, "key_id": report.key_id,
+                    "problems": [p.as_dict() for p in report.problems]})
+    elif report.ok:
         print(f"ok: {report.files} files in {args.directory} match the manifest signed by key {report.key_id}")
-        return 0
-    for problem in report.problems:
+    for problem in () if args.json else report.problems:
         print(f"FAIL {problem.kind}: {problem.path or ''}{f' ({problem.detail})' if problem.detail else ''}")
-    return 1
+    return OK if report.ok else FAILED

@@ -10,13 +10,11 @@ ready, 2 when it cannot be asked.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from typing import Any
 
-import orjson
-
 from guard_agent.commands._admin_client import AdminError, add_admin_arguments, admin_get, read_token
+from guard_agent.commands._convention import FAILED, OK, CommandError, add_json_argument, print_json
 
 __all__ = ["add_arguments", "format_status", "run"]
 
@@ -25,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_admin_arguments(parser, required=True)
     parser.add_argument("--minutes", type=int, default=5, help="window for the decision counts (1..60, default 5)")
     parser.add_argument("--top", type=int, default=5, help="sessions to list by risk (default 5)")
-    parser.add_argument("--json", action="store_true", help="print the admin answers as JSON instead of text")
+    add_json_argument(parser, "the admin answers")
 
 
 def _rev(value: object) -> str:
@@ -112,16 +110,13 @@ def run(args: argparse.Namespace) -> int:
         decisions = admin_get(args.admin, "/admin/decisions", token, timeout=args.timeout,
                               query={"minutes": str(args.minutes), "top": str(args.top)})
     except AdminError as exc:
-        print(f"guard-agent status: {exc}", file=sys.stderr)
-        return 2
+        raise CommandError(str(exc)) from exc
     try:
         if args.json:
-            sys.stdout.write(orjson.dumps({"status": status, "decisions": decisions},
-                                          option=orjson.OPT_INDENT_2).decode() + "\n")
+            print_json({"status": status, "decisions": decisions})
         else:
             print(format_status(status, decisions))
     except (KeyError, TypeError) as exc:
-        print(f"guard-agent status: the admin API answered in an unexpected shape ({exc}); is the guard's "
-              "version the same as this command's?", file=sys.stderr)
-        return 2
-    return 0 if status.get("ready") else 1
+        raise CommandError(f"the admin API answered in an unexpected shape ({exc}); is the guard's version the "
+                           "same as this command's?") from exc
+    return OK if status.get("ready") else FAILED

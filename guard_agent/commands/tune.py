@@ -3,17 +3,19 @@
 Benign = every captured request, or every request outside the sessions listed in
 ``--labels``. Prints the trade-off per score and, with ``--out``, writes the base
 policy (``--policy``, default the built-in one) with the suggested thresholds,
-comments kept, validated before it is written. Exit 2 on unusable input.
+comments kept, validated before it is written. ``--json`` prints the trade-off and the edits as one JSON
+document. Exit 2 on unusable input.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 
+from guard_agent.commands._convention import OK, CommandError, add_json_argument, print_json
 from guard_agent.tuning._cli import add_capture_arguments, load_capture, load_labels
 from guard_agent.tuning.policy_edit import Edit, retune_policy_text
 from guard_agent.tuning.records import Capture
@@ -34,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", help="base policy to rewrite (default: the built-in policy)")
     parser.add_argument("--out", help="write the tuned policy here")
     parser.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    add_json_argument(parser, "the trade-off per score (and the edits written with --out)")
 
 
 def _fmt(x: float | None, digits: int = 6) -> str:
@@ -83,13 +86,13 @@ def _base_text(path: str | None) -> tuple[str, str]:
     return target.read_text(encoding="utf-8"), str(target)
 
 
-def write_policy(capture: Capture, labels: frozenset[str], args: argparse.Namespace) -> int:
+def write_policy(capture: Capture, labels: frozenset[str], args: argparse.Namespace) -> list[Edit]:
+    """Write the base policy with tuned thresholds to ``args.out``; the edits made."""
     from guard_agent.policy.loader import PolicyError, parse_policy
 
     out = Path(args.out)
     if out.exists() and not args.force:
-        print(f"error: {out} exists (use --force)", file=sys.stderr)
-        return 2
+        raise CommandError(f"{out} exists (use --force)")
     text, source = _base_text(args.policy)
     benign = [d for d in capture.decisions if d.session not in labels]
     by_model: dict[str | None, dict[str, np.ndarray]] = {None: scores_by_name(benign)}
@@ -117,44 +120,44 @@ def write_policy(capture: Capture, labels: frozenset[str], args: argparse.Namesp
     try:
         parse_policy(new_text, source=str(out))
     except PolicyError as exc:  # never write a file the guard would refuse
-        print(f"error: the tuned policy does not validate: {exc}", file=sys.stderr)
-        return 2
+        raise CommandError(f"the tuned policy does not validate: {exc}") from exc
     out.write_text(new_text, encoding="utf-8")
-    print(f"\nwrote {out} ({sum(e.new is not None for e in edits)} thresholds changed):")
-    print(_edits_text(edits))
-    return 0
+    return edits
 
 
 def run(args: argparse.Namespace) -> int:
     if not 0 < args.target_fpr < 1 or args.escalation < 1:
-        print("error: --target-fpr must be in (0, 1) and --escalation >= 1", file=sys.stderr)
-        return 2
-    capture = load_capture(args.capture)
-    if capture is None:
-        return 2
-    try:
-        labels = load_labels(args.labels)
-    except OSError as exc:
-        print(f"error: cannot read labels: {exc}", file=sys.stderr)
-        return 2
+        raise CommandError("--target-fpr must be in (0, 1) and --escalation >= 1")
+    capture = load_capture(args.capture, prog=args.command_prog)
+    labels = load_labels(args.labels)
     benign_decisions = [d for d in capture.decisions if d.session not in labels]
     attack = [d for d in capture.decisions if d.session in labels]
     known = {d.session for d in capture.decisions}
-    print(f"{len(capture.decisions)} decisions, {len(benign_decisions)} benign, {len(attack)} from "
-          f"{len(labels & known)} labelled attack session(s)"
-          + (f" ({len(labels - known)} labelled sessions not in the capture)" if labels - known else ""))
+    if not args.json:
+        print(f"{len(capture.decisions)} decisions, {len(benign_decisions)} benign, {len(attack)} from "
+              f"{len(labels & known)} labelled attack session(s)"
+              + (f" ({len(labels - known)} labelled sessions not in the capture)" if labels - known else ""))
     if not scores_by_name(benign_decisions):
-        print("error: no tunable scores in the benign traffic (is a profile loaded?)", file=sys.stderr)
-        return 2
+        raise CommandError("no tunable scores in the benign traffic (is a profile loaded?)")
     table = trade_off(benign_decisions, attack if labels else None, (*GRID, args.target_fpr))
-    print(format_trade_off(table, bool(labels), args.target_fpr))
-    print("(* = the target FPR; thresholds apply as `gte`; benign FPR and sess. (sessions with at least one request\n"
-          " at or above) are measured on the captured benign traffic; a policy threshold is lowered only where the\n"
-          " suggestion is resolvable and the benign traffic has a tail)")
+    if not args.json:
+        print(format_trade_off(table, bool(labels), args.target_fpr))
+        print("(* = the target FPR; thresholds apply as `gte`; benign FPR and sess. (sessions with at least one "
+              "request\n at or above) are measured on the captured benign traffic; a policy threshold is lowered "
+              "only where the\n suggestion is resolvable and the benign traffic has a tail)")
+    edits: list[Edit] = []
     if args.out:
         try:
-            return write_policy(capture, labels, args)
+            edits = write_policy(capture, labels, args)
         except (OSError, ValueError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-    return 0
+            raise CommandError(str(exc)) from exc
+    if args.json:
+        print_json({"decisions": len(capture.decisions), "benign": len(benign_decisions), "attack": len(attack),
+                    "trade_off": {name: [{**dataclasses.asdict(row.suggestion), "benign_sessions": row.benign_sessions,
+                                          "attack_tpr": row.attack_tpr, "attack_sessions": row.attack_sessions}
+                                         for row in rows] for name, rows in table.items()},
+                    "out": args.out, "edits": [dataclasses.asdict(e) for e in edits]})
+    elif args.out:
+        print(f"\nwrote {args.out} ({sum(e.new is not None for e in edits)} thresholds changed):")
+        print(_edits_text(edits))
+    return OK

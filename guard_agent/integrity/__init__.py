@@ -1,4 +1,4 @@
-"""Model integrity: canary queries, model metadata and signed model files (issue 8).
+"""Model integrity: canary queries, model metadata and signed model files.
 
 ``make_integrity(state)`` returns the checker the guard plugs into its ``Integrity`` seam (score
 ``integrity.canary``: 1.0 while the model fails a check), or None when nothing is configured. The format and

@@ -18,11 +18,12 @@ from guard_agent.events import EventLogger
 from guard_agent.metrics import Metrics
 from guard_agent.sessions.base import SessionStore
 from guard_agent.sessions.memory import MemorySessionStore
-from guard_agent.sessions.redis_store import RedisLink, RedisMetrics, RedisSessionStore
+from guard_agent.sessions.redis.link import RedisLink, RedisMetrics
+from guard_agent.sessions.redis.store import RedisSessionStore
 from guard_agent.settings import ConfigError, Settings
 
 if TYPE_CHECKING:
-    from guard_agent.redis_global import RedisGlobalIndex
+    from guard_agent.sessions.redis.global_index import RedisGlobalIndex
     from guard_agent.tracking import SessionTracking
 
 __all__ = ["DEFAULT_PREFIX", "make_global_observer", "make_session_store", "redis_link", "split_redis_url"]
@@ -84,7 +85,7 @@ def make_global_observer(settings: Settings, *, metrics: Metrics, events: EventL
     answer ``session.global_fingerprint`` from. Returns it, or None without Redis (nothing to share)."""
     if not settings.redis_url:
         return None
-    from guard_agent.redis_global import RedisGlobalIndex
+    from guard_agent.sessions.redis.global_index import RedisGlobalIndex
 
     observer = RedisGlobalIndex(redis_link(settings, metrics=metrics, events=events), local=tracking.global_index,
                                 max_entries=settings.global_max_entries)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
+from guard_agent.commands._convention import CommandError, warn
 from guard_agent.tuning.records import Capture, read_capture, read_labels
 
 __all__ = ["add_capture_arguments", "capture_key", "load_capture", "load_labels", "pct"]
@@ -20,23 +20,25 @@ def add_capture_arguments(parser: argparse.ArgumentParser, *, labels: bool = Fal
                             help="attack sessions, one guard.session hash per line (the rest counts as benign)")
 
 
-def load_capture(paths: list[str], *, with_features: bool = False) -> Capture | None:
-    """The capture, or None (with a message on stderr) when nothing usable was found."""
+def load_capture(paths: list[str], *, prog: str, with_features: bool = False) -> Capture:
+    """The capture; ``CommandError`` when nothing usable was found (``prog`` names the command in warnings)."""
     missing = [p for p in paths if not Path(p).exists()]
     if missing:
-        print(f"error: no such capture file or directory: {', '.join(missing)}", file=sys.stderr)
-        return None
+        raise CommandError(f"no such capture file or directory: {', '.join(missing)}")
     capture = read_capture(paths, with_features=with_features)
     if not capture.decisions:
-        print(f"error: no inference decisions in {len(capture.files)} file(s)", file=sys.stderr)
-        return None
+        raise CommandError(f"no inference decisions in {len(capture.files)} file(s)")
     if capture.skipped_lines:
-        print(f"warning: skipped {capture.skipped_lines} unreadable line(s)", file=sys.stderr)
+        warn(prog, f"skipped {capture.skipped_lines} unreadable line(s)")
     return capture
 
 
 def load_labels(path: str | None) -> frozenset[str]:
-    return read_labels(path) if path else frozenset()
+    """The labelled attack sessions; ``CommandError`` when the file cannot be read."""
+    try:
+        return read_labels(path) if path else frozenset()
+    except OSError as exc:
+        raise CommandError(f"cannot read labels: {exc}") from exc
 
 
 def capture_key(path: str | None) -> str | None:

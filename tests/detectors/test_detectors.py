@@ -244,10 +244,10 @@ class TestTail:
             cal, fresh = np.sort(draw(rng, 1000)), draw(rng, 200_000)
             fitted.append(np.mean(conformal_p_values(cal, fresh, fit_tail(cal)) <= 1e-5))
             top10 = cal[-101:]
-            plain = Tail(float(cal[-1]), float(np.mean(top10[1:] - top10[0])))  # the former exponential tail
+            plain = Tail(float(cal[-1]), float(np.mean(top10[1:] - top10[0])))  # a plain exponential tail
             exponential.append(np.mean(conformal_p_values(cal, fresh, plain) <= 1e-5))
         assert float(np.mean(fitted)) <= 2e-5
-        assert float(np.mean(exponential)) > 1e-4  # the test can fail: the old tail does
+        assert float(np.mean(exponential)) > 1e-4  # the test can fail: the plain tail does
 
     def test_gpd_fit_recovers_the_shape(self) -> None:
         """The generalised Pareto estimate finds shape 0 for exponential and 0.5 for Lomax(2) excesses."""

@@ -1,21 +1,19 @@
-"""`guard-agent fit` behaviour, called through run_fit as the CLI does."""
+"""`guard-agent fit` behaviour, called in-process through the CLI's entry point."""
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from detectors import load_profile
-from guard_agent.fit_command import add_fit_arguments, run_fit
+from guard_agent.cli import main
 
 
-def parse(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="guard-agent fit")
-    add_fit_arguments(parser)
-    return parser.parse_args(list(argv))
+def fit(*argv: str) -> int:
+    """``guard-agent fit ARGV``'s exit status."""
+    return main(["fit", *argv])
 
 
 @pytest.fixture
@@ -30,7 +28,7 @@ class TestRunFit:
     def test_fits_saves_and_prints_table(self, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         """Exit 0, a loadable profile, and a table with every detector, threshold, FPR and timings."""
         out = tmp_path / "profile"
-        assert run_fit(parse("--data", str(data), "--out", str(out), "--fpr", "0.05")) == 0
+        assert fit("--data", str(data), "--out", str(out), "--fpr", "0.05") == 0
         text = capsys.readouterr().out
         for name in ("input.schema", "ood.mahalanobis", "ood.knn", "ood.pca", "ood.iforest", "ood.combined"):
             assert name in text
@@ -43,17 +41,17 @@ class TestRunFit:
     def test_refuses_overwrite_without_force(
         self, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
-        """A second fit into the same directory exits 1 with a --force hint and leaves the profile intact."""
+        """A second fit into the same directory exits 2 with a --force hint and leaves the profile intact."""
         out = tmp_path / "profile"
-        assert run_fit(parse("--data", str(data), "--out", str(out))) == 0
+        assert fit("--data", str(data), "--out", str(out)) == 0
         before = (out / "profile.json").read_bytes()
         capsys.readouterr()
-        assert run_fit(parse("--data", str(data), "--out", str(out), "--seed", "5")) == 1
+        assert fit("--data", str(data), "--out", str(out), "--seed", "5") == 2
         err = capsys.readouterr().err
         assert "--force" in err
         assert "Traceback" not in err
         assert (out / "profile.json").read_bytes() == before
-        assert run_fit(parse("--data", str(data), "--out", str(out), "--seed", "5", "--force")) == 0
+        assert fit("--data", str(data), "--out", str(out), "--seed", "5", "--force") == 0
         assert (out / "profile.json").read_bytes() != before
 
     def test_detector_subset_and_labels(self, data: Path, tmp_path: Path) -> None:
@@ -71,7 +69,7 @@ class TestRunFit:
             "--labels",
             str(labels),
         )
-        assert run_fit(parse(*argv)) == 0
+        assert fit(*argv) == 0
         profile = load_profile(out)
         assert set(profile.detectors) == {"ood.mahalanobis", "ood.knn"}
         assert profile.document["labels"]["counts"] == [200, 200]
@@ -82,7 +80,7 @@ class TestRunFit:
         rows = ["a,b,y", *(f"{a:.4f},{b:.4f},{int(a > 0)}" for a, b in rng.normal(size=(100, 2)))]
         (tmp_path / "r.csv").write_text("\n".join(rows) + "\n")
         out = tmp_path / "p"
-        assert run_fit(parse("--data", str(tmp_path / "r.csv"), "--out", str(out), "--label-column", "y")) == 0
+        assert fit("--data", str(tmp_path / "r.csv"), "--out", str(out), "--label-column", "y") == 0
         assert load_profile(out).feature_names == ("a", "b")
 
     @pytest.mark.parametrize(
@@ -95,7 +93,7 @@ class TestRunFit:
             (lambda p: None, (), "not found"),
         ],
     )
-    def test_bad_input_exits_1_with_message(
+    def test_bad_input_exits_2_with_message(
         self,
         tmp_path: Path,
         capsys: pytest.CaptureFixture[str],
@@ -103,20 +101,20 @@ class TestRunFit:
         extra: tuple[str, ...],
         message: str,
     ) -> None:
-        """Bad data or options: exit 1, one clear line on stderr, no traceback, nothing written."""
+        """Bad data or options: exit 2, one clear line on stderr, no traceback, nothing written."""
         make(tmp_path)  # type: ignore[operator]
         out = tmp_path / "p"
-        assert run_fit(parse("--data", str(tmp_path / "x.npy"), "--out", str(out), *extra)) == 1
+        assert fit("--data", str(tmp_path / "x.npy"), "--out", str(out), *extra) == 2
         err = capsys.readouterr().err
         assert message in err
-        assert err.startswith("guard-agent fit: error:")
+        assert err.startswith("guard-agent fit: ") and err.count("\n") == 1
         assert not out.exists()
 
     def test_label_count_mismatch(self, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         """Labels of the wrong length are refused with the expected count."""
         np.save(tmp_path / "y.npy", np.zeros(7))
-        code = run_fit(parse("--data", str(data), "--out", str(tmp_path / "p"), "--labels", str(tmp_path / "y.npy")))
-        assert code == 1
+        code = fit("--data", str(data), "--out", str(tmp_path / "p"), "--labels", str(tmp_path / "y.npy"))
+        assert code == 2
         assert "expected 400 labels" in capsys.readouterr().err
 
 
@@ -132,7 +130,7 @@ class TestFitAdvice:
 
         data = tmp_path / "wine.npy"
         np.save(data, load_wine().data[:130])
-        assert run_fit(parse("--data", str(data), "--out", str(tmp_path / "p"))) == 0
+        assert fit("--data", str(data), "--out", str(tmp_path / "p")) == 0
         out = capsys.readouterr().out
         assert "never" not in out
         assert "calibration: all 130 reference rows" in out
@@ -146,7 +144,7 @@ class TestFitAdvice:
         """80 rows cannot reach 1%: the output says so, with the rows needed and the smallest usable --fpr."""
         data = tmp_path / "small.npy"
         np.save(data, np.random.default_rng(1).normal(size=(80, 4)))
-        assert run_fit(parse("--data", str(data), "--out", str(tmp_path / "p"), "--fpr", "0.01")) == 0
+        assert fit("--data", str(data), "--out", str(tmp_path / "p"), "--fpr", "0.01") == 0
         out = capsys.readouterr().out
         assert "never (too few rows)" in out
         assert "weak: with 80 rows no detector can fire at --fpr 0.01" in out
@@ -158,7 +156,7 @@ class TestFitAdvice:
         """On 1,000 Gaussian rows the probe past the maxima is blocked: the self-check says 100% blocked."""
         data = tmp_path / "g.npy"
         np.save(data, np.random.default_rng(2).normal(size=(1000, 8)))
-        assert run_fit(parse("--data", str(data), "--out", str(tmp_path / "p"))) == 0
+        assert fit("--data", str(data), "--out", str(tmp_path / "p")) == 0
         out = capsys.readouterr().out
         line = next(x for x in out.splitlines() if "past the maximum" in x)
         assert "100% blocked" in line

@@ -1,4 +1,4 @@
-"""Issue 14: the CLI as a first-time user runs it: mistakes in a policy, a port already taken, the help texts."""
+"""The CLI as a first-time user runs it: mistakes in a policy, a port already taken, the help texts."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ class TestPortTaken:
         assert proc.returncode == 2
         assert time.monotonic() - started < 15
         lines = [line for line in err.splitlines() if line.strip()]
-        assert lines == [f"guard-agent: cannot listen on {address}: address already in use"], err
+        assert lines == [f"guard-agent run: cannot listen on {address}: address already in use"], err
         assert "Traceback" not in out + err
 
 

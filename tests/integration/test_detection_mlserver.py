@@ -72,7 +72,7 @@ class TestSessionTrackersInTheGuard:
                 if statuses[-1] == 403:
                     break
         # the benign client is another client (another address): an unregistered key from the prober's address
-        # would share that address's tracker evidence (issue 14)
+        # would share that address's tracker evidence
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=("127.0.0.3", 0))) as http:
             benign = [await post(http, guard.url, v2_body(x), "benign", f"b-{i}")
                       for i, x in enumerate(digits.X_test[100:160])]

@@ -1,4 +1,4 @@
-"""Issue 14: hostile and mistaken input sent as real bytes to a real guard over loopback.
+"""Hostile and mistaken input sent as real bytes to a real guard over loopback.
 
 Each test sends what an outside probe sent (raw sockets where a client library would not) and checks what reaches
 the model, what the client gets and the one decision event.

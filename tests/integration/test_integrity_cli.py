@@ -74,6 +74,10 @@ class TestCanaryCommand:
         check = cli_inline("canary", "check", "--upstream", mlserver.url, "--canaries", str(out))
         assert check.returncode == 0, check.stdout + check.stderr
         assert check.stdout.startswith("ok   digits")
+        as_json = cli_inline("canary", "check", "--upstream", mlserver.url, "--canaries", str(out), "--json")
+        (result,) = json.loads(as_json.stdout)
+        assert as_json.returncode == 0 and result["ok"] is True and result["model"] == "digits"
+        assert result["revision"] == cs.revision and result["checked"] > 0 and result["metadata_changed"] == []
         again = record(mlserver, reference, out, "--label-column", "label")
         assert again.returncode == 2
         assert "--force" in again.stderr
@@ -114,6 +118,10 @@ class TestSignCommand:
         bad = cli("sign", "--verify", f"{key}.pub", "--dir", str(model))
         assert bad.returncode == 1
         assert "FAIL modified: model-settings.json" in bad.stdout
+        as_json = cli_inline("sign", "--verify", f"{key}.pub", "--dir", str(model), "--json")
+        doc = json.loads(as_json.stdout)
+        assert as_json.returncode == 1 and doc["ok"] is False
+        assert {"kind": "modified", "path": "model-settings.json"}.items() <= doc["problems"][0].items()
 
     def test_refuses_a_non_ed25519_key(self, tmp_path: Path) -> None:
         """An RSA key is refused with exit 2 and a message naming the problem."""

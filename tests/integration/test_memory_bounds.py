@@ -62,7 +62,7 @@ def _hostile_refused(row: np.ndarray, key: str) -> list[bytes]:
 
 async def _send_all(port: int, requests: list[bytes], batch: int) -> list[int]:
     """Send every request from a loopback address of its own: unregistered keys from one address share that
-    address's session and rate bucket (issue 14), and these are meant to be many new clients, none throttled."""
+    address's session and rate bucket, and these are meant to be many new clients, none throttled."""
     sem = asyncio.Semaphore(16)
 
     async def one(i: int, data: bytes) -> int:
@@ -127,7 +127,7 @@ class TestHostileHeaders:
             _request(body, f"X {key}: v\r\n"),                                # space in a header name
         ]
         statuses = await _send_all(port, bad, 9)
-        assert statuses == [400, 431, 400]  # a header over the field limit is "headers too large" (issue 14)
+        assert statuses == [400, 431, 400]  # a header over the field limit is "headers too large"
         refused = guard.state.metrics.registry.get_sample_value("inference_guard_connections_refused_total",
                                                                 {"reason": "malformed_request"})
         assert refused == 3

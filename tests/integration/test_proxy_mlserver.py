@@ -59,7 +59,7 @@ class TestPassthrough:
             return web.json_response({"outputs": []})
 
         upstream = await serve_post(INFER, echo)
-        # a query string on an inference route is refused unless the policy forwards it (issue 14): this one does
+        # a query string on an inference route is refused unless the policy forwards it: this one does
         guard = await start_guard(upstream, policy=write_policy(tmp_path, "version: 1\ninput: {query: forward}\n"))
         body = b'{ "outputs":[],  "inputs" : [ {"datatype":"FP32","name":"a","shape":[1,2],"data":[1.50, 2]} ] }'
         async with aiohttp.ClientSession() as http, http.post(
@@ -214,7 +214,7 @@ class TestEnforcement:
     async def test_throttle_with_retry_after(self, mlserver: ModelServer, start_guard, tmp_path: Path,
                                              digits: DigitsData) -> None:
         """Past the per-session token bucket: 429 with Retry-After; another client is unaffected (from another
-        address: an unregistered key from the same address shares that address's bucket, issue 14)."""
+        address: an unregistered key from the same address shares that address's bucket)."""
         policy = write_policy(tmp_path, "version: 1\nrate_limit: {requests_per_second: 0.5, burst: 3}\n")
         guard = await start_guard(mlserver.url, policy=policy)
         statuses = []
@@ -273,7 +273,7 @@ class TestEnforcement:
             async with http.post(guard.url + INFER, data=v2_body(digits.X_test[0]), headers=hdr) as r:
                 assert r.status == 403
             session = guard.events[-1]["guard"]["session"]
-            # an unregistered key's block holds its client address's session too (issue 14): both are unblocked
+            # an unregistered key's block holds its client address's session too: both are unblocked
             address_session = guard.events[-1]["guard"]["address_session"]
             auth = {"Authorization": "Bearer test-admin-token"}
             async with http.post(f"{guard.admin_url}/admin/sessions/{session}/unblock") as r:

@@ -20,7 +20,7 @@ import pytest
 
 from guard_agent.demo import DigitsModel
 from guard_agent.sessions.factory import make_global_observer, make_session_store
-from guard_agent.sessions.redis_store import RedisSessionStore
+from guard_agent.sessions.redis.store import RedisSessionStore
 from tests._support.redis import RedisServer, keys_under, redis_cmd
 from tests.conftest import GuardFactory, RunningGuard, v2_body
 
@@ -123,7 +123,7 @@ class TestTwoGuards:
             assert status == 403
             assert b.events_for(rid)[0]["rule"]["name"] == "big-batch"
         # another client from another address: an unregistered key from the attacker's address shares the
-        # address's session, and with it the block (issue 14)
+        # address's session, and with it the block
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))) as other:
             assert (await infer(other, b, "someone-else", X[1:2]))[0] == 200
 
@@ -135,7 +135,7 @@ class TestTwoGuards:
         async with aiohttp.ClientSession() as http:
             statuses = [(await infer(http, (a, b)[i % 2], "stepper", X[i:i + 1]))[0] for i in range(10)]
         assert statuses == [200] * 8 + [403, 403]
-        # one session for the key, and its client address's (an unregistered key also counts there, issue 14)
+        # one session for the key, and its client address's (an unregistered key also counts there)
         assert keys_under(6379, redis_prefix + "s:") and len(keys_under(6379, redis_prefix + "s:")) == 2
 
     async def test_spread_attack_is_seen_by_the_other_guard(self, policy: str, redis_prefix: str,

@@ -22,10 +22,10 @@ from detectors.trackers import GlobalFingerprintIndex
 from guard_agent.events import CallbackSink, EventLogger
 from guard_agent.metrics import Metrics
 from guard_agent.ratelimit import take
-from guard_agent.redis_global import RedisGlobalIndex
 from guard_agent.sessions.factory import make_global_observer, make_session_store, split_redis_url
 from guard_agent.sessions.memory import MemorySessionStore
-from guard_agent.sessions.redis_store import RedisSessionStore
+from guard_agent.sessions.redis.global_index import RedisGlobalIndex
+from guard_agent.sessions.redis.store import RedisSessionStore
 from guard_agent.settings import ConfigError, Settings
 from guard_agent.tracking import SessionTracking
 from tests._support.latency import DelayedReplies

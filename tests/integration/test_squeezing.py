@@ -82,7 +82,7 @@ class TestTabularSqueezing:
     async def test_a_single_row_is_squeezed(self, model: tuple[RecordingModel, str], start_guard, tmp_path: Path,
                                             profile_dir: str) -> None:
         """A one-row request gets a bit-depth copy on the reference data's grid that differs from the row (the
-        batch's own range is empty for one row, so that copy used to be the request itself)."""
+        batch's own range is empty for one row: a copy on that grid would be the request itself)."""
         recording, url = model
         policy = tmp_path / "policy.yaml"
         policy.write_text(POLICY)

@@ -250,6 +250,19 @@ class TestTune:
             unblocked = {c.request_id for c in result.changes if c.session == session and c.before == "block"}
             assert blocked_before - unblocked, f"{session} is no longer blocked ({still_blocked})"
 
+    def test_json_prints_the_trade_off_and_the_edits(self, captured: Captured) -> None:
+        """--json: one JSON document (the counts, per score a row per FPR, the edits written), no table."""
+        out_policy = captured.root / "tuned-json.yaml"
+        code, out, err = cli("tune", "--capture", str(captured.capture_dir), "--target-fpr", "0.01",
+                             "--policy", str(captured.policy), "--out", str(out_policy), "--force", "--json")
+        assert code == 0, err
+        doc = orjson.loads(out)
+        assert doc["benign"] == captured.sent and doc["out"] == str(out_policy)
+        combined = {row["target_fpr"]: row for row in doc["trade_off"]["ood.combined"]}
+        assert 0.01 in combined and 0.0 <= combined[0.01]["benign_fpr"] <= 1.0
+        assert doc["edits"] and all({"rule", "score", "old", "new"} <= set(e) for e in doc["edits"])
+        assert cli("check", str(out_policy))[0] == 0
+
     def test_labels_are_optional(self, captured: Captured) -> None:
         """Without labels all traffic counts as benign and the table has no attack columns."""
         code, out, _ = cli("tune", "--capture", str(captured.capture_dir), "--target-fpr", "0.05")
@@ -301,7 +314,7 @@ class TestSelftest:
     async def test_selftest_passes_with_defences_and_fails_without(self, start_guard, tmp_path: Path,
                                                                    digits_profile: str, demo_model_url: str) -> None:
         """Against the default policy every defence passes (exit 0); against a policy without rules the attack
-        checks fail (exit 1) while benign traffic still passes."""
+        checks fail (exit 1) while benign traffic still passes (read from --json)."""
         guard = await start_guard(demo_model_url, profile=digits_profile)
         code, out, err = await asyncio.to_thread(cli, "selftest", "--target", guard.url, "--max-requests", "300",
                                                  "--time-limit", "60")
@@ -315,11 +328,10 @@ class TestSelftest:
         open_policy.write_text("version: 1\n")
         guard2 = await start_guard(demo_model_url, policy=str(open_policy), profile=digits_profile)
         code, out, _ = await asyncio.to_thread(cli, "selftest", "--target", guard2.url, "--max-requests", "150",
-                                               "--time-limit", "60", "--rate", "200")
+                                               "--time-limit", "60", "--rate", "200", "--json")
         assert code == 1
-        rows = {x.split()[0]: x for x in out.splitlines() if " PASS " in x or " FAIL " in x}
-        assert " PASS " in rows["benign"] and " FAIL " in rows["OOD"] and " FAIL " in rows["black-box"]
-        assert " FAIL " in rows["model"]
+        passed = {r["defence"].split()[0]: r["passed"] for r in orjson.loads(out)}  # --json: stdout is JSON only
+        assert passed["benign"] and not passed["OOD"] and not passed["black-box"] and not passed["model"]
 
 
 class TestSelftestVerdicts:

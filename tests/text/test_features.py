@@ -151,5 +151,5 @@ class TestTextProfile:
         done = subprocess.run([sys.executable, "-m", "guard_agent.cli", "fit", "--text", "--data", str(bad),
                                "--out", str(tmp_path / "p2")], capture_output=True, text=True, timeout=60,
                               check=False)
-        assert done.returncode == 1
+        assert done.returncode == 2
         assert "not UTF-8" in done.stderr and "Traceback" not in done.stderr

@@ -175,9 +175,9 @@ class TestLLMRoutes:
         (event,) = llm_guard.events_for(rid("wide-1"))
         assert event["rule"]["name"] == "logit-bias-sweep"
 
-    @pytest.mark.xfail(strict=True, reason="since issue 12 a near-duplicate counts as attack evidence only when "
+    @pytest.mark.xfail(strict=True, reason="a near-duplicate counts as attack evidence only when "
                        "the answers straddle a class boundary; an LLM answer has no class, so one prompt repeated "
-                       "no longer raises session.fingerprint. The sweep is still caught by its biased-token count "
+                       "does not raise session.fingerprint. The sweep is still caught by its biased-token count "
                        "(test_logit_bias_sweep_tracked_over_the_session, the default llm-logit-bias-sweep rule).")
     async def test_scripted_logit_bias_sweep_blocked(self, llm_guard: Any) -> None:
         """The logit-extraction sweep (one prompt, one biased token per query, over many tokens) is stopped by

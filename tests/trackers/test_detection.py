@@ -68,7 +68,7 @@ class TestEarlyDetection:
         """Jacobian-augmentation (JBDA) extraction streams are blocked within 100."""
         for s in range(4):
             rng = np.random.default_rng(s)
-            uniform_stream(64, rng, 100, hi=16.0)  # the same seeds as before the split
+            uniform_stream(64, rng, 100, hi=16.0)  # the JBDA seeds drawn after the uniform stream of the same seed
             seeds = digits.X_held[rng.choice(len(digits.X_held), 10, replace=False)]
             jb = run_stream(trackers, jbda_stream(seeds, digits.model.predict, 100, lam=1.6, hi=16.0), digits.model,
                             stop_risk=BLOCK)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -216,6 +217,17 @@ class TestReplayCommand:
         labels.write_text("# nothing labelled\n" + "b" * 32 + "\n")
         assert main(["replay", "--capture", str(cap), "--policy", str(strict), "--fail-on-new-blocks",
                      "--labels", str(labels)]) == 1
+
+    def test_json_lists_every_change(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """--json prints one JSON document with the policy, the counts and each changed decision, nothing else."""
+        cap = simple_capture(tmp_path)
+        strict = tmp_path / "strict.yaml"
+        strict.write_text(policy_text(variant({"rules/1/when/ood.combined/gte": 0.99})))
+        assert main(["replay", "--capture", str(cap), "--policy", str(strict), "--json"]) == 0
+        doc = json.loads(capsys.readouterr().out)
+        assert doc["total"] == 4 and doc["new_blocks_outside_labels"] == ["flag-1"]
+        assert [(c["request_id"], c["before"], c["after"]) for c in doc["changes"]] == [("flag-1", "flag", "block")]
+        assert doc["policy"]["source"] == str(strict)
 
     def test_bad_inputs_exit_2(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         """A policy that does not validate, or a capture with no decisions, exits 2 with a message."""

@@ -35,9 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from detectors.trackers import GlobalFingerprintIndex
-from detectors.trackers._global import session_hash
-from guard_agent.sessions.redis_store import FALLBACK, RedisLink
+from detectors.trackers import GlobalFingerprintIndex, session_hash
+from guard_agent.sessions.redis.link import FALLBACK, RedisLink
 
 __all__ = ["RedisGlobalIndex"]
 
@@ -239,8 +238,7 @@ class RedisGlobalIndex:
         self.local = local if local is not None else GlobalFingerprintIndex()
         self.max_entries = int(max_entries)
         self.max_rows = int(max_rows)
-        table = getattr(self.local, "_table", None)  # the local index's bucket width (not public there)
-        self.bucket_size = int(bucket_size or (table.shape[1] if table is not None else 16))
+        self.bucket_size = int(bucket_size or self.local.bucket_size)
         self.window_s = self.local.window_s
         self.match_threshold = self.local.match_threshold
         self.n_index = self.local.n_index

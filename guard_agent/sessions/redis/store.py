@@ -35,400 +35,32 @@ synced) is lost with it. An operator reset leaves a tombstone ``{prefix}d:{sessi
 that no replica restores the session it still holds locally.
 
 Standalone Redis or Sentinel: the scripts touch keys of one session only (both keys are declared), but the
-global index's script (``guard_agent.redis_global``) is not Redis Cluster compatible.
+global index's script (``guard_agent.sessions.redis.global_index``) is not Redis Cluster compatible.
 """
-
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import itertools
 import math
-import os
-import random
-import time
-import weakref
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Final, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import orjson
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from guard_agent.contracts import TrackerStateCodec
 from guard_agent.ratelimit import Bucket
 from guard_agent.sessions.base import SessionRecord
 from guard_agent.sessions.memory import MemorySessionStore
+from guard_agent.sessions.redis.link import FALLBACK, RedisLink
+from guard_agent.sessions.redis.lua import DELETE, GET, PUT, UNBLOCK
+from guard_agent.sessions.redis.records import Base, PendingState, Sent, SyncedRecord
 
-__all__ = ["RedisLink", "RedisMetrics", "RedisSessionStore", "SyncedRecord"]
-
-T = TypeVar("T")
-FALLBACK: Final = object()  # what ``RedisLink.run`` returns instead of a value when Redis did not answer
+__all__ = ["RedisSessionStore"]
 
 _MAX_SCORES = 64
 _MAX_NAME = 64
 _MAX_RULE = 128
-_CHAINS = 16  # write chains remembered per session hash (a resend older than this is applied again)
 _ORPHANS = 16  # records per dirty session replaced as the local copy before their changes reached Redis
-_CHAIN_PREFIX = os.urandom(4).hex()  # per process: chain ids of two replicas never meet
-_chain_ids = itertools.count()
-
-
-def _new_chain() -> str:
-    """A write chain id, unique across replicas: ``{process}{counter}`` (12+ characters)."""
-    return f"{_CHAIN_PREFIX}{next(_chain_ids):x}"
-
-
-class RedisMetrics:
-    """``inference_guard_redis_*`` metrics, registered once per registry (store and global index share them)."""
-
-    _by_registry: ClassVar[weakref.WeakKeyDictionary[CollectorRegistry, RedisMetrics]] = (
-        weakref.WeakKeyDictionary())
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        r = registry
-        self.up = Gauge("inference_guard_redis_up", "1 while Redis answers, 0 while the local fallback is used",
-                        registry=r)
-        self.fallbacks = Counter("inference_guard_redis_fallbacks_total",
-                                 "Calls answered from local state because Redis failed, was slow or is down",
-                                 ["op", "reason"], registry=r)
-        self.reconnects = Counter("inference_guard_redis_reconnects_total",
-                                  "Times Redis became reachable again after a failure", registry=r)
-        self.reconciled = Counter("inference_guard_redis_reconciled_total",
-                                  "Sessions changed during an outage and merged back into Redis", ["result"],
-                                  registry=r)
-        self.dirty = Gauge("inference_guard_redis_dirty_sessions",
-                           "Sessions changed while Redis was unreachable, not yet merged back", registry=r)
-        self.state_errors = Counter("inference_guard_redis_state_errors_total",
-                                    "Session fields that could not be stored or read (kept local / reset)",
-                                    ["kind"], registry=r)
-        self.latency = Histogram("inference_guard_redis_call_seconds", "Redis call latency", ["op"],
-                                 buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1), registry=r)
-        self.up.set(1)
-
-    @classmethod
-    def for_registry(cls, registry: CollectorRegistry) -> RedisMetrics:
-        """The one instance for this registry (a second registration would raise)."""
-        found = cls._by_registry.get(registry)
-        if found is None:
-            found = cls._by_registry[registry] = cls(registry)
-        return found
-
-
-Logger = Callable[..., None]  # EventLogger.log(level, message, **fields)
-# Replies that mean "this server cannot serve us now" (failover, restart, a stuck script): reconnect.
-_OUTAGE_REPLIES = ("READONLY", "LOADING", "MASTERDOWN", "BUSY", "NOSCRIPT", "CLUSTERDOWN")
-
-
-class RedisLink:
-    """One client (one connection pool) per guard process, its health, and the time budget of every call.
-
-    ``run`` never raises for Redis trouble: it returns ``FALLBACK`` and the caller uses local state. After a
-    connection error, or ``down_after_timeouts`` calls in a row slower than the budget, Redis counts as down:
-    calls fall back at once (no waiting) until a background probe gets a PING through; then the
-    ``on_recover`` callbacks run (e.g. reconciling sessions changed during the outage).
-    """
-
-    def __init__(self, url: str, *, prefix: str, metrics: RedisMetrics, log: Logger, budget: float = 0.05,
-                 socket_timeout: float = 0.25, max_connections: int = 64,
-                 backoff: tuple[float, float] = (0.2, 5.0), down_after_timeouts: int = 3) -> None:
-        self.url = url
-        self.prefix = prefix
-        self.metrics = metrics
-        self.budget = budget
-        self.up = True
-        self.log = log
-        self._socket_timeout = socket_timeout
-        self._max_connections = max_connections
-        self._backoff = backoff
-        self._down_after = down_after_timeouts
-        self._timeouts = 0  # consecutive: one slow call under load is not an outage
-        self._last_error_log = -math.inf
-        self._client: Any = None
-        self._probe: asyncio.Task[None] | None = None
-        self._recover: list[Callable[[], Awaitable[None]]] = []
-        self._closed = False
-        import redis.asyncio  # noqa: F401 - imported now, not inside the first request's time budget
-
-    @property
-    def client(self) -> Any:
-        """The redis.asyncio client, created on first use (inside the running loop)."""
-        if self._client is None:
-            from redis.asyncio import Redis
-            from redis.asyncio.retry import Retry
-            from redis.backoff import NoBackoff
-
-            self._client = Redis.from_url(
-                self.url, socket_timeout=self._socket_timeout, socket_connect_timeout=self._socket_timeout,
-                retry=Retry(NoBackoff(), 1), max_connections=self._max_connections, decode_responses=False,
-                client_name="inference-guard")
-        return self._client
-
-    def on_recover(self, callback: Callable[[], Awaitable[None]]) -> None:
-        """Run ``callback`` each time Redis answers again after a failure."""
-        self._recover.append(callback)
-
-    async def run(self, op: str, call: Callable[[Any], Awaitable[T]], *,
-                  budget: float | None = None) -> T | object:
-        """``await call(client)`` within the budget, else ``FALLBACK`` (counted; Redis marked down)."""
-        if not self.up or self._closed:
-            self.metrics.fallbacks.labels(op, "down").inc()
-            return FALLBACK
-        t0 = time.perf_counter()
-        try:
-            result = await asyncio.wait_for(call(self.client), budget or self.budget)
-        except TimeoutError as exc:
-            self._timeouts += 1
-            if self._timeouts < self._down_after:
-                self.metrics.fallbacks.labels(op, "timeout").inc()
-                return FALLBACK
-            self._failed(op, "timeout", exc)
-            return FALLBACK
-        except Exception as exc:  # any client/server error means: use local state
-            from redis.exceptions import ResponseError
-
-            if isinstance(exc, ResponseError) and not str(exc).startswith(_OUTAGE_REPLIES):
-                self.metrics.fallbacks.labels(op, "error").inc()  # e.g. OOM: the server answers, keep using it
-                now = time.monotonic()
-                if now - self._last_error_log > 60.0:
-                    self._last_error_log = now
-                    self.log("warning", "redis command failed: using local session state for it",
-                             guard={"redis": {"op": op, "error": str(exc)[:200]}})
-                return FALLBACK
-            self._failed(op, "error", exc)
-            return FALLBACK
-        self._timeouts = 0
-        self.metrics.latency.labels(op).observe(time.perf_counter() - t0)
-        return result
-
-    def _failed(self, op: str, reason: str, exc: BaseException) -> None:
-        self.metrics.fallbacks.labels(op, reason).inc()
-        self._timeouts = 0
-        if self.up:
-            self.up = False
-            self.metrics.up.set(0)
-            self.log("warning", "redis unreachable or slow: using local session state",
-                      guard={"redis": {"op": op, "reason": reason, "error": type(exc).__name__}})
-        if not self._closed and (self._probe is None or self._probe.done()):
-            self._probe = asyncio.get_running_loop().create_task(self._probe_loop())
-
-    async def _probe_loop(self) -> None:
-        delay = self._backoff[0]
-        while not self._closed:
-            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-            try:
-                # Drop every pooled connection: after a restart they are all dead.
-                await asyncio.wait_for(self.client.connection_pool.disconnect(), 1.0)
-                await asyncio.wait_for(self.client.ping(), max(self.budget, 0.05))
-            except Exception:  # still down: back off and try again
-                delay = min(delay * 2.0, self._backoff[1])
-                continue
-            self.up = True
-            self.metrics.up.set(1)
-            self.metrics.reconnects.inc()
-            self.log("info", "redis reachable again: shared session state resumed", guard={"redis": {}})
-            for callback in self._recover:
-                try:
-                    await callback()
-                except Exception as exc:  # a failed reconcile must not stop the link from working
-                    self.log("error", "redis recovery step failed", guard={"redis": {"error": repr(exc)[:200]}})
-            if self.up:
-                return
-            delay = self._backoff[0]
-
-    async def aclose(self) -> None:
-        """Stop probing and close the pool (idempotent)."""
-        self._closed = True
-        if self._probe is not None:
-            self._probe.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._probe
-        if self._client is not None:
-            client, self._client = self._client, None
-            with contextlib.suppress(Exception):
-                await client.aclose()
-
-
-class _PendingState(Mapping[int, Any]):
-    """Tracker state read from Redis, ``{layout id: state}``, decoded on first use.
-
-    ``SessionTracking`` creates the engine of a default layout only when it first sees a request with that
-    feature count, so a fresh replica may not decode another replica's state at ``get`` time; by the time the
-    trackers look at the record (``peek``), the engine exists. If it still cannot be decoded, the mapping is
-    empty, so the trackers start afresh for the session instead of failing (counted as a decode error).
-    """
-
-    __slots__ = ("_codec", "_decoded", "_on_error", "data")
-
-    def __init__(self, data: bytes, codec: TrackerStateCodec, on_error: Callable[[], None]) -> None:
-        self.data = data
-        self._on_error = on_error
-        self._decoded: dict[int, Any] | None = None
-        self._codec = codec
-
-    def _states(self) -> dict[int, Any]:
-        if self._decoded is None:
-            try:
-                decoded = self._codec.decode_state(self.data)
-            except ValueError:
-                self._on_error()
-                decoded = {}
-            self._decoded = dict(decoded)
-        return self._decoded
-
-    def __getitem__(self, layout: int) -> Any:
-        return self._states()[layout]
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._states())
-
-    def __len__(self) -> int:
-        return len(self._states())
-
-
-@dataclass(slots=True)
-class _Base:
-    """What this record held when it was last read from / written to Redis (for computing deltas)."""
-
-    version: int = -1               # -1: never synced (created locally while Redis was unreachable)
-    queries: int = 0
-    bucket: Bucket | None = None
-    block: tuple[float, str | None] = (0.0, None)
-    tracker: bytes | None = None
-    scores: dict[str, float] = field(default_factory=dict)
-    # Every write from this base carries this id and its deltas counted from the base, so the script can
-    # tell a resent write (outcome unknown: timeout, dropped connection) from a new one and apply it once.
-    chain: str = field(default_factory=_new_chain)
-    sent: int = 0  # writes sent from this base: only the success of the last one moves the record on
-
-
-@dataclass(slots=True, frozen=True)
-class _Sent:
-    """One write as it was sent: its base, its number among that base's writes, and the values it carried.
-
-    The record may change while the write is on its way (requests sharing the local copy during an outage or
-    a slow Redis), so on success the base becomes these values, never the record's current ones."""
-
-    base: _Base
-    seq: int
-    queries: int
-    bucket: Bucket | None
-    block: tuple[float, str | None]
-    tracker: bytes | None
-    scores: dict[str, float]
-
-
-@dataclass(slots=True)
-class SyncedRecord(SessionRecord):
-    """A session record that remembers its last synced state."""
-
-    base: _Base = field(default_factory=_Base)
-
-
-# The session hash without its write-chain ring (``c``: the script's bookkeeping, not the replicas' business).
-_FIELDS = """
-local function fields(k)
-  local h = redis.call('HGETALL', k)
-  for i = 1, #h, 2 do
-    if h[i] == 'c' then table.remove(h, i + 1); table.remove(h, i); break end
-  end
-  return h
-end
-"""
-
-# KEYS[1] session hash, KEYS[2] its deletion tombstone.
-# ARGV: 1 ttl_ms, 2 now, 3 first_seen, 4 query delta, 5 base version,
-# 6 bucket? (0/1), 7 tokens, 8 updated, 9 base tokens ('' = none), 10 block until ('' = unchanged), 11 rule,
-# 12 tracker? (0/1), 13 tracker bytes ('' = none), 14 tracker time, 15 scores JSON, 16 return the hash? (0/1),
-# 17 absolute queries (written instead of the delta when a key synced before is gone: Redis lost it),
-# 18 write chain: the id of the base the deltas are counted from (see ``_Base.chain``),
-# 19 the block (ARGV 10/11) was set since the base (1) or only offered again by a merge (0: written only when
-# Redis lost the key; an operator unblock or reset since the base must not be undone by it).
-#
-# Deltas are cumulative per chain and the hash remembers, in field ``c``, what the last _CHAINS chains have
-# applied ("id queries spend;" each): a write that is sent again (redis-py's retry on a dropped connection, a
-# reconcile after a put that timed out but ran) adds only what it adds beyond its chain's earlier writes; one
-# that counts fewer queries than the chain's was sent before it (the two reached Redis in the reverse order)
-# and its bucket is stale: left out.
-_PUT = _FIELDS + """
-local k = KEYS[1]
-local lost = redis.call('EXISTS', k) == 0 and tonumber(ARGV[5]) > 0 and redis.call('EXISTS', KEYS[2]) == 0
-local v = tonumber(redis.call('HGET', k, 'v') or '0')
-local same = tonumber(ARGV[5]) == v
-local chain, pq, ps = ARGV[18], 0, 0
-local ring = {}
-for id, q, s in string.gmatch(redis.call('HGET', k, 'c') or '', '(%S+) (%S+) (%S+);') do
-  if id == chain then pq, ps = tonumber(q), tonumber(s) else ring[#ring + 1] = id .. ' ' .. q .. ' ' .. s .. ';' end
-end
-local f = tonumber(redis.call('HGET', k, 'f'))
-if f == nil or tonumber(ARGV[3]) < f then redis.call('HSET', k, 'f', ARGV[3]) end
-local l = tonumber(redis.call('HGET', k, 'l'))
-if l == nil or tonumber(ARGV[2]) > l then redis.call('HSET', k, 'l', ARGV[2]) end
-local dq = tonumber(ARGV[4])
-if lost then redis.call('HSET', k, 'q', ARGV[17])
-elseif dq > pq then redis.call('HINCRBY', k, 'q', dq - pq) end
-local older = dq < pq  -- sent before a write of this chain that ran already and carries its spend too
-if older then dq = pq end
-local spend = ps
-if ARGV[6] == '1' and not older then
-  local st = tonumber(redis.call('HGET', k, 'bt'))
-  local su = tonumber(redis.call('HGET', k, 'bu'))
-  local lt = tonumber(ARGV[7])
-  local base = tonumber(ARGV[9])
-  if base ~= nil then spend = base - lt end
-  if same or st == nil or su == nil then
-    redis.call('HSET', k, 'bt', ARGV[7], 'bu', ARGV[8])
-  else
-    local merged
-    if base == nil then merged = math.min(st, lt) else merged = math.min(st - (spend - ps), math.max(st, lt)) end
-    if merged < 0 then merged = 0 end
-    redis.call('HSET', k, 'bt', tostring(merged), 'bu', tostring(math.max(su, tonumber(ARGV[8]))))
-  end
-end
-if lost then ring = {} end
-ring[#ring + 1] = chain .. ' ' .. tostring(dq) .. ' ' .. string.format('%.9g', spend) .. ';'
-local first = math.max(1, #ring - CHAINS + 1)
-redis.call('HSET', k, 'c', table.concat(ring, '', first, #ring))
-if ARGV[10] ~= '' and (ARGV[19] == '1' or lost) then
-  local ku = tonumber(redis.call('HGET', k, 'ku'))
-  if ku == nil or tonumber(ARGV[10]) >= ku then redis.call('HSET', k, 'ku', ARGV[10], 'kr', ARGV[11]) end
-end
-if ARGV[12] == '1' then
-  local tl = tonumber(redis.call('HGET', k, 'tl'))
-  if tl == nil or tonumber(ARGV[14]) >= tl then
-    if ARGV[13] == '' then redis.call('HDEL', k, 't') else redis.call('HSET', k, 't', ARGV[13]) end
-    redis.call('HSET', k, 'tl', ARGV[14], 's', ARGV[15])
-  end
-end
-local nv = redis.call('HINCRBY', k, 'v', 1)
-redis.call('PEXPIRE', k, ARGV[1])
-if ARGV[16] == '1' then return fields(k) end
-return nv
-""".replace("CHAINS", str(_CHAINS))
-
-# KEYS[1] session hash, KEYS[2] its tombstone: the hash, or a lone field ``x`` when an operator deleted it.
-_GET = _FIELDS + """
-local h = fields(KEYS[1])
-if #h == 0 and redis.call('EXISTS', KEYS[2]) == 1 then return {'x', '1'} end
-return h
-"""
-
-# KEYS[1] session hash, KEYS[2] tombstone; ARGV[1] tombstone TTL (ms).
-_DELETE = """
-local n = redis.call('DEL', KEYS[1])
-redis.call('SET', KEYS[2], '1', 'PX', ARGV[1])
-return n
-"""
-
-_UNBLOCK = """
-if redis.call('HEXISTS', KEYS[1], 'kr') == 1 then
-  redis.call('HDEL', KEYS[1], 'kr', 'ku')
-  redis.call('HINCRBY', KEYS[1], 'v', 1)
-  return 1
-end
-return 0
-"""
 
 
 class RedisSessionStore:
@@ -464,7 +96,7 @@ class RedisSessionStore:
     def _script(self, client: Any, name: str) -> Any:
         if not self._scripts:
             self._scripts = {n: client.register_script(src) for n, src in
-                             (("get", _GET), ("put", _PUT), ("delete", _DELETE), ("unblock", _UNBLOCK))}
+                             (("get", GET), ("put", PUT), ("delete", DELETE), ("unblock", UNBLOCK))}
         return self._scripts[name]
 
     # ---- SessionStore ----------------------------------------------------------------------------
@@ -684,8 +316,8 @@ class RedisSessionStore:
                             scores=record.scores)
 
     def _encode_tracker(self, record: SessionRecord) -> bytes | None:
-        if isinstance(record.tracker_state, _PendingState) and record.tracker_state._decoded is None:
-            return record.tracker_state.data  # untouched since read: exactly the bytes Redis holds
+        if isinstance(record.tracker_state, PendingState) and record.tracker_state.untouched is not None:
+            return record.tracker_state.untouched
         try:
             data = self._codec.encode_state(record.tracker_state)
         except (ValueError, TypeError):
@@ -696,7 +328,7 @@ class RedisSessionStore:
             return None
         return data
 
-    def _changes(self, r: SyncedRecord, now: float, *, full: bool = False) -> tuple[list[Any], _Sent]:
+    def _changes(self, r: SyncedRecord, now: float, *, full: bool = False) -> tuple[list[Any], Sent]:
         """Script arguments for what changed since the last sync (``full``: offer every field; the merge
         rules still decide, so a newer tracker state or a later block in Redis wins), and the write's values
         for ``_synced``. Counts the write as sent from the record's base (``base.sent``): call it once per write
@@ -721,9 +353,9 @@ class RedisSessionStore:
             str(r.queries), b.chain, "1" if set_block else "0",
         ]
         b.sent += 1
-        return args, _Sent(b, b.sent, r.queries, r.bucket, (r.blocked_until, r.blocked_rule), tracker, dict(r.scores))
+        return args, Sent(b, b.sent, r.queries, r.bucket, (r.blocked_until, r.blocked_rule), tracker, dict(r.scores))
 
-    def _synced(self, r: SyncedRecord, version: int, sent: _Sent) -> None:
+    def _synced(self, r: SyncedRecord, version: int, sent: Sent) -> None:
         """Redis applied ``sent``: count the record's next deltas from it, under a new chain.
 
         Not when a later write from the same base is on its way: its deltas count from that base too, so the
@@ -731,12 +363,12 @@ class RedisSessionStore:
         """
         if r.base is not sent.base or sent.seq != sent.base.sent:
             return
-        r.base = _Base(version=version, queries=sent.queries, bucket=sent.bucket, block=sent.block,
+        r.base = Base(version=version, queries=sent.queries, bucket=sent.bucket, block=sent.block,
                        tracker=sent.tracker, scores=sent.scores)
 
     def _decode(self, h: dict[bytes, bytes], now: float) -> SyncedRecord:
         if not h or b"f" not in h:
-            return SyncedRecord(first_seen=now, last_seen=now, base=_Base(version=int(h.get(b"v", 0) or 0)))
+            return SyncedRecord(first_seen=now, last_seen=now, base=Base(version=int(h.get(b"v", 0) or 0)))
         try:
             first, last = float(h[b"f"]), float(h.get(b"l", h[b"f"]))
             bucket = Bucket(float(h[b"bt"]), float(h[b"bu"])) if b"bt" in h and b"bu" in h else None
@@ -748,19 +380,19 @@ class RedisSessionStore:
                 raise ValueError("non-finite number")
         except (ValueError, KeyError):
             self.link.metrics.state_errors.labels("decode").inc()
-            return SyncedRecord(first_seen=now, last_seen=now, base=_Base(version=-1))
+            return SyncedRecord(first_seen=now, last_seen=now, base=Base(version=-1))
         tracker_bytes = h.get(b"t")
         tracker_state: Any = None
         if tracker_bytes:
             try:
                 tracker_state = self._codec.decode_state(tracker_bytes)
             except ValueError:  # an engine not created yet in this process, or garbage: decide on first use
-                tracker_state = _PendingState(tracker_bytes, self._codec,
+                tracker_state = PendingState(tracker_bytes, self._codec,
                                               self.link.metrics.state_errors.labels("decode").inc)
         scores = _decode_scores(h.get(b"s"))
         record = SyncedRecord(first_seen=first, last_seen=last, queries=queries, bucket=bucket,
                               blocked_until=until, blocked_rule=rule, tracker_state=tracker_state, scores=scores)
-        record.base = _Base(version=version, queries=queries, bucket=bucket, block=(until, rule),
+        record.base = Base(version=version, queries=queries, bucket=bucket, block=(until, rule),
                             tracker=tracker_bytes, scores=dict(scores))
         return record
 
