@@ -8,7 +8,7 @@ from typing import Any
 
 Run = dict[str, Any]
 
-# issue 13's targets
+# the request path's targets (CPU per request, throughput, added p99)
 TARGET_CPU_US = 300.0  # guard CPU per request at 1000 req/s, every detector and tracker on
 TARGET_CPU_US_NO_RULES = 150.0  # the same for the guard without rules (guard-off)
 TARGET_RPS = 3000.0  # closed loop on one core

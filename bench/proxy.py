@@ -1,4 +1,4 @@
-"""Proxy benchmark: what the guard costs in front of a cheap model server (issue 2, "Benchmark").
+"""Proxy benchmark: what the guard costs in front of a cheap model server.
 
 Configurations, all on loopback, against an nginx stub upstream answering fixed v2 JSON bodies:
 
@@ -64,7 +64,7 @@ from _workload import (
 
 PROXY_CORE, LOAD_CORE = 0, 1
 SANITY_KEYS = tuple(f"bench-sanity-key-{i:04d}" for i in range(10))
-RATES = (500, 1000)  # issue 2's fixed rates; --rates adds others (e.g. one the guard can sustain)
+RATES = (500, 1000)  # fixed open-loop rates; --rates adds others (e.g. one the guard can sustain)
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -352,7 +352,7 @@ def _print_report(runs: list[dict[str, Any]], targets: dict[str, Target], rates:
     print("\n".join(report.main_table(runs, configs, rates)))
     print("\n== ratios ==")
     print("\n".join(report.ratio_lines(runs, proxies, rates)))
-    print("\n== targets (issue 13) ==")
+    print("\n== targets ==")
     print("\n".join(report.target_lines(runs, guards)))
     print("\n== guard decisions during the runs (from /metrics) ==")
     print("\n".join(report.decision_lines(runs, guards)))

@@ -128,12 +128,7 @@ async def admin_session_get(request: web.Request) -> web.Response:
 
 
 async def _session_record(state: GuardState, sid: str) -> SessionRecord | None:
-    fetch = getattr(state.sessions, "fetch", None)  # the shared record (Redis), not only this replica's copy
-    if fetch is not None:
-        found: SessionRecord | None = await fetch(sid, time.time())
-        return found
-    peek = getattr(state.sessions, "peek", None)
-    return peek(sid) if peek is not None else None
+    return await state.sessions.fetch(sid, time.time())  # the shared record (Redis), not this replica's copy
 
 
 def _record_dict(sid: str, record: SessionRecord) -> dict[str, object]:

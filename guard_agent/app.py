@@ -183,9 +183,7 @@ async def _header_limit(request: web.Request, handler: Handler) -> web.StreamRes
 async def _session_store(app: web.Application) -> AsyncIterator[None]:
     """Close a shared store's connections last (cleanup runs in reverse order)."""
     yield
-    close = getattr(app[STATE].sessions, "aclose", None)
-    if close is not None:
-        await close()
+    await app[STATE].sessions.aclose()
 
 
 async def _upstream_client(app: web.Application) -> AsyncIterator[None]:

@@ -27,7 +27,7 @@ __all__ = ["DecisionEntry", "RecentDecisions", "SessionSummary", "risk_of"]
 
 _RISKY = 0.5  # a session this risky is tracked even in a minute already holding max_sessions sessions
 _RISK_SCORES = ("session.risk", "session.prada", "session.fingerprint", "session.global_fingerprint",
-                "session.neighbors", "session.coverage", "session.margin")
+                "session.crawl", "session.neighbors", "session.coverage", "session.margin")
 
 
 def risk_of(scores: Mapping[str, float]) -> float:

@@ -218,7 +218,7 @@ class _GuardedProtocol(asyncio.BufferedProtocol):
         """A client that half-closes after its request still gets the answer.
 
         At EOF the write side stays open until it is clear what the connection is doing: idle, or gone mid-body,
-        it is closed as before (the handler sees the client gone); answering a whole request, aiohttp takes no new
+        it is closed (the handler sees the client gone); answering a whole request, aiohttp takes no new
         ones and closes once it is answered. The request handler may not have started yet when the EOF arrives
         (it is a task of its own), so this is settled a few loop turns later.
         """
@@ -285,7 +285,7 @@ class ParseErrorLog(logging.LoggerAdapter[logging.Logger]):
     aiohttp logs each such request at ERROR with a traceback whose message quotes the offending raw header
     line (an API key or bearer token included) or its first 100 bytes: raw client input in the logs, and one
     traceback per malformed packet under fuzzing. The client still gets a 400 (JSON, see ``_JsonErrorHandler``)
-    and the connection is closed. Every other record (a bug in a handler, say) goes to ``aiohttp.server`` as before.
+    and the connection is closed. Every other record (a bug in a handler, say) goes to ``aiohttp.server`` unchanged.
     """
 
     def __init__(self, on_malformed: Callable[[], None]) -> None:

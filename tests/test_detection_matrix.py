@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.timeout(1500)  # the whole matrix in a subprocess: minutes on a loaded 2-core machine
 def test_quick_matrix_blocks_no_benign_session() -> None:
     """``detection_matrix.py --quick`` (five models, six benign shapes, a few attacks) exits 0: no benign
     session was blocked; the tables are printed."""

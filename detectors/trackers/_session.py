@@ -15,7 +15,7 @@ retry tells an attacker nothing new), each tracker turns an observation into a l
   edits of their own inputs and get the same answer. A near-duplicate answered with another class (the
   session's queries straddle the decision boundary, as HopSkipJump's and Boundary's probes do about half
   the time): benign 0.5 %, attack 30 %. Near-duplicates off the reference manifold (synthetic
-  augmentation) count as before: 1-3 or >= 4 of them, benign (p0_near, 0.01), attack (0.3, 0.5).
+  augmentation) count by number: 1-3 or >= 4 of them, benign (p0_near, 0.01), attack (0.3, 0.5).
 - neighbors: mean whitened distance to the ``nn_k`` nearest of the last ``ring_nn`` queries below
   ``nn_threshold`` (the 1 % quantile of benign streams) *and* the query off the reference manifold
   (synthetic perturbations such as Jacobian augmentation): benign ``p0_near``, attack 0.5; close

@@ -93,11 +93,6 @@ class SessionState:
         return new
 
 
-_ARRAY_NAMES = ("exact", "fp", "fp_cls", "nn", "nn_cls", "prada_vec", "prada_cls", "cls_stats", "pool", "cells")
-
-
-def _array_layout_names() -> tuple[str, ...]:
-    return _ARRAY_NAMES
 
 
 def array_layout(cfg: TrackerConfig) -> tuple[tuple[str, tuple[int, ...], str], ...]:

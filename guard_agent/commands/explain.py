@@ -26,7 +26,8 @@ from guard_agent.recent import DecisionEntry
 __all__ = ["add_arguments", "build_story", "format_story", "run"]
 
 _SHOWN_SCORES = ("session.risk", "session.prada", "session.fingerprint", "session.global_fingerprint",
-                 "session.neighbors", "ood.combined", "adv.squeeze", "input.schema", "integrity.canary")
+                 "session.neighbors", "session.crawl", "ood.combined", "adv.squeeze", "input.schema",
+                 "integrity.canary")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

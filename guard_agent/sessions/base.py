@@ -45,5 +45,14 @@ class SessionStore(Protocol):
     async def unblock(self, session: str) -> bool:
         """Lift a block cool-down, keeping the rest of the state."""
 
+    def peek(self, session: str) -> SessionRecord | None:
+        """This process's copy of the record, never created (metrics, tests)."""
+
+    async def fetch(self, session: str, now: float) -> SessionRecord | None:
+        """The authoritative record without creating one (the admin API): the shared one where there is one."""
+
     def size(self) -> int:
         """Live sessions held locally."""
+
+    async def aclose(self) -> None:
+        """Release connections (called last at shutdown)."""

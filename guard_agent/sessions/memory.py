@@ -73,5 +73,11 @@ class MemorySessionStore:
     def peek(self, session: str) -> SessionRecord | None:
         return self._records.get(session)
 
+    async def fetch(self, session: str, now: float) -> SessionRecord | None:
+        return self._records.get(session)
+
     def size(self) -> int:
         return len(self._records)
+
+    async def aclose(self) -> None:
+        return None

@@ -19,7 +19,6 @@ import orjson
 import pytest
 
 from guard_agent.demo import DigitsModel
-from guard_agent.sessions.factory import make_global_observer, make_session_store
 from guard_agent.sessions.redis.store import RedisSessionStore
 from tests._support.redis import RedisServer, keys_under, redis_cmd
 from tests.conftest import GuardFactory, RunningGuard, v2_body
@@ -74,12 +73,8 @@ async def start_pair(start_guard: GuardFactory, demo_model_url: str) -> AsyncIte
         guards = [await start_guard(demo_model_url, policy=policy, redis_url=redis_url, hmac_key="shared-key")
                   for _ in range(2)]
         started.extend(guards)
-        for g in guards:
-            s = g.state
-            if not isinstance(s.sessions, RedisSessionStore):  # until app.build_state calls the factory itself
-                s.sessions = make_session_store(s.settings, metrics=s.metrics, events=s.events, tracking=s.trackers)
-                make_global_observer(s.settings, metrics=s.metrics, events=s.events, tracking=s.trackers)
-            assert isinstance(s.sessions, RedisSessionStore)
+        for g in guards:  # build_state picks the store from GUARD_REDIS_URL
+            assert isinstance(g.state.sessions, RedisSessionStore)
         return guards
 
     yield start
