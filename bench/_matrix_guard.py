@@ -2,12 +2,12 @@
 
 ``InProcessGuard`` builds the real guard state (``guard_agent.app.build_state``: the profile store, the
 default policy compiled against every score the guard provides, the session trackers and the global
-index, the in-memory session store) and runs a request through the same steps ``guard_agent.proxy``'s
-``_inference`` runs after parsing, with the same objects: session record, token bucket, the stateless
-profile scores (max over the rows), the trackers' ``peek``, ``decide()``, the block cool-down, the model
-call, the trackers' ``update`` and the hardening of the answer. Only HTTP, parsing and event writing are
-left out; ``tests/test_detection_matrix.py`` checks over real HTTP that ``guard-agent run`` decides the
-same as this path for the same queries.
+index, the in-memory session store) and runs a request through the steps ``guard_agent.proxy.inference``
+runs after parsing, with the same objects and pure functions: session record, ``ratelimit.rate_check``,
+the stateless profile scores (max over the rows), the trackers' ``peek``, ``decide()``,
+``ratelimit.cooldown_start``, the model call, the trackers' ``update`` and the hardening of the answer.
+Only HTTP, parsing and event writing are left out; ``tests/test_detection_matrix.py`` checks over real
+HTTP that ``guard-agent run`` decides the same as this path for the same queries.
 
 ``MatrixClient`` is ``guard_agent.attacks.GuardClient`` with its transport replaced by this guard (or by
 the bare model, for the unguarded baselines), so the attack code is the one the HTTP benches run.
@@ -29,7 +29,7 @@ from guard_agent.policy.decide import RequestFacts, SessionFacts, decide
 from guard_agent.policy.model import Decision
 from guard_agent.protocols import parse_document, parse_request, read_response
 from guard_agent.protocols.hardening import harden_document
-from guard_agent.ratelimit import take
+from guard_agent.ratelimit import cooldown_start, rate_check
 from guard_agent.scoring import declared_schema_score
 from guard_agent.settings import load_settings
 
@@ -102,11 +102,7 @@ class InProcessGuard:
         state = self.state
         eff = state.policies.current.for_model(MODEL)
         record = await state.sessions.get(session, now)
-        rate_limited, retry_after = False, 0.0
-        if eff.rate_limit is not None:
-            record.bucket, allowed, retry_after = take(record.bucket, now, rate=eff.rate_limit.rate,
-                                                       burst=eff.rate_limit.burst)
-            rate_limited = not allowed
+        record.bucket, rate_limited, retry_after = rate_check(record.bucket, now, eff.rate_limit)
         request = RequestFacts(model=MODEL, protocol="v2", rows=features.shape[0], body_bytes=0,
                                features=features.shape[1])
         facts = SessionFacts(id=session, source="header", queries=record.queries,
@@ -125,9 +121,9 @@ class InProcessGuard:
             if eff.needs_session_scores:
                 scores.update(await state.trackers.peek(session, record, features, MODEL, now))
             decision = decide(request, scores, facts, eff)
-        cooldown = eff.block_cooldown if decision.cooldown is None else decision.cooldown
-        if decision.enforced and decision.action == "block" and cooldown > 0 and record.blocked(now) is None:
-            record.blocked_until, record.blocked_rule = now + cooldown, decision.rule
+        started = cooldown_start(decision, eff, now, record.blocked(now))
+        if started is not None:
+            record.blocked_until, record.blocked_rule = started
         record.queries += features.shape[0]
         if decision.refused:
             await state.sessions.put(session, record, now)

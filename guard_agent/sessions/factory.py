@@ -68,7 +68,7 @@ def make_session_store(settings: Settings, *, metrics: Metrics, events: EventLog
                        tracking: TrackerStateCodec) -> SessionStore:
     """Memory when ``settings.redis_url`` is unset; otherwise Redis with the memory store as local fallback.
 
-    ``tracking`` provides ``encode_state``/``decode_state`` (``SessionTracking`` or the no-op ``TrackerHook``).
+    ``tracking`` provides ``encode_state``/``decode_state`` (``SessionTracking`` or the no-op ``NoTrackers``).
     The Redis store has an ``aclose()`` to call at shutdown.
     """
     local = MemorySessionStore(max_sessions=settings.session_max, ttl=settings.session_ttl,

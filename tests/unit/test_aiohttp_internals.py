@@ -3,7 +3,7 @@
 ``guard_agent/server.py`` wraps aiohttp's ``RequestHandler`` (its class is swapped for one with a JSON
 ``handle_error``; its ``_request_count``, ``_waiter`` and ``_current_request`` tell the head deadline and the
 half-close logic what the connection is doing), starts ``GuardSite`` from ``TCPSite``'s private fields, and
-counts parser refusals from the ``exc_info`` aiohttp logs them with. ``guard_agent/proxy.py`` catches
+counts parser refusals from the ``exc_info`` aiohttp logs them with. ``guard_agent/proxy/`` catches
 ``aiohttp.web_protocol.RequestPayloadError`` and reads ``request.version`` and ``request.transport``. An
 aiohttp release that changes any of these fails here, over real loopback connections, not in production.
 """
