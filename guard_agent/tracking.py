@@ -65,6 +65,11 @@ class SessionTracking(Trackers):
             lambda engine, rows: engine.request_hashes(rows), _rows_of,
             max_rows=lambda engine: engine.config.max_rows_tracked)
 
+    @property
+    def pending(self) -> int:
+        """Requests peeked whose hashes wait for their update: none outlives its request, so this stays small."""
+        return len(self._pending)
+
     def inactive(self) -> dict[str, str]:
         """Session scores that cannot work with this profile and these answers, each with the reason (the guard
         logs it at start and when it changes, ``/readyz`` lists it, a metric counts it)."""

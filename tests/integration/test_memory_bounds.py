@@ -20,6 +20,7 @@ import numpy as np
 import orjson
 import pytest
 
+from guard_agent.tracking import SessionTracking
 from tests._support.rawhttp import exchange, port_of
 from tests.conftest import DigitsData, ModelServer, v2_body
 
@@ -108,8 +109,8 @@ class TestHostileHeaders:
         assert label_counts[1] == label_counts[0], label_counts[1] - label_counts[0]
         exposed = " ".join(v for _, labels in label_counts[1] for _, v in labels)
         assert not any(value in exposed for value in sent_values)
-        pending = getattr(state.trackers, "_pending", {})
-        assert len(pending) == 0  # nothing per request outlives the request
+        assert isinstance(state.trackers, SessionTracking)
+        assert state.trackers.pending == 0  # nothing per request outlives the request
 
     async def test_parser_refusals_are_counted_and_never_logged(self, mlserver: ModelServer,
                                                                 caplog: pytest.LogCaptureFixture,
