@@ -4,7 +4,10 @@ Per predicted class, a growing set of accepted queries; each new query's minimum
 class's set joins the pooled distances; it is accepted into the set when that distance exceeds
 ``max(T, mean - std)`` of the class's accepted distances. Every ``prada_every`` queries once more than
 ``prada_min_pool`` distances were pooled, Shapiro-Wilk runs on the pool (3-sigma outliers dropped) and
-an alarm is raised when W < delta. Natural queries give roughly normal distances; synthetic ones
+an alarm is raised when W < delta. The paper tests after every query; here checks are half a pool apart
+(``prada_every`` = ``ring_pool`` / 2 by default), so that each alarm is mostly new evidence: checks ten
+queries apart share nine tenths of their sample, and a CUSUM counting each of them blocked a benign batch
+client whose pool dipped once (``bench/detection_matrix.py``, integer-coded data). Natural queries give roughly normal distances; synthetic ones
 (perturbations of a few seeds) give a spike near zero plus far points.
 
 Bounds and their effect: distances are taken in a 24-dimensional random (JL) projection of the
