@@ -10,7 +10,8 @@ Lines: ``total`` is ``SessionTracking.peek`` + ``update`` as the proxy calls the
 same steps one by one: ``peek scores`` (``SessionTrackers.peek``), ``hashes`` (fingerprints and exact-row
 keys), ``density`` (``reference_density`` of every row; ``peek`` computes it only for rows that have
 near-duplicates, so the sum of the parts exceeds the total by about this line), ``global observe``
-(``GlobalFingerprintIndex.observe``) and ``update`` (``SessionTrackers.update`` with the hashes passed in).
+(``GlobalFingerprintIndex.observe``), ``update`` (``SessionTrackers.update`` with the hashes passed in) and
+``global learn`` (``GlobalFingerprintIndex.learn``: the answers filed with the index's entries).
 Figures are the median and the mean over every timed call, in microseconds per request; the machine has
 2 cores shared with other work, so run it twice and compare medians.
 
@@ -21,6 +22,7 @@ Run:  python bench/tracker_cost.py                     (about a minute)
 from __future__ import annotations
 
 import argparse
+import asyncio
 import statistics
 import time
 from collections.abc import Callable, Coroutine
@@ -46,13 +48,13 @@ class _Answer:
         self.probabilities = probabilities
 
 
+_LOOP = asyncio.new_event_loop()
+
+
 def _run(coro: Coroutine[Any, Any, Any]) -> Any:
-    """Drive a coroutine that never suspends (the in-process hooks) without an event loop's overhead."""
-    try:
-        coro.send(None)
-    except StopIteration as done:
-        return done.value
-    raise RuntimeError("the coroutine suspended")
+    """Run one hook on a loop of its own: ``SessionTracking`` hashes through a per-turn batcher
+    (``guard_agent.batching``), which needs a running loop; a request alone pays its one extra callback."""
+    return _LOOP.run_until_complete(coro)
 
 
 def _timed(fn: Callable[[], Any], samples: list[float]) -> Any:
@@ -137,6 +139,8 @@ class Bench:
         g = _timed(lambda: self.index.observe(f"s{i}", fps, keys, now, dens), out["global observe"])
         new, _ = _timed(lambda: eng.update(state, x, None, proba, now, global_fingerprint=g, fingerprints=fps,
                                            **extra), out["update"])
+        labels = np.argmax(proba, axis=1)
+        _timed(lambda: self.index.learn(fps, labels, now, keys), out["global learn"])
         rec.tracker_state = {eng.config.layout_id: new}
 
 
@@ -154,7 +158,7 @@ def main() -> None:
     for rows, count in ((1, args.requests), (64, max(20, args.requests // 10))):
         total: list[float] = []
         parts: dict[str, list[float]] = {k: [] for k in ("peek scores", "hashes", "density", "global observe",
-                                                           "update")}
+                                                           "update", "global learn")}
         for k in range(count):  # interleaved, so both see the same machine load
             bench.request(k % args.sessions, rows, total)
             bench.parts((k + 1) % args.sessions, rows, parts)

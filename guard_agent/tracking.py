@@ -265,7 +265,7 @@ class _LocalGlobal:
 
     async def learn(self, session: str, fingerprints: np.ndarray, digests: np.ndarray, labels: np.ndarray,
                     now: float) -> None:
-        self._index.learn(fingerprints, labels, now)
+        self._index.learn(fingerprints, labels, now, digests)
 
 
 _Hashes = tuple[np.ndarray, np.ndarray, np.ndarray]

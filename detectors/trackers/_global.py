@@ -51,7 +51,7 @@ query lands in the cluster the earlier keys built, for as long as it is inside t
 Entries live in a ring (oldest overwritten first); a bucketed table over the ``n_index`` smallest
 hashes of each fingerprint finds candidates (the newest ``bucket_size`` per bucket), which are verified
 by counting shared hashes. Row digests live in a second ring of ``max_entries`` slots. Memory: about
-``max_entries * (8 * n_hashes + 60) + 8 * max_entries * n_index / bucket_size * 2`` bytes plus a dict of
+``max_entries * (8 * n_hashes + 68) + 8 * max_entries * n_index / bucket_size * 2`` bytes plus a dict of
 up to ``max_entries`` digests, e.g. ~85 MB for 200k entries of 20 hashes (measured). Share the SessionTrackers salt
 across replicas.
 
@@ -81,6 +81,8 @@ _SHIFTS = (1, 12, 23, 34, 45, 53)
 _TABLE_MAX_VALUES = 64
 _SLOT_MASK_U64 = np.uint64(_SLOT_MASK)
 _ONES: dict[int, np.ndarray] = {}
+#: recently observed distinct rows whose entry ``learn`` finds without a lookup (requests in flight, recent repeats)
+_FILED_MAX = 4096
 
 
 class GlobalFingerprintIndex:
@@ -134,6 +136,11 @@ class GlobalFingerprintIndex:
         self._digests: dict[int, float] = {}
         self._digest_ring = np.zeros(self.max_entries, dtype=np.uint64)
         self._digest_head = 0
+        # row digest -> (entry, its serial) that ``observe`` filed the row with, for the last ``_FILED_MAX`` distinct
+        # rows: ``learn`` files the answer there without a lookup, also for exact repeats of a recent row
+        self._filed: dict[int, tuple[int, int]] = {}
+        self._serial = np.zeros(self.max_entries, dtype=np.int64)  # per entry: how many were stored before it
+        self._stored = 0
 
     def __len__(self) -> int:
         """Number of stored fingerprints."""
@@ -234,37 +241,41 @@ class GlobalFingerprintIndex:
             if merge >= 0:
                 self._weight[merge] += 1.0  # the entry keeps its creation time: it counts for one window
             else:
-                self._insert(row, buckets, sid, now)
+                merge = self._insert(row, buckets, sid, now)
+            self._file(digest, merge)
         return self.score(best)
 
-    def learn(self, fingerprints: np.ndarray, labels: np.ndarray, now: float) -> None:
+    def _file(self, digest: int, slot: int) -> None:
+        if len(self._filed) >= _FILED_MAX:
+            del self._filed[next(iter(self._filed))]  # the oldest
+        self._filed[digest] = (slot, int(self._serial[slot]))
+
+    def learn(self, fingerprints: np.ndarray, labels: np.ndarray, now: float,
+              digests: np.ndarray | None = None) -> None:
         """The model's answers (one class per fingerprint row) for rows ``observe`` saw: each is filed with the
-        live entry closest to its fingerprint (the one it was merged into or stored as), which counts the
-        answers of its main class and of any other; when the others outnumber the main class, the class just
-        answered becomes the main one (exact for two classes, the boundary a search straddles). ``observe``
-        counts a row's near-duplicates in proportion to the share of these answers outside the largest class
-        (``straddle``). Labels must be non-negative (``answer_labels``)."""
+        entry ``observe`` merged the row (or the row it exactly repeats) into or stored it as, found again by the
+        row's ``digests`` (the ones ``observe`` got) when given, recent and that entry still lives; else the live
+        entry closest to the fingerprint. That entry counts the answers of its main class
+        and of any other; when the others outnumber the main class, the class just answered becomes the main
+        one (exact for two classes, the boundary a search straddles). ``observe`` counts a row's
+        near-duplicates in proportion to the share of these answers outside the largest class (``straddle``).
+        Labels must be non-negative (``answer_labels``)."""
         fps = np.atleast_2d(np.asarray(fingerprints, dtype=np.uint64))
         labs = np.asarray(labels, dtype=np.int64).reshape(-1)
         if self._fps is None or fps.shape[1] != self._fps.shape[1] or labs.shape[0] != fps.shape[0]:
             return
+        keys = [None] * fps.shape[0] if digests is None else np.asarray(digests, dtype=np.uint64).reshape(-1).tolist()
+        if len(keys) != fps.shape[0]:
+            raise ValueError("one digest per fingerprint row is needed")
         oldest = now - self.window_s
-        for row, label in zip(fps, labs.tolist(), strict=True):
-            keys_all = np.sort(row)
-            n_nz = int(np.count_nonzero(keys_all))
-            if n_nz == 0:
-                continue
-            keys_all = keys_all[keys_all.size - n_nz :]
-            buckets = (keys_all[: self.n_index] & self._bucket_mask).astype(np.int64)
-            slots = self._table[buckets].ravel()
-            slots = np.unique(slots[slots >= 0])
-            if not slots.size:
-                continue
-            shared = _shared(self._fps[slots], keys_all)
-            live = (shared >= max(1, math.ceil(self.match_threshold * n_nz))) & (self._time[slots] >= oldest)
-            if not live.any():
-                continue
-            c = int(slots[np.flatnonzero(live)[int(np.argmax(shared[live]))]])  # the first sharing the most
+        for row, label, digest in zip(fps, labs.tolist(), keys, strict=True):
+            filed = self._filed.get(digest) if digest is not None else None
+            if filed is not None and self._serial[filed[0]] == filed[1] and self._time[filed[0]] >= oldest:
+                c = filed[0]
+            else:
+                c = self._closest_live(row, oldest)
+                if c < 0:
+                    continue
             if self._label[c] < 0:
                 self._label[c] = max(0, label)
                 self._same[c] = 1.0
@@ -275,6 +286,24 @@ class GlobalFingerprintIndex:
                     self._same[c], self._flips[c] = self._flips[c], self._same[c]
             else:
                 self._same[c] += 1.0
+
+    def _closest_live(self, row: np.ndarray, oldest: float) -> int:
+        """The live entry sharing the most hashes with ``row`` (the first on ties), or -1."""
+        keys_all = np.sort(row)
+        n_nz = int(np.count_nonzero(keys_all))
+        if n_nz == 0:
+            return -1
+        keys_all = keys_all[keys_all.size - n_nz :]
+        buckets = (keys_all[: self.n_index] & self._bucket_mask).astype(np.int64)
+        slots = self._table[buckets].ravel()
+        slots = np.unique(slots[slots >= 0])
+        if not slots.size:
+            return -1
+        shared = _shared(self._fps[slots], keys_all)
+        live = (shared >= max(1, math.ceil(self.match_threshold * n_nz))) & (self._time[slots] >= oldest)
+        if not live.any():
+            return -1
+        return int(slots[np.flatnonzero(live)[int(np.argmax(shared[live]))]])
 
     def _seen_recently(self, digest: int, now: float) -> bool:
         """Whether this exact input was seen within the window; records it either way."""
@@ -291,13 +320,16 @@ class GlobalFingerprintIndex:
         self._digests[digest] = now
         return False
 
-    def _insert(self, row: np.ndarray, buckets: np.ndarray, sid: np.uint64, now: float) -> None:
+    def _insert(self, row: np.ndarray, buckets: np.ndarray, sid: np.uint64, now: float) -> int:
+        """Store ``row`` as a new entry (overwriting the oldest); return its slot."""
         assert self._fps is not None
         slot = self._head
         self._fps[slot] = row
         self._session[slot] = sid
         self._time[slot] = now
         self._weight[slot] = 1.0
+        self._serial[slot] = self._stored
+        self._stored += 1
         self._label[slot] = -1
         self._same[slot] = self._flips[slot] = 0.0
         self._head = (self._head + 1) % self.max_entries
@@ -307,6 +339,7 @@ class GlobalFingerprintIndex:
             h = int(self._bucket_head[b])
             self._table[b, h] = slot
             self._bucket_head[b] = (h + 1) % width
+        return slot
 
 
 def _density_lookup(density: np.ndarray | Callable[[int], float] | None, rows: int) -> Callable[[int], float]:

@@ -298,3 +298,50 @@ class TestReferenceDensity:
             lazy.learn(fp, np.array([i % 2]), float(i))  # answered with two classes: the rows count
             eager.learn(fp, np.array([i % 2]), float(i))
         assert 0 < len(asked) < 80
+
+
+class TestAnswerHandOff:
+    """``learn`` given the rows' digests files each answer with the entry ``observe`` chose, without a lookup."""
+
+    def test_same_scores_with_and_without_digests(self, trackers: SessionTrackers, digits: Digits) -> None:
+        """Boundary searches, benign rows and exact repeats from several sessions: an index learning by digest
+        scores every request as one that looks each row up again."""
+        search, answers = boundary_search(digits, 4, 80)
+        benign = digits.X_held[:40]
+        rows = np.concatenate([search[:40], benign, search[:10], search[40:]])  # search[:10] again: exact repeats
+        labels = digits.model.predict(rows)
+        fps, digests = trackers.fingerprints(rows), trackers.row_keys(rows)
+        by_digest, by_lookup = GlobalFingerprintIndex(max_entries=5000), GlobalFingerprintIndex(max_entries=5000)
+        for i in range(rows.shape[0]):
+            session, t = f"s{i % 7}", float(i)
+            a = by_digest.observe(session, fps[i : i + 1], digests[i : i + 1], t)
+            b = by_lookup.observe(session, fps[i : i + 1], digests[i : i + 1], t)
+            assert a == b, i
+            by_digest.learn(fps[i : i + 1], labels[i : i + 1], t, digests[i : i + 1])
+            by_lookup.learn(fps[i : i + 1], labels[i : i + 1], t)
+        assert len(by_digest._filed) == len(np.unique(digests))  # every distinct row found by its digest
+        np.testing.assert_array_equal(by_digest._same, by_lookup._same)
+        np.testing.assert_array_equal(by_digest._flips, by_lookup._flips)
+
+    def test_an_overwritten_entry_is_not_answered_for(self, trackers: SessionTrackers) -> None:
+        """When the ring overwrote the entry between ``observe`` and ``learn``, the answer does not land on the
+        entry now in that slot (another input)."""
+        index = GlobalFingerprintIndex(max_entries=3)
+        rows = np.random.default_rng(1).uniform(0, 16, size=(4, 64))
+        fps, digests = trackers.fingerprints(rows), trackers.row_keys(rows)
+        for i in range(4):  # row 3 overwrites row 0's slot
+            index.observe("s", fps[i : i + 1], digests[i : i + 1], float(i))
+        index.learn(fps[:1], np.array([7]), 4.0, digests[:1])
+        assert index._label.tolist().count(7) == 0
+
+    def test_filed_rows_are_bounded(self, trackers: SessionTrackers) -> None:
+        """The digests ``learn`` can use are the most recent distinct rows', a bounded number, oldest forgotten
+        first (an answer for a forgotten row is filed by lookup)."""
+        from detectors.trackers._global import _FILED_MAX
+
+        index = GlobalFingerprintIndex(max_entries=10_000)
+        rows = np.random.default_rng(2).uniform(0, 16, size=(_FILED_MAX + 50, 64))
+        digests = trackers.row_keys(rows)
+        index.observe("s", trackers.fingerprints(rows), digests, 0.0)
+        assert len(index._filed) == _FILED_MAX
+        assert int(digests[0]) not in index._filed and int(digests[-1]) in index._filed

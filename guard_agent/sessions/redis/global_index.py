@@ -300,7 +300,7 @@ class RedisGlobalIndex:
                     now: float) -> None:
         """The model's answers for the rows ``observe`` saw (``GlobalFingerprintIndex.learn``), locally and on
         Redis for the same rows ``observe`` sent there; Redis down or slow: the local mirror has them."""
-        self.local.learn(fingerprints, labels, now)
+        self.local.learn(fingerprints, labels, now, digests)
         fps = np.atleast_2d(np.asarray(fingerprints, dtype=np.uint64))
         labs = np.asarray(labels, dtype=np.int64).reshape(-1)
         if labs.shape[0] != fps.shape[0]:
