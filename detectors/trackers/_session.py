@@ -20,8 +20,8 @@ retry tells an attacker nothing new), each tracker turns an observation into a l
   ``nn_threshold`` (the 1 % quantile of benign streams) *and* the query off the reference manifold
   (synthetic perturbations such as Jacobian augmentation): benign ``p0_near``, attack 0.5; close
   neighbours on the manifold are neutral (natural edits), far ones benign evidence.
-- coverage: (a) rare region, i.e. off-manifold (PCA residual or whitened norm beyond the reference
-  99.5 % quantile) or a grid cell the reference hardly visits, benign rate ``p0_rare`` (twice the
+- coverage: (a) rare region, i.e. off-manifold (PCA residual or whitened norm beyond the 99.5 % quantile
+  of the reference rows' out-of-sample ones) or a grid cell the reference hardly visits, benign rate ``p0_rare`` (twice the
   rate measured on held-out reference data), attack 0.9; (b) growth: a query in a cell the session has not visited,
   benign probability = reference mass of unvisited cells, attack probability halfway to 1.
 - margin: top-1 minus top-2 probability below ``margin_threshold``, benign ``p0_margin``, attack 0.5.
