@@ -50,8 +50,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description="bare aiohttp reverse proxy (the bench's floor)")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--upstream", required=True)
+    p.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio",
+                   help="the event loop (the guard's default is uvloop where installed)")
     args = p.parse_args()
-    web.run_app(make_app(args.upstream), host="127.0.0.1", port=args.port, access_log=None, print=None)
+    loop_factory = None
+    if args.loop == "uvloop":
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    web.run_app(make_app(args.upstream), host="127.0.0.1", port=args.port, access_log=None, print=None,
+                loop=loop_factory() if loop_factory else None)
 
 
 if __name__ == "__main__":
