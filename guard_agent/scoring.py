@@ -107,6 +107,8 @@ def representable(features: np.ndarray) -> tuple[np.ndarray, bool]:
     as far out as an input gets, so it is scored at the range's edge and its detector scores saturated
     (``saturate_detector_scores``). NaN and infinities are left as they are (``check_input`` rules on them).
     """
+    if features.size and features.min() >= -FLOAT32_MAX and features.max() <= FLOAT32_MAX:
+        return features, False  # the usual case, in two reductions (NaN and infinities fail it: looked at below)
     with np.errstate(invalid="ignore"):
         beyond = np.isfinite(features) & (np.abs(features) > FLOAT32_MAX)
     if not beyond.any():
