@@ -113,3 +113,32 @@ class TestSettleHeap:
         finally:
             gc.unfreeze()
             gc.set_threshold(*before)
+
+
+class TestDecisionEventRendering:
+    def test_same_bytes_as_the_structlog_chain(self) -> None:
+        """``EventLogger.write`` renders a decision event as the structlog chain of ``log()`` does: same keys in
+        the same order, same values (``@timestamp`` aside, a clock reading), at every level."""
+        import time
+
+        import orjson
+
+        from guard_agent.events import CallbackSink, EventLogger, build_decision_event
+
+        lines: list[bytes] = []
+        logger = EventLogger(CallbackSink(lines.append))
+        for technique, level in ((None, "info"), ("AML.T0024.002", "warning")):
+            fields = build_decision_event(
+                action="block" if technique else "allow", outcome="success", rule="r", mode="enforce",
+                enforced=True, session="s", model="m", rows=1, scores={"ood.knn": 0.1234567891, "x": 1},
+                policy_revision="p", profile_revision=None, request_id="id", method="POST", status=200,
+                path="/v2/models/m/infer", source_ip="127.0.0.1", technique=technique, started=time.perf_counter(),
+                extra_guard={"protocol": "v2", "matched_rules": ["a", "b"], "odd": object()})
+            logger.write(fields, "allow POST /v2/models/m/infer", level=level)
+            getattr(logger._log, level)("allow POST /v2/models/m/infer", **fields)  # the structlog chain
+            fast, chain = orjson.loads(lines[-2]), orjson.loads(lines[-1])
+            assert list(fast) == list(chain)
+            fast.pop("@timestamp"), chain.pop("@timestamp")
+            assert fast["guard"].pop("odd").startswith("<object object at")
+            chain["guard"].pop("odd")
+            assert fast == chain
