@@ -77,6 +77,8 @@ def declared_schema_score(features: np.ndarray, schema: InputSchema) -> float:
 
 
 def _row_max(per_row: Mapping[str, np.ndarray], start: int, end: int) -> dict[str, float]:
+    if end - start == 1:  # the usual one-row request: its value, without a reduction per score
+        return {name: float(values[start]) for name, values in per_row.items()}
     return {name: float(values[start:end].max()) for name, values in per_row.items()}
 
 
