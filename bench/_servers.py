@@ -177,12 +177,13 @@ class Fleet:
         wait_port(int(values["PORT"]), lambda: self.alive(name), name, self)
         return pid
 
-    def floor(self, name: str, core: int, *, port: int, upstream_port: int, loop: str = "asyncio") -> int:
-        """Start the bare aiohttp reverse proxy (``_floor.py``) on ``loop`` (asyncio or uvloop); returns once it
-        accepts connections."""
+    def floor(self, name: str, core: int, *, port: int, upstream_port: int, loop: str = "asyncio",
+              client: str = "aiohttp") -> int:
+        """Start the bare aiohttp reverse proxy (``_floor.py``) on ``loop`` (asyncio or uvloop) with ``client``
+        (aiohttp or lean) to the upstream; returns once it accepts connections."""
         floor = str(Path(__file__).resolve().parent / "_floor.py")
         pid = self.start(name, [sys.executable, floor, "--port", str(port), "--upstream",
-                                f"http://127.0.0.1:{upstream_port}", "--loop", loop], core)
+                                f"http://127.0.0.1:{upstream_port}", "--loop", loop, "--client", client], core)
         wait_port(port, lambda: self.alive(name), name, self)
         return pid
 

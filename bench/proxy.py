@@ -5,6 +5,8 @@ Configurations, all on loopback, against an nginx stub upstream answering fixed 
     direct        client -> stub upstream
     nginx         client -> nginx proxy_pass (1 worker, upstream keepalive) -> stub
     floor         client -> a bare aiohttp reverse proxy (bench/_floor.py: the guard's HTTP stack, no guard logic)
+    floor-lean    the floor with a minimal keep-alive upstream client instead of aiohttp's (what aiohttp's client
+                  costs per request); floor-uvloop: the floor on uvloop (only when uvloop is installed)
     guard-off     client -> guard-agent, policy without rules or rate limit, no profile -> stub
     guard-on      client -> guard-agent, default policy + a profile fitted on digits -> stub
                   (every detector and the session trackers run)
@@ -188,6 +190,10 @@ def _start(fleet: Fleet, work: Path, args: argparse.Namespace, extras: bool) -> 
     fl = free_port()
     targets["floor"] = Target("floor", fl, fleet.floor("floor", PROXY_CORE, port=fl, upstream_port=up), spec, lua,
                               PROXY_CORE)
+    fl = free_port()
+    targets["floor-lean"] = Target(
+        "floor-lean", fl, fleet.floor("floor-lean", PROXY_CORE, port=fl, upstream_port=up, client="lean"), spec, lua,
+        PROXY_CORE)
     if _uvloop_installed():
         fu = free_port()
         targets["floor-uvloop"] = Target(

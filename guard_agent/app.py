@@ -28,6 +28,7 @@ from guard_agent.policy.store import PolicyStore
 from guard_agent.profiles import ProfileStore
 from guard_agent.protocols import ParseLimits
 from guard_agent.proxy import handle
+from guard_agent.proxy.upstream import lean_pool_for
 from guard_agent.recent import RecentDecisions
 from guard_agent.reloading import Reloader
 from guard_agent.routes import RouteTable
@@ -185,7 +186,11 @@ async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
                                     sock_read=s.read_timeout)
     state.client = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
                                          cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=("User-Agent",))
+    state.upstream = lean_pool_for(s.upstream, size=s.upstream_pool_size, connect_timeout=s.connect_timeout,
+                                   read_timeout=s.read_timeout)
     yield
+    if state.upstream is not None:
+        state.upstream.close()
     await state.client.close()
 
 
