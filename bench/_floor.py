@@ -62,7 +62,7 @@ class _LeanConnection(asyncio.Protocol):
                 return
             lines = bytes(self._buf[:end]).decode("latin-1").split("\r\n")
             del self._buf[: end + 4]
-            _, status, reason = (lines[0].split(" ", 2) + [""])[:3]
+            _, status, reason = [*lines[0].split(" ", 2), ""][:3]
             headers = [(k, v.strip()) for k, _, v in (ln.partition(":") for ln in lines[1:])]
             length = next(int(v) for k, v in headers if k.lower() == "content-length")
             self._head = (int(status), reason, headers, length)
