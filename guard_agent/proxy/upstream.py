@@ -2,7 +2,7 @@
 connections.
 
 aiohttp's ``ClientSession`` is a general client (cookies, redirects, proxies, tracing, streaming bodies); for
-the one call every scored request makes, its machinery cost about 80 µs of CPU per request, as much as the
+the one call every scored request makes, its machinery cost 80-110 µs of CPU per request, about as much as the
 whole aiohttp server side (bench/proxy.py: ``floor`` vs ``floor-lean``). This client does only what that call
 needs: one write per request (head and body), the answer framed by ``Content-Length``, chunked coding or the
 connection's close, and the guard's deadlines. Plain ``http://`` upstreams only (a TLS upstream keeps
