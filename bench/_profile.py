@@ -85,6 +85,7 @@ def profile_guard(target: Target, work: Path, seconds: float, load_core: int) ->
         "--rate",
         "200",
         "--nonblocking",
+        "--gil",
         "--format",
         "raw",
         "--output",

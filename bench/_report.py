@@ -156,7 +156,7 @@ def target_lines(runs: Sequence[Run], guards: Sequence[str]) -> list[str]:
     lines = []
     for cfg in guards:
         cpu = med(select(runs, cfg, "open1000"), "cpu_us_per_req")
-        cpu_target = TARGET_CPU_US_NO_RULES if cfg == "guard-off" else TARGET_CPU_US
+        cpu_target = TARGET_CPU_US_NO_RULES if cfg.partition("@")[0] == "guard-off" else TARGET_CPU_US
         rps = med(select(runs, cfg, "wrk"), "rps")
         added = _added(runs, cfg, "open500", "p99_ms")
         p99 = statistics.median(added) if added else None

@@ -177,11 +177,13 @@ class Fleet:
         wait_port(int(values["PORT"]), lambda: self.alive(name), name, self)
         return pid
 
-    def floor(self, name: str, core: int, *, port: int, upstream_port: int) -> int:
-        """Start the bare aiohttp reverse proxy (``_floor.py``); returns once it accepts connections."""
+    def floor(self, name: str, core: int, *, port: int, upstream_port: int, loop: str = "asyncio",
+              client: str = "aiohttp") -> int:
+        """Start the bare aiohttp reverse proxy (``_floor.py``) on ``loop`` (asyncio or uvloop) with ``client``
+        (aiohttp or lean) to the upstream; returns once it accepts connections."""
         floor = str(Path(__file__).resolve().parent / "_floor.py")
         pid = self.start(name, [sys.executable, floor, "--port", str(port), "--upstream",
-                                f"http://127.0.0.1:{upstream_port}"], core)
+                                f"http://127.0.0.1:{upstream_port}", "--loop", loop, "--client", client], core)
         wait_port(port, lambda: self.alive(name), name, self)
         return pid
 
@@ -199,9 +201,11 @@ class Fleet:
         workers: int = 1,
         redis_url: str | None = None,
         api_keys: Sequence[str] = (),
+        source_tree: Path | None = None,
     ) -> int:
         """Start ``guard-agent run`` with stdout (decision events) to /dev/null; returns once /readyz is 200 (on
-        every worker's admin port: worker k serves admin_port + k)."""
+        every worker's admin port: worker k serves admin_port + k). ``source_tree``: import guard_agent and detectors
+        from that tree instead (PYTHONPATH), to measure another revision beside this one."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("GUARD_")}
         env.update(
             {
@@ -224,6 +228,8 @@ class Fleet:
             keys.write_text(json.dumps({"keys": [{"name": f"k{i}", "key": k} for i, k in enumerate(api_keys)]}))
             env["GUARD_API_KEYS_FILE"] = str(keys)
         env["GUARD_WORKERS"] = str(workers)
+        if source_tree is not None:
+            env["PYTHONPATH"] = str(source_tree.resolve())
         pid = self.start(name, [guard_agent_path(), "run"], core, env)
         for k in range(workers):
             wait_http(f"http://127.0.0.1:{admin_port + k}/readyz", lambda: self.alive(name), name, self)

@@ -5,6 +5,8 @@ Configurations, all on loopback, against an nginx stub upstream answering fixed 
     direct        client -> stub upstream
     nginx         client -> nginx proxy_pass (1 worker, upstream keepalive) -> stub
     floor         client -> a bare aiohttp reverse proxy (bench/_floor.py: the guard's HTTP stack, no guard logic)
+    floor-lean    the floor with a minimal keep-alive upstream client instead of aiohttp's (what aiohttp's client
+                  costs per request); floor-uvloop: the floor on uvloop (only when uvloop is installed)
     guard-off     client -> guard-agent, policy without rules or rate limit, no profile -> stub
     guard-on      client -> guard-agent, default policy + a profile fitted on digits -> stub
                   (every detector and the session trackers run)
@@ -100,6 +102,21 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=True,
         help="also guard-on with Redis sessions, 1 vs 2 workers (GUARD_WORKERS; needs Redis on 127.0.0.1:6379)",
     )
+    p.add_argument(
+        "--only",
+        type=lambda v: tuple(x for x in v.split(",") if x),
+        default=None,
+        metavar="NAMES",
+        help="measure only these configurations, comma-separated (e.g. floor,guard-off,guard-on)",
+    )
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        metavar="TREE",
+        help="also run guard-off and guard-on from another source tree (PYTHONPATH=TREE), as guard-off@base and "
+        "guard-on@base: before/after in one run, under the same load on the machine",
+    )
     p.add_argument("--json", type=Path, default=None, help="also write every run's raw figures here")
     p.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs)")
     return p.parse_args(argv)
@@ -173,15 +190,29 @@ def _start(fleet: Fleet, work: Path, args: argparse.Namespace, extras: bool) -> 
     fl = free_port()
     targets["floor"] = Target("floor", fl, fleet.floor("floor", PROXY_CORE, port=fl, upstream_port=up), spec, lua,
                               PROXY_CORE)
-    guards: list[tuple[str, str | None, str | None, float]] = [
-        ("guard-off", str(off_policy), None, 1.0),
-        ("guard-on", None, str(profile), 1.0),
+    fl = free_port()
+    targets["floor-lean"] = Target(
+        "floor-lean", fl, fleet.floor("floor-lean", PROXY_CORE, port=fl, upstream_port=up, client="lean"), spec, lua,
+        PROXY_CORE)
+    if _uvloop_installed():
+        fu = free_port()
+        targets["floor-uvloop"] = Target(
+            "floor-uvloop", fu, fleet.floor("floor-uvloop", PROXY_CORE, port=fu, upstream_port=up, loop="uvloop"),
+            spec, lua, PROXY_CORE)
+    guards: list[tuple[str, str | None, str | None, float, Path | None]] = [
+        ("guard-off", str(off_policy), None, 1.0, None),
+        ("guard-on", None, str(profile), 1.0, None),
     ]
+    if args.baseline is not None:
+        guards.append(("guard-off@base", str(off_policy), None, 1.0, args.baseline))
+        guards.append(("guard-on@base", None, str(profile), 1.0, args.baseline))
     if extras:
-        guards.append(("guard-on-monitor", str(monitor_policy), str(profile), 1.0))
-        guards.append(("guard-on-monitor-sample0.01", str(monitor_policy), str(profile), 0.01))
+        guards.append(("guard-on-monitor", str(monitor_policy), str(profile), 1.0, None))
+        guards.append(("guard-on-monitor-sample0.01", str(monitor_policy), str(profile), 0.01, None))
     keys = [*pool["keys"], *SANITY_KEYS]
-    for name, policy, prof, sample in guards:
+    for name, policy, prof, sample, tree in guards:
+        if not _wanted(args, name):
+            continue
         port, admin = free_port(), free_port()
         pid = fleet.guard(
             name,
@@ -193,14 +224,26 @@ def _start(fleet: Fleet, work: Path, args: argparse.Namespace, extras: bool) -> 
             profile=prof,
             sample_allow=sample,
             api_keys=keys,
+            source_tree=tree,
         )
         targets[name] = Target(name, port, pid, spec, lua, PROXY_CORE, admin)
     if args.workers:
         _start_workers(fleet, targets, args, up, str(profile), spec, lua, keys)
-    if args.single_key:
+    if args.single_key and "guard-on" in targets:
         on = targets["guard-on"]
         targets["guard-on-1key"] = Target("guard-on-1key", on.port, on.pid, spec1, lua1, PROXY_CORE, on.admin_port)
-    return targets
+    return {name: t for name, t in targets.items() if _wanted(args, name)}
+
+
+def _uvloop_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("uvloop") is not None
+
+
+def _wanted(args: argparse.Namespace, name: str) -> bool:
+    """Whether ``--only`` leaves this configuration in (``direct`` always stays: added latency is against it)."""
+    return args.only is None or name == "direct" or name in args.only
 
 
 def _start_workers(fleet: Fleet, targets: dict[str, Target], args: argparse.Namespace, upstream: int,
@@ -213,6 +256,8 @@ def _start_workers(fleet: Fleet, targets: dict[str, Target], args: argparse.Name
     redis_url = f"redis://127.0.0.1:6379/0?key_prefix={args.redis_prefix}"
     for name, workers, cores in (("guard-on-redis", 1, str(PROXY_CORE)),
                                  ("guard-on-2workers", 2, f"{PROXY_CORE},{LOAD_CORE}")):
+        if not _wanted(args, name):
+            continue
         port, admin = free_port(), _free_port_run(workers)
         pid = fleet.guard(name, cores, port=port, admin_port=admin, upstream_port=upstream, policy=None,
                           profile=profile, sample_allow=1.0, workers=workers, redis_url=redis_url, api_keys=keys)

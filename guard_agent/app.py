@@ -11,7 +11,6 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
 from detectors.trackers import GlobalFingerprintIndex
 from guard_agent.admin import make_admin_app, set_inactive_trackers
@@ -28,7 +27,8 @@ from guard_agent.policy.model import BUILTIN_SCORES, Policy
 from guard_agent.policy.store import PolicyStore
 from guard_agent.profiles import ProfileStore
 from guard_agent.protocols import ParseLimits
-from guard_agent.proxy import handle, refuse_early
+from guard_agent.proxy import handle
+from guard_agent.proxy.upstream import lean_pool_for
 from guard_agent.recent import RecentDecisions
 from guard_agent.reloading import Reloader
 from guard_agent.routes import RouteTable
@@ -170,16 +170,6 @@ def _tracker_hook(profile: ProfileSource, key: bytes, settings: Settings,
     return SessionTracking.from_profile(profile, salt=salt, global_index=index, on_inactive=on_inactive)
 
 
-@web.middleware
-async def _header_limit(request: web.Request, handler: Handler) -> web.StreamResponse:
-    state = request.app[STATE]
-    limit = state.settings.max_header_bytes
-    size = sum(len(k) + len(v) + 4 for k, v in request.raw_headers)
-    if size > limit:
-        return refuse_early(state, request, 431, "headers_too_large", f"request headers exceed {limit} bytes")
-    return await handler(request)
-
-
 async def _session_store(app: web.Application) -> AsyncIterator[None]:
     """Close a shared store's connections last (cleanup runs in reverse order)."""
     yield
@@ -196,7 +186,11 @@ async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
                                     sock_read=s.read_timeout)
     state.client = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
                                          cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=("User-Agent",))
+    state.upstream = lean_pool_for(s.upstream, size=s.upstream_pool_size, connect_timeout=s.connect_timeout,
+                                   read_timeout=s.read_timeout)
     yield
+    if state.upstream is not None:
+        state.upstream.close()
     await state.client.close()
 
 
@@ -253,7 +247,7 @@ def make_app(state: GuardState) -> web.Application:
     The integrity checks and the capture run their background work as ``cleanup_ctx`` entries (see
     ``contracts.Lifecycle``), started after the upstream client exists.
     """
-    app = web.Application(middlewares=[_header_limit], client_max_size=state.settings.max_body_bytes)
+    app = web.Application(client_max_size=state.settings.max_body_bytes)
     app[STATE] = state
     app.cleanup_ctx.append(_session_store)
     app.cleanup_ctx.append(_upstream_client)

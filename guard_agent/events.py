@@ -164,6 +164,14 @@ def _timestamp_and_level(_: Any, method: str, event_dict: MutableMapping[str, An
     return event_dict
 
 
+def _fallback(value: Any) -> Any:
+    """What structlog's JSONRenderer does with a value JSON has no form for: its ``__structlog__()``, else repr."""
+    try:
+        return value.__structlog__()
+    except AttributeError:
+        return repr(value)
+
+
 class _SinkLogger:
     """The structlog 'wrapped logger': receives rendered bytes and hands them to the sink."""
 
@@ -209,10 +217,21 @@ class EventLogger:
         return True
 
     def write(self, fields: Mapping[str, Any], message: str, *, level: str = "info") -> None:
-        """Emit one decision event already past sampling."""
+        """Emit one decision event already past sampling.
+
+        The object ``log()``'s structlog chain would render (same keys, same order: ``_rename_keys``, then
+        ``_timestamp_and_level``, then orjson), built directly: one request's event is not worth the chain's
+        bound-logger dispatch, keyword splat and dict copies."""
         if self._observer is not None:
             self._observer(fields)
-        getattr(self._log, level)(message, **fields)
+        doc = {k: v for k, v in fields.items() if k != "ecs_event"}
+        doc["message"] = message
+        ecs_event = fields.get("ecs_event")
+        if ecs_event is not None:
+            doc["event"] = ecs_event
+        doc["@timestamp"] = _timestamp(time.time())
+        doc.setdefault("log", {})["level"] = level
+        self.sink.write(orjson.dumps(doc, default=_fallback))
 
     def log(self, level: str, message: str, **fields: Any) -> None:
         """Operational events (reloads, start, errors) in the same stream, same shape."""

@@ -42,6 +42,7 @@ from guard_agent.settings import AllowedRoute, ConfigError, CustomRoute
 __all__ = ["MAX_PATH_LENGTH", "RouteMatch", "RouteTable", "check_path"]
 
 MAX_PATH_LENGTH = 2048
+_MATCH_CACHE_ENTRIES = 1024  # (method, path) -> RouteMatch; paths are at most MAX_PATH_LENGTH: at most ~2 MB
 
 Kind = Literal["inference", "passthrough", "denied", "invalid"]
 
@@ -182,6 +183,7 @@ class RouteTable:
         self._exact = exact
         self._known = frozenset(known)
         self._wildcard = wildcard
+        self._matches: dict[tuple[str, str], RouteMatch] = {}
 
     def check_policy(self, policy: Policy) -> None:
         """Raise PolicyError when an enforced rule could answer ``harden`` on a route whose answers cannot be
@@ -211,8 +213,22 @@ class RouteTable:
                               f"{problem or 'trailing slash'}")
 
     def match(self, method: str, raw_path: str) -> RouteMatch:
-        """Classify one request; ``raw_path`` is the undecoded target, query string included or not."""
+        """Classify one request; ``raw_path`` is the undecoded target, query string included or not.
+
+        A pure function of (method, path): the answers for the last ``_MATCH_CACHE_ENTRIES`` distinct targets
+        are kept (a client's traffic names a handful of paths; one sending ever new ones only keeps the cache
+        full, which is emptied when it fills, so memory stays bounded)."""
         path = raw_path.partition("?")[0]
+        key = (method, path)
+        found = self._matches.get(key)
+        if found is None:
+            found = self._match(method, path)
+            if len(self._matches) >= _MATCH_CACHE_ENTRIES:
+                self._matches.clear()
+            self._matches[key] = found
+        return found
+
+    def _match(self, method: str, path: str) -> RouteMatch:
         problem = check_path(path)
         if problem is not None:
             return _invalid(problem)

@@ -77,6 +77,8 @@ def declared_schema_score(features: np.ndarray, schema: InputSchema) -> float:
 
 
 def _row_max(per_row: Mapping[str, np.ndarray], start: int, end: int) -> dict[str, float]:
+    if end - start == 1:  # the usual one-row request: its value, without a reduction per score
+        return {name: float(values[start]) for name, values in per_row.items()}
     return {name: float(values[start:end].max()) for name, values in per_row.items()}
 
 
@@ -107,6 +109,8 @@ def representable(features: np.ndarray) -> tuple[np.ndarray, bool]:
     as far out as an input gets, so it is scored at the range's edge and its detector scores saturated
     (``saturate_detector_scores``). NaN and infinities are left as they are (``check_input`` rules on them).
     """
+    if features.size and features.min() >= -FLOAT32_MAX and features.max() <= FLOAT32_MAX:
+        return features, False  # the usual case, in two reductions (NaN and infinities fail it: looked at below)
     with np.errstate(invalid="ignore"):
         beyond = np.isfinite(features) & (np.abs(features) > FLOAT32_MAX)
     if not beyond.any():

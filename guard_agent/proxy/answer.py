@@ -20,7 +20,15 @@ from guard_agent.proxy.admit import Admitted
 from guard_agent.proxy.decide import Verdict, wire_hardening
 from guard_agent.proxy.llm import llm_forward
 from guard_agent.proxy.outcome import BLOCK_MESSAGE, Outcome, error_response
-from guard_agent.proxy.wire import call_upstream, client_headers, upstream_deadline, upstream_failure
+from guard_agent.proxy.upstream import UpstreamError
+from guard_agent.proxy.wire import (
+    call_upstream,
+    client_headers,
+    upstream_deadline,
+    upstream_failure,
+    upstream_headers,
+    upstream_target,
+)
 from guard_agent.state import GuardState
 
 __all__ = ["answer"]
@@ -63,15 +71,27 @@ class _Forwarded:
 
 async def _forward(request: web.Request, state: GuardState, a: Admitted, out: Outcome,
                    request_id: str) -> _Forwarded | tuple[web.Response, float]:
-    """The scored bytes to the model, its answer read whole within the deadline; 502/504 when it fails."""
+    """The scored bytes to the model, its answer read whole within the deadline; 502/504 when it fails.
+
+    A plain ``http://`` upstream is called through the guard's own pool (``proxy.upstream``: the whole call,
+    a free connection, the connect and the whole answer, within one deadline); any other through aiohttp's
+    client (the head within the deadline, then the body within another)."""
     t0 = time.perf_counter()
+    reason: str | None
     try:
-        upstream = await call_upstream(state, request, a.body, request_id, readable=True,
-                                       strip_query=a.strip_query)
-        async with upstream, asyncio.timeout(upstream_deadline(state)):
-            payload = await upstream.read()
-            status, reason, headers = upstream.status, upstream.reason, upstream.headers
-    except (TimeoutError, aiohttp.ClientError) as exc:
+        if state.upstream is not None:
+            async with asyncio.timeout(upstream_deadline(state)):
+                got = await state.upstream.request(request.method, upstream_target(request, a.strip_query),
+                                                   upstream_headers(state, request, request_id, readable=True).items(),
+                                                   a.body)
+            status, reason, headers, payload = got.status, got.reason, got.headers, got.payload
+        else:
+            upstream = await call_upstream(state, request, a.body, request_id, readable=True,
+                                           strip_query=a.strip_query)
+            async with upstream, asyncio.timeout(upstream_deadline(state)):
+                payload = await upstream.read()
+                status, reason, headers = upstream.status, upstream.reason, upstream.headers
+    except (TimeoutError, aiohttp.ClientError, UpstreamError) as exc:
         return upstream_failure(state, out, exc, request_id), time.perf_counter() - t0
     seconds = time.perf_counter() - t0
     state.metrics.upstream_latency_by(a.match.route).observe(seconds)

@@ -45,9 +45,7 @@ async def score_and_decide(request: web.Request, state: GuardState, a: Admitted,
     out.features = a.features
     a.sessions.block(decision, a.eff, a.now)
     a.sessions.count(a.parsed.rows)
-    score_metric = state.metrics.scores_by
-    for name, value in scores.items():
-        score_metric(name).observe(value)
+    state.metrics.scores.observe_all(scores)
     return verdict
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+from itertools import chain
 
 import aiohttp
 from aiohttp import web
@@ -44,8 +45,17 @@ def refuse_early(state: GuardState, request: web.BaseRequest, status: int, code:
     return response
 
 
+def _header_bytes(request: web.BaseRequest) -> int:
+    """The head's size as sent: each field's name and value, ": " and CRLF."""
+    raw = request.raw_headers
+    return sum(map(len, chain.from_iterable(raw))) + 4 * len(raw)
+
+
 async def handle(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
+    limit = state.settings.max_header_bytes
+    if _header_bytes(request) > limit:
+        return refuse_early(state, request, 431, "headers_too_large", f"request headers exceed {limit} bytes")
     started = time.perf_counter()
     request_id = _request_id(request)
     match = state.routes.match(request.method, request.raw_path)

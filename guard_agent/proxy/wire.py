@@ -12,10 +12,11 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from guard_agent.proxy.outcome import Outcome, error_response
+from guard_agent.proxy.upstream import UpstreamError
 from guard_agent.state import GuardState
 
 __all__ = ["HOP_BY_HOP", "BadBody", "ClientGone", "SlowClient", "call_upstream", "client_headers", "read_body",
-           "upstream_deadline", "upstream_failure"]
+           "upstream_deadline", "upstream_failure", "upstream_headers", "upstream_target"]
 
 
 HOP_BY_HOP = frozenset(h.lower() for h in (
@@ -114,16 +115,29 @@ async def read_body(request: web.Request, limit: int, timeout: float) -> bytes |
     return b"".join(chunks)
 
 
-async def call_upstream(state: GuardState, request: web.Request, body: bytes | None,
-                        request_id: str, *, readable: bool = False,
-                        strip_query: bool = False) -> aiohttp.ClientResponse:
-    """Forward to the model; ``readable`` asks for an uncompressed answer the guard can parse and harden."""
-    assert state.client is not None
-    target = request.raw_path.partition("?")[0] if strip_query else request.raw_path
-    url = state.settings.upstream.rstrip("/") + target
+def upstream_target(request: web.BaseRequest, strip_query: bool) -> str:
+    """The request target the model gets: the client's raw one, its query string dropped when asked."""
+    return request.raw_path.partition("?")[0] if strip_query else request.raw_path
+
+
+def upstream_headers(state: GuardState, request: web.BaseRequest, request_id: str, *,
+                     readable: bool) -> CIMultiDict[str]:
+    """The client's headers as the model gets them; ``readable`` asks for an uncompressed answer the guard can
+    parse and harden."""
     headers = _upstream_headers(request.headers, request.remote, request_id, state.settings.session_header)
     if readable:
         headers["Accept-Encoding"] = "identity"
+    return headers
+
+
+async def call_upstream(state: GuardState, request: web.Request, body: bytes | None,
+                        request_id: str, *, readable: bool = False,
+                        strip_query: bool = False) -> aiohttp.ClientResponse:
+    """Forward to the model through aiohttp's client (streamed answers: passthrough, OpenAI-compatible routes;
+    every call to a TLS upstream)."""
+    assert state.client is not None
+    url = state.settings.upstream.rstrip("/") + upstream_target(request, strip_query)
+    headers = upstream_headers(state, request, request_id, readable=readable)
     async with asyncio.timeout(upstream_deadline(state)):  # a pool slot, the connect and the answer's head
         return await state.client.request(request.method, url, data=body, allow_redirects=False,
                                           auto_decompress=False, headers=headers)
@@ -146,8 +160,12 @@ def upstream_failure(state: GuardState, out: Outcome, exc: BaseException, reques
         state.metrics.upstream_errors.labels("timeout").inc()
         out.fields["upstream_error"] = "timeout"
         return error_response(504, "upstream_timeout", "the model server did not answer in time", request_id)
-    state.metrics.upstream_errors.labels(type(exc).__name__).inc()
-    out.fields["upstream_error"] = _upstream_reason(exc)
+    if isinstance(exc, UpstreamError):
+        state.metrics.upstream_errors.labels(exc.kind).inc()
+        out.fields["upstream_error"] = exc.reason
+    else:
+        state.metrics.upstream_errors.labels(type(exc).__name__).inc()
+        out.fields["upstream_error"] = _upstream_reason(exc)
     return error_response(502, "upstream_unavailable", "the model server is unreachable or broken", request_id)
 
 

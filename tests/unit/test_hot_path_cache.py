@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import random
 import uuid
 from datetime import UTC, datetime
 
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from guard_agent.events import _Timestamps, random_id
-from guard_agent.metrics import Metrics
+from guard_agent.metrics import Metrics, ScoreHistogram
 
 
 class TestRandomId:
@@ -50,10 +51,94 @@ class TestMetricChildren:
         for _ in range(3):
             a.requests_by("v2", "allow", "200").inc()
         b.requests_by("v2", "allow", "200").inc()
-        b.scores_by("ood.knn").observe(0.95)
+        b.scores.observe("ood.knn", 0.95)
         text_a, text_b = generate_latest(a.registry).decode(), generate_latest(b.registry).decode()
         line = 'inference_guard_requests_total{action="allow",route="v2",status="200"}'
         assert f"{line} 3.0" in text_a and f"{line} 1.0" in text_b
         assert 'inference_guard_score_count{score="ood.knn"} 1.0' in text_b
         assert 'score="ood.knn"' not in text_a
         assert a.requests_by("v2", "allow", "200") is a.requests.labels("v2", "allow", "200")
+
+
+class TestScoreHistogram:
+    BUCKETS = (0.5, 0.9, 0.99, 0.999, 0.9999, 1.0)
+
+    def test_exposes_what_prometheus_client_exposes(self) -> None:
+        """Same values into prometheus_client's Histogram and ours: the same exposition text (bucket edges
+        included, values exactly on a bound counted in that bucket), ``_created`` aside (a clock reading)."""
+        theirs_reg, ours_reg = CollectorRegistry(auto_describe=True), CollectorRegistry(auto_describe=True)
+        theirs = Histogram("inference_guard_score", "Distribution of calibrated scores", ["score"],
+                           buckets=self.BUCKETS, registry=theirs_reg)
+        ours = ScoreHistogram("inference_guard_score", "Distribution of calibrated scores", self.BUCKETS, ours_reg)
+        rng = random.Random(0)
+        values = [0.0, 0.5, 0.9, 0.99, 0.999, 0.9999, 1.0, 0.50000001, 1.5] + [rng.random() for _ in range(500)]
+        for value in values:
+            for name in ("ood.knn", "session.risk"):
+                theirs.labels(name).observe(value)
+            ours.observe_all({"ood.knn": value, "session.risk": value})
+
+        def lines(reg: CollectorRegistry) -> list[str]:
+            return [ln for ln in generate_latest(reg).decode().splitlines() if "_created{" not in ln]
+
+        assert lines(ours_reg) == lines(theirs_reg)
+        text = generate_latest(ours_reg).decode()
+        created = [ln for ln in text.splitlines() if ln.startswith("inference_guard_score_created{")]
+        assert len(created) == 2
+
+    def test_sample_values_readable_from_the_registry(self) -> None:
+        """Tests and the admin API read samples through the registry, as with any prometheus_client metric."""
+        m = Metrics()
+        m.scores.observe_all({"ood.knn": 0.95, "ood.pca": 0.2})
+        m.scores.observe("ood.knn", 0.3)
+        get = m.registry.get_sample_value
+        assert get("inference_guard_score_count", {"score": "ood.knn"}) == 2.0
+        assert get("inference_guard_score_bucket", {"score": "ood.knn", "le": "0.9"}) == 1.0
+        assert get("inference_guard_score_bucket", {"score": "ood.knn", "le": "0.99"}) == 2.0
+        assert get("inference_guard_score_sum", {"score": "ood.pca"}) == 0.2
+
+
+class TestSettleHeap:
+    def test_freezes_start_up_and_raises_thresholds(self) -> None:
+        """After ``settle_heap`` what exists is frozen (never walked again) and the collector runs less often."""
+        import gc
+
+        from guard_agent.server import GC_THRESHOLDS, settle_heap
+
+        before = gc.get_threshold()
+        try:
+            settle_heap()
+            assert gc.get_freeze_count() > 0
+            assert gc.get_threshold() == GC_THRESHOLDS
+            assert GC_THRESHOLDS[0] > before[0]
+        finally:
+            gc.unfreeze()
+            gc.set_threshold(*before)
+
+
+class TestDecisionEventRendering:
+    def test_same_bytes_as_the_structlog_chain(self) -> None:
+        """``EventLogger.write`` renders a decision event as the structlog chain of ``log()`` does: same keys in
+        the same order, same values (``@timestamp`` aside, a clock reading), at every level."""
+        import time
+
+        import orjson
+
+        from guard_agent.events import CallbackSink, EventLogger, build_decision_event
+
+        lines: list[bytes] = []
+        logger = EventLogger(CallbackSink(lines.append))
+        for technique, level in ((None, "info"), ("AML.T0024.002", "warning")):
+            fields = build_decision_event(
+                action="block" if technique else "allow", outcome="success", rule="r", mode="enforce",
+                enforced=True, session="s", model="m", rows=1, scores={"ood.knn": 0.1234567891, "x": 1},
+                policy_revision="p", profile_revision=None, request_id="id", method="POST", status=200,
+                path="/v2/models/m/infer", source_ip="127.0.0.1", technique=technique, started=time.perf_counter(),
+                extra_guard={"protocol": "v2", "matched_rules": ["a", "b"], "odd": object()})
+            logger.write(fields, "allow POST /v2/models/m/infer", level=level)
+            getattr(logger._log, level)("allow POST /v2/models/m/infer", **fields)  # the structlog chain
+            fast, chain = orjson.loads(lines[-2]), orjson.loads(lines[-1])
+            assert list(fast) == list(chain)
+            fast.pop("@timestamp"), chain.pop("@timestamp")
+            assert fast["guard"].pop("odd").startswith("<object object at")
+            chain["guard"].pop("odd")
+            assert fast == chain
