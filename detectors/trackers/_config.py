@@ -61,9 +61,7 @@ class TrackerConfig:
     prada_delta: float = 0.9
     prada_min_threshold: float = 0.0
     prada_min_pool: int = 100
-    # checks half a distance pool (``ring_pool``) apart: checks closer than that test nearly the same sample,
-    # and counting each as fresh evidence let one benign dip in W block a batch client within two requests
-    prada_every: int = 64
+    prada_every: int = 10
     margin_threshold: float = 0.2
     p0_margin: float = 0.2
     half_life: float = 3600.0

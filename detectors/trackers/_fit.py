@@ -22,7 +22,6 @@ _ALPHAS = tuple(float(2.0 ** (1 - k / 2)) for k in range(11))  # 2 down to 1/16 
 _TARGET = 0.01
 _STREAM = 600
 _BINS = 4
-_PRADA_CAL_EVERY = 10
 _REF_ROWS, _REF_BYTES = 2048, 2 << 20  # reference sample for the global index's density discount
 
 
@@ -198,17 +197,14 @@ def _fit_prada_delta(cfg: TrackerConfig, Xc: np.ndarray, yc: np.ndarray, rng: np
     (duplicates, shifted inputs and label noise in live traffic lower W). 0.9 if too little data."""
     u = project(cfg, Xc).u
     length = min(Xc.shape[0], 300)
-    # checked every _PRADA_CAL_EVERY queries, more often than live (``prada_every``): the lowest W of denser
-    # checks is lower, so delta errs towards fewer alarms, and 100-300 calibration rows still hold two checks
-    cal = dataclasses.replace(cfg, prada_every=min(cfg.prada_every, _PRADA_CAL_EVERY))
-    if length <= cal.prada_min_pool + 2 * cal.prada_every:
+    if length <= cfg.prada_min_pool + 2 * cfg.prada_every:
         return 0.9
     lows: list[float] = []
     for _ in range(20):
-        st = new_state(cal)
+        st = new_state(cfg)
         low = 1.0
         for i in rng.permutation(Xc.shape[0])[:length]:
-            w = _prada.step(cal, st, u[i], _prada.class_slot(cal, int(yc[i])))
+            w = _prada.step(cfg, st, u[i], _prada.class_slot(cfg, int(yc[i])))
             low = min(low, w) if w is not None else low
         lows.append(low)
     lo, med = float(np.min(lows)), float(np.median(lows))

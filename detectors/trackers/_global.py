@@ -289,6 +289,7 @@ class GlobalFingerprintIndex:
 
     def _closest_live(self, row: np.ndarray, oldest: float) -> int:
         """The live entry sharing the most hashes with ``row`` (the first on ties), or -1."""
+        assert self._fps is not None
         keys_all = np.sort(row)
         n_nz = int(np.count_nonzero(keys_all))
         if n_nz == 0:

@@ -4,11 +4,13 @@ Per predicted class, a growing set of accepted queries; each new query's minimum
 class's set joins the pooled distances; it is accepted into the set when that distance exceeds
 ``max(T, mean - std)`` of the class's accepted distances. Every ``prada_every`` queries once more than
 ``prada_min_pool`` distances were pooled, Shapiro-Wilk runs on the pool (3-sigma outliers dropped) and
-an alarm is raised when W < delta. The paper tests after every query; here checks are half a pool apart
-(``prada_every`` = ``ring_pool`` / 2 by default), so that each alarm is mostly new evidence: checks ten
-queries apart share nine tenths of their sample, and a CUSUM counting each of them blocked a benign batch
-client whose pool dipped once (``bench/detection_matrix.py``, integer-coded data). Natural queries give roughly normal distances; synthetic ones
+an alarm is raised when W < delta. Natural queries give roughly normal distances; synthetic ones
 (perturbations of a few seeds) give a spike near zero plus far points.
+
+At most one check runs per request (``check_due``): the checks due within one batch test nearly the same
+sample, all arriving at once, and a CUSUM counting each of a 64-row request's six as fresh evidence blocked a
+benign batch client whose pool dipped once (``bench/detection_matrix.py``, integer-coded data). A stream of
+one row per request is checked as before.
 
 Bounds and their effect: distances are taken in a 24-dimensional random (JL) projection of the
 centred input when it has more features (distances preserved within roughly +-30 %); all classes
@@ -63,8 +65,9 @@ def shapiro_w(pool: np.ndarray) -> float:
     return w if math.isfinite(w) else 1.0
 
 
-def step(cfg: TrackerConfig, st: SessionState, z: np.ndarray, slot: int) -> float | None:
-    """Process one query (mutates ``st``); return W when a Shapiro-Wilk check ran, else None."""
+def step(cfg: TrackerConfig, st: SessionState, z: np.ndarray, slot: int, *, check_due: bool = True) -> float | None:
+    """Process one query (mutates ``st``); return W when a Shapiro-Wilk check ran, else None. ``check_due``:
+    False once this request had its check (the query is pooled all the same)."""
     n = st.n_prada
     members = np.flatnonzero(st.prada_cls[:n] == slot)
     zf = z.astype(np.float16).astype(np.float64)
@@ -95,7 +98,7 @@ def step(cfg: TrackerConfig, st: SessionState, z: np.ndarray, slot: int) -> floa
         st.prada_cls[st.head_prada] = slot
         st.head_prada = (st.head_prada + 1) % cfg.ring_prada
         st.n_prada = min(st.n_prada + 1, cfg.ring_prada)
-    if found and st.n_pool_total > cfg.prada_min_pool and st.n_pool_total % cfg.prada_every == 0:
+    if check_due and found and st.n_pool_total > cfg.prada_min_pool and st.n_pool_total % cfg.prada_every == 0:
         st.last_w = shapiro_w(st.pool[: st.n_pool])
         return st.last_w
     return None

@@ -21,12 +21,13 @@ retry tells an attacker nothing new), each tracker turns an observation into a l
   (synthetic perturbations such as Jacobian augmentation): benign ``p0_near``, attack 0.5; close
   neighbours on the manifold are neutral (natural edits), far ones benign evidence.
 - coverage: (a) rare region, i.e. off-manifold (PCA residual or whitened norm beyond the 99.5 % quantile
-  of the reference rows' out-of-sample ones) or a grid cell the reference hardly visits, benign rate ``p0_rare`` (twice the
-  rate measured on held-out reference data), attack 0.9; (b) growth: a query in a cell the session has not visited,
-  benign probability = reference mass of unvisited cells, attack probability halfway to 1.
+  of the reference rows' out-of-sample ones) or a grid cell the reference hardly visits, benign rate
+  ``p0_rare`` (twice the rate measured on held-out reference data), attack 0.9; (b) growth: a query in a cell
+  the session has not visited, benign probability = reference mass of unvisited cells, attack probability
+  halfway to 1.
 - margin: top-1 minus top-2 probability below ``margin_threshold``, benign ``p0_margin``, attack 0.5.
-- prada (every distinct query, as in the paper): at each Shapiro-Wilk check, W < prada_delta
-  (calibrated per session on benign streams) has benign rate 1 %, attack rate 50 %.
+- prada (every distinct query, as in the paper): at each Shapiro-Wilk check (at most one per request),
+  W < prada_delta (calibrated per session on benign streams) has benign rate 1 %, attack rate 50 %.
 - rate: a leaky bucket (``rate_leak`` queries/s allowance), not evidence, score 1 - 2^(-level/rate_half).
 - crawl (``_crawl``, not evidence and not part of risk): region and class coverage like a natural crawl
   of as many rows, times a steep volume curve (0.5 at 1,000 distinct rows): natural-data extraction.
@@ -277,6 +278,7 @@ class SessionTrackers:
             st.s_global = ev.cusum(st.s_global, self._global_llr[0 if event else 1])
         labs = lab.tolist()
         margin_list = margins.tolist() if margins is not None else None
+        prada_checked = False  # one PRADA check per request at most (see _prada)
         for i, digest in enumerate(dig.tolist()):
             st.n_queries += 1
             if digest in st.exact[: st.n_exact].tolist():
@@ -294,8 +296,9 @@ class SessionTrackers:
                 llr = self._margin_llr[0 if margin_list[i] < cfg.margin_threshold else 1]
                 st.s_margin = ev.cusum(st.s_margin, llr)
                 total += llr
-            w = _prada.step(cfg, st, u[i], cls)
+            w = _prada.step(cfg, st, u[i], cls, check_due=not prada_checked)
             if w is not None:
+                prada_checked = True
                 llr = self._prada_llr[0 if w < cfg.prada_delta else 1]
                 st.s_prada = ev.cusum(st.s_prada, llr)
                 total += llr

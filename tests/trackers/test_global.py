@@ -306,7 +306,7 @@ class TestAnswerHandOff:
     def test_same_scores_with_and_without_digests(self, trackers: SessionTrackers, digits: Digits) -> None:
         """Boundary searches, benign rows and exact repeats from several sessions: an index learning by digest
         scores every request as one that looks each row up again."""
-        search, answers = boundary_search(digits, 4, 80)
+        search, _ = boundary_search(digits, 4, 80)
         benign = digits.X_held[:40]
         rows = np.concatenate([search[:40], benign, search[:10], search[40:]])  # search[:10] again: exact repeats
         labels = digits.model.predict(rows)
