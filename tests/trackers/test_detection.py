@@ -36,6 +36,25 @@ class TestPrada:
             hist = run_stream(trackers, digits.X_held[order], digits.model)
             assert max(h["session.prada"] for h in hist) == 0.0
 
+    def test_one_check_per_request(self, trackers: SessionTrackers, digits: Digits) -> None:
+        """A 64-row request of a synthetic stream pools all its rows but runs one Shapiro-Wilk check, not the six
+        a stream of single rows would: its checks test one sample, so they are one piece of evidence."""
+        rows = _jacobian_perturbations(digits, np.random.default_rng(3), 200)
+        single, batched = trackers.new_state(), trackers.new_state()
+        for i in range(136):  # past prada_min_pool, as single-row requests
+            proba = digits.model.predict_proba(rows[i : i + 1])
+            single, _ = trackers.update(single, rows[i : i + 1], None, proba, float(i))
+        before = single.s_prada
+        batched = single.copy()
+        for i in range(136, 200):
+            proba = digits.model.predict_proba(rows[i : i + 1])
+            single, _ = trackers.update(single, rows[i : i + 1], None, proba, 136.0)
+        batched, _ = trackers.update(batched, rows[136:200], None, digits.model.predict_proba(rows[136:200]), 136.0)
+        assert batched.n_pool_total == single.n_pool_total  # every row pooled
+        one_alarm = float(np.log(0.5 / 0.01))
+        assert single.s_prada - before > 2 * one_alarm  # the single rows' checks alarmed several times
+        assert batched.s_prada - before <= one_alarm + 1e-9  # the batch's one check, at most one alarm
+
     def test_silent_before_min_pool(self, trackers: SessionTrackers, digits: Digits) -> None:
         """PRADA cannot speak before prada_min_pool distances are pooled (early detection is others' job)."""
         rows = _jacobian_perturbations(digits, np.random.default_rng(0), trackers.config.prada_min_pool)
