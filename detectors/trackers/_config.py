@@ -20,9 +20,9 @@ import numpy as np
 SCHEMA_VERSION = 1
 
 _ARRAY_FIELDS = ("center", "scale", "components", "whiten", "grid_edges", "cell_probs", "quant_step",
-                 "quant_offsets", "prada_proj", "ref_rows")
+                 "quant_offsets", "prada_proj", "ref_rows", "feature_range")
 # arrays a profile written before they existed lacks: rebuilt empty (the feature they serve is then off)
-_OPTIONAL_ARRAYS = frozenset({"ref_rows"})
+_OPTIONAL_ARRAYS = frozenset({"ref_rows", "feature_range"})
 
 
 @dataclass(frozen=True, eq=False)
@@ -48,6 +48,8 @@ class TrackerConfig:
     # a sample of reference rows: the global fingerprint index discounts near-duplicates in regions where
     # benign inputs are dense (their fingerprints depend on the secret salt, so rows are stored, not hashes)
     ref_rows: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 0)))
+    # max - min of every feature over the reference (empty: unknown, and the gradient-step test is off)
+    feature_range: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
     residual_threshold: float = math.inf
     norm_threshold: float = math.inf
     rare_cell_prob: float = 0.0
@@ -73,6 +75,7 @@ class TrackerConfig:
     ring_nn: int = 32
     ring_prada: int = 32
     ring_pool: int = 128
+    ring_steps: int = 16
     max_rows_tracked: int = 64
     fitted: bool = False
 
@@ -91,6 +94,8 @@ class TrackerConfig:
             object.__setattr__(self, "ref_rows", np.zeros((0, d)))
         if self.ref_rows.ndim != 2 or self.ref_rows.shape[1] != d:
             raise ValueError("ref_rows must be (rows, n_features)")
+        if self.feature_range.shape not in ((0,), (d,)) or np.any(np.asarray(self.feature_range) < 0):
+            raise ValueError("feature_range must be empty or (n_features,) and non-negative")
         g = self.grid_edges.shape[0]
         if self.grid_edges.ndim != 2 or g > p or self.cell_probs.shape != (self.n_cells,):
             raise ValueError("grid_edges must be (g<=p, bins-1) and cell_probs (bins**g,)")
@@ -98,8 +103,8 @@ class TrackerConfig:
             raise ValueError("window must be in [1, n_features] and n_hashes in [1, 256]")
         if not 0.0 < self.match_fraction <= 1.0 or np.any(self.scale <= 0) or np.any(self.quant_step <= 0):
             raise ValueError("match_fraction in (0, 1]; scale and quant_step must be positive")
-        for name in ("ring_exact", "ring_fp", "ring_nn", "ring_prada", "ring_pool", "n_class_slots", "nn_k",
-                     "max_rows_tracked"):
+        for name in ("ring_exact", "ring_fp", "ring_nn", "ring_prada", "ring_pool", "ring_steps", "n_class_slots",
+                     "nn_k", "max_rows_tracked"):
             if not 1 <= int(getattr(self, name)) <= 4096:
                 raise ValueError(f"{name} must be in [1, 4096]")
         for name in _ARRAY_FIELDS:
@@ -141,7 +146,7 @@ class TrackerConfig:
         input spaces: their histories must not mix); decode refuses a mismatch (computed once: it is read on
         every request)."""
         parts = (self.n_components, self.prada_dim, self.n_hashes, self.n_class_slots, self.ring_exact, self.ring_fp,
-                 self.ring_nn, self.ring_prada, self.ring_pool, self.n_cells, self.n_features)
+                 self.ring_nn, self.ring_prada, self.ring_pool, self.n_cells, self.n_features, self.ring_steps)
         return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=4).digest(), "little")
 
     def to_parts(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

@@ -20,9 +20,9 @@ import numpy as np
 from ._config import TrackerConfig
 
 _MAGIC = b"IGS1"
-_VERSION = 2  # 2: the answered class of each stored fingerprint and neighbour (fp_cls, nn_cls)
+_VERSION = 3  # 3: the ring of recent standardised inputs (steps) for the gradient-step test
 _INTS = ("n_queries", "n_repeats", "n_distinct", "n_exact", "head_exact", "n_fp", "head_fp", "n_nn",
-         "head_nn", "n_prada", "head_prada", "n_pool", "head_pool", "n_pool_total")
+         "head_nn", "n_prada", "head_prada", "n_pool", "head_pool", "n_pool_total", "n_steps", "head_steps")
 _FLOATS = ("first_t", "last_t", "rate_level", "s_fingerprint", "s_neighbors", "s_coverage", "s_margin",
            "s_prada", "s_global", "s_joint", "last_w", "visited_mass")
 _HEADER = struct.Struct("<4sHHI" + "q" * len(_INTS) + "d" * len(_FLOATS))
@@ -49,6 +49,8 @@ class SessionState:
     n_pool: int
     head_pool: int
     n_pool_total: int
+    n_steps: int
+    head_steps: int
     first_t: float
     last_t: float
     rate_level: float
@@ -71,6 +73,7 @@ class SessionState:
     cls_stats: np.ndarray  # (n_class_slots, 3) float64 count, sum, sum of squares of accepted distances
     pool: np.ndarray  # (ring_pool,) float16 recent PRADA minimum distances
     cells: np.ndarray  # (ceil((n_cells + 1) / 8),) uint8 visited-cell bitset (last bit = off-manifold)
+    steps: np.ndarray  # (ring_steps, n_features) float16 recent distinct inputs, standardised
 
     def copy(self) -> SessionState:
         """Deep copy (arrays included). Written out field by field rather than ``dataclasses.replace`` (which
@@ -82,6 +85,7 @@ class SessionState:
         new.head_fp, new.n_nn, new.head_nn = self.head_fp, self.n_nn, self.head_nn
         new.n_prada, new.head_prada, new.n_pool = self.n_prada, self.head_prada, self.n_pool
         new.head_pool, new.n_pool_total = self.head_pool, self.n_pool_total
+        new.n_steps, new.head_steps = self.n_steps, self.head_steps
         new.first_t, new.last_t, new.rate_level = self.first_t, self.last_t, self.rate_level
         new.s_fingerprint, new.s_neighbors, new.s_coverage = self.s_fingerprint, self.s_neighbors, self.s_coverage
         new.s_margin, new.s_prada, new.s_global = self.s_margin, self.s_prada, self.s_global
@@ -90,6 +94,7 @@ class SessionState:
         new.fp_cls, new.nn_cls = self.fp_cls.copy(), self.nn_cls.copy()
         new.prada_vec, new.prada_cls = self.prada_vec.copy(), self.prada_cls.copy()
         new.cls_stats, new.pool, new.cells = self.cls_stats.copy(), self.pool.copy(), self.cells.copy()
+        new.steps = self.steps.copy()
         return new
 
 
@@ -109,6 +114,7 @@ def array_layout(cfg: TrackerConfig) -> tuple[tuple[str, tuple[int, ...], str], 
         ("cls_stats", (cfg.n_class_slots, 3), "<f8"),
         ("pool", (cfg.ring_pool,), "<f2"),
         ("cells", ((cfg.n_cells + 1 + 7) // 8,), "u1"),
+        ("steps", (cfg.ring_steps, cfg.n_features), "<f2"),
     )
 
 
@@ -165,7 +171,7 @@ def decode(cfg: TrackerConfig, data: bytes) -> SessionState:
 def _validate(cfg: TrackerConfig, ints: dict[str, Any], floats: dict[str, Any], arrays: dict[str, Any]) -> None:
     """Range checks so a forged or corrupted state cannot index out of bounds or poison scores."""
     caps = {"exact": cfg.ring_exact, "fp": cfg.ring_fp, "nn": cfg.ring_nn, "prada": cfg.ring_prada,
-            "pool": cfg.ring_pool}
+            "pool": cfg.ring_pool, "steps": cfg.ring_steps}
     for key, cap in caps.items():
         if not (0 <= ints[f"n_{key}"] <= cap and 0 <= ints[f"head_{key}"] < cap):
             raise ValueError(f"state ring {key!r} counters out of range")
@@ -184,7 +190,7 @@ def _validate(cfg: TrackerConfig, ints: dict[str, Any], floats: dict[str, Any], 
     for name in ("first_t", "last_t"):
         if math.isinf(floats[name]):
             raise ValueError(f"state field {name!r} must not be infinite")
-    for name in ("nn", "prada_vec", "cls_stats", "pool"):
+    for name in ("nn", "prada_vec", "cls_stats", "pool", "steps"):
         if not np.all(np.isfinite(arrays[name])):
             raise ValueError(f"state array {name!r} must be finite")
     for name in ("prada_cls", "fp_cls", "nn_cls"):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from detectors.trackers import SessionTrackers
 
@@ -79,10 +78,6 @@ class TestEarlyDetection:
             uni = run_stream(trackers, uniform_stream(64, rng, 100, hi=16.0), digits.model, stop_risk=BLOCK)
             assert (first_at(uni, "session.risk", BLOCK) or 999) <= 100
 
-    @pytest.mark.xfail(strict=True, reason="JBDA's augmented queries are confidently answered near-duplicates on the "
-                       "reference manifold: the trackers no longer count such clusters (benign clients editing "
-                       "popular records send the same), and PRADA needs more than 100 queries; missed, see "
-                       "docs/detection.md")
     def test_jbda_extraction_blocked_within_100(self, trackers: SessionTrackers, digits: Digits) -> None:
         """Jacobian-augmentation (JBDA) extraction streams are blocked within 100."""
         for s in range(4):

@@ -47,7 +47,8 @@ class TestCodec:
         assert after_back == trackers.update(state, x, None, None, t0 + n + 1)[1]
 
     def test_size_is_bounded_after_10k_updates(self, trackers: SessionTrackers) -> None:
-        """After 10,000 distinct queries the state is exactly as large as a fresh one, and under 4.5 KiB."""
+        """After 10,000 distinct queries the state is exactly as large as a fresh one, and under 6.5 KiB (2 KiB of
+        it the last 16 inputs of 64 features at half precision, for the gradient-step test)."""
         rng = np.random.default_rng(7)
         state = trackers.new_state()
         empty = len(trackers.encode(state))
@@ -56,7 +57,7 @@ class TestCodec:
             state, _ = trackers.update(state, X[i : i + 100], rng.integers(10, size=100), None, float(i))
         assert state.n_queries == 10_000
         assert len(trackers.encode(state)) == empty == trackers.state_nbytes(state)
-        assert empty <= 4608
+        assert empty <= 6656
 
     def test_update_does_not_modify_its_input(self, trackers: SessionTrackers, digits: Digits) -> None:
         """update is pure: the state passed in encodes to the same bytes afterwards."""
