@@ -8,7 +8,7 @@ and two distinct natural inputs differ by varied amounts: on the detection matri
 sessions of six traffic shapes per model (667,000 queries in all) gave no hit, while Jacobian augmentation hit
 from its first augmented query on every model (``bench/detection_matrix.py``; docs/detection.md).
 
-A hit needs, against one of the last ``ring_steps`` distinct queries:
+A hit needs, against the nearest (L1) of the last ``ring_steps`` distinct queries:
 
 - at least a quarter of the features that vary in the reference moved, and at least ``_MIN_EQUAL``;
 - at least half of the moved features (and ``_MIN_EQUAL``) moved by the same amount (within 3 % of the
@@ -72,22 +72,21 @@ class StepTest:
         return hit
 
     def _hit(self, stored: np.ndarray, row16: np.ndarray) -> bool:
+        """The test against the stored query nearest to this one (L1): a step's parent, or a sibling step from
+        the same parent, which differs from it by a step of twice the size."""
         diff = stored.astype(np.float64)
         diff -= row16.astype(np.float64)  # both at float16 precision: an unchanged feature differs by exactly 0
         np.abs(diff, out=diff)
-        moved = diff > 0.0
-        n_moved = np.add.reduce(moved, axis=1)
-        cand = n_moved >= self._need_moved
-        if not cand.any():
+        dist = np.add.reduce(diff, axis=1)
+        a = diff[int(dist.argmin())]
+        moved = a > 0.0
+        n_moved = int(np.count_nonzero(moved))
+        if n_moved < self._need_moved:
             return False
-        diff, moved, n_moved = diff[cand], moved[cand], n_moved[cand]
-        share = diff * self._to_share
+        share = a * self._to_share
         small = moved & (share < _MAX_RANGE_SHARE)  # flags flipping between their values never count as equal
-        need = np.maximum(_MIN_EQUAL, _EQUAL_SHARE * n_moved)
-        for v in (diff * self._to_input, share):
-            v = np.where(small, v, 0.0)
-            top = v.max(axis=1, keepdims=True)
-            equal = np.add.reduce((v >= _EQUAL_TOL * top) & small, axis=1)
-            if np.any((top[:, 0] > 0.0) & (equal >= need)):
+        need = max(_MIN_EQUAL, _EQUAL_SHARE * n_moved)
+        for v in ((a * self._to_input)[small], share[small]):
+            if v.size >= need and np.count_nonzero(v >= _EQUAL_TOL * v.max()) >= need and v.max() > 0.0:
                 return True
         return False
