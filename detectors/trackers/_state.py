@@ -2,10 +2,10 @@
 
 All arrays have a fixed shape given by the config (ring buffers plus fill counters), so a session's
 size never grows: with the fitted defaults (8 projected dims, 20 hashes, 10-16 classes) it is about
-4 KiB encoded (4,149 bytes for a digits profile fitted on 1,200 rows, of which 224 are the answered class of
-each fingerprint and neighbour ring entry). The codec is a fixed little-endian layout (struct
-header + raw arrays), no pickle; decode checks magic, version, layout tag, exact length and value ranges
-and raises ValueError.
+6 KiB encoded (6,213 bytes for a digits profile fitted on 1,200 rows, of which 224 are the answered class of
+each fingerprint and neighbour ring entry and 2,048 the last 16 distinct inputs of the gradient-step
+test). The codec is a fixed little-endian layout (struct header + raw arrays), no pickle; decode checks
+magic, version, layout tag, exact length and value ranges and raises ValueError.
 """
 
 from __future__ import annotations

@@ -57,8 +57,10 @@ class StepTest:
 
     def standardise(self, X: np.ndarray) -> np.ndarray:
         """The rows as stored: standardised, clipped to float16's range, at float16 precision."""
-        xs = (X - self._center) / self._scale
-        np.clip(xs, -_F16_MAX, _F16_MAX, out=xs)
+        xs = X - self._center
+        xs /= self._scale
+        np.maximum(xs, -_F16_MAX, out=xs)
+        np.minimum(xs, _F16_MAX, out=xs)  # == np.clip, without its Python wrapper
         out: np.ndarray = xs.astype(np.float16)
         return out
 
@@ -86,7 +88,10 @@ class StepTest:
         share = a * self._to_share
         small = moved & (share < _MAX_RANGE_SHARE)  # flags flipping between their values never count as equal
         need = max(_MIN_EQUAL, _EQUAL_SHARE * n_moved)
+        if np.count_nonzero(small) < need:
+            return False
         for v in ((a * self._to_input)[small], share[small]):
-            if v.size >= need and np.count_nonzero(v >= _EQUAL_TOL * v.max()) >= need and v.max() > 0.0:
+            top = float(v.max())
+            if top > 0.0 and np.count_nonzero(v >= _EQUAL_TOL * top) >= need:
                 return True
         return False
