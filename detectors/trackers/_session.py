@@ -70,6 +70,7 @@ _FLIP_P0, _FLIP_P1 = 0.005, 0.3
 # queries of the detection matrix, so 0.1 % is a conservative benign rate; Jacobian augmentation hits on about
 # half of its augmented queries
 _STEP_P0, _STEP_P1 = 0.001, 0.5
+_DENSITY_CACHE = 4096  # fingerprints whose reference density is kept (about 1 MB)
 
 
 class SessionTrackers:
@@ -104,6 +105,8 @@ class SessionTrackers:
         self._cell_probs = config.cell_probs.tolist()
         self._row_key = int(self._keys[-1])
         self._ref_hashes, self._ref_ids = self._reference_table(config.ref_rows)
+        # reference density by fingerprint: it depends on nothing else, and popular inputs come back
+        self._density_cache: dict[tuple[bytes, float], float] = {}
 
     # ---- state -----------------------------------------------------------------------------------
     def new_state(self) -> SessionState:
@@ -170,22 +173,34 @@ class SessionTrackers:
         out = np.zeros(fps.shape[0])
         if n_ref == 0:
             return out
+        cache = self._density_cache
         for i, row in enumerate(fps):
-            nz = row[row != 0]
-            if nz.size == 0:
-                continue
-            lo = self._ref_hashes.searchsorted(nz, side="left")
-            cnt = self._ref_hashes.searchsorted(nz, side="right") - lo
-            need = max(1, math.ceil(match_threshold * nz.size))
-            # a reference row holds each hash at most once, so it shares at most as many hashes with this row
-            # as there are hashes found at all: fewer than needed means no near-duplicate
-            if np.count_nonzero(cnt) < need:
-                continue
-            # the reference rows of every hash found, concatenated: entries lo[j] .. lo[j] + cnt[j] - 1
-            ends = np.cumsum(cnt)
-            ids = self._ref_ids[np.arange(int(ends[-1])) + np.repeat(lo - (ends - cnt), cnt)]
-            out[i] = np.count_nonzero(np.bincount(ids, minlength=n_ref) >= need) / n_ref
+            key = (row.tobytes(), match_threshold)
+            known = cache.get(key)
+            if known is None:
+                known = self._row_density(row, match_threshold, n_ref)
+                if len(cache) >= _DENSITY_CACHE:
+                    del cache[next(iter(cache))]  # oldest first: popular inputs come back while still cached
+                cache[key] = known
+            out[i] = known
         return out
+
+    def _row_density(self, row: np.ndarray, match_threshold: float, n_ref: int) -> float:
+        """:meth:`reference_density` of one fingerprint."""
+        nz = row[row != 0]
+        if nz.size == 0:
+            return 0.0
+        lo = self._ref_hashes.searchsorted(nz, side="left")
+        cnt = self._ref_hashes.searchsorted(nz, side="right") - lo
+        need = max(1, math.ceil(match_threshold * nz.size))
+        # a reference row holds each hash at most once, so it shares at most as many hashes with this row
+        # as there are hashes found at all: fewer than needed means no near-duplicate
+        if np.count_nonzero(cnt) < need:
+            return 0.0
+        # the reference rows of every hash found, concatenated: entries lo[j] .. lo[j] + cnt[j] - 1
+        ends = np.cumsum(cnt)
+        ids = self._ref_ids[np.arange(int(ends[-1])) + np.repeat(lo - (ends - cnt), cnt)]
+        return float(np.count_nonzero(np.bincount(ids, minlength=n_ref) >= need) / n_ref)
 
     def row_keys(self, X: np.ndarray) -> np.ndarray:
         """Per-row salted 64-bit digests of the exact input bytes (exact repeats share one), never 0."""

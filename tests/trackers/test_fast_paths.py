@@ -21,7 +21,7 @@ from detectors.trackers import GlobalFingerprintIndex, SessionTrackers, TrackerC
 from detectors.trackers._features import Projector
 from detectors.trackers._global import _shared, session_hash
 
-from .conftest import Digits
+from .conftest import SALT, Digits
 
 _MAX = np.uint64(2**64 - 1)
 
@@ -246,6 +246,20 @@ class TestReferenceDensity:
             seen_hits = seen_hits or bool(np.count_nonzero(expected))
         assert seen_hits
 
+
+def test_reference_density_cache_is_bounded_and_exact(config: TrackerConfig, digits: Digits) -> None:
+    """Densities come from a cache keyed by fingerprint and threshold, bounded (oldest evicted): after more
+    distinct fingerprints than it holds, every answer still equals a fresh engine's."""
+    engine = SessionTrackers(config, salt=SALT)
+    rng = np.random.default_rng(9)
+    X = np.clip(digits.X_held[rng.integers(len(digits.X_held), size=5000)] + rng.normal(0, 0.5, (5000, 64)), 0, 16)
+    fps = engine.fingerprints(X)
+    first = engine.reference_density(fps)
+    assert len(engine._density_cache) == 4096
+    fresh = SessionTrackers(config, salt=SALT)
+    assert np.array_equal(first, fresh.reference_density(fps))
+    assert np.array_equal(engine.reference_density(fps[:100]), fresh.reference_density(fps[:100]))
+    assert np.count_nonzero(first)
 
 class _ReferenceIndex(GlobalFingerprintIndex):
     """The global index's observe in plain numpy (np.unique candidates, dense arithmetic throughout)."""
