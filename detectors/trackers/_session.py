@@ -452,6 +452,9 @@ class SessionTrackers:
             return None
         if pr.shape[1] == 1:
             return np.abs(2.0 * pr[:, 0] - 1.0)
+        if rows == 1:  # the usual request: two Python floats, the same subtraction
+            low, high = sorted(pr[0].tolist())[-2:]
+            return np.array([high - low])
         top = np.sort(pr, axis=1)[:, -2:]
         return top[:, 1] - top[:, 0]
 

@@ -365,3 +365,16 @@ class TestUpdateInputs:
         for name in ("exact", "fp", "nn", "prada_vec", "prada_cls", "cls_stats", "pool", "cells"):
             assert not np.shares_memory(getattr(copy, name), getattr(state, name))
 
+
+
+def test_one_row_margin_equals_the_sorted_one() -> None:
+    """A one-row answer's margin (top-1 minus top-2, taken on Python floats) is the batch formula's, bit for bit."""
+    rng = np.random.default_rng(12)
+    for k in (2, 3, 10):
+        for _ in range(200):
+            p = rng.dirichlet(np.ones(k))[None]
+            if rng.random() < 0.2:
+                p[0, 1] = p[0, 0]  # ties
+            top = np.sort(p, axis=1)[:, -2:]
+            got = SessionTrackers._margins(p, 1)
+            assert got is not None and got.tolist() == (top[:, 1] - top[:, 0]).tolist()
