@@ -80,10 +80,9 @@ async def _forward(request: web.Request, state: GuardState, a: Admitted, out: Ou
     reason: str | None
     try:
         if state.upstream is not None:
-            async with asyncio.timeout(upstream_deadline(state)):
-                got = await state.upstream.request(request.method, upstream_target(request, a.strip_query),
-                                                   upstream_headers(state, request, request_id, readable=True).items(),
-                                                   a.body)
+            got = await state.upstream.request(request.method, upstream_target(request, a.strip_query),
+                                               upstream_headers(state, request, request_id, readable=True).items(),
+                                               a.body, timeout=upstream_deadline(state))
             status, reason, headers, payload = got.status, got.reason, got.headers, got.payload
         else:
             upstream = await call_upstream(state, request, a.body, request_id, readable=True,
