@@ -93,7 +93,7 @@ async def _forward(request: web.Request, state: GuardState, a: Admitted, out: Ou
     except (TimeoutError, aiohttp.ClientError, UpstreamError) as exc:
         return upstream_failure(state, out, exc, request_id), time.perf_counter() - t0
     seconds = time.perf_counter() - t0
-    state.metrics.upstream_latency_by(a.match.route).observe(seconds)
+    state.metrics.upstream_latency.observe(a.match.route, seconds)
     return _Forwarded(status, reason, headers, payload, seconds)
 
 

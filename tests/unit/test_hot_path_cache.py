@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from guard_agent.events import _Timestamps, random_id
-from guard_agent.metrics import Metrics, ScoreHistogram
+from guard_agent.metrics import LabelledHistogram, Metrics
 
 
 class TestRandomId:
@@ -60,7 +60,7 @@ class TestMetricChildren:
         assert a.requests_by("v2", "allow", "200") is a.requests.labels("v2", "allow", "200")
 
 
-class TestScoreHistogram:
+class TestLabelledHistogram:
     BUCKETS = (0.5, 0.9, 0.99, 0.999, 0.9999, 1.0)
 
     def test_exposes_what_prometheus_client_exposes(self) -> None:
@@ -69,7 +69,8 @@ class TestScoreHistogram:
         theirs_reg, ours_reg = CollectorRegistry(auto_describe=True), CollectorRegistry(auto_describe=True)
         theirs = Histogram("inference_guard_score", "Distribution of calibrated scores", ["score"],
                            buckets=self.BUCKETS, registry=theirs_reg)
-        ours = ScoreHistogram("inference_guard_score", "Distribution of calibrated scores", self.BUCKETS, ours_reg)
+        ours = LabelledHistogram("inference_guard_score", "Distribution of calibrated scores", self.BUCKETS, ours_reg,
+                                 label="score")
         rng = random.Random(0)
         values = [0.0, 0.5, 0.9, 0.99, 0.999, 0.9999, 1.0, 0.50000001, 1.5] + [rng.random() for _ in range(500)]
         for value in values:
@@ -95,6 +96,29 @@ class TestScoreHistogram:
         assert get("inference_guard_score_bucket", {"score": "ood.knn", "le": "0.9"}) == 1.0
         assert get("inference_guard_score_bucket", {"score": "ood.knn", "le": "0.99"}) == 2.0
         assert get("inference_guard_score_sum", {"score": "ood.pca"}) == 0.2
+
+    def test_latency_histograms_expose_what_prometheus_client_exposes(self) -> None:
+        """The overhead and upstream latency histograms (label ``route``): prometheus_client's text for the same
+        observations, ``_created`` aside."""
+        buckets = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+        theirs_reg = CollectorRegistry(auto_describe=True)
+        theirs = Histogram("inference_guard_overhead_seconds",
+                           "Time spent in the guard per request, excluding the upstream call", ["route"],
+                           buckets=buckets, registry=theirs_reg)
+        m = Metrics()
+        rng = random.Random(1)
+        for value in [0.0, 0.0001, 0.00025, 10.0, 11.0] + [rng.random() / 100 for _ in range(300)]:
+            for route in ("v2", "passthrough"):
+                theirs.labels(route).observe(value)
+                m.overhead.observe(route, value)
+
+        def lines(text: str) -> list[str]:
+            return [ln for ln in text.splitlines() if ln.startswith("inference_guard_overhead_seconds")
+                    and "_created" not in ln]
+
+        ours_text = generate_latest(m.registry).decode()
+        assert lines(ours_text) == lines(generate_latest(theirs_reg).decode())
+        assert "# TYPE inference_guard_overhead_seconds histogram" in ours_text
 
 
 class TestSettleHeap:
