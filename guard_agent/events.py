@@ -224,9 +224,9 @@ class EventLogger:
         bound-logger dispatch, keyword splat and dict copies."""
         if self._observer is not None:
             self._observer(fields)
-        doc = {k: v for k, v in fields.items() if k != "ecs_event"}
+        doc = dict(fields)  # a copy (the observer and the capture keep ``fields``), in the same key order
+        ecs_event = doc.pop("ecs_event", None)
         doc["message"] = message
-        ecs_event = fields.get("ecs_event")
         if ecs_event is not None:
             doc["event"] = ecs_event
         doc["@timestamp"] = _timestamp(time.time())
