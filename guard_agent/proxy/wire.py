@@ -79,13 +79,11 @@ async def read_body(request: web.Request, limit: int, timeout: float) -> bytes |
     """The whole body, or None when it exceeds ``limit`` (checked before and while reading)."""
     # every Content-Encoding header and every token of each: aiohttp decompresses by one of them while a model
     # server may read another, so anything but identity (in any position, repeated or listed) is refused
-    encodings = [t.strip().lower() for v in request.headers.getall("Content-Encoding", ()) for t in v.split(",")]
-    if any(c not in ("", "identity") for c in encodings):
-        # aiohttp would decompress it; the guard refuses instead of scoring bytes other than those forwarded
-        shown = ", ".join(encodings)[:48]
-        raise BadBody(f"unsupported Content-Encoding {shown!r}: send an uncompressed body")
-    codings = ",".join(request.headers.getall("Transfer-Encoding", ())).strip().lower()
-    if codings not in ("", "chunked"):
+    headers = request.headers
+    if "Content-Encoding" in headers:  # one lookup for the usual request, which names no coding at all
+        _refuse_content_codings(headers.getall("Content-Encoding"))
+    if "Transfer-Encoding" in headers and ",".join(headers.getall("Transfer-Encoding")).strip().lower() not in (
+            "", "chunked"):
         # aiohttp decodes only the chunked framing; any other transfer-coding would be forwarded undecoded
         raise BadBody("unsupported Transfer-Encoding: only chunked framing is accepted")
     if request.content_length is not None and request.content_length > limit:
@@ -113,6 +111,15 @@ async def read_body(request: web.Request, limit: int, timeout: float) -> bytes |
     except aiohttp.web_protocol.RequestPayloadError as exc:
         raise BadBody("the request body could not be read (malformed framing)") from exc
     return b"".join(chunks)
+
+
+def _refuse_content_codings(values: list[str]) -> None:
+    """BadBody unless every token of every Content-Encoding header is ``identity`` (or empty)."""
+    encodings = [t.strip().lower() for v in values for t in v.split(",")]
+    if any(c not in ("", "identity") for c in encodings):
+        # aiohttp would decompress it; the guard refuses instead of scoring bytes other than those forwarded
+        shown = ", ".join(encodings)[:48]
+        raise BadBody(f"unsupported Content-Encoding {shown!r}: send an uncompressed body")
 
 
 def upstream_target(request: web.BaseRequest, strip_query: bool) -> str:
