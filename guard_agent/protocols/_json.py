@@ -97,7 +97,7 @@ def _audit(value: Any, limit: int) -> tuple[int, int] | None:
             return None
         if type(node) is dict:
             keys += len(node)
-            colons += sum(k.count(":") for k in node)
+            colons += "".join(node).count(":")  # the keys' colons, in one scan of one string
             children: Any = node.values()
         elif _NESTED_OR_STR.isdisjoint(map(type, node)):
             continue  # a leaf list of numbers: the common case, checked at C speed
