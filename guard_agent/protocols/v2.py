@@ -66,6 +66,7 @@ DATATYPES: dict[str, tuple[Kind, str, float, float]] = {
 _TOP_KEYS = frozenset({"id", "parameters", "inputs", "outputs"})
 _INPUT_KEYS = frozenset({"name", "shape", "datatype", "data", "parameters"})
 _MAX_DIMS = 32
+_INTS = frozenset({int})
 
 
 def _object(value: Any, where: str) -> dict[str, Any]:
@@ -85,12 +86,13 @@ def _shape(value: Any, where: str, limits: ParseLimits) -> tuple[int, ...]:
         raise ProtocolError(f"{where}.shape must be a non-empty list of integers (the first is the batch)")
     if len(value) > _MAX_DIMS:
         raise ProtocolError(f"{where}.shape has more than {_MAX_DIMS} dimensions")
-    if any(type(d) is not int or d < 0 for d in value):
+    if not _INTS.issuperset(map(type, value)) or min(value) < 0:  # type checks in C: no bools, floats or nulls
         raise ProtocolError(f"{where}.shape must hold non-negative integers")
     if value[0] > limits.max_rows:
         raise ProtocolError(f"too many rows: {value[0]} > {limits.max_rows}")
     # Bound every dimension, zero-sized ones included: numpy refuses shapes whose extent overflows.
-    if math.prod(max(d, 1) for d in value) > limits.max_rows * limits.max_features:
+    extent = math.prod(value) if 0 not in value else math.prod(max(d, 1) for d in value)
+    if extent > limits.max_rows * limits.max_features:
         raise ProtocolError(f"{where}.shape is too large")
     return tuple(value)
 
