@@ -76,8 +76,7 @@ def _object(value: Any, where: str) -> dict[str, Any]:
 
 
 def _unknown_keys(obj: dict[str, Any], allowed: frozenset[str], where: str) -> None:
-    extra = obj.keys() - allowed
-    if extra:
+    if not allowed.issuperset(obj):
         raise ProtocolError(f"{where}: unknown field (allowed: {', '.join(sorted(allowed))})")
 
 
@@ -118,6 +117,8 @@ def _in_range(data: Any, arr: np.ndarray, lo: float, hi: float) -> bool:
 
 
 def _requested_outputs(doc: dict[str, Any]) -> tuple[str, ...]:
+    if "parameters" not in doc and "outputs" not in doc:  # the usual request: every output, as JSON
+        return ()
     params = _object(doc.get("parameters", {}), "parameters")
     if params.get("binary_data_output") is True:
         raise ProtocolError("binary output tensors are not supported: request JSON outputs")
@@ -169,8 +170,7 @@ def _tensor(
         raise ProtocolError(f"{where}: unsupported datatype{named}")
     kind, dtype, lo, hi = spec
     count = math.prod(shape)
-    params = _object(inp.get("parameters", {}), f"{where}.parameters")
-    size = params.get("binary_data_size")
+    size = _object(inp["parameters"], f"{where}.parameters").get("binary_data_size") if "parameters" in inp else None
     if size is not None:
         if binary is None:
             raise ProtocolError(f"{where}: binary_data_size without Inference-Header-Content-Length")
