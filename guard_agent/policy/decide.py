@@ -90,7 +90,7 @@ equal to the one ``decide()`` would build, instead of a new one per request."""
 
 
 def _in_networks(ip: Any, networks: tuple[Any, ...]) -> bool:
-    return ip is not None and any(ip.version == n.version and ip in n for n in networks)
+    return bool(networks) and ip is not None and any(ip.version == n.version and ip in n for n in networks)
 
 
 def decide(
