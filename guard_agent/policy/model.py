@@ -93,8 +93,8 @@ class Rule:
     cooldown: float | None = None   # seconds a block by this rule keeps the session blocked; None = policy default
 
     def matches(self, facts: Mapping[str, Any]) -> bool:
-        """Every condition holds (a plain loop: ``all()`` over a generator costs more than the tests)."""
-        for condition in self.conditions:
+        """Every condition holds."""
+        for condition in self.conditions:  # noqa: SIM110 - all() over a generator costs more than the tests
             if not condition.holds(facts):
                 return False
         return True

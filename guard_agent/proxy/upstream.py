@@ -230,7 +230,7 @@ def _parse_head(head: bytes) -> tuple[int, str, CIMultiDict[str], int | None, bo
     headers: CIMultiDict[str] = CIMultiDict()
     for line in lines[1:]:
         name, colon, value = line.partition(":")
-        if not colon or not name or name != name.strip() or any(c in name for c in " \t"):
+        if not colon or not name or name != name.strip() or " " in name or "\t" in name:
             raise UpstreamError("ClientResponseError", "the model's answer has a malformed header field")
         headers.add(name, value.strip(" \t"))
     lengths = {v.strip() for v in headers.getall("Content-Length", ())}
