@@ -104,11 +104,22 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 _DETECTOR_PREFIX = "ood."
 
 
+_SQUARES_BOUND = FLOAT32_MAX * FLOAT32_MAX * (1.0 - 1e-6)
+"""A sum of squares at most this proves every value finite and within float32's range (see ``within_float32``)."""
+
+
 def within_float32(features: np.ndarray) -> bool:
-    """Whether every value is finite and within float32's range, in two reductions (NaN and infinities fail
-    both comparisons): true for the usual request, which then needs no element-wise scan in ``check_input``
-    nor in ``representable``."""
-    return bool(features.size and features.min() >= -FLOAT32_MAX and features.max() <= FLOAT32_MAX)
+    """Whether every value is finite and within float32's range: true for the usual request, which then needs
+    no element-wise scan in ``check_input`` nor in ``representable``.
+
+    First one dot product: a sum of non-negative squares never rounds below any of its terms, so a sum within
+    ``_SQUARES_BOUND`` bounds every value (NaN and infinities make it NaN or infinite). Only a sum beyond it
+    (huge values, NaN, infinities) takes the exact test, two reductions (NaN and infinities fail both)."""
+    if not features.size:
+        return False
+    if float(np.vdot(features, features)) <= _SQUARES_BOUND:
+        return True
+    return bool(features.min() >= -FLOAT32_MAX and features.max() <= FLOAT32_MAX)
 
 
 def representable(features: np.ndarray, *, in_range: bool | None = None) -> tuple[np.ndarray, bool]:
