@@ -32,6 +32,38 @@ class TestRandomId:
         assert (seen_one & seen_zero & ((1 << 128) - 1)) | fixed == (1 << 128) - 1
 
 
+    def test_threads_and_a_forked_child_never_repeat_an_id(self) -> None:
+        """Ids read from per-thread buffers of random bytes: unique across threads, and a forked child (whose
+        copy of the parent's buffer is dropped) does not repeat the ids its parent makes next."""
+        import os
+        import threading
+
+        random_id()  # the parent holds unread bytes now
+        got: list[list[str]] = [[] for _ in range(4)]
+        threads = [threading.Thread(target=lambda out=out: out.extend(random_id() for _ in range(600))) for out in got]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        seen = [i for out in got for i in out]
+        assert len(set(seen)) == len(seen) == 2400
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: its next ids, then out
+            os.close(read)
+            os.write(write, "".join(random_id() for _ in range(20)).encode())
+            os._exit(0)
+        os.close(write)
+        child = b""
+        while chunk := os.read(read, 65536):
+            child += chunk
+        os.close(read)
+        os.waitpid(pid, 0)
+        child_ids = {child[i : i + 32].decode() for i in range(0, len(child), 32)}
+        parent_ids = {random_id() for _ in range(20)}
+        assert len(child_ids) == 20 and not child_ids & parent_ids
+
+
 class TestTimestamps:
     def test_matches_isoformat_across_seconds(self) -> None:
         """Within a second and across second, minute and day boundaries, the text equals datetime's."""
