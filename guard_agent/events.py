@@ -31,8 +31,6 @@ __all__ = ["ALERT_ACTIONS", "CallbackSink", "DiagnosticsHandler", "EventLogger",
 
 _LEVELS = {"debug": 0, "info": 1, "warning": 2, "error": 3, "critical": 4}
 ALERT_ACTIONS = frozenset({"flag", "harden", "throttle", "block", "integrity_violation"})
-_UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
-_UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
 
 
 _IDS_PER_READ = 256
@@ -59,13 +57,16 @@ os.register_at_fork(after_in_child=_random_bytes.forget)
 
 def random_id() -> str:
     """32 hex digits of a random version-4 UUID, as ``uuid.uuid4().hex`` (16 bytes of ``os.urandom``, without
-    building a UUID object)."""
+    building a UUID object or a 128-bit integer): the version nibble and the variant bits set in the bytes."""
     held = _random_bytes
     pos = held.pos
     if pos >= len(held.buf):
         held.buf, pos = os.urandom(16 * _IDS_PER_READ), 0
     held.pos = pos + 16
-    return f"{(int.from_bytes(held.buf[pos : pos + 16]) & _UUID4_CLEAR) | _UUID4_SET:032x}"
+    raw = bytearray(held.buf[pos : pos + 16])
+    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
+    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
+    return raw.hex()
 
 
 class EventSink(Protocol):
