@@ -38,20 +38,24 @@ _DECIDED_WITH = frozenset({"content-type", "content-encoding", "inference-header
 
 def _upstream_headers(headers: CIMultiDictProxy[str], peer: str | None, request_id: str,
                       session_header: str) -> CIMultiDict[str]:
-    decided_with = _DECIDED_WITH | {session_header.lower()}
-    connection_tokens = {t.strip().lower() for t in headers.get("Connection", "").split(",")
-                         if t.strip()} - decided_with
+    connection = headers.get("Connection")
+    dropped = (_NOT_FORWARDED | _named_by(connection, session_header)) if connection else _NOT_FORWARDED
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
-        lname = name.lower()
-        if lname in _NOT_FORWARDED or lname in connection_tokens:
-            continue
-        out.add(name, value)
+        if name.lower() not in dropped:
+            out.add(name, value)
     prior = headers.get("X-Forwarded-For")
     if peer:
         out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
     out["X-Request-Id"] = request_id
     return out
+
+
+def _named_by(connection: str, session_header: str) -> frozenset[str]:
+    """The fields a ``Connection`` header names (hop-by-hop, not forwarded), but those the guard decided with."""
+    tokens = {t.strip().lower() for t in connection.split(",")}
+    tokens.discard("")
+    return frozenset(tokens - _DECIDED_WITH - {session_header.lower()})
 
 
 def client_headers(headers: Mapping[str, str], request_id: str) -> CIMultiDict[str]:
