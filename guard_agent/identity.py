@@ -30,7 +30,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from guard_agent.auth import AuthError, BoundedCache, JwtVerifier, KeyStore
+from guard_agent.auth import ApiKey, AuthError, BoundedCache, JwtVerifier, KeyStore
 
 __all__ = ["Identity", "IdentityResolver", "client_address"]
 
@@ -39,6 +39,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _HASH_CACHE_ENTRIES = 16384   # session hashes: one per live key, token subject or client address
 _ADDRESS_CACHE_ENTRIES = 4096  # (peer, X-Forwarded-For) -> client address
 _MAX_CACHED_FORWARDED = 512    # longer X-Forwarded-For values are walked every time, not kept
+_IDENTITY_CACHE_ENTRIES = 16384  # (credential digest, source, address) -> Identity
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,12 @@ class IdentityResolver:
         self._hashes: BoundedCache[bytes, str] = BoundedCache(_HASH_CACHE_ENTRIES)  # sha256(input) -> session
         self._addresses: BoundedCache[tuple[str | None, str | None], tuple[IPAddress | None, str | None]] = \
             BoundedCache(_ADDRESS_CACHE_ENTRIES)
+        # identities of keys, built once per (key, source, address); a verified key's entry is kept beside its
+        # identity and must be the key store's current one (a reload makes new entries)
+        self._unverified_ids: BoundedCache[tuple[bytes, str, str | None], Identity] = \
+            BoundedCache(_IDENTITY_CACHE_ENTRIES)
+        self._verified_ids: BoundedCache[tuple[bytes, str, str | None], tuple[ApiKey, Identity]] = \
+            BoundedCache(_IDENTITY_CACHE_ENTRIES)
         self._anonymous = self.hash("anonymous", "")
 
     def use_credentials(self, *, keys: KeyStore | None = None, jwt: JwtVerifier | None = None) -> None:
@@ -186,20 +193,42 @@ class IdentityResolver:
         if self.keys is None:
             if self.verifying:  # a JWKS is set but no key store: a bare key proves nothing
                 return None, "api keys not configured"
-            return Identity(self.hash("key", value), source, ip, authenticated=True, address=address,
-                            address_session=self._address_session(address)), None
+            return self._unverified("key", value, source, ip, address), None
         entry = self.keys.lookup(value)  # asked every time: a key removed by a reload fails at once
         if entry is None:
             return None, "unknown api key"
-        return Identity(self.hash("principal", f"key:{entry.name}"), source, ip, authenticated=True,
-                        principal=entry.name, rate_limit=entry.rate_limit, models=entry.models,
-                        address=address), None
+        return self._verified_key(entry, source, ip, address), None
+
+    def _unverified(self, kind: str, value: str, source: str, ip: IPAddress | None,
+                    address: str | None) -> Identity:
+        """The identity of a credential nothing verifies: a pure function of the credential and the address,
+        so built once per pair (cached under the credential's SHA-256, never the raw value)."""
+        data = f"{kind}\x00{value}".encode(errors="surrogateescape")
+        key = (hashlib.sha256(data).digest(), source, address)
+        identity = self._unverified_ids.get(key)
+        if identity is None:
+            identity = Identity(self.hash(kind, value), source, ip, authenticated=True, address=address,
+                                address_session=self._address_session(address))
+            self._unverified_ids.put(key, identity)
+        return identity
+
+    def _verified_key(self, entry: ApiKey, source: str, ip: IPAddress | None, address: str | None) -> Identity:
+        """The identity of a key the store holds, built once per (key, source, address): reused only while the
+        store still answers with the very entry it was built from, so a reload (new name, limit or models)
+        builds it again."""
+        key = (entry.digest, source, address)
+        held = self._verified_ids.get(key)
+        if held is not None and held[0] is entry:
+            return held[1]
+        identity = Identity(self.hash("principal", f"key:{entry.name}"), source, ip, authenticated=True,
+                            principal=entry.name, rate_limit=entry.rate_limit, models=entry.models, address=address)
+        self._verified_ids.put(key, (entry, identity))
+        return identity
 
     def _from_bearer(self, token: str, ip: IPAddress | None,
                      address: str | None) -> tuple[Identity | None, str | None]:
         if not self.verifying:
-            return Identity(self.hash("bearer", token), "bearer", ip, authenticated=True, address=address,
-                            address_session=self._address_session(address)), None
+            return self._unverified("bearer", token, "bearer", ip, address), None
         if self.jwt is not None and token.count(".") == 2:
             try:
                 principal = self.jwt.verify(token)

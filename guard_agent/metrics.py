@@ -11,11 +11,11 @@ from bisect import bisect_left
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
-__all__ = ["LabelledChildren", "Metrics", "ScoreHistogram"]
+__all__ = ["LabelledChildren", "LabelledHistogram", "Metrics"]
 
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
@@ -39,49 +39,51 @@ class LabelledChildren:
         return child
 
 
-class ScoreHistogram:
-    """``inference_guard_score{score}``: the histogram prometheus_client's ``Histogram`` exposes (buckets,
+class LabelledHistogram:
+    """A histogram with one label, exposed as prometheus_client's ``Histogram`` exposes it (buckets,
     ``_count``, ``_sum``, ``_created``, same text), counted in plain lists.
 
-    A request observes one value per score (about 20 with every detector and tracker on); through
-    prometheus_client that is a ``labels()`` lookup and two locked increments each, tens of µs per request.
-    Here it is one ``bisect`` and two list additions. Only the event loop's thread observes; a scrape reads a
-    copy, so it never sees a bucket ahead of the count by more than the requests of that instant."""
+    A request observes one value per score (about 20 with every detector and tracker on) and two latencies;
+    through prometheus_client each is a ``labels()`` lookup and two locked increments, tens of µs per request
+    together. Here it is one ``bisect`` and two list additions. Only the event loop's thread observes; a scrape
+    reads a copy, so it never sees a bucket ahead of the count by more than the requests of that instant."""
 
     def __init__(self, name: str, documentation: str, buckets: tuple[float, ...],
-                 registry: CollectorRegistry) -> None:
+                 registry: CollectorRegistry, *, label: str) -> None:
         self._name = name
         self._doc = documentation
+        self._label = label
         self._bounds = (*buckets, float("inf")) if buckets[-1] != float("inf") else tuple(buckets)
         self._les = tuple(floatToGoString(b) for b in self._bounds)  # type: ignore[no-untyped-call]
         self._series: dict[str, tuple[list[int], list[float], float]] = {}  # score -> (counts, [sum], created)
         registry.register(self)
 
-    def observe(self, score: str, value: float) -> None:
-        series = self._series.get(score)
+    def observe(self, labelled: str, value: float) -> None:
+        """One value into the series of label value ``labelled``."""
+        series = self._series.get(labelled)
         if series is None:
-            series = self._series[score] = ([0] * len(self._bounds), [0.0], time.time())
+            series = self._series[labelled] = ([0] * len(self._bounds), [0.0], time.time())
         series[0][bisect_left(self._bounds, value)] += 1  # the first bucket whose bound is >= value
         series[1][0] += value
 
-    def observe_all(self, scores: Mapping[str, float]) -> None:
-        """One value per score name (a request's scores)."""
-        for score, value in scores.items():
-            self.observe(score, value)
+    def observe_all(self, values: Mapping[str, float]) -> None:
+        """One value per label value (a request's scores)."""
+        for labelled, value in values.items():
+            self.observe(labelled, value)
 
     def describe(self) -> list[Metric]:
-        return [HistogramMetricFamily(self._name, self._doc, labels=["score"])]
+        return [HistogramMetricFamily(self._name, self._doc, labels=[self._label])]
 
     def collect(self) -> Iterator[Metric]:
-        family = HistogramMetricFamily(self._name, self._doc, labels=["score"])
+        family = HistogramMetricFamily(self._name, self._doc, labels=[self._label])
         created = Metric(self._name + "_created", self._doc, "gauge")
-        for score, (counts, total, born) in list(self._series.items()):
+        for labelled, (counts, total, born) in list(self._series.items()):
             running, cumulative = 0, []
             for le, n in zip(self._les, list(counts), strict=True):
                 running += n
                 cumulative.append((le, float(running)))
-            family.add_metric([score], cumulative, total[0])
-            created.add_sample(self._name + "_created", {"score": score}, born)
+            family.add_metric([labelled], cumulative, total[0])
+            created.add_sample(self._name + "_created", {self._label: labelled}, born)
         yield family
         if self._series:
             yield created
@@ -93,11 +95,11 @@ class Metrics:
         r = self.registry
         self.requests = Counter("inference_guard_requests_total", "Requests by route, decision and status",
                                 ["route", "action", "status"], registry=r)
-        self.overhead = Histogram("inference_guard_overhead_seconds",
-                                  "Time spent in the guard per request, excluding the upstream call",
-                                  ["route"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.upstream_latency = Histogram("inference_guard_upstream_seconds", "Upstream call latency",
-                                          ["route"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.overhead = LabelledHistogram("inference_guard_overhead_seconds",
+                                          "Time spent in the guard per request, excluding the upstream call",
+                                          _LATENCY_BUCKETS, r, label="route")
+        self.upstream_latency = LabelledHistogram("inference_guard_upstream_seconds", "Upstream call latency",
+                                                  _LATENCY_BUCKETS, r, label="route")
         self.upstream_errors = Counter("inference_guard_upstream_errors_total",
                                        "Upstream failures by kind", ["kind"], registry=r)
         self.policy_reloads = Counter("inference_guard_policy_reloads_total", "Policy reload attempts",
@@ -115,8 +117,8 @@ class Metrics:
                                          "Sessions dropped from the local store", ["reason"], registry=r)
         self.scoring_failures = Counter("inference_guard_scoring_failures_total",
                                         "Scoring errors and budget overruns", ["kind"], registry=r)
-        self.scores = ScoreHistogram("inference_guard_score", "Distribution of calibrated scores",
-                                     buckets=(0.5, 0.9, 0.99, 0.999, 0.9999, 1.0), registry=r)
+        self.scores = LabelledHistogram("inference_guard_score", "Distribution of calibrated scores",
+                                        (0.5, 0.9, 0.99, 0.999, 0.9999, 1.0), r, label="score")
         self.events_dropped = Counter("inference_guard_events_dropped_total",
                                       "Decision events dropped because the sink queue was full", registry=r)
         self.capture_dropped = Counter("inference_guard_capture_dropped_total",
@@ -125,5 +127,3 @@ class Metrics:
                                ["reason"], registry=r)
         # the request path's metrics, children cached per label tuple
         self.requests_by = LabelledChildren(self.requests)
-        self.overhead_by = LabelledChildren(self.overhead)
-        self.upstream_latency_by = LabelledChildren(self.upstream_latency)

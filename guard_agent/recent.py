@@ -28,6 +28,7 @@ __all__ = ["DecisionEntry", "RecentDecisions", "SessionSummary", "risk_of"]
 _RISKY = 0.5  # a session this risky is tracked even in a minute already holding max_sessions sessions
 _RISK_SCORES = ("session.risk", "session.prada", "session.fingerprint", "session.global_fingerprint",
                 "session.crawl", "session.neighbors", "session.coverage", "session.margin")
+_RISK_SET = frozenset(_RISK_SCORES)
 
 
 def risk_of(scores: Mapping[str, float]) -> float:
@@ -36,6 +37,8 @@ def risk_of(scores: Mapping[str, float]) -> float:
     risk = scores.get("session.risk")
     if risk is not None:
         return float(risk)
+    if _RISK_SET.isdisjoint(scores):  # a guard without session trackers: one pass over the few scores it has
+        return 0.0
     return max((float(scores[n]) for n in _RISK_SCORES if n in scores), default=0.0)
 
 

@@ -30,6 +30,7 @@ __all__ = [
     "representable",
     "run_scorers",
     "saturate_detector_scores",
+    "within_float32",
 ]
 
 
@@ -48,15 +49,17 @@ class ScoringContext:
     extra: Mapping[str, Any]
 
 
-def check_input(features: np.ndarray, schema: InputSchema, *, expected_features: int | None) -> None:
-    """Hard checks that make a request invalid (400) rather than suspicious."""
+def check_input(features: np.ndarray, schema: InputSchema, *, expected_features: int | None,
+                in_float32_range: bool = False) -> None:
+    """Hard checks that make a request invalid (400) rather than suspicious. ``in_float32_range``: the caller
+    found every value within float32's range (``within_float32``), which proves them finite without a scan."""
     rows, n = features.shape
     if schema.max_rows is not None and rows > schema.max_rows:
         raise InputSchemaError(f"batch of {rows} rows exceeds the limit of {schema.max_rows}")
     want = schema.features if schema.features is not None else expected_features
     if want is not None and n != want:
         raise InputSchemaError(f"expected {want} features per row, got {n}")
-    if not schema.allow_nonfinite and not np.isfinite(features).all():
+    if not schema.allow_nonfinite and not in_float32_range and not np.isfinite(features).all():
         raise InputSchemaError("input contains NaN or Infinity, which the policy does not allow")
 
 
@@ -101,16 +104,35 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 _DETECTOR_PREFIX = "ood."
 
 
-def representable(features: np.ndarray) -> tuple[np.ndarray, bool]:
-    """The features clipped to the float32 range, and whether any finite value lay beyond it.
+_SQUARES_BOUND = FLOAT32_MAX * FLOAT32_MAX * (1.0 - 1e-6)
+"""A sum of squares at most this proves every value finite and within float32's range (see ``within_float32``)."""
+
+
+def within_float32(features: np.ndarray) -> bool:
+    """Whether every value is finite and within float32's range: true for the usual request, which then needs
+    no element-wise scan in ``check_input`` nor in ``representable``.
+
+    First one dot product: a sum of non-negative squares never rounds below any of its terms, so a sum within
+    ``_SQUARES_BOUND`` bounds every value (NaN and infinities make it NaN or infinite). Only a sum beyond it
+    (huge values, NaN, infinities) takes the exact test, two reductions (NaN and infinities fail both)."""
+    if not features.size:
+        return False
+    if float(np.vdot(features, features)) <= _SQUARES_BOUND:
+        return True
+    return bool(features.min() >= -FLOAT32_MAX and features.max() <= FLOAT32_MAX)
+
+
+def representable(features: np.ndarray, *, in_range: bool | None = None) -> tuple[np.ndarray, bool]:
+    """The features clipped to the float32 range, and whether any finite value lay beyond it. ``in_range``:
+    ``within_float32(features)`` when the caller has it already.
 
     A finite float64 beyond float32's range (``3.4028236e38``) would make the detectors refuse the row, and a
     refused row must not read as a scoring error that ``failure.on_error: open`` lets through: such a value is
     as far out as an input gets, so it is scored at the range's edge and its detector scores saturated
     (``saturate_detector_scores``). NaN and infinities are left as they are (``check_input`` rules on them).
     """
-    if features.size and features.min() >= -FLOAT32_MAX and features.max() <= FLOAT32_MAX:
-        return features, False  # the usual case, in two reductions (NaN and infinities fail it: looked at below)
+    if in_range if in_range is not None else within_float32(features):
+        return features, False  # the usual case (NaN and infinities fail it: looked at below)
     with np.errstate(invalid="ignore"):
         beyond = np.isfinite(features) & (np.abs(features) > FLOAT32_MAX)
     if not beyond.any():

@@ -83,8 +83,14 @@ def facts_for(request: RequestFacts, scores: Mapping[str, float], session: Sessi
     return facts
 
 
+_PLAIN_ALLOW: Mapping[bool, Decision] = {enforced: Decision("allow", "default", enforced=enforced)
+                                          for enforced in (True, False)}
+"""The decision when no rule matched and nothing failed (most requests), by ``enforced``: one frozen object each,
+equal to the one ``decide()`` would build, instead of a new one per request."""
+
+
 def _in_networks(ip: Any, networks: tuple[Any, ...]) -> bool:
-    return ip is not None and any(ip.version == n.version and ip in n for n in networks)
+    return bool(networks) and ip is not None and any(ip.version == n.version and ip in n for n in networks)
 
 
 def decide(
@@ -134,6 +140,8 @@ def decide(
         matched.append("rate-limit")
     if best_action == "allow" and scoring_failure is not None:
         best_rule = f"scoring-{scoring_failure}"
+    if best_action == "allow" and not matched and scoring_failure is None:
+        return _PLAIN_ALLOW[enforced]
     if best_action == "harden" and request.protocol not in HARDENABLE_PROTOCOLS:
         # refuse this request rather than leak the full answer or spend a model call on it; no cool-down, the
         # rule asked for less than a block. Monitor mode reports the same, as enforcing would do it.

@@ -162,7 +162,7 @@ def build_request(
     if rows > limits.max_rows:
         raise ProtocolError(f"too many rows: {rows} > {limits.max_rows}")
     flat = [p.reshape(rows, -1) for p in parts]
-    width = sum(f.shape[1] for f in flat)
+    width = flat[0].shape[1] if len(flat) == 1 else sum([f.shape[1] for f in flat])
     if width == 0:
         raise ProtocolError("inputs have no features")
     if width > limits.max_features:
@@ -170,7 +170,7 @@ def build_request(
     features = flat[0] if len(flat) == 1 else np.concatenate(flat, axis=1)
     features = np.ascontiguousarray(features, dtype=np.float64)
     if row_shape is None:
-        row_shape = (tuple(int(d) for d in parts[0].shape[1:]) or (1,)) if len(parts) == 1 else (width,)
+        row_shape = (parts[0].shape[1:] or (1,)) if len(parts) == 1 else (width,)  # numpy's shapes hold ints
     return ParsedRequest(
         features=features,
         rows=rows,

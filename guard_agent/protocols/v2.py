@@ -66,6 +66,7 @@ DATATYPES: dict[str, tuple[Kind, str, float, float]] = {
 _TOP_KEYS = frozenset({"id", "parameters", "inputs", "outputs"})
 _INPUT_KEYS = frozenset({"name", "shape", "datatype", "data", "parameters"})
 _MAX_DIMS = 32
+_INTS = frozenset({int})
 
 
 def _object(value: Any, where: str) -> dict[str, Any]:
@@ -75,8 +76,7 @@ def _object(value: Any, where: str) -> dict[str, Any]:
 
 
 def _unknown_keys(obj: dict[str, Any], allowed: frozenset[str], where: str) -> None:
-    extra = obj.keys() - allowed
-    if extra:
+    if not allowed.issuperset(obj):
         raise ProtocolError(f"{where}: unknown field (allowed: {', '.join(sorted(allowed))})")
 
 
@@ -85,12 +85,13 @@ def _shape(value: Any, where: str, limits: ParseLimits) -> tuple[int, ...]:
         raise ProtocolError(f"{where}.shape must be a non-empty list of integers (the first is the batch)")
     if len(value) > _MAX_DIMS:
         raise ProtocolError(f"{where}.shape has more than {_MAX_DIMS} dimensions")
-    if any(type(d) is not int or d < 0 for d in value):
+    if not _INTS.issuperset(map(type, value)) or min(value) < 0:  # type checks in C: no bools, floats or nulls
         raise ProtocolError(f"{where}.shape must hold non-negative integers")
     if value[0] > limits.max_rows:
         raise ProtocolError(f"too many rows: {value[0]} > {limits.max_rows}")
     # Bound every dimension, zero-sized ones included: numpy refuses shapes whose extent overflows.
-    if math.prod(max(d, 1) for d in value) > limits.max_rows * limits.max_features:
+    extent = math.prod(value) if 0 not in value else math.prod(max(d, 1) for d in value)
+    if extent > limits.max_rows * limits.max_features:
         raise ProtocolError(f"{where}.shape is too large")
     return tuple(value)
 
@@ -116,6 +117,8 @@ def _in_range(data: Any, arr: np.ndarray, lo: float, hi: float) -> bool:
 
 
 def _requested_outputs(doc: dict[str, Any]) -> tuple[str, ...]:
+    if "parameters" not in doc and "outputs" not in doc:  # the usual request: every output, as JSON
+        return ()
     params = _object(doc.get("parameters", {}), "parameters")
     if params.get("binary_data_output") is True:
         raise ProtocolError("binary output tensors are not supported: request JSON outputs")
@@ -167,8 +170,7 @@ def _tensor(
         raise ProtocolError(f"{where}: unsupported datatype{named}")
     kind, dtype, lo, hi = spec
     count = math.prod(shape)
-    params = _object(inp.get("parameters", {}), f"{where}.parameters")
-    size = params.get("binary_data_size")
+    size = _object(inp["parameters"], f"{where}.parameters").get("binary_data_size") if "parameters" in inp else None
     if size is not None:
         if binary is None:
             raise ProtocolError(f"{where}: binary_data_size without Inference-Header-Content-Length")

@@ -20,7 +20,7 @@ from guard_agent.proxy.outcome import Outcome, reject
 from guard_agent.proxy.sessions import RequestSessions
 from guard_agent.proxy.wire import read_body
 from guard_agent.routes import RouteMatch
-from guard_agent.scoring import InputSchemaError, check_input, representable
+from guard_agent.scoring import InputSchemaError, check_input, representable, within_float32
 from guard_agent.state import GuardState
 from guard_agent.text_scoring import project_texts
 
@@ -69,8 +69,8 @@ async def admit(request: web.Request, state: GuardState, match: RouteMatch, out:
     read = await _read_input(request, state, match, eff, out, request_id)
     if isinstance(read, web.Response):
         return read
-    body, parsed = read
-    features, beyond_range = representable(parsed.features)
+    body, parsed, in_range = read
+    features, beyond_range = representable(parsed.features, in_range=in_range)
     sessions, session_facts = await _admit_session(state, identity, eff, parsed, now, out)
     request_facts = RequestFacts(model=match.model, protocol=parsed.protocol, rows=parsed.rows,
                                  body_bytes=len(body), features=int(parsed.features.shape[1]),
@@ -81,9 +81,10 @@ async def admit(request: web.Request, state: GuardState, match: RouteMatch, out:
 
 
 async def _read_input(request: web.Request, state: GuardState, match: RouteMatch, eff: EffectivePolicy,
-                      out: Outcome, request_id: str) -> tuple[bytes, ParsedRequest] | web.Response:
+                      out: Outcome, request_id: str) -> tuple[bytes, ParsedRequest, bool] | web.Response:
     """The body and the request parsed from it (texts projected by the profile), checked against the input
-    schema; 413 or 400 otherwise."""
+    schema, and whether its values are all within float32's range (``within_float32``: both checks use it);
+    413 or 400 otherwise."""
     settings = state.settings
     body = await read_body(request, settings.max_body_bytes, settings.client_read_timeout)
     if body is None:
@@ -93,11 +94,13 @@ async def _read_input(request: web.Request, state: GuardState, match: RouteMatch
         parsed = _parse(request, state, match, body)
         out.rows = parsed.rows
         parsed = project_texts(state.profile, parsed, match.model)
-        check_input(parsed.features, eff.input, expected_features=state.profile.expected_features(match.model))
+        in_range = within_float32(parsed.features)
+        check_input(parsed.features, eff.input, expected_features=state.profile.expected_features(match.model),
+                    in_float32_range=in_range)
     except (ProtocolError, InputSchemaError) as exc:
         out.rule = "invalid-input"
         return reject(state, out, 400, "invalid_input", str(exc), request_id)
-    return body, parsed
+    return body, parsed, in_range
 
 
 async def _admit_session(state: GuardState, identity: Identity, eff: EffectivePolicy, parsed: ParsedRequest,

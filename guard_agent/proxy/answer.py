@@ -80,10 +80,9 @@ async def _forward(request: web.Request, state: GuardState, a: Admitted, out: Ou
     reason: str | None
     try:
         if state.upstream is not None:
-            async with asyncio.timeout(upstream_deadline(state)):
-                got = await state.upstream.request(request.method, upstream_target(request, a.strip_query),
-                                                   upstream_headers(state, request, request_id, readable=True).items(),
-                                                   a.body)
+            got = await state.upstream.request(request.method, upstream_target(request, a.strip_query),
+                                               upstream_headers(state, request, request_id, readable=True).items(),
+                                               a.body, timeout=upstream_deadline(state))
             status, reason, headers, payload = got.status, got.reason, got.headers, got.payload
         else:
             upstream = await call_upstream(state, request, a.body, request_id, readable=True,
@@ -94,7 +93,7 @@ async def _forward(request: web.Request, state: GuardState, a: Admitted, out: Ou
     except (TimeoutError, aiohttp.ClientError, UpstreamError) as exc:
         return upstream_failure(state, out, exc, request_id), time.perf_counter() - t0
     seconds = time.perf_counter() - t0
-    state.metrics.upstream_latency_by(a.match.route).observe(seconds)
+    state.metrics.upstream_latency.observe(a.match.route, seconds)
     return _Forwarded(status, reason, headers, payload, seconds)
 
 

@@ -69,8 +69,8 @@ async def _scores(request: web.Request, state: GuardState, a: Admitted,
     ctx = ScoringContext(features=a.features, row_shape=a.parsed.row_shape, model=model,
                          protocol=a.parsed.protocol, body=a.body, policy=a.eff,
                          extra={"request": request, "parsed": a.parsed})
-    scores, failure = await run_scorers(ctx, (_declared_scorer, _TextChecks(state.profile, a.parsed)),
-                                        state.async_scorers if a.eff.squeeze.enabled else (),
+    sync_scorers = (_declared_scorer, _TextChecks(state.profile, a.parsed)) if a.parsed.texts else _NUMERIC_SCORERS
+    scores, failure = await run_scorers(ctx, sync_scorers, state.async_scorers if a.eff.squeeze.enabled else (),
                                         batched=state.profile.score_batched)
     if a.beyond_range:  # a value the detectors cannot represent is as far out as it gets, never an error
         out.fields["beyond_float32"] = True
@@ -89,6 +89,10 @@ async def _scores(request: web.Request, state: GuardState, a: Admitted,
 
 def _declared_scorer(ctx: ScoringContext) -> Mapping[str, float]:
     return {"input.schema": declared_schema_score(ctx.features, ctx.policy.input)}
+
+
+_NUMERIC_SCORERS = (_declared_scorer,)
+"""A numeric request's synchronous scorers: the ``text.*`` checks give nothing without texts."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -92,7 +92,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     _emit(state, request, policy, out, request_id, started)
     metrics = state.metrics
     metrics.requests_by(match.route, out.action, str(out.status)).inc()
-    metrics.overhead_by(match.route).observe(max(0.0, time.perf_counter() - started - upstream_time))
+    metrics.overhead.observe(match.route, max(0.0, time.perf_counter() - started - upstream_time))
     return response
 
 

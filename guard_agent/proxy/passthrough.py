@@ -52,5 +52,5 @@ async def passthrough(request: web.Request, state: GuardState, match: RouteMatch
             out.outcome = "failure"
             if request.transport is not None:  # the client must not take a truncated body for a whole one
                 request.transport.close()
-    state.metrics.upstream_latency_by("passthrough").observe(time.perf_counter() - t0)
+    state.metrics.upstream_latency.observe("passthrough", time.perf_counter() - t0)
     return response, time.perf_counter() - t0

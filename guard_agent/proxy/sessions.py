@@ -45,7 +45,11 @@ class RequestSessions:
 
     @property
     def queries(self) -> int:
-        return max(r.queries for _, r in self.entries)
+        """The larger query count of the records (one record for most requests: no generator for it)."""
+        entries = self.entries
+        if len(entries) == 1:
+            return entries[0][1].queries
+        return max(r.queries for _, r in entries)
 
     def take(self, now: float, limit: RateLimit | None) -> tuple[bool, float]:
         """One token from every bucket (``ratelimit.rate_check``, as the replay): (refused, seconds until the
@@ -58,7 +62,12 @@ class RequestSessions:
         return refused, retry_after
 
     def blocked(self, now: float) -> str | None:
-        return next((rule for _, r in self.entries if (rule := r.blocked(now)) is not None), None)
+        """The rule of the first record's running cool-down, None when no record is blocked."""
+        for _, record in self.entries:
+            rule = record.blocked(now)
+            if rule is not None:
+                return rule
+        return None
 
     def block(self, decision: Decision, policy: EffectivePolicy, now: float) -> None:
         """The cool-down the decision starts (``ratelimit.cooldown_start``, as the replay) on every record."""

@@ -66,6 +66,7 @@ class _Connection(asyncio.Protocol):
         self._waiter: asyncio.Future[Answer] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._last_read = 0.0
+        self._deadline = 0.0  # loop time by which the current answer must be whole
         self._head: tuple[int, str, CIMultiDict[str], int | None, bool, bool] | None = None
         self._chunks: list[bytes] = []  # chunked body parts decoded so far
         self._bodiless = False  # the current request is HEAD: its answer has a head only
@@ -88,9 +89,9 @@ class _Connection(asyncio.Protocol):
         else:
             waiter.set_exception(UpstreamError("ClientPayloadError"))
 
-    def send(self, data: bytes, *, bodiless: bool = False) -> asyncio.Future[Answer]:
-        """Write one whole request; the future is the whole answer (or the reason there is none).
-        ``bodiless``: a HEAD request, whose answer ends with its head."""
+    def send(self, data: bytes, *, deadline: float, bodiless: bool = False) -> asyncio.Future[Answer]:
+        """Write one whole request; the future is the whole answer (or the reason there is none), a TimeoutError
+        once the loop's clock passes ``deadline``. ``bodiless``: a HEAD request, whose answer ends with its head."""
         assert self.transport is not None
         self._bodiless = bodiless
         loop = asyncio.get_running_loop()
@@ -98,18 +99,21 @@ class _Connection(asyncio.Protocol):
         self.reusable = False
         self.received = 0
         self._last_read = loop.time()
-        self._timer = loop.call_at(self._last_read + self._read_timeout, self._check_idle)
+        self._deadline = deadline
+        self._timer = loop.call_at(min(self._last_read + self._read_timeout, deadline), self._check_idle)
         self.transport.write(data)
         return self._waiter
 
     def _check_idle(self) -> None:
-        """``read_timeout`` is the longest gap between two reads (as aiohttp's ``sock_read``)."""
+        """``read_timeout`` is the longest gap between two reads (as aiohttp's ``sock_read``); the deadline
+        bounds the whole answer. One timer serves both: a per-call ``asyncio.timeout`` would cost a second
+        timer, a context object and a task cancellation path on every request."""
         self._timer = None
         waiter = self._waiter
         if waiter is None or waiter.done():
             return
         loop = asyncio.get_running_loop()
-        due = self._last_read + self._read_timeout
+        due = min(self._last_read + self._read_timeout, self._deadline)
         if loop.time() < due:
             self._timer = loop.call_at(due, self._check_idle)
             return
@@ -212,9 +216,11 @@ class _Connection(asyncio.Protocol):
 
 def _parse_head(head: bytes) -> tuple[int, str, CIMultiDict[str], int | None, bool, bool]:
     """(status, reason, headers, Content-Length or None, chunked, close after it) of one answer head."""
-    lines = head.decode("latin-1").split("\r\n")
-    if any("\n" in line or "\r" in line or "\x00" in line for line in lines):  # a bare CR or LF: not our framing
+    decoded = head.decode("latin-1")
+    breaks = decoded.count("\r\n")
+    if decoded.count("\r") != breaks or decoded.count("\n") != breaks or "\x00" in decoded:  # bare CR, LF or NUL
         raise UpstreamError("ClientResponseError", "the model's answer head has bare line breaks")
+    lines = decoded.split("\r\n")
     version, _, rest = lines[0].partition(" ")
     status_text, _, reason = rest.partition(" ")
     if version not in ("HTTP/1.1", "HTTP/1.0") or len(status_text) != 3 or not status_text.isdigit():
@@ -224,7 +230,7 @@ def _parse_head(head: bytes) -> tuple[int, str, CIMultiDict[str], int | None, bo
     headers: CIMultiDict[str] = CIMultiDict()
     for line in lines[1:]:
         name, colon, value = line.partition(":")
-        if not colon or not name or name != name.strip() or any(c in name for c in " \t"):
+        if not colon or not name or name != name.strip() or " " in name or "\t" in name:
             raise UpstreamError("ClientResponseError", "the model's answer has a malformed header field")
         headers.add(name, value.strip(" \t"))
     lengths = {v.strip() for v in headers.getall("Content-Length", ())}
@@ -261,12 +267,13 @@ class UpstreamPool:
         self._read_timeout = read_timeout
         self._idle: list[_Connection] = []
 
-    async def request(self, method: str, target: str, headers: Iterable[tuple[str, str]], body: bytes) -> Answer:
-        """Send ``body`` exactly; the whole answer. Raises UpstreamError, or TimeoutError when the connect takes
-        longer than ``connect_timeout`` or the answer pauses longer than ``read_timeout`` (the caller's deadline
-        bounds the whole call). The headers go as given (aiohttp's parse of the client's, re-encoded as it
-        read them), with ``Host``, ``Content-Length`` and, when absent, the two aiohttp's client added
-        (``Accept: */*``, ``Content-Type: application/octet-stream``)."""
+    async def request(self, method: str, target: str, headers: Iterable[tuple[str, str]], body: bytes, *,
+                      timeout: float) -> Answer:
+        """Send ``body`` exactly; the whole answer. Raises UpstreamError, or TimeoutError when the whole call (a
+        free slot, the connect and the answer) takes longer than ``timeout`` seconds, the connect longer than
+        ``connect_timeout`` or the answer pauses longer than ``read_timeout``. The headers go as given
+        (aiohttp's parse of the client's, re-encoded as it read them), with ``Host``, ``Content-Length`` and,
+        when absent, the two aiohttp's client added (``Accept: */*``, ``Content-Type: application/octet-stream``)."""
         head = [f"{method} {target} HTTP/1.1\r\n", self._host_header]
         accept = content_type = False
         for name, value in headers:
@@ -281,29 +288,47 @@ class UpstreamPool:
         head.append(f"Content-Length: {len(body)}\r\n\r\n")
         data = "".join(head).encode("utf-8", "surrogateescape") + body
         bodiless = method == "HEAD"
-        async with self._slots:
-            conn = self._take_idle()
-            reused = conn is not None
-            if conn is None:
-                conn = await self._connect()
+        deadline = asyncio.get_running_loop().time() + timeout
+        if self._slots.locked():  # every connection busy: wait for one within the deadline
+            async with asyncio.timeout_at(deadline):
+                await self._slots.acquire()
+        else:
+            await self._slots.acquire()  # a free slot is taken at once, without a timer
+        try:
+            return await self._exchange(data, deadline, bodiless)
+        finally:
+            self._slots.release()
+
+    async def _exchange(self, data: bytes, deadline: float, bodiless: bool) -> Answer:
+        """One request on an idle connection (or a new one) holding a slot; the connection goes back idle only
+        when its answer ended cleanly."""
+        conn = self._take_idle()
+        reused = conn is not None
+        if conn is None:
+            conn = await self._connect_by(deadline)
+        try:
             try:
-                try:
-                    answer = await conn.send(data, bodiless=bodiless)
-                except UpstreamError as exc:
-                    # an idle connection the server closed as it was taken: nothing of an answer came back
-                    if not (reused and exc.kind == "ServerDisconnectedError"):
-                        raise
-                    conn.abort()
-                    conn = await self._connect()
-                    answer = await conn.send(data, bodiless=bodiless)
-            except BaseException:
-                conn.abort()  # cancelled (the deadline) or failed mid-answer: never reused
-                raise
-            if conn.reusable:
-                self._idle.append(conn)
-            elif not conn.closed:
+                answer = await conn.send(data, deadline=deadline, bodiless=bodiless)
+            except UpstreamError as exc:
+                # an idle connection the server closed as it was taken: nothing of an answer came back
+                if not (reused and exc.kind == "ServerDisconnectedError"):
+                    raise
                 conn.abort()
-            return answer
+                conn = await self._connect_by(deadline)
+                answer = await conn.send(data, deadline=deadline, bodiless=bodiless)
+        except BaseException:
+            conn.abort()  # timed out, cancelled or failed mid-answer: never reused
+            raise
+        if conn.reusable:
+            self._idle.append(conn)
+        elif not conn.closed:
+            conn.abort()
+        return answer
+
+    async def _connect_by(self, deadline: float) -> _Connection:
+        """A new connection, within the call's deadline as well as ``connect_timeout``."""
+        async with asyncio.timeout_at(deadline):
+            return await self._connect()
 
     def _take_idle(self) -> _Connection | None:
         while self._idle:

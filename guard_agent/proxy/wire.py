@@ -38,20 +38,24 @@ _DECIDED_WITH = frozenset({"content-type", "content-encoding", "inference-header
 
 def _upstream_headers(headers: CIMultiDictProxy[str], peer: str | None, request_id: str,
                       session_header: str) -> CIMultiDict[str]:
-    decided_with = _DECIDED_WITH | {session_header.lower()}
-    connection_tokens = {t.strip().lower() for t in headers.get("Connection", "").split(",")
-                         if t.strip()} - decided_with
+    connection = headers.get("Connection")
+    dropped = (_NOT_FORWARDED | _named_by(connection, session_header)) if connection else _NOT_FORWARDED
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
-        lname = name.lower()
-        if lname in _NOT_FORWARDED or lname in connection_tokens:
-            continue
-        out.add(name, value)
+        if name.lower() not in dropped:
+            out.add(name, value)
     prior = headers.get("X-Forwarded-For")
     if peer:
         out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
     out["X-Request-Id"] = request_id
     return out
+
+
+def _named_by(connection: str, session_header: str) -> frozenset[str]:
+    """The fields a ``Connection`` header names (hop-by-hop, not forwarded), but those the guard decided with."""
+    tokens = {t.strip().lower() for t in connection.split(",")}
+    tokens.discard("")
+    return frozenset(tokens - _DECIDED_WITH - {session_header.lower()})
 
 
 def client_headers(headers: Mapping[str, str], request_id: str) -> CIMultiDict[str]:
@@ -79,13 +83,11 @@ async def read_body(request: web.Request, limit: int, timeout: float) -> bytes |
     """The whole body, or None when it exceeds ``limit`` (checked before and while reading)."""
     # every Content-Encoding header and every token of each: aiohttp decompresses by one of them while a model
     # server may read another, so anything but identity (in any position, repeated or listed) is refused
-    encodings = [t.strip().lower() for v in request.headers.getall("Content-Encoding", ()) for t in v.split(",")]
-    if any(c not in ("", "identity") for c in encodings):
-        # aiohttp would decompress it; the guard refuses instead of scoring bytes other than those forwarded
-        shown = ", ".join(encodings)[:48]
-        raise BadBody(f"unsupported Content-Encoding {shown!r}: send an uncompressed body")
-    codings = ",".join(request.headers.getall("Transfer-Encoding", ())).strip().lower()
-    if codings not in ("", "chunked"):
+    headers = request.headers
+    if "Content-Encoding" in headers:  # one lookup for the usual request, which names no coding at all
+        _refuse_content_codings(headers.getall("Content-Encoding"))
+    if "Transfer-Encoding" in headers and ",".join(headers.getall("Transfer-Encoding")).strip().lower() not in (
+            "", "chunked"):
         # aiohttp decodes only the chunked framing; any other transfer-coding would be forwarded undecoded
         raise BadBody("unsupported Transfer-Encoding: only chunked framing is accepted")
     if request.content_length is not None and request.content_length > limit:
@@ -113,6 +115,15 @@ async def read_body(request: web.Request, limit: int, timeout: float) -> bytes |
     except aiohttp.web_protocol.RequestPayloadError as exc:
         raise BadBody("the request body could not be read (malformed framing)") from exc
     return b"".join(chunks)
+
+
+def _refuse_content_codings(values: list[str]) -> None:
+    """BadBody unless every token of every Content-Encoding header is ``identity`` (or empty)."""
+    encodings = [t.strip().lower() for v in values for t in v.split(",")]
+    if any(c not in ("", "identity") for c in encodings):
+        # aiohttp would decompress it; the guard refuses instead of scoring bytes other than those forwarded
+        shown = ", ".join(encodings)[:48]
+        raise BadBody(f"unsupported Content-Encoding {shown!r}: send an uncompressed body")
 
 
 def upstream_target(request: web.BaseRequest, strip_query: bool) -> str:

@@ -211,6 +211,33 @@ class TestIdentityCaches:
         assert (gone.source, gone.authenticated, gone.credential_error) == ("address", False, "unknown api key")
         assert r.resolve({"X-API-Key": KEY_B}, "127.0.0.1").principal == "b"
 
+    def test_key_identity_is_built_once_and_follows_a_reload(self, tmp_path: Path) -> None:
+        """One key from one address resolves to the same identity object each time; a reload that renames the
+        key or changes its models gives the new name and models at once, and another address its own."""
+        path = write_keys(tmp_path / "k.yaml", [{"name": "a", "key": KEY_A}])
+        r = resolver(keys=KeyStore(path))
+        first = r.resolve({"X-API-Key": KEY_A}, "127.0.0.1")
+        assert r.resolve({"X-API-Key": KEY_A}, "127.0.0.1") is first
+        other = r.resolve({"X-API-Key": KEY_A}, "127.0.0.2")
+        assert (other.address, other.session) == ("127.0.0.2", first.session)
+        write_keys(path, [{"name": "renamed", "key": KEY_A, "models": ["m1"]}])
+        assert r.keys is not None and r.keys.maybe_reload()
+        after = r.resolve({"X-API-Key": KEY_A}, "127.0.0.1")
+        assert (after.principal, after.models) == ("renamed", frozenset({"m1"}))
+        assert after.session != first.session
+        held = repr(r._verified_ids._data) + repr(r._unverified_ids._data)
+        assert KEY_A not in held
+
+    def test_unverified_key_identity_is_built_once_per_address(self) -> None:
+        """Without a key store a key's identity (its session and its address's session) is reused for the same
+        address, and each address gets its own address session."""
+        r = resolver()
+        a = r.resolve({"X-API-Key": "client-key-1"}, "198.51.100.1")
+        assert r.resolve({"X-API-Key": "client-key-1"}, "198.51.100.1") is a
+        b = r.resolve({"X-API-Key": "client-key-1"}, "198.51.100.2")
+        assert a.session == b.session and a.address_session != b.address_session
+        assert "client-key-1" not in repr(r._unverified_ids._data)
+
 
 class TestOnTheGuard:
     async def test_jwks_rotation_refuses_a_cached_token(self, tmp_path: Path, demo_model_url: str,

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from guard_agent.events import _Timestamps, random_id
-from guard_agent.metrics import Metrics, ScoreHistogram
+from guard_agent.metrics import LabelledHistogram, Metrics
 
 
 class TestRandomId:
@@ -30,6 +30,38 @@ class TestRandomId:
             seen_zero |= ~v
         fixed = (0xF000 << 64) | (0xC000 << 48)
         assert (seen_one & seen_zero & ((1 << 128) - 1)) | fixed == (1 << 128) - 1
+
+
+    def test_threads_and_a_forked_child_never_repeat_an_id(self) -> None:
+        """Ids read from per-thread buffers of random bytes: unique across threads, and a forked child (whose
+        copy of the parent's buffer is dropped) does not repeat the ids its parent makes next."""
+        import os
+        import threading
+
+        random_id()  # the parent holds unread bytes now
+        got: list[list[str]] = [[] for _ in range(4)]
+        threads = [threading.Thread(target=lambda out=out: out.extend(random_id() for _ in range(600))) for out in got]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        seen = [i for out in got for i in out]
+        assert len(set(seen)) == len(seen) == 2400
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: its next ids, then out
+            os.close(read)
+            os.write(write, "".join(random_id() for _ in range(20)).encode())
+            os._exit(0)
+        os.close(write)
+        child = b""
+        while chunk := os.read(read, 65536):
+            child += chunk
+        os.close(read)
+        os.waitpid(pid, 0)
+        child_ids = {child[i : i + 32].decode() for i in range(0, len(child), 32)}
+        parent_ids = {random_id() for _ in range(20)}
+        assert len(child_ids) == 20 and not child_ids & parent_ids
 
 
 class TestTimestamps:
@@ -60,7 +92,7 @@ class TestMetricChildren:
         assert a.requests_by("v2", "allow", "200") is a.requests.labels("v2", "allow", "200")
 
 
-class TestScoreHistogram:
+class TestLabelledHistogram:
     BUCKETS = (0.5, 0.9, 0.99, 0.999, 0.9999, 1.0)
 
     def test_exposes_what_prometheus_client_exposes(self) -> None:
@@ -69,7 +101,8 @@ class TestScoreHistogram:
         theirs_reg, ours_reg = CollectorRegistry(auto_describe=True), CollectorRegistry(auto_describe=True)
         theirs = Histogram("inference_guard_score", "Distribution of calibrated scores", ["score"],
                            buckets=self.BUCKETS, registry=theirs_reg)
-        ours = ScoreHistogram("inference_guard_score", "Distribution of calibrated scores", self.BUCKETS, ours_reg)
+        ours = LabelledHistogram("inference_guard_score", "Distribution of calibrated scores", self.BUCKETS, ours_reg,
+                                 label="score")
         rng = random.Random(0)
         values = [0.0, 0.5, 0.9, 0.99, 0.999, 0.9999, 1.0, 0.50000001, 1.5] + [rng.random() for _ in range(500)]
         for value in values:
@@ -95,6 +128,29 @@ class TestScoreHistogram:
         assert get("inference_guard_score_bucket", {"score": "ood.knn", "le": "0.9"}) == 1.0
         assert get("inference_guard_score_bucket", {"score": "ood.knn", "le": "0.99"}) == 2.0
         assert get("inference_guard_score_sum", {"score": "ood.pca"}) == 0.2
+
+    def test_latency_histograms_expose_what_prometheus_client_exposes(self) -> None:
+        """The overhead and upstream latency histograms (label ``route``): prometheus_client's text for the same
+        observations, ``_created`` aside."""
+        buckets = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+        theirs_reg = CollectorRegistry(auto_describe=True)
+        theirs = Histogram("inference_guard_overhead_seconds",
+                           "Time spent in the guard per request, excluding the upstream call", ["route"],
+                           buckets=buckets, registry=theirs_reg)
+        m = Metrics()
+        rng = random.Random(1)
+        for value in [0.0, 0.0001, 0.00025, 10.0, 11.0] + [rng.random() / 100 for _ in range(300)]:
+            for route in ("v2", "passthrough"):
+                theirs.labels(route).observe(value)
+                m.overhead.observe(route, value)
+
+        def lines(text: str) -> list[str]:
+            return [ln for ln in text.splitlines() if ln.startswith("inference_guard_overhead_seconds")
+                    and "_created" not in ln]
+
+        ours_text = generate_latest(m.registry).decode()
+        assert lines(ours_text) == lines(generate_latest(theirs_reg).decode())
+        assert "# TYPE inference_guard_overhead_seconds histogram" in ours_text
 
 
 class TestSettleHeap:

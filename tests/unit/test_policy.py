@@ -20,6 +20,7 @@ from guard_agent.policy import (
     load_policy_file,
     parse_policy,
 )
+from guard_agent.policy.model import Decision
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -154,6 +155,15 @@ class TestDecide:
         """Nothing matched: allow, rule 'default'."""
         d = decide(req(), {"ood.combined": 0.5}, sess(), policy().default)
         assert (d.action, d.rule, d.enforced) == ("allow", "default", True)
+
+    def test_plain_allow_is_the_decision_built_in_full(self) -> None:
+        """The shared plain-allow decision equals the one built field by field, enforced and in monitor mode."""
+        enforced = decide(req(), {"ood.combined": 0.5}, sess(), policy().default)
+        monitored = decide(req(), {"ood.combined": 0.5}, sess(), policy().models["lenient"])
+        assert enforced == Decision("allow", "default", matched=(), technique=None, enforced=True, hardening=None,
+                                    retry_after=None, reason="", cooldown=None, unhardenable=False)
+        assert monitored == Decision("allow", "default", enforced=False)
+        assert not enforced.refused and not monitored.refused
 
     def test_most_severe_action_wins(self) -> None:
         """Every rule is evaluated; block beats flag; rule.name is the winner."""

@@ -83,6 +83,7 @@ def fixed(answer: bytes) -> Reply:
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{\"a\": true}"
 BODY = b'{"inputs": []}'
 HEADERS = [("Content-Type", "application/json"), ("X-Request-Id", "r1")]
+TIMEOUT = 10.0  # the whole call: generous, these answers come at once
 
 
 class TestRequest:
@@ -90,7 +91,7 @@ class TestRequest:
         """One request as the model receives it: the target, the headers given, Host, Content-Length, the
         headers aiohttp's client added (Accept, a default Content-Type only when absent), then the exact bytes."""
         server, pool = await serve(fixed(OK))
-        answer = await pool.request("POST", "/v2/models/m/infer?x=1", HEADERS, BODY)
+        answer = await pool.request("POST", "/v2/models/m/infer?x=1", HEADERS, BODY, timeout=TIMEOUT)
         assert (answer.status, answer.reason, answer.payload) == (200, "OK", b'{"a": true}')
         assert answer.headers["content-type"] == "application/json"
         head, _, body = server.requests[0].partition(b"\r\n\r\n")
@@ -100,20 +101,20 @@ class TestRequest:
         assert b"Content-Length: 14" in lines and b"Accept: */*" in lines and b"X-Request-Id: r1" in lines
         assert [ln for ln in lines if ln.lower().startswith(b"content-type")] == [b"Content-Type: application/json"]
         assert body == BODY
-        await pool.request("POST", "/x", [("X-A", "1")], b"")
+        await pool.request("POST", "/x", [("X-A", "1")], b"", timeout=TIMEOUT)
         assert b"Content-Type: application/octet-stream" in server.requests[1].split(b"\r\n")
 
     async def test_keep_alive_reuses_one_connection(self, serve) -> None:  # type: ignore[no-untyped-def]
         """Sequential requests share one connection."""
         server, pool = await serve(fixed(OK))
         for _ in range(5):
-            assert (await pool.request("POST", "/", HEADERS, BODY)).status == 200
+            assert (await pool.request("POST", "/", HEADERS, BODY, timeout=TIMEOUT)).status == 200
         assert server.connections == 1
 
     async def test_concurrent_requests_stay_within_the_pool_size(self, serve) -> None:  # type: ignore[no-untyped-def]
         """Twenty at once through a pool of two: all answered, over at most two connections."""
         server, pool = await serve(fixed(OK), size=2)
-        answers = await asyncio.gather(*(pool.request("POST", "/", HEADERS, BODY) for _ in range(20)))
+        answers = await asyncio.gather(*(pool.request("POST", "/", HEADERS, BODY, timeout=TIMEOUT) for _ in range(20)))
         assert {a.status for a in answers} == {200}
         assert server.connections <= 2
 
@@ -122,7 +123,7 @@ class TestRequest:
         answer = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok"
         server, pool = await serve(fixed(answer), close_after=True)
         for _ in range(3):
-            assert (await pool.request("POST", "/", HEADERS, BODY)).payload == b"ok"
+            assert (await pool.request("POST", "/", HEADERS, BODY, timeout=TIMEOUT)).payload == b"ok"
         assert server.connections == 3
 
     async def test_idle_connection_closed_by_the_server_is_replaced(self, serve) -> None:  # type: ignore[no-untyped-def]
@@ -130,7 +131,7 @@ class TestRequest:
         connection, not a ServerDisconnectedError."""
         server, pool = await serve(fixed(OK), close_after=True)
         for _ in range(3):
-            assert (await pool.request("POST", "/", HEADERS, BODY)).status == 200
+            assert (await pool.request("POST", "/", HEADERS, BODY, timeout=TIMEOUT)).status == 200
             await asyncio.sleep(0.05)
         assert server.connections == 3
 
@@ -149,13 +150,13 @@ class TestFraming:
         """Every framing of a whole answer gives its payload, and the connection is reused after it."""
         server, pool = await serve(fixed(answer))
         for _ in range(2):
-            assert (await pool.request("POST", "/", HEADERS, BODY)).payload == payload
+            assert (await pool.request("POST", "/", HEADERS, BODY, timeout=TIMEOUT)).payload == payload
         assert server.connections == 1
 
     async def test_answer_framed_by_close(self, serve) -> None:  # type: ignore[no-untyped-def]
         """No length, no chunking: the body is what comes until the server closes."""
         _, pool = await serve(fixed(b"HTTP/1.0 200 OK\r\n\r\nall of it"), close_after=True)
-        assert (await pool.request("POST", "/", HEADERS, BODY)).payload == b"all of it"
+        assert (await pool.request("POST", "/", HEADERS, BODY, timeout=TIMEOUT)).payload == b"all of it"
 
     async def test_answer_in_pieces(self, serve) -> None:  # type: ignore[no-untyped-def]
         """An answer that arrives a few bytes at a time is put together."""
@@ -173,7 +174,7 @@ class TestFraming:
         pool = UpstreamPool("127.0.0.1", server.sockets[0].getsockname()[1], size=2, connect_timeout=2.0,
                             read_timeout=5.0)
         try:
-            assert (await pool.request("POST", "/", HEADERS, BODY)).payload == b'{"a": true}'
+            assert (await pool.request("POST", "/", HEADERS, BODY, timeout=TIMEOUT)).payload == b'{"a": true}'
         finally:
             pool.close()
             server.close()
@@ -196,7 +197,7 @@ class TestFraming:
         named it."""
         _, pool = await serve(fixed(answer) if answer is not None else lambda _r: None, close_after=True)
         with pytest.raises(UpstreamError) as caught:
-            await pool.request("POST", "/", HEADERS, BODY)
+            await pool.request("POST", "/", HEADERS, BODY, timeout=TIMEOUT)
         assert caught.value.kind == kind
 
 
@@ -209,7 +210,7 @@ class TestFailures:
         await probe.wait_closed()
         pool = UpstreamPool("127.0.0.1", port, size=2, connect_timeout=2.0, read_timeout=5.0)
         with pytest.raises(UpstreamError) as caught:
-            await pool.request("POST", "/", HEADERS, BODY)
+            await pool.request("POST", "/", HEADERS, BODY, timeout=TIMEOUT)
         assert caught.value.kind == "ClientConnectorError"
         assert caught.value.reason == "ClientConnectorError: connection refused"
 
@@ -219,10 +220,33 @@ class TestFailures:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         with pytest.raises(TimeoutError):
-            await pool.request("POST", "/", HEADERS, BODY)
+            await pool.request("POST", "/", HEADERS, BODY, timeout=TIMEOUT)
         assert 0.25 < loop.time() - t0 < 1.5
         await asyncio.sleep(0.1)
         assert server.connections == 1 and not pool._idle  # closed on our side, never put back
+
+    async def test_whole_call_deadline_before_read_timeout(self, serve) -> None:  # type: ignore[no-untyped-def]
+        """A server that never answers within the call's own timeout (shorter than read_timeout): TimeoutError at
+        the deadline, and the connection is never reused."""
+        _, pool = await serve(lambda _r: b"", read_timeout=5.0)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        with pytest.raises(TimeoutError):
+            await pool.request("POST", "/", HEADERS, BODY, timeout=0.3)
+        assert 0.25 < loop.time() - t0 < 1.5
+        assert not pool._idle
+
+    async def test_deadline_covers_the_wait_for_a_slot(self, serve) -> None:  # type: ignore[no-untyped-def]
+        """With every connection busy, a call that gets no slot before its deadline is a TimeoutError; the
+        slot it never took stays free for the next."""
+        _, pool = await serve(lambda _r: b"", read_timeout=5.0, size=1)
+        busy = asyncio.ensure_future(pool.request("POST", "/", HEADERS, BODY, timeout=0.6))
+        await asyncio.sleep(0.05)
+        with pytest.raises(TimeoutError):
+            await pool.request("POST", "/", HEADERS, BODY, timeout=0.2)
+        with pytest.raises(TimeoutError):
+            await busy
+        assert not pool._slots.locked()
 
 
 class TestPoolFor:
@@ -241,6 +265,6 @@ class TestHead:
         """A HEAD answer's Content-Length describes a body that is not sent: the answer ends with its head."""
         server, pool = await serve(fixed(b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n"))
         for _ in range(2):
-            answer = await asyncio.wait_for(pool.request("HEAD", "/", HEADERS, b""), 2.0)
+            answer = await asyncio.wait_for(pool.request("HEAD", "/", HEADERS, b"", timeout=TIMEOUT), 2.0)
             assert (answer.status, answer.payload, answer.headers["Content-Length"]) == (200, b"", "50")
         assert server.connections == 1
