@@ -20,7 +20,8 @@ A hit needs, against one of the last ``ring_steps`` distinct queries:
 
 What it cannot see: steps against a parent older than the ring (an attacker who augments a large seed set,
 150 seeds as in the paper, before querying the children); inputs of fewer than ``_MIN_EQUAL`` features;
-steps smaller than the float16 storage resolves (about 1 % of a feature's spread).
+steps under about a tenth of a feature's spread (the float16 storage's rounding, about 0.002 spreads at
+two spreads from the mean, then exceeds the 3 % tolerance).
 """
 
 from __future__ import annotations
