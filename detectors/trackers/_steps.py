@@ -51,8 +51,9 @@ class StepTest:
         live = rng > 0
         # per feature: input units per stored (standardised) unit, and range shares per stored unit (0 for a
         # feature constant in the reference: its moves count, but never as a share of its range)
-        self._to_input = np.asarray(cfg.scale, dtype=np.float64)
-        self._to_share = np.where(live, cfg.scale / np.where(live, rng, 1.0), 0.0)
+        to_input = np.asarray(cfg.scale, dtype=np.float64)
+        to_share = np.where(live, cfg.scale / np.where(live, rng, 1.0), 0.0)
+        self._units = np.stack([to_input, to_share])[:, None, :]  # (2, 1, features)
         self._need_moved = max(_MIN_EQUAL, math.ceil(_MOVED_SHARE * int(live.sum())))
         self._ring = cfg.ring_steps
 
@@ -75,23 +76,23 @@ class StepTest:
         return hit
 
     def _hit(self, stored: np.ndarray, row16: np.ndarray) -> bool:
-        """The test against every stored query at once."""
+        """The test against every stored query at once, in input units and as range shares side by side (the
+        first axis), so each step below is one numpy call for both."""
         diff = stored.astype(np.float64)
         diff -= row16.astype(np.float64)  # both at float16 precision: an unchanged feature differs by exactly 0
         np.abs(diff, out=diff)
         moved = diff > 0.0
         n_moved = np.add.reduce(moved, axis=1)
-        share = diff * self._to_share
-        small = share < _MAX_RANGE_SHARE  # flags flipping between their values never count as equal
+        units = diff * self._units  # (2, stored, features): input units, range shares
+        small = units[1] < _MAX_RANGE_SHARE  # flags flipping between their values never count as equal
         small &= moved
+        units *= small
+        top = units.max(axis=2, keepdims=True)
+        top *= _EQUAL_TOL
+        equal = units >= top
+        equal &= small
         need = np.maximum(_EQUAL_SHARE * n_moved, _MIN_EQUAL)
         need[n_moved < self._need_moved] = np.inf
-        for v in (diff * self._to_input, share):
-            v *= small
-            top = v.max(axis=1, keepdims=True)
-            top *= _EQUAL_TOL
-            equal = v >= top
-            equal &= small
-            if np.any((np.add.reduce(equal, axis=1) >= need) & (top[:, 0] > 0.0)):
-                return True
-        return False
+        hit = np.add.reduce(equal, axis=2) >= need
+        hit &= top[:, :, 0] > 0.0
+        return bool(hit.any())
