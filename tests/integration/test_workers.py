@@ -92,7 +92,7 @@ async def served(admin: str) -> float:
 
 async def test_two_workers_track_one_session(start_guard_proc: Callable[..., object], digits: DigitsData) -> None:
     """One attacker over many connections to two workers is stopped by the query one worker alone stops it,
-    both workers served it, and every later connection is refused whichever worker takes it."""
+    every later connection is refused whichever worker takes it, and both workers served some of them."""
     rows = probing_stream(digits)
     single_url, _ = await start_guard_proc(1)  # type: ignore[misc]
     pair_url, pair_admins = await start_guard_proc(2)  # type: ignore[misc]
@@ -100,7 +100,6 @@ async def test_two_workers_track_one_session(start_guard_proc: Callable[..., obj
     shared = await first_refusal(pair_url, rows)
     assert alone is not None and shared is not None, (alone, shared)
     counts = [await served(a) for a in pair_admins]
-    assert all(c > 0 for c in counts), f"the kernel gave both workers connections: {counts}"
     assert shared <= alone + 2, (alone, shared)
     for _ in range(8):  # new connections: whichever worker answers, the session is blocked
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http, \
@@ -109,6 +108,9 @@ async def test_two_workers_track_one_session(start_guard_proc: Callable[..., obj
             assert r.status == 403
     after = [await served(a) for a in pair_admins]
     assert sum(after) - sum(counts) == 8
+    # over the attack's connections and these eight (16 or so), not the attack's alone: a run whose 8 attack
+    # queries all landed on one worker (2 in 256) failed here although the other then enforced the block
+    assert all(c > 0 for c in after), f"the kernel gave both workers connections: {after}"
 
 
 def test_workers_without_redis_refuse_to_start(tmp_path: Path) -> None:
