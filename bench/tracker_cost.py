@@ -12,8 +12,10 @@ keys), ``density`` (``reference_density`` of every row; ``peek`` computes it onl
 near-duplicates, so the sum of the parts exceeds the total by about this line), ``global observe``
 (``GlobalFingerprintIndex.observe``), ``update`` (``SessionTrackers.update`` with the hashes passed in) and
 ``global learn`` (``GlobalFingerprintIndex.learn``: the answers filed with the index's entries).
-Figures are the median and the mean over every timed call, in microseconds per request; the machine has
-2 cores shared with other work, so run it twice and compare medians.
+``K at once``: K one-row requests of distinct sessions sent together (``asyncio.gather``), total time per
+request: concurrent requests share the per-turn batched calls (hashes, ``SessionTrackers.update_many``), so
+this falls as K grows. Figures are the median and the mean over every timed call, in microseconds per
+request; the machine has 2 cores shared with other work, so run it twice and compare medians.
 
 Run:  python bench/tracker_cost.py                     (about a minute)
       PYTHONPATH=/tmp/old bench/tracker_cost.py        (another copy of detectors/ and guard_agent/ first)
@@ -120,6 +122,28 @@ class Bench:
         if total is not None:
             total.append(time.perf_counter() - start)
 
+    def together(self, k: int, samples: list[float]) -> None:
+        """``k`` one-row requests of distinct sessions at once (``asyncio.gather``: their peeks and updates share
+        event-loop turns, so the per-turn batchers serve them together), timed per request into ``samples``."""
+        first = int(self.rng.integers(len(self.records)))
+        sessions = [(first + j) % len(self.records) for j in range(k)]
+        rows = [self.rows(1) for _ in sessions]
+        answers = [_Answer(self.model.predict_proba(x)) for x in rows]
+        self.now += 0.01
+        now = self.now
+
+        async def one(i: int, x: np.ndarray, answer: _Answer) -> None:
+            rec = self.records[i]
+            scores = await self.tracking.peek(f"s{i}", rec, x, MODEL, now)
+            await self.tracking.update(f"s{i}", rec, x, MODEL, answer, now, scores)
+
+        async def all_of_them() -> None:
+            await asyncio.gather(*(one(i, x, a) for i, x, a in zip(sessions, rows, answers, strict=True)))
+
+        start = time.perf_counter()
+        _run(all_of_them())
+        samples.append((time.perf_counter() - start) / k)
+
     def parts(self, i: int, n: int, out: dict[str, list[float]]) -> None:
         """The same request, its steps timed one by one as ``SessionTracking`` runs them (``hashes``: the
         fingerprints and exact-row keys, by ``request_hashes`` where the engine has it, else separately)."""
@@ -167,6 +191,12 @@ def main() -> None:
                   f"{statistics.fmean(samples) * 1e6:>10.1f}")
         med_sum = sum(statistics.median(s) for s in parts.values()) * 1e6
         print(f"{rows:>4}  {'sum of parts':<16} {med_sum:>10.1f}")
+    for k in (1, 4, 16):
+        samples: list[float] = []
+        for _ in range(max(20, args.requests // k)):
+            bench.together(k, samples)
+        print(f"{1:>4}  {f'{k} at once':<16} {statistics.median(samples) * 1e6:>10.1f} "
+              f"{statistics.fmean(samples) * 1e6:>10.1f}")
 
 
 if __name__ == "__main__":

@@ -18,9 +18,10 @@ from typing import Generic, TypeVar
 
 import numpy as np
 
-__all__ = ["TurnBatcher"]
+__all__ = ["TurnBatcher", "TurnQueue"]
 
 K = TypeVar("K")  # hashable: requests are grouped by it
+Item = TypeVar("Item")
 R = TypeVar("R")
 T = TypeVar("T")
 
@@ -89,3 +90,46 @@ class TurnBatcher(Generic[K, R, T]):
                 done.set_result(self._take(self._run(key, rows), 0, rows.shape[0]))
             except Exception as exc:
                 done.set_exception(exc)
+
+
+class TurnQueue(Generic[K, Item, R]):
+    """``await queue(key, item)`` = ``run(key, [item])[0]``, the items of one event-loop turn run together.
+
+    For work that is not row-wise (each item is a whole request, e.g. a session's tracker update): ``run(key,
+    items)`` returns one result per item, in order. Items are grouped by ``key``. A call that fails is run again
+    item by item, so each gets its own error.
+    """
+
+    def __init__(self, run: Callable[[K, list[Item]], list[R]]) -> None:
+        self._run = run
+        self._waiting: dict[K, list[tuple[Item, asyncio.Future[R]]]] = {}
+        self._scheduled = False
+
+    async def __call__(self, key: K, item: Item) -> R:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[R] = loop.create_future()
+        self._waiting.setdefault(key, []).append((item, done))
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        return await done
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        groups, self._waiting = self._waiting, {}
+        for key, waiting in groups.items():
+            waiting = [(item, done) for item, done in waiting if not done.done()]  # cancelled meanwhile
+            if len(waiting) > 1:
+                try:
+                    results = self._run(key, [item for item, _ in waiting])
+                except Exception:  # noqa: S110 - run again one by one below: each request gets its own error
+                    pass
+                else:
+                    for (_, done), result in zip(waiting, results, strict=True):
+                        done.set_result(result)
+                    continue
+            for item, done in waiting:
+                try:
+                    done.set_result(self._run(key, [item])[0])
+                except Exception as exc:
+                    done.set_exception(exc)

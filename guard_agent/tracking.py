@@ -14,12 +14,13 @@ from __future__ import annotations
 import struct
 import weakref
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from detectors.trackers import GlobalFingerprintIndex, SessionTrackers, TrackerConfig, answer_labels
-from guard_agent.batching import TurnBatcher
+from detectors.trackers import GlobalFingerprintIndex, SessionTrackers, TrackerConfig, Update, answer_labels
+from guard_agent.batching import TurnBatcher, TurnQueue
 from guard_agent.contracts import Density, GlobalObserver, ProfileSource, Trackers
 from guard_agent.protocols import ParsedResponse
 from guard_agent.sessions.base import SessionRecord
@@ -64,6 +65,8 @@ class SessionTracking(Trackers):
         self._hashes: TurnBatcher[SessionTrackers, _Hashes, _Hashes] = TurnBatcher(
             lambda engine, rows: engine.request_hashes(rows), _rows_of,
             max_rows=lambda engine: engine.config.max_rows_tracked)
+        # concurrent requests' updates in one call per engine (SessionTrackers.update_many)
+        self._updates: TurnQueue[SessionTrackers, _Job, Mapping[str, float] | Exception] = TurnQueue(self._run_updates)
 
     @property
     def pending(self) -> int:
@@ -241,16 +244,71 @@ class SessionTracking(Trackers):
         self._saw_answer(labels, probabilities)
         hashes = self._recall(features, engine)
         fingerprints, digests = (None, None) if hashes is None else (hashes[0], hashes[2])
-        state, new_scores = engine.update(self._state(record, engine), features, labels, probabilities, now,
-                                          global_fingerprint=scores.get(GLOBAL), fingerprints=fingerprints,
-                                          digests=digests)
-        record.tracker_state = _with_state(record.tracker_state, engine.config.layout_id, state)
+        new_scores = await self._updates(engine, _Job(record, features, labels, probabilities, now, scores.get(GLOBAL),
+                                                      fingerprints, digests))
+        if isinstance(new_scores, Exception):
+            raise new_scores
         answered = answer_labels(labels, probabilities, features.shape[0])
         if hashes is not None and answered is not None:
             tracked = engine.tracked_rows(hashes[2])  # the rows peek fingerprinted
             await self._global.learn(session, hashes[0], hashes[1],
                                      answered if tracked is None else answered[tracked], now)
         return new_scores
+
+    def _run_updates(self, engine: SessionTrackers, jobs: list[_Job]) -> list[Mapping[str, float] | Exception]:
+        """The updates of one turn (``SessionTrackers.update_many``): each from its record's state as it is
+        then, so two requests of one record go one after the other, as they would alone; each record keeps its
+        new state. Per job its new scores, or the error its request alone raised."""
+        results: list[Mapping[str, float] | Exception] = [{}] * len(jobs)
+        pending = list(range(len(jobs)))
+        while pending:
+            batch: list[int] = []
+            later: list[int] = []
+            records: set[int] = set()
+            for j in pending:
+                (later if id(jobs[j].record) in records else batch).append(j)
+                records.add(id(jobs[j].record))
+            requests = [jobs[j].request(self._state(jobs[j].record, engine)) for j in batch]
+            outs: list[tuple[Any, Mapping[str, float]] | Exception]
+            try:
+                outs = list(engine.update_many(requests))
+            except Exception:  # one request's rows are not acceptable: each alone below, each its own error
+                outs = [_alone(engine, request) for request in requests]
+            for j, out in zip(batch, outs, strict=True):
+                if isinstance(out, Exception):
+                    results[j] = out
+                    continue
+                record = jobs[j].record
+                record.tracker_state = _with_state(record.tracker_state, engine.config.layout_id, out[0])
+                results[j] = out[1]
+            pending = later
+        return results
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    """A request's update waiting for the end of the turn: the record it reads and writes, and the rest of
+    ``SessionTrackers.update``'s arguments (the state is the record's when the turn ends)."""
+
+    record: SessionRecord
+    X: np.ndarray
+    labels: np.ndarray | None
+    probabilities: np.ndarray | None
+    now: float
+    global_fingerprint: float | None
+    fingerprints: np.ndarray | None
+    digests: np.ndarray | None
+
+    def request(self, state: Any) -> Update:
+        return Update(state, self.X, self.labels, self.probabilities, self.now, self.global_fingerprint,
+                      self.fingerprints, self.digests)
+
+
+def _alone(engine: SessionTrackers, request: Update) -> tuple[Any, Mapping[str, float]] | Exception:
+    try:
+        return engine.update_many([request])[0]
+    except Exception as exc:  # handed to the request that caused it
+        return exc
 
 
 class _LocalGlobal:

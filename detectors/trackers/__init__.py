@@ -30,7 +30,7 @@ from ._crawl import CRAWL_VOLUME, CrawlScore
 from ._evidence import S_HALF, from_score, to_score
 from ._fit import fit_tracker_config
 from ._global import GlobalFingerprintIndex, session_hash
-from ._session import SCORE_NAMES, SessionTrackers, answer_labels
+from ._session import SCORE_NAMES, SessionTrackers, Update, answer_labels
 from ._state import SessionState
 
 __all__ = [
@@ -42,6 +42,7 @@ __all__ = [
     "SessionState",
     "SessionTrackers",
     "TrackerConfig",
+    "Update",
     "answer_labels",
     "fit_tracker_config",
     "from_score",

@@ -186,6 +186,28 @@ def shared_counts(query: np.ndarray, stored: np.ndarray) -> np.ndarray:
     return counts
 
 
+def shared_counts_many(queries: np.ndarray, stored: np.ndarray) -> np.ndarray:
+    """:func:`shared_counts` of compact fingerprints, several queries at once: ``queries`` (q, hashes), each
+    against its own ``stored`` (q, ring, hashes); counts (q, ring). Each query's hashes are shifted into a
+    range of its own (its index times 2**16), so one sorted array and one binary search serve them all."""
+    if queries.shape[0] == 1:
+        return shared_counts(queries[0], stored[0])[None]
+    shift = np.arange(queries.shape[0], dtype=np.int64) << 16
+    q = queries.astype(np.int64)
+    q += shift[:, None]
+    q = np.sort(q[queries != 0])  # padding never matches
+    if q.size == 0:
+        return np.zeros(stored.shape[:2], dtype=np.int64)
+    s = stored.astype(np.int64)
+    s += shift[:, None, None]
+    idx = q.searchsorted(s)
+    np.minimum(idx, q.size - 1, out=idx)
+    found = q.take(idx) == s
+    found &= stored != 0
+    counts: np.ndarray = np.add.reduce(found, axis=2, dtype=np.int64)
+    return counts
+
+
 def row_digest(X: np.ndarray) -> np.ndarray:
     """Exact-repeat detector: a 64-bit hash of each row's float64 bytes (not salted, not stored raw)."""
     return np.array(row_digest_ints(X), dtype=_U64)

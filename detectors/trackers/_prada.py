@@ -68,15 +68,42 @@ def shapiro_w(pool: np.ndarray) -> float:
 def step(cfg: TrackerConfig, st: SessionState, z: np.ndarray, slot: int, *, check_due: bool = True) -> float | None:
     """Process one query (mutates ``st``); return W when a Shapiro-Wilk check ran, else None. ``check_due``:
     False once this request had its check (the query is pooled all the same)."""
+    zf = stored_form(z[None])
     n = st.n_prada
-    members = np.flatnonzero(st.prada_cls[:n] == slot)
-    zf = z.astype(np.float16).astype(np.float64)
-    found = members.size > 0
+    dmin = nearest(st.prada_vec[None, :n], st.prada_cls[None, :n], None, zf, np.array([slot]))[0] if n else math.nan
+    return apply(cfg, st, zf[0], slot, dmin, check_due=check_due)
+
+
+def stored_form(u: np.ndarray) -> np.ndarray:
+    """Queries as the growing sets keep them (float16 precision), as float64."""
+    out: np.ndarray = u.astype(np.float16).astype(np.float64)
+    return out
+
+
+def nearest(vecs: np.ndarray, classes: np.ndarray, empty: np.ndarray | None, zf: np.ndarray,
+            slots: np.ndarray) -> np.ndarray:
+    """For several sessions at once, each query's distance to the nearest member of its class's growing set
+    (NaN when the set is empty): ``vecs`` (sessions, ring, dim) and ``classes`` (sessions, ring) the rings,
+    ``empty`` (sessions, ring) their slots holding no vector yet (None: all hold one), ``zf`` (sessions, dim)
+    :func:`stored_form` queries."""
+    diff = vecs.astype(np.float64)
+    diff -= zf[:, None, :]
+    diff *= diff
+    d2 = np.add.reduce(diff, axis=2)
+    others = classes != slots[:, None]
+    if empty is not None:
+        others |= empty
+    d2[others] = np.inf
+    out: np.ndarray = np.sqrt(d2.min(axis=1))
+    out[out == np.inf] = np.nan
+    return out
+
+
+def apply(cfg: TrackerConfig, st: SessionState, zf: np.ndarray, slot: int, dmin: float, *,
+          check_due: bool = True) -> float | None:
+    """:func:`step` with the nearest member's distance ``dmin`` known (NaN: none); mutates ``st``."""
+    found = not math.isnan(dmin)
     if found:
-        diff = st.prada_vec[members].astype(np.float64)
-        diff -= zf
-        diff *= diff
-        dmin = math.sqrt(float(np.add.reduce(diff, axis=1).min()))
         if dmin == 0.0:
             # an exact repeat of an accepted query older than the session's exact-repeat ring (a batch client
             # re-scoring its records): distance 0 says nothing, and a pool of zeros would look synthetic

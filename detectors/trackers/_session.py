@@ -45,6 +45,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -254,17 +256,53 @@ class SessionTrackers:
         computed them (saves the hashing; they must be of this very X).
         The input state is not modified.
         """
-        X = self._check(X)
+        return self.update_many([Update(state, X, labels, probabilities, now, global_fingerprint, fingerprints,
+                                        digests)])[0]
+
+    def update_many(self, requests: Sequence[Update]) -> list[tuple[SessionState, dict[str, float]]]:
+        """:meth:`update` of several requests at once, each from the state it names (none sees another's
+        rows): the guard feeds the requests of one event-loop turn together. Row-wise work runs once over
+        all their rows, and each tracker compares the requests' n-th rows with their sessions' rings in one
+        numpy call, so a request costs its share of the calls rather than all of them. Results are those of
+        :meth:`update` alone, but for the last bit of a projection (BLAS sums a batch in another order),
+        which no threshold is that close to."""
+        feeds: list[_Feed] = []
+        xs: list[np.ndarray] = []
+        fps: list[np.ndarray] = []
+        start = 0
+        for request in requests:
+            feed, X, fp = self._begin(request, start)
+            feeds.append(feed)
+            xs.append(X)
+            fps.append(fp)
+            start += X.shape[0]
+        X = xs[0] if len(xs) == 1 else np.concatenate(xs)
+        compact = _hashing.compact(fps[0] if len(fps) == 1 else np.concatenate(fps))
+        if X.shape[0] <= 8:
+            z, u, cells, rares = self._project.rows(X)
+        else:
+            feats = self._project(X)
+            z, u, cells, rares = feats.z, feats.u, feats.cell.tolist(), feats.rare.tolist()
+        rows = _Rows(compact, z, u, cells, rares, self._steps.standardise(X) if self._steps.active else None)
+        for wave in range(max((feed.rows for feed in feeds), default=0)):
+            self._wave([feed for feed in feeds if feed.rows > wave], wave, rows)
+        return [(feed.state, self.peek(feed.state, feed.state.last_t)) for feed in feeds]
+
+    def _begin(self, request: Update, start: int) -> tuple[_Feed, np.ndarray, np.ndarray]:
+        """A request's checks and per-request evidence (decay, rate, the global event): its feed, its tracked
+        rows and their fingerprints."""
+        X = self._check(request.X)
         cfg = self.config
         rows = X.shape[0]
+        fingerprints, digests, now = request.fingerprints, request.digests, request.now
         if fingerprints is not None and fingerprints.shape not in ((rows, cfg.n_hashes),
                                                                    (min(rows, cfg.max_rows_tracked), cfg.n_hashes)):
             raise ValueError("fingerprints must have one row per input row, or per tracked row")
         if digests is not None and digests.shape != (rows,):
             raise ValueError("digests must have one entry per input row")
-        lab = self._labels(labels, probabilities, rows)
-        margins = self._margins(probabilities, rows)
-        st = state.copy()
+        lab = self._labels(request.labels, request.probabilities, rows)
+        margins = self._margins(request.probabilities, rows)
+        st = request.state.copy()
         dig = np.array(_hashing.row_digest_ints(X), dtype=np.uint64) if digests is None else digests
         keep = self.tracked_rows(dig)
         if keep is not None:
@@ -289,21 +327,22 @@ class SessionTrackers:
         if not math.isfinite(st.first_t):
             st.first_t = float(now)
         st.last_t = float(max(now, st.last_t)) if math.isfinite(st.last_t) else float(now)
-        fps = _hashing.compact(self._fingerprints(X) if fingerprints is None else fingerprints)
-        if X.shape[0] <= 8:
-            z, u, cells, rares = self._project.rows(X)
-        else:
-            feats = self._project(X)
-            z, u, cells, rares = feats.z, feats.u, feats.cell.tolist(), feats.rare.tolist()
-        if global_fingerprint is not None and math.isfinite(global_fingerprint):
-            event = global_fingerprint >= _GLOBAL_EVENT
-            st.s_global = ev.cusum(st.s_global, self._global_llr[0 if event else 1])
-        x16 = self._steps.standardise(X) if self._steps.active else None
-        labs = lab.tolist()
-        margin_list = margins.tolist() if margins is not None else None
-        prada_checked = False  # one PRADA check per request at most (see _prada)
-        for i, digest in enumerate(dig.tolist()):
+        gf = request.global_fingerprint
+        if gf is not None and math.isfinite(gf):
+            st.s_global = ev.cusum(st.s_global, self._global_llr[0 if gf >= _GLOBAL_EVENT else 1])
+        feed = _Feed(st, start, X.shape[0], lab.tolist(), None if margins is None else margins.tolist(),
+                     dig.tolist())
+        return feed, X, self._fingerprints(X) if fingerprints is None else fingerprints
+
+    def _wave(self, feeds: list[_Feed], wave: int, rows: _Rows) -> None:
+        """Row ``wave`` of each feed (distinct sessions): exact repeats only count; the ring comparisons of the
+        others run together (``_Observations``), then each session's evidence is accumulated in order."""
+        cfg = self.config
+        fresh: list[_Feed] = []
+        for feed in feeds:
+            st = feed.state
             st.n_queries += 1
+            digest = feed.digests[wave]
             if digest in st.exact[: st.n_exact].tolist():
                 st.n_repeats += 1
                 continue
@@ -311,23 +350,76 @@ class SessionTrackers:
             st.exact[st.head_exact] = digest
             st.head_exact = (st.head_exact + 1) % cfg.ring_exact
             st.n_exact = min(st.n_exact + 1, cfg.ring_exact)
-            cls = _prada.class_slot(cfg, labs[i])
-            off = cells[i] == cfg.n_cells  # off the reference manifold (not merely a rarely visited cell)
-            stepped = x16 is not None and self._steps.step(st, x16[i])
-            total = self._fingerprint_step(st, fps[i], cls, off) + self._neighbor_step(st, z[i], cls, off, stepped)
-            total += self._coverage_step(st, cells[i], rares[i])
-            if margin_list is not None:
-                llr = self._margin_llr[0 if margin_list[i] < cfg.margin_threshold else 1]
+            fresh.append(feed)
+        if not fresh:
+            return
+        at = [feed.start + wave for feed in fresh]
+        slots = [_prada.class_slot(cfg, feed.labels[wave]) for feed in fresh]
+        seen = self._observe([feed.state for feed in fresh], at, slots, rows)
+        for k, feed in enumerate(fresh):
+            st, i, cls = feed.state, at[k], slots[k]
+            off = rows.cells[i] == cfg.n_cells  # off the reference manifold (not merely a rarely visited cell)
+            if rows.x16 is not None:
+                self._steps.store(st, rows.x16[i])
+            total = self._fingerprint_step(st, rows.fps[i], cls, off, seen.near[k], seen.flips[k])
+            total += self._neighbor_step(st, rows.z[i], cls, off, seen.stepped[k], seen.mean_k[k])
+            total += self._coverage_step(st, rows.cells[i], rows.rares[i])
+            if feed.margins is not None:
+                llr = self._margin_llr[0 if feed.margins[wave] < cfg.margin_threshold else 1]
                 st.s_margin = ev.cusum(st.s_margin, llr)
                 total += llr
-            w = _prada.step(cfg, st, u[i], cls, check_due=not prada_checked)
+            w = _prada.apply(cfg, st, seen.zf[k], cls, seen.dmin[k], check_due=not feed.prada_checked)
             if w is not None:
-                prada_checked = True
+                feed.prada_checked = True  # one PRADA check per request at most (see _prada)
                 llr = self._prada_llr[0 if w < cfg.prada_delta else 1]
                 st.s_prada = ev.cusum(st.s_prada, llr)
                 total += llr
             st.s_joint = ev.cusum(st.s_joint, total)
-        return st, self.peek(st, st.last_t)
+
+    def _observe(self, states: list[SessionState], at: list[int], slots: list[int], rows: _Rows) -> _Observations:
+        """What each tracker sees of one query per session against that session's rings (before the query
+        joins them): one numpy call per step for all the sessions."""
+        cfg = self.config
+        n = len(states)
+        idx = at[0] if n == 1 else np.array(at)  # one session: plain indexing, a view
+        slot = np.array(slots)
+        stepped = [False] * n
+        if rows.x16 is not None:
+            stored, empty = _rings([st.steps for st in states], [st.n_steps for st in states])
+            if stored.shape[1]:
+                stepped = self._steps.hits(stored, empty, rows.x16[idx].reshape(n, -1)).tolist()
+        query = rows.fps[idx].reshape(n, -1)
+        near_count, flips = [0] * n, [0] * n
+        stored, empty = _rings([st.fp for st in states], [st.n_fp for st in states])
+        if stored.shape[1]:
+            shared = _hashing.shared_counts_many(query, stored)
+            near = shared >= np.minimum(self._match_count, np.add.reduce(query != 0, axis=1))[:, None]
+            if empty is not None:
+                near[empty] = False
+            classes = _rings([st.fp_cls for st in states], [st.n_fp for st in states])[0]
+            near_count = np.add.reduce(near, axis=1).tolist()
+            flips = np.add.reduce(near & (classes != slot[:, None]), axis=1).tolist()
+        mean_k: list[float | None] = [None] * n
+        ready = [st.n_nn >= cfg.nn_k for st in states]
+        if self._nn_on and any(ready):
+            stored, empty = _rings([st.nn for st in states], [st.n_nn for st in states])
+            diff = stored.astype(np.float64)
+            diff -= rows.z[idx].reshape(n, 1, -1)
+            diff *= diff
+            d = np.sqrt(np.add.reduce(diff, axis=2))
+            if empty is not None:
+                d[empty] = np.inf
+            nearest = np.partition(d, cfg.nn_k - 1, axis=1)[:, : cfg.nn_k]
+            means = (np.add.reduce(nearest, axis=1) / cfg.nn_k).tolist()
+            mean_k = [m if r else None for m, r in zip(means, ready, strict=True)]
+        zf = _prada.stored_form(rows.u[idx].reshape(n, -1))
+        dmin = [math.nan] * n
+        counts = [st.n_prada for st in states]
+        if max(counts):
+            stored, empty = _rings([st.prada_vec for st in states], counts)
+            classes = _rings([st.prada_cls for st in states], counts)[0]
+            dmin = _prada.nearest(stored, classes, empty, zf, slot).tolist()
+        return _Observations(stepped, near_count, flips, mean_k, zf, dmin)
 
     def summary(self, state: SessionState) -> dict[str, float]:
         """Descriptive figures for events and operators (not scores): volume, cells, class entropy, W."""
@@ -341,17 +433,12 @@ class SessionTrackers:
                 "duration_s": float(state.last_t - state.first_t) if math.isfinite(state.first_t) else 0.0}
 
     # ---- trackers --------------------------------------------------------------------------------
-    def _fingerprint_step(self, st: SessionState, fp: np.ndarray, cls: int, off: bool) -> float:
+    def _fingerprint_step(self, st: SessionState, fp: np.ndarray, cls: int, off: bool, m: int, flips: int) -> float:
         """Accumulate near-duplicate evidence for this query and return it: near-duplicates answered with
         another class are attack evidence, and so are near-duplicates off the reference manifold (synthetic
-        augmentation); on-manifold near-duplicates answered alike are neutral; none is benign evidence."""
+        augmentation); on-manifold near-duplicates answered alike are neutral; none is benign evidence.
+        ``m``: the query's near-duplicates in the session's ring, ``flips``: those answered with another class."""
         cfg = self.config
-        m = flips = 0
-        if st.n_fp:
-            near = _hashing.shared_counts(fp, st.fp[: st.n_fp]) >= min(self._match_count, int(np.count_nonzero(fp)))
-            m = int(np.count_nonzero(near))
-            if m:
-                flips = int(np.count_nonzero(st.fp_cls[: st.n_fp][near] != cls))
         if flips:
             llr = self._flip_llr[0]
         elif m:
@@ -365,26 +452,21 @@ class SessionTrackers:
         st.n_fp = min(st.n_fp + 1, cfg.ring_fp)
         return llr
 
-    def _neighbor_step(self, st: SessionState, z: np.ndarray, cls: int, off: bool, stepped: bool) -> float:
+    def _neighbor_step(self, st: SessionState, z: np.ndarray, cls: int, off: bool, stepped: bool,
+                       mean_k: float | None) -> float:
         """Close neighbours among the recent queries: evidence when the query is also off the reference
         manifold (synthetic perturbations), neutral on it (clients resend edits of natural inputs; in the
         projection two natural inputs of different classes can be this close, so a class flip among
         neighbours is no evidence here: the fingerprint tracker looks for flips among input-space
         near-duplicates). ``stepped``: the query is a recent one plus a gradient-sign step (``_steps``),
-        strong evidence of synthetic augmentation whatever its neighbours. ``cls`` is kept with each
-        neighbour."""
+        strong evidence of synthetic augmentation whatever its neighbours. ``mean_k``: the mean distance to
+        the ``nn_k`` nearest recent queries (None: fewer stored). ``cls`` is kept with each neighbour."""
         cfg = self.config
         llr = 0.0
         if stepped:
             llr = self._step_llr
             st.s_neighbors = ev.cusum(st.s_neighbors, llr)
-        elif self._nn_on and st.n_nn >= cfg.nn_k:
-            diff = st.nn[: st.n_nn].astype(np.float64)
-            diff -= z
-            diff *= diff
-            d = np.sqrt(np.add.reduce(diff, axis=1))
-            nearest = np.argpartition(d, cfg.nn_k - 1)[: cfg.nn_k]
-            mean_k = float(np.add.reduce(d[nearest]) / cfg.nn_k)
+        elif self._nn_on and mean_k is not None:
             if mean_k >= cfg.nn_threshold:
                 llr = self._nn_llr[1]
             elif off:
@@ -481,3 +563,69 @@ def answer_labels(labels: np.ndarray | None, probabilities: np.ndarray | None, r
         pr = np.asarray(probabilities, dtype=np.float64).reshape(rows, -1)
         return np.argmax(pr, axis=1) if pr.shape[1] > 1 else (pr[:, 0] >= 0.5).astype(np.int64)
     return None
+
+
+@dataclass(frozen=True, slots=True)
+class Update:
+    """One request for :meth:`SessionTrackers.update_many`: the arguments of :meth:`SessionTrackers.update`."""
+
+    state: SessionState
+    X: np.ndarray
+    labels: np.ndarray | None
+    probabilities: np.ndarray | None
+    now: float
+    global_fingerprint: float | None = None
+    fingerprints: np.ndarray | None = None
+    digests: np.ndarray | None = None
+
+
+@dataclass(slots=True)
+class _Feed:
+    """A request being fed: its new state, where its tracked rows start in the batch, how many there are,
+    and per row the answered class, the margin and the exact digest."""
+
+    state: SessionState
+    start: int
+    rows: int
+    labels: list[int]
+    margins: list[float] | None
+    digests: list[int]
+    prada_checked: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Rows:
+    """The batch's row-wise quantities: compact fingerprints, projection, cell, rare flag, stored input."""
+
+    fps: np.ndarray
+    z: np.ndarray
+    u: np.ndarray
+    cells: list[int]
+    rares: list[bool]
+    x16: np.ndarray | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Observations:
+    """Per query of a wave: gradient step found, near-duplicates and class flips among them, mean distance to
+    the nearest neighbours (None: too few), the PRADA vector and its nearest member's distance (NaN: none)."""
+
+    stepped: list[bool]
+    near: list[int]
+    flips: list[int]
+    mean_k: list[float | None]
+    zf: np.ndarray
+    dmin: list[float]
+
+
+def _rings(arrays: list[np.ndarray], counts: list[int]) -> tuple[np.ndarray, np.ndarray | None]:
+    """The sessions' rings on a new first axis, cut to the fullest one's entries, and where a shorter one's
+    slots are empty (None when none is: one session, or every ring as full)."""
+    filled = max(counts)
+    if len(arrays) == 1:
+        one: np.ndarray = arrays[0][None, :filled]
+        return one, None
+    stacked = np.stack(arrays)[:, :filled]
+    if min(counts) == filled:
+        return stacked, None
+    return stacked, np.arange(filled) >= np.array(counts)[:, None]

@@ -53,7 +53,7 @@ class StepTest:
         # feature constant in the reference: its moves count, but never as a share of its range)
         to_input = np.asarray(cfg.scale, dtype=np.float64)
         to_share = np.where(live, cfg.scale / np.where(live, rng, 1.0), 0.0)
-        self._units = np.stack([to_input, to_share])[:, None, :]  # (2, 1, features)
+        self._units = np.stack([to_input, to_share])[:, None, None, :]  # (2, 1, 1, features)
         self._need_moved = max(_MIN_EQUAL, math.ceil(_MOVED_SHARE * int(live.sum())))
         self._ring = cfg.ring_steps
 
@@ -69,30 +69,39 @@ class StepTest:
     def step(self, st: SessionState, row16: np.ndarray) -> bool:
         """Whether ``row16`` (one row of :meth:`standardise`) is a gradient step from a stored query; then
         stores it (mutates ``st``)."""
-        hit = self.active and st.n_steps > 0 and self._hit(st.steps[: st.n_steps], row16)
+        hit = self.active and st.n_steps > 0 and bool(self.hits(st.steps[None, : st.n_steps], None, row16[None])[0])
+        self.store(st, row16)
+        return hit
+
+    def store(self, st: SessionState, row16: np.ndarray) -> None:
+        """Keep ``row16`` in the session's ring of recent distinct queries (mutates ``st``)."""
         st.steps[st.head_steps] = row16
         st.head_steps = (st.head_steps + 1) % self._ring
         st.n_steps = min(st.n_steps + 1, self._ring)
-        return hit
 
-    def _hit(self, stored: np.ndarray, row16: np.ndarray) -> bool:
-        """The test against every stored query at once, in input units and as range shares side by side (the
-        first axis), so each step below is one numpy call for both."""
+    def hits(self, stored: np.ndarray, empty: np.ndarray | None, rows16: np.ndarray) -> np.ndarray:
+        """The test for several sessions at once: ``stored`` (sessions, ring, features) their rings, ``empty``
+        (sessions, ring) their slots holding no query yet (None: all hold one), ``rows16`` (sessions, features)
+        one query each. Input units and range shares side by side on the first axis, so each step is one numpy
+        call for everything."""
         diff = stored.astype(np.float64)
-        diff -= row16.astype(np.float64)  # both at float16 precision: an unchanged feature differs by exactly 0
+        diff -= rows16[:, None, :].astype(np.float64)  # float16 both: an unchanged feature differs by exactly 0
         np.abs(diff, out=diff)
         moved = diff > 0.0
-        n_moved = np.add.reduce(moved, axis=1)
-        units = diff * self._units  # (2, stored, features): input units, range shares
+        n_moved = np.add.reduce(moved, axis=2)
+        units = diff * self._units  # (2, sessions, ring, features): input units, range shares
         small = units[1] < _MAX_RANGE_SHARE  # flags flipping between their values never count as equal
         small &= moved
         units *= small
-        top = units.max(axis=2, keepdims=True)
+        top = units.max(axis=3, keepdims=True)
         top *= _EQUAL_TOL
         equal = units >= top
         equal &= small
         need = np.maximum(_EQUAL_SHARE * n_moved, _MIN_EQUAL)
         need[n_moved < self._need_moved] = np.inf
-        hit = np.add.reduce(equal, axis=2) >= need
-        hit &= top[:, :, 0] > 0.0
-        return bool(hit.any())
+        if empty is not None:
+            need[empty] = np.inf
+        hit = np.add.reduce(equal, axis=3) >= need
+        hit &= top[..., 0] > 0.0
+        found: np.ndarray = np.logical_or.reduce(hit[0] | hit[1], axis=1)
+        return found
