@@ -70,7 +70,7 @@ def step(cfg: TrackerConfig, st: SessionState, z: np.ndarray, slot: int, *, chec
     False once this request had its check (the query is pooled all the same)."""
     zf = stored_form(z[None])
     n = st.n_prada
-    dmin = nearest(st.prada_vec[None, :n], st.prada_cls[None, :n], None, zf, np.array([slot]))[0] if n else math.nan
+    dmin = nearest(st.prada_vec[None, :n], st.prada_cls[None, :n], None, zf, np.array([slot]))[0] if n else math.inf
     return apply(cfg, st, zf[0], slot, dmin, check_due=check_due)
 
 
@@ -83,7 +83,7 @@ def stored_form(u: np.ndarray) -> np.ndarray:
 def nearest(vecs: np.ndarray, classes: np.ndarray, empty: np.ndarray | None, zf: np.ndarray,
             slots: np.ndarray) -> np.ndarray:
     """For several sessions at once, each query's distance to the nearest member of its class's growing set
-    (NaN when the set is empty): ``vecs`` (sessions, ring, dim) and ``classes`` (sessions, ring) the rings,
+    (infinite when the set is empty): ``vecs`` (sessions, ring, dim) and ``classes`` (sessions, ring) the rings,
     ``empty`` (sessions, ring) their slots holding no vector yet (None: all hold one), ``zf`` (sessions, dim)
     :func:`stored_form` queries."""
     diff = vecs.astype(np.float64)
@@ -95,14 +95,13 @@ def nearest(vecs: np.ndarray, classes: np.ndarray, empty: np.ndarray | None, zf:
         others |= empty
     d2[others] = np.inf
     out: np.ndarray = np.sqrt(d2.min(axis=1))
-    out[out == np.inf] = np.nan
     return out
 
 
 def apply(cfg: TrackerConfig, st: SessionState, zf: np.ndarray, slot: int, dmin: float, *,
           check_due: bool = True) -> float | None:
-    """:func:`step` with the nearest member's distance ``dmin`` known (NaN: none); mutates ``st``."""
-    found = not math.isnan(dmin)
+    """:func:`step` with the nearest member's distance ``dmin`` known (infinite: none); mutates ``st``."""
+    found = dmin < math.inf
     if found:
         if dmin == 0.0:
             # an exact repeat of an accepted query older than the session's exact-repeat ring (a batch client

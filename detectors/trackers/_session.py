@@ -381,14 +381,14 @@ class SessionTrackers:
         joins them): one numpy call per step for all the sessions."""
         cfg = self.config
         n = len(states)
-        idx = at[0] if n == 1 else np.array(at)  # one session: plain indexing, a view
+        idx: slice | np.ndarray = slice(at[0], at[0] + 1) if n == 1 else np.array(at)  # one session: a view
         slot = np.array(slots)
         stepped = [False] * n
         if rows.x16 is not None:
             stored, empty = _rings([st.steps for st in states], [st.n_steps for st in states])
             if stored.shape[1]:
-                stepped = self._steps.hits(stored, empty, rows.x16[idx].reshape(n, -1)).tolist()
-        query = rows.fps[idx].reshape(n, -1)
+                stepped = self._steps.hits(stored, empty, rows.x16[idx]).tolist()
+        query = rows.fps[idx]
         near_count, flips = [0] * n, [0] * n
         stored, empty = _rings([st.fp for st in states], [st.n_fp for st in states])
         if stored.shape[1]:
@@ -404,7 +404,7 @@ class SessionTrackers:
         if self._nn_on and any(ready):
             stored, empty = _rings([st.nn for st in states], [st.n_nn for st in states])
             diff = stored.astype(np.float64)
-            diff -= rows.z[idx].reshape(n, 1, -1)
+            diff -= rows.z[idx][:, None, :]
             diff *= diff
             d = np.sqrt(np.add.reduce(diff, axis=2))
             if empty is not None:
@@ -412,8 +412,8 @@ class SessionTrackers:
             nearest = np.partition(d, cfg.nn_k - 1, axis=1)[:, : cfg.nn_k]
             means = (np.add.reduce(nearest, axis=1) / cfg.nn_k).tolist()
             mean_k = [m if r else None for m, r in zip(means, ready, strict=True)]
-        zf = _prada.stored_form(rows.u[idx].reshape(n, -1))
-        dmin = [math.nan] * n
+        zf = _prada.stored_form(rows.u[idx])
+        dmin = [math.inf] * n
         counts = [st.n_prada for st in states]
         if max(counts):
             stored, empty = _rings([st.prada_vec for st in states], counts)
@@ -608,7 +608,7 @@ class _Rows:
 @dataclass(frozen=True, slots=True)
 class _Observations:
     """Per query of a wave: gradient step found, near-duplicates and class flips among them, mean distance to
-    the nearest neighbours (None: too few), the PRADA vector and its nearest member's distance (NaN: none)."""
+    the nearest neighbours (None: too few), the PRADA vector and its nearest member's distance (infinite: none)."""
 
     stepped: list[bool]
     near: list[int]
