@@ -20,9 +20,9 @@ import numpy as np
 SCHEMA_VERSION = 1
 
 _ARRAY_FIELDS = ("center", "scale", "components", "whiten", "grid_edges", "cell_probs", "quant_step",
-                 "quant_offsets", "prada_proj", "ref_rows", "feature_range")
+                 "quant_offsets", "prada_proj", "ref_rows", "feature_range", "integer_features")
 # arrays a profile written before they existed lacks: rebuilt empty (the feature they serve is then off)
-_OPTIONAL_ARRAYS = frozenset({"ref_rows", "feature_range"})
+_OPTIONAL_ARRAYS = frozenset({"ref_rows", "feature_range", "integer_features"})
 
 
 @dataclass(frozen=True, eq=False)
@@ -50,6 +50,9 @@ class TrackerConfig:
     ref_rows: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 0)))
     # max - min of every feature over the reference (empty: unknown, and the gradient-step test is off)
     feature_range: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
+    # 1 for every feature whose reference values are all whole numbers (codes, counts, levels), else 0 (empty:
+    # unknown, and the lattice test of ``_lattice`` is off)
+    integer_features: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
     residual_threshold: float = math.inf
     norm_threshold: float = math.inf
     rare_cell_prob: float = 0.0
@@ -96,6 +99,8 @@ class TrackerConfig:
             raise ValueError("ref_rows must be (rows, n_features)")
         if self.feature_range.shape not in ((0,), (d,)) or np.any(np.asarray(self.feature_range) < 0):
             raise ValueError("feature_range must be empty or (n_features,) and non-negative")
+        if self.integer_features.shape not in ((0,), (d,)) or not np.isin(self.integer_features, (0, 1)).all():
+            raise ValueError("integer_features must be empty or (n_features,) of 0 and 1")
         g = self.grid_edges.shape[0]
         if self.grid_edges.ndim != 2 or g > p or self.cell_probs.shape != (self.n_cells,):
             raise ValueError("grid_edges must be (g<=p, bins-1) and cell_probs (bins**g,)")

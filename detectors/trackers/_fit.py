@@ -86,8 +86,11 @@ def fit_tracker_config(X: np.ndarray, labels: np.ndarray | None = None, *, seed:
     cfg = dataclasses.replace(cfg, nn_threshold=nn_thr)
     delta = _fit_prada_delta(cfg, Xc, yc, rng)
     n_ref = int(min(n, _REF_ROWS, max(32, _REF_BYTES // (8 * d))))
+    varies = X.max(axis=0) > X.min(axis=0)
+    whole = np.all(np.round(X) == X, axis=0) & varies
     return dataclasses.replace(cfg, prada_delta=delta, ref_rows=X[perm[:n_ref]],
-                               feature_range=X.max(axis=0) - X.min(axis=0))
+                               feature_range=X.max(axis=0) - X.min(axis=0),
+                               integer_features=whole.astype(np.uint8))
 
 
 def _pca(X: np.ndarray, p: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

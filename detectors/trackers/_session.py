@@ -18,8 +18,9 @@ retry tells an attacker nothing new), each tracker turns an observation into a l
   augmentation) count by number: 1-3 or >= 4 of them, benign (p0_near, 0.01), attack (0.3, 0.5).
 - neighbors: mean whitened distance to the ``nn_k`` nearest of the last ``ring_nn`` queries below
   ``nn_threshold`` (the 1 % quantile of benign streams) *and* the query off the reference manifold
-  (synthetic perturbations such as Jacobian augmentation): benign ``p0_near``, attack 0.5; close
-  neighbours on the manifold are neutral (natural edits), far ones benign evidence.
+  (synthetic perturbations such as Jacobian augmentation) or off the integer lattice of integer-coded
+  features (``_lattice``: a search in continuous space between the codes): benign ``p0_near``, attack 0.5;
+  close neighbours on the manifold are neutral (natural edits), far ones benign evidence.
 - coverage: (a) rare region, i.e. off-manifold (PCA residual or whitened norm beyond the 99.5 % quantile
   of the reference rows' out-of-sample ones) or a grid cell the reference hardly visits, benign rate
   ``p0_rare`` (twice the rate measured on held-out reference data), attack 0.9; (b) growth: a query in a cell
@@ -55,6 +56,7 @@ from . import _hashing, _prada
 from ._config import TrackerConfig
 from ._crawl import CrawlScore
 from ._features import Projector
+from ._lattice import LatticeTest
 from ._state import SessionState, decode, encode, encoded_size, new_state
 from ._steps import StepTest
 
@@ -101,6 +103,7 @@ class SessionTrackers:
         # per-request constants, read once (a request is typically one row: call overhead is the cost)
         self._project = Projector(config)
         self._steps = StepTest(config)
+        self._lattice = LatticeTest(config)
         self._hasher = _hashing.WindowHasher(config.center, config.quant_step, config.quant_offsets, config.window,
                                              self._keys)
         self._match_count = config.match_count
@@ -283,7 +286,8 @@ class SessionTrackers:
         else:
             feats = self._project(X)
             z, u, cells, rares = feats.z, feats.u, feats.cell.tolist(), feats.rare.tolist()
-        rows = _Rows(compact, z, u, cells, rares, self._steps.standardise(X) if self._steps.active else None)
+        rows = _Rows(compact, z, u, cells, rares, self._steps.standardise(X) if self._steps.active else None,
+                     self._lattice.off(X))
         for wave in range(max((feed.rows for feed in feeds), default=0)):
             self._wave([feed for feed in feeds if feed.rows > wave], wave, rows)
         return [(feed.state, self.peek(feed.state, feed.state.last_t)) for feed in feeds]
@@ -362,7 +366,8 @@ class SessionTrackers:
             if rows.x16 is not None:
                 self._steps.store(st, rows.x16[i])
             total = self._fingerprint_step(st, rows.fps[i], cls, off, seen.near[k], seen.flips[k])
-            total += self._neighbor_step(st, rows.z[i], cls, off, seen.stepped[k], seen.mean_k[k])
+            near_off = off or rows.lattice[i]  # off the manifold, or off the integer lattice (``_lattice``)
+            total += self._neighbor_step(st, rows.z[i], cls, near_off, seen.stepped[k], seen.mean_k[k])
             total += self._coverage_step(st, rows.cells[i], rows.rares[i])
             if feed.margins is not None:
                 llr = self._margin_llr[0 if feed.margins[wave] < cfg.margin_threshold else 1]
@@ -595,7 +600,8 @@ class _Feed:
 
 @dataclass(frozen=True, slots=True)
 class _Rows:
-    """The batch's row-wise quantities: compact fingerprints, projection, cell, rare flag, stored input."""
+    """The batch's row-wise quantities: compact fingerprints, projection, cell, rare flag, stored input, off
+    the integer lattice (``_lattice``)."""
 
     fps: np.ndarray
     z: np.ndarray
@@ -603,6 +609,7 @@ class _Rows:
     cells: list[int]
     rares: list[bool]
     x16: np.ndarray | None
+    lattice: list[bool]
 
 
 @dataclass(frozen=True, slots=True)
