@@ -97,7 +97,8 @@ class TurnQueue(Generic[K, Item, R]):
 
     For work that is not row-wise (each item is a whole request, e.g. a session's tracker update): ``run(key,
     items)`` returns one result per item, in order. Items are grouped by ``key``. A call that fails is run again
-    item by item, so each gets its own error.
+    item by item, so each gets its own error. An item whose waiter was cancelled meanwhile still runs: the work
+    may have effects (a session learning its query) that must not depend on the client waiting.
     """
 
     def __init__(self, run: Callable[[K, list[Item]], list[R]]) -> None:
@@ -118,7 +119,6 @@ class TurnQueue(Generic[K, Item, R]):
         self._scheduled = False
         groups, self._waiting = self._waiting, {}
         for key, waiting in groups.items():
-            waiting = [(item, done) for item, done in waiting if not done.done()]  # cancelled meanwhile
             if len(waiting) > 1:
                 try:
                     results = self._run(key, [item for item, _ in waiting])
@@ -126,10 +126,15 @@ class TurnQueue(Generic[K, Item, R]):
                     pass
                 else:
                     for (_, done), result in zip(waiting, results, strict=True):
-                        done.set_result(result)
+                        if not done.done():  # cancelled meanwhile: nobody takes the result
+                            done.set_result(result)
                     continue
             for item, done in waiting:
                 try:
-                    done.set_result(self._run(key, [item])[0])
+                    result = self._run(key, [item])[0]
                 except Exception as exc:
-                    done.set_exception(exc)
+                    if not done.done():
+                        done.set_exception(exc)
+                else:
+                    if not done.done():
+                        done.set_result(result)

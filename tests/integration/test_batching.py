@@ -207,3 +207,23 @@ class TestTrackerUpdates:
         assert isinstance(got[1], ValueError) and records[1].tracker_state is None
         assert isinstance(got[0], Mapping) and records[0].tracker_state is not None
         assert isinstance(got[2], Mapping) and records[2].tracker_state is not None
+
+
+async def test_turn_queue_runs_the_items_of_cancelled_waiters() -> None:
+    """An item whose waiter is cancelled before the turn ends still runs (a session still learns its query);
+    the others get their results."""
+    from guard_agent.batching import TurnQueue
+
+    ran: list[int] = []
+
+    def run(key: str, items: list[int]) -> list[int]:
+        ran.extend(items)
+        return items
+
+    queue: TurnQueue[str, int, int] = TurnQueue(run)
+    first = asyncio.ensure_future(queue("k", 1))
+    second = asyncio.ensure_future(queue("k", 2))
+    await asyncio.sleep(0)  # both queued
+    first.cancel()
+    assert await second == 2
+    assert ran == [1, 2] and first.cancelled()
