@@ -41,7 +41,7 @@ def refuse_early(state: GuardState, request: web.BaseRequest, status: int, code:
     response.force_close()
     out.status = status
     _emit(state, request, state.policies.current, out, request_id, started)
-    state.metrics.requests_by("refused", out.action, str(status)).inc()
+    state.metrics.requests.inc("refused", out.action, str(status))
     return response
 
 
@@ -91,7 +91,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     policy = state.policies.current
     _emit(state, request, policy, out, request_id, started)
     metrics = state.metrics
-    metrics.requests_by(match.route, out.action, str(out.status)).inc()
+    metrics.requests.inc(match.route, out.action, str(out.status))
     metrics.overhead.observe(match.route, max(0.0, time.perf_counter() - started - upstream_time))
     return response
 
