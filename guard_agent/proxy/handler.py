@@ -24,8 +24,8 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 def _request_id(request: web.BaseRequest) -> str:
-    given = request.headers.get("X-Request-Id", "")
-    return given if _REQUEST_ID.match(given) else random_id()
+    given = request.headers.get("X-Request-Id")
+    return given if given is not None and _REQUEST_ID.match(given) else random_id()
 
 
 def refuse_early(state: GuardState, request: web.BaseRequest, status: int, code: str, message: str) -> web.Response:
