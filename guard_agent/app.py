@@ -27,7 +27,6 @@ from guard_agent.policy.model import BUILTIN_SCORES, Policy
 from guard_agent.policy.store import PolicyStore
 from guard_agent.profiles import ProfileStore
 from guard_agent.protocols import ParseLimits
-from guard_agent.proxy import handle
 from guard_agent.proxy.upstream import lean_pool_for
 from guard_agent.recent import RecentDecisions
 from guard_agent.reloading import Reloader
@@ -242,12 +241,13 @@ async def _file_watcher(app: web.Application) -> AsyncIterator[None]:
 
 
 def make_app(state: GuardState) -> web.Application:
-    """The guard listener: every path goes to the one handler, which applies the route table.
+    """The guard listener's application: its state and its lifecycle (``cleanup_ctx``), run by
+    ``server.GuardRunner``, which gives every request to ``proxy.handle`` (the route table decides).
 
     The integrity checks and the capture run their background work as ``cleanup_ctx`` entries (see
     ``contracts.Lifecycle``), started after the upstream client exists.
     """
-    app = web.Application(client_max_size=state.settings.max_body_bytes)
+    app = web.Application()
     app[STATE] = state
     app.cleanup_ctx.append(_session_store)
     app.cleanup_ctx.append(_upstream_client)
@@ -256,5 +256,4 @@ def make_app(state: GuardState) -> web.Application:
     app.cleanup_ctx.append(state.integrity.cleanup_ctx)
     if state.capture is not None:
         app.cleanup_ctx.append(state.capture.cleanup_ctx)
-    app.router.add_route("*", "/{tail:.*}", handle)
     return app

@@ -37,18 +37,25 @@ _IDS_PER_READ = 256
 
 
 class _RandomBytes(threading.local):
-    """Each thread's unread ``os.urandom`` bytes: ``random_id`` reads them 4 KiB at a time, one system call per
-    256 ids instead of one per id (a request takes two). Per thread, so two threads never take the same bytes;
-    emptied in a forked child, which must not repeat its parent's ids."""
+    """Each thread's unread random ids: ``random_id`` reads ``os.urandom`` 4 KiB at a time (one system call per
+    256 ids instead of one per id; a request takes two), sets every id's version and variant bits and hex-encodes
+    the whole block at once, so an id is one slice of a string. Per thread, so two threads never take the same
+    bytes; emptied in a forked child, which must not repeat its parent's ids."""
 
     def __init__(self) -> None:
-        self.buf = b""
+        self.hex = ""
         self.pos = 0
 
     def forget(self) -> None:
-        """Drop the unread bytes (in a forked child: its parent's)."""
-        self.buf = b""
+        """Drop the unread ids (in a forked child: its parent's)."""
+        self.hex = ""
         self.pos = 0
+
+    def refill(self) -> None:
+        raw = bytearray(os.urandom(16 * _IDS_PER_READ))
+        raw[6::16] = bytes((b & 0x0F) | 0x40 for b in raw[6::16])  # version 4
+        raw[8::16] = bytes((b & 0x3F) | 0x80 for b in raw[8::16])  # RFC 4122 variant
+        self.hex, self.pos = raw.hex(), 0
 
 
 _random_bytes = _RandomBytes()
@@ -57,16 +64,14 @@ os.register_at_fork(after_in_child=_random_bytes.forget)
 
 def random_id() -> str:
     """32 hex digits of a random version-4 UUID, as ``uuid.uuid4().hex`` (16 bytes of ``os.urandom``, without
-    building a UUID object or a 128-bit integer): the version nibble and the variant bits set in the bytes."""
+    building a UUID object or a 128-bit integer)."""
     held = _random_bytes
     pos = held.pos
-    if pos >= len(held.buf):
-        held.buf, pos = os.urandom(16 * _IDS_PER_READ), 0
-    held.pos = pos + 16
-    raw = bytearray(held.buf[pos : pos + 16])
-    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
-    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
-    return raw.hex()
+    if pos >= len(held.hex):
+        held.refill()
+        pos = 0
+    held.pos = pos + 32
+    return held.hex[pos : pos + 32]
 
 
 class EventSink(Protocol):

@@ -9,34 +9,47 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 from collections.abc import Iterator, Mapping
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from prometheus_client.core import HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
-__all__ = ["LabelledChildren", "LabelledHistogram", "Metrics"]
+__all__ = ["LabelledCounter", "LabelledHistogram", "Metrics"]
 
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
-class LabelledChildren:
-    """``metric.labels(*values)`` looked up once per label tuple: prometheus_client validates the values and
-    takes a lock on every ``labels()`` call, and a request observes up to ~20 metrics (one per score). Only for
-    metrics whose label values are the guard's own low-cardinality ones (routes, actions, score names), never
-    client input; prometheus_client holds every child anyway."""
+class LabelledCounter:
+    """A counter with labels, exposed as prometheus_client's ``Counter`` exposes it (``_total``, ``_created``,
+    same text), counted in a plain dict.
 
-    __slots__ = ("_children", "_metric")
+    Every request counts once or twice (requests, decisions); through prometheus_client each is a child lookup
+    and a locked increment. Here ``inc`` is one dict lookup and one addition. Only the event loop's thread
+    counts; a scrape reads a copy. Label values must be the guard's own low-cardinality ones, never client
+    input."""
 
-    def __init__(self, metric: Any) -> None:
-        self._metric = metric
-        self._children: dict[tuple[str, ...], Any] = {}
+    def __init__(self, name: str, documentation: str, labels: tuple[str, ...], registry: CollectorRegistry) -> None:
+        self._name = name.removesuffix("_total")
+        self._doc = documentation
+        self._labels = labels
+        self._counts: dict[tuple[str, ...], list[float]] = {}  # label values -> [count, created]
+        registry.register(self)
 
-    def __call__(self, *values: str) -> Any:
-        child = self._children.get(values)
-        if child is None:
-            child = self._children[values] = self._metric.labels(*values)
-        return child
+    def inc(self, *values: str) -> None:
+        """Count one for these label values (in the order of ``labels``)."""
+        entry = self._counts.get(values)
+        if entry is None:
+            entry = self._counts[values] = [0.0, time.time()]
+        entry[0] += 1.0
+
+    def describe(self) -> list[Metric]:
+        return [CounterMetricFamily(self._name, self._doc, labels=self._labels)]
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self._name, self._doc, labels=self._labels)
+        for values, (count, created) in list(self._counts.items()):
+            family.add_metric(values, count, created=created)
+        yield family
 
 
 class LabelledHistogram:
@@ -93,8 +106,8 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("inference_guard_requests_total", "Requests by route, decision and status",
-                                ["route", "action", "status"], registry=r)
+        self.requests = LabelledCounter("inference_guard_requests_total", "Requests by route, decision and status",
+                                        ("route", "action", "status"), r)
         self.overhead = LabelledHistogram("inference_guard_overhead_seconds",
                                           "Time spent in the guard per request, excluding the upstream call",
                                           _LATENCY_BUCKETS, r, label="route")
@@ -125,5 +138,3 @@ class Metrics:
                                        "Captured decisions dropped because the capture queue was full", registry=r)
         self.rejects = Counter("inference_guard_rejects_total", "Invalid requests refused before scoring",
                                ["reason"], registry=r)
-        # the request path's metrics, children cached per label tuple
-        self.requests_by = LabelledChildren(self.requests)

@@ -19,9 +19,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry
 
-from guard_agent.metrics import LabelledChildren
+from guard_agent.metrics import LabelledCounter
 
 __all__ = ["DecisionEntry", "RecentDecisions", "SessionSummary", "risk_of"]
 
@@ -110,42 +110,37 @@ class RecentDecisions:
         self._models: set[str] = set()
         self._clock = clock
         self.started = clock()
-        counter = Counter("inference_guard_decisions_total",
-                          "Decision events written, by action, winning rule and model (allow after sampling)",
-                          ["action", "rule", "model"], registry=registry)
-        self._decisions = LabelledChildren(counter)
+        self._decisions = LabelledCounter(
+            "inference_guard_decisions_total",
+            "Decision events written, by action, winning rule and model (allow after sampling)",
+            ("action", "rule", "model"), registry)
 
     def __call__(self, fields: Mapping[str, Any]) -> None:
-        """Observe one decision event (the fields ``build_decision_event`` made)."""
-        event = fields.get("ecs_event") or {}
-        guard = fields.get("guard") or {}
-        action = str(event.get("action", "allow"))
-        rule = str((fields.get("rule") or {}).get("name", "default"))
-        status = int(((fields.get("http") or {}).get("response") or {}).get("status_code") or 0)
-        model = guard.get("model")
-        scores: Mapping[str, float] = guard.get("scores") or {}
-        self._decisions(action, rule, self._model_label(model, status)).inc()
+        """Observe one decision event (the fields ``build_decision_event`` made: read by key, not probed)."""
+        event, guard, http = fields["ecs_event"], fields["guard"], fields["http"]
+        action, rule = event["action"], fields["rule"]["name"]
+        status = http["response"]["status_code"]
+        model, session, scores = guard["model"], guard["session"], guard["scores"]
+        self._decisions.inc(action, rule, self._model_label(model, status))
         now = self._clock()
-        session = guard.get("session")
-        entry = DecisionEntry(t=now, request_id=str(((fields.get("http") or {}).get("request") or {}).get("id", "")),
-                              session=session, model=model, action=action, rule=rule, status=status,
-                              enforced=bool(guard.get("enforced", True)), scores=scores,
-                              matched=tuple(guard.get("matched_rules") or ()))
-        self.log.append(entry)
+        self.log.append(DecisionEntry(now, http["request"]["id"], session, model, action, rule, status,
+                                      guard["enforced"], scores, tuple(guard.get("matched_rules", ()))))
         minute = self._minute(now)
         key = (action, rule)
         minute.counts[key] = minute.counts.get(key, 0) + 1
         if session:
-            risk = risk_of(scores)
-            summary = minute.sessions.get(session)
-            if summary is None:
-                held = len(minute.sessions)
-                # full: only risky sessions still get a place (up to twice the bound), so flooding a minute with
-                # fresh harmless sessions cannot push an attacker out of the top list
-                if held >= self._max_sessions and (risk < _RISKY or held >= 2 * self._max_sessions):
-                    return
-                summary = minute.sessions[session] = SessionSummary()
-            summary.add(now, action, rule, risk)
+            self._add_session(minute, session, now, action, rule, risk_of(scores))
+
+    def _add_session(self, minute: _Minute, session: str, now: float, action: str, rule: str, risk: float) -> None:
+        summary = minute.sessions.get(session)
+        if summary is None:
+            held = len(minute.sessions)
+            # full: only risky sessions still get a place (up to twice the bound), so flooding a minute with
+            # fresh harmless sessions cannot push an attacker out of the top list
+            if held >= self._max_sessions and (risk < _RISKY or held >= 2 * self._max_sessions):
+                return
+            summary = minute.sessions[session] = SessionSummary()
+        summary.add(now, action, rule, risk)
 
     def _model_label(self, model: object, status: int) -> str:
         if not isinstance(model, str) or not model:
@@ -159,9 +154,10 @@ class RecentDecisions:
 
     def _minute(self, now: float) -> _Minute:
         start = int(now // 60) * 60
-        if not self._minutes or self._minutes[-1].start != start:
-            self._minutes.append(_Minute(start))
-        return self._minutes[-1]
+        minutes = self._minutes
+        if not minutes or minutes[-1].start != start:
+            minutes.append(_Minute(start))
+        return minutes[-1]
 
     def summary(self, minutes: int, top: int = 10) -> dict[str, Any]:
         """Counts by action and rule over the last ``minutes`` minute buckets, and the ``top`` sessions by risk

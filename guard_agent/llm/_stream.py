@@ -51,7 +51,7 @@ def _has_text(doc: Any) -> bool:
     return False
 
 
-async def relay_sse(request: web.Request, upstream: aiohttp.ClientResponse, headers: CIMultiDict[str],
+async def relay_sse(request: web.BaseRequest, upstream: aiohttp.ClientResponse, headers: CIMultiDict[str],
                     hardening: Hardening | None) -> tuple[web.StreamResponse, Usage, bool]:
     """Relay the upstream event stream to the client; returns the response, the usage and whether the stream
     completed (False: cut because a chunk could not be hardened, or the connection failed)."""

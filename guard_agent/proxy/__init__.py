@@ -1,8 +1,8 @@
 """The request path, one module per step, in the order a request meets them.
 
-One handler serves every path (a catch-all route): the guard's own route table decides what is an inference
-route, a read-only passthrough or refused, on the raw (undecoded) path, so aiohttp's router never normalises a
-path we would rather refuse. The upstream receives exactly the bytes that were scored.
+One handler serves every path (aiohttp's low-level server, no router: ``server.GuardRunner``): the guard's own
+route table decides what is an inference route, a read-only passthrough or refused, on the raw (undecoded) path,
+so aiohttp never normalises a path we would rather refuse. The upstream receives exactly the bytes that were scored.
 
 Reading order: ``handler`` (route, run the path, one decision event) → ``inference`` (the scored path,
 top-down) → ``admit`` (identity, access, body, parse, session records, rate limit) → ``decide`` (scores and

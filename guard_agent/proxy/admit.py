@@ -49,7 +49,7 @@ class Admitted:
     session_facts: SessionFacts
 
 
-async def admit(request: web.Request, state: GuardState, match: RouteMatch, out: Outcome,
+async def admit(request: web.BaseRequest, state: GuardState, match: RouteMatch, out: Outcome,
                 request_id: str) -> Admitted | web.Response:
     """Identity and access, the query rule, the body, parsing and the input schema, then the session records
     with their cool-down and rate limit; a refusal is the 4xx."""
@@ -80,7 +80,7 @@ async def admit(request: web.Request, state: GuardState, match: RouteMatch, out:
                     sessions=sessions, request_facts=request_facts, session_facts=session_facts)
 
 
-async def _read_input(request: web.Request, state: GuardState, match: RouteMatch, eff: EffectivePolicy,
+async def _read_input(request: web.BaseRequest, state: GuardState, match: RouteMatch, eff: EffectivePolicy,
                       out: Outcome, request_id: str) -> tuple[bytes, ParsedRequest, bool] | web.Response:
     """The body and the request parsed from it (texts projected by the profile), checked against the input
     schema, and whether its values are all within float32's range (``within_float32``: both checks use it);
@@ -120,7 +120,7 @@ async def _admit_session(state: GuardState, identity: Identity, eff: EffectivePo
     return sessions, facts
 
 
-def _parse(request: web.Request, state: GuardState, match: RouteMatch, body: bytes) -> ParsedRequest:
+def _parse(request: web.BaseRequest, state: GuardState, match: RouteMatch, body: bytes) -> ParsedRequest:
     return parse_request(
         match.protocol or "v2", body, content_type=request.headers.get("Content-Type"),
         content_encoding=request.headers.get("Content-Encoding"), pointer=match.pointer,

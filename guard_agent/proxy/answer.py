@@ -34,7 +34,7 @@ from guard_agent.state import GuardState
 __all__ = ["answer"]
 
 
-async def answer(request: web.Request, state: GuardState, a: Admitted, verdict: Verdict, out: Outcome,
+async def answer(request: web.BaseRequest, state: GuardState, a: Admitted, verdict: Verdict, out: Outcome,
                  request_id: str) -> tuple[web.StreamResponse, float]:
     """The refusal the decision calls for, or the model's answer: forwarded, learnt from, hardened."""
     decision = verdict.decision
@@ -69,7 +69,7 @@ class _Forwarded:
     seconds: float
 
 
-async def _forward(request: web.Request, state: GuardState, a: Admitted, out: Outcome,
+async def _forward(request: web.BaseRequest, state: GuardState, a: Admitted, out: Outcome,
                    request_id: str) -> _Forwarded | tuple[web.Response, float]:
     """The scored bytes to the model, its answer read whole within the deadline; 502/504 when it fails.
 

@@ -29,7 +29,7 @@ class Verdict:
     scores: dict[str, float]
 
 
-async def score_and_decide(request: web.Request, state: GuardState, a: Admitted, out: Outcome) -> Verdict:
+async def score_and_decide(request: web.BaseRequest, state: GuardState, a: Admitted, out: Outcome) -> Verdict:
     """The decision, recorded in the event and in the session records (query count, a cool-down it starts)."""
     verdict = await _decide(request, state, a, out)
     decision, scores = verdict.decision, verdict.scores
@@ -49,7 +49,7 @@ async def score_and_decide(request: web.Request, state: GuardState, a: Admitted,
     return verdict
 
 
-async def _decide(request: web.Request, state: GuardState, a: Admitted, out: Outcome) -> Verdict:
+async def _decide(request: web.BaseRequest, state: GuardState, a: Admitted, out: Outcome) -> Verdict:
     """A blocked or throttled session is refused before any scoring (refusals must stay cheap under abuse);
     every other request is scored, then decided."""
     facts = a.session_facts
@@ -61,7 +61,7 @@ async def _decide(request: web.Request, state: GuardState, a: Admitted, out: Out
     return Verdict(decide(a.request_facts, scores, facts, a.eff, scoring_failure=failure), scores)
 
 
-async def _scores(request: web.Request, state: GuardState, a: Admitted,
+async def _scores(request: web.BaseRequest, state: GuardState, a: Admitted,
                   out: Outcome) -> tuple[dict[str, float], Literal["error", "budget"] | None]:
     """Every score the policy may read: the stateless scorers (detectors within the budget), the model's
     integrity and, when a rule reads them, the session trackers' (the worse of the request's two sessions)."""

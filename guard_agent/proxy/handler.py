@@ -15,7 +15,7 @@ from guard_agent.proxy.inference import inference
 from guard_agent.proxy.outcome import Outcome, reject
 from guard_agent.proxy.passthrough import passthrough
 from guard_agent.proxy.wire import BadBody, ClientGone, SlowClient
-from guard_agent.state import STATE, GuardState
+from guard_agent.state import GuardState
 
 __all__ = ["handle", "raw_target_path", "refuse_early"]
 
@@ -24,8 +24,8 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 def _request_id(request: web.BaseRequest) -> str:
-    given = request.headers.get("X-Request-Id", "")
-    return given if _REQUEST_ID.match(given) else random_id()
+    given = request.headers.get("X-Request-Id")
+    return given if given is not None and _REQUEST_ID.match(given) else random_id()
 
 
 def refuse_early(state: GuardState, request: web.BaseRequest, status: int, code: str, message: str) -> web.Response:
@@ -41,7 +41,7 @@ def refuse_early(state: GuardState, request: web.BaseRequest, status: int, code:
     response.force_close()
     out.status = status
     _emit(state, request, state.policies.current, out, request_id, started)
-    state.metrics.requests_by("refused", out.action, str(status)).inc()
+    state.metrics.requests.inc("refused", out.action, str(status))
     return response
 
 
@@ -51,8 +51,11 @@ def _header_bytes(request: web.BaseRequest) -> int:
     return sum(map(len, chain.from_iterable(raw))) + 4 * len(raw)
 
 
-async def handle(request: web.Request) -> web.StreamResponse:
-    state = request.app[STATE]
+async def handle(state: GuardState, request: web.BaseRequest) -> web.StreamResponse:
+    """The guard port's one request handler (aiohttp's low-level server calls it with the state bound, see
+    ``server.GuardRunner``): no router, no ``web.Request``, since the route table below reads the raw path."""
+    if request.headers.get("Expect"):
+        await _expect(request)
     limit = state.settings.max_header_bytes
     if _header_bytes(request) > limit:
         return refuse_early(state, request, 431, "headers_too_large", f"request headers exceed {limit} bytes")
@@ -91,7 +94,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     policy = state.policies.current
     _emit(state, request, policy, out, request_id, started)
     metrics = state.metrics
-    metrics.requests_by(match.route, out.action, str(out.status)).inc()
+    metrics.requests.inc(match.route, out.action, str(out.status))
     metrics.overhead.observe(match.route, max(0.0, time.perf_counter() - started - upstream_time))
     return response
 
@@ -99,7 +102,20 @@ async def handle(request: web.Request) -> web.StreamResponse:
 _HTTP1 = frozenset({aiohttp.HttpVersion10, aiohttp.HttpVersion11})
 
 
-def _unsupported_version(state: GuardState, out: Outcome, request: web.Request, request_id: str) -> web.Response:
+async def _expect(request: web.BaseRequest) -> None:
+    """``Expect`` as aiohttp's router answered it: ``100 Continue`` to ``100-continue`` over HTTP/1.1 (the body is
+    then read whole before anything is forwarded), 417 to any other expectation; nothing over HTTP/1.0."""
+    if request.version != aiohttp.HttpVersion11:
+        return
+    expect = request.headers.get("Expect", "")
+    if expect.lower() != "100-continue":
+        raise web.HTTPExpectationFailed(text=f"Unknown Expect: {expect}")
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # the interim answer is not part of the response's size
+    await request.writer.drain()
+
+
+def _unsupported_version(state: GuardState, out: Outcome, request: web.BaseRequest, request_id: str) -> web.Response:
     """400 for a request line naming another HTTP version (``HTTP/2.0`` over a plain HTTP/1 connection): a client
     error like any malformed request line (DESIGN.md's statuses), not a fault of the guard's.
 

@@ -14,7 +14,7 @@ from guard_agent.state import GuardState
 __all__ = ["inference"]
 
 
-async def inference(request: web.Request, state: GuardState, match: RouteMatch, out: Outcome,
+async def inference(request: web.BaseRequest, state: GuardState, match: RouteMatch, out: Outcome,
                     request_id: str) -> tuple[web.StreamResponse, float]:
     """One scored request, top-down: admit → score and decide → answer (refuse, or forward, learn, harden);
     the session records are written once, at the end, whatever the answer."""

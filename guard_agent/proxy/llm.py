@@ -18,7 +18,7 @@ from guard_agent.state import GuardState
 __all__ = ["llm_forward"]
 
 
-async def llm_forward(request: web.Request, state: GuardState, a: Admitted, verdict: Verdict, out: Outcome,
+async def llm_forward(request: web.BaseRequest, state: GuardState, a: Admitted, verdict: Verdict, out: Outcome,
                       request_id: str) -> tuple[web.StreamResponse, float]:
     """OpenAI-compatible routes: a hardened request loses its logit_bias; streamed answers are relayed chunk by
     chunk; the usage goes into the event; the trackers learn the prompt (the answer has no class to learn)."""

@@ -16,7 +16,7 @@ from guard_agent.state import GuardState
 __all__ = ["passthrough"]
 
 
-async def passthrough(request: web.Request, state: GuardState, match: RouteMatch, out: Outcome,
+async def passthrough(request: web.BaseRequest, state: GuardState, match: RouteMatch, out: Outcome,
                       request_id: str) -> tuple[web.StreamResponse, float]:
     identity = state.identity.resolve(request.headers, request.remote)
     out.session, out.source_ip = identity.session, identity.address

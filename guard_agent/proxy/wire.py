@@ -79,7 +79,7 @@ class BadBody(Exception):
     """The body cannot be read as sent (bad framing, or an encoding the guard will not decode)."""
 
 
-async def read_body(request: web.Request, limit: int, timeout: float) -> bytes | None:
+async def read_body(request: web.BaseRequest, limit: int, timeout: float) -> bytes | None:
     """The whole body, or None when it exceeds ``limit`` (checked before and while reading)."""
     # every Content-Encoding header and every token of each: aiohttp decompresses by one of them while a model
     # server may read another, so anything but identity (in any position, repeated or listed) is refused
@@ -141,7 +141,7 @@ def upstream_headers(state: GuardState, request: web.BaseRequest, request_id: st
     return headers
 
 
-async def call_upstream(state: GuardState, request: web.Request, body: bytes | None,
+async def call_upstream(state: GuardState, request: web.BaseRequest, body: bytes | None,
                         request_id: str, *, readable: bool = False,
                         strip_query: bool = False) -> aiohttp.ClientResponse:
     """Forward to the model through aiohttp's client (streamed answers: passthrough, OpenAI-compatible routes;

@@ -2,8 +2,9 @@
 
 ``guard_agent/server.py`` wraps aiohttp's ``RequestHandler`` (its class is swapped for one with a JSON
 ``handle_error``; its ``_request_count``, ``_waiter`` and ``_current_request`` tell the head deadline and the
-half-close logic what the connection is doing), starts ``GuardSite`` from ``TCPSite``'s private fields, and
-counts parser refusals from the ``exc_info`` aiohttp logs them with. ``guard_agent/proxy/`` catches
+half-close logic what the connection is doing), starts ``GuardSite`` from ``TCPSite``'s private fields, serves
+through ``GuardRunner`` (``AppRunner._make_server`` overridden), and counts parser refusals from the ``exc_info``
+aiohttp logs them with. ``guard_agent/proxy/`` catches
 ``aiohttp.web_protocol.RequestPayloadError`` and reads ``request.version`` and ``request.transport``. An
 aiohttp release that changes any of these fails here, over real loopback connections, not in production.
 """
@@ -236,3 +237,42 @@ class TestAiohttpInternals:
         finally:
             await runner.cleanup()
 
+
+    async def test_guard_runner_runs_the_lifecycle_and_serves_through_the_guard_handler(self) -> None:
+        """``GuardRunner`` overrides ``AppRunner._make_server``: the application's ``cleanup_ctx`` still runs at
+        setup and cleanup, and every request reaches ``proxy.handle`` (no router: an unknown path is the route
+        table's 403, in the guard's JSON)."""
+        import orjson
+
+        from guard_agent.app import build_state
+        from guard_agent.events import CallbackSink
+        from guard_agent.proxy import handle
+        from guard_agent.server import GuardRunner
+        from guard_agent.settings import Settings
+
+        state = build_state(Settings(hmac_key="unit-test-key", upstream="http://127.0.0.1:9"),
+                            sink=CallbackSink(lambda line: None))
+        lifecycle: list[str] = []
+
+        async def ctx(app: web.Application) -> AsyncIterator[None]:
+            lifecycle.append("up")
+            yield
+            lifecycle.append("down")
+
+        app = web.Application()
+        app.cleanup_ctx.append(ctx)
+        runner = GuardRunner(app, state, access_log=None)
+        await runner.setup()
+        try:
+            assert lifecycle == ["up"]
+            assert runner.server is not None and runner.server.request_handler.func is handle  # type: ignore[attr-defined]
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            port = runner.addresses[0][1]
+            async with aiohttp.ClientSession() as client, client.get(f"http://127.0.0.1:{port}/nope") as response:
+                assert response.status == 403
+                assert orjson.loads(await response.read())["error"]["code"] == "route_not_allowed"
+        finally:
+            await runner.cleanup()
+            state.events.close()
+        assert lifecycle == ["up", "down"]

@@ -6,10 +6,10 @@ import random
 import uuid
 from datetime import UTC, datetime
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from guard_agent.events import _Timestamps, random_id
-from guard_agent.metrics import LabelledHistogram, Metrics
+from guard_agent.metrics import LabelledCounter, LabelledHistogram, Metrics
 
 
 class TestRandomId:
@@ -78,18 +78,49 @@ class TestTimestamps:
 
 class TestMetricChildren:
     def test_each_app_counts_into_its_own_registry(self) -> None:
-        """Two apps' metrics (as in tests running several guards) never share a cached child."""
+        """Two apps' metrics (as in tests running several guards) never share a count."""
         a, b = Metrics(), Metrics()
         for _ in range(3):
-            a.requests_by("v2", "allow", "200").inc()
-        b.requests_by("v2", "allow", "200").inc()
+            a.requests.inc("v2", "allow", "200")
+        b.requests.inc("v2", "allow", "200")
         b.scores.observe("ood.knn", 0.95)
         text_a, text_b = generate_latest(a.registry).decode(), generate_latest(b.registry).decode()
         line = 'inference_guard_requests_total{action="allow",route="v2",status="200"}'
         assert f"{line} 3.0" in text_a and f"{line} 1.0" in text_b
         assert 'inference_guard_score_count{score="ood.knn"} 1.0' in text_b
         assert 'score="ood.knn"' not in text_a
-        assert a.requests_by("v2", "allow", "200") is a.requests.labels("v2", "allow", "200")
+
+
+class TestLabelledCounter:
+    def test_exposes_what_prometheus_client_exposes(self) -> None:
+        """Same increments into prometheus_client's Counter and ours: the same exposition text, ``_created``
+        aside (a clock reading), and one ``_created`` per series."""
+        theirs_reg, ours_reg = CollectorRegistry(auto_describe=True), CollectorRegistry(auto_describe=True)
+        labels = ("route", "action", "status")
+        theirs = Counter("inference_guard_requests_total", "Requests by route, decision and status", labels,
+                         registry=theirs_reg)
+        ours = LabelledCounter("inference_guard_requests_total", "Requests by route, decision and status", labels,
+                               ours_reg)
+        rng = random.Random(0)
+        for _ in range(500):
+            values = (rng.choice(("v2", "v1", "refused")), rng.choice(("allow", "block")), rng.choice(("200", "403")))
+            theirs.labels(*values).inc()
+            ours.inc(*values)
+
+        def lines(reg: CollectorRegistry) -> list[str]:
+            return [ln for ln in generate_latest(reg).decode().splitlines() if "_created{" not in ln]
+
+        assert lines(ours_reg) == lines(theirs_reg)
+        created = [ln for ln in generate_latest(ours_reg).decode().splitlines() if "_created{" in ln]
+        assert len(created) == len([ln for ln in lines(ours_reg) if ln.startswith("inference_guard_requests_total{")])
+
+    def test_sample_values_readable_from_the_registry(self) -> None:
+        """Tests, the bench and the admin API read samples through the registry, as with prometheus_client's."""
+        m = Metrics()
+        m.requests.inc("v2", "allow", "200")
+        m.requests.inc("v2", "allow", "200")
+        get = m.registry.get_sample_value
+        assert get("inference_guard_requests_total", {"route": "v2", "action": "allow", "status": "200"}) == 2.0
 
 
 class TestLabelledHistogram:

@@ -249,6 +249,33 @@ class TestFailures:
         assert not pool._slots.locked()
 
 
+    async def test_timer_kept_from_an_earlier_answer_bounds_the_next_one(self, serve) -> None:  # type: ignore[no-untyped-def]
+        """On a keep-alive connection the timer set for one answer is kept for the next: firing early (the first
+        answer's due time), it must neither time out the second answer then nor let it wait past read_timeout."""
+        answers = iter([OK])
+        server, pool = await serve(lambda _r: next(answers, b""), read_timeout=0.4)
+        loop = asyncio.get_running_loop()
+        assert (await pool.request("POST", "/", HEADERS, BODY, timeout=TIMEOUT)).status == 200
+        await asyncio.sleep(0.25)
+        t0 = loop.time()
+        with pytest.raises(TimeoutError):
+            await pool.request("POST", "/", HEADERS, BODY, timeout=TIMEOUT)
+        assert 0.35 < loop.time() - t0 < 1.5
+        assert server.connections == 1
+
+    async def test_shorter_deadline_than_the_kept_timer(self, serve) -> None:  # type: ignore[no-untyped-def]
+        """A call whose deadline comes before the timer kept from the previous answer times out at its deadline."""
+        answers = iter([OK])
+        server, pool = await serve(lambda _r: next(answers, b""), read_timeout=5.0)
+        loop = asyncio.get_running_loop()
+        assert (await pool.request("POST", "/", HEADERS, BODY, timeout=TIMEOUT)).status == 200
+        t0 = loop.time()
+        with pytest.raises(TimeoutError):
+            await pool.request("POST", "/", HEADERS, BODY, timeout=0.3)
+        assert 0.25 < loop.time() - t0 < 1.5
+        assert server.connections == 1
+
+
 class TestPoolFor:
     @pytest.mark.parametrize(("url", "plain"), [
         ("http://127.0.0.1:8081", True), ("http://model:8081/", True), ("http://[::1]:8081", True),
