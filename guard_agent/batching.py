@@ -22,11 +22,39 @@ __all__ = ["TurnBatcher", "TurnQueue"]
 
 K = TypeVar("K")  # hashable: requests are grouped by it
 Item = TypeVar("Item")
+G = TypeVar("G")  # a group of waiting entries
+E = TypeVar("E")  # an entry: a request's rows or item
+V = TypeVar("V")  # what its waiter gets
 R = TypeVar("R")
 T = TypeVar("T")
 
 
-class TurnBatcher(Generic[K, R, T]):
+class _PerTurn(Generic[G, E, V]):
+    """Entries waiting for the end of the current event-loop turn, by group; ``_run_groups`` serves them."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[G, list[tuple[E, asyncio.Future[V]]]] = {}
+        self._scheduled = False
+
+    async def _wait(self, group: G, entry: E) -> V:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[V] = loop.create_future()
+        self._waiting.setdefault(group, []).append((entry, done))
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        return await done
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        groups, self._waiting = self._waiting, {}
+        self._run_groups(groups)
+
+    def _run_groups(self, groups: dict[G, list[tuple[E, asyncio.Future[V]]]]) -> None:
+        raise NotImplementedError
+
+
+class TurnBatcher(_PerTurn[tuple[K, int], np.ndarray, T], Generic[K, R, T]):
     """``await batcher(key, rows)`` = ``take(run(key, rows), 0, len(rows))``, batched per turn.
 
     ``run(key, X)`` computes over the rows of ``X``; ``take(result, start, end)`` is one request's share of a
@@ -37,26 +65,17 @@ class TurnBatcher(Generic[K, R, T]):
 
     def __init__(self, run: Callable[[K, np.ndarray], R], take: Callable[[R, int, int], T], *,
                  max_rows: Callable[[K], int]) -> None:
+        super().__init__()
         self._run = run
         self._take = take
         self._max_rows = max_rows
-        self._waiting: dict[tuple[K, int], list[tuple[np.ndarray, asyncio.Future[T]]]] = {}
-        self._scheduled = False
 
     async def __call__(self, key: K, rows: np.ndarray) -> T:
         if rows.shape[0] >= self._max_rows(key):
             return self._take(self._run(key, rows), 0, rows.shape[0])
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[T] = loop.create_future()
-        self._waiting.setdefault((key, rows.shape[1]), []).append((rows, done))
-        if not self._scheduled:
-            self._scheduled = True
-            loop.call_soon(self._flush)
-        return await done
+        return await self._wait((key, rows.shape[1]), rows)
 
-    def _flush(self) -> None:
-        self._scheduled = False
-        groups, self._waiting = self._waiting, {}
+    def _run_groups(self, groups: dict[tuple[K, int], list[tuple[np.ndarray, asyncio.Future[T]]]]) -> None:
         for (key, _), waiting in groups.items():
             limit = self._max_rows(key)
             chunk: list[tuple[np.ndarray, asyncio.Future[T]]] = []
@@ -92,7 +111,7 @@ class TurnBatcher(Generic[K, R, T]):
                 done.set_exception(exc)
 
 
-class TurnQueue(Generic[K, Item, R]):
+class TurnQueue(_PerTurn[K, Item, R]):
     """``await queue(key, item)`` = ``run(key, [item])[0]``, the items of one event-loop turn run together.
 
     For work that is not row-wise (each item is a whole request, e.g. a session's tracker update): ``run(key,
@@ -102,22 +121,13 @@ class TurnQueue(Generic[K, Item, R]):
     """
 
     def __init__(self, run: Callable[[K, list[Item]], list[R]]) -> None:
+        super().__init__()
         self._run = run
-        self._waiting: dict[K, list[tuple[Item, asyncio.Future[R]]]] = {}
-        self._scheduled = False
 
     async def __call__(self, key: K, item: Item) -> R:
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[R] = loop.create_future()
-        self._waiting.setdefault(key, []).append((item, done))
-        if not self._scheduled:
-            self._scheduled = True
-            loop.call_soon(self._flush)
-        return await done
+        return await self._wait(key, item)
 
-    def _flush(self) -> None:
-        self._scheduled = False
-        groups, self._waiting = self._waiting, {}
+    def _run_groups(self, groups: dict[K, list[tuple[Item, asyncio.Future[R]]]]) -> None:
         for key, waiting in groups.items():
             if len(waiting) > 1:
                 try:
