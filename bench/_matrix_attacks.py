@@ -1,7 +1,10 @@
 """The detection matrix's attacks: ``guard_agent.attacks`` (real ART code) through ``MatrixClient``.
 
 Evasion goal: an adversarial example within 1.5x the L2 distance the same attack reaches against the bare
-model with the same budget (as ``bench/attacks.py``). Extraction: a thief trained on the answered queries,
+model with the same budget (as ``bench/attacks.py``). An evasion run attacks the first of its candidate rows
+from which the attack reaches an adversarial example against the bare model: HopSkipJump and Boundary start
+from uniform noise, and where all noise gets one class (``cancer-svc``'s class 0) an attack on a row of that
+class never starts, so it would measure nothing. Extraction: a thief trained on the answered queries,
 its agreement with the victim on the held-out split (fidelity), with and without the guard; success =
 agreement >= 0.8 with the guard.
 """
@@ -9,6 +12,7 @@ agreement >= 0.8 with the guard.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +49,7 @@ class AttackRun:
     """One attack run: queries sent, first alert and block (query number), stopped, success, agreement."""
 
     attack: str
+    row: int  # the held-out row attacked (evasion) or the run's seed row (extraction)
     sent: int
     first_alert: int | None
     first_block: int | None
@@ -149,22 +154,39 @@ def _extraction(model: MatrixModel, guard: InProcessGuard | None, name: str, i: 
     return client, res.stopped, res.detail["fidelity"]
 
 
-def run_attack(model: MatrixModel, make_guard: Any, name: str, i: int, *, budget: int,
+MAX_CANDIDATES = 30
+"""Rows an evasion run tries against the bare model before it attacks the last one anyway (and cannot succeed)."""
+
+
+def _attackable(model: MatrixModel, name: str, candidates: Sequence[int], budget: int) -> tuple[int, float]:
+    """The first candidate row from which the attack reaches an adversarial example against the bare model, and
+    the L2 distance it reaches there (inf when none of the first ``MAX_CANDIDATES`` does)."""
+    best = math.inf
+    for i in candidates[:MAX_CANDIDATES]:
+        _, _, best = _evasion(model, None, name, i, 0.0, budget)
+        if math.isfinite(best):
+            return i, best
+    return candidates[min(len(candidates), MAX_CANDIDATES) - 1], best
+
+
+def run_attack(model: MatrixModel, make_guard: Any, name: str, candidates: Sequence[int], *, budget: int,
                queries: int) -> AttackRun:
-    """One run of ``name`` on held-out row ``i`` (evasion) or with seed ``i`` (extraction), against a fresh
-    guard from ``make_guard()`` and, for the baseline, the bare model."""
+    """One run of ``name`` against a fresh guard from ``make_guard()`` and, for the baseline, the bare model.
+    Evasion attacks the first of the held-out ``candidates`` rows the bare-model attack succeeds from;
+    extraction is seeded with ``candidates[0]``."""
     kind = ATTACKS[name][0]
     guard = make_guard()
     try:
         if kind == "evasion":
-            _, _, unguarded = _evasion(model, None, name, i, 0.0, budget)
+            i, unguarded = _attackable(model, name, candidates, budget)
             goal = 1.5 * unguarded
             client, stopped, best = _evasion(model, guard, name, i, goal, budget)
-            return AttackRun(name, client.sent, client.first_alert, client.first_block, stopped, best <= goal,
-                             hardened=client.actions.get("harden", 0))
+            return AttackRun(name, i, client.sent, client.first_alert, client.first_block, stopped,
+                             math.isfinite(best) and best <= goal, hardened=client.actions.get("harden", 0))
+        i = candidates[0]
         _, _, fid_u = _extraction(model, None, name, i, queries)
         client, stopped, fid = _extraction(model, guard, name, i, queries)
-        return AttackRun(name, client.sent, client.first_alert, client.first_block, stopped,
+        return AttackRun(name, i, client.sent, client.first_alert, client.first_block, stopped,
                          fid >= GOAL_FIDELITY, fid, fid_u, hardened=client.actions.get("harden", 0))
     finally:
         guard.close()

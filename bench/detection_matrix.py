@@ -188,9 +188,12 @@ def main() -> int:
             correct = [i for i in range(len(model.X_test)) if model.clf.predict(model.X_test[i : i + 1])[0]
                        == model.y_test[i]]
             for attack in args.attacks:
-                done = [run_attack(model, make_guard, attack, correct[(7 * r) % len(correct)], budget=budget,
-                                   queries=600 if attack == "natural" and not args.quick else queries)
-                        for r in range(runs)]
+                done: list[AttackRun] = []
+                for r in range(runs):  # run r starts at the (7r)-th correctly answered row, never a row attacked before
+                    start = (7 * r) % len(correct)
+                    candidates = [c for c in correct[start:] + correct[:start] if c not in {d.row for d in done}]
+                    done.append(run_attack(model, make_guard, attack, candidates, budget=budget,
+                                           queries=600 if attack == "natural" and not args.quick else queries))
                 row, met = attack_row(model, attack, done)
                 attack_table.append(row)
                 print(row, flush=True)

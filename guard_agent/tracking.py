@@ -15,6 +15,7 @@ import struct
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -244,8 +245,9 @@ class SessionTracking(Trackers):
         self._saw_answer(labels, probabilities)
         hashes = self._recall(features, engine)
         fingerprints, digests = (None, None) if hashes is None else (hashes[0], hashes[2])
-        new_scores = await self._updates(engine, _Job(record, features, labels, probabilities, now, scores.get(GLOBAL),
-                                                      fingerprints, digests))
+        arguments = partial(Update, X=features, labels=labels, probabilities=probabilities, now=now,
+                            global_fingerprint=scores.get(GLOBAL), fingerprints=fingerprints, digests=digests)
+        new_scores = await self._updates(engine, _Job(record, arguments))
         if isinstance(new_scores, Exception):
             raise new_scores
         answered = answer_labels(labels, probabilities, features.shape[0])
@@ -287,21 +289,14 @@ class SessionTracking(Trackers):
 
 @dataclass(frozen=True, slots=True)
 class _Job:
-    """A request's update waiting for the end of the turn: the record it reads and writes, and the rest of
-    ``SessionTrackers.update``'s arguments (the state is the record's when the turn ends)."""
+    """A request's update waiting for the end of the turn: the record it reads and writes, and
+    ``SessionTrackers.update``'s other arguments, given the record's state as it is when the turn ends."""
 
     record: SessionRecord
-    X: np.ndarray
-    labels: np.ndarray | None
-    probabilities: np.ndarray | None
-    now: float
-    global_fingerprint: float | None
-    fingerprints: np.ndarray | None
-    digests: np.ndarray | None
+    arguments: Callable[[Any], Update]
 
     def request(self, state: Any) -> Update:
-        return Update(state, self.X, self.labels, self.probabilities, self.now, self.global_fingerprint,
-                      self.fingerprints, self.digests)
+        return self.arguments(state)
 
 
 def _alone(engine: SessionTrackers, request: Update) -> tuple[Any, Mapping[str, float]] | Exception:

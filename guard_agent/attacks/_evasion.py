@@ -26,8 +26,9 @@ def black_box_evasion(
     budget: int = 1000,
 ) -> AttackResult:
     """Search an adversarial example for ``x0`` using labels only; success when one at L2 distance
-    <= ``goal_l2`` was answered before the guard stopped the attack. ``budget`` bounds the attack's
-    iterations (roughly its query count when unguarded)."""
+    <= ``goal_l2`` was answered before the guard stopped the attack, never when none was answered (an infinite
+    goal, from a baseline that found nothing, does not make a failed attack succeed). ``budget`` bounds the
+    attack's iterations (roughly its query count when unguarded)."""
     from art.attacks.evasion import BoundaryAttack, HopSkipJump
 
     x0 = np.asarray(x0, dtype=np.float64).reshape(-1)
@@ -76,5 +77,5 @@ def _result(client: GuardClient, method: str, stopped: bool, best: float, goal: 
         detail["goal_at"] = float(goal_at)
     return AttackResult(
         name=method, run_id=client.run_id, keys=len(client.keys), sent=client.sent, answered=client.answered,
-        stopped=stopped, success=best <= goal, detail=detail,
+        stopped=stopped, success=math.isfinite(best) and best <= goal, detail=detail,
     )
