@@ -30,7 +30,8 @@ ATTACKS: dict[str, tuple[str, int, int]] = {
     "hsj": ("evasion", 1, 25),
     "boundary": ("evasion", 1, 25),
     "hsj-natural-start": ("evasion", 1, 50),
-    "hsj-persistent": ("evasion", 1, 25),
+    "hsj-persistent": ("evasion", 1, 25),  # a new key, from a new address, after every 403
+    "hsj-persistent-one-address": ("evasion", 1, 25),  # a new key after every 403, all from one address
     "hsj-jitter": ("evasion", 1, 25),
     "hsj-10-keys": ("evasion", 10, 25),
     "hsj-50-keys": ("evasion", 50, 25),
@@ -117,8 +118,10 @@ def _evasion(model: MatrixModel, guard: InProcessGuard | None, name: str, i: int
                                              direct=model.predict_proba)
         client.box = model.clip  # type: ignore[attr-defined]
     else:
-        client = _client(model, guard, run_id, keys, new_key_after_block=name == "hsj-persistent",
-                         refusals_to_retire=10**9 if name == "hsj-persistent" else 3)
+        persistent = name.startswith("hsj-persistent")
+        client = _client(model, guard, run_id, keys, new_key_after_block=persistent,
+                         refusals_to_retire=10**9 if persistent else 3,
+                         one_address=name == "hsj-persistent-one-address")
     if name == "hsj-natural-start":
         y0 = int(np.argmax(model.predict_proba(x0[None])[0]))
         others = np.flatnonzero(model.clf.predict(model.X_test) != y0)

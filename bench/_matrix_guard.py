@@ -3,9 +3,11 @@
 ``InProcessGuard`` builds the real guard state (``guard_agent.app.build_state``: the profile store, the
 default policy compiled against every score the guard provides, the session trackers and the global
 index, the in-memory session store) and runs a request through the steps ``guard_agent.proxy.inference``
-runs after parsing, with the same objects and pure functions: session record, ``ratelimit.rate_check``,
-the stateless profile scores (max over the rows), the trackers' ``peek``, ``decide()``,
-``ratelimit.cooldown_start``, the model call, the trackers' ``update`` and the hardening of the answer.
+runs after parsing, with the same objects and functions: the request's session records
+(``guard_agent.proxy.sessions.RequestSessions``: the key's and, for a client sharing an address, the
+address's; their buckets, blocks and trackers), the stateless profile scores (max over the rows), the
+trackers' ``peek``, ``decide()``, the cool-down, the model call, the trackers' ``update`` and the hardening of
+the answer.
 Only HTTP, parsing and event writing are left out; ``tests/test_detection_matrix.py`` checks over real
 HTTP that ``guard-agent run`` decides the same as this path for the same queries.
 
@@ -25,11 +27,12 @@ import orjson
 
 from guard_agent.app import build_state
 from guard_agent.attacks import AttackBlocked, GuardClient
+from guard_agent.identity import Identity
 from guard_agent.policy.decide import RequestFacts, SessionFacts, decide
 from guard_agent.policy.model import Decision
 from guard_agent.protocols import parse_document, parse_request, read_response
 from guard_agent.protocols.hardening import harden_document
-from guard_agent.ratelimit import cooldown_start, rate_check
+from guard_agent.proxy.sessions import RequestSessions
 from guard_agent.scoring import declared_schema_score
 from guard_agent.settings import load_settings
 
@@ -92,21 +95,26 @@ class InProcessGuard:
         return {k: np.asarray(v, dtype=np.float64) for k, v in self._profile.score(X).items()}
 
     def ask(self, session: str, rows: np.ndarray, now: float,
-            row_scores: Mapping[str, np.ndarray] | None = None, proba: np.ndarray | None = None) -> Outcome:
+            row_scores: Mapping[str, np.ndarray] | None = None, proba: np.ndarray | None = None,
+            address_session: str | None = None) -> Outcome:
         """One request of ``rows`` from ``session`` at time ``now``; ``row_scores`` (from ``row_scores``) and the
-        model's answer ``proba`` may be precomputed for these rows (both are pure functions of the rows)."""
-        return self._loop.run_until_complete(self._ask(session, rows, now, row_scores, proba))
+        model's answer ``proba`` may be precomputed for these rows (both are pure functions of the rows).
+        ``address_session``: the client address's session, which an unverified key's requests count against
+        too (``Identity.address_session``); None for a client with an address of its own."""
+        return self._loop.run_until_complete(self._ask(session, rows, now, row_scores, proba, address_session))
 
     async def _ask(self, session: str, features: np.ndarray, now: float,
-                   row_scores: Mapping[str, np.ndarray] | None, proba: np.ndarray | None) -> Outcome:
+                   row_scores: Mapping[str, np.ndarray] | None, proba: np.ndarray | None,
+                   address_session: str | None) -> Outcome:
         state = self.state
         eff = state.policies.current.for_model(MODEL)
-        record = await state.sessions.get(session, now)
-        record.bucket, rate_limited, retry_after = rate_check(record.bucket, now, eff.rate_limit)
+        identity = Identity(session=session, source="header", ip=None, address_session=address_session)
+        sessions = await RequestSessions.load(state.sessions, state.trackers, identity, now)
+        rate_limited, retry_after = sessions.take(now, eff.rate_limit)
         request = RequestFacts(model=MODEL, protocol="v2", rows=features.shape[0], body_bytes=0,
                                features=features.shape[1])
-        facts = SessionFacts(id=session, source="header", queries=record.queries,
-                             age_seconds=now - record.first_seen, blocked_rule=record.blocked(now),
+        facts = SessionFacts(id=session, source="header", queries=sessions.queries,
+                             age_seconds=now - sessions.record.first_seen, blocked_rule=sessions.blocked(now),
                              rate_limited=rate_limited, retry_after=retry_after)
         decision: Decision | None = None
         scores: dict[str, float] = {}
@@ -119,27 +127,22 @@ class InProcessGuard:
             scores["input.schema"] = max(scores.get("input.schema", 0.0),
                                          declared_schema_score(features, eff.input))
             if eff.needs_session_scores:
-                scores.update(await state.trackers.peek(session, record, features, MODEL, now))
+                scores.update(await sessions.peek(features, MODEL, now))
             decision = decide(request, scores, facts, eff)
-        started = cooldown_start(decision, eff, now, record.blocked(now))
-        if started is not None:
-            record.blocked_until, record.blocked_rule = started
-        record.queries += features.shape[0]
+        sessions.block(decision, eff, now)
+        sessions.count(features.shape[0])
         if decision.refused:
-            await state.sessions.put(session, record, now)
+            await sessions.save(now)
             status = 429 if decision.action == "throttle" else 403
             return Outcome(decision.action, decision.rule, status, decision.matched, None, scores)
         payload = orjson.dumps(v2_answer(self.predict_proba(features) if proba is None else proba))
         doc = read_response(payload)
         if eff.needs_session_scores:
-            answered = parse_document("v2", doc, features.shape[0])
-            tracker_scores = await state.trackers.update(session, record, features, MODEL, answered, now, scores)
-            if tracker_scores:
-                record.scores = dict(tracker_scores)
+            await sessions.learn(features, MODEL, parse_document("v2", doc, features.shape[0]), now, scores)
         if decision.action == "harden" and decision.hardening is not None:
             hardened = harden_document("v2", doc, decision.hardening)
             payload = hardened if hardened is not None else b""
-        await state.sessions.put(session, record, now)
+        await sessions.save(now)
         return Outcome(decision.action, decision.rule, 200, decision.matched, payload, scores)
 
 
@@ -147,13 +150,16 @@ class InProcessGuard:
 class MatrixClient(GuardClient):
     """``GuardClient`` whose requests go to an ``InProcessGuard`` (or, with ``guard=None``, straight to the
     model) on a simulated clock advancing ``pace`` seconds per request. ``new_key_after_block``: the
-    persistent attacker, who opens a fresh key after every 403 (up to ``max_keys``)."""
+    persistent attacker, who opens a fresh key after every 403 (up to ``max_keys``). ``one_address``: every key
+    is sent from one client address, so (the keys being unverified, as without a key store) each request also
+    counts against that address's session; otherwise each key has an address of its own."""
 
     guard: InProcessGuard | None = None
     direct: Callable[[np.ndarray], np.ndarray] | None = None
     pace: float = 0.05
     clock: float = 0.0
     new_key_after_block: bool = False
+    one_address: bool = False
     max_keys: int = 50
     first_block: int | None = None
     first_alert: int | None = None
@@ -173,7 +179,8 @@ class MatrixClient(GuardClient):
             assert self.direct is not None
             return 200, orjson.dumps(v2_answer(self.direct(rows)))
         real = self._renamed.get(key, key)
-        out = self.guard.ask(f"{self.run_id}:{real}", rows, self.clock)
+        out = self.guard.ask(f"{self.run_id}:{real}", rows, self.clock,
+                             address_session=f"{self.run_id}:address" if self.one_address else None)
         self.actions[out.action] = self.actions.get(out.action, 0) + rows.shape[0]
         if out.action != "allow" and self.first_alert is None:
             self.first_alert = self.sent + rows.shape[0]

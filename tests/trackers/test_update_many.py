@@ -99,3 +99,27 @@ def test_a_bad_request_fails_the_call(trackers: SessionTrackers, digits: Digits)
     nan[0, 3] = np.nan
     with pytest.raises(ValueError, match="finite"):
         trackers.update_many([good, Update(trackers.new_state(), nan, None, None, 0.0)])
+
+
+def test_a_short_neighbour_ring_beside_a_fuller_one_has_no_neighbours_in_its_empty_slots(
+        trackers: SessionTrackers, digits: Digits) -> None:
+    """In one call with a session whose neighbour ring holds more queries, a session's empty ring slots (zeros: the
+    reference centre) are no neighbours. The short session has neighbour evidence, its stored queries lie far from
+    the centre and its query is the centre: its real neighbours are far, which lowers the evidence; an empty slot
+    taken for a neighbour would be close and leave it as it was."""
+    cfg = trackers.config
+    rng = np.random.default_rng(5)
+    centre = cfg.center[None, :]
+    short, full = trackers.new_state(), trackers.new_state()
+    for k in range(cfg.nn_k + 1):
+        short, _ = trackers.update(short, rng.uniform(0, 16, size=(1, 64)), None, None, float(k))
+    for k in range(3 * (cfg.nn_k + 1)):
+        full, _ = trackers.update(full, digits.X_held[k : k + 1], None, None, float(k))
+    assert short.n_nn < full.n_nn
+    short.s_neighbors = 3.0
+    now = float(3 * (cfg.nn_k + 1))
+    alone, _ = trackers.update(short, centre, None, None, now)
+    together = trackers.update_many([Update(full, digits.X_held[50:51], None, None, now),
+                                     Update(short, centre, None, None, now)])
+    assert alone.s_neighbors < 2.9  # the far neighbours lowered it (the decay over these seconds takes < 0.01)
+    assert trackers.encode(together[1][0]) == trackers.encode(alone)
