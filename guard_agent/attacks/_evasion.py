@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -64,10 +65,41 @@ def black_box_evasion(
                                 init_size=100, verbose=False)
     stopped = False
     try:
-        attack.generate(x0[None, :].astype(np.float32))
+        start = _starting_point(predict, x0, y0, np.random.RandomState(seed), clip, search=method == "hsj")
+        if start is not None:
+            attack.generate(x0[None, :].astype(np.float32), x_adv_init=start[None, :].astype(np.float32))
     except AttackBlocked:
         stopped = True
     return _result(client, method, stopped, best, goal_l2, goal_at)
+
+
+INIT_DRAWS = 100
+"""Uniform draws the attacks try for a starting point (ART's ``init_size``)."""
+
+
+def _starting_point(predict: Callable[[np.ndarray], np.ndarray], x0: np.ndarray, y0: int, rng: np.random.RandomState,
+                    clip: tuple[float, float] | tuple[np.ndarray, np.ndarray], *, search: bool) -> np.ndarray | None:
+    """The attack's start as ART finds it, from a seeded generator: ART draws its uniform noise from an unseeded
+    ``np.random.RandomState()``, so two runs of one seed sent different queries. Noise in the box until one is
+    answered with another class than ``x0``'s (at most ``INIT_DRAWS``; None: the attack cannot start), then, for
+    HopSkipJump, ART's binary search towards ``x0`` (L2, threshold 0.001 on the interpolation weight)."""
+    lo, hi = (np.broadcast_to(np.asarray(c, dtype=np.float64), x0.shape) for c in clip)
+    for _ in range(INIT_DRAWS):
+        noise = rng.uniform(lo, hi, size=x0.shape)
+        if int(np.argmax(predict(noise[None, :])[0])) != y0:
+            break
+    else:
+        return None
+    if not search:
+        return noise
+    lower, upper = 0.0, 1.0
+    while upper - lower > 0.001:
+        alpha = (upper + lower) / 2.0
+        if int(np.argmax(predict(((1.0 - alpha) * x0 + alpha * noise)[None, :])[0])) != y0:
+            upper = alpha
+        else:
+            lower = alpha
+    return (1.0 - upper) * x0 + upper * noise
 
 
 def _result(client: GuardClient, method: str, stopped: bool, best: float, goal: float,
