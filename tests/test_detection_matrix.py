@@ -4,6 +4,7 @@ decides like the real guard over HTTP in front of a real MLServer."""
 from __future__ import annotations
 
 import asyncio
+import math
 import subprocess
 import sys
 import urllib.request
@@ -81,3 +82,16 @@ async def test_in_process_path_decides_as_the_real_guard(tmp_path: Path, mlserve
     assert inproc == remote
     assert "block" in remote[10:]
     assert "block" not in remote[:10]
+
+
+def test_evasion_runs_attack_a_row_the_attack_can_start_from() -> None:
+    """On ``cancer-svc`` all uniform noise gets class 0, so HopSkipJump from a class-0 row never starts: the run
+    moves on to the first candidate row from which the bare-model attack reaches an adversarial example."""
+    from _matrix_attacks import _attackable
+    from _matrix_models import load_model
+
+    model = load_model("cancer-svc")
+    labels = model.clf.predict(model.X_test)
+    class0, class1 = np.flatnonzero(labels == 0)[:2], np.flatnonzero(labels == 1)[:1]
+    row, best = _attackable(model, "hsj", [int(class0[0]), int(class0[1]), int(class1[0])], 200)
+    assert row == int(class1[0]) and math.isfinite(best)

@@ -142,8 +142,8 @@ class TestAttacks:
     def test_hsj_succeeds_unguarded_and_is_stopped_when_refused(self, server_factory, digits: Digits) -> None:  # type: ignore[no-untyped-def]
         """Unhindered, HopSkipJump finds an adversarial example; refused after 20 queries it stops and fails.
 
-        The goal is a tenth of what 200 free queries reached: HopSkipJump's start varies from run to run, and
-        one run in CI met half that distance by its sixth query."""
+        The goal is a tenth of what 200 free queries reached: a run in CI once met half that distance by its
+        sixth query."""
         free = server_factory(10**6)
         res = black_box_evasion(GuardClient(free.url, ["k"], "free"), digits.X_held[0], method="hsj",
                                 goal_l2=1e9, n_classes=10, clip=(0.0, 16.0), budget=200)
@@ -152,6 +152,26 @@ class TestAttacks:
         res = black_box_evasion(GuardClient(strict.url, ["k"], "strict"), digits.X_held[0], method="hsj",
                                 goal_l2=0.1 * res.detail["best_l2"], n_classes=10, clip=(0.0, 16.0), budget=200)
         assert res.stopped and not res.success and res.answered == 20
+
+    @pytest.mark.parametrize("method", ["hsj", "boundary"])
+    def test_one_seed_sends_the_same_queries(self, server_factory, digits: Digits, method: str) -> None:  # type: ignore[no-untyped-def]
+        """Two runs of one seed send the same queries (ART alone draws its starting noise unseeded), and another
+        seed others: the same count and best distance, a different distance for seed 1."""
+        free = server_factory(10**6)
+        runs = [black_box_evasion(GuardClient(free.url, ["k"], f"{method}{seed}-{n}"), digits.X_held[0],
+                                  method=method, goal_l2=0.0, n_classes=10, clip=(0.0, 16.0), seed=seed, budget=60)
+                for n, seed in enumerate([0, 0, 1])]
+        assert runs[0].sent == runs[1].sent
+        assert runs[0].detail["best_l2"] == runs[1].detail["best_l2"] < float("inf")
+        assert runs[2].detail["best_l2"] != runs[0].detail["best_l2"]
+
+    def test_no_adversarial_answer_is_no_success_whatever_the_goal(self, server_factory, digits: Digits) -> None:  # type: ignore[no-untyped-def]
+        """Refused after its first query, the attack is answered no adversarial example: not a success, even
+        against an infinite goal (the goal a baseline that found nothing gives)."""
+        strict = server_factory(1)
+        res = black_box_evasion(GuardClient(strict.url, ["k"], "none"), digits.X_held[0], method="hsj",
+                                goal_l2=float("inf"), n_classes=10, clip=(0.0, 16.0), budget=200)
+        assert res.detail["best_l2"] == float("inf") and not res.success
 
     @pytest.mark.parametrize("method", ["copycat", "knockoff", "natural", "jbda", "uniform"])
     def test_extraction_methods_run(self, server_factory, digits: Digits, method: str) -> None:  # type: ignore[no-untyped-def]
